@@ -1,0 +1,174 @@
+"""AsyncEngine: the engine core stepped in its own thread, fed and drained from asyncio.
+
+The caller's event loop never runs a model step. `add_request` returns an async iterator of
+RequestOutput deltas; leaving it early aborts the request (its blocks are freed next step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.engine_core import EngineCore
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.model_name = core.model_name
+        self.max_model_len = core.max_model_len
+        self.tokenizer = core.tokenizer
+        self.default_sampling = core.default_sampling
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self.steps = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(EngineCore(config))
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+            self._thread = None
+
+    def is_ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
+        self.core.check_prompt(prompt_token_ids, params)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._streams[request_id] = (loop, q)
+        self.start()
+        self._inbox.put(("add", (request_id, prompt_token_ids, params, priority, cache_salt)))
+        self._wake.set()
+        return self._stream(request_id, q, params.n)
+
+    async def _stream(self, request_id: str, q: asyncio.Queue[Any], n: int) -> AsyncIterator[RequestOutput]:
+        remaining = n
+        try:
+            while remaining:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                for out in item:
+                    if out.finished:
+                        remaining -= 1
+                    yield out
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if remaining:
+                self._inbox.put(("abort", request_id))
+                self._wake.set()
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    # -- the step thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        core = self.core
+        while not self._stopping:
+            self._drain_inbox()
+            if not core.has_unfinished():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = core.step()
+            except BaseException as exc:  # the engine's state is unknown now: fail everything
+                logger.exception("engine step failed")
+                self._dead = exc
+                self._fail_all(EngineDeadError(f"engine step failed: {exc}"))
+                return
+            self.steps += 1
+            self._deliver(outputs)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                rid, ids, params, priority, salt = arg
+                try:
+                    self.core.add_request(rid, ids, params, priority=priority, cache_salt=salt)
+                except ValueError as exc:
+                    self._deliver_error(rid, exc)
+            else:
+                self._deliver(self.core.abort([arg]))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, dict[str, list[RequestOutput]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    by_loop[stream[0]][out.request_id].append(out)
+            targets = {rid: self._streams[rid][1] for per in by_loop.values() for rid in per}
+        for loop, per_request in by_loop.items():
+            batch = [(targets[rid], outs) for rid, outs in per_request.items()]
+            loop.call_soon_threadsafe(_put_all, batch)
+
+    def _deliver_error(self, request_id: str, exc: BaseException) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            stream[0].call_soon_threadsafe(stream[1].put_nowait, exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            streams = list(self._streams.values())
+        for loop, q in streams:
+            loop.call_soon_threadsafe(q.put_nowait, exc)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue[Any], list[RequestOutput]]]) -> None:
+    for q, outs in batch:
+        q.put_nowait(outs)

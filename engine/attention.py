@@ -1,0 +1,133 @@
+"""Attention over the paged KV cache, behind a small interface so kernels can be swapped.
+
+The KV cache of one layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim].
+A step's tokens arrive flattened (varlen, no padding); `AttentionMetadata` says which slice of
+the batch belongs to which sequence and where each token's K/V goes (slot = block * size + offset).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    # Decode sequences (one query token each) come first in the batch, then prefill chunks.
+    num_decode_tokens: int
+    decode_seq_lens: torch.Tensor  # [num_decodes] int64, context length incl. the new token
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64 (padded with 0)
+    decode_max_seq_len: int
+    # Prefill chunks: python lists, one entry per sequence (few per step).
+    prefill_query_starts: list[int]  # offsets into the batch
+    prefill_query_lens: list[int]
+    prefill_context_lens: list[int]  # tokens already in the cache before this chunk
+    prefill_block_tables: list[torch.Tensor]  # [num_blocks_of_seq] int64 each
+
+
+class AttentionBackend(abc.ABC):
+    """Computes attention for one layer and writes that layer's new K/V into the cache.
+
+    Owns nothing: the caches belong to the model runner. Must write all of the step's K/V before
+    reading, so a request may attend to blocks another request in the same step is filling.
+    """
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+
+_BACKENDS: dict[str, type[AttentionBackend]] = {}
+
+
+def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
+    _BACKENDS[cls.name] = cls
+    return cls
+
+
+def get_backend(name: str, device: torch.device) -> AttentionBackend:
+    if name == "auto":
+        name = "torch"
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"attention backend {name!r} is not available; choose one of {', '.join(sorted(_BACKENDS))}"
+        )
+    return _BACKENDS[name]()
+
+
+@register_backend
+class TorchAttention(AttentionBackend):
+    """PyTorch reference: SDPA per prefill chunk, one batched SDPA over gathered blocks for all
+    decodes."""
+
+    name = "torch"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        _num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        gqa = q.shape[1] != num_kv_heads
+        nd = meta.num_decode_tokens
+        if nd:
+            max_blocks = -(-meta.decode_max_seq_len // block_size)
+            tables = meta.decode_block_tables[:, :max_blocks]
+            # [nd, max_blocks, block_size, kv_heads, head_dim] -> [nd, kv_heads, L, head_dim]
+            kd = k_cache[tables].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+            vd = v_cache[tables].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+            length = kd.shape[2]
+            mask = torch.arange(length, device=q.device)[None, :] < meta.decode_seq_lens[:, None]
+            qd = q[:nd].unsqueeze(2)  # [nd, heads, 1, head_dim]
+            od = F.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa
+            )
+            out[:nd] = od.squeeze(2)
+        for start, qlen, ctx, table in zip(
+            meta.prefill_query_starts,
+            meta.prefill_query_lens,
+            meta.prefill_context_lens,
+            meta.prefill_block_tables,
+            strict=True,
+        ):
+            qs = q[start : start + qlen].transpose(0, 1)  # [heads, qlen, head_dim]
+            if ctx == 0:
+                ks = k[start : start + qlen].transpose(0, 1)
+                vs = v[start : start + qlen].transpose(0, 1)
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            else:
+                total = ctx + qlen
+                ks = k_cache[table].view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
+                vs = v_cache[table].view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
+                # query i sits at position ctx + i and sees keys 0..ctx + i
+                rows = torch.arange(qlen, device=q.device)[:, None] + ctx
+                mask = torch.arange(total, device=q.device)[None, :] <= rows
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            out[start : start + qlen] = o.transpose(0, 1)
+        return out

@@ -1,0 +1,56 @@
+"""What a checkpoint says about its network: the hyperparameters one model definition needs.
+
+Loaders (GGUF, Hugging Face directories) fill this in; `engine.models` builds the network from it.
+Weights always travel under Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelArchConfig:
+    architecture: str  # one of SUPPORTED_ARCHITECTURES (mistral and granite load as "llama")
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # HF-style rope_scaling dict, e.g. {"rope_type": "llama3", "factor": 8.0, ...}; None for plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    # Granite's scaling multipliers; 1.0 (and attention_multiplier None) mean plain Llama.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None  # softmax scale; None -> 1/sqrt(head_dim)
+    logits_scaling: float = 1.0  # logits are divided by this
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"architecture {self.architecture!r} is not supported; pagoda runs "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} (and Mistral/Granite/SmolLM2 as llama)"
+            )
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+
+    @property
+    def softmax_scale(self) -> float:
+        if self.attention_multiplier is not None:
+            return self.attention_multiplier
+        return float(self.head_dim) ** -0.5

@@ -1,0 +1,131 @@
+"""`pagoda bench offline`: offline generation throughput of pagoda's engine, and of HF
+transformers' batched `generate` on the same prompts in the same run (`--peer hf`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from load.prompts import chat_prompts
+
+
+@dataclass
+class OfflineResult:
+    system: str
+    num_prompts: int
+    prompt_tokens: int
+    output_tokens: int
+    seconds: float
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+    @property
+    def total_tok_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.seconds
+
+
+def add_offline_args(p: argparse.ArgumentParser) -> None:
+    b = p.add_argument_group("benchmark")
+    b.add_argument("--num-prompts", type=int, default=64)
+    b.add_argument("--output-len", type=int, default=128)
+    b.add_argument(
+        "--peer", choices=["none", "hf"], default="none", help="also measure this peer on the same prompts"
+    )
+    b.add_argument(
+        "--hf-batch-size", type=int, default=0, help="HF generate batch size (0: all prompts at once)"
+    )
+    b.add_argument("--json", action="store_true", help="print results as JSON")
+
+
+def bench_pagoda(args: argparse.Namespace, prompts: list[list[int]]) -> OfflineResult:
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from services.cli import engine_kwargs
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    results = llm.generate(prompts, params, use_tqdm=not args.json)
+    seconds = time.perf_counter() - t0
+    out_tokens = sum(len(c.token_ids) for r in results for c in r.outputs)
+    return OfflineResult("pagoda", len(prompts), sum(map(len, prompts)), out_tokens, seconds)
+
+
+def bench_hf(args: argparse.Namespace, prompts: list[list[int]], gguf_path: str) -> OfflineResult:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as exc:
+        raise ValueError("--peer hf needs transformers: pip install transformers") from exc
+    import os
+
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), torch_dtype=torch.float32
+    ).eval()
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    bsz = args.hf_batch_size or len(prompts)
+
+    def run(batch: list[list[int]], new: int) -> int:
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        return int(out.shape[0] * (out.shape[1] - width))
+
+    run(prompts[:2], 4)  # warm-up
+    t0 = time.perf_counter()
+    out_tokens = sum(run(prompts[i : i + bsz], args.output_len) for i in range(0, len(prompts), bsz))
+    seconds = time.perf_counter() - t0
+    return OfflineResult("hf-generate", len(prompts), sum(map(len, prompts)), out_tokens, seconds)
+
+
+def run_offline(args: argparse.Namespace) -> int:
+    from engine.loader import demo_model_path, load_checkpoint
+
+    source = args.model or demo_model_path()
+    tok = load_checkpoint(source).tokenizer
+    prompts = [
+        tok.encode(tok.apply_chat_template(m), add_special_tokens=False)
+        for m in chat_prompts(args.num_prompts)
+    ]
+    results = [bench_pagoda(args, prompts)]
+    if args.peer == "hf":
+        if not source.endswith(".gguf"):
+            raise ValueError("--peer hf is wired for GGUF models; pass a .gguf --model")
+        results.append(bench_hf(args, prompts, source))
+    system = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}"
+    )
+    if args.json:
+        print(json.dumps([asdict(r) | {"output_tok_s": r.output_tok_s} for r in results], indent=2))
+        return 0
+    print(f"\nmachine: {system}")
+    print(
+        f"{len(prompts)} prompts, {sum(map(len, prompts))} prompt tokens, "
+        f"{args.output_len} output tokens each\n"
+    )
+    print(f"{'system':<14} {'seconds':>8} {'out tok/s':>10} {'total tok/s':>12}")
+    for r in results:
+        print(f"{r.system:<14} {r.seconds:>8.2f} {r.output_tok_s:>10.1f} {r.total_tok_s:>12.1f}")
+    if len(results) > 1:
+        print(
+            f"\npagoda / {results[1].system}: "
+            f"{results[0].output_tok_s / results[1].output_tok_s:.2f}x output throughput"
+        )
+    return 0

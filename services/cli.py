@@ -1,0 +1,141 @@
+"""The `pagoda` command: serve, models, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "m": 1e6,
+    "g": 1e9,
+    "t": 1e12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MiB', '1g', '1073741824' -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 2GiB, 512MiB or 1073741824")
+    unit = (m.group(2) or "").lower().removesuffix("b")
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"unknown size unit in {text!r}; use KiB, MiB, GiB or bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--model", default="", help="GGUF file, HF model directory or Hub id (default: the demo SmolLM2 GGUF)"
+    )
+    g.add_argument("--served-model-name", default=None, help="name clients use in the `model` field")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument(
+        "--kv-cache-memory", type=parse_size, default=None, help="KV cache size, e.g. 2GiB (CPU default 1GiB)"
+    )
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "served_model_name": args.served_model_name,
+        "dtype": args.dtype,
+        "device": args.device,
+        "max_model_len": args.max_model_len,
+        "seed": args.seed,
+        "attention_backend": args.attention_backend,
+        "block_size": args.block_size,
+        "kv_cache_memory": args.kv_cache_memory,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "enable_prefix_caching": args.enable_prefix_caching,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_num_seqs": args.max_num_seqs,
+        "scheduling_policy": args.scheduling_policy,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagoda", description="pagoda: an LLM inference server")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve", help="run the OpenAI-compatible server (embedded: all services in one process)"
+    )
+    add_engine_args(serve)
+    s = serve.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="required bearer key (repeatable); env PAGODA_API_KEY",
+    )
+
+    sub.add_parser("models", help="list the demo catalog")
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    offline = bsub.add_parser(
+        "offline", help="offline generation throughput, optionally against HF transformers"
+    )
+    add_engine_args(offline)
+    from load.bench_offline import add_offline_args
+
+    add_offline_args(offline)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "models":
+            from engine.catalog import format_catalog
+
+            print(format_catalog())
+            return 0
+        if args.command == "serve":
+            from services.serve import run_serve
+
+            return run_serve(args)
+        if args.command == "bench" and args.bench_command == "offline":
+            from load.bench_offline import run_offline
+
+            return run_offline(args)
+    except ValueError as exc:  # user errors: one line naming the fix, no traceback
+        print(f"pagoda: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""Shared fixtures: the demo model loaded once per session, HF references built in-test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def demo_gguf() -> str:
+    from engine.loader import demo_model_path
+
+    return demo_model_path()
+
+
+class CachedCheckpoint:
+    """A Checkpoint whose dequantized weights are kept, so many engines load fast."""
+
+    def __init__(self, ckpt: Any) -> None:
+        self.name = ckpt.name
+        self.arch = ckpt.arch
+        self.tokenizer = ckpt.tokenizer
+        self._weights = list(ckpt.weights())
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self._weights)
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(demo_gguf: str) -> CachedCheckpoint:
+    from engine.loader import load_checkpoint
+
+    return CachedCheckpoint(load_checkpoint(demo_gguf))
+
+
+@pytest.fixture(scope="session")
+def hf_demo_model(demo_gguf: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    path = Path(demo_gguf)
+    return AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()

@@ -1,0 +1,131 @@
+"""Incremental detokenization and stop strings, with a byte-level fake tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from engine.detokenizer import IncrementalDetokenizer, StopChecker
+
+BOS, EOS = 256, 257
+_SPECIAL = {BOS: "<s>", EOS: "</s>"}
+
+
+class ByteTokenizer:
+    """ids 0..255 are bytes (token strings "<0xHH>"), 256/257 are <s> and </s>."""
+
+    vocab_size = 258
+    bos_token_id = BOS
+    eos_token_ids = (EOS,)
+    add_bos_token = True
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return ([BOS] if add_special_tokens else []) + list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        ids = [i for i in ids if not (skip_special_tokens and self.is_special(i))]
+        return self.convert_tokens_to_string(self.convert_ids_to_tokens(ids))
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [_SPECIAL[i] if i in _SPECIAL else f"<0x{i:02X}>" for i in ids]
+
+    def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
+        out, buf = [], bytearray()
+        for t in tokens:
+            if t.startswith("<0x"):
+                buf.append(int(t[3:5], 16))
+            else:
+                out.append(buf.decode("utf-8", errors="replace"))
+                buf = bytearray()
+                out.append(t)
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in _SPECIAL
+
+
+def _ids(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+@pytest.mark.parametrize("text", ["héllo wörld", "price: 5€", "🙂 ok 🚀🚀", "日本語のテキスト"])
+def test_multibyte_chars_split_across_tokens_never_emit_replacement(text: str) -> None:
+    detok = IncrementalDetokenizer(ByteTokenizer(), [BOS, *_ids("Q: ")])
+    deltas = [detok.add([i]) for i in _ids(text)]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text == detok.text
+
+
+def test_several_ids_per_add_and_prompt_ending_mid_character() -> None:
+    prompt = [BOS, *_ids("ab€")[:-1]]  # prompt's last character incomplete: context only
+    detok = IncrementalDetokenizer(ByteTokenizer(), prompt)
+    assert detok.add(_ids("xé")[:2]) == "x"
+    assert detok.add(_ids("é")[1:] + _ids("z")) == "éz"
+
+
+def test_special_tokens_skipped_or_kept() -> None:
+    ids = [*_ids("hi"), EOS]
+    skip = IncrementalDetokenizer(ByteTokenizer(), [BOS], skip_special_tokens=True)
+    assert skip.add(ids) == "hi"
+    keep = IncrementalDetokenizer(ByteTokenizer(), [BOS], skip_special_tokens=False)
+    assert keep.add(ids) == "hi</s>"
+
+
+def test_long_output_trims_token_buffer() -> None:
+    detok = IncrementalDetokenizer(ByteTokenizer(), [BOS])
+    text = "abcé" * 800
+    assert "".join(detok.add([i]) for i in _ids(text)) == text
+
+
+def _feed(checker: StopChecker, deltas: list[str]) -> tuple[str, str | None]:
+    out, hit = [], None
+    for d in deltas:
+        text, h = checker.add(d)
+        out.append(text)
+        hit = hit or h
+    if hit is None:
+        out.append(checker.flush())
+    return "".join(out), hit
+
+
+def test_stop_string_spanning_deltas_is_never_emitted() -> None:
+    checker = StopChecker(["world"])
+    emitted = [checker.add(d) for d in ["Hello wo", "r", "ld and more"]]
+    assert emitted[0] == ("Hello ", None)  # "wo" held back: it could start "world"
+    assert emitted[1] == ("", None)
+    assert emitted[2] == ("", "world")
+    assert checker.add("more") == ("", None)
+
+
+def test_include_stop_str_in_output() -> None:
+    assert _feed(StopChecker(["world"], include_stop_str_in_output=True), ["Hello wo", "rld!"]) == (
+        "Hello world",
+        "world",
+    )
+    # Straddling a delta boundary where the first part was already emitted.
+    checker = StopChecker(["END"], include_stop_str_in_output=True)
+    assert checker.add("abcE") == ("abcE", None)
+    assert checker.add("ND tail") == ("ND", "END")
+
+
+def test_no_hit_flushes_held_back_text() -> None:
+    checker = StopChecker(["xyz"])
+    assert checker.add("abcx") == ("abc", None)  # only "x" could start "xyz"
+    assert checker.add("y") == ("", None)
+    assert checker.add("!") == ("xy!", None)
+    assert checker.add("zx") == ("z", None)
+    assert checker.flush() == "x"
+
+
+def test_earliest_of_several_stop_strings_wins() -> None:
+    assert _feed(StopChecker(["long stop", "op"]), ["a long st", "op here"]) == ("a ", "long stop")
+    assert _feed(StopChecker(["long stop", "op"]), ["a long sh", "op here"]) == ("a long sh", "op")
+    assert _feed(StopChecker(["\n\n", "."]), ["one. two\n\n"]) == ("one", ".")
+
+
+def test_no_stop_strings_pass_through() -> None:
+    checker = StopChecker(["", ""])
+    assert checker.add("anything") == ("anything", None)
+    assert checker.flush() == ""
