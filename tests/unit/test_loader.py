@@ -6,7 +6,6 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -16,8 +15,7 @@ from gguf.quants import quantize
 
 from engine.loader import DEMO_MODEL_PATH, Checkpoint, ModelLoadError, demo_model_path, load_checkpoint
 from engine.loader.gguf_loader import _llama3_scaling_from_factors, dequantize_tensor, unpermute_rope_rows
-
-VOCAB = 260  # 256 byte tokens + 4 specials in the tiny tokenizer below
+from tests.tiny_models import VOCAB, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -249,69 +247,8 @@ def test_llama3_rope_factors_round_trip() -> None:
 # -- Hugging Face directories ----------------------------------------------------------------------
 
 
-def _save_tiny_tokenizer(path: Path) -> None:
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-
-    from engine.tokenizer import _bytes_to_unicode
-
-    vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode().values())}
-    backend = Backend(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(
-        [AddedToken(t, special=True) for t in ("<s>", "</s>", "<|im_start|>", "<|im_end|>")]
-    )
-    backend.save(str(path / "tokenizer.json"))
-    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": "{{ messages[0]['content'] }}"}
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-
-
 def _tiny_model(kind: str, path: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-    )
-
-    common: dict[str, Any] = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=256,
-        eos_token_id=257,
-    )
-    torch.manual_seed(0)
-    model: Any
-    if kind == "llama":
-        rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}
-        model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=False))
-    elif kind == "qwen2":
-        model = Qwen2ForCausalLM(
-            Qwen2Config(
-                **common,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                tie_word_embeddings=True,
-            )
-        )
-    else:
-        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=32, tie_word_embeddings=True))
-    model = model.to(dtype)
-    with torch.no_grad():  # norms start at 1.0 and biases at 0: randomize so a mixup would show
-        for tensor in model.parameters():
-            tensor.add_(torch.randn_like(tensor) * 0.1)
-    model.save_pretrained(str(path))
-    _save_tiny_tokenizer(path)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    _, state = make_tiny_model(kind, path, dtype)
     return state
 
 

@@ -1,0 +1,102 @@
+"""Tiny random-weight Hugging Face models written to disk, the reference our outputs must match."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VOCAB = 260  # 256 byte tokens + 4 specials in the tiny tokenizer below
+KINDS = ("llama", "llama3", "qwen2", "qwen3", "granite", "mistral")
+
+
+def save_tiny_tokenizer(path: Path) -> None:
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    from engine.tokenizer import _bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode().values())}
+    backend = Backend(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(
+        [AddedToken(t, special=True) for t in ("<s>", "</s>", "<|im_start|>", "<|im_end|>")]
+    )
+    backend.save(str(path / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": "{{ messages[0]['content'] }}"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def make_tiny_model(
+    kind: str, path: Path, dtype: torch.dtype = torch.float32
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Build, randomize and save a tiny model of `kind`; returns (hf_model, state_dict without a
+    tied lm_head)."""
+    import transformers as tf
+
+    common: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=256,
+        eos_token_id=257,
+    )
+    torch.manual_seed(0)
+    model: Any
+    if kind == "llama":
+        rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=False))
+    elif kind == "llama3":
+        rope = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 500000.0,
+        }
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=False))
+    elif kind == "qwen2":
+        model = tf.Qwen2ForCausalLM(
+            tf.Qwen2Config(
+                **common,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                tie_word_embeddings=True,
+            )
+        )
+    elif kind == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True))
+    elif kind == "granite":
+        model = tf.GraniteForCausalLM(
+            tf.GraniteConfig(
+                **common,
+                embedding_multiplier=12.0,
+                residual_multiplier=0.22,
+                attention_multiplier=0.0078125,
+                logits_scaling=8.0,
+                tie_word_embeddings=True,
+            )
+        )
+    elif kind == "mistral":
+        model = tf.MistralForCausalLM(
+            tf.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+        )
+    else:
+        raise ValueError(kind)
+    model = model.to(dtype)
+    with torch.no_grad():  # norms start at 1.0 and biases at 0: randomize so a mixup would show
+        for tensor in model.parameters():
+            tensor.add_(torch.randn_like(tensor) * 0.1)
+    model.save_pretrained(str(path))
+    save_tiny_tokenizer(path)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return model.eval(), state
