@@ -100,15 +100,16 @@ class TorchAttention(AttentionBackend):
             max_blocks = -(-meta.decode_max_seq_len // block_size)
             tables = meta.decode_block_tables[:, :max_blocks]
             # [nd, max_blocks, block_size, kv_heads, head_dim] -> [nd, kv_heads, L, head_dim]
-            kd = k_cache[tables].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
-            vd = v_cache[tables].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+            flat = tables.reshape(-1)  # index_select: ~5x faster than advanced indexing on CPU
+            kd = k_cache.index_select(0, flat).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+            vd = v_cache.index_select(0, flat).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
             length = kd.shape[2]
             mask = torch.arange(length, device=q.device)[None, :] < meta.decode_seq_lens[:, None]
-            qd = q[:nd].unsqueeze(2)  # [nd, heads, 1, head_dim]
-            od = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa
-            )
-            out[:nd] = od.squeeze(2)
+            # GQA without repeating K/V: the query heads sharing a KV head form its query rows
+            group = q.shape[1] // num_kv_heads
+            qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask[:, None, None, :], scale=scale)
+            out[:nd] = od.reshape(nd, -1, head_dim)
         for start, qlen, ctx, table in zip(
             meta.prefill_query_starts,
             meta.prefill_query_lens,
@@ -123,8 +124,8 @@ class TorchAttention(AttentionBackend):
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
             else:
                 total = ctx + qlen
-                ks = k_cache[table].view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
-                vs = v_cache[table].view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
+                ks = k_cache.index_select(0, table).view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
+                vs = v_cache.index_select(0, table).view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
                 # query i sits at position ctx + i and sees keys 0..ctx + i
                 rows = torch.arange(qlen, device=q.device)[:, None] + ctx
                 mask = torch.arange(total, device=q.device)[None, :] <= rows

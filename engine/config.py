@@ -3,6 +3,7 @@ with the numbers in the message."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,6 +57,7 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     attention_backend: str = "auto"
+    quantization: str = "auto"  # auto | none | int8 (engine.quantization)
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
 
@@ -75,16 +77,32 @@ class EngineConfig:
         return torch.device(self.device)
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX). Elsewhere bf16 matmul is
+    emulated: measured 1 GFLOP/s against fp32's 173 on an AVX2-only EPYC."""
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
-    """`auto`: bfloat16 on GPUs (or the checkpoint's half dtype); on CPU float32, since bf16 matmul
-    is emulated (and ~170x slower) on CPUs without AVX512-BF16/AMX."""
+    """`auto`: bfloat16 on GPUs (or the checkpoint's half dtype); on CPU bfloat16 where the CPU has
+    native bf16 (3x fp32's matmul speed measured on AVX512-BF16), else float32."""
     if dtype != "auto":
         return getattr(torch, dtype)  # type: ignore[no-any-return]
     if device.type == "cuda":
         if checkpoint_dtype in (torch.float16, torch.bfloat16):
             return checkpoint_dtype
         return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
 def validate_max_model_len(requested: int | None, model_max: int) -> int:

@@ -21,6 +21,7 @@ from engine.loader import Checkpoint, load_checkpoint
 from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.models import build_model
 from engine.outputs import RequestOutput, TokenLogprob
+from engine.quantization import quantize_linears, resolve_quantization
 from engine.request import Request
 from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
@@ -52,7 +53,10 @@ class EngineCore:
         self.default_sampling = generation_defaults(path) if path else {}
         arch = ckpt.arch
         self.device = config.resolved_device()
-        self.dtype = resolve_dtype(config.dtype, self.device, None)
+        self.quantization = resolve_quantization(config.quantization, self.device)
+        # int8 dynamic linears take and give float32 activations
+        dtype_arg = "float32" if self.quantization == "int8" and config.dtype == "auto" else config.dtype
+        self.dtype = resolve_dtype(dtype_arg, self.device, None)
         self.max_model_len = validate_max_model_len(config.max_model_len, arch.max_position_embeddings)
         t0 = time.perf_counter()
         with torch.device("meta"):
@@ -62,12 +66,15 @@ class EngineCore:
             model.lm_head.weight = model.embed_tokens.weight
         model.load_weights(ckpt.weights())
         self.model = model.to(self.dtype).eval()
+        if self.quantization == "int8":
+            quantize_linears(self.model)
         logger.info(
-            "loaded %s (%s, %d layers) as %s on %s in %.1fs",
+            "loaded %s (%s, %d layers) as %s%s on %s in %.1fs",
             self.model_name,
             arch.architecture,
             arch.num_layers,
             self.dtype,
+            " with int8 linears" if self.quantization == "int8" else "",
             self.device,
             time.perf_counter() - t0,
         )

@@ -8,6 +8,7 @@ import json
 import platform
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -39,6 +40,9 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
         "--peer", choices=["none", "hf"], default="none", help="also measure this peer on the same prompts"
     )
     b.add_argument(
+        "--hf-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype HF generate runs in"
+    )
+    b.add_argument(
         "--hf-batch-size", type=int, default=0, help="HF generate batch size (0: all prompts at once)"
     )
     b.add_argument("--json", action="store_true", help="print results as JSON")
@@ -56,7 +60,13 @@ def bench_pagoda(args: argparse.Namespace, prompts: list[list[int]]) -> OfflineR
     results = llm.generate(prompts, params, use_tqdm=not args.json)
     seconds = time.perf_counter() - t0
     out_tokens = sum(len(c.token_ids) for r in results for c in r.outputs)
-    return OfflineResult("pagoda", len(prompts), sum(map(len, prompts)), out_tokens, seconds)
+    return OfflineResult(_label(llm), len(prompts), sum(map(len, prompts)), out_tokens, seconds)
+
+
+def _label(llm: Any) -> str:
+    core = llm.engine
+    quant = "-int8" if core.quantization == "int8" else ""
+    return f"pagoda-{str(core.dtype).removeprefix('torch.')}{quant}"
 
 
 def bench_hf(args: argparse.Namespace, prompts: list[list[int]], gguf_path: str) -> OfflineResult:
@@ -67,7 +77,7 @@ def bench_hf(args: argparse.Namespace, prompts: list[list[int]], gguf_path: str)
     import os
 
     model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), torch_dtype=torch.float32
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=getattr(torch, args.hf_dtype)
     ).eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     bsz = args.hf_batch_size or len(prompts)
@@ -91,7 +101,9 @@ def bench_hf(args: argparse.Namespace, prompts: list[list[int]], gguf_path: str)
     t0 = time.perf_counter()
     out_tokens = sum(run(prompts[i : i + bsz], args.output_len) for i in range(0, len(prompts), bsz))
     seconds = time.perf_counter() - t0
-    return OfflineResult("hf-generate", len(prompts), sum(map(len, prompts)), out_tokens, seconds)
+    return OfflineResult(
+        f"hf-generate-{args.hf_dtype}", len(prompts), sum(map(len, prompts)), out_tokens, seconds
+    )
 
 
 def run_offline(args: argparse.Namespace) -> int:
@@ -120,9 +132,9 @@ def run_offline(args: argparse.Namespace) -> int:
         f"{len(prompts)} prompts, {sum(map(len, prompts))} prompt tokens, "
         f"{args.output_len} output tokens each\n"
     )
-    print(f"{'system':<14} {'seconds':>8} {'out tok/s':>10} {'total tok/s':>12}")
+    print(f"{'system':<22} {'seconds':>8} {'out tok/s':>10} {'total tok/s':>12}")
     for r in results:
-        print(f"{r.system:<14} {r.seconds:>8.2f} {r.output_tok_s:>10.1f} {r.total_tok_s:>12.1f}")
+        print(f"{r.system:<22} {r.seconds:>8.2f} {r.output_tok_s:>10.1f} {r.total_tok_s:>12.1f}")
     if len(results) > 1:
         print(
             f"\npagoda / {results[1].system}: "

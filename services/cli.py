@@ -54,6 +54,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    g.add_argument(
+        "--quantization",
+        default="auto",
+        choices=["auto", "none", "int8"],
+        help="int8: dynamic int8 linears on CPU (opt-in, not batch-invariant); auto: none",
+    )
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
 
 
@@ -65,6 +71,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": args.max_model_len,
         "seed": args.seed,
         "attention_backend": args.attention_backend,
+        "quantization": args.quantization,
         "block_size": args.block_size,
         "kv_cache_memory": args.kv_cache_memory,
         "gpu_memory_utilization": args.gpu_memory_utilization,

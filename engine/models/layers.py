@@ -64,6 +64,7 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = rope_inv_freq(head_dim, base, scaling)
         self.max_position = max_position
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tables is None or self._tables[0].device != device:
@@ -77,9 +78,17 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]
-        cos_t, sin_t = self._cos_sin(q.device)
-        cos = cos_t[positions].unsqueeze(1).to(q.dtype)
-        sin = sin_t[positions].unsqueeze(1).to(q.dtype)
+        # every layer of a step passes the same positions tensor: gather cos/sin once per step
+        last = self._last
+        if last is None or last[0] is not positions or last[1].dtype != q.dtype:
+            cos_t, sin_t = self._cos_sin(q.device)
+            last = (
+                positions,
+                cos_t[positions].unsqueeze(1).to(q.dtype),
+                sin_t[positions].unsqueeze(1).to(q.dtype),
+            )
+            self._last = last
+        _, cos, sin = last
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
