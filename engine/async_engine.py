@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from engine.config import EngineConfig
@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+# Called on the sink's event loop after every step: (outputs, block hashes stored, evicted).
+StepSink = Callable[[list[RequestOutput], list[bytes], list[bytes]], None]
 
 
 class AsyncEngine:
@@ -40,6 +44,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dead: BaseException | None = None
+        self._sink: tuple[asyncio.AbstractEventLoop, StepSink] | None = None
         self.steps = 0
 
     @classmethod
@@ -61,6 +66,32 @@ class AsyncEngine:
 
     def is_ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    def set_sink(self, sink: StepSink) -> None:
+        """Send every step's outputs (and prefix-cache events) to `sink` on the caller's loop,
+        instead of per-request iterators: how a worker publishes one message per gateway."""
+        self._sink = (asyncio.get_running_loop(), sink)
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> None:
+        """Add a request whose outputs go to the sink. Raises ValueError for a bad request."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
+        self.core.check_prompt(prompt_token_ids, params)
+        self.start()
+        self._inbox.put(("add", (request_id, prompt_token_ids, params, priority, cache_salt)))
+        self._wake.set()
+
+    @property
+    def dead_reason(self) -> BaseException | None:
+        return self._dead
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -126,6 +157,9 @@ class AsyncEngine:
                 return
             self.steps += 1
             self._deliver(outputs)
+            if self._sink is not None:
+                stored, evicted = core.kv.pool.drain_events()
+                self._sink[0].call_soon_threadsafe(self._sink[1], outputs, stored, evicted)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -140,7 +174,10 @@ class AsyncEngine:
                 except ValueError as exc:
                     self._deliver_error(rid, exc)
             else:
-                self._deliver(self.core.abort([arg]))
+                aborted = self.core.abort([arg])
+                self._deliver(aborted)
+                if self._sink is not None and aborted:
+                    self._sink[0].call_soon_threadsafe(self._sink[1], aborted, [], [])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, dict[str, list[RequestOutput]]] = defaultdict(

@@ -82,16 +82,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagoda", description="pagoda: an LLM inference server")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    serve = sub.add_parser(
-        "serve", help="run the OpenAI-compatible server (embedded: all services in one process)"
-    )
-    add_engine_args(serve)
-    s = serve.add_argument_group("server")
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
@@ -100,6 +92,52 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="required bearer key (repeatable); env PAGODA_API_KEY",
     )
+
+
+def add_cluster_args(p: argparse.ArgumentParser, *, bus_required: bool, store_required: bool) -> None:
+    c = p.add_argument_group("cluster")
+    c.add_argument(
+        "--bus", default=None, required=bus_required, help="amqp://user:pass@host:5672/ (default: in-memory)"
+    )
+    c.add_argument(
+        "--store", default=None, required=store_required, help="redis://host:6379/0 (default: in-memory)"
+    )
+    c.add_argument(
+        "--namespace", default="pagoda", help="prefix of every queue name and store key of this deployment"
+    )
+    c.add_argument("--router", default="prefix", choices=["prefix", "least-load", "round-robin"])
+    c.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between worker heartbeats")
+
+
+_ROLE_HELP = {
+    "gateway": "the OpenAI HTTP front end",
+    "tokenizer": "chat templates, tokenization and prompt checks",
+    "scheduler": "the cluster dispatcher: routes requests to workers",
+    "worker": "the engine: model, paged KV cache, continuous batching",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagoda", description="pagoda: an LLM inference server")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve", help="run all four services in one process (in-memory bus and store unless --bus/--store)"
+    )
+    add_engine_args(serve)
+    add_server_args(serve)
+    add_cluster_args(serve, bus_required=False, store_required=False)
+
+    for role, text in _ROLE_HELP.items():
+        p = sub.add_parser(role, help=f"run the {role} service alone: {text}")
+        if role != "scheduler":
+            add_engine_args(p)
+        if role == "gateway":
+            add_server_args(p)
+        add_cluster_args(p, bus_required=True, store_required=role != "tokenizer")
+        if role == "worker":
+            p.add_argument("--worker-id", default=None, help="stable id (default: random)")
 
     sub.add_parser("models", help="list the demo catalog")
 
@@ -128,10 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(format_catalog())
             return 0
-        if args.command == "serve":
-            from services.serve import run_serve
+        if args.command in ("serve", *_ROLE_HELP):
+            from services.launch import ROLES, run_roles
 
-            return run_serve(args)
+            return run_roles(args, ROLES if args.command == "serve" else (args.command,))
         if args.command == "bench" and args.bench_command == "offline":
             from load.bench_offline import run_offline
 

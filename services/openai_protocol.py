@@ -87,9 +87,10 @@ class _SamplingRequest(_Request):
         return None
 
     def to_sampling_params(
-        self, default_max_tokens: int, defaults: Mapping[str, float] | None = None
+        self, default_max_tokens: int | None = None, defaults: Mapping[str, float] | None = None
     ) -> SamplingParams:
-        """Raises ValueError (naming the field) on values the engine cannot honour. Sampling
+        """Raises ValueError (naming the field) on values the engine cannot honour. An omitted
+        max_tokens becomes `default_max_tokens` (None: up to the context length). Sampling
         fields the request leaves out take the model's `defaults`, then OpenAI's."""
         d = {**_OPENAI_DEFAULTS, **(defaults or {})}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -14,6 +15,9 @@ import pytest
 
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
+from services.errors import APIError
+from services.frontend import Submitted
+from services.messages import PromptInput
 from services.openai_server import build_app
 
 if TYPE_CHECKING:
@@ -21,6 +25,7 @@ if TYPE_CHECKING:
     from starlette.types import Message
 
     from engine.engine_client import EngineClient
+    from services.frontend import Frontend
 
 BOS, EOS, EOT = 256, 257, 258
 _SPECIAL = {BOS: "<s>", EOS: "</s>", EOT: "<|eot|>"}
@@ -82,6 +87,7 @@ class FakeEngine:
         self.aborted: set[str] = set()  # by abort()
         self.closed_early: set[str] = set()  # iterator closed before every choice finished
         self.ready = True
+        self.inf_logprobs = False
 
     def _tokens(self, index: int) -> list[int]:
         data = list(self.script.encode("utf-8"))
@@ -120,11 +126,15 @@ class FakeEngine:
                     lp = None
                     if params.logprobs is not None:
                         top = {(tok + j) % 256: -0.5 * (j + 1) for j in range(params.logprobs)}
+                        if self.inf_logprobs and params.logprobs > 1:
+                            top[(tok + 1) % 256] = -math.inf  # a token the sampler filtered out
                         lp = [TokenLogprob(tok, -0.5, top)]
                     finish: Any = None
                     if tok in stops and counts[i] > params.min_tokens:
                         finish = "stop"
                     elif params.max_tokens is not None and counts[i] >= params.max_tokens:
+                        finish = "length"
+                    elif len(prompt) + counts[i] >= self.max_model_len:
                         finish = "length"
                     if finish:
                         live.discard(i)
@@ -222,7 +232,16 @@ async def test_chat_runs_to_eos_by_default(client: httpx.AsyncClient, engine: Fa
     assert body["choices"][0]["message"]["content"] == SCRIPT
     assert body["choices"][0]["finish_reason"] == "stop"
     params = engine.requests[0][2]
-    assert params.max_tokens == engine.max_model_len - len(engine.requests[0][1])
+    assert params.max_tokens is None  # the engine stops at max_model_len itself
+
+
+async def test_omitted_max_tokens_runs_to_context_length(
+    client: httpx.AsyncClient, engine: FakeEngine
+) -> None:
+    body = (await client.post("/v1/chat/completions", json=_chat(ignore_eos=True))).json()
+    prompt_len = len(engine.requests[0][1])
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == engine.max_model_len - prompt_len
 
 
 async def test_chat_streaming_matches_non_streaming(client: httpx.AsyncClient) -> None:
@@ -685,3 +704,162 @@ async def test_sdk_auth() -> None:
             await c.models.list()
     async with _sdk(_app(FakeEngine(), api_keys=["k"]), api_key="k") as c:
         assert [m.id async for m in c.models.list()] == [MODEL]
+
+
+# ---------------------------------------------------------------------------------- -inf logprobs
+
+
+async def test_minus_inf_logprobs_serialize_as_minus_9999(
+    client: httpx.AsyncClient, engine: FakeEngine
+) -> None:
+    engine.inf_logprobs = True
+    resp = await client.post("/v1/chat/completions", json=_chat(max_tokens=2, logprobs=True, top_logprobs=3))
+    assert resp.status_code == 200 and "Infinity" not in resp.text
+    tops = resp.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    assert [t["logprob"] for t in tops] == [-0.5, -1.5, -9999.0]
+    stream = await client.post(
+        "/v1/completions", json={"prompt": "x", "max_tokens": 2, "logprobs": 3, "stream": True}
+    )
+    events = _events(stream.text)  # every event is valid JSON
+    top = next(c["logprobs"]["top_logprobs"][0] for e in events for c in e["choices"] if c["logprobs"])
+    assert top["I"] == -9999.0
+
+
+# ------------------------------------------------------------------------------ a Frontend directly
+
+
+class FakeFrontend:
+    """A Frontend that does not tokenize like the server's tokenizer: every prompt becomes
+    `prompt_ids`, so usage and detokenization must come from Submitted. `reject` may refuse a
+    prompt with an APIError. Outputs come from a FakeEngine."""
+
+    model_name = MODEL
+    max_model_len = 256
+
+    def __init__(self, prompt_ids: list[int] | None = None, reject: Any = None) -> None:
+        self.tokenizer = FakeTokenizer()
+        self.default_sampling: dict[str, float] = {"temperature": 0.25}
+        self.engine = FakeEngine()
+        self.prompt_ids = prompt_ids or list(b"0123456789")
+        self.reject = reject
+        self.submits: list[tuple[str, PromptInput, SamplingParams, dict[str, Any]]] = []
+        self.aborted: list[str] = []
+
+    async def submit(
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        session_id: str | None = None,
+    ) -> Submitted:
+        await asyncio.sleep(0)
+        extra = {"priority": priority, "cache_salt": cache_salt, "session_id": session_id}
+        self.submits.append((request_id, prompt, params, extra))
+        error = self.reject(prompt) if self.reject else None
+        if error is not None:
+            raise error
+        return Submitted(list(self.prompt_ids), self.engine.add_request(request_id, self.prompt_ids, params))
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        await self.engine.abort(request_id)
+
+    def is_ready(self) -> bool:
+        return True
+
+
+def _front_client(frontend: FakeFrontend) -> httpx.AsyncClient:
+    app = build_app(cast("Frontend", frontend))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def test_frontend_prompt_ids_are_used() -> None:
+    front = FakeFrontend(prompt_ids=[BOS, *b"tokenized elsewhere"])
+    async with _front_client(front) as c:
+        body = (await c.post("/v1/chat/completions", json=_chat(max_tokens=3))).json()
+        assert body["usage"]["prompt_tokens"] == 20 and body["choices"][0]["message"]["content"] == "Hel"
+        req = {"prompt": [5, 6], "max_tokens": 2, "echo": True}
+        out = (await c.post("/v1/completions", json=req)).json()
+        assert out["choices"][0]["text"] == "tokenized elsewhereHe"  # echo decodes the accepted ids
+        out = (await c.post("/v1/completions", json={**req, "prompt": "given"})).json()
+        assert out["choices"][0]["text"] == "givenHe"  # ... or repeats the given text
+    request_id, prompt, params, _ = front.submits[0]
+    assert request_id.startswith("chatcmpl-")
+    assert prompt.messages == [{"role": "user", "content": "Hi"}] and prompt.add_generation_prompt
+    assert params.temperature == 0.25  # the frontend's generation defaults
+    assert front.submits[1][1].token_ids == [5, 6]
+    assert front.submits[2][1].text == "given" and front.submits[2][1].add_special_tokens
+
+
+async def test_frontend_gets_session_priority_and_salt() -> None:
+    front = FakeFrontend()
+    async with _front_client(front) as c:
+        await c.post("/v1/chat/completions", json=_chat(max_tokens=1, user="u1", priority=3, cache_salt="s"))
+        await c.post(
+            "/v1/chat/completions", json=_chat(max_tokens=1, user="u1"), headers={"x-session-id": "sess"}
+        )
+        await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    assert [s[3] for s in front.submits] == [
+        {"priority": 3, "cache_salt": "s", "session_id": "u1"},
+        {"priority": 0, "cache_salt": None, "session_id": "sess"},
+        {"priority": 0, "cache_salt": None, "session_id": None},
+    ]
+
+
+@pytest.mark.parametrize("status", [400, 503])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_frontend_refusal_is_a_plain_http_error(status: int, stream: bool) -> None:
+    def reject(prompt: PromptInput) -> APIError:
+        return APIError(status, "no thanks", param="messages" if status == 400 else None)
+
+    async with _front_client(FakeFrontend(reject=reject)) as c:
+        resp = await c.post("/v1/chat/completions", json=_chat(stream=stream))
+        err = _error(resp, status)
+        assert resp.headers["content-type"].startswith("application/json")
+        assert err["message"] == "no thanks" and err["code"] == status
+        assert err["type"] == ("BadRequestError" if status == 400 else "ServiceUnavailableError")
+        resp = await c.post("/v1/completions", json={"prompt": "x", "stream": stream})
+        _error(resp, status)
+
+
+async def test_frontend_refusal_of_one_prompt_releases_the_others() -> None:
+    def reject(prompt: PromptInput) -> APIError | None:
+        return APIError(400, "bad prompt", param="prompt") if prompt.text == "bad" else None
+
+    front = FakeFrontend(reject=reject)
+    async with _front_client(front) as c:
+        resp = await c.post("/v1/completions", json={"prompt": ["ok", "bad", "fine"], "max_tokens": 5})
+        assert _error(resp, 400)["message"] == "bad prompt"
+    ids = sorted(s[0] for s in front.submits)
+    assert [i[-2:] for i in ids] == ["-0", "-1", "-2"]
+    accepted = {i for i in ids if not i.endswith("-1")}
+    assert set(front.aborted) == accepted
+    assert accepted <= front.engine.aborted
+
+
+async def test_frontend_streaming_stop_string_aborts() -> None:
+    front = FakeFrontend()
+    async with _front_client(front) as c:
+        resp = await c.post("/v1/chat/completions", json=_chat(stream=True, stop=["world"]))
+        text = "".join(c["delta"].get("content") or "" for e in _events(resp.text) for c in e["choices"])
+    assert text == "Hello "
+    assert front.aborted == [front.submits[0][0]]
+
+
+async def test_local_frontend_maps_engine_errors(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> AsyncIterator[RequestOutput]:
+        raise ValueError("prompt is too long for the KV cache")
+
+    engine.add_request = refuse  # type: ignore[method-assign]
+    err = _error(await client.post("/v1/chat/completions", json=_chat(stream=True)), 400)
+    assert "KV cache" in err["message"]
+
+    def dead(*args: Any, **kwargs: Any) -> AsyncIterator[RequestOutput]:
+        raise RuntimeError("the engine stopped after an error")
+
+    engine.add_request = dead  # type: ignore[method-assign]
+    engine.ready = False
+    _error(await client.post("/v1/chat/completions", json=_chat()), 503)

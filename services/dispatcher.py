@@ -1,0 +1,141 @@
+"""The scheduler service (cluster dispatcher): picks a worker for each tokenized request.
+
+It reads live workers from the registry (heartbeats), looks up how much of the prompt each worker
+has cached (the block hashes workers publish, computed with the engine's own hash function), asks
+the router, and forwards the request to that worker's queue. Between heartbeats it counts the
+requests it has sent each worker, so a burst does not all land on one worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+
+from engine.block_hash import hash_full_blocks
+from services.bus import Bus, Message, Subscription
+from services.messages import (
+    MessageError,
+    Queues,
+    Rejected,
+    ScheduleRequest,
+    WorkerRequest,
+    decode,
+    encode,
+)
+from services.registry import PrefixIndex, Sessions, WorkerRegistry
+from services.router import Decision, WorkerState, leading_overlap, make_router
+from services.store import Store
+
+logger = logging.getLogger("pagoda.scheduler")
+
+
+class SchedulerService:
+    def __init__(
+        self,
+        bus: Bus,
+        store: Store,
+        *,
+        router: str = "prefix",
+        heartbeat_s: float = 1.0,
+        concurrency: int = 64,
+        queues: Queues | None = None,
+    ) -> None:
+        self.bus = bus
+        self.queues = queues or Queues()
+        self.store = store
+        self.router = make_router(router)
+        self.registry = WorkerRegistry(store, heartbeat_s)
+        self.prefix_index = PrefixIndex(store)
+        self.sessions = Sessions(store)
+        self.heartbeat_s = heartbeat_s
+        self._sem = asyncio.Semaphore(concurrency)
+        self._sub: Subscription | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cache: tuple[float, list[tuple[WorkerState, dict[str, str]]]] = (0.0, [])
+        self._sent: dict[str, int] = {}  # requests sent per worker since its last heartbeat
+        self._beat_seen: dict[str, str] = {}
+        self.decisions: dict[str, int] = {}  # worker id -> requests routed there
+
+    async def start(self) -> None:
+        await self.bus.declare_work_queue(self.queues.schedule)
+        self._sub = await self.bus.consume(self.queues.schedule, self._on_message, prefetch=256)
+        logger.info("scheduler ready on %s (router %s)", self.queues.schedule, self.router.name)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _on_message(self, message: Message) -> None:
+        try:
+            msg = decode(message.body)
+        except MessageError as exc:
+            logger.warning("scheduler: dropped a malformed message: %s", exc)
+            return
+        if not isinstance(msg, ScheduleRequest) or isinstance(msg, WorkerRequest):
+            logger.warning("scheduler: dropped an unexpected %s message", msg.type)
+            return
+        await self._sem.acquire()  # routing waits on the store: route many requests at once
+        task = asyncio.create_task(self._route(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._sem.release()
+
+    async def _workers(self) -> list[tuple[WorkerState, dict[str, str]]]:
+        now = time.monotonic()
+        if now - self._cache[0] > self.heartbeat_s / 4:
+            self._cache = (now, await self.registry.alive())
+            for state, figures in self._cache[1]:
+                if self._beat_seen.get(state.worker_id) != figures.get("last_seen"):
+                    self._beat_seen[state.worker_id] = figures.get("last_seen", "")
+                    self._sent[state.worker_id] = 0  # the heartbeat now counts them
+        return self._cache[1]
+
+    async def _route(self, msg: ScheduleRequest) -> None:
+        try:
+            decision = await self._decide(msg)
+        except Exception as exc:
+            logger.exception("scheduler: routing %s failed", msg.request_id)
+            await self._reject(msg, 503, f"the scheduler could not route the request: {exc}")
+            return
+        if decision is None:
+            await self._reject(msg, 503, "no worker is available; try again shortly")
+            return
+        wid = decision.worker_id
+        self._sent[wid] = self._sent.get(wid, 0) + 1
+        self.decisions[wid] = self.decisions.get(wid, 0) + 1
+        fwd = WorkerRequest(**msg.model_dump(exclude={"type"}))
+        await self.bus.publish(self.queues.worker(wid), encode(fwd))
+        if msg.session_id:
+            await self.sessions.put(msg.session_id, wid)
+        logger.info(
+            "request %s -> worker %s (%s, %d cached blocks, %d prompt tokens)",
+            msg.request_id, wid, decision.reason, decision.overlap_blocks, len(msg.prompt_token_ids),
+        )  # fmt: skip
+
+    async def _decide(self, msg: ScheduleRequest) -> Decision | None:
+        alive = await self._workers()
+        if not alive:
+            return None
+        # requests sent since the last heartbeat count as waiting there
+        workers = [replace(s, num_waiting=s.num_waiting + self._sent.get(s.worker_id, 0)) for s, _ in alive]
+        block_size = int(alive[0][1].get("block_size", 16))
+        extra = (msg.cache_salt,) if msg.cache_salt else ()
+        hashes = hash_full_blocks(msg.prompt_token_ids, block_size, extra)
+        overlap = leading_overlap(await self.prefix_index.owners(hashes))
+        session_worker = await self.sessions.get(msg.session_id) if msg.session_id else None
+        return self.router.choose(workers, overlap, session_worker)
+
+    async def _reject(self, msg: ScheduleRequest, status: int, text: str) -> None:
+        reject = Rejected(request_id=msg.request_id, status=status, message=text)
+        try:
+            await self.bus.publish(msg.reply_to, encode(reject))
+        except Exception as exc:
+            logger.warning("scheduler: could not reject %s: %s", msg.request_id, exc)

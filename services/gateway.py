@@ -1,0 +1,216 @@
+"""The gateway's side of the bus: a `Frontend` that sends requests to the tokenizer tier and
+reads token deltas from its own reply queue.
+
+Each gateway has one exclusive reply queue. Workers send it one `StepOutputs` per step with the
+new tokens of all its requests; the tokenizer sends `Accepted` (prompt ids) or `Rejected`. The
+gateway learns which worker runs a request from its first delta, and sends aborts there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+from services.bus import Bus, Message, Subscription
+from services.errors import APIError
+from services.frontend import Submitted
+from services.messages import (
+    AbortRequest,
+    Accepted,
+    MessageError,
+    PromptInput,
+    Queues,
+    Rejected,
+    SamplingSpec,
+    StepOutputs,
+    TokenizeRequest,
+    decode,
+    encode,
+)
+from services.registry import WorkerRegistry
+
+logger = logging.getLogger("pagoda.gateway")
+
+
+@dataclass
+class _Pending:
+    accepted: asyncio.Future[list[int]]
+    outputs: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+    worker_id: str | None = None
+    aborted: bool = False
+    streaming: bool = False  # someone iterates the outputs (and cleans up after them)
+
+
+class BusFrontend:
+    def __init__(
+        self,
+        bus: Bus,
+        tokenizer: Tokenizer,
+        *,
+        model_name: str,
+        max_model_len: int,
+        default_sampling: dict[str, float] | None = None,
+        gateway_id: str | None = None,
+        accept_timeout_s: float = 30.0,
+        queues: Queues | None = None,
+        registry: WorkerRegistry | None = None,
+    ) -> None:
+        self.bus = bus
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.default_sampling = dict(default_sampling or {})
+        self.gateway_id = gateway_id or uuid.uuid4().hex[:12]
+        self.queues = queues or Queues()
+        self.reply_queue = self.queues.reply(self.gateway_id)
+        self.accept_timeout_s = accept_timeout_s
+        self._pending: dict[str, _Pending] = {}
+        self._sub: Subscription | None = None
+        self._ready = False
+        self.registry = registry
+        self._workers_alive = registry is None
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.bus.declare_work_queue(self.queues.tokenize)
+        await self.bus.declare_reply_queue(self.reply_queue)
+        self._sub = await self.bus.consume(self.reply_queue, self._on_reply, prefetch=512)
+        self._ready = True
+        if self.registry is not None:
+            await self._check_workers()
+            self._watch = asyncio.create_task(self._watch_workers(), name="gateway-watch-workers")
+        logger.info("gateway %s reading replies on %s", self.gateway_id, self.reply_queue)
+
+    async def stop(self) -> None:
+        self._ready = False
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._sub is not None:
+            await self._sub.cancel()
+        for p in self._pending.values():
+            if not p.accepted.done():
+                p.accepted.set_exception(APIError(503, "The gateway is shutting down."))
+            p.outputs.put_nowait(APIError(503, "The gateway is shutting down."))
+
+    def is_ready(self) -> bool:
+        """Started, and at least one worker heartbeating (when a registry is given)."""
+        return self._ready and self._workers_alive
+
+    async def _check_workers(self) -> None:
+        assert self.registry is not None
+        try:
+            self._workers_alive = bool(await self.registry.alive())
+        except Exception as exc:  # the store is down: say unready rather than guess
+            logger.warning("gateway: cannot read the worker registry: %s", exc)
+            self._workers_alive = False
+
+    async def _watch_workers(self) -> None:
+        assert self.registry is not None
+        while True:
+            await asyncio.sleep(self.registry.heartbeat_s / 2)
+            await self._check_workers()
+
+    async def submit(
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        session_id: str | None = None,
+    ) -> Submitted:
+        if request_id in self._pending:
+            raise APIError(400, f"request id {request_id!r} is already running")
+        pending = _Pending(asyncio.get_running_loop().create_future())
+        self._pending[request_id] = pending
+        msg = TokenizeRequest(
+            request_id=request_id, reply_to=self.reply_queue, prompt=prompt, sampling=SamplingSpec.of(params),
+            priority=priority, cache_salt=cache_salt, session_id=session_id, arrival_time=time.time(),
+        )  # fmt: skip
+        try:
+            await self.bus.publish(self.queues.tokenize, encode(msg))
+            ids = await asyncio.wait_for(pending.accepted, self.accept_timeout_s)
+        except TimeoutError:
+            self._pending.pop(request_id, None)
+            raise APIError(503, "No tokenizer answered in time; the service is unavailable.") from None
+        except BaseException:
+            self._pending.pop(request_id, None)
+            raise
+        return Submitted(ids, self._stream(request_id, pending, params.n))
+
+    async def _stream(self, request_id: str, pending: _Pending, n: int) -> AsyncIterator[RequestOutput]:
+        remaining = n
+        pending.streaming = True
+        try:
+            while remaining:
+                item = await pending.outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield item
+        finally:
+            if remaining:
+                await self.abort(request_id)
+            self._pending.pop(request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        pending = self._pending.get(request_id)
+        if pending is None or pending.aborted:
+            return
+        pending.aborted = True
+        if pending.worker_id is not None:  # else: sent when the first delta names the worker
+            await self._send_abort(pending.worker_id, request_id)
+
+    async def _send_abort(self, worker_id: str, request_id: str) -> None:
+        try:
+            await self.bus.publish(
+                self.queues.worker(worker_id), encode(AbortRequest(request_ids=[request_id]))
+            )
+        except Exception as exc:
+            logger.warning("gateway: could not abort %s on %s: %s", request_id, worker_id, exc)
+
+    async def _on_reply(self, message: Message) -> None:
+        try:
+            msg = decode(message.body)
+        except MessageError as exc:
+            logger.warning("gateway: dropped a malformed reply: %s", exc)
+            return
+        if isinstance(msg, StepOutputs):
+            for delta in msg.deltas:
+                pending = self._pending.get(delta.request_id)
+                if pending is None:
+                    continue
+                if pending.worker_id is None:
+                    pending.worker_id = msg.worker_id
+                    if pending.aborted:
+                        await self._send_abort(msg.worker_id, delta.request_id)
+                if pending.aborted and not pending.streaming:  # abandoned before it was read
+                    self._pending.pop(delta.request_id, None)
+                    continue
+                pending.outputs.put_nowait(delta.to_output())
+        elif isinstance(msg, Accepted):
+            pending = self._pending.get(msg.request_id)
+            if pending is not None and not pending.accepted.done():
+                pending.accepted.set_result(msg.prompt_token_ids)
+        elif isinstance(msg, Rejected):
+            pending = self._pending.get(msg.request_id)
+            if pending is None:
+                return
+            err = APIError(msg.status, msg.message, param=msg.param)
+            if pending.aborted and not pending.streaming:
+                self._pending.pop(msg.request_id, None)
+            if not pending.accepted.done():
+                pending.accepted.set_exception(err)
+            else:
+                pending.outputs.put_nowait(err)
+        else:
+            logger.warning("gateway: dropped an unexpected %s reply", msg.type)

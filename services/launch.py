@@ -1,0 +1,180 @@
+"""Starts any set of the four services in one process: `pagoda serve` runs all four (embedded, on
+an in-memory bus and store unless --bus/--store name real servers); `pagoda gateway|tokenizer|
+scheduler|worker` run one each. SIGTERM/SIGINT stop the HTTP side first, then the services."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import uvicorn
+
+from services.bus import Bus, InMemoryBus, make_bus
+from services.messages import Queues
+from services.registry import WorkerRegistry
+from services.store import InMemoryStore, Store, make_store
+
+logger = logging.getLogger("pagoda")
+
+ROLES = ("gateway", "tokenizer", "scheduler", "worker")
+
+
+class _Service(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises the signal it caught after shutting down (exit status -15); pagoda
+    installs its own handlers so a requested stop is a clean exit."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class _Model:
+    """What the front tiers need of the model: its tokenizer and limits, not its weights."""
+
+    name: str
+    tokenizer: Any
+    max_model_len: int
+    default_sampling: dict[str, float] = field(default_factory=dict)
+
+
+def _model_info(args: argparse.Namespace) -> _Model:
+    from engine.catalog import generation_defaults
+    from engine.config import validate_max_model_len
+    from engine.loader import demo_model_path, load_checkpoint
+
+    ckpt = load_checkpoint(args.model or demo_model_path())
+    return _Model(
+        name=args.served_model_name or ckpt.name,
+        tokenizer=ckpt.tokenizer,
+        max_model_len=validate_max_model_len(args.max_model_len, ckpt.arch.max_position_embeddings),
+        default_sampling=generation_defaults(ckpt.path),
+    )
+
+
+def _api_keys(args: argparse.Namespace) -> list[str] | None:
+    keys = list(getattr(args, "api_key", None) or [])
+    if os.environ.get("PAGODA_API_KEY"):
+        keys.append(os.environ["PAGODA_API_KEY"])
+    return keys or None
+
+
+def run_roles(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
+    bus_url = getattr(args, "bus", None)
+    store_url = getattr(args, "store", None)
+    if len(roles) == 1 and (not bus_url or bus_url.startswith("memory")):
+        raise ValueError(f"`pagoda {roles[0]}` runs alone: give it --bus amqp://... and --store redis://...")
+    asyncio.run(_main(args, roles, bus_url, store_url))
+    return 0
+
+
+async def _main(
+    args: argparse.Namespace, roles: tuple[str, ...], bus_url: str | None, store_url: str | None
+) -> None:
+    bus: Bus = make_bus(bus_url) if bus_url else InMemoryBus()
+    store: Store = make_store(store_url, prefix=f"{args.namespace}:") if store_url else InMemoryStore()
+    await bus.connect()
+    await store.connect()
+    services: list[_Service] = []
+    queues = Queues(args.namespace)
+    server: _Server | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def request_stop(sig: signal.Signals) -> None:
+        logger.info("received %s: finishing open requests, then stopping", sig.name)
+        stop.set()
+        if server is not None:
+            server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop, sig)
+    try:
+        model = _model_info(args) if {"gateway", "tokenizer"} & set(roles) else None
+        heartbeat = args.heartbeat_interval
+        if "worker" in roles:
+            services.append(_worker(args, bus, store, heartbeat, queues))
+        if "scheduler" in roles:
+            from services.dispatcher import SchedulerService
+
+            services.append(
+                SchedulerService(bus, store, router=args.router, heartbeat_s=heartbeat, queues=queues)
+            )
+        if "tokenizer" in roles:
+            from services.frontend import PromptProcessor
+            from services.tokenizer_service import TokenizerService
+
+            assert model is not None
+            processor = PromptProcessor(model.tokenizer, model.max_model_len)
+            services.append(TokenizerService(bus, processor, queues))
+        frontend = None
+        if "gateway" in roles:
+            from services.gateway import BusFrontend
+
+            assert model is not None
+            frontend = BusFrontend(
+                bus, model.tokenizer, model_name=model.name, max_model_len=model.max_model_len,
+                default_sampling=model.default_sampling,
+                registry=WorkerRegistry(store, heartbeat), queues=queues,
+            )  # fmt: skip
+            services.append(frontend)
+        for svc in services:
+            await svc.start()
+        if frontend is not None:
+            from services.openai_server import build_app
+
+            app = build_app(frontend, served_model_names=[frontend.model_name], api_keys=_api_keys(args))
+            server = _Server(
+                uvicorn.Config(
+                    app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
+                    timeout_graceful_shutdown=30,
+                )
+            )  # fmt: skip
+            logger.info(
+                "serving %s on http://%s:%d/v1 (%s)",
+                frontend.model_name,
+                args.host,
+                args.port,
+                ", ".join(roles),
+            )
+            await server.serve()
+        else:
+            logger.info("running %s", ", ".join(roles))
+            await stop.wait()
+    finally:
+        for svc in reversed(services):
+            with contextlib.suppress(Exception):
+                await svc.stop()
+        await bus.close()
+        await store.close()
+        logger.info("stopped")
+
+
+def _worker(args: argparse.Namespace, bus: Bus, store: Store, heartbeat: float, queues: Queues) -> _Service:
+    from engine.async_engine import AsyncEngine
+    from engine.engine_core import EngineCore
+    from engine.llm import make_engine_config
+    from services.cli import engine_kwargs
+    from services.worker import WorkerService
+
+    core = EngineCore(make_engine_config(args.model, **engine_kwargs(args)))
+    return WorkerService(
+        AsyncEngine(core),
+        bus,
+        store,
+        worker_id=getattr(args, "worker_id", None),
+        heartbeat_s=heartbeat,
+        queues=queues,
+    )

@@ -1,0 +1,202 @@
+"""The worker service: one engine (model + paged KV cache) fed from its own queue.
+
+It takes `WorkerRequest`/`AbortRequest` messages from `pagoda.worker.<id>`, steps the engine in
+its own thread, and after every step publishes one `StepOutputs` per gateway carrying the new
+tokens of all that gateway's requests. It heartbeats its load to the store and publishes the
+block hashes it caches and evicts, which is what the scheduler's prefix router reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import defaultdict
+
+from engine.async_engine import AsyncEngine
+from engine.outputs import RequestOutput
+from services.bus import Bus, Message, Subscription
+from services.messages import (
+    AbortRequest,
+    Delta,
+    MessageError,
+    Queues,
+    Rejected,
+    StepOutputs,
+    WorkerRequest,
+    decode,
+    encode,
+)
+from services.registry import PrefixIndex, WorkerRegistry
+from services.store import Store
+
+logger = logging.getLogger("pagoda.worker")
+
+
+class WorkerService:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        bus: Bus,
+        store: Store,
+        *,
+        worker_id: str | None = None,
+        heartbeat_s: float = 1.0,
+        queues: Queues | None = None,
+    ) -> None:
+        self.engine = engine
+        self.bus = bus
+        self.store = store
+        self.worker_id = worker_id or uuid.uuid4().hex[:12]
+        self.queue = (queues or Queues()).worker(self.worker_id)
+        self.heartbeat_s = heartbeat_s
+        self.registry = WorkerRegistry(store, heartbeat_s)
+        self.prefix_index = PrefixIndex(store)
+        self._reply_to: dict[str, str] = {}  # request id -> gateway reply queue
+        self._started: dict[str, float] = {}
+        self._remaining: dict[str, int] = {}  # request id -> choices not finished yet
+        self._publish_q: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._index_q: asyncio.Queue[tuple[list[bytes], list[bytes]]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self.engine.set_sink(self._on_step)
+        self.engine.start()
+        await self.bus.declare_work_queue(self.queue)
+        self._tasks = [
+            asyncio.create_task(self._publisher(), name="worker-publisher"),
+            asyncio.create_task(self._indexer(), name="worker-indexer"),
+            asyncio.create_task(self._heartbeat(), name="worker-heartbeat"),
+        ]
+        await self._beat()  # registered before the first message can arrive
+        self._sub = await self.bus.consume(self.queue, self._on_message, prefetch=256)
+        logger.info("worker %s ready on %s (%s)", self.worker_id, self.queue, self.engine.model_name)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.cancel()
+        with contextlib.suppress(Exception):
+            await self.registry.remove(self.worker_id)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.engine.shutdown()
+
+    # -- input --------------------------------------------------------------------------------
+    async def _on_message(self, message: Message) -> None:
+        try:
+            msg = decode(message.body)
+        except MessageError as exc:
+            logger.warning("worker %s: dropped a malformed message: %s", self.worker_id, exc)
+            return
+        if isinstance(msg, WorkerRequest):
+            self._add(msg)
+        elif isinstance(msg, AbortRequest):
+            for rid in msg.request_ids:
+                await self.engine.abort(rid)
+        else:
+            logger.warning("worker %s: dropped an unexpected %s message", self.worker_id, msg.type)
+
+    def _add(self, msg: WorkerRequest) -> None:
+        if msg.request_id in self._reply_to:
+            logger.info("worker %s: duplicate delivery of %s ignored", self.worker_id, msg.request_id)
+            return
+        try:
+            params = msg.sampling.to_params()
+            self.engine.submit(
+                msg.request_id, msg.prompt_token_ids, params, priority=msg.priority, cache_salt=msg.cache_salt
+            )
+        except ValueError as exc:
+            reject = Rejected(request_id=msg.request_id, status=400, message=str(exc))
+            self._publish_q.put_nowait((msg.reply_to, encode(reject)))
+            return
+        self._reply_to[msg.request_id] = msg.reply_to
+        self._remaining[msg.request_id] = params.n
+        self._started[msg.request_id] = time.monotonic()
+
+    # -- output -------------------------------------------------------------------------------
+    def _on_step(self, outputs: list[RequestOutput], stored: list[bytes], evicted: list[bytes]) -> None:
+        """On the event loop after each engine step: one message per gateway."""
+        by_gateway: dict[str, list[Delta]] = defaultdict(list)
+        for out in outputs:
+            reply_to = self._reply_to.get(out.request_id)
+            if reply_to is None:
+                continue
+            by_gateway[reply_to].append(Delta.of(out))
+            if out.finished:
+                self._remaining[out.request_id] -= 1
+                if self._remaining[out.request_id] == 0:
+                    self._finish(out)
+        for reply_to, deltas in by_gateway.items():
+            body = encode(StepOutputs(worker_id=self.worker_id, deltas=deltas))
+            self._publish_q.put_nowait((reply_to, body))
+        if stored or evicted:
+            self._index_q.put_nowait((stored, evicted))
+
+    def _finish(self, out: RequestOutput) -> None:
+        self._reply_to.pop(out.request_id, None)
+        self._remaining.pop(out.request_id, None)
+        started = self._started.pop(out.request_id, time.monotonic())
+        logger.info(
+            "request %s finished (%s) prompt_tokens=%d cached=%d output_tokens=%d in %.3fs",
+            out.request_id, out.finish_reason, out.num_prompt_tokens, out.num_cached_tokens,
+            out.num_output_tokens, time.monotonic() - started,
+        )  # fmt: skip
+
+    async def _publisher(self) -> None:
+        while True:
+            reply_to, body = await self._publish_q.get()
+            try:
+                await self.bus.publish(reply_to, body)
+            except Exception as exc:  # a gateway that went away must not stop the others
+                logger.warning("worker %s: could not publish to %s: %s", self.worker_id, reply_to, exc)
+
+    async def _indexer(self) -> None:
+        while True:
+            stored, evicted = await self._index_q.get()
+            try:
+                await self.prefix_index.update(self.worker_id, stored, evicted)
+            except Exception as exc:  # the index is advisory: routing degrades, requests run
+                logger.warning("worker %s: prefix index update failed: %s", self.worker_id, exc)
+
+    # -- liveness -----------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await self._beat()
+            except Exception as exc:
+                logger.warning("worker %s: heartbeat failed: %s", self.worker_id, exc)
+
+    async def _beat(self) -> None:
+        core = self.engine.core
+        stats = core.last_stats
+        if self.engine.dead_reason is not None:
+            await self._fail_inflight(str(self.engine.dead_reason))
+            await self.registry.remove(self.worker_id)
+            return
+        await self.registry.beat(
+            self.worker_id,
+            {
+                "num_running": str(stats.num_running),
+                "num_waiting": str(stats.num_waiting),
+                "kv_usage": f"{core.kv.usage():.4f}",
+                "max_num_seqs": str(core.config.scheduler.max_num_seqs),
+                "block_size": str(core.config.cache.block_size),
+                "num_blocks": str(core.num_blocks),
+                "num_free_blocks": str(core.kv.pool.num_free_blocks),
+                "model": core.model_name,
+                "steps": str(self.engine.steps),
+            },
+        )
+
+    async def _fail_inflight(self, reason: str) -> None:
+        for rid, reply_to in list(self._reply_to.items()):
+            reject = Rejected(request_id=rid, status=503, message=f"the worker failed: {reason}")
+            self._publish_q.put_nowait((reply_to, encode(reject)))
+        self._reply_to.clear()

@@ -1,0 +1,149 @@
+"""The bus contract (tests/unit/test_inmemory_transport.py) on the real RabbitMQ, plus AMQP specifics.
+
+Queues are named `pagoda-test.<run id>.*` and deleted at the end of each test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+
+from services.bus import AmqpBus, Bus, InMemoryBus, Message, make_bus
+from tests.unit.test_inmemory_transport import (  # noqa: F401  (collected here again, on RabbitMQ)
+    NewBus,
+    QName,
+    test_bus_cancel_redelivers_unhandled_messages,
+    test_bus_close_is_idempotent,
+    test_bus_competing_consumers_share_without_loss_or_duplicates,
+    test_bus_handler_error_is_logged_and_dropped,
+    test_bus_one_handler_call_at_a_time_in_order,
+    test_bus_publish_to_missing_queue_raises,
+    test_bus_queue_depth_counts_confirmed_messages,
+    test_bus_reply_queue_is_exclusive,
+    test_bus_reply_queue_name_generated,
+    test_bus_round_trip,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def require_rabbitmq() -> None:
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+    except OSError as exc:
+        pytest.fail(
+            f"RabbitMQ is not reachable on 127.0.0.1:5672 ({exc}); start it: rabbitmq-server -detached"
+        )
+
+
+@pytest.fixture
+async def qname() -> AsyncIterator[QName]:
+    """Unique queue names for this test; the durable ones are deleted afterwards."""
+    run, names = uuid.uuid4().hex[:8], set[str]()
+
+    def name(suffix: str) -> str:
+        names.add(f"pagoda-test.{run}.{suffix}")
+        return f"pagoda-test.{run}.{suffix}"
+
+    yield name
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        for queue in names:
+            channel = await connection.channel()
+            await channel.queue_delete(queue)  # a no-op for queues that are gone
+
+
+@pytest.fixture(params=["amqp"])
+async def new_bus(request: pytest.FixtureRequest, qname: QName) -> AsyncIterator[NewBus]:
+    """Connects new buses to the same broker, as separate processes would; one param per broker."""
+    require_rabbitmq()
+    opened = list[Bus]()
+
+    async def connect() -> Bus:
+        bus = make_bus(AMQP_URL)
+        assert isinstance(bus, AmqpBus)
+        await bus.connect()
+        opened.append(bus)
+        return bus
+
+    yield connect
+    for bus in opened:
+        await bus.close()
+
+
+@pytest.fixture
+async def bus(new_bus: NewBus) -> Bus:
+    return await new_bus()
+
+
+async def test_amqp_messages_are_persistent_and_survive_a_consumer_connection(bus: Bus, qname: QName) -> None:
+    queue = qname("durable")
+    await bus.declare_work_queue(queue)
+    await bus.publish(queue, b"keep", {"k": "v"})
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        assert declared.durable is not None
+        incoming = await declared.get(timeout=5)
+        assert incoming is not None
+        assert incoming.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert incoming.body == b"keep" and incoming.headers == {"k": "v"}
+        await incoming.nack(requeue=True)
+    assert await bus.queue_depth(queue) == 1
+
+
+async def test_amqp_foreign_headers_are_read_as_strings(bus: Bus, qname: QName) -> None:
+    queue, got = qname("headers"), list[Message]()
+    await bus.declare_work_queue(queue)
+
+    async def handle(m: Message) -> None:
+        got.append(m)
+
+    await bus.consume(queue, handle)
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        message = aio_pika.Message(b"x", headers={"n": 3, "s": "text"})
+        await channel.default_exchange.publish(message, routing_key=queue)
+    await wait_until(lambda: len(got) == 1)
+    assert got[0].headers == {"n": "3", "s": "text"}
+
+
+async def test_amqp_unreachable_broker_names_the_fix() -> None:
+    bus = make_bus("amqp://guest:secret@127.0.0.1:1/")
+    with pytest.raises(ConnectionError, match="rabbitmq-server") as info:
+        await bus.connect()
+    assert "secret" not in str(info.value)
+
+
+async def _deliver_1000(bus: Bus, queue: str) -> float:
+    got = [0]
+
+    async def handle(m: Message) -> None:
+        got[0] += 1
+
+    async with bus:
+        await bus.declare_work_queue(queue)
+        await bus.consume(queue, handle)
+        start = asyncio.get_running_loop().time()
+        await asyncio.gather(*(bus.publish(queue, b"x" * 100) for _ in range(1000)))
+        await wait_until(lambda: got[0] == 1000)
+        return asyncio.get_running_loop().time() - start
+
+
+async def test_inmemory_and_amqp_throughput(qname: QName) -> None:
+    """1000 confirmed publishes and deliveries on each bus; a sanity bound, not a benchmark."""
+    require_rabbitmq()
+    for bus in (InMemoryBus(), AmqpBus(AMQP_URL)):
+        elapsed = await _deliver_1000(bus, qname(f"speed.{type(bus).__name__}"))
+        print(f"{type(bus).__name__}: 1000 messages in {elapsed * 1000:.0f} ms")
+        assert elapsed < 5

@@ -1,0 +1,141 @@
+"""The distributed stack as separate processes over the real RabbitMQ and Redis: gateway,
+tokenizer, scheduler and two workers; compared with the embedded server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis
+
+from tests.processes import AMQP, REDIS, Proc, free_port, wait_ready
+
+pytestmark = pytest.mark.integration
+
+ENGINE = ["--dtype", "float32", "--kv-cache-memory", "512MiB", "--max-model-len", "2048"]
+QUESTIONS = [f"In one sentence, what is {t}?" for t in (
+    "a cat", "the moon", "rain", "a violin", "bread", "a river", "gravity", "a library",
+)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, Any]]:
+    ns = f"pagoda-test-{uuid.uuid4().hex[:8]}"
+    common = ["--bus", AMQP, "--store", REDIS, "--namespace", ns, "--heartbeat-interval", "0.3"]
+    port = free_port()
+    procs = [
+        Proc("worker", *ENGINE, *common, "--worker-id", "w1"),
+        Proc("worker", *ENGINE, *common, "--worker-id", "w2"),
+        Proc("scheduler", *common),
+        Proc("tokenizer", *ENGINE, *common),
+        Proc("gateway", *ENGINE, *common, "--port", str(port)),
+    ]
+    r = redis.Redis.from_url(REDIS)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, procs)
+        deadline = time.monotonic() + 60
+        while r.scard(f"{ns}:workers") < 2:  # both workers registered
+            assert time.monotonic() < deadline, "workers did not register"
+            time.sleep(0.2)
+        yield {"base": base, "ns": ns, "redis": r, "procs": procs}
+    finally:
+        codes = {p.args[0] + (p.args[-1] if p.args[0] == "worker" else ""): p.stop() for p in procs}
+        for key in r.scan_iter(f"{ns}:*"):
+            r.delete(key)
+        outputs = "\n".join(p.output()[-2000:] for p in procs)
+        assert all(c == 0 for c in codes.values()), f"exit codes {codes}\n{outputs}"
+        assert "Traceback" not in outputs, outputs
+
+
+@pytest.fixture(scope="module")
+def embedded() -> Iterator[str]:
+    port = free_port()
+    proc = Proc("serve", *ENGINE, "--port", str(port))
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", [proc])
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        assert proc.stop() == 0, proc.output()
+
+
+async def _stream_all(base: str, questions: list[str], **extra: Any) -> list[str]:
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+
+    async def one(q: str) -> str:
+        stream = await client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": q}],
+            max_tokens=24, temperature=0, stream=True, **extra,
+        )  # fmt: skip
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    try:
+        return list(await asyncio.gather(*(one(q) for q in questions)))
+    finally:
+        await client.close()
+
+
+def test_32_concurrent_streams_match_embedded(cluster: dict[str, Any], embedded: str) -> None:
+    questions = QUESTIONS * 4
+    distributed = asyncio.run(_stream_all(cluster["base"], questions))
+    local = asyncio.run(_stream_all(embedded, QUESTIONS))
+    assert all(distributed), "every stream produced text"
+    assert distributed == local * 4
+    # both workers took part
+    r = cluster["redis"]
+    logs = [p.output() for p in cluster["procs"] if p.args[0] == "worker"]
+    assert all("finished" in log for log in logs), "a worker served nothing"
+    assert r.exists(f"{cluster['ns']}:worker:w1") and r.exists(f"{cluster['ns']}:worker:w2")
+
+
+def test_shared_prefix_lands_on_the_caching_worker(cluster: dict[str, Any]) -> None:
+    client = openai.OpenAI(base_url=f"{cluster['base']}/v1", api_key="none", max_retries=0)
+    system = "You are a meticulous assistant who answers briefly. " * 12  # ~130 tokens
+    usage = []
+    for q in QUESTIONS[:5]:
+        resp = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", max_tokens=4, temperature=0,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
+        )  # fmt: skip
+        assert resp.usage is not None
+        usage.append(resp.usage)
+        time.sleep(0.1)  # let the worker publish its block hashes
+    cached = [u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details else 0 for u in usage]
+    print(f"cached prompt tokens per request: {cached}")
+    assert cached[0] == 0
+    assert all(c >= 112 for c in cached[1:]), cached
+
+
+def test_client_disconnect_frees_blocks_within_a_second(cluster: dict[str, Any]) -> None:
+    r = cluster["redis"]
+    ns = cluster["ns"]
+
+    def free_blocks() -> dict[str, tuple[int, int]]:
+        out = {}
+        for w in ("w1", "w2"):
+            h = {k.decode(): v.decode() for k, v in r.hgetall(f"{ns}:worker:{w}").items()}
+            out[w] = (int(h["num_free_blocks"]), int(h["num_blocks"]))
+        return out
+
+    with httpx.Client(timeout=30) as http:
+        body = {"prompt": "Count forever: 1, 2, 3,", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+        with http.stream("POST", f"{cluster['base']}/v1/completions", json=body) as resp:
+            lines = resp.iter_lines()
+            for _ in range(10):
+                next(lines)
+            busy = free_blocks()
+            assert any(free < total for free, total in busy.values()), busy
+    # the client is gone: blocks come back within a second (heartbeat every 0.3 s)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        if all(free == total for free, total in free_blocks().values()):
+            break
+        time.sleep(0.05)
+    after = free_blocks()
+    assert all(free == total for free, total in after.values()), after

@@ -1,0 +1,90 @@
+"""The store contract (tests/unit/test_inmemory_transport.py) on the real Redis, plus Redis specifics.
+
+Keys live under `pagoda-test:<run id>:` and are deleted at the end of each test.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as redis
+
+from services.store import RedisStore, Store, make_store
+from tests.unit.test_inmemory_transport import (  # noqa: F401  (collected here again, on Redis)
+    test_store_counters,
+    test_store_hashes,
+    test_store_scan_prefix,
+    test_store_set_get_delete,
+    test_store_sets,
+    test_store_ttl_expiry,
+)
+
+pytestmark = pytest.mark.integration
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+START_REDIS = 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no'
+
+
+def require_redis() -> None:
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+    except OSError as exc:
+        pytest.fail(f"Redis is not reachable on 127.0.0.1:6379 ({exc}); start it: {START_REDIS}")
+
+
+async def open_store(prefix: str) -> Store:
+    store = make_store(REDIS_URL, prefix=prefix)
+    assert isinstance(store, RedisStore)
+    await store.connect()
+    return store
+
+
+@pytest.fixture(params=["redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """A store under a unique prefix, emptied afterwards; one param per server."""
+    require_redis()
+    store = await open_store(f"pagoda-test:{uuid.uuid4().hex[:8]}:")
+    yield store
+    await store.delete(*await store.scan_prefix(""))
+    await store.close()
+
+
+async def test_redis_prefixes_isolate_stores(store: Store) -> None:
+    other = await open_store(store.prefix + "other:")
+    try:
+        await store.set("k", b"outer")
+        await other.set("k", b"inner")
+        assert await store.get("k") == b"outer" and await other.get("k") == b"inner"
+        assert await other.scan_prefix("") == ["k"]
+        assert await store.scan_prefix("") == ["k", "other:k"]
+    finally:
+        await other.close()
+
+
+async def test_redis_keys_carry_the_prefix_and_ttl(store: Store) -> None:
+    await store.set("session:u1", b"w1", ttl_s=30)
+    await store.incr("rate:u1", ttl_s=30)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert await client.get(store.prefix + "session:u1") == b"w1"
+        assert 0 < await client.pttl(store.prefix + "session:u1") <= 30_000
+        assert 0 < await client.pttl(store.prefix + "rate:u1") <= 30_000
+    finally:
+        await client.aclose()
+
+
+async def test_redis_smembers_many_keeps_order_over_many_keys(store: Store) -> None:
+    keys = [f"block:{i:04x}" for i in range(500)]
+    for i, key in enumerate(keys[:250]):
+        await store.sadd(key, f"w{i % 3}")
+    sets = await store.smembers_many(keys)
+    assert sets[:250] == [{f"w{i % 3}"} for i in range(250)] and sets[250:] == [set()] * 250
+
+
+async def test_redis_unreachable_server_names_the_fix() -> None:
+    store = make_store("redis://127.0.0.1:1/0")
+    with pytest.raises(ConnectionError, match="redis-server"):
+        await store.connect()

@@ -1,0 +1,75 @@
+"""All four services in one process on the in-memory bus and store, with two workers: the prefix
+router keeps multi-turn conversations on the worker that cached them; round-robin does not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.config import CacheConfig, EngineConfig
+from engine.engine_core import EngineCore
+from engine.sampling_params import SamplingParams
+from services.bus import InMemoryBus
+from services.dispatcher import SchedulerService
+from services.frontend import PromptProcessor
+from services.gateway import BusFrontend
+from services.messages import PromptInput
+from services.registry import WorkerRegistry
+from services.store import InMemoryStore
+from services.tokenizer_service import TokenizerService
+from services.worker import WorkerService
+
+TOPICS = ["tides", "volcanoes", "owls", "glass", "clouds", "maps"]
+
+
+async def _hit_rate(ckpt: Any, router: str) -> tuple[float, dict[str, int]]:
+    bus, store = InMemoryBus(), InMemoryStore()
+    cfg = EngineConfig(dtype="float32", max_model_len=1024, cache=CacheConfig(kv_cache_memory=64 << 20))
+    workers = [
+        WorkerService(
+            AsyncEngine(EngineCore(cfg, checkpoint=ckpt)), bus, store, worker_id=f"w{i}", heartbeat_s=0.1
+        )
+        for i in range(2)
+    ]
+    scheduler = SchedulerService(bus, store, router=router, heartbeat_s=0.1)
+    tok = ckpt.tokenizer
+    services = [*workers, scheduler, TokenizerService(bus, PromptProcessor(tok, 1024))]
+    gateway = BusFrontend(bus, tok, model_name="m", max_model_len=1024, registry=WorkerRegistry(store, 0.1))
+    services.append(gateway)
+    for s in services:
+        await s.start()
+    prompt_tokens = cached_tokens = 0
+    try:
+        assert gateway.is_ready()
+        params = SamplingParams(max_tokens=6, temperature=0.0)
+        for c, topic in enumerate(TOPICS):
+            messages: list[dict[str, str]] = [
+                {"role": "system", "content": "You are a patient teacher. Keep answers short. " * 4}
+            ]
+            for turn in range(3):
+                messages.append(
+                    {"role": "user", "content": f"Tell me one more thing about {topic} ({turn})."}
+                )
+                sub = await gateway.submit(f"c{c}t{turn}", PromptInput(messages=messages), params)
+                ids: list[int] = []
+                async for out in sub.outputs:
+                    ids += out.new_token_ids
+                    cached = out.num_cached_tokens
+                prompt_tokens += len(sub.prompt_token_ids)
+                cached_tokens += cached
+                messages.append({"role": "assistant", "content": tok.decode(ids)})
+    finally:
+        for s in reversed(services):
+            await s.stop()
+    return cached_tokens / prompt_tokens, dict(scheduler.decisions)
+
+
+@pytest.mark.slow
+async def test_prefix_router_beats_round_robin_on_multi_turn(demo_checkpoint: Any) -> None:
+    rr, rr_split = await _hit_rate(demo_checkpoint, "round-robin")
+    px, px_split = await _hit_rate(demo_checkpoint, "prefix")
+    print(f"\nprefix hit rate: round-robin {rr:.1%} {rr_split}, prefix router {px:.1%} {px_split}")
+    assert px > rr + 0.1
+    assert len(rr_split) == 2  # round-robin used both workers

@@ -1,0 +1,125 @@
+"""PromptProcessor (chat template, tokenization, vLLM's prompt checks) and LocalFrontend."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+import pytest
+
+from engine.sampling_params import SamplingParams
+from services.errors import APIError
+from services.frontend import LocalFrontend, PromptProcessor, as_frontend
+from services.messages import PromptInput
+from tests.unit.test_openai_server import BOS, EOS, FakeEngine, FakeFrontend, FakeTokenizer
+
+if TYPE_CHECKING:
+    from engine.engine_client import EngineClient
+    from engine.tokenizer import Tokenizer
+    from services.frontend import Frontend
+
+MAX_LEN = 64
+
+
+@pytest.fixture
+def proc() -> PromptProcessor:
+    return PromptProcessor(cast("Tokenizer", FakeTokenizer()), MAX_LEN)
+
+
+def _raises(proc: PromptProcessor, prompt: PromptInput, params: SamplingParams | None = None) -> APIError:
+    with pytest.raises(APIError) as info:
+        proc.process(prompt, params or SamplingParams(max_tokens=None))
+    assert info.value.status == 400 and info.value.type == "BadRequestError"
+    return info.value
+
+
+def test_messages_use_the_template_without_special_tokens(proc: PromptProcessor) -> None:
+    msgs: list[dict[str, Any]] = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]
+    ids = proc.process(PromptInput(messages=msgs), SamplingParams())
+    assert ids == list(b"<system>S\n<user>Hi\n<assistant>")
+    no_gen = proc.process(PromptInput(messages=msgs, add_generation_prompt=False), SamplingParams())
+    assert no_gen == list(b"<system>S\n<user>Hi\n")
+    # add_special_tokens is about text prompts; a chat template adds its own
+    assert proc.process(PromptInput(messages=msgs, add_special_tokens=True), SamplingParams()) == ids
+
+
+def test_text_and_token_ids(proc: PromptProcessor) -> None:
+    assert proc.process(PromptInput(text="ab"), SamplingParams()) == [BOS, 97, 98]
+    assert proc.process(PromptInput(text="ab", add_special_tokens=False), SamplingParams()) == [97, 98]
+    assert proc.process(PromptInput(token_ids=[EOS, 5]), SamplingParams()) == [EOS, 5]
+
+
+def test_chat_template_error_is_400(proc: PromptProcessor) -> None:
+    err = _raises(proc, PromptInput(messages=[{"role": "assistant", "content": "x"}]))
+    assert "chat template" in err.message and err.param == "messages"
+
+
+def test_exactly_one_prompt_kind(proc: PromptProcessor) -> None:
+    _raises(proc, PromptInput())
+    _raises(proc, PromptInput(text="a", token_ids=[1]))
+
+
+def test_empty_prompt(proc: PromptProcessor) -> None:
+    err = _raises(proc, PromptInput(token_ids=[]))
+    assert "empty" in err.message and err.param == "prompt"
+    _raises(proc, PromptInput(text="", add_special_tokens=False))
+
+
+def test_prompt_too_long(proc: PromptProcessor) -> None:
+    err = _raises(proc, PromptInput(text="x" * MAX_LEN))
+    assert err.message == (
+        f"This model's maximum context length is {MAX_LEN} tokens. However, your request has "
+        f"{MAX_LEN + 1} input tokens. Please reduce the length of the input messages."
+    )
+    # one token short of the context still leaves room for one generated token
+    assert len(proc.process(PromptInput(token_ids=[1] * (MAX_LEN - 1)), SamplingParams(max_tokens=1))) == 63
+
+
+def test_prompt_plus_max_tokens_too_long(proc: PromptProcessor) -> None:
+    err = _raises(proc, PromptInput(token_ids=[1] * 40), SamplingParams(max_tokens=30))
+    assert err.param == "max_tokens"
+    assert err.message == (
+        f"This model's maximum context length is {MAX_LEN} tokens. However, you requested 70 tokens "
+        "(40 in the messages, 30 in the completion). Please reduce the length of the messages or completion."
+    )
+    assert proc.process(PromptInput(token_ids=[1] * 40), SamplingParams(max_tokens=24))
+    assert proc.process(PromptInput(token_ids=[1] * 40), SamplingParams(max_tokens=None))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "param"),
+    [
+        (PromptInput(token_ids=[1, 259]), SamplingParams(), "prompt"),
+        (PromptInput(token_ids=[-1]), SamplingParams(), "prompt"),
+        (PromptInput(text="a"), SamplingParams(logit_bias={1000: 1.0}), "logit_bias"),
+        (PromptInput(text="a"), SamplingParams(stop_token_ids=(5, 259)), "stop_token_ids"),
+    ],
+)
+def test_out_of_vocabulary(
+    proc: PromptProcessor, prompt: PromptInput, params: SamplingParams, param: str
+) -> None:
+    err = _raises(proc, prompt, params)
+    assert "out of vocabulary" in err.message and err.param == param
+
+
+async def test_local_frontend_submits_checked_ids() -> None:
+    engine = FakeEngine()
+    front = LocalFrontend(cast("EngineClient", engine))
+    assert (front.model_name, front.max_model_len, front.default_sampling) == ("fake-model", 256, {})
+    assert front.is_ready()
+    params = SamplingParams(max_tokens=2)
+    sub = await front.submit("r1", PromptInput(text="hi"), params, priority=1, cache_salt="s", session_id="x")
+    assert sub.prompt_token_ids == [BOS, *b"hi"]
+    assert engine.requests == [("r1", [BOS, *b"hi"], params, 1, "s")]
+    outs = [o async for o in sub.outputs]
+    assert [o.new_token_ids for o in outs] == [[ord("H")], [ord("e")]] and outs[-1].finished
+    with pytest.raises(APIError) as info:
+        await front.submit("r2", PromptInput(text="x" * 300), params)
+    assert info.value.status == 400 and len(engine.requests) == 1  # refused before the engine
+    await front.abort("r3")
+    assert engine.aborted == {"r3"}
+
+
+def test_as_frontend_wraps_engines_only() -> None:
+    assert isinstance(as_frontend(cast("EngineClient", FakeEngine())), LocalFrontend)
+    front = FakeFrontend()
+    assert as_frontend(cast("Frontend", front)) is front

@@ -1,0 +1,373 @@
+"""Bus and Store contracts, run here on the in-memory implementations.
+
+The `test_bus_*` and `test_store_*` bodies are the contract: tests/integration imports them and runs
+them again on RabbitMQ and Redis through its own `new_bus` / `store` fixtures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from services.bus import (
+    Bus,
+    InMemoryBroker,
+    InMemoryBus,
+    Message,
+    QueueLockedError,
+    QueueNotFoundError,
+    make_bus,
+)
+from services.store import InMemoryStore, RedisStore, Store, WrongTypeError, make_store
+
+NewBus = Callable[[], Awaitable[Bus]]
+QName = Callable[[str], str]
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"condition not met within {timeout_s}s"
+        await asyncio.sleep(0.002)
+
+
+@pytest.fixture
+def qname() -> QName:
+    run = uuid.uuid4().hex[:8]
+    return lambda name: f"pagoda-test.{run}.{name}"
+
+
+@pytest.fixture
+async def new_bus() -> AsyncIterator[NewBus]:
+    """Connects new buses to one broker, as separate processes would; closes them all at the end."""
+    broker, opened = InMemoryBroker(), list[Bus]()
+
+    async def connect() -> Bus:
+        bus = InMemoryBus(broker)
+        await bus.connect()
+        opened.append(bus)
+        return bus
+
+    yield connect
+    for bus in opened:
+        await bus.close()
+
+
+@pytest.fixture
+async def bus(new_bus: NewBus) -> Bus:
+    return await new_bus()
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[Store]:
+    async with InMemoryStore(prefix=f"pagoda-test:{uuid.uuid4().hex[:8]}:") as s:
+        yield s
+
+
+# --- bus contract --------------------------------------------------------------------------------
+
+
+async def test_bus_round_trip(bus: Bus, qname: QName) -> None:
+    queue, got = qname("work"), list[Message]()
+    await bus.declare_work_queue(queue)
+
+    async def handle(m: Message) -> None:
+        got.append(m)
+
+    await bus.consume(queue, handle)
+    await bus.publish(queue, b"\x00hello", {"type": "greeting", "v": "1"})
+    await wait_until(lambda: len(got) == 1)
+    assert got[0] == Message(b"\x00hello", {"type": "greeting", "v": "1"}, redelivered=False)
+
+
+async def test_bus_publish_to_missing_queue_raises(bus: Bus, qname: QName) -> None:
+    with pytest.raises(QueueNotFoundError):
+        await bus.publish(qname("nobody"), b"x")
+    with pytest.raises(QueueNotFoundError):
+        await bus.consume(qname("nobody"), _ignore)
+    with pytest.raises(QueueNotFoundError):
+        await bus.queue_depth(qname("nobody"))
+
+
+async def _ignore(m: Message) -> None:
+    pass
+
+
+async def test_bus_competing_consumers_share_without_loss_or_duplicates(
+    new_bus: NewBus, qname: QName
+) -> None:
+    queue, n = qname("shared"), 1000
+    producer, a, b = await new_bus(), await new_bus(), await new_bus()
+    await producer.declare_work_queue(queue)
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    for name, consumer in (("a", a), ("b", b)):
+
+        async def handle(m: Message, name: str = name) -> None:
+            got[name].append(int(m.body))
+            await asyncio.sleep(0)
+
+        await consumer.consume(queue, handle, prefetch=8)
+    await asyncio.gather(*(producer.publish(queue, str(i).encode()) for i in range(n)))
+    await wait_until(lambda: len(got["a"]) + len(got["b"]) >= n)
+    await asyncio.sleep(0.05)  # anything extra (a duplicate) would arrive now
+    assert sorted(got["a"] + got["b"]) == list(range(n))
+    assert len(got["a"]) > n // 4 and len(got["b"]) > n // 4, {k: len(v) for k, v in got.items()}
+
+
+async def test_bus_handler_error_is_logged_and_dropped(
+    bus: Bus, qname: QName, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue, got = qname("work"), list[bytes]()
+    await bus.declare_work_queue(queue)
+
+    async def handle(m: Message) -> None:
+        if m.body == b"bad":
+            raise ValueError("malformed")
+        got.append(m.body)
+
+    await bus.consume(queue, handle)
+    with caplog.at_level(logging.ERROR, logger="services.bus"):
+        for body in (b"1", b"bad", b"2"):
+            await bus.publish(queue, body)
+        await wait_until(lambda: got == [b"1", b"2"])
+    failures = [r for r in caplog.records if "handler failed" in r.getMessage()]
+    assert len(failures) == 1 and "malformed" in failures[0].getMessage(), caplog.text
+    assert await bus.queue_depth(queue) == 0
+
+
+async def test_bus_one_handler_call_at_a_time_in_order(bus: Bus, qname: QName) -> None:
+    queue, got, active, most = qname("ordered"), list[int](), [0], [0]
+    await bus.declare_work_queue(queue)
+
+    async def handle(m: Message) -> None:
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        await asyncio.sleep(0.001)
+        got.append(int(m.body))
+        active[0] -= 1
+
+    await bus.consume(queue, handle, prefetch=16)
+    for i in range(50):
+        await bus.publish(queue, str(i).encode())
+    await wait_until(lambda: len(got) == 50)
+    assert got == list(range(50)) and most[0] == 1
+
+
+async def test_bus_queue_depth_counts_confirmed_messages(bus: Bus, qname: QName) -> None:
+    queue = qname("depth")
+    await bus.declare_work_queue(queue)
+    await bus.declare_work_queue(queue)  # idempotent
+    for i in range(3):
+        await bus.publish(queue, b"%d" % i)
+    assert await bus.queue_depth(queue) == 3  # publish returned, so the broker holds them
+    got = list[bytes]()
+
+    async def handle(m: Message) -> None:
+        got.append(m.body)
+
+    await bus.consume(queue, handle)
+    await wait_until(lambda: len(got) == 3)
+    assert await bus.queue_depth(queue) == 0
+
+
+async def test_bus_reply_queue_is_exclusive(new_bus: NewBus, qname: QName) -> None:
+    gateway, worker = await new_bus(), await new_bus()
+    reply = await gateway.declare_reply_queue(qname("reply.gw1"))
+    assert reply == qname("reply.gw1")
+    with pytest.raises(QueueLockedError):
+        await worker.consume(reply, _ignore)
+    with pytest.raises(QueueLockedError):
+        await worker.declare_reply_queue(reply)
+    assert await gateway.declare_reply_queue(reply) == reply  # its owner may redeclare
+
+    got = list[bytes]()
+
+    async def handle(m: Message) -> None:
+        got.append(m.body)
+
+    await gateway.consume(reply, handle)
+    await worker.publish(reply, b"tokens")  # anyone may publish to it
+    await wait_until(lambda: got == [b"tokens"])
+    await gateway.close()
+    with pytest.raises(QueueNotFoundError):  # deleted with its owner
+        await worker.publish(reply, b"late")
+
+
+async def test_bus_reply_queue_name_generated(bus: Bus) -> None:
+    name = await bus.declare_reply_queue("")
+    assert name
+    await bus.publish(name, b"x")
+    assert await bus.queue_depth(name) == 1
+
+
+async def test_bus_cancel_redelivers_unhandled_messages(new_bus: NewBus, qname: QName) -> None:
+    queue, first, second = qname("cancel"), await new_bus(), await new_bus()
+    await first.declare_work_queue(queue)
+    started, got = asyncio.Event(), list[Message]()
+
+    async def stuck(m: Message) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    sub = await first.consume(queue, stuck, prefetch=4)
+    for body in (b"a", b"b", b"c"):
+        await first.publish(queue, body)
+    await asyncio.wait_for(started.wait(), 5)
+    await sub.cancel()
+    await sub.cancel()  # idempotent
+
+    async def handle(m: Message) -> None:
+        got.append(m)
+
+    await second.consume(queue, handle)
+    await wait_until(lambda: len(got) == 3)
+    assert sorted(m.body for m in got) == [b"a", b"b", b"c"]
+    assert next(m for m in got if m.body == b"a").redelivered
+
+
+async def test_bus_close_is_idempotent(new_bus: NewBus, qname: QName) -> None:
+    bus = await new_bus()
+    queue = qname("close")
+    await bus.declare_work_queue(queue)
+    sub = await bus.consume(queue, _ignore)
+    await bus.close()
+    await bus.close()
+    await sub.cancel()  # already cancelled by close
+
+
+# --- store contract ------------------------------------------------------------------------------
+
+
+async def test_store_set_get_delete(store: Store) -> None:
+    assert await store.get("missing") is None
+    await store.set("a", b"\x00\xff")
+    await store.set("b", "text")
+    assert await store.get("a") == b"\x00\xff" and await store.get("b") == b"text"
+    assert await store.delete("a", "b", "missing") == 2
+    assert await store.delete() == 0
+    assert await store.get("a") is None
+
+
+async def test_store_ttl_expiry(store: Store) -> None:
+    await store.set("session", b"w1", ttl_s=0.1)
+    await store.set("kept", b"x", ttl_s=0.1)
+    await store.set("kept", b"y")  # set without a TTL clears it
+    await store.hset("worker:1", {"load": "3"})
+    assert await store.expire("worker:1", 0.1) is True
+    assert await store.expire("missing", 1) is False
+    assert await store.get("session") == b"w1"
+    await asyncio.sleep(0.15)
+    assert await store.get("session") is None
+    assert await store.hgetall("worker:1") == {}
+    assert await store.get("kept") == b"y"
+    with pytest.raises(ValueError, match="ttl_s"):
+        await store.set("bad", b"x", ttl_s=0)
+
+
+async def test_store_hashes(store: Store) -> None:
+    assert await store.hgetall("worker:1") == {}
+    await store.hset("worker:1", {"running": "2", "waiting": "0"})
+    await store.hset("worker:1", {"waiting": "5", "kv_usage": "0.25"})
+    await store.hset("worker:1", {})
+    assert await store.hgetall("worker:1") == {"running": "2", "waiting": "5", "kv_usage": "0.25"}
+
+
+async def test_store_sets(store: Store) -> None:
+    assert await store.sadd("block:aa", "w1", "w2") == 2
+    assert await store.sadd("block:aa", "w2", "w3") == 1
+    assert await store.sadd("block:bb", "w1") == 1
+    assert await store.sadd("block:cc") == 0
+    assert await store.smembers("block:aa") == {"w1", "w2", "w3"}
+    assert await store.srem("block:aa", "w1", "w9") == 1
+    assert await store.srem("block:bb", "w1") == 1  # now empty, so deleted
+    assert await store.srem("missing", "w1") == 0
+    assert await store.smembers_many(["block:aa", "block:bb", "missing"]) == [{"w2", "w3"}, set(), set()]
+    assert await store.smembers_many([]) == []
+    assert await store.scan_prefix("block:") == ["block:aa"]
+
+
+async def test_store_counters(store: Store) -> None:
+    assert await store.incr("hits") == 1
+    assert await store.incr("hits", 4) == 5
+    assert await store.incr("rate:u1", ttl_s=0.2) == 1
+    await asyncio.sleep(0.1)
+    assert await store.incr("rate:u1", ttl_s=0.2) == 2  # the TTL is not extended
+    await asyncio.sleep(0.15)
+    assert await store.incr("rate:u1", ttl_s=0.2) == 1  # the window expired: a new key
+    assert await store.get("hits") == b"5"
+
+
+async def test_store_scan_prefix(store: Store) -> None:
+    await store.set("session:u1", b"w1")
+    await store.set("session:u2", b"w2", ttl_s=0.1)
+    await store.hset("worker:w1", {"load": "1"})
+    await store.sadd("block:1", "w1")
+    await store.set("a*b", b"glob")
+    await store.set("axb", b"plain")
+    assert await store.scan_prefix("session:") == ["session:u1", "session:u2"]
+    assert await store.scan_prefix("a*") == ["a*b"]  # glob characters are literal
+    await asyncio.sleep(0.15)
+    assert await store.scan_prefix("") == ["a*b", "axb", "block:1", "session:u1", "worker:w1"]
+    assert await store.scan_prefix("nothing:") == []
+
+
+# --- in-memory only ------------------------------------------------------------------------------
+
+
+def test_factories_pick_the_implementation() -> None:
+    assert isinstance(make_bus(None), InMemoryBus) and isinstance(make_bus("memory://"), InMemoryBus)
+    assert isinstance(make_store(None), InMemoryStore)
+    assert isinstance(make_store("redis://127.0.0.1:6379/0", prefix="x:"), RedisStore)
+    assert make_store("memory://", prefix="x:").prefix == "x:"
+    with pytest.raises(ValueError, match="amqp://"):
+        make_bus("kafka://broker")
+    with pytest.raises(ValueError, match="redis://"):
+        make_store("postgres://db")
+
+
+async def test_inmemory_ttl_follows_the_injected_clock() -> None:
+    now = [100.0]
+    store = InMemoryStore(clock=lambda: now[0])
+    await store.set("k", b"v", ttl_s=10)
+    now[0] = 109.99
+    assert await store.get("k") == b"v"
+    now[0] = 110.0
+    assert await store.get("k") is None and await store.scan_prefix("") == []
+
+
+async def test_inmemory_store_wrong_type(store: Store) -> None:
+    await store.sadd("s", "m")
+    await store.set("text", b"abc")
+    with pytest.raises(WrongTypeError):
+        await store.get("s")
+    with pytest.raises(WrongTypeError):
+        await store.hset("s", {"f": "v"})
+    with pytest.raises(WrongTypeError):
+        await store.incr("text")
+
+
+async def test_inmemory_bus_serves_services_in_one_loop(bus: Bus, qname: QName) -> None:
+    """tokenizer -> worker -> gateway reply, wired by one bus, as `pagoda serve` does."""
+    tokenize, worker, reply = qname("tokenize"), qname("worker.w1"), await bus.declare_reply_queue("")
+    for queue in (tokenize, worker):
+        await bus.declare_work_queue(queue)
+    done = asyncio.Event()
+
+    async def tokenizer(m: Message) -> None:
+        await bus.publish(worker, m.body.upper(), {"reply_to": reply})
+
+    async def engine(m: Message) -> None:
+        await bus.publish(m.headers["reply_to"], m.body[::-1])
+
+    async def gateway(m: Message) -> None:
+        assert m.body == b"OLLEH"
+        done.set()
+
+    for queue, handler in ((tokenize, tokenizer), (worker, engine), (reply, gateway)):
+        await bus.consume(queue, handler)
+    await bus.publish(tokenize, b"hello")
+    await asyncio.wait_for(done.wait(), 1)
