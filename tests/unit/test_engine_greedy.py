@@ -118,3 +118,11 @@ def test_prefix_cache_hits_on_repeat(
     assert first[3].num_cached_tokens > 0  # shares the system prompt with prompt 2
     for r in second:
         assert r.num_cached_tokens >= (len(r.prompt_token_ids) - 1) // 16 * 16
+
+
+@pytest.mark.slow
+def test_greedy_invariant_at_batch_16(
+    demo_checkpoint: Any, prompts: list[list[int]], reference: list[list[int]]
+) -> None:
+    llm = _engine(demo_checkpoint, enable_prefix_caching=False)
+    assert _tokens(llm, prompts + prompts[::-1]) == reference + reference[::-1]

@@ -1,0 +1,57 @@
+"""Session-wide stacks for the integration tests: the distributed cluster (separate processes
+over the real RabbitMQ and Redis) and the embedded server, each started once."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from tests.processes import AMQP, REDIS, Proc, free_port, wait_ready
+
+ENGINE = ["--dtype", "float32", "--kv-cache-memory", "512MiB", "--max-model-len", "2048"]
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[dict[str, Any]]:
+    ns = f"pagoda-test-{uuid.uuid4().hex[:8]}"
+    common = ["--bus", AMQP, "--store", REDIS, "--namespace", ns, "--heartbeat-interval", "0.3"]
+    port = free_port()
+    procs = [
+        Proc("worker", *ENGINE, *common, "--worker-id", "w1"),
+        Proc("worker", *ENGINE, *common, "--worker-id", "w2"),
+        Proc("scheduler", *common),
+        Proc("tokenizer", *ENGINE, *common),
+        Proc("gateway", *ENGINE, *common, "--port", str(port)),
+    ]
+    r = redis.Redis.from_url(REDIS)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, procs)
+        deadline = time.monotonic() + 60
+        while r.scard(f"{ns}:workers") < 2:  # both workers registered
+            assert time.monotonic() < deadline, "workers did not register"
+            time.sleep(0.2)
+        yield {"base": base, "ns": ns, "redis": r, "procs": procs}
+    finally:
+        codes = {p.args[0] + (p.args[-1] if p.args[0] == "worker" else ""): p.stop() for p in procs}
+        for key in r.scan_iter(f"{ns}:*"):
+            r.delete(key)
+        outputs = "\n".join(p.output()[-2000:] for p in procs)
+        assert all(c == 0 for c in codes.values()), f"exit codes {codes}\n{outputs}"
+        assert "Traceback" not in outputs, outputs
+
+
+@pytest.fixture(scope="session")
+def embedded() -> Iterator[str]:
+    port = free_port()
+    proc = Proc("serve", *ENGINE, "--port", str(port))
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", [proc])
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        assert proc.stop() == 0, proc.output()
