@@ -46,6 +46,11 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
         "--hf-batch-size", type=int, default=0, help="HF generate batch size (0: all prompts at once)"
     )
     b.add_argument("--json", action="store_true", help="print results as JSON")
+    b.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile 5 decode steps (torch profiler) and print the top ops",
+    )
 
 
 def bench_pagoda(args: argparse.Namespace, prompts: list[list[int]]) -> OfflineResult:
@@ -60,7 +65,33 @@ def bench_pagoda(args: argparse.Namespace, prompts: list[list[int]]) -> OfflineR
     results = llm.generate(prompts, params, use_tqdm=not args.json)
     seconds = time.perf_counter() - t0
     out_tokens = sum(len(c.token_ids) for r in results for c in r.outputs)
+    if args.profile:
+        profile_decode(llm, prompts)
     return OfflineResult(_label(llm), len(prompts), sum(map(len, prompts)), out_tokens, seconds)
+
+
+def profile_decode(llm: Any, prompts: list[list[int]], steps: int = 5) -> None:
+    """Where a decode step's time goes: all prompts prefilled, a few warm-up steps, then
+    `steps` profiled steps of pure decode."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.sampling_params import SamplingParams
+
+    core = llm.engine
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        core.add_request(f"profile-{i}", p, params)
+    for _ in range(4):  # prefill (maybe in chunks) and warm-up decodes
+        core.step()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            core.step()
+    per_step = (time.perf_counter() - t0) / steps
+    while core.has_unfinished():
+        core.step()
+    print(f"\ndecode step with {len(prompts)} sequences: {per_step * 1e3:.1f} ms (under the profiler)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def _label(llm: Any) -> str:
