@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     from load.bench_offline import add_offline_args
 
     add_offline_args(offline)
+    bserve = bsub.add_parser(
+        "serve", help="online latency and throughput of an OpenAI-compatible server (streaming)"
+    )
+    from load.bench_serve import add_serve_args
+
+    add_serve_args(bserve)
     return parser
 
 
@@ -174,6 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from load.bench_offline import run_offline
 
             return run_offline(args)
+        if args.command == "bench" and args.bench_command == "serve":
+            from load.bench_serve import run_serve
+
+            return run_serve(args)
     except ValueError as exc:  # user errors: one line naming the fix, no traceback
         print(f"pagoda: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,317 @@
+"""`pagoda bench serve`: summarize on synthetic records, data sets, and whole runs against an
+in-process fake OpenAI streaming server (uvicorn on a free 127.0.0.1 port in a thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from load.bench_serve import (
+    RequestRecord,
+    ServeConfig,
+    parse_slo,
+    run_benchmark,
+    summarize,
+)
+from load.datasets import DatasetSpec, load_dataset
+from services.cli import main
+
+FIRST_DELAY_S = 0.05  # fake server: before the first content chunk
+GAP_S = 0.02  # fake server: between content chunks
+
+
+class FakeOpenAI:
+    """Streams max_tokens one-word chunks with known delays; counts requests in flight.
+
+    Model "broken" answers HTTP 400; model "slow" waits 5 s before its first chunk.
+    """
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.in_flight = 0
+        self.peak = 0
+        self.app = Starlette(
+            routes=[
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/tokenize", self.tokenize, methods=["POST"]),
+                Route("/v1/chat/completions", self.complete, methods=["POST"]),
+                Route("/v1/completions", self.complete, methods=["POST"]),
+            ]
+        )
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "fake-model"}, {"id": "other"}]})
+
+    async def tokenize(self, request: Request) -> Response:
+        body = await request.json()
+        return JSONResponse({"count": 2 * len(body["prompt"].split()), "tokens": []})
+
+    async def complete(self, request: Request) -> Response:
+        body = await request.json()
+        self.bodies.append(body)
+        if body["model"] == "broken":
+            return JSONResponse({"error": {"message": "no such model"}}, status_code=400)
+        chat = request.url.path.endswith("/chat/completions")
+        first_delay = 5.0 if body["model"] == "slow" else FIRST_DELAY_S
+        return StreamingResponse(self._events(body, chat, first_delay), media_type="text/event-stream")
+
+    async def _events(self, body: dict[str, Any], chat: bool, first_delay: float) -> AsyncIterator[str]:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            n = int(body["max_tokens"])
+            if chat:
+                yield _sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+            for i in range(n):
+                await asyncio.sleep(first_delay if i == 0 else GAP_S)
+                piece = {"delta": {"content": " tok"}} if chat else {"text": " tok"}
+                yield _sse({"choices": [{"index": 0, **piece}]})
+            yield _sse({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n}})
+            yield "data: [DONE]\n\n"
+        finally:
+            self.in_flight -= 1
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[FakeOpenAI, str]]:
+    fake = FakeOpenAI()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(fake.app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10.0
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "fake server did not start within 10 s"
+    yield fake, f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10.0)
+    sock.close()
+
+
+# --- summarize ---------------------------------------------------------------------------------
+
+
+def _rec(start: float, ttft: float, e2e: float, tokens: int, error: str = "") -> RequestRecord:
+    gaps = [(e2e - ttft) / (tokens - 1)] * (tokens - 1) if tokens > 1 else []
+    return RequestRecord(start, ttft, e2e, gaps, prompt_tokens=10, completion_tokens=tokens, error=error)
+
+
+def test_summarize_percentiles_goodput_and_errors() -> None:
+    ttfts = [0.01 * (i + 1) for i in range(100)]  # 10 ms .. 1000 ms
+    records = [_rec(float(i), t, t + 0.9, 10) for i, t in enumerate(ttfts)]
+    records.append(_rec(0.0, 0.0, 0.0, 0, error="HTTP 500: boom"))
+    records.append(_rec(0.0, 0.0, 0.0, 0, error="second"))
+    r = summarize(records, duration=50.0, slo={"ttft": 505.0, "tpot": 101.0})
+
+    assert (r.completed, r.failed, r.first_error) == (100, 2, "HTTP 500: boom")
+    assert r.output_tokens == 1000 and r.input_tokens == 1000
+    assert r.request_throughput == pytest.approx(2.0)
+    assert r.output_throughput == pytest.approx(20.0)
+    assert r.total_token_throughput == pytest.approx(40.0)
+    ms = np.array(ttfts) * 1000
+    assert r.ttft.count == 100
+    assert r.ttft.mean == pytest.approx(ms.mean())
+    assert (r.ttft.p50, r.ttft.p90, r.ttft.p99) == pytest.approx(tuple(np.percentile(ms, [50, 90, 99])))
+    assert r.tpot.mean == pytest.approx(100.0)  # 900 ms over 9 gaps
+    assert r.itl.count == 900 and r.itl.p99 == pytest.approx(100.0)
+    assert r.e2e.p50 == pytest.approx(np.percentile(ms + 900, 50))
+    assert r.goodput == pytest.approx(50 / 50.0)  # ttft <= 500 ms: the first 50
+    assert r.peak_concurrency == 2  # each lasts ~1-2 s and one starts every second
+
+
+def test_summarize_edge_cases() -> None:
+    r = summarize([_rec(0.0, 0.1, 0.1, 1)], duration=1.0, slo={})
+    assert r.goodput is None and r.tpot.count == 0 and r.itl.count == 0 and r.ttft.count == 1
+    r = summarize([_rec(0.0, 0.0, 0.0, 0, error="x")], duration=1.0, slo={"e2e": 1.0})
+    assert r.completed == 0 and r.goodput == 0.0 and r.e2e.mean == 0.0
+
+
+def test_parse_slo() -> None:
+    assert parse_slo("ttft=500, tpot=50,e2el=9000") == {"ttft": 500.0, "tpot": 50.0, "e2e": 9000.0}
+    assert parse_slo(None) == {}
+    for bad in ("ttft", "foo=1", "ttft=-3", "tpot=abc"):
+        with pytest.raises(ValueError, match="--slo"):
+            parse_slo(bad)
+
+
+# --- data sets ---------------------------------------------------------------------------------
+
+
+def test_random_dataset_deterministic_and_sized() -> None:
+    spec = DatasetSpec(
+        name="random", num_prompts=5, input_len=100, output_len=16, seed=3, tokens_per_word=2.0
+    )
+    a, b = load_dataset(spec), load_dataset(spec)
+    assert a == b and len(a) == 5
+    assert load_dataset(replace(spec, seed=4)) != a
+    for (turn,) in a:
+        assert len(turn.prompt().split()) == 50  # 100 tokens at 2 tokens per word
+        assert (turn.input_len, turn.output_len) == (100, 16)
+    assert len({turn.prompt() for (turn,) in a}) == 5
+
+
+def test_multi_turn_prefixes_grow() -> None:
+    spec = DatasetSpec(
+        name="multi-turn", num_prompts=7, input_len=20, output_len=8, num_turns=3, system_len=64
+    )
+    convs = load_dataset(spec)
+    assert convs == load_dataset(spec)
+    assert len(convs) == 3 and all(len(c) == 3 for c in convs)  # ceil(7 / 3) conversations
+    system = convs[0][0].messages[0]
+    for conv in convs:
+        for k, turn in enumerate(conv):
+            assert turn.messages[0] == system and system["role"] == "system"
+            assert len(turn.messages) == 2 + 2 * k and turn.messages[-1]["role"] == "user"
+            assert turn.input_len == 64 + 20 * (k + 1) + 8 * k
+            if k:
+                prev = conv[k - 1].messages
+                assert turn.messages[: len(prev)] == prev
+                assert turn.messages[len(prev)]["role"] == "assistant"
+    assert convs[0][0].messages[1] != convs[1][0].messages[1]
+
+
+def test_sharegpt_parsing(tmp_path: Path) -> None:
+    data = [
+        {"conversations": [{"from": "human", "value": "one two three"}, {"from": "gpt", "value": "a b"}]},
+        {"conversations": [{"from": "gpt", "value": "orphan"}]},
+        {
+            "conversations": [
+                {"from": "system", "value": "s"},
+                {"from": "human", "value": "hi there"},
+                {"from": "gpt", "value": "x y z w"},
+            ]
+        },
+        {"id": "no conversations"},
+        {"conversations": [{"from": "human", "value": "  "}, {"from": "gpt", "value": "empty prompt"}]},
+    ]
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps(data))
+    spec = DatasetSpec(name="sharegpt", num_prompts=10, seed=1, sharegpt_path=str(path))
+    convs = load_dataset(spec)
+    assert convs == load_dataset(spec) and all(len(c) == 1 for c in convs)
+    got = sorted((c[0].prompt(), c[0].input_len, c[0].output_len) for c in convs)
+    assert got == [("hi there", 2, 4), ("one two three", 3, 2)]
+    assert len(load_dataset(replace(spec, num_prompts=1))) == 1
+    assert {c[0].output_len for c in load_dataset(replace(spec, output_len=9))} == {9}
+    with pytest.raises(ValueError, match="--sharegpt-path"):
+        load_dataset(replace(spec, sharegpt_path=None))
+    with pytest.raises(ValueError, match="cannot read"):
+        load_dataset(replace(spec, sharegpt_path=str(tmp_path / "missing.json")))
+
+
+# --- whole runs against the fake server ---------------------------------------------------------
+
+
+async def test_closed_loop_chat_run(fake: tuple[FakeOpenAI, str]) -> None:
+    server, url = fake
+    spec = DatasetSpec(name="random", num_prompts=8, input_len=32, output_len=5)
+    cfg = ServeConfig(
+        base_url=url + "/v1",
+        concurrency=2,
+        dataset=spec,
+        ignore_eos=True,
+        progress=False,
+        slo={"ttft": 5000.0},
+    )
+    r = await run_benchmark(cfg)
+
+    assert (r.completed, r.failed) == (8, 0), r.first_error
+    assert r.output_tokens == 40 and r.input_tokens == 8 * 7  # from usage
+    assert r.meta["model"] == "fake-model" and r.meta["length_source"] == "tokenize"
+    assert r.meta["tokens_per_word"] == 2.0
+    assert server.peak == 2 and r.peak_concurrency <= 2  # never more than --concurrency in flight
+    assert FIRST_DELAY_S * 1e3 * 0.8 <= r.ttft.p50 <= 2000.0
+    assert r.itl.count == 8 * 4
+    assert GAP_S * 1e3 * 0.5 <= r.itl.p50 <= 500.0
+    assert GAP_S * 1e3 * 0.5 <= r.tpot.mean <= 500.0
+    assert r.e2e.mean >= (FIRST_DELAY_S + 4 * GAP_S) * 1e3 * 0.8
+    assert r.goodput == pytest.approx(r.request_throughput)
+    body = server.bodies[-1]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["temperature"] == 0 and body["max_tokens"] == 5 and body["ignore_eos"] is True
+    assert len(body["messages"][0]["content"].split()) == 16  # 32 tokens at 2 tokens per word
+
+
+async def test_multi_turn_open_loop_completions(fake: tuple[FakeOpenAI, str]) -> None:
+    server, url = fake
+    spec = DatasetSpec(name="multi-turn", num_prompts=6, input_len=4, output_len=3, num_turns=3, system_len=8)
+    cfg = ServeConfig(
+        base_url=url,
+        model="m",
+        endpoint="completions",
+        request_rate=100.0,
+        dataset=spec,
+        tokenize=False,
+        progress=False,
+    )
+    r = await run_benchmark(cfg)
+
+    assert (r.completed, r.failed, r.output_tokens) == (6, 0, 18), r.first_error
+    assert r.meta["length_source"] == "words"
+    assert all("ignore_eos" not in b and b["model"] == "m" for b in server.bodies)
+    prompts = [b["prompt"] for b in server.bodies]
+    for conv in load_dataset(spec):  # turns of one conversation arrive in order
+        seen = [p for p in prompts if p.startswith(conv[0].prompt())]
+        assert seen == [t.prompt() for t in conv]
+
+
+async def test_errors_and_timeouts_are_recorded(fake: tuple[FakeOpenAI, str]) -> None:
+    _, url = fake
+    spec = DatasetSpec(name="random", num_prompts=3, input_len=8, output_len=2)
+    r = await run_benchmark(ServeConfig(base_url=url, model="broken", dataset=spec, progress=False))
+    assert (r.completed, r.failed) == (0, 3) and r.first_error.startswith("HTTP 400")
+    cfg = ServeConfig(base_url=url, model="slow", dataset=spec, progress=False, request_timeout_s=0.3)
+    t0 = time.perf_counter()
+    r = await run_benchmark(cfg)
+    assert (r.completed, r.failed) == (0, 3) and "--timeout" in r.first_error
+    assert time.perf_counter() - t0 < 3.0
+
+
+def test_cli_json(fake: tuple[FakeOpenAI, str], capsys: pytest.CaptureFixture[str]) -> None:
+    _, url = fake
+    argv = [
+        "bench",
+        "serve",
+        "--base-url",
+        url,
+        "--num-prompts",
+        "4",
+        "--input-len",
+        "8",
+        "--output-len",
+        "3",
+        "--concurrency",
+        "4",
+        "--slo",
+        "ttft=2000,tpot=500",
+        "--json",
+    ]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["completed"] == 4 and out["output_tokens"] == 12 and out["goodput"] > 0
+    assert set(out["ttft"]) == {"count", "mean", "p50", "p90", "p99"}
+    assert main([*argv[:-1]]) == 0  # the table
+    assert "Serving Benchmark Result" in capsys.readouterr().out
+    assert main(["bench", "serve", "--base-url", url, "--concurrency", "0"]) == 2
