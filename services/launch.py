@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 import uvicorn
 
-from services.bus import Bus, InMemoryBus, make_bus
+from services.bus import Bus, make_bus
+from services.bus_memory import InMemoryBus
 from services.messages import Queues
 from services.registry import WorkerRegistry
 from services.store import InMemoryStore, Store, make_store

@@ -11,7 +11,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import CacheConfig, EngineConfig
 from engine.engine_core import EngineCore
 from engine.sampling_params import SamplingParams
-from services.bus import InMemoryBus
+from services.bus_memory import InMemoryBus
 from services.dispatcher import SchedulerService
 from services.frontend import PromptProcessor
 from services.gateway import BusFrontend

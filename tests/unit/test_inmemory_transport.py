@@ -13,15 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from services.bus import (
-    Bus,
-    InMemoryBroker,
-    InMemoryBus,
-    Message,
-    QueueLockedError,
-    QueueNotFoundError,
-    make_bus,
-)
+from services.bus import Bus, Message, QueueLockedError, QueueNotFoundError, make_bus
+from services.bus_memory import InMemoryBroker, InMemoryBus
 from services.store import InMemoryStore, RedisStore, Store, WrongTypeError, make_store
 
 NewBus = Callable[[], Awaitable[Bus]]
