@@ -33,6 +33,18 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
+@dataclass(frozen=True)
+class CoreCounters:
+    """A reading of the engine core's live figures (services/metrics.py exports them)."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # 0..1
+    prefix_query_tokens: int  # prefix-cache lookups, in tokens
+    prefix_hit_tokens: int
+    num_preemptions: int
+
+
 @dataclass
 class StepStats:
     num_scheduled_tokens: int = 0
@@ -184,6 +196,17 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def counters(self) -> CoreCounters:
+        """Live figures for metrics; safe to read from another thread (plain ints and floats)."""
+        return CoreCounters(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=self.kv.usage(),
+            prefix_query_tokens=self.kv.query_tokens,
+            prefix_hit_tokens=self.kv.hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

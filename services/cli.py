@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_cluster_args(p, bus_required=True, store_required=role != "tokenizer")
         if role == "worker":
             p.add_argument("--worker-id", default=None, help="stable id (default: random)")
+        if role in ("worker", "scheduler"):
+            p.add_argument(
+                "--metrics-port",
+                type=int,
+                default=None,
+                help="serve Prometheus /metrics on this port (default: off)",
+            )
 
     sub.add_parser("models", help="list the demo catalog")
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import replace
+from typing import Any
 
 from engine.block_hash import hash_full_blocks
 from services.bus import Bus, Message, Subscription
@@ -24,6 +26,7 @@ from services.messages import (
     decode,
     encode,
 )
+from services.metrics import Metrics
 from services.registry import PrefixIndex, Sessions, WorkerRegistry
 from services.router import Decision, WorkerState, leading_overlap, make_router
 from services.store import Store
@@ -41,8 +44,10 @@ class SchedulerService:
         heartbeat_s: float = 1.0,
         concurrency: int = 64,
         queues: Queues | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.bus = bus
+        self.metrics = metrics.scheduler() if metrics is not None else None
         self.queues = queues or Queues()
         self.store = store
         self.router = make_router(router)
@@ -61,6 +66,8 @@ class SchedulerService:
     async def start(self) -> None:
         await self.bus.declare_work_queue(self.queues.schedule)
         self._sub = await self.bus.consume(self.queues.schedule, self._on_message, prefetch=256)
+        if self.metrics is not None:
+            self._spawn(self._watch_queue())
         logger.info("scheduler ready on %s (router %s)", self.queues.schedule, self.router.name)
 
     async def stop(self) -> None:
@@ -88,6 +95,21 @@ class SchedulerService:
         self._tasks.discard(task)
         self._sem.release()
 
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch_queue(self) -> None:
+        """Refresh the queue-depth gauge every heartbeat interval."""
+        assert self.metrics is not None
+        while True:
+            try:
+                self.metrics.queue_depth.set(await self.bus.queue_depth(self.queues.schedule))
+            except Exception as exc:  # a metric must not stop the scheduler
+                logger.debug("scheduler: queue depth unavailable: %s", exc)
+            await asyncio.sleep(self.heartbeat_s)
+
     async def _workers(self) -> list[tuple[WorkerState, dict[str, str]]]:
         now = time.monotonic()
         if now - self._cache[0] > self.heartbeat_s / 4:
@@ -103,12 +125,14 @@ class SchedulerService:
             decision = await self._decide(msg)
         except Exception as exc:
             logger.exception("scheduler: routing %s failed", msg.request_id)
-            await self._reject(msg, 503, f"the scheduler could not route the request: {exc}")
+            await self._reject(msg, 503, f"the scheduler could not route the request: {exc}", "error")
             return
         if decision is None:
-            await self._reject(msg, 503, "no worker is available; try again shortly")
+            await self._reject(msg, 503, "no worker is available; try again shortly", "no_worker")
             return
         wid = decision.worker_id
+        if self.metrics is not None:
+            self.metrics.routed.labels(wid, decision.reason).inc()
         self._sent[wid] = self._sent.get(wid, 0) + 1
         self.decisions[wid] = self.decisions.get(wid, 0) + 1
         fwd = WorkerRequest(**msg.model_dump(exclude={"type"}))
@@ -133,7 +157,9 @@ class SchedulerService:
         session_worker = await self.sessions.get(msg.session_id) if msg.session_id else None
         return self.router.choose(workers, overlap, session_worker)
 
-    async def _reject(self, msg: ScheduleRequest, status: int, text: str) -> None:
+    async def _reject(self, msg: ScheduleRequest, status: int, text: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason).inc()
         reject = Rejected(request_id=msg.request_id, status=status, message=text)
         try:
             await self.bus.publish(msg.reply_to, encode(reject))

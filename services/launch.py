@@ -19,6 +19,7 @@ import uvicorn
 from services.bus import Bus, make_bus
 from services.bus_memory import InMemoryBus
 from services.messages import Queues
+from services.metrics import Metrics
 from services.registry import WorkerRegistry
 from services.store import InMemoryStore, Store, make_store
 
@@ -90,6 +91,9 @@ async def _main(
     await store.connect()
     services: list[_Service] = []
     queues = Queues(args.namespace)
+    metrics = Metrics()  # one registry for the services of this process
+    metrics_port: int | None = getattr(args, "metrics_port", None)
+    metrics_server = None
     server: _Server | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -106,12 +110,14 @@ async def _main(
         model = _model_info(args) if {"gateway", "tokenizer"} & set(roles) else None
         heartbeat = args.heartbeat_interval
         if "worker" in roles:
-            services.append(_worker(args, bus, store, heartbeat, queues))
+            services.append(_worker(args, bus, store, heartbeat, queues, metrics))
         if "scheduler" in roles:
             from services.dispatcher import SchedulerService
 
             services.append(
-                SchedulerService(bus, store, router=args.router, heartbeat_s=heartbeat, queues=queues)
+                SchedulerService(
+                    bus, store, router=args.router, heartbeat_s=heartbeat, queues=queues, metrics=metrics
+                )
             )
         if "tokenizer" in roles:
             from services.frontend import PromptProcessor
@@ -133,10 +139,15 @@ async def _main(
             services.append(frontend)
         for svc in services:
             await svc.start()
+        if metrics_port is not None:
+            metrics_server = metrics.serve(metrics_port)
+            logger.info("metrics on http://0.0.0.0:%d/metrics", metrics_port)
         if frontend is not None:
             from services.openai_server import build_app
 
-            app = build_app(frontend, served_model_names=[frontend.model_name], api_keys=_api_keys(args))
+            app = build_app(
+                frontend, served_model_names=[frontend.model_name], api_keys=_api_keys(args), metrics=metrics
+            )
             server = _Server(
                 uvicorn.Config(
                     app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
@@ -155,6 +166,8 @@ async def _main(
             logger.info("running %s", ", ".join(roles))
             await stop.wait()
     finally:
+        if metrics_server is not None:
+            await asyncio.to_thread(metrics_server.close)
         for svc in reversed(services):
             with contextlib.suppress(Exception):
                 await svc.stop()
@@ -163,7 +176,9 @@ async def _main(
         logger.info("stopped")
 
 
-def _worker(args: argparse.Namespace, bus: Bus, store: Store, heartbeat: float, queues: Queues) -> _Service:
+def _worker(
+    args: argparse.Namespace, bus: Bus, store: Store, heartbeat: float, queues: Queues, metrics: Metrics
+) -> _Service:
     from engine.async_engine import AsyncEngine
     from engine.engine_core import EngineCore
     from engine.llm import make_engine_config
@@ -178,4 +193,5 @@ def _worker(args: argparse.Namespace, bus: Bus, store: Store, heartbeat: float, 
         worker_id=getattr(args, "worker_id", None),
         heartbeat_s=heartbeat,
         queues=queues,
+        metrics=metrics,
     )

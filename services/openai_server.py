@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 import anyio
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.sampling_params import SamplingParams
 from services.errors import APIError, from_value_error, install_error_handlers, model_not_found
 from services.errors import unauthorized as unauthorized_error
 from services.frontend import Frontend, PromptProcessor, Submitted, as_frontend
 from services.messages import PromptInput
+from services.metrics import CONTENT_TYPE_LATEST, GatewayMetrics, Metrics
 from services.openai_protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OpenAIServer", "build_app", "logger"]
 
-_OPEN_PATHS = frozenset({"/health", "/health/ready", "/version"})
+_OPEN_PATHS = frozenset({"/health", "/health/ready", "/version", "/metrics"})
 
 
 def _version() -> str:
@@ -88,12 +89,42 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
+class _ResponseCounter:
+    """ASGI middleware: counts the API's responses by status (not health, version or metrics)."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, model_name: str) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.model_name = model_name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        status = 499  # the client went away before a response started
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except BaseException:
+            self.metrics.response(self.model_name, 500 if status == 499 else status)
+            raise
+        self.metrics.response(self.model_name, status)
+
+
 class OpenAIServer:
     """Request handling, independent of routing: build with `build_app`."""
 
-    def __init__(self, frontend: Frontend, served_model_names: list[str]) -> None:
+    def __init__(self, frontend: Frontend, served_model_names: list[str], metrics: Metrics) -> None:
         self.frontend = frontend
         self.served_model_names = served_model_names
+        self.metrics = metrics
+        self.gateway_metrics = metrics.gateway()
         # the gateway's own tokenizer: chat template for /tokenize, vocabulary for /detokenize
         self.processor = PromptProcessor(frontend.tokenizer, frontend.max_model_len)
 
@@ -168,22 +199,32 @@ class OpenAIServer:
     def _sub_id(call: Call, i: int, count: int) -> str:
         return call.request_id if count == 1 else f"{call.request_id}-{i}"
 
+    def call(self, req: ChatCompletionRequest | CompletionRequest, request_id: str) -> Call:
+        return Call(
+            self.frontend, req, request_id, model="",
+            metrics=self.gateway_metrics, metrics_model=self.served_model_names[0],
+        )  # fmt: skip
+
 
 def build_app(
     frontend: Frontend | EngineClient,
     *,
     served_model_names: list[str] | None = None,
     api_keys: list[str] | None = None,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
     """The FastAPI app over `frontend` (an EngineClient is wrapped in a LocalFrontend);
-    `served_model_names` defaults to the model's name."""
+    `served_model_names` defaults to the model's name. GET /metrics serves `metrics` (a fresh
+    registry when omitted; pass the one the process's other services share)."""
     front = as_frontend(frontend)
-    server = OpenAIServer(front, list(served_model_names or [front.model_name]))
+    names = list(served_model_names or [front.model_name])
+    server = OpenAIServer(front, names, metrics if metrics is not None else Metrics())
     app = FastAPI(title="pagoda", version=_version())
     app.state.openai_server = server
     install_error_handlers(app)
     if api_keys:
         app.add_middleware(_BearerAuth, api_keys=list(api_keys))
+    app.add_middleware(_ResponseCounter, metrics=server.gateway_metrics, model_name=names[0])  # outermost
     _register_routes(app, server)
     return app
 
@@ -227,6 +268,10 @@ def _register_routes(app: FastAPI, server: OpenAIServer) -> None:
             raise APIError(503, "The engine is not ready.")
         return JSONResponse({"status": "ready"})
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/version")
     async def version() -> JSONResponse:
         return JSONResponse({"version": _version()})
@@ -267,7 +312,7 @@ def _register_routes(app: FastAPI, server: OpenAIServer) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        call = Call(frontend, req, f"chatcmpl-{uuid.uuid4().hex}", model="")
+        call = server.call(req, f"chatcmpl-{uuid.uuid4().hex}")
         prompt = PromptInput(
             messages=req.template_messages(), add_generation_prompt=req.add_generation_prompt
         )
@@ -294,7 +339,7 @@ def _register_routes(app: FastAPI, server: OpenAIServer) -> None:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        call = Call(frontend, req, f"cmpl-{uuid.uuid4().hex}", model="")
+        call = server.call(req, f"cmpl-{uuid.uuid4().hex}")
         prompts = [
             PromptInput(text=p, add_special_tokens=True) if isinstance(p, str) else PromptInput(token_ids=p)
             for p in req.prompts()

@@ -32,6 +32,7 @@ from engine.outputs import RequestOutput, TokenLogprob
 from engine.tokenizer import Tokenizer
 from services.errors import APIError
 from services.frontend import Frontend, Submitted, close_quietly
+from services.metrics import GatewayMetrics, RequestRecord
 from services.openai_protocol import (
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
@@ -73,6 +74,7 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     engine_finished: bool = False
+    last_token_at: float | None = None  # monotonic time of its latest token, for metrics
 
     @property
     def done(self) -> bool:
@@ -155,6 +157,10 @@ class Call:
     start: float = field(default_factory=time.monotonic)
     subs: list[SubRequest] = field(default_factory=list)
     logged: bool = False
+    metrics: GatewayMetrics | None = None  # observes the call when it is logged
+    metrics_model: str = ""  # its `model_name` label
+    first_token_at: float | None = None
+    token_gaps: list[float] = field(default_factory=list)  # inter-token latencies of all choices
 
     # ------------------------------------------------------------------------------- running
 
@@ -178,6 +184,8 @@ class Call:
             async for out in sub.outputs:
                 delta = sub.process(out)
                 if delta is not None:
+                    if out.new_token_ids:
+                        self._token_seen(delta.choice)
                     queue.put_nowait(delta)
                 if all(c.done for c in sub.choices):
                     break
@@ -192,6 +200,14 @@ class Call:
             queue.put_nowait(err)
         finally:
             await self.release(sub)
+
+    def _token_seen(self, choice: Choice) -> None:
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        if choice.last_token_at is not None:
+            self.token_gaps.append(now - choice.last_token_at)
+        choice.last_token_at = now
 
     async def deltas(self) -> AsyncGenerator[Delta, None]:
         """Deltas of all choices of all sub-requests, as they come. Closing it releases them all."""
@@ -239,6 +255,21 @@ class Call:
             prompt,
             completion,
             time.monotonic() - self.start,
+        )
+        if self.metrics is not None:
+            self.metrics.observe(self.metrics_model, self._record(status, prompt, completion))
+
+    def _record(self, status: int | str, prompt: int, completion: int) -> RequestRecord:
+        first = self.first_token_at
+        return RequestRecord(
+            status=status,
+            e2e_s=time.monotonic() - self.start,
+            ttft_s=None if first is None else first - self.start,
+            token_gaps_s=self.token_gaps,
+            prompt_tokens=prompt,
+            generation_tokens=completion,
+            finish_reasons=[c.finish_reason for s in self.subs for c in s.choices],
+            submitted=bool(self.subs),
         )
 
     # ------------------------------------------------------------------------------- logprobs

@@ -29,6 +29,7 @@ from services.messages import (
     decode,
     encode,
 )
+from services.metrics import Metrics
 from services.registry import PrefixIndex, WorkerRegistry
 from services.store import Store
 
@@ -45,8 +46,10 @@ class WorkerService:
         worker_id: str | None = None,
         heartbeat_s: float = 1.0,
         queues: Queues | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics  # the engine's figures are read from its core on scrape
         self.bus = bus
         self.store = store
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
@@ -72,12 +75,16 @@ class WorkerService:
             asyncio.create_task(self._heartbeat(), name="worker-heartbeat"),
         ]
         await self._beat()  # registered before the first message can arrive
+        if self.metrics is not None:
+            self.metrics.engines().add(self.worker_id, self.engine.core)
         self._sub = await self.bus.consume(self.queue, self._on_message, prefetch=256)
         logger.info("worker %s ready on %s (%s)", self.worker_id, self.queue, self.engine.model_name)
 
     async def stop(self) -> None:
         if self._sub is not None:
             await self._sub.cancel()
+        if self.metrics is not None:
+            self.metrics.engines().remove(self.worker_id)
         with contextlib.suppress(Exception):
             await self.registry.remove(self.worker_id)
         for task in self._tasks:
