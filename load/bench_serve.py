@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -27,7 +28,9 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
+from load import peers
 from load.datasets import DATASETS, BenchTurn, Conversation, DatasetSpec, load_dataset, sample_text
+from load.peers import PEERS
 
 SLO_KEYS = ("ttft", "tpot", "e2e")
 
@@ -59,6 +62,8 @@ class ServeConfig:
     request_rate: float = math.inf  # conversations started per second (Poisson)
     dataset: DatasetSpec = field(default_factory=lambda: DatasetSpec(name="random", num_prompts=100))
     ignore_eos: bool = False
+    # with ignore_eos also send min_tokens = max_tokens: servers without ignore_eos (llama-cpp-python)
+    min_tokens_for_eos: bool = False
     slo: dict[str, float] = field(default_factory=dict)
     api_key: str | None = None
     tokenize: bool = True  # calibrate tokens per word with the server's /tokenize when it has one
@@ -210,6 +215,8 @@ def _body(cfg: ServeConfig, model: str, turn: BenchTurn) -> dict[str, Any]:
         body["prompt"] = turn.prompt()
     if cfg.ignore_eos:
         body["ignore_eos"] = True
+        if cfg.min_tokens_for_eos:
+            body["min_tokens"] = turn.output_len
     return body
 
 
@@ -226,9 +233,10 @@ def _content(chunk: dict[str, Any]) -> str:
 
 async def _read_stream(
     resp: httpx.Response, rec: RequestRecord, max_lines: int
-) -> tuple[int, bool, dict[str, Any] | None]:
-    """Time content chunks into `rec`; returns (content chunks, saw [DONE], last usage)."""
-    chunks, usage = 0, None
+) -> tuple[int, bool, dict[str, Any] | None, str]:
+    """Time content chunks into `rec`; returns (content chunks, saw [DONE], last usage, last
+    finish_reason)."""
+    chunks, usage, finish = 0, None, ""
     last = rec.start_s
     lines = 0
     async for line in resp.aiter_lines():
@@ -240,7 +248,7 @@ async def _read_stream(
             continue
         data = line[5:].strip()
         if data == "[DONE]":
-            return chunks, True, usage
+            return chunks, True, usage, finish
         chunk = json.loads(data)
         if chunk.get("error"):
             rec.error = f"stream error: {json.dumps(chunk['error'])[:300]}"
@@ -253,7 +261,9 @@ async def _read_stream(
                 rec.itl_s.append(now - last)
             last, chunks = now, chunks + 1
         usage = chunk.get("usage") or usage
-    return chunks, False, usage
+        choices = chunk.get("choices") or [{}]
+        finish = str(choices[0].get("finish_reason") or finish)
+    return chunks, False, usage, finish
 
 
 async def send_request(
@@ -263,14 +273,14 @@ async def send_request(
     path = "/v1/chat/completions" if cfg.endpoint == "chat" else "/v1/completions"
     rec = RequestRecord(prompt_tokens=turn.input_len)
     max_lines = 64 + 8 * turn.output_len  # a server streaming forever still ends the loop
-    chunks, finished, usage = 0, False, None
+    chunks, finished, usage, finish = 0, False, None, ""
     rec.start_s = time.perf_counter()
     try:
         async with asyncio.timeout(cfg.request_timeout_s):
             body = _body(cfg, model, turn)
             async with client.stream("POST", cfg.root + path, json=body, headers=_headers(cfg)) as resp:
                 if resp.status_code == 200:
-                    chunks, finished, usage = await _read_stream(resp, rec, max_lines)
+                    chunks, finished, usage, finish = await _read_stream(resp, rec, max_lines)
                 else:
                     text = (await resp.aread())[:300].decode(errors="replace")
                     rec.error = f"HTTP {resp.status_code}: {text}"
@@ -283,7 +293,9 @@ async def send_request(
         rec.error = "stream ended without [DONE]"
     if chunks == 0:
         rec.ttft_s = rec.e2e_s
-    rec.completion_tokens = chunks
+    # Without usage, count content chunks; a server may merge tokens into one chunk (llama-cpp-python
+    # holds back partial UTF-8), so a reply that ended on length has exactly max_tokens.
+    rec.completion_tokens = turn.output_len if finish == "length" and not rec.error else chunks
     if isinstance(usage, dict):
         rec.prompt_tokens = int(usage.get("prompt_tokens") or rec.prompt_tokens)
         rec.completion_tokens = int(usage.get("completion_tokens") or chunks)
@@ -358,7 +370,7 @@ async def run_benchmark(cfg: ServeConfig, client: httpx.AsyncClient | None = Non
     try:
         model = cfg.model or await default_model(client, cfg)
         tpw = await tokens_per_word(client, cfg, model) if cfg.tokenize else None
-        spec = replace(cfg.dataset, tokens_per_word=tpw or 1.0)
+        spec = replace(cfg.dataset, tokens_per_word=tpw or cfg.dataset.tokens_per_word)
         convs = load_dataset(spec)
         if not convs:
             raise ValueError(f"dataset {spec.name!r} gave no requests")
@@ -410,7 +422,21 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     load.add_argument("--system-len", type=int, default=1024, help="multi-turn: shared system prompt tokens")
     load.add_argument("--sharegpt-path", default=None, help="local ShareGPT JSON file")
     load.add_argument("--seed", type=int, default=0)
-    load.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true (pagoda, vLLM)")
+    load.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="send ignore_eos: true (pagoda, vLLM; a --peer gets min_tokens too)",
+    )
+    peer = p.add_argument_group("peer")
+    peer.add_argument(
+        "--peer",
+        choices=["none", *PEERS],
+        default="none",
+        help="after the --base-url run, start this server on a free port, run the same requests, compare",
+    )
+    peer.add_argument("--peer-model", default=None, help="GGUF file for the peer (default: the demo model)")
+    peer.add_argument("--peer-n-ctx", type=int, default=4096, help="peer context length")
+    peer.add_argument("--peer-threads", type=int, default=2, help="peer CPU threads")
     out = p.add_argument_group("output")
     out.add_argument("--slo", default=None, help="goodput bounds in ms, e.g. ttft=500,tpot=50,e2e=10000")
     out.add_argument("--json", action="store_true", help="print one JSON object, no progress bar")
@@ -474,7 +500,88 @@ def format_result(r: BenchResult) -> str:
     return "\n".join(lines)
 
 
+# (label, value of a result) rows of the side-by-side table; ratios are pagoda / peer.
+_COMPARE_ROWS: tuple[tuple[str, Callable[[BenchResult], float]], ...] = (
+    ("Output token throughput (tok/s)", lambda r: r.output_throughput),
+    ("Request throughput (req/s)", lambda r: r.request_throughput),
+    ("TTFT p50 (ms)", lambda r: r.ttft.p50),
+    ("TTFT p99 (ms)", lambda r: r.ttft.p99),
+    ("ITL p50 (ms)", lambda r: r.itl.p50),
+    ("ITL p99 (ms)", lambda r: r.itl.p99),
+    ("TPOT p50 (ms)", lambda r: r.tpot.p50),
+    ("E2E p50 (ms)", lambda r: r.e2e.p50),
+    ("Generated tokens", lambda r: float(r.output_tokens)),
+    ("Failed requests", lambda r: float(r.failed)),
+)
+
+
+def compare(ours: BenchResult, peer: BenchResult) -> dict[str, dict[str, float | None]]:
+    """Pure: each compared metric as {"pagoda", "peer", "ratio"} with ratio = pagoda / peer (None
+    where the peer's value is 0). Throughput: above 1 is pagoda faster; latency: below 1 is."""
+    rows: dict[str, dict[str, float | None]] = {}
+    for label, value in _COMPARE_ROWS:
+        a, b = value(ours), value(peer)
+        rows[label] = {"pagoda": a, "peer": b, "ratio": a / b if b else None}
+    return rows
+
+
+def format_comparison(ours: BenchResult, peer: BenchResult, peer_name: str) -> str:
+    width = 40 + 3 * 12
+    lines = [f" pagoda vs {peer_name} ".center(width, "=")]
+    lines.append(f"{'':<40}{'pagoda':>12}{peer_name:>12}{'ratio':>12}")
+    for label, row in compare(ours, peer).items():
+        ratio = row["ratio"]
+        cells = f"{row['pagoda'] or 0.0:>12.2f}{row['peer'] or 0.0:>12.2f}"
+        lines.append(f"{label + ':':<40}{cells}{'-' if ratio is None else f'{ratio:.2f}x':>12}")
+    lines.append("ratio = pagoda / peer: above 1 is pagoda faster for throughput, slower for latency")
+    lines.append("=" * width)
+    return "\n".join(lines)
+
+
+def _peer_config(cfg: ServeConfig, ours: BenchResult, base_url: str) -> ServeConfig:
+    """The same requests for the peer: prompts built with pagoda's tokens per word (a peer may
+    have no /tokenize), the peer's own model name, no API key; --ignore-eos also as min_tokens."""
+    tpw = float(ours.meta.get("tokens_per_word") or cfg.dataset.tokens_per_word)
+    return replace(
+        cfg,
+        base_url=base_url,
+        model=None,
+        api_key=None,
+        tokenize=False,
+        min_tokens_for_eos=True,
+        dataset=replace(cfg.dataset, tokens_per_word=tpw),
+    )
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    result = asyncio.run(run_benchmark(config_from_args(args)))
-    print(json.dumps(result.to_dict()) if args.json else format_result(result))
-    return 0 if result.completed else 1
+    cfg = config_from_args(args)
+    peer = None
+    if args.peer != "none":
+        peer = peers.make_peer(
+            args.peer, model_path=args.peer_model, n_ctx=args.peer_n_ctx, n_threads=args.peer_threads
+        )
+        peer.check()  # fail before the first run, not after it
+    result = asyncio.run(run_benchmark(cfg))
+    if peer is None:
+        print(json.dumps(result.to_dict()) if args.json else format_result(result))
+        return 0 if result.completed else 1
+    if not args.json:
+        print(format_result(result), flush=True)
+    peer.start()
+    try:
+        peer_result = asyncio.run(run_benchmark(_peer_config(cfg, result, peer.base_url)))
+    finally:
+        peer.stop()
+    if args.json:
+        out = {
+            "pagoda": result.to_dict(),
+            "peer": {"name": peer.name, **peer_result.to_dict()},
+            "comparison": compare(result, peer_result),
+        }
+        print(json.dumps(out))
+    else:
+        print(f"\nPeer: {peer.name}")
+        print(format_result(peer_result))
+        print()
+        print(format_comparison(result, peer_result, peer.name))
+    return 0 if result.completed and peer_result.completed else 1

@@ -21,14 +21,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from load import peers
 from load.bench_serve import (
     RequestRecord,
     ServeConfig,
+    compare,
+    format_comparison,
     parse_slo,
     run_benchmark,
     summarize,
 )
 from load.datasets import DatasetSpec, load_dataset
+from load.peers import LlamaCppPeer, PeerError
 from services.cli import main
 
 FIRST_DELAY_S = 0.05  # fake server: before the first content chunk
@@ -38,7 +42,8 @@ GAP_S = 0.02  # fake server: between content chunks
 class FakeOpenAI:
     """Streams max_tokens one-word chunks with known delays; counts requests in flight.
 
-    Model "broken" answers HTTP 400; model "slow" waits 5 s before its first chunk.
+    Model "broken" answers HTTP 400; model "slow" waits 5 s before its first chunk; model "merged"
+    sends two tokens per chunk and no usage, ending with finish_reason "length" (llama-cpp-python).
     """
 
     def __init__(self) -> None:
@@ -75,13 +80,18 @@ class FakeOpenAI:
         self.peak = max(self.peak, self.in_flight)
         try:
             n = int(body["max_tokens"])
+            merged = body["model"] == "merged"
             if chat:
                 yield _sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
-            for i in range(n):
+            for i in range(n // 2 if merged else n):
                 await asyncio.sleep(first_delay if i == 0 else GAP_S)
-                piece = {"delta": {"content": " tok"}} if chat else {"text": " tok"}
+                text = " tok tok" if merged else " tok"
+                piece = {"delta": {"content": text}} if chat else {"text": text}
                 yield _sse({"choices": [{"index": 0, **piece}]})
-            yield _sse({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n}})
+            if merged:
+                yield _sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+            else:
+                yield _sse({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n}})
             yield "data: [DONE]\n\n"
         finally:
             self.in_flight -= 1
@@ -289,6 +299,14 @@ async def test_errors_and_timeouts_are_recorded(fake: tuple[FakeOpenAI, str]) ->
     assert time.perf_counter() - t0 < 3.0
 
 
+async def test_no_usage_counts_length_finish_as_max_tokens(fake: tuple[FakeOpenAI, str]) -> None:
+    _, url = fake
+    spec = DatasetSpec(name="random", num_prompts=2, input_len=8, output_len=6)
+    r = await run_benchmark(ServeConfig(base_url=url, model="merged", dataset=spec, progress=False))
+    assert (r.completed, r.output_tokens) == (2, 12), r.first_error  # 3 chunks each, 6 tokens
+    assert r.input_tokens == 2 * 8 and r.itl.count == 2 * 2
+
+
 def test_cli_json(fake: tuple[FakeOpenAI, str], capsys: pytest.CaptureFixture[str]) -> None:
     _, url = fake
     argv = [
@@ -315,3 +333,127 @@ def test_cli_json(fake: tuple[FakeOpenAI, str], capsys: pytest.CaptureFixture[st
     assert main([*argv[:-1]]) == 0  # the table
     assert "Serving Benchmark Result" in capsys.readouterr().out
     assert main(["bench", "serve", "--base-url", url, "--concurrency", "0"]) == 2
+
+
+# --- --peer: comparison, peer process, CLI with a fake peer -------------------------------------
+
+
+def test_compare_ratios_and_table() -> None:
+    ours = summarize([_rec(0.0, 0.1, 1.1, 11), _rec(1.0, 0.3, 1.3, 11)], duration=2.0, slo={})
+    peer = summarize([_rec(0.0, 0.2, 2.2, 11), _rec(2.0, 0.2, 2.2, 11)], duration=4.0, slo={})
+    rows = compare(ours, peer)
+    out = rows["Output token throughput (tok/s)"]
+    assert (out["pagoda"], out["peer"], out["ratio"]) == pytest.approx((11.0, 5.5, 2.0))
+    ttft = rows["TTFT p50 (ms)"]
+    assert (ttft["pagoda"], ttft["peer"], ttft["ratio"]) == pytest.approx((200.0, 200.0, 1.0))
+    assert rows["ITL p50 (ms)"]["ratio"] == pytest.approx(0.5)  # 100 ms vs 200 ms
+    assert rows["TPOT p50 (ms)"]["pagoda"] == pytest.approx(100.0)
+    assert rows["Failed requests"]["ratio"] is None  # 0 / 0
+    text = format_comparison(ours, peer, "llama.cpp")
+    assert "pagoda vs llama.cpp" in text and "2.00x" in text and "0.50x" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("Failed requests"))
+    assert line.split()[-1] == "-"
+
+
+def test_llamacpp_command_and_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    cmd = LlamaCppPeer(model_path=str(gguf), n_ctx=2048, n_threads=2, port=1234).command()
+    assert cmd[1:3] == ["-m", "llama_cpp.server"]
+    flags = dict(zip(cmd[3::2], cmd[4::2], strict=True))
+    assert flags["--model"] == str(gguf) and flags["--port"] == "1234" and flags["--host"] == "127.0.0.1"
+    assert (flags["--n_ctx"], flags["--n_threads"]) == ("2048", "2")
+    assert flags["--interrupt_requests"] == "False"  # queue concurrent requests, do not cut them
+    assert "--chat_format" not in flags  # the template comes from the GGUF metadata
+
+    real = peers.importlib.util.find_spec
+    monkeypatch.setattr(
+        peers.importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a)
+    )
+    with pytest.raises(PeerError, match=r"pip install 'llama-cpp-python\[server\]'"):
+        LlamaCppPeer(model_path=str(gguf)).start()
+
+
+def test_cli_missing_peer_fails_before_running(
+    fake: tuple[FakeOpenAI, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, url = fake
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name, *a: None)
+    argv = ["bench", "serve", "--base-url", url, "--peer", "llamacpp", "--num-prompts", "2", "--json"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'llama-cpp-python[server]'" in err
+    assert server.bodies == []  # nothing was sent
+
+
+class FakePeer:
+    """Stands in for LlamaCppPeer: "starts" by pointing at the test's fake server."""
+
+    name = "fakepeer"
+    url = ""
+    events: list[str] = []  # noqa: RUF012
+
+    def __init__(self, model_path: str | None, n_ctx: int, n_threads: int) -> None:
+        self.events.append(f"init n_ctx={n_ctx} n_threads={n_threads}")
+
+    @property
+    def base_url(self) -> str:
+        return self.url
+
+    def check(self) -> None:
+        self.events.append("check")
+
+    def start(self) -> None:
+        self.events.append("start")
+
+    def stop(self) -> None:
+        self.events.append("stop")
+
+
+def test_cli_with_fake_peer(
+    fake: tuple[FakeOpenAI, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, url = fake
+    monkeypatch.setattr(FakePeer, "url", url)
+    monkeypatch.setattr(FakePeer, "events", [])
+    monkeypatch.setitem(peers.PEERS, "llamacpp", FakePeer)
+    argv = [
+        "bench",
+        "serve",
+        "--base-url",
+        url,
+        "--model",
+        "pagoda-name",
+        "--peer",
+        "llamacpp",
+        "--peer-n-ctx",
+        "1024",
+        "--num-prompts",
+        "3",
+        "--input-len",
+        "16",
+        "--output-len",
+        "4",
+        "--concurrency",
+        "2",
+        "--ignore-eos",
+        "--json",
+    ]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert FakePeer.events == ["init n_ctx=1024 n_threads=2", "check", "start", "stop"]
+    assert out["pagoda"]["completed"] == 3 and out["peer"]["completed"] == 3
+    assert out["peer"]["name"] == "fakepeer"
+    assert out["comparison"]["Output token throughput (tok/s)"]["ratio"] > 0
+    assert out["peer"]["meta"]["tokens_per_word"] == out["pagoda"]["meta"]["tokens_per_word"] == 2.0
+    ours, theirs = server.bodies[:3], server.bodies[3:]
+    assert len(theirs) == 3
+    assert {b["model"] for b in ours} == {"pagoda-name"} and {b["model"] for b in theirs} == {"fake-model"}
+    assert all(b["ignore_eos"] and "min_tokens" not in b for b in ours)
+    assert all(b["ignore_eos"] and b["min_tokens"] == 4 for b in theirs)  # llama-cpp-python's spelling
+    prompts = sorted(json.dumps(b["messages"]) for b in ours)
+    assert prompts == sorted(json.dumps(b["messages"]) for b in theirs)  # the same requests
+
+    assert main(argv[:-1]) == 0  # tables: pagoda's, the peer's, the comparison
+    text = capsys.readouterr().out
+    assert text.count("Serving Benchmark Result") == 2 and "pagoda vs fakepeer" in text
