@@ -78,15 +78,15 @@ class EngineCore:
             model.lm_head.weight = model.embed_tokens.weight
         model.load_weights(ckpt.weights())
         self.model = model.to(self.dtype).eval()
-        if self.quantization == "int8":
-            quantize_linears(self.model)
+        if self.quantization != "none":
+            quantize_linears(self.model, self.quantization)
         logger.info(
             "loaded %s (%s, %d layers) as %s%s on %s in %.1fs",
             self.model_name,
             arch.architecture,
             arch.num_layers,
             self.dtype,
-            " with int8 linears" if self.quantization == "int8" else "",
+            f" with {self.quantization} linears" if self.quantization != "none" else "",
             self.device,
             time.perf_counter() - t0,
         )

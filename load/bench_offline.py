@@ -96,7 +96,7 @@ def profile_decode(llm: Any, prompts: list[list[int]], steps: int = 5) -> None:
 
 def _label(llm: Any) -> str:
     core = llm.engine
-    quant = "-int8" if core.quantization == "int8" else ""
+    quant = f"-{core.quantization}" if core.quantization != "none" else ""
     return f"pagoda-{str(core.dtype).removeprefix('torch.')}{quant}"
 
 

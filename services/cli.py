@@ -57,8 +57,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--quantization",
         default="auto",
-        choices=["auto", "none", "int8"],
-        help="int8: dynamic int8 linears on CPU (opt-in, not batch-invariant); auto: none",
+        choices=["auto", "none", "int8", "int4"],
+        help="CPU only: int4 (weight-only, fast at small batch), int8 (dynamic, not batch-invariant)",
     )
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
 
