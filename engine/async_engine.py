@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -54,6 +55,11 @@ class AsyncEngine:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
+            # The step thread and the event loop share the GIL. With Python's default 5 ms switch
+            # interval a small-batch step waits on the loop's turns: single-stream ITL measured
+            # 33.6 ms at the default against 23.1 ms at 0.5 ms (int4, demo model); 16 streams
+            # unchanged (162.9 vs 165.6 tok/s).
+            sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
             self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
             self._thread.start()
 
