@@ -50,15 +50,21 @@ def test_32_concurrent_streams_match_embedded(cluster: dict[str, Any], embedded:
 def test_shared_prefix_lands_on_the_caching_worker(cluster: dict[str, Any]) -> None:
     client = openai.OpenAI(base_url=f"{cluster['base']}/v1", api_key="none", max_retries=0)
     system = "You are a meticulous assistant who answers briefly. " * 12  # ~130 tokens
+    r, ns = cluster["redis"], cluster["ns"]
+    indexed_before = sum(1 for _ in r.scan_iter(f"{ns}:blk:*"))
     usage = []
-    for q in QUESTIONS[:5]:
+    for i, q in enumerate(QUESTIONS[:5]):
         resp = client.chat.completions.create(
             model="SmolLM2-135M-Instruct", max_tokens=4, temperature=0,
             messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
         )  # fmt: skip
         assert resp.usage is not None
         usage.append(resp.usage)
-        time.sleep(0.1)  # let the worker publish its block hashes
+        if i == 0:  # the worker publishes its new block hashes just after the step: wait for them
+            deadline = time.monotonic() + 5
+            while sum(1 for _ in r.scan_iter(f"{ns}:blk:*")) < indexed_before + 7:
+                assert time.monotonic() < deadline, "the worker did not publish its block hashes"
+                time.sleep(0.02)
     cached = [u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details else 0 for u in usage]
     print(f"cached prompt tokens per request: {cached}")
     assert cached[0] == 0

@@ -57,7 +57,6 @@ def test_joining_worker_takes_traffic_and_sessions_stick() -> None:
             client.chat.completions.create(
                 messages=[{"role": "user", "content": f"Question {i} about ants"}], user="ant-fan", **ask
             )
-        time.sleep(0.2)
         routes = re.findall(r"-> worker (\S+) \((\w[\w-]*)", serve.output())
         assert routes, serve.output()[-2000:]
         last8 = routes[-8:]
