@@ -194,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # user errors: one line naming the fix, no traceback
         print(f"pagoda: error: {exc}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:  # broker or store unreachable: the message names the URL to check
+        print(f"pagoda: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 1

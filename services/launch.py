@@ -88,7 +88,11 @@ async def _main(
     bus: Bus = make_bus(bus_url) if bus_url else InMemoryBus()
     store: Store = make_store(store_url, prefix=f"{args.namespace}:") if store_url else InMemoryStore()
     await bus.connect()
-    await store.connect()
+    try:
+        await store.connect()
+    except BaseException:
+        await bus.close()
+        raise
     services: list[_Service] = []
     queues = Queues(args.namespace)
     metrics = Metrics()  # one registry for the services of this process
