@@ -26,7 +26,7 @@ from services.openai_server import build_app
 from services.registry import WorkerRegistry
 from services.store import InMemoryStore
 from services.worker import WorkerService
-from tests.unit.test_openai_server import MODEL, FakeEngine
+from tests.fakes import MODEL, FakeEngine
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -13,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from engine.outputs import RequestOutput, TokenLogprob
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from services.errors import APIError
 from services.frontend import Submitted
@@ -27,99 +26,7 @@ if TYPE_CHECKING:
     from engine.engine_client import EngineClient
     from services.frontend import Frontend
 
-from tests.fakes import BOS, EOS, FakeTokenizer
-
-MODEL = "fake-model"
-SCRIPT = "Hello world! Ça va? 🙂 The end. "
-
-
-class FakeEngine:
-    """Choice i emits SCRIPT's bytes then EOS, one token a step, its first byte replaced by
-    chr(ord('A') + i) when i > 0 (so choices differ). Records requests, aborts and early closes."""
-
-    model_name = MODEL
-    max_model_len = 256
-
-    def __init__(self, step_delay: float = 0.0, script: str = SCRIPT) -> None:
-        self.tokenizer = FakeTokenizer()
-        self.step_delay = step_delay
-        self.script = script
-        self.requests: list[tuple[str, list[int], SamplingParams, int, str | None]] = []
-        self.aborted: set[str] = set()  # by abort()
-        self.closed_early: set[str] = set()  # iterator closed before every choice finished
-        self.ready = True
-        self.inf_logprobs = False
-
-    def _tokens(self, index: int) -> list[int]:
-        data = list(self.script.encode("utf-8"))
-        if index:
-            data[0] = ord("A") + index
-        return [*data, EOS]
-
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        *,
-        priority: int = 0,
-        cache_salt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        self.requests.append((request_id, list(prompt_token_ids), params, priority, cache_salt))
-        return self._generate(request_id, list(prompt_token_ids), params)
-
-    async def _generate(
-        self, request_id: str, prompt: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        streams = [self._tokens(i) for i in range(params.n)]
-        counts = [0] * params.n
-        live = set(range(params.n))
-        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else {EOS})
-        cached = 4 if len(prompt) >= 8 else 0
-        try:
-            while live:
-                await asyncio.sleep(self.step_delay)
-                for i in sorted(live):
-                    if request_id in self.aborted:
-                        return
-                    tok = streams[i][counts[i] % len(streams[i])]
-                    counts[i] += 1
-                    lp = None
-                    if params.logprobs is not None:
-                        top = {(tok + j) % 256: -0.5 * (j + 1) for j in range(params.logprobs)}
-                        if self.inf_logprobs and params.logprobs > 1:
-                            top[(tok + 1) % 256] = -math.inf  # a token the sampler filtered out
-                        lp = [TokenLogprob(tok, -0.5, top)]
-                    finish: Any = None
-                    if tok in stops and counts[i] > params.min_tokens:
-                        finish = "stop"
-                    elif params.max_tokens is not None and counts[i] >= params.max_tokens:
-                        finish = "length"
-                    elif len(prompt) + counts[i] >= self.max_model_len:
-                        finish = "length"
-                    if finish:
-                        live.discard(i)
-                    yield RequestOutput(
-                        request_id,
-                        [tok],
-                        i,
-                        len(prompt),
-                        cached,
-                        counts[i],
-                        lp,
-                        finished=finish is not None,
-                        finish_reason=finish,
-                        stop_token_id=tok if finish == "stop" else None,
-                    )
-        finally:
-            if live:
-                self.closed_early.add(request_id)
-
-    async def abort(self, request_id: str) -> None:
-        self.aborted.add(request_id)
-
-    def is_ready(self) -> bool:
-        return self.ready
+from tests.fakes import BOS, MODEL, SCRIPT, FakeEngine, FakeTokenizer
 
 
 def _app(engine: FakeEngine, **kwargs: Any) -> FastAPI:
