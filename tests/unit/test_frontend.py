@@ -10,7 +10,8 @@ from engine.sampling_params import SamplingParams
 from services.errors import APIError
 from services.frontend import LocalFrontend, PromptProcessor, as_frontend
 from services.messages import PromptInput
-from tests.unit.test_openai_server import BOS, EOS, FakeEngine, FakeFrontend, FakeTokenizer
+from tests.fakes import BOS, EOS, FakeEngine, FakeTokenizer
+from tests.unit.test_openai_server import FakeFrontend
 
 if TYPE_CHECKING:
     from engine.engine_client import EngineClient
