@@ -148,13 +148,14 @@ class SchedulerService:
         alive = await self._workers()
         if not alive:
             return None
-        # requests sent since the last heartbeat count as waiting there
-        workers = [replace(s, num_waiting=s.num_waiting + self._sent.get(s.worker_id, 0)) for s, _ in alive]
         block_size = int(alive[0][1].get("block_size", 16))
         extra = (msg.cache_salt,) if msg.cache_salt else ()
         hashes = hash_full_blocks(msg.prompt_token_ids, block_size, extra)
         overlap = leading_overlap(await self.prefix_index.owners(hashes))
         session_worker = await self.sessions.get(msg.session_id) if msg.session_id else None
+        # No await from here to the caller's count of the decision: requests routed at the same
+        # time see each other. Requests sent since a worker's last heartbeat count as waiting there.
+        workers = [replace(s, num_waiting=s.num_waiting + self._sent.get(s.worker_id, 0)) for s, _ in alive]
         return self.router.choose(workers, overlap, session_worker)
 
     async def _reject(self, msg: ScheduleRequest, status: int, text: str, reason: str) -> None:
