@@ -86,19 +86,16 @@ class _SamplingRequest(_Request):
     def requested_logprobs(self) -> int | None:
         return None
 
-    def to_sampling_params(
-        self, default_max_tokens: int | None = None, defaults: Mapping[str, float] | None = None
-    ) -> SamplingParams:
+    def to_sampling_params(self, defaults: Mapping[str, float] | None = None) -> SamplingParams:
         """Raises ValueError (naming the field) on values the engine cannot honour. An omitted
-        max_tokens becomes `default_max_tokens` (None: up to the context length). Sampling
-        fields the request leaves out take the model's `defaults`, then OpenAI's."""
+        max_tokens stays None: the engine generates up to the context length. Sampling fields
+        the request leaves out take the model's `defaults`, then OpenAI's."""
         d = {**_OPENAI_DEFAULTS, **(defaults or {})}
 
         def pick(name: str) -> Any:
             value = getattr(self, name)
             return d[name] if value is None else value
 
-        max_tokens = self.requested_max_tokens()
         logit_bias: dict[int, float] | None = None
         if self.logit_bias:
             logit_bias = {}
@@ -109,7 +106,7 @@ class _SamplingRequest(_Request):
                     raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
         return SamplingParams(
             n=self.n,
-            max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+            max_tokens=self.requested_max_tokens(),
             min_tokens=self.min_tokens,
             temperature=pick("temperature"),
             top_k=pick("top_k"),

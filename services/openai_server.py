@@ -138,7 +138,7 @@ class OpenAIServer:
     def sampling_params(self, req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
         """Omitted max_tokens stays None: the engine stops at the model's context length."""
         try:
-            return req.to_sampling_params(default_max_tokens=None, defaults=self.frontend.default_sampling)
+            return req.to_sampling_params(defaults=self.frontend.default_sampling)
         except ValueError as err:
             raise from_value_error(err) from None
 

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 
 from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
@@ -34,6 +35,13 @@ from services.registry import PrefixIndex, WorkerRegistry
 from services.store import Store
 
 logger = logging.getLogger("pagoda.worker")
+
+
+@dataclass
+class _Inflight:
+    reply_to: str  # the gateway's reply queue
+    remaining: int  # choices not finished yet
+    started: float
 
 
 class WorkerService:
@@ -57,9 +65,7 @@ class WorkerService:
         self.heartbeat_s = heartbeat_s
         self.registry = WorkerRegistry(store, heartbeat_s)
         self.prefix_index = PrefixIndex(store)
-        self._reply_to: dict[str, str] = {}  # request id -> gateway reply queue
-        self._started: dict[str, float] = {}
-        self._remaining: dict[str, int] = {}  # request id -> choices not finished yet
+        self._inflight: dict[str, _Inflight] = {}
         self._publish_q: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._index_q: asyncio.Queue[tuple[list[bytes], list[bytes]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -110,7 +116,7 @@ class WorkerService:
             logger.warning("worker %s: dropped an unexpected %s message", self.worker_id, msg.type)
 
     def _add(self, msg: WorkerRequest) -> None:
-        if msg.request_id in self._reply_to:
+        if msg.request_id in self._inflight:
             logger.info("worker %s: duplicate delivery of %s ignored", self.worker_id, msg.request_id)
             return
         try:
@@ -122,37 +128,33 @@ class WorkerService:
             reject = Rejected(request_id=msg.request_id, status=400, message=str(exc))
             self._publish_q.put_nowait((msg.reply_to, encode(reject)))
             return
-        self._reply_to[msg.request_id] = msg.reply_to
-        self._remaining[msg.request_id] = params.n
-        self._started[msg.request_id] = time.monotonic()
+        self._inflight[msg.request_id] = _Inflight(msg.reply_to, params.n, time.monotonic())
 
     # -- output -------------------------------------------------------------------------------
     def _on_step(self, outputs: list[RequestOutput], stored: list[bytes], evicted: list[bytes]) -> None:
         """On the event loop after each engine step: one message per gateway."""
         by_gateway: dict[str, list[Delta]] = defaultdict(list)
         for out in outputs:
-            reply_to = self._reply_to.get(out.request_id)
-            if reply_to is None:
+            req = self._inflight.get(out.request_id)
+            if req is None:
                 continue
-            by_gateway[reply_to].append(Delta.of(out))
+            by_gateway[req.reply_to].append(Delta.of(out))
             if out.finished:
-                self._remaining[out.request_id] -= 1
-                if self._remaining[out.request_id] == 0:
-                    self._finish(out)
+                req.remaining -= 1
+                if req.remaining == 0:
+                    self._finish(out, req)
         for reply_to, deltas in by_gateway.items():
             body = encode(StepOutputs(worker_id=self.worker_id, deltas=deltas))
             self._publish_q.put_nowait((reply_to, body))
         if stored or evicted:
             self._index_q.put_nowait((stored, evicted))
 
-    def _finish(self, out: RequestOutput) -> None:
-        self._reply_to.pop(out.request_id, None)
-        self._remaining.pop(out.request_id, None)
-        started = self._started.pop(out.request_id, time.monotonic())
+    def _finish(self, out: RequestOutput, req: _Inflight) -> None:
+        del self._inflight[out.request_id]
         logger.info(
             "request %s finished (%s) prompt_tokens=%d cached=%d output_tokens=%d in %.3fs",
             out.request_id, out.finish_reason, out.num_prompt_tokens, out.num_cached_tokens,
-            out.num_output_tokens, time.monotonic() - started,
+            out.num_output_tokens, time.monotonic() - req.started,
         )  # fmt: skip
 
     async def _publisher(self) -> None:
@@ -203,7 +205,7 @@ class WorkerService:
         )
 
     async def _fail_inflight(self, reason: str) -> None:
-        for rid, reply_to in list(self._reply_to.items()):
+        for rid, req in self._inflight.items():
             reject = Rejected(request_id=rid, status=503, message=f"the worker failed: {reason}")
-            self._publish_q.put_nowait((reply_to, encode(reject)))
-        self._reply_to.clear()
+            self._publish_q.put_nowait((req.reply_to, encode(reject)))
+        self._inflight.clear()

@@ -46,7 +46,6 @@ class Checkpoint:
     tokenizer: Tokenizer
     path: str  # the local file or directory the weights come from
     _weights: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
-    quantized: bool = False  # weights stored below 16 bits (e.g. GGUF Q4_1)
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, tensor) pairs, one tensor in memory at a time.

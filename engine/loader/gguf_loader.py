@@ -58,9 +58,6 @@ _QUANT_SUFFIX_RE = re.compile(r"[.\-_](i?q\d\w*|f16|f32|bf16)$", re.IGNORECASE)
 _SKIPPED = ("rope_freqs.weight",)  # folded into arch.rope_scaling
 
 
-_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-
-
 def load_gguf(path: Path) -> Checkpoint:
     try:
         reader = GGUFReader(path)
@@ -87,7 +84,6 @@ def load_gguf(path: Path) -> Checkpoint:
         tokenizer=tokenizer,
         path=str(path),
         _weights=lambda: _iter_weights(reader, arch, permuted),
-        quantized=any(t.tensor_type not in _FLOAT_TYPES for t in reader.tensors),
     )
 
 
