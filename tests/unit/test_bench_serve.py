@@ -22,17 +22,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from load import peers
-from load.bench_serve import (
-    RequestRecord,
-    ServeConfig,
-    compare,
-    format_comparison,
-    parse_slo,
-    run_benchmark,
-    summarize,
-)
+from load.bench_serve import compare, format_comparison
 from load.datasets import DatasetSpec, load_dataset
 from load.peers import LlamaCppPeer, PeerError
+from load.serve_runner import RequestRecord, ServeConfig, parse_slo, run_benchmark, summarize
 from services.cli import main
 
 FIRST_DELAY_S = 0.05  # fake server: before the first content chunk
