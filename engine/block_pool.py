@@ -21,6 +21,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.ref_cnt = [0] * num_blocks
+        self.num_refs = 0  # sum of ref_cnt: block-table entries over all requests
         self.block_hash: list[BlockHash | None] = [None] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[BlockHash, int] = {}
@@ -35,6 +36,10 @@ class BlockPool:
     @property
     def num_cached_blocks(self) -> int:
         return len(self._cached)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
 
     def usage(self) -> float:
         return 1.0 - len(self._free) / self.num_blocks
@@ -52,6 +57,7 @@ class BlockPool:
             self._evict(block_id)
             self.ref_cnt[block_id] = 1
             ids.append(block_id)
+        self.num_refs += n
         return ids
 
     def touch(self, block_ids: Iterable[int]) -> None:
@@ -60,6 +66,7 @@ class BlockPool:
             if self.ref_cnt[block_id] == 0:
                 del self._free[block_id]
             self.ref_cnt[block_id] += 1
+            self.num_refs += 1
 
     def free(self, block_ids: Iterable[int]) -> None:
         """Drop one reference from each block; blocks reaching zero join the free-queue tail in the
@@ -67,6 +74,7 @@ class BlockPool:
         for block_id in block_ids:
             assert self.ref_cnt[block_id] > 0, (block_id, self.ref_cnt[block_id])
             self.ref_cnt[block_id] -= 1
+            self.num_refs -= 1
             if self.ref_cnt[block_id] == 0:
                 self._free[block_id] = None
 

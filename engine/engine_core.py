@@ -43,6 +43,9 @@ class CoreCounters:
     prefix_query_tokens: int  # prefix-cache lookups, in tokens
     prefix_hit_tokens: int
     num_preemptions: int
+    kv_live_tokens: int = 0  # tokens stored in the KV blocks in use (a shared block once)
+    kv_used_slots: int = 0  # blocks in use x block size
+    kv_live_token_ratio: float = 0.0  # kv_live_tokens / kv_used_slots (0.0 when idle)
 
 
 @dataclass
@@ -206,6 +209,9 @@ class EngineCore:
             prefix_query_tokens=self.kv.query_tokens,
             prefix_hit_tokens=self.kv.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            kv_live_tokens=self.kv.live_tokens(),
+            kv_used_slots=self.kv.pool.num_used_blocks * self.kv.block_size,
+            kv_live_token_ratio=self.kv.live_token_ratio(),
         )
 
     # -- the step ------------------------------------------------------------------------------

@@ -3,6 +3,10 @@
 Invariants: every block id in a request's table has ref_cnt >= 1; a request holds exactly
 ceil(num_computed_tokens_after_step / block_size) blocks after allocate_slots; full blocks whose
 tokens are known are hashed (chained) and entered in the pool's cache index.
+
+Live tokens: the KV slots that hold a token, each shared block counted once. Only full blocks are
+shared, so live = (tokens over all block tables) - block_size * (table entries - blocks in use);
+the figures are kept as counters, so reading them costs nothing per step.
 """
 
 from __future__ import annotations
@@ -23,12 +27,24 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.req_blocks: dict[str, list[int]] = {}
         self._num_cached_blocks: dict[str, int] = {}  # leading blocks already entered in the index
+        self._req_tokens: dict[str, int] = {}  # tokens each request's blocks hold after its step
+        self.num_table_tokens = 0  # sum of _req_tokens
         # prefix-cache counters (queries/hits in tokens), for metrics
         self.query_tokens = 0
         self.hit_tokens = 0
 
     def usage(self) -> float:
         return self.pool.usage()
+
+    def live_tokens(self) -> int:
+        """Tokens stored in the blocks in use (a block shared by k requests counts once)."""
+        pool = self.pool
+        return self.num_table_tokens - self.block_size * (pool.num_refs - pool.num_used_blocks)
+
+    def live_token_ratio(self) -> float:
+        """Live tokens / slots of the blocks in use (0.0 when no block is in use)."""
+        used = self.pool.num_used_blocks
+        return self.live_tokens() / (used * self.block_size) if used else 0.0
 
     def blocks_of(self, request_id: str) -> list[int]:
         return self.req_blocks.get(request_id, [])
@@ -71,12 +87,16 @@ class KVCacheManager:
         blocks.extend(cached_blocks)
         new_blocks = self.pool.allocate(max(need, 0))
         blocks.extend(new_blocks)
+        held = num_computed + num_new_tokens
+        self.num_table_tokens += held - self._req_tokens.get(request.request_id, 0)
+        self._req_tokens[request.request_id] = held
         self._cache_full_blocks(request, num_computed + num_new_tokens)
         return new_blocks
 
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
         self._num_cached_blocks.pop(request.request_id, None)
+        self.num_table_tokens -= self._req_tokens.pop(request.request_id, 0)
         self.pool.free(reversed(blocks))
 
     def _update_hashes(self, request: Request) -> None:

@@ -155,6 +155,17 @@ class EngineCollector:
             "num_running": GaugeMetricFamily("vllm:num_requests_running", "Requests running.", labels=labels),
             "num_waiting": GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting.", labels=labels),
             "kv_usage": GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV cache usage, 0..1.", labels=labels),
+            "kv_live_tokens": GaugeMetricFamily(
+                "pagoda:kv_cache_live_tokens", "Tokens stored in the KV blocks in use.", labels=labels
+            ),
+            "kv_used_slots": GaugeMetricFamily(
+                "pagoda:kv_cache_used_slots", "KV blocks in use x block size.", labels=labels
+            ),
+            "kv_live_token_ratio": GaugeMetricFamily(
+                "pagoda:kv_cache_live_token_ratio",
+                "Live tokens / slots of the KV blocks in use, 0..1 (0 when idle).",
+                labels=labels,
+            ),
         }
         counters = {
             "prefix_query_tokens": CounterMetricFamily(

@@ -195,6 +195,8 @@ class WorkerService:
                 "num_running": str(stats.num_running),
                 "num_waiting": str(stats.num_waiting),
                 "kv_usage": f"{core.kv.usage():.4f}",
+                "kv_live_tokens": str(core.kv.live_tokens()),
+                "kv_live_token_ratio": f"{core.kv.live_token_ratio():.4f}",
                 "max_num_seqs": str(core.config.scheduler.max_num_seqs),
                 "block_size": str(core.config.cache.block_size),
                 "num_blocks": str(core.num_blocks),

@@ -113,6 +113,13 @@ def test_manager_never_leaks_or_goes_negative(seq: list[tuple[str, int, int]]) -
                 held[b] = held.get(b, 0) + 1
         for b in range(pool.num_blocks):
             assert pool.ref_cnt[b] == held.get(b, 0), (b, pool.ref_cnt[b], held.get(b, 0))
+        # live tokens, counted the slow way: each block in use once, filled as far as any holder got
+        fill: dict[int, int] = {}
+        for r in live.values():
+            for i, b in enumerate(kv.blocks_of(r.request_id)):
+                fill[b] = max(fill.get(b, 0), min(4, r.num_computed_tokens - 4 * i))
+        assert kv.live_tokens() == sum(fill.values()), (kv.live_tokens(), fill)
+        assert pool.num_refs == sum(held.values())
         assert pool.num_free_blocks == sum(1 for c in pool.ref_cnt if c == 0)
     for r in list(live.values()):
         kv.free(r)
