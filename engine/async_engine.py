@@ -13,12 +13,14 @@ import sys
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from engine.config import EngineConfig
-from engine.engine_core import EngineCore
+from engine.engine_core import CoreCounters, EngineCore, StepStats
+from engine.kv_cache_manager import KVCacheManager
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +33,43 @@ class EngineDeadError(RuntimeError):
 StepSink = Callable[[list[RequestOutput], list[bytes], list[bytes]], None]
 
 
+class StepCore(Protocol):
+    """What AsyncEngine and the worker use of a core: `EngineCore`, or `SimCore` (no model). All
+    methods run on the step thread; `counters()` and the attributes are also read from others."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Tokenizer
+    default_sampling: dict[str, float]
+    config: EngineConfig
+    kv: KVCacheManager
+    num_blocks: int
+    last_stats: StepStats
+
+    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        arrival_time: float | None = None,
+    ) -> None: ...
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]: ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def step(self) -> list[RequestOutput]: ...
+
+    def counters(self) -> CoreCounters: ...
+
+
 class AsyncEngine:
-    def __init__(self, core: EngineCore) -> None:
+    def __init__(self, core: StepCore) -> None:
         self.core = core
         self.model_name = core.model_name
         self.max_model_len = core.max_model_len

@@ -82,6 +82,19 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backend")
+    g.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "sim"],
+        help="torch: the model; sim: no model, tokens at a modeled speed (control-plane benchmarks)",
+    )
+    g.add_argument("--sim-step-ms", type=float, default=20.0, help="sim: wall time of one engine step")
+    g.add_argument("--sim-max-batch", type=int, default=256, help="sim: most sequences in one step")
+    g.add_argument("--sim-eos-prob", type=float, default=0.0, help="sim: chance per token of EOS")
+
+
 def add_server_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1")
@@ -126,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run all four services in one process (in-memory bus and store unless --bus/--store)"
     )
     add_engine_args(serve)
+    add_backend_args(serve)
     add_server_args(serve)
     add_cluster_args(serve, bus_required=False, store_required=False)
 
@@ -137,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
             add_server_args(p)
         add_cluster_args(p, bus_required=True, store_required=role != "tokenizer")
         if role == "worker":
+            add_backend_args(p)
             p.add_argument("--worker-id", default=None, help="stable id (default: random)")
         if role in ("worker", "scheduler"):
             p.add_argument(

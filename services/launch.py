@@ -183,13 +183,22 @@ async def _main(
 def _worker(
     args: argparse.Namespace, bus: Bus, store: Store, heartbeat: float, queues: Queues, metrics: Metrics
 ) -> _Service:
-    from engine.async_engine import AsyncEngine
+    from engine.async_engine import AsyncEngine, StepCore
     from engine.engine_core import EngineCore
     from engine.llm import make_engine_config
     from services.cli import engine_kwargs
     from services.worker import WorkerService
 
-    core = EngineCore(make_engine_config(args.model, **engine_kwargs(args)))
+    core: StepCore
+    if getattr(args, "backend", "torch") == "sim":
+        from engine.sim_engine import SimConfig, SimCore
+
+        model = _model_info(args)
+        sim = SimConfig(step_ms=args.sim_step_ms, max_batch=args.sim_max_batch, eos_prob=args.sim_eos_prob,
+                        seed=args.seed)  # fmt: skip
+        core = SimCore(model.tokenizer, model.name, model.max_model_len, sim, model.default_sampling)
+    else:
+        core = EngineCore(make_engine_config(args.model, **engine_kwargs(args)))
     return WorkerService(
         AsyncEngine(core),
         bus,
