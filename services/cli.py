@@ -178,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     from load.bench_serve import add_serve_args
 
     add_serve_args(bserve)
+    cp = bsub.add_parser(
+        "control-plane",
+        help="gateway/tokenizer/scheduler/RabbitMQ cost per token, with simulated workers (no model)",
+    )
+    from load.bench_control_plane import add_control_plane_args
+
+    add_control_plane_args(cp)
     return parser
 
 
@@ -206,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from load.bench_serve import run_serve
 
             return run_serve(args)
+        if args.command == "bench" and args.bench_command == "control-plane":
+            from load.bench_control_plane import run_control_plane_cli
+
+            return run_control_plane_cli(args)
     except ValueError as exc:  # user errors: one line naming the fix, no traceback
         print(f"pagoda: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,380 @@
+"""`pagoda bench control-plane`: what the gateway -> tokenizer -> scheduler -> worker path costs per
+token, measured with simulated workers (`pagoda worker --backend sim`) so no model gets in the way.
+
+It starts a gateway, tokenizers, a scheduler and N sim workers as subprocesses over the real
+RabbitMQ and Redis, in a namespace of its own; drives M concurrent streams through the OpenAI
+streaming API (closed loop: each stream sends its next request when the last one ends) for a
+fixed time at each level of `--streams`; and samples every process's CPU time over the level.
+The report: streamed tokens/s, the added latency per token (observed inter-token latency minus
+the modeled step time), TTFT, and CPU% per process (100% = one core), naming the busiest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from load.datasets import BenchTurn, sample_text
+from load.peers import free_port
+from load.proc_group import CpuWindow, ProcessGroup
+from load.serve_runner import LatencyStats, RequestRecord, ServeConfig, send_request
+
+SATURATED_PCT = 90.0  # CPU% of one core at which a single-threaded service counts as saturated
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    bus: str = "amqp://guest:guest@127.0.0.1:5672/"
+    store: str = "redis://127.0.0.1:6379/0"
+    namespace: str = ""  # "": a fresh one per run
+    model: str = ""  # whose tokenizer the services use ("": the demo model)
+    workers: int = 4
+    tokenizers: int = 1
+    streams: tuple[int, ...] = (100,)
+    duration_s: float = 10.0  # per level; streams then finish the request they are in
+    output_len: int = 64
+    prompt_words: int = 32
+    step_ms: float = 20.0
+    max_batch: int = 256
+    router: str = "prefix"
+    service_log_level: str = "WARNING"
+    startup_timeout_s: float = 300.0
+    request_timeout_s: float = 120.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.tokenizers < 1:
+            raise ValueError("--workers and --tokenizers must be at least 1")
+        if not self.streams or min(self.streams) < 1:
+            raise ValueError(f"--streams {self.streams}: give positive counts, e.g. 100,500,1000")
+        if self.duration_s <= 0 or self.output_len < 2:
+            raise ValueError("--duration must be positive and --output-len at least 2")
+
+
+@dataclass
+class LevelResult:
+    streams: int
+    requests: int  # completed
+    failed: int
+    duration_s: float
+    tokens: int  # completion tokens of completed requests, as the clients were told (usage)
+    chunks: int  # content chunks the clients received
+    server_tokens: int  # the gateway's vllm:generation_tokens over the level
+    tokens_per_s: float
+    ttft: LatencyStats
+    itl: LatencyStats
+    added_itl: LatencyStats  # itl - step time
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU% per process, 100 = one core
+    first_error: str = ""
+
+    @property
+    def busiest(self) -> tuple[str, float]:
+        name = max(self.cpu, key=lambda k: self.cpu[k]) if self.cpu else ""
+        return name, self.cpu.get(name, 0.0)
+
+
+# --- the stack ---------------------------------------------------------------------------------
+
+
+async def _probe(cfg: ControlPlaneConfig) -> None:
+    """Raise ConnectionError (one line naming the fix) when RabbitMQ or Redis cannot be reached."""
+    from services.bus import make_bus
+    from services.store import make_store
+
+    bus = make_bus(cfg.bus)
+    await bus.connect()
+    await bus.close()
+    store = make_store(cfg.store, prefix="probe:")
+    await store.connect()
+    await store.close()
+
+
+def start_stack(cfg: ControlPlaneConfig, ns: str, port: int) -> ProcessGroup:
+    common = ["--bus", cfg.bus, "--store", cfg.store, "--namespace", ns, "--router", cfg.router]
+    model = ["--model", cfg.model] if cfg.model else []
+    log = ["--log-level", cfg.service_log_level]
+    group = ProcessGroup()
+    group.start("gateway", *log, "gateway", *model, *common, "--port", str(port))
+    for i in range(cfg.tokenizers):
+        group.start(f"tokenizer-{i}", *log, "tokenizer", *model, *common)
+    group.start("scheduler", *log, "scheduler", *common)
+    sim = ["--backend", "sim", "--sim-step-ms", str(cfg.step_ms), "--sim-max-batch", str(cfg.max_batch)]
+    for i in range(cfg.workers):
+        group.start(f"worker-{i}", *log, "worker", *model, *common, *sim, "--worker-id", f"sim{i}")
+    return group
+
+
+def wait_ready(cfg: ControlPlaneConfig, group: ProcessGroup, base: str, ns: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(cfg.store)
+    deadline = time.monotonic() + cfg.startup_timeout_s
+    try:
+        while time.monotonic() < deadline:
+            group.check_alive()
+            with contextlib.suppress(httpx.HTTPError):
+                ready = httpx.get(base + "/health/ready", timeout=2.0).status_code == 200
+                if ready and int(r.scard(f"{ns}:workers")) >= cfg.workers:
+                    return
+            time.sleep(0.3)
+    finally:
+        r.close()
+    raise RuntimeError(f"the stack was not ready within --startup-timeout {cfg.startup_timeout_s:g}s")
+
+
+def cleanup(cfg: ControlPlaneConfig, ns: str) -> None:
+    """Delete the run's store keys and durable queues (the broker and store are shared)."""
+    import redis
+
+    r = redis.Redis.from_url(cfg.store)
+    with contextlib.suppress(Exception):
+        for key in r.scan_iter(f"{ns}:*"):
+            r.delete(key)
+    r.close()
+    names = [f"{ns}.tokenize", f"{ns}.schedule", *(f"{ns}.worker.sim{i}" for i in range(cfg.workers))]
+    with contextlib.suppress(Exception):
+        asyncio.run(_delete_queues(cfg.bus, names))
+
+
+async def _delete_queues(url: str, names: list[str]) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    try:
+        channel = await conn.channel()
+        for name in names:
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(name)
+    finally:
+        await conn.close()
+
+
+# --- one level ---------------------------------------------------------------------------------
+
+
+def generation_tokens(metrics_text: str) -> int:
+    """The sum of vllm:generation_tokens_total over its labels in a /metrics text."""
+    total = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == "vllm:generation_tokens":
+            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return int(total)
+
+
+async def _scrape_tokens(client: httpx.AsyncClient, base: str) -> int:
+    resp = await client.get(base + "/metrics", timeout=10.0)
+    resp.raise_for_status()
+    return generation_tokens(resp.text)
+
+
+async def run_level(
+    cfg: ControlPlaneConfig, group: ProcessGroup, base: str, model: str, m: int
+) -> LevelResult:
+    scfg = ServeConfig(
+        base_url=base, model=model, ignore_eos=True, tokenize=False, progress=False,
+        request_timeout_s=cfg.request_timeout_s,
+    )  # fmt: skip
+    limits = httpx.Limits(max_connections=m + 4, max_keepalive_connections=m + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout_s), limits=limits) as client:
+        before = await _scrape_tokens(client, base)
+        records: list[RequestRecord] = []
+        text = sample_text(cfg.prompt_words + 50).split()
+
+        async def stream(i: int, deadline: float) -> None:
+            n = 0
+            while time.perf_counter() < deadline:
+                words = " ".join(text[(i + n) % 50 :][: cfg.prompt_words])
+                turn = BenchTurn(({"role": "user", "content": f"{i}.{n} {words}"},), cfg.prompt_words,
+                                 cfg.output_len)  # fmt: skip
+                records.append(await send_request(client, scfg, model, turn))
+                n += 1
+
+        window = CpuWindow.begin(group)
+        start = time.perf_counter()
+        await asyncio.gather(*(stream(i, start + cfg.duration_s) for i in range(m)))
+        duration = time.perf_counter() - start
+        cpu = window.end(group)
+        after = before
+        for _ in range(20):  # the gateway counts a request's tokens as it closes the stream
+            after = await _scrape_tokens(client, base)
+            if after - before >= sum(r.completion_tokens for r in records if r.ok):
+                break
+            await asyncio.sleep(0.1)
+    return summarize_level(cfg, m, records, duration, cpu, after - before)
+
+
+def summarize_level(
+    cfg: ControlPlaneConfig,
+    m: int,
+    records: list[RequestRecord],
+    duration: float,
+    cpu: dict[str, float],
+    server_tokens: int,
+) -> LevelResult:
+    """Pure: one level's report from its request records."""
+    ok = [r for r in records if r.ok]
+    errors = [r for r in records if not r.ok]
+    tokens = sum(r.completion_tokens for r in ok)
+    step = cfg.step_ms / 1e3
+    gaps = [g for r in ok for g in r.itl_s]
+    return LevelResult(
+        streams=m,
+        requests=len(ok),
+        failed=len(errors),
+        duration_s=duration,
+        tokens=tokens,
+        chunks=sum(len(r.itl_s) + 1 for r in ok if r.completion_tokens),
+        server_tokens=server_tokens,
+        tokens_per_s=tokens / duration,
+        ttft=LatencyStats.of([r.ttft_s for r in ok]),
+        itl=LatencyStats.of(gaps),
+        added_itl=LatencyStats.of([g - step for g in gaps]),
+        cpu=cpu,
+        first_error=errors[0].error if errors else "",
+    )
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def run_control_plane(cfg: ControlPlaneConfig) -> dict[str, Any]:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+    asyncio.run(_probe(cfg))
+    ns = cfg.namespace or f"bench-cp-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    group = start_stack(cfg, ns, port)
+    levels: list[LevelResult] = []
+    codes: dict[str, int] = {}
+    try:
+        for name, url in (("rabbitmq", cfg.bus), ("redis", cfg.store)):
+            parsed = urlparse(url)
+            if parsed.hostname in ("127.0.0.1", "localhost") and parsed.port:
+                group.watch_listener(name, parsed.port)
+        group.external["bench client"] = psutil.Process()
+        t0 = time.perf_counter()
+        wait_ready(cfg, group, base, ns)
+        _say(
+            cfg, f"stack ready in {time.perf_counter() - t0:.1f}s: namespace {ns}, {cfg.workers} sim workers"
+        )
+        model = str(httpx.get(base + "/v1/models", timeout=10.0).json()["data"][0]["id"])
+        for m in cfg.streams:
+            level = asyncio.run(run_level(cfg, group, base, model, m))
+            group.check_alive()
+            levels.append(level)
+            name, pct = level.busiest
+            _say(cfg, f"{m} streams: {level.tokens_per_s:.0f} tok/s, added ITL p99 "
+                      f"{level.added_itl.p99:.2f} ms, busiest {name} {pct:.0f}%")  # fmt: skip
+    finally:
+        codes = group.stop()
+        cleanup(cfg, ns)
+    meta = {k: v for k, v in asdict(cfg).items() if k not in ("progress",)}
+    return {
+        "config": meta | {"namespace": ns},
+        "levels": [_level_dict(lv) for lv in levels],
+        "exit_codes": codes,
+    }
+
+
+def _level_dict(lv: LevelResult) -> dict[str, Any]:
+    return asdict(lv) | {"busiest": list(lv.busiest)}
+
+
+def _say(cfg: ControlPlaneConfig, text: str) -> None:
+    if cfg.progress:
+        print(text, flush=True)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    lines = [
+        " Control-plane benchmark (simulated workers) ".center(96, "="),
+        f"{cfg['workers']} sim workers (step {cfg['step_ms']:g} ms, batch <= {cfg['max_batch']}), "
+        f"{cfg['tokenizers']} tokenizer(s), router {cfg['router']}, {cfg['output_len']} tokens per request",
+        f"{'streams':>8}{'req ok':>8}{'failed':>7}{'tok/s':>10}{'+ITL p50':>10}{'+ITL p99':>10}"
+        f"{'TTFT p50':>10}{'TTFT p99':>10}  busiest process (CPU%, 100 = one core)",
+    ]
+    for lv in report["levels"]:
+        a, t = lv["added_itl"], lv["ttft"]
+        name, pct = lv["busiest"]
+        flag = " SATURATED" if pct >= SATURATED_PCT else ""
+        lines.append(
+            f"{lv['streams']:>8}{lv['requests']:>8}{lv['failed']:>7}{lv['tokens_per_s']:>10.0f}"
+            f"{a['p50']:>10.2f}{a['p99']:>10.2f}{t['p50']:>10.1f}{t['p99']:>10.1f}  {name} {pct:.0f}%{flag}"
+        )
+    lines.append("+ITL: observed inter-token latency minus the modeled step time (ms)")
+    for lv in report["levels"]:
+        cpu = ", ".join(f"{k} {v:.0f}" for k, v in sorted(lv["cpu"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"CPU% at {lv['streams']} streams: {cpu}")
+        if lv["first_error"]:
+            lines.append(f"  first error: {lv['first_error']}")
+        if lv["server_tokens"] != lv["tokens"]:
+            lines.append(f"  gateway counted {lv['server_tokens']} tokens, clients {lv['tokens']}")
+    lines.append("=" * 96)
+    return "\n".join(lines)
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def add_control_plane_args(p: argparse.ArgumentParser) -> None:
+    d = ControlPlaneConfig()
+    s = p.add_argument_group("stack")
+    s.add_argument("--bus", default=d.bus, help="RabbitMQ URL")
+    s.add_argument("--store", default=d.store, help="Redis URL")
+    s.add_argument("--namespace", default="", help="queue/key prefix (default: a fresh one)")
+    s.add_argument("--model", default="", help="whose tokenizer the services load (default: the demo model)")
+    s.add_argument("--workers", type=int, default=d.workers, help="sim worker processes")
+    s.add_argument("--tokenizers", type=int, default=d.tokenizers, help="tokenizer processes")
+    s.add_argument("--router", default=d.router, choices=["prefix", "least-load", "round-robin"])
+    s.add_argument("--sim-step-ms", type=float, default=d.step_ms, help="modeled engine step time")
+    s.add_argument("--sim-max-batch", type=int, default=d.max_batch, help="sequences per sim step")
+    s.add_argument("--service-log-level", default=d.service_log_level, help="log level of the services")
+    s.add_argument("--startup-timeout", type=float, default=d.startup_timeout_s)
+    ld = p.add_argument_group("load")
+    ld.add_argument(
+        "--streams", default="100", help="concurrent streams; a comma list sweeps, e.g. 100,500,1000"
+    )
+    ld.add_argument("--duration", type=float, default=d.duration_s, help="seconds per level")
+    ld.add_argument("--output-len", type=int, default=d.output_len, help="tokens per request")
+    ld.add_argument("--prompt-len", type=int, default=d.prompt_words, help="prompt words per request")
+    ld.add_argument("--timeout", type=float, default=d.request_timeout_s, help="seconds allowed per request")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def config_from_args(args: argparse.Namespace) -> ControlPlaneConfig:
+    try:
+        streams = tuple(int(x) for x in str(args.streams).split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--streams {args.streams!r}: give counts like 100,500,1000") from None
+    return ControlPlaneConfig(
+        bus=args.bus, store=args.store, namespace=args.namespace, model=args.model, workers=args.workers,
+        tokenizers=args.tokenizers, streams=streams, duration_s=args.duration, output_len=args.output_len,
+        prompt_words=args.prompt_len, step_ms=args.sim_step_ms, max_batch=args.sim_max_batch,
+        router=args.router, service_log_level=args.service_log_level,
+        startup_timeout_s=args.startup_timeout, request_timeout_s=args.timeout, progress=not args.json,
+    )  # fmt: skip
+
+
+def run_control_plane_cli(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    try:
+        report = run_control_plane(cfg)
+    except RuntimeError as exc:  # a service died or never got ready: its log tail is in the message
+        print(f"pagoda: error: {exc}")
+        return 1
+    print(json.dumps(report) if args.json else format_report(report))
+    ok = report["levels"] and all(lv["requests"] and not lv["failed"] for lv in report["levels"])
+    return 0 if ok else 1
