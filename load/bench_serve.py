@@ -65,6 +65,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--slo", default=None, help="goodput bounds in ms, e.g. ttft=500,tpot=50,e2e=10000")
     out.add_argument("--json", action="store_true", help="print one JSON object, no progress bar")
+    out.add_argument(
+        "--plot", default=None, metavar="PNG", help="write latency histograms and throughput over time here"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -189,6 +192,7 @@ def run_serve(args: argparse.Namespace) -> int:
     result = asyncio.run(run_benchmark(cfg))
     if peer is None:
         print(json.dumps(result.to_dict()) if args.json else format_result(result))
+        _plot(args, {"pagoda": result})
         return 0 if result.completed else 1
     if not args.json:
         print(format_result(result), flush=True)
@@ -209,4 +213,17 @@ def run_serve(args: argparse.Namespace) -> int:
         print(format_result(peer_result))
         print()
         print(format_comparison(result, peer_result, peer.name))
+    _plot(args, {"pagoda": result, peer.name: peer_result})
     return 0 if result.completed and peer_result.completed else 1
+
+
+def _plot(args: argparse.Namespace, results: dict[str, BenchResult]) -> None:
+    if not getattr(args, "plot", None):
+        return
+    from load.plots import plot_serve
+
+    meta = next(iter(results.values())).meta
+    title = f"{meta.get('model', '')}: {meta.get('dataset', '')}, concurrency {meta.get('concurrency')}"
+    path = plot_serve({name: r.records for name, r in results.items()}, args.plot, title)
+    if not args.json:
+        print(f"plot: {path}")

@@ -141,9 +141,13 @@ class BenchResult:
     first_error: str = ""
     slo: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # model, endpoint, dataset, ... of the run
+    # the per-request records (for --plot); not in to_dict()
+    records: list[RequestRecord] = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(replace(self, records=[]))
+        del out["records"]
+        return out
 
 
 def _meets(rec: RequestRecord, slo: dict[str, float]) -> bool:
@@ -384,4 +388,4 @@ async def run_benchmark(cfg: ServeConfig, client: httpx.AsyncClient | None = Non
         "tokens_per_word": round(spec.tokens_per_word, 4),
         "length_source": "tokenize" if tpw else "words",
     }
-    return replace(result, meta=meta)
+    return replace(result, meta=meta, records=records)
