@@ -64,6 +64,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     peer.add_argument("--peer-threads", type=int, default=2, help="peer CPU threads")
     out = p.add_argument_group("output")
     out.add_argument("--slo", default=None, help="goodput bounds in ms, e.g. ttft=500,tpot=50,e2e=10000")
+    out.add_argument(
+        "--metrics-url",
+        action="append",
+        default=None,
+        help="Prometheus /metrics to sample KV cache figures from during the run (repeatable; "
+        "default: the server's own /metrics; in a cluster give each worker's --metrics-port)",
+    )
     out.add_argument("--json", action="store_true", help="print one JSON object, no progress bar")
     out.add_argument(
         "--plot", default=None, metavar="PNG", help="write latency histograms and throughput over time here"
@@ -95,6 +102,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         request_timeout_s=args.timeout,
         max_duration_s=args.max_duration,
         progress=not args.json,
+        metrics_urls=tuple(args.metrics_url or ()),
     )
 
 
@@ -122,6 +130,11 @@ def format_result(r: BenchResult) -> str:
         lines.append(f" {name} (ms) ".center(56, "-"))
         for label, v in (("Mean", s.mean), ("P50", s.p50), ("P90", s.p90), ("P99", s.p99)):
             lines.append(f"{label + ' ' + name + ' (ms):':<40}{v:>16.2f}")
+    if r.kv and "live_ratio_mean" in r.kv:
+        lines.append(" KV cache (sampled from /metrics) ".center(56, "-"))
+        lines.append(f"{'Peak usage (blocks in use / total):':<40}{r.kv['peak_usage']:>16.3f}")
+        lines.append(f"{'Live-token ratio at peak usage:':<40}{r.kv['live_ratio_at_peak']:>16.3f}")
+        lines.append(f"{'Live-token ratio, mean over the run:':<40}{r.kv['live_ratio_mean']:>16.3f}")
     if r.first_error:
         lines.append(f"First error: {r.first_error}")
     lines.append("=" * 56)
@@ -177,6 +190,7 @@ def _peer_config(cfg: ServeConfig, ours: BenchResult, base_url: str) -> ServeCon
         api_key=None,
         tokenize=False,
         min_tokens_for_eos=True,
+        metrics_urls=(),
         dataset=replace(cfg.dataset, tokens_per_word=tpw),
     )
 

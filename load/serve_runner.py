@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from load.datasets import BenchTurn, Conversation, DatasetSpec, load_dataset, sample_text
+from load.server_metrics import KvSampler, summarize_kv
 
 SLO_KEYS = ("ttft", "tpot", "e2e")
 
@@ -64,6 +65,9 @@ class ServeConfig:
     request_timeout_s: float = 300.0  # total per request
     max_duration_s: float = 3600.0  # total for the run; unfinished requests count as errors
     progress: bool = True
+    # /metrics URLs to sample the KV cache from while the run goes (() : the server's own /metrics)
+    metrics_urls: tuple[str, ...] = ()
+    kv_metrics: bool = True
 
     def __post_init__(self) -> None:
         if self.endpoint not in ("chat", "completions"):
@@ -143,6 +147,8 @@ class BenchResult:
     meta: dict[str, Any] = field(default_factory=dict)  # model, endpoint, dataset, ... of the run
     # the per-request records (for --plot); not in to_dict()
     records: list[RequestRecord] = field(default_factory=list, repr=False, compare=False)
+    # KV cache figures sampled from the server's /metrics (load/server_metrics.py); None: not exposed
+    kv: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(replace(self, records=[]))
@@ -372,7 +378,12 @@ async def run_benchmark(cfg: ServeConfig, client: httpx.AsyncClient | None = Non
         convs = load_dataset(spec)
         if not convs:
             raise ValueError(f"dataset {spec.name!r} gave no requests")
-        records, duration = await _drive(client, cfg, model, convs)
+        sampler = KvSampler(client, list(cfg.metrics_urls) or [cfg.root + "/metrics"])
+        sampling = cfg.kv_metrics and await sampler.start()
+        try:
+            records, duration = await _drive(client, cfg, model, convs)
+        finally:
+            await sampler.stop()
     finally:
         if own:
             await client.aclose()
@@ -388,4 +399,5 @@ async def run_benchmark(cfg: ServeConfig, client: httpx.AsyncClient | None = Non
         "tokens_per_word": round(spec.tokens_per_word, 4),
         "length_source": "tokenize" if tpw else "words",
     }
-    return replace(result, meta=meta, records=records)
+    kv = summarize_kv(sampler.samples) if sampling else None
+    return replace(result, meta=meta, records=records, kv=kv)
