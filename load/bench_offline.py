@@ -101,39 +101,12 @@ def _label(llm: Any) -> str:
 
 
 def bench_hf(args: argparse.Namespace, prompts: list[list[int]], gguf_path: str) -> OfflineResult:
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError as exc:
-        raise ValueError("--peer hf needs transformers: pip install transformers") from exc
-    import os
+    from load.hf_peer import load_hf_model, run_static
 
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=getattr(torch, args.hf_dtype)
-    ).eval()
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    bsz = args.hf_batch_size or len(prompts)
-
-    def run(batch: list[list[int]], new: int) -> int:
-        width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-        return int(out.shape[0] * (out.shape[1] - width))
-
-    run(prompts[:2], 4)  # warm-up
-    t0 = time.perf_counter()
-    out_tokens = sum(run(prompts[i : i + bsz], args.output_len) for i in range(0, len(prompts), bsz))
-    seconds = time.perf_counter() - t0
+    model = load_hf_model(gguf_path, args.hf_dtype)
+    run = run_static(model, prompts, [args.output_len] * len(prompts), args.hf_batch_size or len(prompts))
     return OfflineResult(
-        f"hf-generate-{args.hf_dtype}", len(prompts), sum(map(len, prompts)), out_tokens, seconds
+        f"hf-generate-{args.hf_dtype}", len(prompts), run.prompt_tokens, run.output_tokens, run.seconds
     )
 
 
@@ -148,8 +121,6 @@ def run_offline(args: argparse.Namespace) -> int:
     ]
     results = [bench_pagoda(args, prompts)]
     if args.peer == "hf":
-        if not source.endswith(".gguf"):
-            raise ValueError("--peer hf is wired for GGUF models; pass a .gguf --model")
         results.append(bench_hf(args, prompts, source))
     system = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "

@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import os
+import shlex
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -53,11 +54,26 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="send ignore_eos: true (pagoda, vLLM; a --peer gets min_tokens too)",
     )
     peer = p.add_argument_group("peer")
+    t.add_argument(
+        "--launch",
+        default=None,
+        metavar="SERVE_ARGS",
+        help="start `pagoda serve SERVE_ARGS` on a free port as the target instead of --base-url (e.g. "
+        '--launch "--quantization int4"; "" for the defaults); it is stopped before a --peer runs',
+    )
     peer.add_argument(
         "--peer",
-        choices=["none", *PEERS],
+        choices=["none", *PEERS, "hf"],
         default="none",
-        help="after the --base-url run, start this server on a free port, run the same requests, compare",
+        help="after the run, start this server on a free port, run the same requests, compare; "
+        "pagoda-no-prefix-cache is pagoda (with the --launch args) without prefix caching; "
+        "hf runs the prompts in-process through transformers' generate_batch and generate",
+    )
+    peer.add_argument(
+        "--hf-dtype", default="float32", choices=["float32", "bfloat16"], help="--peer hf dtype"
+    )
+    peer.add_argument(
+        "--hf-max-batch-tokens", type=int, default=512, help="--peer hf: generate_batch tokens per step"
     )
     peer.add_argument("--peer-model", default=None, help="GGUF file for the peer (default: the demo model)")
     peer.add_argument("--peer-n-ctx", type=int, default=4096, help="peer context length")
@@ -197,13 +213,24 @@ def _peer_config(cfg: ServeConfig, ours: BenchResult, base_url: str) -> ServeCon
 
 def run_serve(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    launch = shlex.split(args.launch) if args.launch is not None else None
     peer = None
-    if args.peer != "none":
+    if args.peer not in ("none", "hf"):
         peer = peers.make_peer(
-            args.peer, model_path=args.peer_model, n_ctx=args.peer_n_ctx, n_threads=args.peer_threads
+            args.peer,
+            model_path=args.peer_model,
+            n_ctx=args.peer_n_ctx,
+            n_threads=args.peer_threads,
+            serve_args=launch or (),
         )
         peer.check()  # fail before the first run, not after it
-    result = asyncio.run(run_benchmark(cfg))
+    if launch is None:
+        result = asyncio.run(run_benchmark(cfg))
+    else:
+        with peers.PagodaServer("pagoda", launch) as target:
+            result = asyncio.run(run_benchmark(replace(cfg, base_url=target.base_url)))
+    if args.peer == "hf":
+        return run_hf_comparison(args, cfg, result)
     if peer is None:
         print(json.dumps(result.to_dict()) if args.json else format_result(result))
         _plot(args, {"pagoda": result})
@@ -227,6 +254,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print(format_result(peer_result))
         print()
         print(format_comparison(result, peer_result, peer.name))
+        if peer.name == "pagoda-no-prefix-cache" and result.ttft.p50 > 0:
+            gain = peer_result.ttft.p50 / result.ttft.p50
+            print(f"Prefix caching: TTFT p50 {gain:.2f}x lower with it than without")
     _plot(args, {"pagoda": result, peer.name: peer_result})
     return 0 if result.completed and peer_result.completed else 1
 
@@ -241,3 +271,30 @@ def _plot(args: argparse.Namespace, results: dict[str, BenchResult]) -> None:
     path = plot_serve({name: r.records for name, r in results.items()}, args.plot, title)
     if not args.json:
         print(f"plot: {path}")
+
+
+def run_hf_comparison(args: argparse.Namespace, cfg: ServeConfig, result: BenchResult) -> int:
+    """--peer hf: the run's prompts (pagoda's tokenizer and chat template) through transformers
+    in-process, output tok/s of generate_batch and generate against the server's."""
+    from engine.loader import demo_model_path, load_checkpoint
+    from load.datasets import load_dataset
+    from load.hf_peer import format_hf_comparison, hf_comparison, load_hf_model, run_hf_peer, turn_ids
+
+    if not args.json:
+        print(format_result(result), flush=True)
+    path = args.peer_model or demo_model_path()
+    model = load_hf_model(path, args.hf_dtype)
+    tpw = float(result.meta.get("tokens_per_word") or cfg.dataset.tokens_per_word)
+    turns = [t for conv in load_dataset(replace(cfg.dataset, tokens_per_word=tpw)) for t in conv]
+    tok = load_checkpoint(path).tokenizer
+    prompts = [turn_ids(tok, t, cfg.endpoint) for t in turns]
+    runs = run_hf_peer(model, prompts, [t.output_len for t in turns], cfg.concurrency or len(turns),
+                       args.hf_max_batch_tokens)  # fmt: skip
+    table = hf_comparison(result.output_throughput, runs)
+    if args.json:
+        print(json.dumps({"pagoda": result.to_dict(), "hf": table}))
+    else:
+        print()
+        print(format_hf_comparison(table))
+    _plot(args, {"pagoda": result})
+    return 0 if result.completed else 1

@@ -2,8 +2,9 @@
 the same model, on a free 127.0.0.1 port, so both are measured with the same requests in one run.
 
 A peer is a small object with `start()` (blocks until it answers), `stop()` and `base_url`; it is
-also a context manager. Only llama.cpp (through the `llama-cpp-python` package, an optional
-benchmark dependency) is here now; an HF peer can be added to `PEERS` later.
+also a context manager. Peers: llama.cpp (through the `llama-cpp-python` package, an optional
+benchmark dependency) and pagoda itself with prefix caching off; HF transformers runs in-process
+instead (load/hf_peer.py).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Protocol
+from typing import IO, Protocol, Self
 
 import httpx
 
@@ -52,7 +53,101 @@ _LLAMACPP_MODULES = ("llama_cpp", "sse_starlette", "starlette_context", "pydanti
 LLAMACPP_FIX = "pip install 'llama-cpp-python[server]'"
 
 
-class LlamaCppPeer:
+class ServerProcess:
+    """An OpenAI-compatible server run as a subprocess on a free port: `command()` builds its
+    argv, `start()` blocks until `ready_path` answers 200, `stop()` ends it (SIGTERM, then kill).
+    The output goes to a temporary log, kept (and quoted in the error) if the start fails."""
+
+    name = "server"
+    ready_path = "/v1/models"
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int | None = None, startup_timeout_s: float = 300.0
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.startup_timeout_s = startup_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._keep_log = False
+
+    @property
+    def base_url(self) -> str:
+        assert self.port is not None, "start() the peer first"
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise PeerError naming the fix when the server cannot run here; starts nothing."""
+
+    def start(self) -> None:
+        self.check()
+        if self.port is None:
+            self.port = free_port(self.host)
+        slug = self.name.replace(".", "").replace(" ", "-")
+        self._log = tempfile.NamedTemporaryFile(prefix=f"pagoda-peer-{slug}-", suffix=".log", delete=False)
+        self._proc = subprocess.Popen(
+            self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self._keep_log = True
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            code = self._proc.poll()
+            if code is not None:
+                raise PeerError(f"{self.name} server exited with code {code} at startup: {self._log_tail()}")
+            try:
+                if httpx.get(self.base_url + self.ready_path, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise PeerError(
+            f"{self.name} server not ready within {self.startup_timeout_s:g} s: {self._log_tail()}"
+        )
+
+    def _log_tail(self, chars: int = 400) -> str:
+        if self._log is None:
+            return ""
+        self._log.flush()
+        text = Path(self._log.name).read_bytes()[-chars:].decode(errors="replace")
+        return " | ".join(line for line in text.splitlines() if line.strip()) + f" (log: {self._log.name})"
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15.0)
+        if self._log is not None:
+            self._log.close()
+            if not self._keep_log:  # keep the log of a server that failed to start
+                os.unlink(self._log.name)
+            self._log = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class LlamaCppPeer(ServerProcess):
     """llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) on a GGUF file.
 
     The chat template comes from the GGUF's `tokenizer.chat_template` metadata (no --chat_format).
@@ -70,21 +165,12 @@ class LlamaCppPeer:
         host: str = "127.0.0.1",
         port: int | None = None,
         startup_timeout_s: float = 300.0,
+        serve_args: Sequence[str] = (),
     ) -> None:
+        super().__init__(host, port, startup_timeout_s)
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.n_threads = n_threads
-        self.host = host
-        self.port = port
-        self.startup_timeout_s = startup_timeout_s
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._keep_log = False
-
-    @property
-    def base_url(self) -> str:
-        assert self.port is not None, "start() the peer first"
-        return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
         assert self.model_path and self.port is not None
@@ -120,74 +206,61 @@ class LlamaCppPeer:
         if not Path(self.model_path).is_file():
             raise PeerError(f"--peer-model {self.model_path!r} is not a file; pass a .gguf file")
 
-    def start(self) -> None:
-        self.check()
-        if self.port is None:
-            self.port = free_port(self.host)
-        self._log = tempfile.NamedTemporaryFile(prefix="pagoda-peer-llamacpp-", suffix=".log", delete=False)
-        self._proc = subprocess.Popen(
-            self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self._keep_log = True
-            self.stop()
-            raise
 
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            code = self._proc.poll()
-            if code is not None:
-                raise PeerError(f"llama.cpp server exited with code {code} at startup: {self._log_tail()}")
-            try:
-                if httpx.get(self.base_url + "/v1/models", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise PeerError(f"llama.cpp server not ready within {self.startup_timeout_s:g} s: {self._log_tail()}")
+class PagodaServer(ServerProcess):
+    """`pagoda serve` with `serve_args` (and `extra_args`, e.g. --no-enable-prefix-caching) on a
+    free port: the target of `bench serve --launch`, or a peer that differs in one setting."""
 
-    def _log_tail(self, chars: int = 400) -> str:
-        if self._log is None:
-            return ""
-        self._log.flush()
-        text = Path(self._log.name).read_bytes()[-chars:].decode(errors="replace")
-        return " | ".join(line for line in text.splitlines() if line.strip()) + f" (log: {self._log.name})"
+    ready_path = "/health/ready"
 
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15.0)
-        if self._log is not None:
-            self._log.close()
-            if not self._keep_log:  # keep the log of a server that failed to start
-                os.unlink(self._log.name)
-            self._log = None
-
-    def __enter__(self) -> LlamaCppPeer:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    def __init__(
+        self,
+        name: str = "pagoda",
+        serve_args: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        model_path: str | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        startup_timeout_s: float = 600.0,
     ) -> None:
-        self.stop()
+        super().__init__(host, port, startup_timeout_s)
+        self.name = name
+        self.serve_args = list(serve_args)
+        self.extra_args = list(extra_args)
+        self.model_path = model_path
+
+    def command(self) -> list[str]:
+        assert self.port is not None
+        model = ["--model", self.model_path] if self.model_path else []
+        return [
+            sys.executable, "-m", "services.cli", "serve", *model, *self.serve_args, *self.extra_args,
+            "--host", self.host, "--port", str(self.port),
+        ]  # fmt: skip
 
 
-PEERS: dict[str, Callable[..., Peer]] = {"llamacpp": LlamaCppPeer}
+def pagoda_no_prefix_cache(
+    model_path: str | None = None, n_ctx: int = 4096, n_threads: int = 2, serve_args: Sequence[str] = ()
+) -> PagodaServer:
+    """pagoda itself with prefix caching off: with --launch, the same server as the target but for
+    that one setting, so the TTFT ratio is what prefix caching buys."""
+    return PagodaServer("pagoda-no-prefix-cache", serve_args, ["--no-enable-prefix-caching"], model_path)
 
 
-def make_peer(name: str, model_path: str | None = None, n_ctx: int = 4096, n_threads: int = 2) -> Peer:
+PEERS: dict[str, Callable[..., Peer]] = {
+    "llamacpp": LlamaCppPeer,
+    "pagoda-no-prefix-cache": pagoda_no_prefix_cache,
+}
+
+
+def make_peer(
+    name: str,
+    model_path: str | None = None,
+    n_ctx: int = 4096,
+    n_threads: int = 2,
+    serve_args: Sequence[str] = (),
+) -> Peer:
     try:
         cls = PEERS[name]
     except KeyError:
         raise PeerError(f"--peer {name!r}: choose one of {', '.join(PEERS)}") from None
-    return cls(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads)
+    return cls(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, serve_args=serve_args)

@@ -1,0 +1,83 @@
+"""bench serve's own peers: pagoda started twice (--launch, then without prefix caching) on the
+sim backend, and HF transformers in-process (generate_batch and generate) on a tiny run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import pytest
+
+from load.datasets import BenchTurn
+from load.hf_peer import HfRun, format_hf_comparison, hf_comparison, turn_ids
+from load.peers import PEERS, PagodaServer
+from services.cli import main
+from tests.unit.test_bench_serve import FakeOpenAI, fake  # noqa: F401  (the fixture)
+
+
+def test_pagoda_peer_command() -> None:
+    peer = PEERS["pagoda-no-prefix-cache"](model_path=None, serve_args=["--backend", "sim"])
+    assert isinstance(peer, PagodaServer) and peer.name == "pagoda-no-prefix-cache"
+    peer.port = 1234
+    assert peer.command() == [
+        sys.executable, "-m", "services.cli", "serve", "--backend", "sim", "--no-enable-prefix-caching",
+        "--host", "127.0.0.1", "--port", "1234",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow  # two `pagoda serve` starts
+def test_launch_and_no_prefix_cache_peer(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "bench", "serve", "--launch", "--backend sim --sim-step-ms 2", "--peer", "pagoda-no-prefix-cache",
+        "--dataset", "multi-turn", "--num-prompts", "4", "--num-turns", "2", "--system-len", "64",
+        "--input-len", "16", "--output-len", "4", "--concurrency", "2", "--ignore-eos", "--json",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    ours, peer = out["pagoda"], out["peer"]
+    assert peer["name"] == "pagoda-no-prefix-cache"
+    assert ours["completed"] == peer["completed"] == 4
+    assert ours["output_tokens"] == peer["output_tokens"] == 16
+    assert ours["input_tokens"] == peer["input_tokens"]  # the same prompts, the same tokenizer
+    assert out["comparison"]["TTFT p50 (ms)"]["ratio"] > 0
+    assert ours["meta"]["base_url"] != peer["meta"]["base_url"]
+
+
+def test_hf_peer_tiny_run(
+    hf_demo_model: Any,
+    demo_checkpoint: Any,
+    fake: tuple[FakeOpenAI, str],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import engine.loader
+    import load.hf_peer
+
+    monkeypatch.setattr(load.hf_peer, "load_hf_model", lambda path, dtype: hf_demo_model)
+    monkeypatch.setattr(engine.loader, "load_checkpoint", lambda path: demo_checkpoint)
+    _, url = fake
+    argv = ["bench", "serve", "--base-url", url, "--peer", "hf", "--num-prompts", "2", "--input-len", "8",
+            "--output-len", "3", "--concurrency", "2", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["pagoda"]["completed"] == 2
+    hf = out["hf"]
+    assert list(hf) == ["pagoda (server)", "hf-generate_batch", "hf-generate"]
+    for name in ("hf-generate_batch", "hf-generate"):
+        assert hf[name]["output_tokens"] == 6 and hf[name]["seconds"] > 0
+        assert hf[name]["ratio"] == pytest.approx(
+            out["pagoda"]["output_throughput"] / hf[name]["output_tok_s"]
+        )
+
+
+def test_turn_ids_and_table(demo_checkpoint: Any) -> None:
+    tok = demo_checkpoint.tokenizer
+    turn = BenchTurn(({"role": "user", "content": "hello there"},), 8, 4)
+    chat = turn_ids(tok, turn, "chat")
+    assert tok.decode(chat).count("hello there") == 1 and len(chat) > len(tok.encode("hello there"))
+    assert turn_ids(tok, turn, "completions") == tok.encode("hello there")
+    runs = [HfRun("hf-generate", 2, 10, 8, 2.0)]
+    table = hf_comparison(8.0, runs)
+    assert table["hf-generate"]["ratio"] == 2.0  # 8 tok/s against 4
+    assert "2.00x" in format_hf_comparison(table)
