@@ -11,7 +11,7 @@ from kernels.runtime import next_pow2
 
 
 @triton.jit
-def _reshape_and_cache_kernel(
+def _reshape_and_cache_kernel(  # type: ignore[no-untyped-def]
     k_ptr,  # [num_tokens, kv_heads, head_dim], rows contiguous
     v_ptr,
     k_cache_ptr,  # [num_blocks, block_size, kv_heads, head_dim], contiguous

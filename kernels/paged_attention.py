@@ -26,7 +26,7 @@ from kernels.runtime import dot_upcast, next_pow2
 
 
 @triton.jit
-def _attend_tile(
+def _attend_tile(  # type: ignore[no-untyped-def]
     q, acc, m_i, l_i, n, visible, blk, k_cache_ptr, v_cache_ptr, kv_head, d, d_ok,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale,
     BLOCK_SIZE: tl.constexpr, UPCAST: tl.constexpr,
@@ -62,7 +62,7 @@ def _attend_tile(
 
 
 @triton.jit
-def _unified_attention_kernel(
+def _unified_attention_kernel(  # type: ignore[no-untyped-def]
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
@@ -114,7 +114,7 @@ def _unified_attention_kernel(
 
 
 @triton.jit
-def _paged_decode_kernel(
+def _paged_decode_kernel(  # type: ignore[no-untyped-def]
     out_ptr, part_o_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     scale, tiles_per_split,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -170,7 +170,7 @@ def _paged_decode_kernel(
 
 
 @triton.jit
-def _reduce_splits_kernel(
+def _reduce_splits_kernel(  # type: ignore[no-untyped-def]
     out_ptr, part_o_ptr, part_lse_ptr, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):  # fmt: skip
