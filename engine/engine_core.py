@@ -16,6 +16,7 @@ import torch
 from engine.attention import get_backend
 from engine.catalog import generation_defaults
 from engine.config import EngineConfig, resolve_dtype, validate_max_model_len
+from engine.cuda_graphs import capture_sizes
 from engine.kv_cache_manager import KVCacheManager
 from engine.loader import Checkpoint, load_checkpoint
 from engine.model_runner import ModelRunner, kv_bytes_per_block
@@ -112,14 +113,17 @@ class EngineCore:
         self.eos_token_ids = eos
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, eos)
+        backend = get_backend(config.attention_backend, self.device)
         self.runner = ModelRunner(
             self.model,
-            get_backend(config.attention_backend, self.device),
+            backend,
             num_blocks,
             cache.block_size,
             self.dtype,
             self.device,
             eos,
+            capture_sizes(self.device, config.enforce_eager, backend, config.scheduler.max_num_seqs),
+            self.max_model_len,
         )
         logger.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB)",
