@@ -68,7 +68,8 @@ class EngineCore:
         self.device = config.resolved_device()
         self.quantization = resolve_quantization(config.quantization, self.device)
         # int8 dynamic linears take and give float32 activations
-        dtype_arg = "float32" if self.quantization == "int8" and config.dtype == "auto" else config.dtype
+        cpu_int8 = self.quantization == "int8" and self.device.type == "cpu"
+        dtype_arg = "float32" if cpu_int8 and config.dtype == "auto" else config.dtype
         self.dtype = resolve_dtype(dtype_arg, self.device, None)
         self.max_model_len = validate_max_model_len(config.max_model_len, arch.max_position_embeddings)
         t0 = time.perf_counter()

@@ -34,6 +34,14 @@ def add_kernels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--only", default=None, help="run only the kernels whose name contains this")
+    p.add_argument(
+        "--e2e",
+        action="store_true",
+        help="also: decode tokens/s of a random-weight Llama-3-8B-shaped model (toy model on CPU)",
+    )
+    p.add_argument("--e2e-batch", type=int, default=64)
+    p.add_argument("--e2e-output-len", type=int, default=128)
+    p.add_argument("--enforce-eager", action="store_true", help="e2e: no CUDA graphs")
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
@@ -231,4 +239,17 @@ def run_kernels(args: argparse.Namespace) -> int:
         if on_gpu and case.name == "paged_decode":
             line += f"  ({gbs * 1e9 / bw:.0%} of copy bandwidth)"
         print(line, flush=True)
+    if args.e2e:
+        from load.bench_decode import decode_throughput
+
+        backend = "auto" if on_gpu else "torch"
+        name, tok_s, steps = decode_throughput(
+            device, args.e2e_batch, 128, args.e2e_output_len, backend, args.enforce_eager
+        )
+        note = "" if on_gpu else " (toy model on CPU: not a performance figure)"
+        graphs = "eager" if args.enforce_eager or not on_gpu else "CUDA graphs"
+        print(
+            f"e2e decode: {name}, batch {args.e2e_batch}, prompt 128, {graphs}: "
+            f"{tok_s:.0f} tok/s over {steps} decode steps{note}"
+        )
     return 0

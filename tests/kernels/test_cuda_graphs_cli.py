@@ -77,8 +77,10 @@ def test_graph_replay_path_pads_and_matches_eager(tmp_path: Path) -> None:
 
 
 def test_bench_kernels_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "kernels", "--only", "rms_norm", "--dtype", "float32"]) == 0
+    argv = ["bench", "kernels", "--only", "rms_norm", "--dtype", "float32", "--e2e", "--e2e-batch", "2"]
+    assert main([*argv, "--e2e-output-len", "3"]) == 0
     out = capsys.readouterr().out
     assert "NOT performance figures" in out
     assert "rms_norm + residual" in out and "vs torch" in out
     assert "paged_decode" not in out  # --only filters
+    assert "e2e decode: random-llama-2x128, batch 2" in out and "over 2 decode steps" in out

@@ -45,3 +45,19 @@ def test_quantize_round_trip(bits: int, symmetric: bool, max_err: float) -> None
     rel = (deq - weight).abs().mean() / weight.abs().mean()
     assert max_err / 3 < rel < max_err, f"int{bits} relative error {rel:.4f}"
     assert qw.qweight.shape == (256 * bits // 32, 32) and qw.qweight.dtype == torch.int32
+
+
+def test_quant_linear_module() -> None:
+    """The nn.Linear twin the engine uses on a GPU: bias, a 3-D input, int4 within 10% of float."""
+    from torch import nn
+
+    from kernels.quant_gemm import QuantLinear
+
+    lin = nn.Linear(256, 40, bias=True).to(torch.float16)
+    q = QuantLinear(lin, bits=4)
+    x = torch.randn(2, 3, 256).to(torch.float16)
+    got = q(x)
+    assert got.shape == (2, 3, 40) and got.dtype == torch.float16
+    rel = (got.float() - lin(x).float()).norm() / lin(x).float().norm()
+    assert rel < 0.1, f"int4 linear relative error {rel:.3f}"
+    assert "int4 g128 sym" in repr(q)
