@@ -14,6 +14,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from kernels.runtime import check_triton, triton_installed
+
 
 @dataclass
 class AttentionMetadata:
@@ -28,6 +30,12 @@ class AttentionMetadata:
     prefill_query_lens: list[int]
     prefill_context_lens: list[int]  # tokens already in the cache before this chunk
     prefill_block_tables: list[torch.Tensor]  # [num_blocks_of_seq] int64 each
+    # The same batch as one varlen view (decodes first), for kernels that take every sequence at
+    # once (TritonAttention's unified kernel). Built by the runner; None when no backend needs it.
+    query_start_loc: torch.Tensor | None = None  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor | None = None  # [num_seqs] int32, context incl. this step's tokens
+    block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int32 (padded with 0)
+    max_query_len: int = 0
 
 
 class AttentionBackend(abc.ABC):
@@ -38,6 +46,14 @@ class AttentionBackend(abc.ABC):
     """
 
     name: ClassVar[str]
+    # The model's RMSNorm / rotary / SiLU-and-mul run as Triton kernels alongside this backend.
+    triton_layers: ClassVar[bool] = False
+    # Decode steps may be captured in CUDA graphs: forward() launches depend only on tensor shapes
+    # and decode_max_seq_len, and a negative slot or a zero decode_seq_len marks a padding row.
+    supports_cuda_graphs: ClassVar[bool] = False
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
 
     @abc.abstractmethod
     def forward(
@@ -62,13 +78,14 @@ def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
 
 
 def get_backend(name: str, device: torch.device) -> AttentionBackend:
+    """`auto`: Triton on a GPU where triton is installed, else the torch reference."""
     if name == "auto":
-        name = "torch"
+        name = "triton" if device.type == "cuda" and triton_installed() else "torch"
     if name not in _BACKENDS:
         raise ValueError(
             f"attention backend {name!r} is not available; choose one of {', '.join(sorted(_BACKENDS))}"
         )
-    return _BACKENDS[name]()
+    return _BACKENDS[name](device)
 
 
 @register_backend
@@ -131,4 +148,70 @@ class TorchAttention(AttentionBackend):
                 mask = torch.arange(total, device=q.device)[None, :] <= rows
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
             out[start : start + qlen] = o.transpose(0, 1)
+        return out
+
+
+@register_backend
+class TritonAttention(AttentionBackend):
+    """Triton kernels (kernels/): the KV write by slot mapping, then split-K paged decode for
+    decode-only steps and one unified varlen kernel for steps with prefill chunks (decodes in the
+    same launch). Needs a GPU, or TRITON_INTERPRET=1 on the CPU (tests)."""
+
+    name = "triton"
+    triton_layers = True
+    supports_cuda_graphs = True
+
+    def __init__(self, device: torch.device) -> None:
+        check_triton(device)
+        from kernels.kv_cache import reshape_and_cache
+        from kernels.paged_attention import decode_num_splits, paged_decode, unified_attention
+
+        self._write = reshape_and_cache
+        self._decode = paged_decode
+        self._unified = unified_attention
+        self._num_splits = decode_num_splits
+        super().__init__(device)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        self.num_sms = sms
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        self._write(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decode_tokens
+        if nd == q.shape[0]:  # decode only
+            splits = self._num_splits(nd, k_cache.shape[2], meta.decode_max_seq_len, self.num_sms)
+            self._decode(
+                out,
+                q,
+                k_cache,
+                v_cache,
+                meta.decode_block_tables,
+                meta.decode_seq_lens,
+                meta.decode_max_seq_len,
+                scale,
+                num_splits=splits,
+            )
+            return out
+        qsl, seq_lens, tables = meta.query_start_loc, meta.seq_lens, meta.block_tables
+        assert qsl is not None and seq_lens is not None and tables is not None, "no varlen metadata"
+        self._unified(
+            out,
+            q,
+            k_cache,
+            v_cache,
+            tables,
+            seq_lens,
+            qsl,
+            meta.max_query_len,
+            scale,
+        )
         return out

@@ -56,7 +56,8 @@ class EngineConfig:
     device: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"  # auto (Triton on a GPU) | torch | triton
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
     quantization: str = "auto"  # auto | none | int8 (engine.quantization)
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -68,6 +69,10 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but no CUDA device is visible; use --device cpu")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(
+                f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
 

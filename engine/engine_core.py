@@ -16,6 +16,7 @@ import torch
 from engine.attention import get_backend
 from engine.catalog import generation_defaults
 from engine.config import EngineConfig, resolve_dtype, validate_max_model_len
+from engine.cuda_graphs import capture_sizes
 from engine.kv_cache_manager import KVCacheManager
 from engine.loader import Checkpoint, load_checkpoint
 from engine.model_runner import ModelRunner, kv_bytes_per_block
@@ -70,7 +71,8 @@ class EngineCore:
         self.device = config.resolved_device()
         self.quantization = resolve_quantization(config.quantization, self.device)
         # int8 dynamic linears take and give float32 activations
-        dtype_arg = "float32" if self.quantization == "int8" and config.dtype == "auto" else config.dtype
+        cpu_int8 = self.quantization == "int8" and self.device.type == "cpu"
+        dtype_arg = "float32" if cpu_int8 and config.dtype == "auto" else config.dtype
         self.dtype = resolve_dtype(dtype_arg, self.device, None)
         self.max_model_len = validate_max_model_len(config.max_model_len, arch.max_position_embeddings)
         t0 = time.perf_counter()
@@ -115,14 +117,17 @@ class EngineCore:
         self.eos_token_ids = eos
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, eos)
+        backend = get_backend(config.attention_backend, self.device)
         self.runner = ModelRunner(
             self.model,
-            get_backend(config.attention_backend, self.device),
+            backend,
             num_blocks,
             cache.block_size,
             self.dtype,
             self.device,
             eos,
+            capture_sizes(self.device, config.enforce_eager, backend, config.scheduler.max_num_seqs),
+            self.max_model_len,
         )
         logger.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB)",

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata
+from engine.cuda_graphs import DecodeGraphs
+from engine.models.layers import use_triton_layers
 from engine.models.llama import LlamaForCausalLM
 from engine.sampler import Sampler, SamplingMetadata
 from engine.sampling_params import SamplingParams
@@ -33,6 +35,14 @@ def kv_bytes_per_block(
     return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def _padded(rows: list[list[int]], dtype: type) -> np.ndarray:
+    """Block tables as one [len(rows), longest] array, padded with block 0."""
+    table: np.ndarray = np.zeros((len(rows), max((len(r) for r in rows), default=0)), dtype=dtype)
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = r
+    return table
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -43,10 +53,13 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         eos_token_ids: tuple[int, ...],
+        graph_sizes: list[int] | None = None,
+        max_model_len: int = 0,
     ) -> None:
         cfg = model.cfg
         self.model = model
         self.backend = backend
+        use_triton_layers(model, backend.triton_layers)
         self.block_size = block_size
         self.device = device
         self.vocab_size = cfg.vocab_size
@@ -58,6 +71,13 @@ class ModelRunner:
         ]
         self.sampler = Sampler()
         self.requests: dict[str, _ReqState] = {}
+        self.graphs: DecodeGraphs | None = None
+        if graph_sizes:  # CUDA only (engine.cuda_graphs.capture_sizes)
+            max_blocks = -(-max_model_len // block_size)
+            self.graphs = DecodeGraphs(
+                model, backend, self.kv_caches, graph_sizes, max_blocks, max_model_len, device
+            )
+            self.graphs.capture()
 
     def _apply_diff(self, out: SchedulerOutput) -> None:
         for rid in out.finished_req_ids:
@@ -90,6 +110,8 @@ class ModelRunner:
         pf_lens: list[int] = []
         pf_ctx: list[int] = []
         pf_tables: list[torch.Tensor] = []
+        all_lens: list[int] = []
+        all_tables: list[list[int]] = []
         for rid, n in order:
             st = self.requests[rid]
             start = computed[rid]
@@ -98,6 +120,8 @@ class ModelRunner:
             blocks = np.asarray(st.block_ids, dtype=np.int64)
             pos_chunks.append(pos)
             slot_chunks.append(blocks[pos // bs] * bs + pos % bs)
+            all_lens.append(start + n)
+            all_tables.append(st.block_ids)
             if n == 1:
                 decode_lens.append(start + 1)
                 decode_tables.append(st.block_ids)
@@ -110,10 +134,11 @@ class ModelRunner:
                 sample_rows.append(rid)
                 logits_idx.append(len(ids) - 1)
         dev = self.device
-        max_blocks = max((len(t) for t in decode_tables), default=0)
-        table = np.zeros((len(decode_tables), max_blocks), dtype=np.int64)
-        for i, t in enumerate(decode_tables):
-            table[i, : len(t)] = t
+        table = _padded(decode_tables, np.int64)
+        # the same batch as one varlen view, for backends with a unified kernel
+        query_lens = [n for _, n in order]
+        query_start_loc = np.zeros(len(order) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=query_start_loc[1:])
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slot_chunks)).to(dev),
             num_decode_tokens=len(decode_lens),
@@ -124,10 +149,17 @@ class ModelRunner:
             prefill_query_lens=pf_lens,
             prefill_context_lens=pf_ctx,
             prefill_block_tables=pf_tables,
+            query_start_loc=torch.from_numpy(query_start_loc).to(dev),
+            seq_lens=torch.tensor(all_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(_padded(all_tables, np.int32)).to(dev),
+            max_query_len=max(query_lens),
         )
         input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
         positions = torch.from_numpy(np.concatenate(pos_chunks)).to(dev)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        if self.graphs is not None and not pf_starts and len(ids) <= self.graphs.max_batch:
+            hidden = self.graphs.replay(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
         if not sample_rows:
             return RunnerOutput()
         logits = self.model.compute_logits(hidden[torch.tensor(logits_idx, device=dev)])

@@ -30,8 +30,13 @@ def resolve_quantization(method: str, device: torch.device) -> str:
     """`auto` is `none` for now (see the module docstring for why not int8)."""
     if method not in METHODS:
         raise ValueError(f"quantization must be one of {', '.join(METHODS)}, got {method!r}")
-    if method in ("int8", "int4") and not int8_supported(device):
-        raise ValueError(f"--quantization {method} runs on CPU only (device is {device.type}); use none")
+    if method in ("int8", "int4") and device.type == "cuda":
+        from kernels.runtime import triton_installed
+
+        if not triton_installed():
+            raise ValueError(f"--quantization {method} on a GPU needs triton: pip install 'pagoda[triton]'")
+    elif method in ("int8", "int4") and not int8_supported(device):
+        raise ValueError(f"--quantization {method} is not available on {device.type}; use none")
     return "none" if method == "auto" else method
 
 
@@ -129,14 +134,20 @@ class Int8WeightOnlyLinear(nn.Module):
 
 def quantize_linears(model: nn.Module, method: str = "int8") -> int:
     """Replace the model's nn.Linear layers by quantized twins; returns how many. Under int4 the
-    LM head (`lm_head`) gets int8 weights instead."""
+    LM head (`lm_head`) gets int8 weights instead. On a GPU every linear becomes a Triton
+    weight-only GEMM (kernels/quant_gemm.py: groups of 128, symmetric) of that many bits."""
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
-            if method == "int8":
-                new: nn.Module = Int8DynamicLinear(child)
+            if child.weight.device.type == "cuda":
+                from kernels.quant_gemm import QuantLinear
+
+                bits = 8 if method == "int8" or name == "lm_head" else 4
+                new: nn.Module = QuantLinear(child, bits, 128 if child.in_features % 128 == 0 else 32)
+            elif method == "int8":
+                new = Int8DynamicLinear(child)
             elif name == "lm_head":
                 new = Int8WeightOnlyLinear(child)
             else:

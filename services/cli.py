@@ -60,7 +60,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "none", "int8", "int4"],
         help="CPU only: int4 (weight-only, fast at small batch), int8 (dynamic, not batch-invariant)",
     )
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="auto: Triton kernels on a GPU, torch on the CPU",
+    )
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,6 +77,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": args.max_model_len,
         "seed": args.seed,
         "attention_backend": args.attention_backend,
+        "enforce_eager": args.enforce_eager,
         "quantization": args.quantization,
         "block_size": args.block_size,
         "kv_cache_memory": args.kv_cache_memory,
@@ -185,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     from load.bench_control_plane import add_control_plane_args
 
     add_control_plane_args(cp)
+    bkernels = bsub.add_parser(
+        "kernels", help="Triton kernels against torch: time, bandwidth, FLOP rate (GPU; toy shapes on CPU)"
+    )
+    from load.bench_kernels import add_kernels_args
+
+    add_kernels_args(bkernels)
     return parser
 
 
@@ -217,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from load.bench_control_plane import run_control_plane_cli
 
             return run_control_plane_cli(args)
+        if args.command == "bench" and args.bench_command == "kernels":
+            from load.bench_kernels import run_kernels
+
+            return run_kernels(args)
     except ValueError as exc:  # user errors: one line naming the fix, no traceback
         print(f"pagoda: error: {exc}", file=sys.stderr)
         return 2

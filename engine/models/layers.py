@@ -1,4 +1,7 @@
-"""Layers shared by every model family: RMSNorm, rotary embedding, gated MLP."""
+"""Layers shared by every model family: RMSNorm, rotary embedding, gated MLP.
+
+Each layer runs in PyTorch, or as a Triton kernel (kernels/) when `use_triton_layers` switched it
+on: the engine does so alongside a Triton attention backend (on a GPU by default)."""
 
 from __future__ import annotations
 
@@ -15,8 +18,24 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.use_triton = False
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add fused into the norm."""
+        if self.use_triton:
+            from kernels.rms_norm import rms_norm
+
+            out, res = rms_norm(x, self.weight, self.eps, residual)
+            assert res is not None
+            return out, res
+        s = x + residual
+        return self(s), s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_triton:
+            from kernels.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)[0]
         dtype = x.dtype
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -65,6 +84,8 @@ class RotaryEmbedding(nn.Module):
         self.max_position = max_position
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.use_triton = False
+        self._cos_sin_table: torch.Tensor | None = None  # [max_position, head_dim] for the kernel
 
     def _cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tables is None or self._tables[0].device != device:
@@ -78,6 +99,8 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]
+        if self.use_triton:
+            return self._forward_triton(positions, q, k)
         # every layer of a step passes the same positions tensor: gather cos/sin once per step
         last = self._last
         if last is None or last[0] is not positions or last[1].dtype != q.dtype:
@@ -90,6 +113,17 @@ class RotaryEmbedding(nn.Module):
             self._last = last
         _, cos, sin = last
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def _forward_triton(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from kernels.rotary import cos_sin_table, rotary_embedding
+
+        table = self._cos_sin_table
+        if table is None or table.device != q.device:
+            table = self._cos_sin_table = cos_sin_table(self.inv_freq, self.max_position, q.device)
+        rotary_embedding(positions, q, k, table, neox=True)  # in place
+        return q, k
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -105,8 +139,24 @@ class GatedMLP(nn.Module):
         self.intermediate = intermediate
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.use_triton = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
+        if self.use_triton:
+            from kernels.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))  # type: ignore[no-any-return]
         gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+def use_triton_layers(model: nn.Module, enabled: bool) -> int:
+    """Switch the model's RMSNorm, rotary and gated-MLP layers to their Triton kernels (or back);
+    returns how many layers were switched."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, RMSNorm | RotaryEmbedding | GatedMLP):
+            module.use_triton = enabled
+            count += 1
+    return count

@@ -63,20 +63,26 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        h: torch.Tensor,  # the previous layer's output (the embeddings for the first layer)
+        residual: torch.Tensor | None,  # the residual stream before h is added (None: first layer)
         positions: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
-    ) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, backend)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (this layer's output, the residual stream before it)
+        if residual is None:
+            residual = h
+            h = self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm.add_forward(h, residual)
+        h = self.self_attn(h, positions, kv_cache, meta, backend)
         if self.residual_multiplier != 1.0:
             h = h * self.residual_multiplier
-        x = x + h
-        h = self.mlp(self.post_attention_layernorm(x))
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        h = self.mlp(h)
         if self.residual_multiplier != 1.0:
             h = h * self.residual_multiplier
-        return x + h
+        return h, residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -102,9 +108,12 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.cfg.embedding_multiplier != 1.0:
             x = x * self.cfg.embedding_multiplier
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, kv_cache, meta, backend)
-        return self.norm(x)  # type: ignore[no-any-return]
+            x, residual = layer(x, residual, positions, kv_cache, meta, backend)
+        if residual is None:
+            return self.norm(x)  # type: ignore[no-any-return]
+        return self.norm.add_forward(x, residual)[0]  # type: ignore[no-any-return]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab] float32
         logits = self.lm_head(hidden)

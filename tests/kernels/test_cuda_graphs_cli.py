@@ -1,0 +1,86 @@
+"""CUDA graphs are never captured on the CPU and the decode replay path pads correctly (run
+eagerly on the static buffers); the --enforce-eager flag and `pagoda bench kernels` on the CPU."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.attention import TorchAttention, TritonAttention
+from engine.cuda_graphs import DecodeGraphs, capture_sizes
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from services.cli import build_parser, engine_kwargs, main
+from tests.tiny_models import make_tiny_model
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_capture_sizes() -> None:
+    triton = TritonAttention(CPU)
+    assert capture_sizes(CPU, False, triton, 256) == []  # never on the CPU
+    assert capture_sizes(CUDA, True, triton, 256) == []  # --enforce-eager
+    assert capture_sizes(CUDA, False, TorchAttention(CPU), 256) == []  # backend cannot be captured
+    assert capture_sizes(CUDA, False, triton, 40) == [1, 2, 4, 8, 16, 32, 40]
+    assert capture_sizes(CUDA, False, triton, 3) == [1, 2, 3]
+
+
+def test_enforce_eager_flag_reaches_the_config() -> None:
+    from engine.llm import make_engine_config
+
+    args = build_parser().parse_args(["serve", "--enforce-eager", "--attention-backend", "triton"])
+    cfg = make_engine_config("", **engine_kwargs(args))
+    assert cfg.enforce_eager and cfg.attention_backend == "triton"
+    assert not make_engine_config("", **engine_kwargs(build_parser().parse_args(["serve"]))).enforce_eager
+
+
+def test_cpu_engine_never_captures(tmp_path: Path) -> None:
+    make_tiny_model("llama", tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory=1 << 20, attention_backend="triton")
+    assert llm.engine.runner.graphs is None
+
+
+@pytest.mark.slow
+def test_graph_replay_path_pads_and_matches_eager(tmp_path: Path) -> None:
+    """Three decodes replayed in the batch-4 buffers (one padding row) give the eager tokens."""
+    make_tiny_model("llama3", tmp_path)
+    prompts = [[256, *range(40, 57)], [256, 7], [256, *range(90, 121)]]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+    def tokens(graphs: bool) -> list[list[int]]:
+        llm = LLM(
+            str(tmp_path),
+            dtype="float32",
+            kv_cache_memory=1 << 20,
+            max_model_len=64,
+            attention_backend="triton",
+        )
+        runner = llm.engine.runner
+        calls = []
+        if graphs:
+            g = DecodeGraphs(runner.model, runner.backend, runner.kv_caches, [1, 4], 4, 64, CPU)
+
+            def replay(*args: object, **kw: object) -> torch.Tensor:
+                calls.append(1)
+                return DecodeGraphs.replay(g, *args, capture=False)  # type: ignore[arg-type]
+
+            g.replay = functools.partial(replay)  # type: ignore[method-assign]
+            runner.graphs = g
+        out = [r.outputs[0].token_ids for r in llm.generate(prompts, params, use_tqdm=False)]
+        assert len(calls) == (2 if graphs else 0)  # the two decode steps
+        return out
+
+    assert tokens(True) == tokens(False)
+
+
+def test_bench_kernels_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "kernels", "--only", "rms_norm", "--dtype", "float32", "--e2e", "--e2e-batch", "2"]
+    assert main([*argv, "--e2e-output-len", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "NOT performance figures" in out
+    assert "rms_norm + residual" in out and "vs torch" in out
+    assert "paged_decode" not in out  # --only filters
+    assert "e2e decode: random-llama-2x128, batch 2" in out and "over 2 decode steps" in out
