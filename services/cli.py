@@ -107,6 +107,12 @@ def add_cluster_args(p: argparse.ArgumentParser, *, bus_required: bool, store_re
     )
     c.add_argument("--router", default="prefix", choices=["prefix", "least-load", "round-robin"])
     c.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between worker heartbeats")
+    c.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="export OpenTelemetry traces over OTLP/HTTP, e.g. http://otel-collector:4318 "
+        "(env OTEL_EXPORTER_OTLP_ENDPOINT; default: off)",
+    )
 
 
 _ROLE_HELP = {
