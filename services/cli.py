@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_cluster_args(p, bus_required=True, store_required=role != "tokenizer")
         if role == "worker":
             p.add_argument("--worker-id", default=None, help="stable id (default: random)")
-        if role in ("worker", "scheduler"):
+        if role in ("worker", "scheduler", "tokenizer"):
             p.add_argument(
                 "--metrics-port",
                 type=int,
