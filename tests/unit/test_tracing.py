@@ -125,3 +125,47 @@ async def test_one_trace_through_all_four_services(
     assert r["pagoda.worker_id"] == "w0" and r["pagoda.prefix_overlap_blocks"] == 0
     services_seen = {(s.attributes or {}).get("pagoda.service") for s in spans.values()}
     assert services_seen == {"gateway", "tokenizer", "scheduler", "worker"}
+
+
+def test_spans_reach_an_otlp_endpoint() -> None:
+    """--otlp-endpoint: spans are POSTed as OTLP/HTTP protobuf to <endpoint>/v1/traces."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert tracing.setup("pagoda-worker", f"http://127.0.0.1:{server.server_port}")
+        trace = tracing.worker_request({}, "m", SamplingParams(max_tokens=3), 7)
+        trace.end()
+        tracing.shutdown()  # flushes the batch
+    finally:
+        tracing.shutdown()
+        server.shutdown()
+    assert [path for path, _ in received] == ["/v1/traces"]
+    req = ExportTraceServiceRequest.FromString(received[0][1])
+    (resource_spans,) = req.resource_spans
+    names = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+    assert names["service.name"] == "pagoda-worker"
+    spans = [s for scope in resource_spans.scope_spans for s in scope.spans]
+    assert [s.name for s in spans] == ["worker.request"]
+    attrs = {a.key: a.value for a in spans[0].attributes}
+    assert (
+        attrs["gen_ai.request.max_tokens"].int_value == 3
+        and attrs["gen_ai.usage.input_tokens"].int_value == 7
+    )
