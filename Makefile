@@ -9,6 +9,7 @@ PORT ?= 8000
 .PHONY: serve test lint typecheck unit install clean
 
 $(STAMP): pyproject.toml
+	command -v prometheus >/dev/null || (apt-get update -q && apt-get install -y -q prometheus)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test,triton]'

@@ -248,6 +248,7 @@ class EngineCore:
             finished=req.is_finished,
             finish_reason=req.finish_reason if req.is_finished else None,
             stop_token_id=req.stop_token_id,
+            queue_time_s=req.queue_time_s,
         )
 
     def _forget_finished(self, reqs: list[Request]) -> None:

@@ -51,6 +51,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prompt tokens hit in the prefix cache at first schedule
+        self.queue_time_s: float | None = None  # arrival to first schedule (metrics, tracing)
         self.num_preemptions = 0
         self.block_hashes: list[BlockHash] = []
         self.finish_reason: FinishReason | None = None

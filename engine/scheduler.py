@@ -8,6 +8,7 @@ Contract: `out = schedule(); res = runner.execute(out); update(out, res)`.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -162,6 +163,7 @@ class Scheduler:
             self._remove_waiting(req)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
+                req.queue_time_s = time.monotonic() - req.arrival_time
             req.num_computed_tokens = num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)

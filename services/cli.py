@@ -127,6 +127,12 @@ def add_cluster_args(p: argparse.ArgumentParser, *, bus_required: bool, store_re
     )
     c.add_argument("--router", default="prefix", choices=["prefix", "least-load", "round-robin"])
     c.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between worker heartbeats")
+    c.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="export OpenTelemetry traces over OTLP/HTTP, e.g. http://otel-collector:4318 "
+        "(env OTEL_EXPORTER_OTLP_ENDPOINT; default: off)",
+    )
 
 
 _ROLE_HELP = {
@@ -160,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         if role == "worker":
             add_backend_args(p)
             p.add_argument("--worker-id", default=None, help="stable id (default: random)")
-        if role in ("worker", "scheduler"):
+        if role in ("worker", "scheduler", "tokenizer"):
             p.add_argument(
                 "--metrics-port",
                 type=int,

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from engine.block_hash import hash_full_blocks
+from services import tracing
 from services.bus import Bus, Message, Subscription
 from services.messages import (
     MessageError,
@@ -87,7 +88,7 @@ class SchedulerService:
             logger.warning("scheduler: dropped an unexpected %s message", msg.type)
             return
         await self._sem.acquire()  # routing waits on the store: route many requests at once
-        task = asyncio.create_task(self._route(msg))
+        task = asyncio.create_task(self._route(msg, message.headers))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -120,23 +121,33 @@ class SchedulerService:
                     self._sent[state.worker_id] = 0  # the heartbeat now counts them
         return self._cache[1]
 
-    async def _route(self, msg: ScheduleRequest) -> None:
+    async def _route(self, msg: ScheduleRequest, headers: dict[str, str]) -> None:
+        attrs = {"gen_ai.request.id": msg.request_id}
+        with tracing.hop("scheduler", "scheduler.route", headers, **attrs) as span:
+            await self._route_traced(msg, span)
+
+    async def _route_traced(self, msg: ScheduleRequest, span: tracing.TraceHandle) -> None:
         try:
             decision = await self._decide(msg)
         except Exception as exc:
             logger.exception("scheduler: routing %s failed", msg.request_id)
+            span.fail(exc)
             await self._reject(msg, 503, f"the scheduler could not route the request: {exc}", "error")
             return
         if decision is None:
+            span.fail("no worker")
             await self._reject(msg, 503, "no worker is available; try again shortly", "no_worker")
             return
         wid = decision.worker_id
+        span.set("pagoda.worker_id", wid)
+        span.set("pagoda.route_reason", decision.reason)
+        span.set("pagoda.prefix_overlap_blocks", decision.overlap_blocks)
         if self.metrics is not None:
             self.metrics.routed.labels(wid, decision.reason).inc()
         self._sent[wid] = self._sent.get(wid, 0) + 1
         self.decisions[wid] = self.decisions.get(wid, 0) + 1
         fwd = WorkerRequest(**msg.model_dump(exclude={"type"}))
-        await self.bus.publish(self.queues.worker(wid), encode(fwd))
+        await self.bus.publish(self.queues.worker(wid), encode(fwd), span.headers())
         if msg.session_id:
             await self.sessions.put(msg.session_id, wid)
         logger.info(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from services import tracing
 from services.bus import Bus, Message, Subscription
 from services.errors import APIError
 from services.frontend import Submitted
@@ -46,6 +47,7 @@ class _Pending:
     worker_id: str | None = None
     aborted: bool = False
     streaming: bool = False  # someone iterates the outputs (and cleans up after them)
+    trace: tracing.TraceHandle = tracing.NOOP
 
 
 class BusFrontend:
@@ -130,30 +132,38 @@ class BusFrontend:
         if request_id in self._pending:
             raise APIError(400, f"request id {request_id!r} is already running")
         pending = _Pending(asyncio.get_running_loop().create_future())
+        chat = prompt.messages is not None
+        pending.trace = tracing.gateway_request(request_id, self.model_name, chat, params)
         self._pending[request_id] = pending
         msg = TokenizeRequest(
             request_id=request_id, reply_to=self.reply_queue, prompt=prompt, sampling=SamplingSpec.of(params),
             priority=priority, cache_salt=cache_salt, session_id=session_id, arrival_time=time.time(),
         )  # fmt: skip
         try:
-            await self.bus.publish(self.queues.tokenize, encode(msg))
+            await self.bus.publish(self.queues.tokenize, encode(msg), pending.trace.headers())
             ids = await asyncio.wait_for(pending.accepted, self.accept_timeout_s)
         except TimeoutError:
             self._pending.pop(request_id, None)
+            pending.trace.end("no tokenizer answered")
             raise APIError(503, "No tokenizer answered in time; the service is unavailable.") from None
-        except BaseException:
+        except BaseException as exc:
             self._pending.pop(request_id, None)
+            pending.trace.end(exc)
             raise
+        pending.trace.set("gen_ai.usage.input_tokens", len(ids))
         return Submitted(ids, self._stream(request_id, pending, params.n))
 
     async def _stream(self, request_id: str, pending: _Pending, n: int) -> AsyncIterator[RequestOutput]:
         remaining = n
         pending.streaming = True
+        error: BaseException | None = None
         try:
             while remaining:
                 item = await pending.outputs.get()
                 if isinstance(item, BaseException):
+                    error = item
                     raise item
+                pending.trace.output(item)
                 if item.finished:
                     remaining -= 1
                 yield item
@@ -161,6 +171,7 @@ class BusFrontend:
             if remaining:
                 await self.abort(request_id)
             self._pending.pop(request_id, None)
+            pending.trace.end(error if error is not None else ("aborted" if remaining else None))
 
     async def abort(self, request_id: str) -> None:
         pending = self._pending.get(request_id)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import uvicorn
 
+from services import tracing
 from services.bus import Bus, make_bus
 from services.bus_memory import InMemoryBus
 from services.messages import Queues
@@ -85,6 +86,7 @@ def run_roles(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
 async def _main(
     args: argparse.Namespace, roles: tuple[str, ...], bus_url: str | None, store_url: str | None
 ) -> None:
+    tracing.setup("pagoda" if len(roles) > 1 else f"pagoda-{roles[0]}", getattr(args, "otlp_endpoint", None))
     bus: Bus = make_bus(bus_url) if bus_url else InMemoryBus()
     store: Store = make_store(store_url, prefix=f"{args.namespace}:") if store_url else InMemoryStore()
     await bus.connect()
@@ -177,6 +179,7 @@ async def _main(
                 await svc.stop()
         await bus.close()
         await store.close()
+        await asyncio.to_thread(tracing.shutdown)
         logger.info("stopped")
 
 

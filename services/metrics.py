@@ -8,6 +8,7 @@ existing dashboards work, plus `pagoda:*` ones for the cluster scheduler.
   finishes a request (services/openai_streams.py), and HTTP responses by status.
 - `engines()`: the workers' engine cores, read on scrape (`EngineCollector`): the figures are
   plain ints and floats that the engine's step thread updates, so reading them is safe.
+- `worker()`: per-request queue, prefill, decode and inference time on a worker's engine.
 - `scheduler()`: routing decisions, refusals and the schedule queue's depth.
 
 The gateway serves the registry at GET /metrics on its API port; a worker or scheduler process
@@ -17,6 +18,7 @@ without a gateway serves it with `serve(port)` (`--metrics-port`).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -41,6 +43,7 @@ __all__ = [
     "GatewayMetrics",
     "Metrics",
     "SchedulerMetrics",
+    "WorkerMetrics",
 ]
 
 # the buckets vLLM uses (vllm/v1/metrics/loggers.py)
@@ -204,6 +207,37 @@ class SchedulerMetrics:
         )
 
 
+class WorkerMetrics:
+    """Per-request phases on a worker's engine, observed when a request finishes (vLLM's names)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["model_name", "engine"]
+
+        def hist(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, labels, registry=registry, buckets=LATENCY_BUCKETS)
+
+        self.queue = hist("vllm:request_queue_time_seconds", "Arrival on the engine to first schedule.")
+        self.prefill = hist("vllm:request_prefill_time_seconds", "First schedule to first token.")
+        self.decode = hist("vllm:request_decode_time_seconds", "First token to last token.")
+        self.inference = hist("vllm:request_inference_time_seconds", "First schedule to last token.")
+
+    def observe(
+        self, model_name: str, engine: str, arrived: float, queue_s: float | None, first_token: float | None
+    ) -> None:
+        """`arrived`, `first_token`: monotonic times; a request that never produced a token (aborted
+        while waiting) only counts its queue time."""
+        now = time.monotonic()
+        if queue_s is None:
+            self.queue.labels(model_name, engine).observe(now - arrived)
+            return
+        scheduled = arrived + queue_s
+        self.queue.labels(model_name, engine).observe(queue_s)
+        if first_token is not None:
+            self.prefill.labels(model_name, engine).observe(max(first_token - scheduled, 0.0))
+            self.decode.labels(model_name, engine).observe(now - first_token)
+        self.inference.labels(model_name, engine).observe(max(now - scheduled, 0.0))
+
+
 class Metrics:
     """One registry and the metrics of the services that share it (one per process, or per test)."""
 
@@ -213,6 +247,7 @@ class Metrics:
         self._gateway: GatewayMetrics | None = None
         self._engines: EngineCollector | None = None
         self._scheduler: SchedulerMetrics | None = None
+        self._worker: WorkerMetrics | None = None
 
     def gateway(self) -> GatewayMetrics:
         with self._lock:
@@ -232,6 +267,12 @@ class Metrics:
             if self._scheduler is None:
                 self._scheduler = SchedulerMetrics(self.registry)
             return self._scheduler
+
+    def worker(self) -> WorkerMetrics:
+        with self._lock:
+            if self._worker is None:
+                self._worker = WorkerMetrics(self.registry)
+            return self._worker
 
     def render(self) -> bytes:
         """The registry in Prometheus' text format (CONTENT_TYPE_LATEST)."""

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.sampling_params import SamplingParams
+from services import tracing
 from services.errors import APIError, from_value_error, install_error_handlers, model_not_found
 from services.errors import unauthorized as unauthorized_error
 from services.frontend import Frontend, PromptProcessor, Submitted, as_frontend
@@ -224,7 +225,9 @@ def build_app(
     install_error_handlers(app)
     if api_keys:
         app.add_middleware(_BearerAuth, api_keys=list(api_keys))
-    app.add_middleware(_ResponseCounter, metrics=server.gateway_metrics, model_name=names[0])  # outermost
+    app.add_middleware(_ResponseCounter, metrics=server.gateway_metrics, model_name=names[0])
+    if tracing.enabled():
+        app.add_middleware(tracing.TraceMiddleware)  # outermost
     _register_routes(app, server)
     return app
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from services import tracing
 from services.bus import Bus, Message, Subscription
 from services.errors import APIError
 from services.frontend import PromptProcessor
@@ -53,17 +54,23 @@ class TokenizerService:
         if not isinstance(msg, TokenizeRequest):
             logger.warning("tokenizer: dropped an unexpected %s message", msg.type)
             return
+        with tracing.hop("tokenizer", "tokenizer.tokenize", message.headers) as span:
+            await self._tokenize(msg, span)
+
+    async def _tokenize(self, msg: TokenizeRequest, span: tracing.TraceHandle) -> None:
         try:
             params = msg.sampling.to_params()
             # long prompts take a while to tokenize: keep the event loop free meanwhile
             ids = await asyncio.to_thread(self.processor.process, msg.prompt, params)
         except APIError as err:
+            span.fail(err.message)
             await self._answer(msg.reply_to, Rejected(
                 request_id=msg.request_id, status=err.status, message=err.message, param=err.param
             ))  # fmt: skip
             logger.info("request %s rejected: %s", msg.request_id, err.message)
             return
         except ValueError as err:
+            span.fail(err)
             await self._answer(
                 msg.reply_to, Rejected(request_id=msg.request_id, status=400, message=str(err))
             )
@@ -74,7 +81,8 @@ class TokenizerService:
             priority=msg.priority, cache_salt=msg.cache_salt, session_id=msg.session_id,
             arrival_time=msg.arrival_time,
         )  # fmt: skip
-        await self.bus.publish(self.queues.schedule, encode(forward))
+        span.set("gen_ai.usage.input_tokens", len(ids))
+        await self.bus.publish(self.queues.schedule, encode(forward), span.headers())
         logger.info("request %s tokenized: %d prompt tokens", msg.request_id, len(ids))
 
     async def _answer(self, reply_to: str, msg: Accepted | Rejected) -> None:

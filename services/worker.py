@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
+from services import tracing
 from services.bus import Bus, Message, Subscription
 from services.messages import (
     AbortRequest,
@@ -42,6 +43,9 @@ class _Inflight:
     reply_to: str  # the gateway's reply queue
     remaining: int  # choices not finished yet
     started: float
+    trace: tracing.TraceHandle = tracing.NOOP
+    queue_s: float | None = None  # arrival on the engine to first schedule
+    first_token: float | None = None  # monotonic
 
 
 class WorkerService:
@@ -108,14 +112,14 @@ class WorkerService:
             logger.warning("worker %s: dropped a malformed message: %s", self.worker_id, exc)
             return
         if isinstance(msg, WorkerRequest):
-            self._add(msg)
+            self._add(msg, message.headers)
         elif isinstance(msg, AbortRequest):
             for rid in msg.request_ids:
                 await self.engine.abort(rid)
         else:
             logger.warning("worker %s: dropped an unexpected %s message", self.worker_id, msg.type)
 
-    def _add(self, msg: WorkerRequest) -> None:
+    def _add(self, msg: WorkerRequest, headers: dict[str, str]) -> None:
         if msg.request_id in self._inflight:
             logger.info("worker %s: duplicate delivery of %s ignored", self.worker_id, msg.request_id)
             return
@@ -128,7 +132,8 @@ class WorkerService:
             reject = Rejected(request_id=msg.request_id, status=400, message=str(exc))
             self._publish_q.put_nowait((msg.reply_to, encode(reject)))
             return
-        self._inflight[msg.request_id] = _Inflight(msg.reply_to, params.n, time.monotonic())
+        trace = tracing.worker_request(headers, self.engine.model_name, params, len(msg.prompt_token_ids))
+        self._inflight[msg.request_id] = _Inflight(msg.reply_to, params.n, time.monotonic(), trace)
 
     # -- output -------------------------------------------------------------------------------
     def _on_step(self, outputs: list[RequestOutput], stored: list[bytes], evicted: list[bytes]) -> None:
@@ -139,6 +144,9 @@ class WorkerService:
             if req is None:
                 continue
             by_gateway[req.reply_to].append(Delta.of(out))
+            req.trace.output(out)
+            if req.first_token is None and out.new_token_ids:
+                req.first_token, req.queue_s = time.monotonic(), out.queue_time_s
             if out.finished:
                 req.remaining -= 1
                 if req.remaining == 0:
@@ -151,6 +159,11 @@ class WorkerService:
 
     def _finish(self, out: RequestOutput, req: _Inflight) -> None:
         del self._inflight[out.request_id]
+        req.trace.end()
+        if self.metrics is not None:
+            self.metrics.worker().observe(
+                self.engine.model_name, self.worker_id, req.started, req.queue_s, req.first_token
+            )
         logger.info(
             "request %s finished (%s) prompt_tokens=%d cached=%d output_tokens=%d in %.3fs",
             out.request_id, out.finish_reason, out.num_prompt_tokens, out.num_cached_tokens,
@@ -209,5 +222,6 @@ class WorkerService:
     async def _fail_inflight(self, reason: str) -> None:
         for rid, req in self._inflight.items():
             reject = Rejected(request_id=rid, status=503, message=f"the worker failed: {reason}")
+            req.trace.end(reason)
             self._publish_q.put_nowait((req.reply_to, encode(reject)))
         self._inflight.clear()

