@@ -16,6 +16,14 @@ from dataclasses import replace
 from typing import Any
 
 from engine.block_hash import hash_full_blocks
+from services.admission import (
+    RETRY_AFTER_S,
+    AdmissionLimits,
+    FleetSaturated,
+    fleet_saturated,
+    has_room,
+    queue_timed_out,
+)
 from services.bus import Bus, Message, Subscription
 from services.messages import (
     MessageError,
@@ -45,8 +53,10 @@ class SchedulerService:
         concurrency: int = 64,
         queues: Queues | None = None,
         metrics: Metrics | None = None,
+        admission: AdmissionLimits | None = None,
     ) -> None:
         self.bus = bus
+        self.admission = admission or AdmissionLimits()
         self.metrics = metrics.scheduler() if metrics is not None else None
         self.queues = queues or Queues()
         self.store = store
@@ -121,8 +131,17 @@ class SchedulerService:
         return self._cache[1]
 
     async def _route(self, msg: ScheduleRequest) -> None:
+        timeout = msg.queue_timeout_s
+        if timeout is not None and msg.arrival_time > 0 and time.time() - msg.arrival_time > timeout:
+            err = queue_timed_out(timeout)  # it waited on the bus: do not start it now
+            await self._reject(msg, err.status, err.message, "queue_timeout", RETRY_AFTER_S)
+            return
         try:
             decision = await self._decide(msg)
+        except FleetSaturated as exc:
+            err = fleet_saturated(str(exc))
+            await self._reject(msg, err.status, err.message, "fleet_saturated", RETRY_AFTER_S)
+            return
         except Exception as exc:
             logger.exception("scheduler: routing %s failed", msg.request_id)
             await self._reject(msg, 503, f"the scheduler could not route the request: {exc}", "error")
@@ -156,12 +175,17 @@ class SchedulerService:
         # No await from here to the caller's count of the decision: requests routed at the same
         # time see each other. Requests sent since a worker's last heartbeat count as waiting there.
         workers = [replace(s, num_waiting=s.num_waiting + self._sent.get(s.worker_id, 0)) for s, _ in alive]
-        return self.router.choose(workers, overlap, session_worker)
+        roomy = [w for w in workers if has_room(w, self.admission, msg.priority, seqs=msg.sampling.n)]
+        if not roomy:
+            raise FleetSaturated(f"all {len(workers)} workers have full queues")
+        return self.router.choose(roomy, overlap, session_worker)
 
-    async def _reject(self, msg: ScheduleRequest, status: int, text: str, reason: str) -> None:
+    async def _reject(
+        self, msg: ScheduleRequest, status: int, text: str, reason: str, retry_after_s: int | None = None
+    ) -> None:
         if self.metrics is not None:
             self.metrics.rejected.labels(reason).inc()
-        reject = Rejected(request_id=msg.request_id, status=status, message=text)
+        reject = Rejected(request_id=msg.request_id, status=status, message=text, retry_after_s=retry_after_s)
         try:
             await self.bus.publish(msg.reply_to, encode(reject))
         except Exception as exc:

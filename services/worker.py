@@ -18,6 +18,14 @@ from dataclasses import dataclass
 
 from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
+from services.admission import (
+    RETRY_AFTER_S,
+    AdmissionLimits,
+    fleet_saturated,
+    has_room,
+    queue_deadline,
+    queue_timed_out,
+)
 from services.bus import Bus, Message, Subscription
 from services.messages import (
     AbortRequest,
@@ -32,6 +40,7 @@ from services.messages import (
 )
 from services.metrics import Metrics
 from services.registry import PrefixIndex, WorkerRegistry
+from services.router import WorkerState
 from services.store import Store
 
 logger = logging.getLogger("pagoda.worker")
@@ -42,6 +51,8 @@ class _Inflight:
     reply_to: str  # the gateway's reply queue
     remaining: int  # choices not finished yet
     started: float
+    deadline: float | None = None  # monotonic: fail it if no output by then (--queue-timeout)
+    timeout_s: float | None = None
 
 
 class WorkerService:
@@ -55,8 +66,10 @@ class WorkerService:
         heartbeat_s: float = 1.0,
         queues: Queues | None = None,
         metrics: Metrics | None = None,
+        admission: AdmissionLimits | None = None,
     ) -> None:
         self.engine = engine
+        self.admission = admission or AdmissionLimits()
         self.metrics = metrics  # the engine's figures are read from its core on scrape
         self.bus = bus
         self.store = store
@@ -79,6 +92,7 @@ class WorkerService:
             asyncio.create_task(self._publisher(), name="worker-publisher"),
             asyncio.create_task(self._indexer(), name="worker-indexer"),
             asyncio.create_task(self._heartbeat(), name="worker-heartbeat"),
+            asyncio.create_task(self._expire_queued(), name="worker-queue-timeout"),
         ]
         await self._beat()  # registered before the first message can arrive
         if self.metrics is not None:
@@ -119,6 +133,14 @@ class WorkerService:
         if msg.request_id in self._inflight:
             logger.info("worker %s: duplicate delivery of %s ignored", self.worker_id, msg.request_id)
             return
+        if not has_room(self._state(), self.admission, msg.priority, seqs=msg.sampling.n):
+            err = fleet_saturated(f"worker {self.worker_id} has a full queue")
+            reject = Rejected(
+                request_id=msg.request_id, status=err.status, message=err.message, retry_after_s=RETRY_AFTER_S
+            )
+            self._publish_q.put_nowait((msg.reply_to, encode(reject)))
+            logger.info("worker %s: refused %s, its queue is full", self.worker_id, msg.request_id)
+            return
         try:
             params = msg.sampling.to_params()
             self.engine.submit(
@@ -128,7 +150,34 @@ class WorkerService:
             reject = Rejected(request_id=msg.request_id, status=400, message=str(exc))
             self._publish_q.put_nowait((msg.reply_to, encode(reject)))
             return
-        self._inflight[msg.request_id] = _Inflight(msg.reply_to, params.n, time.monotonic())
+        now = time.monotonic()
+        deadline = queue_deadline(msg.arrival_time, msg.queue_timeout_s, time.time(), now)
+        self._inflight[msg.request_id] = _Inflight(msg.reply_to, params.n, now, deadline, msg.queue_timeout_s)
+
+    def _state(self) -> WorkerState:
+        sched = self.engine.core.scheduler
+        return WorkerState(
+            self.worker_id,
+            num_running=sched.num_running,
+            num_waiting=self.engine.num_waiting,
+            max_num_seqs=self.engine.core.config.scheduler.max_num_seqs,
+        )
+
+    async def _expire_queued(self) -> None:
+        """Fail the requests that have not started by their deadline (see admission.py)."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for rid, req in list(self._inflight.items()):
+                if req.deadline is not None and now >= req.deadline:
+                    del self._inflight[rid]
+                    await self.engine.abort(rid)
+                    err = queue_timed_out(req.timeout_s or 0.0)
+                    reject = Rejected(
+                        request_id=rid, status=err.status, message=err.message, retry_after_s=RETRY_AFTER_S
+                    )
+                    self._publish_q.put_nowait((req.reply_to, encode(reject)))
+                    logger.info("worker %s: %s timed out in the queue", self.worker_id, rid)
 
     # -- output -------------------------------------------------------------------------------
     def _on_step(self, outputs: list[RequestOutput], stored: list[bytes], evicted: list[bytes]) -> None:
@@ -138,6 +187,7 @@ class WorkerService:
             req = self._inflight.get(out.request_id)
             if req is None:
                 continue
+            req.deadline = None  # it started
             by_gateway[req.reply_to].append(Delta.of(out))
             if out.finished:
                 req.remaining -= 1
