@@ -148,6 +148,17 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 # --------------------------------------------------------------------------------- the request
 
 
+def check_unicode(text: str, param: str) -> None:
+    """JSON may escape a lone surrogate ("\\ud800") that no tokenizer can take: a 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise bad_request(
+            f"{param} is not valid Unicode: a lone surrogate {text[err.start]!a} at position {err.start}.",
+            param=param,
+        ) from None
+
+
 def check_request(
     req: ChatCompletionRequest | CompletionRequest, limits: RequestLimits, max_model_len: int
 ) -> None:
@@ -188,5 +199,12 @@ def check_request(
                 f"prompt is a batch of {count} prompts; the server's limit is {limits.max_prompts}.",
                 param="prompt",
             )
+    texts: list[tuple[str, str]] = [("stop", t) for t in stops]
+    if isinstance(req, CompletionRequest):
+        texts += [("prompt", p) for p in req.prompts() if isinstance(p, str)]
+    else:
+        texts += [("messages", m.text()) for m in req.messages]
+    for param, text in texts:
+        check_unicode(text, param)
     if req.seed is not None and not -(2**63) <= req.seed <= _INT64_MAX - req.n:
         raise bad_request(f"seed must be a 64-bit integer, got {req.seed}.", param="seed")
