@@ -6,7 +6,7 @@ Two layers:
   `max_body_bytes` (by Content-Length or, for a chunked body, as it arrives) is a 413; a body that
   is not UTF-8, or whose JSON nests deeper than `max_json_depth`, is a 400.
 - `check_request` checks a parsed completion request: n, max_tokens, stop strings, logit_bias,
-  stop_token_ids, the number of prompts and the seed's range, each with the limit in the message.
+  stop_token_ids, the number of prompts and lone surrogates, each with the limit in the message.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.errors import APIError, bad_request
 from services.openai_protocol import ChatCompletionRequest, CompletionRequest
-
-_INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -206,5 +204,3 @@ def check_request(
         texts += [("messages", m.text()) for m in req.messages]
     for param, text in texts:
         check_unicode(text, param)
-    if req.seed is not None and not -(2**63) <= req.seed <= _INT64_MAX - req.n:
-        raise bad_request(f"seed must be a 64-bit integer, got {req.seed}.", param="seed")

@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from types import SimpleNamespace
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import httpx
 import pytest
 
-from engine.engine_core import StepStats
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
 from services.admission import AdmissionLimits, FleetAdmission, has_room, queue_deadline, queued
 from services.bus_memory import InMemoryBus
 from services.dispatcher import SchedulerService
@@ -29,84 +24,7 @@ from services.router import WorkerState
 from services.store import InMemoryStore
 from services.tokenizer_service import TokenizerService
 from services.worker import WorkerService
-from tests.fakes import FakeTokenizer
-
-TICK_S = 0.01
-
-
-@dataclass
-class _Seq:
-    request_id: str
-    max_tokens: int
-    done: int = 0
-
-
-class SlotEngine:
-    """What WorkerService needs of an AsyncEngine: `slots` sequences run at once, one token a
-    tick each, the rest wait in order. No model."""
-
-    model_name = "fake-model"
-
-    def __init__(self, slots: int) -> None:
-        self.slots = slots
-        self.running: list[_Seq] = []
-        self.waiting: list[_Seq] = []
-        self.sink: Callable[[list[RequestOutput], list[bytes], list[bytes]], None] | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.dead_reason = None
-        self.steps = 0
-        sched = SimpleNamespace(max_num_seqs=slots)
-        self.core = SimpleNamespace(
-            config=SimpleNamespace(scheduler=sched, cache=SimpleNamespace(block_size=16)),
-            scheduler=self,
-            last_stats=StepStats(),
-            kv=SimpleNamespace(usage=lambda: 0.0, pool=SimpleNamespace(num_free_blocks=100)),
-            num_blocks=100,
-            model_name=self.model_name,
-        )
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
-    def set_sink(self, sink: Any) -> None:
-        self.sink = sink
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._loop())
-
-    async def shutdown(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-
-    def submit(self, request_id: str, prompt: list[int], params: SamplingParams, **_: Any) -> None:
-        self.waiting.append(_Seq(request_id, params.max_tokens or 16))
-
-    async def abort(self, request_id: str) -> None:
-        self.waiting = [s for s in self.waiting if s.request_id != request_id]
-        self.running = [s for s in self.running if s.request_id != request_id]
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(TICK_S)
-            while self.waiting and len(self.running) < self.slots:
-                self.running.append(self.waiting.pop(0))
-            self.core.last_stats = StepStats(num_running=len(self.running), num_waiting=len(self.waiting))
-            outs = []
-            for s in list(self.running):
-                s.done += 1
-                fin = s.done >= s.max_tokens
-                outs.append(RequestOutput(s.request_id, [65], 0, 3, 0, s.done, finished=fin,
-                                          finish_reason="length" if fin else None))  # fmt: skip
-                if fin:
-                    self.running.remove(s)
-            if outs and self.sink is not None:
-                self.steps += 1
-                self.sink(outs, [], [])
+from tests.fakes import FakeTokenizer, SlotEngine, SlotSeq
 
 
 class Stack:
@@ -210,7 +128,7 @@ async def test_scheduler_and_worker_refuse_what_has_no_room() -> None:
     bus, store, queues = InMemoryBus(), InMemoryStore(), Queues("t")
     limits = AdmissionLimits(max_waiting=0, priority_reserve=1)
     engine = SlotEngine(slots=1)
-    engine.running.append(_Seq("busy", 10**6))
+    engine.running.append(SlotSeq("busy", 10**6))
     worker = WorkerService(cast(Any, engine), bus, store, worker_id="w0", heartbeat_s=0.05, admission=limits,
                            queues=queues)  # fmt: skip
     scheduler = SchedulerService(bus, store, heartbeat_s=0.05, admission=limits, queues=queues)
