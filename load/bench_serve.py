@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from load import peers
 from load.datasets import DATASETS, BenchTurn, Conversation, DatasetSpec, load_dataset, sample_text
+from load.outcomes import HUNG_PREFIX, count_outcomes, format_outcomes, prompts_for_duration
 from load.peers import PEERS
 
 SLO_KEYS = ("ttft", "tpot", "e2e")
@@ -146,6 +147,7 @@ class BenchResult:
     e2e: LatencyStats
     first_error: str = ""
     slo: dict[str, float] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)  # load/outcomes.py: ok, refused_429, ...
     meta: dict[str, Any] = field(default_factory=dict)  # model, endpoint, dataset, ... of the run
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +196,7 @@ def summarize(records: list[RequestRecord], duration: float, slo: dict[str, floa
         e2e=LatencyStats.of([r.e2e_s for r in ok]),
         first_error=errors[0].error if errors else "",
         slo=dict(slo),
+        outcomes=count_outcomes(records),
     )
 
 
@@ -285,7 +288,7 @@ async def send_request(
                     text = (await resp.aread())[:300].decode(errors="replace")
                     rec.error = f"HTTP {resp.status_code}: {text}"
     except TimeoutError:
-        rec.error = f"no complete response within --timeout {cfg.request_timeout_s:g}s"
+        rec.error = f"{HUNG_PREFIX} --timeout {cfg.request_timeout_s:g}s"
     except (httpx.HTTPError, json.JSONDecodeError, AttributeError, TypeError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
     rec.e2e_s = time.perf_counter() - rec.start_s
@@ -413,6 +416,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--request-rate", type=float, default=math.inf, help="conversations per second, Poisson (inf)"
     )
     load.add_argument("--num-prompts", type=int, default=100, help="requests (multi-turn: rounded up)")
+    load.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="open loop: start requests at --request-rate for this many seconds (sets --num-prompts)",
+    )
     load.add_argument("--dataset", choices=list(DATASETS), default="random")
     load.add_argument("--input-len", type=int, default=256, help="prompt tokens (multi-turn: per turn)")
     load.add_argument(
@@ -443,9 +452,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    num_prompts = args.num_prompts
+    if getattr(args, "duration", None) is not None:
+        num_prompts = prompts_for_duration(args.request_rate, args.duration)
     spec = DatasetSpec(
         name=args.dataset,
-        num_prompts=args.num_prompts,
+        num_prompts=num_prompts,
         input_len=args.input_len,
         output_len=args.output_len,
         seed=args.seed,
@@ -485,6 +497,8 @@ def format_result(r: BenchResult) -> str:
         ("Total token throughput (tok/s)", f"{r.total_token_throughput:.2f}"),
         ("Peak concurrent requests", str(r.peak_concurrency)),
     ]
+    if r.failed:
+        rows += format_outcomes(r.outcomes)
     if r.goodput is not None:
         bounds = ",".join(f"{k}={v:g}" for k, v in r.slo.items())
         rows.append((f"Goodput (req/s, {bounds} ms)", f"{r.goodput:.2f}"))
