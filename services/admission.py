@@ -10,8 +10,11 @@ through a saturated fleet. Three places apply the same rule, each with what it k
   caps, read from the worker registry. Exact for one gateway, and it answers before anything is
   sent, so a streaming client gets a real HTTP 503;
 - the scheduler (`has_room`): each worker's heartbeat figures plus what it routed there since;
-  workers without room are not chosen, and a request no worker has room for is rejected;
-- the worker (`WorkerService`): its engine's own queue, the final word.
+  workers without room are not chosen. Its view lags (a request that finished since the last
+  heartbeat still counts), so it refuses nothing itself: when no worker seems to have room it
+  sends the request to the least loaded, which decides;
+- the worker (`WorkerService`): its engine's own running and waiting sequences, exact: a request
+  beyond its slots plus queue cap is rejected (503 + Retry-After).
 """
 
 from __future__ import annotations
@@ -47,10 +50,6 @@ class AdmissionLimits:
         if self.max_waiting is None:
             return None
         return self.max_waiting + (self.priority_reserve if priority < 0 else 0)
-
-
-class FleetSaturated(Exception):
-    """No worker has room for a request (the scheduler's refusal, answered as a 503)."""
 
 
 def fleet_saturated(detail: str) -> APIError:

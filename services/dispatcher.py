@@ -16,14 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from engine.block_hash import hash_full_blocks
-from services.admission import (
-    RETRY_AFTER_S,
-    AdmissionLimits,
-    FleetSaturated,
-    fleet_saturated,
-    has_room,
-    queue_timed_out,
-)
+from services.admission import RETRY_AFTER_S, AdmissionLimits, has_room, queue_timed_out
 from services.bus import Bus, Message, Subscription
 from services.messages import (
     MessageError,
@@ -138,10 +131,6 @@ class SchedulerService:
             return
         try:
             decision = await self._decide(msg)
-        except FleetSaturated as exc:
-            err = fleet_saturated(str(exc))
-            await self._reject(msg, err.status, err.message, "fleet_saturated", RETRY_AFTER_S)
-            return
         except Exception as exc:
             logger.exception("scheduler: routing %s failed", msg.request_id)
             await self._reject(msg, 503, f"the scheduler could not route the request: {exc}", "error")
@@ -175,10 +164,10 @@ class SchedulerService:
         # No await from here to the caller's count of the decision: requests routed at the same
         # time see each other. Requests sent since a worker's last heartbeat count as waiting there.
         workers = [replace(s, num_waiting=s.num_waiting + self._sent.get(s.worker_id, 0)) for s, _ in alive]
+        # Workers with room by this view. It lags (a request finished since a heartbeat still
+        # counts), so when none seems to have room the least loaded decides for itself, exactly.
         roomy = [w for w in workers if has_room(w, self.admission, msg.priority, seqs=msg.sampling.n)]
-        if not roomy:
-            raise FleetSaturated(f"all {len(workers)} workers have full queues")
-        return self.router.choose(roomy, overlap, session_worker)
+        return self.router.choose(roomy or workers, overlap, session_worker)
 
     async def _reject(
         self, msg: ScheduleRequest, status: int, text: str, reason: str, retry_after_s: int | None = None

@@ -116,44 +116,59 @@ async def _replies(bus: InMemoryBus, queue: str) -> AsyncIterator[Any]:
     got: asyncio.Queue[Any] = asyncio.Queue()
 
     async def take(message: Any) -> None:
-        got.put_nowait(decode(message.body))
+        msg = decode(message.body)
+        if isinstance(msg, Rejected):  # not the running requests' steps
+            got.put_nowait(msg)
 
     await bus.consume(queue, take)
     while True:
         yield await asyncio.wait_for(got.get(), 2.0)
 
 
-async def test_scheduler_and_worker_refuse_what_has_no_room() -> None:
-    """The backstops behind the gateway: other gateways' requests, or a stale view."""
+async def test_scheduler_routes_around_full_workers_and_workers_refuse() -> None:
+    """The backstops behind the gateway (other gateways' requests, a stale view): the scheduler
+    routes to a worker with room; a worker without room rejects what reaches it."""
     bus, store, queues = InMemoryBus(), InMemoryStore(), Queues("t")
     limits = AdmissionLimits(max_waiting=0, priority_reserve=1)
-    engine = SlotEngine(slots=1)
-    engine.running.append(SlotSeq("busy", 10**6))
-    worker = WorkerService(cast(Any, engine), bus, store, worker_id="w0", heartbeat_s=0.05, admission=limits,
-                           queues=queues)  # fmt: skip
+    engines = {"w0": SlotEngine(slots=1), "w1": SlotEngine(slots=1)}
+    engines["w0"].running.append(SlotSeq("busy", 10**6))
+    workers = [
+        WorkerService(
+            cast(Any, e), bus, store, worker_id=wid, heartbeat_s=0.05, admission=limits, queues=queues
+        )
+        for wid, e in engines.items()
+    ]
     scheduler = SchedulerService(bus, store, heartbeat_s=0.05, admission=limits, queues=queues)
     reply = await bus.declare_reply_queue("")
     replies = _replies(bus, reply)
-    await worker.start()
+    for w in workers:
+        await w.start()
     await scheduler.start()
     try:
-        spec = SamplingSpec(max_tokens=2)
-        await asyncio.sleep(0.1)  # a heartbeat with the busy slot
-        req = ScheduleRequest(request_id="r1", reply_to=reply, prompt_token_ids=[1], sampling=spec)
-        await bus.publish(queues.schedule, encode(req))
-        msg = await anext(replies)
-        assert isinstance(msg, Rejected) and msg.status == 503 and msg.retry_after_s == 1
-        assert scheduler.decisions == {}
-        direct = WorkerRequest(request_id="r2", reply_to=reply, prompt_token_ids=[1], sampling=spec)
-        await bus.publish(queues.worker("w0"), encode(direct))  # as if routed on a stale view
-        msg = await anext(replies)
-        assert isinstance(msg, Rejected) and msg.request_id == "r2" and msg.status == 503
-        urgent = ScheduleRequest(request_id="r3", reply_to=reply, prompt_token_ids=[1], sampling=spec,
-                                 priority=-1)  # fmt: skip
-        await bus.publish(queues.schedule, encode(urgent))
+        long = SamplingSpec(max_tokens=10**6)
+
+        def request(rid: str, priority: int = 0) -> bytes:
+            msg = ScheduleRequest(request_id=rid, reply_to=reply, prompt_token_ids=[1], sampling=long,
+                                  priority=priority)  # fmt: skip
+            return encode(msg)
+
+        await asyncio.sleep(0.1)  # a heartbeat with w0's busy slot
+        await bus.publish(queues.schedule, request("r1"))
         await asyncio.sleep(0.1)
-        assert scheduler.decisions == {"w0": 1} and [s.request_id for s in engine.waiting] == ["r3"]
+        assert scheduler.decisions == {"w1": 1}  # not the full w0
+        await bus.publish(queues.schedule, request("r2"))  # both full now: a worker says no
+        msg = await anext(replies)
+        assert isinstance(msg, Rejected) and msg.request_id == "r2"
+        assert msg.status == 503 and msg.retry_after_s == 1
+        direct = WorkerRequest(request_id="r3", reply_to=reply, prompt_token_ids=[1], sampling=long)
+        await bus.publish(queues.worker("w1"), encode(direct))  # as if routed on a stale view
+        msg = await anext(replies)
+        assert isinstance(msg, Rejected) and msg.request_id == "r3" and msg.status == 503
+        await bus.publish(queues.schedule, request("r4", priority=-1))  # the reserve takes it
+        await asyncio.sleep(0.1)
+        assert [s.request_id for e in engines.values() for s in e.waiting] == ["r4"]
     finally:
         await scheduler.stop()
-        await worker.stop()
+        for w in workers:
+            await w.stop()
         await bus.close()
