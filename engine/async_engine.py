@@ -133,6 +133,11 @@ class AsyncEngine:
         self._wake.set()
 
     @property
+    def num_waiting(self) -> int:
+        """Sequences waiting in the core's queue, plus messages (adds, aborts) not yet taken in."""
+        return self.core.counters().num_waiting + self._inbox.qsize()
+
+    @property
     def dead_reason(self) -> BaseException | None:
         return self._dead
 

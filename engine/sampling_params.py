@@ -48,6 +48,8 @@ class SamplingParams:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if self.seed is not None and not -(2**63) <= self.seed <= 2**63 - 1 - self.n:
+            raise ValueError(f"seed must be a 64-bit integer, got {self.seed}")  # one per choice
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
         if self.logit_bias:

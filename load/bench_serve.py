@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from load import peers
 from load.datasets import DATASETS, DatasetSpec
+from load.outcomes import format_outcomes, prompts_for_duration
 from load.peers import PEERS
 from load.serve_runner import BenchResult, ServeConfig, parse_slo, run_benchmark
 
@@ -39,6 +40,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--request-rate", type=float, default=math.inf, help="conversations per second, Poisson (inf)"
     )
     load.add_argument("--num-prompts", type=int, default=100, help="requests (multi-turn: rounded up)")
+    load.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="open loop: start requests at --request-rate for this many seconds (sets --num-prompts)",
+    )
     load.add_argument("--dataset", choices=list(DATASETS), default="random")
     load.add_argument("--input-len", type=int, default=256, help="prompt tokens (multi-turn: per turn)")
     load.add_argument(
@@ -94,9 +101,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    num_prompts = args.num_prompts
+    if getattr(args, "duration", None) is not None:
+        num_prompts = prompts_for_duration(args.request_rate, args.duration)
     spec = DatasetSpec(
         name=args.dataset,
-        num_prompts=args.num_prompts,
+        num_prompts=num_prompts,
         input_len=args.input_len,
         output_len=args.output_len,
         seed=args.seed,
@@ -137,6 +147,8 @@ def format_result(r: BenchResult) -> str:
         ("Total token throughput (tok/s)", f"{r.total_token_throughput:.2f}"),
         ("Peak concurrent requests", str(r.peak_concurrency)),
     ]
+    if r.failed:
+        rows += format_outcomes(r.outcomes)
     if r.goodput is not None:
         bounds = ",".join(f"{k}={v:g}" for k, v in r.slo.items())
         rows.append((f"Goodput (req/s, {bounds} ms)", f"{r.goodput:.2f}"))

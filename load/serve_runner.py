@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from load.datasets import BenchTurn, Conversation, DatasetSpec, load_dataset, sample_text
+from load.outcomes import HUNG_PREFIX, count_outcomes
 from load.server_metrics import KvSampler, summarize_kv
 
 SLO_KEYS = ("ttft", "tpot", "e2e")
@@ -144,6 +145,7 @@ class BenchResult:
     e2e: LatencyStats
     first_error: str = ""
     slo: dict[str, float] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)  # load/outcomes.py: ok, refused_429, ...
     meta: dict[str, Any] = field(default_factory=dict)  # model, endpoint, dataset, ... of the run
     # the per-request records (for --plot); not in to_dict()
     records: list[RequestRecord] = field(default_factory=list, repr=False, compare=False)
@@ -198,6 +200,7 @@ def summarize(records: list[RequestRecord], duration: float, slo: dict[str, floa
         e2e=LatencyStats.of([r.e2e_s for r in ok]),
         first_error=errors[0].error if errors else "",
         slo=dict(slo),
+        outcomes=count_outcomes(records),
     )
 
 
@@ -289,7 +292,7 @@ async def send_request(
                     text = (await resp.aread())[:300].decode(errors="replace")
                     rec.error = f"HTTP {resp.status_code}: {text}"
     except TimeoutError:
-        rec.error = f"no complete response within --timeout {cfg.request_timeout_s:g}s"
+        rec.error = f"{HUNG_PREFIX} --timeout {cfg.request_timeout_s:g}s"
     except (httpx.HTTPError, json.JSONDecodeError, AttributeError, TypeError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
     rec.e2e_s = time.perf_counter() - rec.start_s

@@ -110,7 +110,74 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         "--api-key",
         action="append",
         default=None,
-        help="required bearer key (repeatable); env PAGODA_API_KEY",
+        help="required bearer key (repeatable); also env PAGODA_API_KEYS (comma separated), PAGODA_API_KEY",
+    )
+    s.add_argument("--api-key-file", default=None, help="file of bearer keys, one a line (# comments)")
+    lim = p.add_argument_group("request limits (a request over one gets a 4xx)")
+    lim.add_argument(
+        "--max-request-body-bytes", type=parse_size, default=8 * 2**20, help="413 above this (default 8MiB)"
+    )
+    lim.add_argument("--max-n", type=int, default=128, help="most choices (n) per request")
+    lim.add_argument(
+        "--max-tokens-limit", type=int, default=None, help="largest max_tokens (default: the context length)"
+    )
+    lim.add_argument("--max-stop-strings", type=int, default=16, help="most stop strings per request")
+    lim.add_argument("--max-logit-bias", type=int, default=1024, help="most logit_bias entries per request")
+    lim.add_argument("--max-json-depth", type=int, default=32, help="deepest JSON nesting of a body")
+    lim.add_argument(
+        "--rate-limit-requests", type=int, default=None, help="requests per minute per API key (429 above)"
+    )
+    lim.add_argument(
+        "--rate-limit-tokens",
+        type=int,
+        default=None,
+        help="tokens (prompt + max_tokens) per minute per API key (429 above)",
+    )
+    lim.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a request may wait to start before it fails with a 503 (0: no limit)",
+    )
+
+
+def add_admission_args(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("admission (beyond these, requests are refused with 503 at once)")
+    a.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=64,
+        help="sequences each worker may queue beyond its running slots (-1: no cap)",
+    )
+    a.add_argument(
+        "--priority-reserve",
+        type=int,
+        default=8,
+        help="extra queue room per worker for priority requests (priority < 0)",
+    )
+
+
+def request_limits(args: argparse.Namespace) -> Any:
+    """The `RequestLimits` of the request-limit flags."""
+    from services.limits import RequestLimits
+
+    return RequestLimits(
+        max_body_bytes=args.max_request_body_bytes,
+        max_json_depth=args.max_json_depth,
+        max_n=args.max_n,
+        max_tokens=args.max_tokens_limit,
+        max_stop=args.max_stop_strings,
+        max_logit_bias=args.max_logit_bias,
+    )
+
+
+def admission_limits(args: argparse.Namespace) -> Any:
+    """The `AdmissionLimits` of the admission flags."""
+    from services.admission import AdmissionLimits
+
+    waiting = args.max_waiting_requests
+    return AdmissionLimits(
+        max_waiting=None if waiting < 0 else waiting, priority_reserve=args.priority_reserve
     )
 
 
@@ -154,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     add_backend_args(serve)
     add_server_args(serve)
+    add_admission_args(serve)
     add_cluster_args(serve, bus_required=False, store_required=False)
 
     for role, text in _ROLE_HELP.items():
@@ -162,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
             add_engine_args(p)
         if role == "gateway":
             add_server_args(p)
+        if role != "tokenizer":
+            add_admission_args(p)
         add_cluster_args(p, bus_required=True, store_required=role != "tokenizer")
         if role == "worker":
             add_backend_args(p)

@@ -17,6 +17,7 @@ from typing import Any
 
 from engine.block_hash import hash_full_blocks
 from services import tracing
+from services.admission import RETRY_AFTER_S, AdmissionLimits, has_room, queue_timed_out
 from services.bus import Bus, Message, Subscription
 from services.messages import (
     MessageError,
@@ -46,8 +47,10 @@ class SchedulerService:
         concurrency: int = 64,
         queues: Queues | None = None,
         metrics: Metrics | None = None,
+        admission: AdmissionLimits | None = None,
     ) -> None:
         self.bus = bus
+        self.admission = admission or AdmissionLimits()
         self.metrics = metrics.scheduler() if metrics is not None else None
         self.queues = queues or Queues()
         self.store = store
@@ -127,6 +130,11 @@ class SchedulerService:
             await self._route_traced(msg, span)
 
     async def _route_traced(self, msg: ScheduleRequest, span: tracing.TraceHandle) -> None:
+        timeout = msg.queue_timeout_s
+        if timeout is not None and msg.arrival_time > 0 and time.time() - msg.arrival_time > timeout:
+            err = queue_timed_out(timeout)  # it waited on the bus: do not start it now
+            await self._reject(msg, err.status, err.message, "queue_timeout", RETRY_AFTER_S)
+            return
         try:
             decision = await self._decide(msg)
         except Exception as exc:
@@ -167,12 +175,17 @@ class SchedulerService:
         # No await from here to the caller's count of the decision: requests routed at the same
         # time see each other. Requests sent since a worker's last heartbeat count as waiting there.
         workers = [replace(s, num_waiting=s.num_waiting + self._sent.get(s.worker_id, 0)) for s, _ in alive]
-        return self.router.choose(workers, overlap, session_worker)
+        # Workers with room by this view. It lags (a request finished since a heartbeat still
+        # counts), so when none seems to have room the least loaded decides for itself, exactly.
+        roomy = [w for w in workers if has_room(w, self.admission, msg.priority, seqs=msg.sampling.n)]
+        return self.router.choose(roomy or workers, overlap, session_worker)
 
-    async def _reject(self, msg: ScheduleRequest, status: int, text: str, reason: str) -> None:
+    async def _reject(
+        self, msg: ScheduleRequest, status: int, text: str, reason: str, retry_after_s: int | None = None
+    ) -> None:
         if self.metrics is not None:
             self.metrics.rejected.labels(reason).inc()
-        reject = Rejected(request_id=msg.request_id, status=status, message=text)
+        reject = Rejected(request_id=msg.request_id, status=status, message=text, retry_after_s=retry_after_s)
         try:
             await self.bus.publish(msg.reply_to, encode(reject))
         except Exception as exc:

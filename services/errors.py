@@ -8,8 +8,8 @@ As in vLLM, `type` names the error class and `code` repeats the HTTP status:
 | 401 | AuthenticationError | missing or wrong API key |
 | 404 | NotFoundError | unknown model or route |
 | 413 | RequestTooLargeError | request body too large |
-| 429 | RateLimitError | too many requests queued |
-| 503 | ServiceUnavailableError | engine not ready / overloaded |
+| 429 | RateLimitError | an API key over its rate limit (with Retry-After) |
+| 503 | ServiceUnavailableError | engine not ready, fleet saturated (with Retry-After), queue timeout |
 | 500 | InternalServerError | a bug: logged with its traceback, answered without it |
 
 Validation errors never become 422, and a user's mistake never becomes a 500.
@@ -50,6 +50,7 @@ class APIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: int | str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -57,13 +58,14 @@ class APIError(Exception):
         self.type = type or _TYPE_BY_STATUS.get(status, "APIError")
         self.param = param
         self.code = status if code is None else code
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer", **self.headers} if self.status == 401 else self.headers
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:

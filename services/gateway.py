@@ -19,6 +19,7 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from services import tracing
+from services.admission import first_output, first_output_wait
 from services.bus import Bus, Message, Subscription
 from services.errors import APIError
 from services.frontend import Submitted
@@ -63,6 +64,7 @@ class BusFrontend:
         accept_timeout_s: float = 30.0,
         queues: Queues | None = None,
         registry: WorkerRegistry | None = None,
+        queue_timeout_s: float | None = None,
     ) -> None:
         self.bus = bus
         self.tokenizer = tokenizer
@@ -73,6 +75,7 @@ class BusFrontend:
         self.queues = queues or Queues()
         self.reply_queue = self.queues.reply(self.gateway_id)
         self.accept_timeout_s = accept_timeout_s
+        self.queue_timeout_s = queue_timeout_s  # workers fail a request not started by then
         self._pending: dict[str, _Pending] = {}
         self._sub: Subscription | None = None
         self._ready = False
@@ -138,6 +141,7 @@ class BusFrontend:
         msg = TokenizeRequest(
             request_id=request_id, reply_to=self.reply_queue, prompt=prompt, sampling=SamplingSpec.of(params),
             priority=priority, cache_salt=cache_salt, session_id=session_id, arrival_time=time.time(),
+            queue_timeout_s=self.queue_timeout_s,
         )  # fmt: skip
         try:
             await self.bus.publish(self.queues.tokenize, encode(msg), pending.trace.headers())
@@ -157,9 +161,13 @@ class BusFrontend:
         remaining = n
         pending.streaming = True
         error: BaseException | None = None
+        first_wait = first_output_wait(self.queue_timeout_s)
         try:
             while remaining:
-                item = await pending.outputs.get()
+                if pending.worker_id is None and first_wait is not None:  # nothing heard of it yet
+                    item = await first_output(pending.outputs, first_wait)
+                else:
+                    item = await pending.outputs.get()
                 if isinstance(item, BaseException):
                     error = item
                     raise item
@@ -216,7 +224,8 @@ class BusFrontend:
             pending = self._pending.get(msg.request_id)
             if pending is None:
                 return
-            err = APIError(msg.status, msg.message, param=msg.param)
+            retry = {"Retry-After": str(msg.retry_after_s)} if msg.retry_after_s else None
+            err = APIError(msg.status, msg.message, param=msg.param, headers=retry)
             if pending.aborted and not pending.streaming:
                 self._pending.pop(msg.request_id, None)
             if not pending.accepted.done():

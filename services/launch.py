@@ -8,7 +8,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import uvicorn
 from services import tracing
 from services.bus import Bus, make_bus
 from services.bus_memory import InMemoryBus
+from services.cli import admission_limits, engine_kwargs, request_limits
 from services.messages import Queues
 from services.metrics import Metrics
 from services.registry import WorkerRegistry
@@ -68,9 +68,11 @@ def _model_info(args: argparse.Namespace) -> _Model:
 
 
 def _api_keys(args: argparse.Namespace) -> list[str] | None:
-    keys = list(getattr(args, "api_key", None) or [])
-    if os.environ.get("PAGODA_API_KEY"):
-        keys.append(os.environ["PAGODA_API_KEY"])
+    from services.auth import load_api_keys
+
+    keys = load_api_keys(getattr(args, "api_key", None), getattr(args, "api_key_file", None))
+    if keys:
+        logger.info("API keys required: %d configured", len(keys))  # never the keys themselves
     return keys or None
 
 
@@ -113,8 +115,10 @@ async def _main(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, request_stop, sig)
     try:
+        api_keys = _api_keys(args) if "gateway" in roles else None
         model = _model_info(args) if {"gateway", "tokenizer"} & set(roles) else None
         heartbeat = args.heartbeat_interval
+        admission = admission_limits(args)
         if "worker" in roles:
             services.append(_worker(args, bus, store, heartbeat, queues, metrics))
         if "scheduler" in roles:
@@ -122,7 +126,13 @@ async def _main(
 
             services.append(
                 SchedulerService(
-                    bus, store, router=args.router, heartbeat_s=heartbeat, queues=queues, metrics=metrics
+                    bus,
+                    store,
+                    router=args.router,
+                    heartbeat_s=heartbeat,
+                    queues=queues,
+                    metrics=metrics,
+                    admission=admission,
                 )
             )
         if "tokenizer" in roles:
@@ -133,7 +143,9 @@ async def _main(
             processor = PromptProcessor(model.tokenizer, model.max_model_len)
             services.append(TokenizerService(bus, processor, queues))
         frontend = None
+        fleet = None
         if "gateway" in roles:
+            from services.admission import FleetAdmission
             from services.gateway import BusFrontend
 
             assert model is not None
@@ -141,8 +153,10 @@ async def _main(
                 bus, model.tokenizer, model_name=model.name, max_model_len=model.max_model_len,
                 default_sampling=model.default_sampling,
                 registry=WorkerRegistry(store, heartbeat), queues=queues,
+                queue_timeout_s=args.queue_timeout or None,
             )  # fmt: skip
-            services.append(frontend)
+            fleet = FleetAdmission(WorkerRegistry(store, heartbeat), admission)
+            services += [frontend, fleet]
         for svc in services:
             await svc.start()
         if metrics_port is not None:
@@ -150,10 +164,14 @@ async def _main(
             logger.info("metrics on http://0.0.0.0:%d/metrics", metrics_port)
         if frontend is not None:
             from services.openai_server import build_app
+            from services.ratelimit import RateLimiter, RateLimits
 
+            rate_limits = RateLimits(args.rate_limit_requests, args.rate_limit_tokens)
             app = build_app(
-                frontend, served_model_names=[frontend.model_name], api_keys=_api_keys(args), metrics=metrics
-            )
+                frontend, served_model_names=[frontend.model_name], api_keys=api_keys, metrics=metrics,
+                limits=request_limits(args), admission=fleet,
+                rate_limiter=RateLimiter(store, rate_limits) if rate_limits.enabled else None,
+            )  # fmt: skip
             server = _Server(
                 uvicorn.Config(
                     app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
@@ -189,7 +207,6 @@ def _worker(
     from engine.async_engine import AsyncEngine, StepCore
     from engine.engine_core import EngineCore
     from engine.llm import make_engine_config
-    from services.cli import engine_kwargs
     from services.worker import WorkerService
 
     core: StepCore
@@ -210,4 +227,5 @@ def _worker(
         heartbeat_s=heartbeat,
         queues=queues,
         metrics=metrics,
+        admission=admission_limits(args),
     )

@@ -107,6 +107,7 @@ class TokenizeRequest(_Msg):
     cache_salt: str | None = None
     session_id: str | None = None
     arrival_time: float = 0.0
+    queue_timeout_s: float | None = None  # fail it if it has not started this long after arrival
 
 
 # -- to the scheduler -------------------------------------------------------------------------
@@ -120,6 +121,7 @@ class ScheduleRequest(_Msg):
     cache_salt: str | None = None
     session_id: str | None = None
     arrival_time: float = 0.0
+    queue_timeout_s: float | None = None  # fail it if it has not started this long after arrival
 
 
 # -- to a worker ------------------------------------------------------------------------------
@@ -149,6 +151,7 @@ class Rejected(_Msg):
     status: int
     message: str
     param: str | None = None
+    retry_after_s: int | None = None  # sent to the client as Retry-After
 
 
 class Delta(_Msg):

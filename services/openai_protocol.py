@@ -28,7 +28,7 @@ _OPENAI_DEFAULTS: dict[str, float] = {
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # JSON has no NaN: refuse it
 
 
 class StreamOptions(_Request):

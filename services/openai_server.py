@@ -11,7 +11,6 @@ writing their streams lives in services/openai_streams.py.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import uuid
 from importlib import metadata
 from typing import TYPE_CHECKING
@@ -23,9 +22,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.sampling_params import SamplingParams
 from services import tracing
+from services.admission import FleetAdmission
+from services.auth import OPEN_PATHS, BearerAuth, key_id
 from services.errors import APIError, from_value_error, install_error_handlers, model_not_found
-from services.errors import unauthorized as unauthorized_error
 from services.frontend import Frontend, PromptProcessor, Submitted, as_frontend
+from services.limits import BodyGuard, RequestLimits, check_request
 from services.messages import PromptInput
 from services.metrics import CONTENT_TYPE_LATEST, GatewayMetrics, Metrics
 from services.openai_protocol import (
@@ -44,13 +45,12 @@ from services.openai_protocol import (
     TokenizeResponse,
 )
 from services.openai_streams import Call, SubRequest, chat_stream, collect, completion_stream, logger
+from services.ratelimit import RateLimiter, estimate_tokens
 
 if TYPE_CHECKING:
     from engine.engine_client import EngineClient
 
 __all__ = ["OpenAIServer", "build_app", "logger"]
-
-_OPEN_PATHS = frozenset({"/health", "/health/ready", "/version", "/metrics"})
 
 
 def _version() -> str:
@@ -58,36 +58,6 @@ def _version() -> str:
         return metadata.version("pagoda")
     except metadata.PackageNotFoundError:
         return "0.1.0"
-
-
-class _BearerAuth:
-    """ASGI middleware: every path but health/version needs `Authorization: Bearer <key>`."""
-
-    def __init__(self, app: ASGIApp, api_keys: list[str]) -> None:
-        self.app = app
-        self._keys = [k.encode() for k in api_keys]
-
-    def _authorized(self, scope: Scope) -> bool:
-        header = b""
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                header = value
-        scheme, _, token = header.partition(b" ")
-        ok = False
-        for key in self._keys:  # no early exit: the time taken does not depend on which key matched
-            ok |= hmac.compare_digest(token.strip(), key)
-        return ok and scheme.lower() == b"bearer"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["path"] not in _OPEN_PATHS
-            and scope.get("method") != "OPTIONS"
-            and not self._authorized(scope)
-        ):
-            await unauthorized_error().response()(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 class _ResponseCounter:
@@ -99,7 +69,7 @@ class _ResponseCounter:
         self.model_name = model_name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         status = 499  # the client went away before a response started
@@ -121,10 +91,23 @@ class _ResponseCounter:
 class OpenAIServer:
     """Request handling, independent of routing: build with `build_app`."""
 
-    def __init__(self, frontend: Frontend, served_model_names: list[str], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        frontend: Frontend,
+        served_model_names: list[str],
+        metrics: Metrics,
+        *,
+        limits: RequestLimits | None = None,
+        rate_limiter: RateLimiter | None = None,
+        admission: FleetAdmission | None = None,
+    ) -> None:
         self.frontend = frontend
         self.served_model_names = served_model_names
         self.metrics = metrics
+        self.limits = limits or RequestLimits()
+        self.rate_limiter = rate_limiter
+        self.admission = admission
+        self._charges: set[asyncio.Task[None]] = set()  # rate-limit top-ups in flight
         self.gateway_metrics = metrics.gateway()
         # the gateway's own tokenizer: chat template for /tokenize, vocabulary for /detokenize
         self.processor = PromptProcessor(frontend.tokenizer, frontend.max_model_len)
@@ -142,6 +125,29 @@ class OpenAIServer:
             return req.to_sampling_params(defaults=self.frontend.default_sampling)
         except ValueError as err:
             raise from_value_error(err) from None
+
+    async def admit(
+        self, call: Call, request: Request, prompts: list[PromptInput], params: SamplingParams
+    ) -> None:
+        """The per-key rate limit (429), then room in the fleet (503); both at once, before any
+        work is queued. What is taken is given back (or topped up) when the call ends."""
+        seqs = len(prompts) * params.n
+        if self.rate_limiter is not None:
+            key = key_id(request.headers.get("authorization"))
+            estimate = estimate_tokens(prompts, params, self.frontend.max_model_len)
+            await self.rate_limiter.admit(key, estimate)
+            call.on_end.append(lambda used: self._top_up(key, used - estimate))
+        if self.admission is not None:
+            self.admission.admit(seqs, call.req.priority)
+            admission = self.admission
+            call.on_end.append(lambda _: admission.release(seqs))
+
+    def _top_up(self, key: str, tokens: int) -> None:
+        """Charge the tokens a call used beyond its estimate (a call without max_tokens)."""
+        if tokens > 0 and self.rate_limiter is not None:
+            task = asyncio.create_task(self.rate_limiter.charge(key, tokens))
+            self._charges.add(task)
+            task.add_done_callback(self._charges.discard)
 
     async def submit(
         self, call: Call, prompts: list[PromptInput], params: SamplingParams, session_id: str | None
@@ -213,18 +219,26 @@ def build_app(
     served_model_names: list[str] | None = None,
     api_keys: list[str] | None = None,
     metrics: Metrics | None = None,
+    limits: RequestLimits | None = None,
+    rate_limiter: RateLimiter | None = None,
+    admission: FleetAdmission | None = None,
 ) -> FastAPI:
     """The FastAPI app over `frontend` (an EngineClient is wrapped in a LocalFrontend);
     `served_model_names` defaults to the model's name. GET /metrics serves `metrics` (a fresh
-    registry when omitted; pass the one the process's other services share)."""
+    registry when omitted; pass the one the process's other services share). `limits` bound
+    each request (defaults: `RequestLimits()`); `rate_limiter` and `admission` are off unless given."""
     front = as_frontend(frontend)
     names = list(served_model_names or [front.model_name])
-    server = OpenAIServer(front, names, metrics if metrics is not None else Metrics())
+    server = OpenAIServer(
+        front, names, metrics if metrics is not None else Metrics(),
+        limits=limits, rate_limiter=rate_limiter, admission=admission,
+    )  # fmt: skip
     app = FastAPI(title="pagoda", version=_version())
     app.state.openai_server = server
     install_error_handlers(app)
+    app.add_middleware(BodyGuard, limits=server.limits)  # innermost: only authorized bodies are read
     if api_keys:
-        app.add_middleware(_BearerAuth, api_keys=list(api_keys))
+        app.add_middleware(BearerAuth, api_keys=list(api_keys))
     app.add_middleware(_ResponseCounter, metrics=server.gateway_metrics, model_name=names[0])
     if tracing.enabled():
         app.add_middleware(tracing.TraceMiddleware)  # outermost
@@ -245,7 +259,9 @@ async def _start(
     """Validate the call, then submit its prompts; a refusal is logged and raised as it is."""
     try:
         call.model = server.check_model(call.req.model)
+        check_request(call.req, server.limits, server.frontend.max_model_len)
         params = server.sampling_params(call.req)
+        await server.admit(call, request, prompts, params)
         await server.submit(call, prompts, params, _session_id(request, call.req))
     except APIError as err:
         call.log(err.status)

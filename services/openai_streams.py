@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +161,8 @@ class Call:
     metrics_model: str = ""  # its `model_name` label
     first_token_at: float | None = None
     token_gaps: list[float] = field(default_factory=list)  # inter-token latencies of all choices
+    # called once when the call ends (with its prompt + completion tokens): admission, rate limits
+    on_end: list[Callable[[int], None]] = field(default_factory=list)
 
     # ------------------------------------------------------------------------------- running
 
@@ -258,6 +260,8 @@ class Call:
         )
         if self.metrics is not None:
             self.metrics.observe(self.metrics_model, self._record(status, prompt, completion))
+        for hook in self.on_end:
+            hook(prompt + completion)
 
     def _record(self, status: int | str, prompt: int, completion: int) -> RequestRecord:
         first = self.first_token_at

@@ -79,7 +79,7 @@ class TokenizerService:
         forward = ScheduleRequest(
             request_id=msg.request_id, reply_to=msg.reply_to, prompt_token_ids=ids, sampling=msg.sampling,
             priority=msg.priority, cache_salt=msg.cache_salt, session_id=msg.session_id,
-            arrival_time=msg.arrival_time,
+            arrival_time=msg.arrival_time, queue_timeout_s=msg.queue_timeout_s,
         )  # fmt: skip
         span.set("gen_ai.usage.input_tokens", len(ids))
         await self.bus.publish(self.queues.schedule, encode(forward), span.headers())

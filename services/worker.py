@@ -19,6 +19,14 @@ from dataclasses import dataclass
 from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
 from services import tracing
+from services.admission import (
+    RETRY_AFTER_S,
+    AdmissionLimits,
+    fleet_saturated,
+    has_room,
+    queue_deadline,
+    queue_timed_out,
+)
 from services.bus import Bus, Message, Subscription
 from services.messages import (
     AbortRequest,
@@ -33,6 +41,7 @@ from services.messages import (
 )
 from services.metrics import Metrics
 from services.registry import PrefixIndex, WorkerRegistry
+from services.router import WorkerState
 from services.store import Store
 
 logger = logging.getLogger("pagoda.worker")
@@ -46,6 +55,8 @@ class _Inflight:
     trace: tracing.TraceHandle = tracing.NOOP
     queue_s: float | None = None  # arrival on the engine to first schedule
     first_token: float | None = None  # monotonic
+    deadline: float | None = None  # monotonic: fail it if no output by then (--queue-timeout)
+    timeout_s: float | None = None
 
 
 class WorkerService:
@@ -59,8 +70,10 @@ class WorkerService:
         heartbeat_s: float = 1.0,
         queues: Queues | None = None,
         metrics: Metrics | None = None,
+        admission: AdmissionLimits | None = None,
     ) -> None:
         self.engine = engine
+        self.admission = admission or AdmissionLimits()
         self.metrics = metrics  # the engine's figures are read from its core on scrape
         self.bus = bus
         self.store = store
@@ -83,6 +96,7 @@ class WorkerService:
             asyncio.create_task(self._publisher(), name="worker-publisher"),
             asyncio.create_task(self._indexer(), name="worker-indexer"),
             asyncio.create_task(self._heartbeat(), name="worker-heartbeat"),
+            asyncio.create_task(self._expire_queued(), name="worker-queue-timeout"),
         ]
         await self._beat()  # registered before the first message can arrive
         if self.metrics is not None:
@@ -123,6 +137,14 @@ class WorkerService:
         if msg.request_id in self._inflight:
             logger.info("worker %s: duplicate delivery of %s ignored", self.worker_id, msg.request_id)
             return
+        if not has_room(self._state(), self.admission, msg.priority, seqs=msg.sampling.n):
+            err = fleet_saturated(f"worker {self.worker_id} has a full queue")
+            reject = Rejected(
+                request_id=msg.request_id, status=err.status, message=err.message, retry_after_s=RETRY_AFTER_S
+            )
+            self._publish_q.put_nowait((msg.reply_to, encode(reject)))
+            logger.info("worker %s: refused %s, its queue is full", self.worker_id, msg.request_id)
+            return
         try:
             params = msg.sampling.to_params()
             self.engine.submit(
@@ -133,7 +155,35 @@ class WorkerService:
             self._publish_q.put_nowait((msg.reply_to, encode(reject)))
             return
         trace = tracing.worker_request(headers, self.engine.model_name, params, len(msg.prompt_token_ids))
-        self._inflight[msg.request_id] = _Inflight(msg.reply_to, params.n, time.monotonic(), trace)
+        now = time.monotonic()
+        deadline = queue_deadline(msg.arrival_time, msg.queue_timeout_s, time.time(), now)
+        self._inflight[msg.request_id] = _Inflight(
+            msg.reply_to, params.n, now, trace, deadline=deadline, timeout_s=msg.queue_timeout_s
+        )
+
+    def _state(self) -> WorkerState:
+        return WorkerState(
+            self.worker_id,
+            num_running=self.engine.core.counters().num_running,
+            num_waiting=self.engine.num_waiting,
+            max_num_seqs=self.engine.core.config.scheduler.max_num_seqs,
+        )
+
+    async def _expire_queued(self) -> None:
+        """Fail the requests that have not started by their deadline (see admission.py)."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for rid, req in list(self._inflight.items()):
+                if req.deadline is not None and now >= req.deadline:
+                    del self._inflight[rid]
+                    await self.engine.abort(rid)
+                    err = queue_timed_out(req.timeout_s or 0.0)
+                    reject = Rejected(
+                        request_id=rid, status=err.status, message=err.message, retry_after_s=RETRY_AFTER_S
+                    )
+                    self._publish_q.put_nowait((req.reply_to, encode(reject)))
+                    logger.info("worker %s: %s timed out in the queue", self.worker_id, rid)
 
     # -- output -------------------------------------------------------------------------------
     def _on_step(self, outputs: list[RequestOutput], stored: list[bytes], evicted: list[bytes]) -> None:
@@ -143,6 +193,7 @@ class WorkerService:
             req = self._inflight.get(out.request_id)
             if req is None:
                 continue
+            req.deadline = None  # it started
             by_gateway[req.reply_to].append(Delta.of(out))
             req.trace.output(out)
             if req.first_token is None and out.new_token_ids:

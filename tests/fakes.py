@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
+from engine.engine_core import StepStats
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
@@ -144,3 +147,81 @@ class FakeEngine:
 
     def is_ready(self) -> bool:
         return self.ready
+
+
+TICK_S = 0.01
+
+
+@dataclass
+class SlotSeq:
+    request_id: str
+    max_tokens: int
+    done: int = 0
+
+
+class SlotEngine:
+    """What WorkerService needs of an AsyncEngine: `slots` sequences run at once, one token a
+    tick each, the rest wait in order. No model."""
+
+    model_name = "fake-model"
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.running: list[SlotSeq] = []
+        self.waiting: list[SlotSeq] = []
+        self.sink: Callable[[list[RequestOutput], list[bytes], list[bytes]], None] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.dead_reason = None
+        self.steps = 0
+        sched = SimpleNamespace(max_num_seqs=slots)
+        self.core = SimpleNamespace(
+            config=SimpleNamespace(scheduler=sched, cache=SimpleNamespace(block_size=16)),
+            scheduler=self,
+            last_stats=StepStats(),
+            kv=SimpleNamespace(usage=lambda: 0.0, pool=SimpleNamespace(num_free_blocks=100)),
+            num_blocks=100,
+            model_name=self.model_name,
+        )
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def set_sink(self, sink: Any) -> None:
+        self.sink = sink
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._loop())
+
+    async def shutdown(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def submit(self, request_id: str, prompt: list[int], params: SamplingParams, **_: Any) -> None:
+        self.waiting.append(SlotSeq(request_id, params.max_tokens or 16))
+
+    async def abort(self, request_id: str) -> None:
+        self.waiting = [s for s in self.waiting if s.request_id != request_id]
+        self.running = [s for s in self.running if s.request_id != request_id]
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            while self.waiting and len(self.running) < self.slots:
+                self.running.append(self.waiting.pop(0))
+            self.core.last_stats = StepStats(num_running=len(self.running), num_waiting=len(self.waiting))
+            outs = []
+            for s in list(self.running):
+                s.done += 1
+                fin = s.done >= s.max_tokens
+                outs.append(RequestOutput(s.request_id, [65], 0, 3, 0, s.done, finished=fin,
+                                          finish_reason="length" if fin else None))  # fmt: skip
+                if fin:
+                    self.running.remove(s)
+            if outs and self.sink is not None:
+                self.steps += 1
+                self.sink(outs, [], [])

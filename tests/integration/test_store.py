@@ -88,3 +88,27 @@ async def test_redis_unreachable_server_names_the_fix() -> None:
     store = make_store("redis://127.0.0.1:1/0")
     with pytest.raises(ConnectionError, match="redis-server"):
         await store.connect()
+
+
+async def test_rate_limits_are_shared_by_gateways_through_redis(store: Store) -> None:
+    """Two gateways (two connections) count one key's requests together, in one window."""
+    from services.errors import APIError
+    from services.ratelimit import RateLimiter, RateLimits
+
+    other = await open_store(store.prefix)
+    try:
+        now = 1_000_000 * 60.0 + 1.0  # early in a window: both admits land in it
+        limits = RateLimits(requests_per_minute=2, tokens_per_minute=50)
+        a = RateLimiter(store, limits, clock=lambda: now)
+        b = RateLimiter(other, limits, clock=lambda: now)
+        await a.admit("key1", 10)
+        await b.admit("key1", 10)
+        with pytest.raises(APIError) as info:
+            await a.admit("key1", 10)
+        assert info.value.status == 429 and info.value.headers["Retry-After"] == "59"
+        await b.admit("key2", 50)
+        with pytest.raises(APIError):
+            await a.admit("key2", 1)
+        assert any(k.startswith("rl:key1:") for k in await store.scan_prefix("rl:"))
+    finally:
+        await other.close()

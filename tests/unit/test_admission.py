@@ -1,0 +1,174 @@
+"""Overload: the whole stack (gateway -> tokenizer -> scheduler -> worker, in-memory) over an engine
+with a fixed number of running slots refuses at once with 503 + Retry-After beyond its slots plus
+queue cap, lets priority requests through, and fails requests that do not start in time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import httpx
+import pytest
+
+from services.admission import AdmissionLimits, FleetAdmission, has_room, queue_deadline, queued
+from services.bus_memory import InMemoryBus
+from services.dispatcher import SchedulerService
+from services.frontend import PromptProcessor
+from services.gateway import BusFrontend
+from services.messages import Queues, Rejected, SamplingSpec, ScheduleRequest, WorkerRequest, decode, encode
+from services.openai_server import build_app
+from services.registry import WorkerRegistry
+from services.router import WorkerState
+from services.store import InMemoryStore
+from services.tokenizer_service import TokenizerService
+from services.worker import WorkerService
+from tests.fakes import FakeTokenizer, SlotEngine, SlotSeq
+
+
+class Stack:
+    def __init__(self, slots: int, limits: AdmissionLimits, queue_timeout_s: float | None = None) -> None:
+        bus, store, tok = InMemoryBus(), InMemoryStore(), FakeTokenizer()
+        self.engine = SlotEngine(slots)
+        hb = 0.05
+        self.worker = WorkerService(cast(Any, self.engine), bus, store, worker_id="w0", heartbeat_s=hb,
+                                    admission=limits)  # fmt: skip
+        self.scheduler = SchedulerService(bus, store, heartbeat_s=hb, admission=limits)
+        self.gateway = BusFrontend(
+            bus, cast(Any, tok), model_name="fake-model", max_model_len=256,
+            registry=WorkerRegistry(store, hb), queue_timeout_s=queue_timeout_s,
+        )  # fmt: skip
+        self.fleet = FleetAdmission(WorkerRegistry(store, hb), limits)
+        self.services: list[Any] = [
+            self.worker, self.scheduler, TokenizerService(bus, PromptProcessor(cast(Any, tok), 256)),
+            self.gateway, self.fleet,
+        ]  # fmt: skip
+        self.app = build_app(self.gateway, admission=self.fleet)
+
+    async def __aenter__(self) -> httpx.AsyncClient:
+        for s in self.services:
+            await s.start()
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://t")
+        return self.client
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.aclose()
+        for s in reversed(self.services):
+            await s.stop()
+
+
+def _body(max_tokens: int, **kw: Any) -> dict[str, Any]:
+    return {"prompt": "hello", "max_tokens": max_tokens, **kw}
+
+
+async def test_beyond_slots_and_queue_the_fleet_refuses_at_once() -> None:
+    async with Stack(slots=2, limits=AdmissionLimits(max_waiting=1, priority_reserve=1)) as c:
+        # 3 fit (2 running + 1 queued); each runs 30 ticks, so all 6 are in flight together
+        calls = [c.post("/v1/completions", json=_body(30, stream=i % 2 == 1)) for i in range(6)]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        tasks = [asyncio.create_task(call) for call in calls]
+        done, _ = await asyncio.wait(tasks, timeout=0.2)  # the refusals come back at once
+        refused = [t.result() for t in done]
+        assert len(refused) == 3 and loop.time() - started < 0.25
+        for resp in refused:  # streaming ones too: a real HTTP status, before any event
+            assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+            assert "at capacity" in resp.json()["error"]["message"]
+        priority = await c.post("/v1/completions", json=_body(2, priority=-1))  # the reserve
+        assert priority.status_code == 200, priority.text
+        admitted = await asyncio.gather(*tasks)
+        assert sorted(r.status_code for r in admitted) == [200, 200, 200, 503, 503, 503]
+        again = await c.post("/v1/completions", json=_body(2))  # room again once they finished
+        assert again.status_code == 200
+
+
+async def test_a_request_that_cannot_start_in_time_fails_clearly() -> None:
+    stack = Stack(slots=1, limits=AdmissionLimits(max_waiting=4), queue_timeout_s=0.3)
+    async with stack as c:
+        first = asyncio.create_task(c.post("/v1/completions", json=_body(100)))  # holds the slot 1 s
+        await asyncio.sleep(0.05)
+        resp = await c.post("/v1/completions", json=_body(2))
+        assert resp.status_code == 503, resp.text
+        assert "queue timeout (0.3 s)" in resp.json()["error"]["message"]
+        stream = await c.post("/v1/completions", json=_body(2, stream=True))
+        events = [e[len("data: ") :] for e in stream.text.split("\n\n") if e]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == 503
+        assert stack.engine.waiting == []  # the worker dropped them from its queue
+        assert (await first).status_code == 200
+
+
+def test_room_counts_sequences_beyond_the_running_slots() -> None:
+    limits = AdmissionLimits(max_waiting=2, priority_reserve=1)
+    w = WorkerState("w", num_running=4, num_waiting=1, max_num_seqs=4)
+    assert queued(w) == 1 and queued(w, extra=2) == 3
+    assert has_room(w, limits, priority=0) and not has_room(w, limits, priority=0, seqs=2)
+    assert has_room(w, limits, priority=-1, seqs=2) and not has_room(w, limits, priority=-1, seqs=3)
+    assert has_room(w, AdmissionLimits(max_waiting=None), 0, extra=10**6)
+    assert queue_deadline(100.0, 5.0, now_wall=102.0, now_mono=50.0) == 53.0
+    assert queue_deadline(100.0, 5.0, now_wall=90.0, now_mono=50.0) == 55.0  # skewed clocks
+    assert queue_deadline(100.0, None, 102.0, 50.0) is None
+    with pytest.raises(ValueError, match="max-waiting-requests"):
+        AdmissionLimits(max_waiting=-1)
+
+
+async def _replies(bus: InMemoryBus, queue: str) -> AsyncIterator[Any]:
+    got: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def take(message: Any) -> None:
+        msg = decode(message.body)
+        if isinstance(msg, Rejected):  # not the running requests' steps
+            got.put_nowait(msg)
+
+    await bus.consume(queue, take)
+    while True:
+        yield await asyncio.wait_for(got.get(), 2.0)
+
+
+async def test_scheduler_routes_around_full_workers_and_workers_refuse() -> None:
+    """The backstops behind the gateway (other gateways' requests, a stale view): the scheduler
+    routes to a worker with room; a worker without room rejects what reaches it."""
+    bus, store, queues = InMemoryBus(), InMemoryStore(), Queues("t")
+    limits = AdmissionLimits(max_waiting=0, priority_reserve=1)
+    engines = {"w0": SlotEngine(slots=1), "w1": SlotEngine(slots=1)}
+    engines["w0"].running.append(SlotSeq("busy", 10**6))
+    workers = [
+        WorkerService(
+            cast(Any, e), bus, store, worker_id=wid, heartbeat_s=0.05, admission=limits, queues=queues
+        )
+        for wid, e in engines.items()
+    ]
+    scheduler = SchedulerService(bus, store, heartbeat_s=0.05, admission=limits, queues=queues)
+    reply = await bus.declare_reply_queue("")
+    replies = _replies(bus, reply)
+    for w in workers:
+        await w.start()
+    await scheduler.start()
+    try:
+        long = SamplingSpec(max_tokens=10**6)
+
+        def request(rid: str, priority: int = 0) -> bytes:
+            msg = ScheduleRequest(request_id=rid, reply_to=reply, prompt_token_ids=[1], sampling=long,
+                                  priority=priority)  # fmt: skip
+            return encode(msg)
+
+        await asyncio.sleep(0.1)  # a heartbeat with w0's busy slot
+        await bus.publish(queues.schedule, request("r1"))
+        await asyncio.sleep(0.1)
+        assert scheduler.decisions == {"w1": 1}  # not the full w0
+        await bus.publish(queues.schedule, request("r2"))  # both full now: a worker says no
+        msg = await anext(replies)
+        assert isinstance(msg, Rejected) and msg.request_id == "r2"
+        assert msg.status == 503 and msg.retry_after_s == 1
+        direct = WorkerRequest(request_id="r3", reply_to=reply, prompt_token_ids=[1], sampling=long)
+        await bus.publish(queues.worker("w1"), encode(direct))  # as if routed on a stale view
+        msg = await anext(replies)
+        assert isinstance(msg, Rejected) and msg.request_id == "r3" and msg.status == 503
+        await bus.publish(queues.schedule, request("r4", priority=-1))  # the reserve takes it
+        await asyncio.sleep(0.1)
+        assert [s.request_id for e in engines.values() for s in e.waiting] == ["r4"]
+    finally:
+        await scheduler.stop()
+        for w in workers:
+            await w.stop()
+        await bus.close()
