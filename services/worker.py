@@ -249,6 +249,7 @@ class WorkerService:
     async def _beat(self) -> None:
         core = self.engine.core
         stats = core.last_stats
+        figures = core.counters()
         if self.engine.dead_reason is not None:
             await self._fail_inflight(str(self.engine.dead_reason))
             await self.registry.remove(self.worker_id)
@@ -258,9 +259,9 @@ class WorkerService:
             {
                 "num_running": str(stats.num_running),
                 "num_waiting": str(stats.num_waiting),
-                "kv_usage": f"{core.kv.usage():.4f}",
-                "kv_live_tokens": str(core.kv.live_tokens()),
-                "kv_live_token_ratio": f"{core.kv.live_token_ratio():.4f}",
+                "kv_usage": f"{figures.kv_usage:.4f}",
+                "kv_live_tokens": str(figures.kv_live_tokens),
+                "kv_live_token_ratio": f"{figures.kv_live_token_ratio:.4f}",
                 "max_num_seqs": str(core.config.scheduler.max_num_seqs),
                 "block_size": str(core.config.cache.block_size),
                 "num_blocks": str(core.num_blocks),

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from engine.engine_core import StepStats
+from engine.engine_core import CoreCounters, StepStats
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
@@ -179,6 +179,14 @@ class SlotEngine:
             scheduler=self,
             last_stats=StepStats(),
             kv=SimpleNamespace(usage=lambda: 0.0, pool=SimpleNamespace(num_free_blocks=100)),
+            counters=lambda: CoreCounters(
+                num_running=self.num_running,
+                num_waiting=self.num_waiting,
+                kv_usage=0.0,
+                prefix_query_tokens=0,
+                prefix_hit_tokens=0,
+                num_preemptions=0,
+            ),
             num_blocks=100,
             model_name=self.model_name,
         )
