@@ -164,11 +164,14 @@ async def _delete_queues(url: str, names: list[str]) -> None:
 
 def generation_tokens(metrics_text: str) -> int:
     """The sum of vllm:generation_tokens_total over its labels in a /metrics text."""
-    total = 0.0
-    for family in text_string_to_metric_families(metrics_text):
-        if family.name == "vllm:generation_tokens":
-            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
-    return int(total)
+    return int(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(metrics_text)
+            for sample in family.samples
+            if sample.name == "vllm:generation_tokens_total"
+        )
+    )
 
 
 async def _scrape_tokens(client: httpx.AsyncClient, base: str) -> int:

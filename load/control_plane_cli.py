@@ -34,8 +34,24 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  first error: {lv['first_error']}")
         if lv["server_tokens"] != lv["tokens"]:
             lines.append(f"  gateway counted {lv['server_tokens']} tokens, clients {lv['tokens']}")
+    lines.append(saturation_line(report["levels"]))
     lines.append("=" * 96)
     return "\n".join(lines)
+
+
+def saturation_line(levels: list[dict[str, Any]]) -> str:
+    """Where the stack saturates: the first level at which a process used >= 90% of a core."""
+    for lv in levels:
+        hot = sorted((k for k, v in lv["cpu"].items() if v >= SATURATED_PCT), key=lambda k: -lv["cpu"][k])
+        if hot:
+            note = " (the load generator itself: its figures are a floor)" if hot[0] == "bench client" else ""
+            return (
+                f"Saturation: {', '.join(hot)} at >= {SATURATED_PCT:.0f}% of a core from {lv['streams']} "
+                f"streams ({lv['tokens_per_s']:.0f} tok/s){note}"
+            )
+    best = max(levels, key=lambda lv: lv["tokens_per_s"], default=None)
+    peak = f"; peak {best['tokens_per_s']:.0f} tok/s at {best['streams']} streams" if best else ""
+    return f"Saturation: no process reached {SATURATED_PCT:.0f}% of a core{peak}"
 
 
 # --- CLI ---------------------------------------------------------------------------------------
