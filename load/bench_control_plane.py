@@ -73,7 +73,8 @@ class LevelResult:
     tokens_per_s: float
     ttft: LatencyStats
     itl: LatencyStats
-    added_itl: LatencyStats  # itl - step time
+    added_itl: LatencyStats  # each gap between chunks - step time (bunched chunks go below 0)
+    added_tpot: LatencyStats  # per request: (e2e - ttft) / (tokens - 1) - step time
     cpu: dict[str, float] = field(default_factory=dict)  # CPU% per process, 100 = one core
     first_error: str = ""
 
@@ -242,6 +243,7 @@ def summarize_level(
         ttft=LatencyStats.of([r.ttft_s for r in ok]),
         itl=LatencyStats.of(gaps),
         added_itl=LatencyStats.of([g - step for g in gaps]),
+        added_tpot=LatencyStats.of([r.tpot_s - step for r in ok if r.completion_tokens > 1]),
         cpu=cpu,
         first_error=errors[0].error if errors else "",
     )

@@ -12,21 +12,25 @@ from load.bench_control_plane import SATURATED_PCT, ControlPlaneConfig, run_cont
 def format_report(report: dict[str, Any]) -> str:
     cfg = report["config"]
     lines = [
-        " Control-plane benchmark (simulated workers) ".center(96, "="),
+        " Control-plane benchmark (simulated workers) ".center(110, "="),
         f"{cfg['workers']} sim workers (step {cfg['step_ms']:g} ms, batch <= {cfg['max_batch']}), "
         f"{cfg['tokenizers']} tokenizer(s), router {cfg['router']}, {cfg['output_len']} tokens per request",
-        f"{'streams':>8}{'req ok':>8}{'failed':>7}{'tok/s':>10}{'+ITL p50':>10}{'+ITL p99':>10}"
-        f"{'TTFT p50':>10}{'TTFT p99':>10}  busiest process (CPU%, 100 = one core)",
+        f"{'streams':>8}{'req ok':>8}{'failed':>7}{'tok/s':>9}{'+TPOT p50':>10}{'+TPOT p99':>10}"
+        f"{'+ITL p50':>9}{'+ITL p99':>9}{'TTFT p50':>10}{'TTFT p99':>10}  busiest (CPU%, 100 = a core)",
     ]
     for lv in report["levels"]:
-        a, t = lv["added_itl"], lv["ttft"]
+        a, b, t = lv["added_tpot"], lv["added_itl"], lv["ttft"]
         name, pct = lv["busiest"]
         flag = " SATURATED" if pct >= SATURATED_PCT else ""
         lines.append(
-            f"{lv['streams']:>8}{lv['requests']:>8}{lv['failed']:>7}{lv['tokens_per_s']:>10.0f}"
-            f"{a['p50']:>10.2f}{a['p99']:>10.2f}{t['p50']:>10.1f}{t['p99']:>10.1f}  {name} {pct:.0f}%{flag}"
+            f"{lv['streams']:>8}{lv['requests']:>8}{lv['failed']:>7}{lv['tokens_per_s']:>9.0f}"
+            f"{a['p50']:>10.2f}{a['p99']:>10.2f}{b['p50']:>9.2f}{b['p99']:>9.2f}"
+            f"{t['p50']:>10.1f}{t['p99']:>10.1f}  {name} {pct:.0f}%{flag}"
         )
-    lines.append("+ITL: observed inter-token latency minus the modeled step time (ms)")
+    lines.append(
+        "Added latency per token (ms), minus the modeled step: +TPOT per request ((e2e - ttft) / "
+        "(tokens - 1)), +ITL per gap between chunks (below 0 where chunks arrive bunched)"
+    )
     for lv in report["levels"]:
         cpu = ", ".join(f"{k} {v:.0f}" for k, v in sorted(lv["cpu"].items(), key=lambda kv: -kv[1]))
         lines.append(f"CPU% at {lv['streams']} streams: {cpu}")
@@ -35,7 +39,7 @@ def format_report(report: dict[str, Any]) -> str:
         if lv["server_tokens"] != lv["tokens"]:
             lines.append(f"  gateway counted {lv['server_tokens']} tokens, clients {lv['tokens']}")
     lines.append(saturation_line(report["levels"]))
-    lines.append("=" * 96)
+    lines.append("=" * 110)
     return "\n".join(lines)
 
 

@@ -26,6 +26,8 @@ def test_summarize_level() -> None:
     assert lv.tokens_per_s == 3.0
     assert lv.itl.count == 4 and lv.added_itl.mean == pytest.approx((1 + 2 + 1 + 5) / 4)
     assert lv.added_itl.p50 == pytest.approx(1.5)
+    # per request: (e2e - ttft) / (tokens - 1) - step = 64 / 3 - 20 and 25 - 20
+    assert lv.added_tpot.count == 2 and lv.added_tpot.mean == pytest.approx((64 / 3 - 20 + 5) / 2)
     assert lv.busiest == ("gateway", 95.0)
     assert lv.first_error == "HTTP 503: busy"
 
