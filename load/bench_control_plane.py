@@ -11,10 +11,8 @@ the modeled step time), TTFT, and CPU% per process (100% = one core), naming the
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -75,7 +73,8 @@ class LevelResult:
     tokens_per_s: float
     ttft: LatencyStats
     itl: LatencyStats
-    added_itl: LatencyStats  # itl - step time
+    added_itl: LatencyStats  # each gap between chunks - step time (bunched chunks go below 0)
+    added_tpot: LatencyStats  # per request: (e2e - ttft) / (tokens - 1) - step time
     cpu: dict[str, float] = field(default_factory=dict)  # CPU% per process, 100 = one core
     first_error: str = ""
 
@@ -166,11 +165,14 @@ async def _delete_queues(url: str, names: list[str]) -> None:
 
 def generation_tokens(metrics_text: str) -> int:
     """The sum of vllm:generation_tokens_total over its labels in a /metrics text."""
-    total = 0.0
-    for family in text_string_to_metric_families(metrics_text):
-        if family.name == "vllm:generation_tokens":
-            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
-    return int(total)
+    return int(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(metrics_text)
+            for sample in family.samples
+            if sample.name == "vllm:generation_tokens_total"
+        )
+    )
 
 
 async def _scrape_tokens(client: httpx.AsyncClient, base: str) -> int:
@@ -241,6 +243,7 @@ def summarize_level(
         ttft=LatencyStats.of([r.ttft_s for r in ok]),
         itl=LatencyStats.of(gaps),
         added_itl=LatencyStats.of([g - step for g in gaps]),
+        added_tpot=LatencyStats.of([r.tpot_s - step for r in ok if r.completion_tokens > 1]),
         cpu=cpu,
         first_error=errors[0].error if errors else "",
     )
@@ -295,86 +298,3 @@ def _level_dict(lv: LevelResult) -> dict[str, Any]:
 def _say(cfg: ControlPlaneConfig, text: str) -> None:
     if cfg.progress:
         print(text, flush=True)
-
-
-def format_report(report: dict[str, Any]) -> str:
-    cfg = report["config"]
-    lines = [
-        " Control-plane benchmark (simulated workers) ".center(96, "="),
-        f"{cfg['workers']} sim workers (step {cfg['step_ms']:g} ms, batch <= {cfg['max_batch']}), "
-        f"{cfg['tokenizers']} tokenizer(s), router {cfg['router']}, {cfg['output_len']} tokens per request",
-        f"{'streams':>8}{'req ok':>8}{'failed':>7}{'tok/s':>10}{'+ITL p50':>10}{'+ITL p99':>10}"
-        f"{'TTFT p50':>10}{'TTFT p99':>10}  busiest process (CPU%, 100 = one core)",
-    ]
-    for lv in report["levels"]:
-        a, t = lv["added_itl"], lv["ttft"]
-        name, pct = lv["busiest"]
-        flag = " SATURATED" if pct >= SATURATED_PCT else ""
-        lines.append(
-            f"{lv['streams']:>8}{lv['requests']:>8}{lv['failed']:>7}{lv['tokens_per_s']:>10.0f}"
-            f"{a['p50']:>10.2f}{a['p99']:>10.2f}{t['p50']:>10.1f}{t['p99']:>10.1f}  {name} {pct:.0f}%{flag}"
-        )
-    lines.append("+ITL: observed inter-token latency minus the modeled step time (ms)")
-    for lv in report["levels"]:
-        cpu = ", ".join(f"{k} {v:.0f}" for k, v in sorted(lv["cpu"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"CPU% at {lv['streams']} streams: {cpu}")
-        if lv["first_error"]:
-            lines.append(f"  first error: {lv['first_error']}")
-        if lv["server_tokens"] != lv["tokens"]:
-            lines.append(f"  gateway counted {lv['server_tokens']} tokens, clients {lv['tokens']}")
-    lines.append("=" * 96)
-    return "\n".join(lines)
-
-
-# --- CLI ---------------------------------------------------------------------------------------
-
-
-def add_control_plane_args(p: argparse.ArgumentParser) -> None:
-    d = ControlPlaneConfig()
-    s = p.add_argument_group("stack")
-    s.add_argument("--bus", default=d.bus, help="RabbitMQ URL")
-    s.add_argument("--store", default=d.store, help="Redis URL")
-    s.add_argument("--namespace", default="", help="queue/key prefix (default: a fresh one)")
-    s.add_argument("--model", default="", help="whose tokenizer the services load (default: the demo model)")
-    s.add_argument("--workers", type=int, default=d.workers, help="sim worker processes")
-    s.add_argument("--tokenizers", type=int, default=d.tokenizers, help="tokenizer processes")
-    s.add_argument("--router", default=d.router, choices=["prefix", "least-load", "round-robin"])
-    s.add_argument("--sim-step-ms", type=float, default=d.step_ms, help="modeled engine step time")
-    s.add_argument("--sim-max-batch", type=int, default=d.max_batch, help="sequences per sim step")
-    s.add_argument("--service-log-level", default=d.service_log_level, help="log level of the services")
-    s.add_argument("--startup-timeout", type=float, default=d.startup_timeout_s)
-    ld = p.add_argument_group("load")
-    ld.add_argument(
-        "--streams", default="100", help="concurrent streams; a comma list sweeps, e.g. 100,500,1000"
-    )
-    ld.add_argument("--duration", type=float, default=d.duration_s, help="seconds per level")
-    ld.add_argument("--output-len", type=int, default=d.output_len, help="tokens per request")
-    ld.add_argument("--prompt-len", type=int, default=d.prompt_words, help="prompt words per request")
-    ld.add_argument("--timeout", type=float, default=d.request_timeout_s, help="seconds allowed per request")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def config_from_args(args: argparse.Namespace) -> ControlPlaneConfig:
-    try:
-        streams = tuple(int(x) for x in str(args.streams).split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"--streams {args.streams!r}: give counts like 100,500,1000") from None
-    return ControlPlaneConfig(
-        bus=args.bus, store=args.store, namespace=args.namespace, model=args.model, workers=args.workers,
-        tokenizers=args.tokenizers, streams=streams, duration_s=args.duration, output_len=args.output_len,
-        prompt_words=args.prompt_len, step_ms=args.sim_step_ms, max_batch=args.sim_max_batch,
-        router=args.router, service_log_level=args.service_log_level,
-        startup_timeout_s=args.startup_timeout, request_timeout_s=args.timeout, progress=not args.json,
-    )  # fmt: skip
-
-
-def run_control_plane_cli(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    try:
-        report = run_control_plane(cfg)
-    except RuntimeError as exc:  # a service died or never got ready: its log tail is in the message
-        print(f"pagoda: error: {exc}")
-        return 1
-    print(json.dumps(report) if args.json else format_report(report))
-    ok = report["levels"] and all(lv["requests"] and not lv["failed"] for lv in report["levels"])
-    return 0 if ok else 1

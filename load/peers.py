@@ -263,4 +263,5 @@ def make_peer(
         cls = PEERS[name]
     except KeyError:
         raise PeerError(f"--peer {name!r}: choose one of {', '.join(PEERS)}") from None
-    return cls(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, serve_args=serve_args)
+    extra = {"serve_args": serve_args} if serve_args else {}  # only --launch gives any
+    return cls(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, **extra)

@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         "control-plane",
         help="gateway/tokenizer/scheduler/RabbitMQ cost per token, with simulated workers (no model)",
     )
-    from load.bench_control_plane import add_control_plane_args
+    from load.control_plane_cli import add_control_plane_args
 
     add_control_plane_args(cp)
     bkernels = bsub.add_parser(
@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_serve(args)
         if args.command == "bench" and args.bench_command == "control-plane":
-            from load.bench_control_plane import run_control_plane_cli
+            from load.control_plane_cli import run_control_plane_cli
 
             return run_control_plane_cli(args)
         if args.command == "bench" and args.bench_command == "kernels":

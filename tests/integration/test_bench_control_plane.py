@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import redis
 
-from load.bench_control_plane import ControlPlaneConfig, format_report, run_control_plane
+from load.bench_control_plane import ControlPlaneConfig, run_control_plane
+from load.control_plane_cli import format_report
 from services.cli import main
 from tests.processes import AMQP, REDIS
 
