@@ -58,7 +58,9 @@ def test_decode(dtype: torch.dtype, group: int, num_splits: int) -> None:
     _close(out, paged_attention_ref(q, kc, vc, tables, sl, qsl, 0.125), dtype)
 
 
-@pytest.mark.parametrize(("head_dim", "block_size"), [(64, 16), (80, 32), (96, 16), (128, 32), (256, 16)])
+@pytest.mark.parametrize(
+    ("head_dim", "block_size"), [(64, 16), (80, 32), (96, 16), (128, 32), (256, 16), (64, 8), (64, 64)]
+)
 def test_decode_head_dims_and_block_sizes(head_dim: int, block_size: int) -> None:
     seq_lens = [5, 33, 64]
     q, kc, vc, tables, sl, qsl = _setup([1] * 3, seq_lens, 1, 4, head_dim, block_size, torch.float16)
