@@ -69,6 +69,18 @@ def test_decode_head_dims_and_block_sizes(head_dim: int, block_size: int) -> Non
     _close(out, paged_attention_ref(q, kc, vc, tables, sl, qsl, head_dim**-0.5), torch.float16)
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_padding_row_reads_nothing(num_splits: int) -> None:
+    """A CUDA-graph padding row (seq_len 0) gives zeros, not NaN, and leaves the others alone."""
+    q, kc, vc, tables, sl, qsl = _setup([1, 1], [40, 40], 2, 4, 64, 16, torch.float32)
+    sl[0] = 0
+    out = torch.full_like(q, float("nan"))
+    paged_decode(out, q, kc, vc, tables, sl, 256, 0.125, num_splits=num_splits)  # max_seq_len > batch's
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    want = paged_attention_ref(q[1:], kc, vc, tables[1:], sl[1:], qsl[:2], 0.125)
+    _close(out[1:], want, torch.float32)
+
+
 @pytest.mark.parametrize(
     ("dtype", "group", "head_dim", "block_size"),
     [(F32, 1, 64, 16), (F32, 4, 80, 32), (F32, 8, 96, 16), (F16, 4, 80, 32), (BF16, 8, 96, 16)],
