@@ -181,9 +181,10 @@ def _reduce_splits_kernel(  # type: ignore[no-untyped-def]
     d = tl.arange(0, HEAD_PAD)
     lse = tl.load(part_lse_ptr + base + s, mask=s < NUM_SPLITS, other=float("-inf"))
     m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: a padding row
     w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m))
     o = tl.load(part_o_ptr + (base + s)[:, None] * HEAD_PAD + d[None, :], mask=(s < NUM_SPLITS)[:, None])
-    o = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    o = tl.sum(o * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)  # 0 for a padding row
     tl.store(
         out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + d,
         o.to(out_ptr.dtype.element_ty),

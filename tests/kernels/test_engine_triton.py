@@ -45,9 +45,8 @@ def _run(path: Path, backend: str, budget: int) -> tuple[list[list[int]], list[A
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["llama3", "qwen3"])  # GQA 2 / head_dim 16; qk-norm / head_dim 32
-def test_triton_backend_greedy_equals_torch(tmp_path: Path, kind: str) -> None:
-    make_tiny_model(kind, tmp_path)
+def test_triton_backend_greedy_equals_torch(tmp_path: Path) -> None:
+    make_tiny_model("llama3", tmp_path)  # GQA ratio 2, head_dim 16, Llama-3 rope scaling
     want, want_lp, _ = _run(tmp_path, "torch", 2048)
     got, got_lp, cached = _run(tmp_path, "triton", 8)  # chunks of at most 8 tokens
     assert got == want

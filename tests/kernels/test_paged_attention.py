@@ -58,13 +58,27 @@ def test_decode(dtype: torch.dtype, group: int, num_splits: int) -> None:
     _close(out, paged_attention_ref(q, kc, vc, tables, sl, qsl, 0.125), dtype)
 
 
-@pytest.mark.parametrize(("head_dim", "block_size"), [(64, 16), (80, 32), (96, 16), (128, 32), (256, 16)])
+@pytest.mark.parametrize(
+    ("head_dim", "block_size"), [(64, 16), (80, 32), (96, 16), (128, 32), (256, 16), (64, 8), (64, 64)]
+)
 def test_decode_head_dims_and_block_sizes(head_dim: int, block_size: int) -> None:
     seq_lens = [5, 33, 64]
     q, kc, vc, tables, sl, qsl = _setup([1] * 3, seq_lens, 1, 4, head_dim, block_size, torch.float16)
     out = torch.empty_like(q)
     paged_decode(out, q, kc, vc, tables, sl, max(seq_lens), head_dim**-0.5, num_splits=2)
     _close(out, paged_attention_ref(q, kc, vc, tables, sl, qsl, head_dim**-0.5), torch.float16)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_padding_row_reads_nothing(num_splits: int) -> None:
+    """A CUDA-graph padding row (seq_len 0) gives zeros, not NaN, and leaves the others alone."""
+    q, kc, vc, tables, sl, qsl = _setup([1, 1], [40, 40], 2, 4, 64, 16, torch.float32)
+    sl[0] = 0
+    out = torch.full_like(q, float("nan"))
+    paged_decode(out, q, kc, vc, tables, sl, 256, 0.125, num_splits=num_splits)  # max_seq_len > batch's
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    want = paged_attention_ref(q[1:], kc, vc, tables[1:], sl[1:], qsl[:2], 0.125)
+    _close(out[1:], want, torch.float32)
 
 
 @pytest.mark.parametrize(
