@@ -113,10 +113,11 @@ async def _main(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, request_stop, sig)
     try:
-        model = _model_info(args) if {"gateway", "tokenizer"} & set(roles) else None
+        # loading runs off the event loop, so the broker connection keeps its heartbeats meanwhile
+        model = await asyncio.to_thread(_model_info, args) if {"gateway", "tokenizer"} & set(roles) else None
         heartbeat = args.heartbeat_interval
         if "worker" in roles:
-            services.append(_worker(args, bus, store, heartbeat, queues, metrics))
+            services.append(await asyncio.to_thread(_worker, args, bus, store, heartbeat, queues, metrics))
         if "scheduler" in roles:
             from services.dispatcher import SchedulerService
 

@@ -37,7 +37,7 @@ def cluster() -> Iterator[dict[str, Any]]:
     r = redis.Redis.from_url(REDIS)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_ready(base, procs, timeout=240)  # five processes load on a shared 2-core box
+        wait_ready(base, procs, timeout=600)  # five processes load on a shared 2-core box
         deadline = time.monotonic() + 60
         while r.scard(f"{ns}:workers") < 2:  # both workers registered
             assert time.monotonic() < deadline, "workers did not register"
