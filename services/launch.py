@@ -116,11 +116,12 @@ async def _main(
         loop.add_signal_handler(sig, request_stop, sig)
     try:
         api_keys = _api_keys(args) if "gateway" in roles else None
-        model = _model_info(args) if {"gateway", "tokenizer"} & set(roles) else None
+        # loading runs off the event loop, so the broker connection keeps its heartbeats meanwhile
+        model = await asyncio.to_thread(_model_info, args) if {"gateway", "tokenizer"} & set(roles) else None
         heartbeat = args.heartbeat_interval
         admission = admission_limits(args)
         if "worker" in roles:
-            services.append(_worker(args, bus, store, heartbeat, queues, metrics))
+            services.append(await asyncio.to_thread(_worker, args, bus, store, heartbeat, queues, metrics))
         if "scheduler" in roles:
             from services.dispatcher import SchedulerService
 

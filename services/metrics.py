@@ -21,8 +21,8 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Protocol
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -279,21 +279,45 @@ class Metrics:
         return generate_latest(self.registry)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> _HTTPServer:
-        """Serve /metrics on its own port, from a thread (for processes without a gateway)."""
-        from prometheus_client import start_http_server
+        """Serve GET /metrics (and /health) on its own port, from a thread (for processes without
+        a gateway). Always the classic text format, as the gateway serves it: prometheus_client's
+        own server answers a scraper asking for OpenMetrics with names escaped (`vllm_...`), which
+        would break dashboards written for vLLM's `vllm:` names."""
+        registry = self.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    body, ctype, status = generate_latest(registry), CONTENT_TYPE_LATEST, 200
+                elif path == "/health":
+                    body, ctype, status = b"ok\n", "text/plain", 200
+                else:
+                    body, ctype, status = b"not found: try /metrics\n", "text/plain", 404
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # scrapes are not worth a log line each
 
         try:
-            server, thread = start_http_server(port, addr=host, registry=self.registry)
+            server = ThreadingHTTPServer((host, port), Handler)
         except OSError as err:
             raise ValueError(
                 f"cannot serve metrics on {host}:{port} ({err}); choose another --metrics-port"
             ) from None
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        thread.start()
         return _HTTPServer(server, thread)
 
 
 @dataclass
 class _HTTPServer:
-    server: WSGIServer
+    server: ThreadingHTTPServer
     thread: threading.Thread
 
     def close(self) -> None:

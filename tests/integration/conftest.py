@@ -18,6 +18,11 @@ from tests.processes import AMQP, REDIS, Proc, free_port, wait_ready
 ENGINE = ["--dtype", "float32", "--kv-cache-memory", "512MiB", "--max-model-len", "2048"]
 
 
+def _name(proc: Proc) -> str:
+    args = proc.args
+    return f"{args[0]} {args[args.index('--worker-id') + 1]}" if "--worker-id" in args else args[0]
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[dict[str, Any]]:
     ns = f"pagoda-test-{uuid.uuid4().hex[:8]}"
@@ -37,14 +42,14 @@ def cluster() -> Iterator[dict[str, Any]]:
     r = redis.Redis.from_url(REDIS)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_ready(base, procs, timeout=240)  # five processes load on a shared 2-core box
+        wait_ready(base, procs, timeout=300)  # five processes load on a shared 2-core box
         deadline = time.monotonic() + 60
         while r.scard(f"{ns}:workers") < 2:  # both workers registered
             assert time.monotonic() < deadline, "workers did not register"
             time.sleep(0.2)
         yield {"base": base, "ns": ns, "redis": r, "procs": procs, "spans": spans, "metrics_ports": metrics}
     finally:
-        codes = {p.args[0] + (p.args[5] if p.args[0] == "worker" else ""): p.stop() for p in procs}
+        codes = {_name(p): p.stop() for p in procs}
         for key in r.scan_iter(f"{ns}:*"):
             r.delete(key)
         outputs = "\n".join(p.output()[-2000:] for p in procs)

@@ -225,7 +225,22 @@ def test_counters_match_the_requests_sent_and_prometheus_reads_them(stack: dict[
     prompt_tokens = sum(r["usage"]["prompt_tokens"] for r in ok)
     generated = sum(r["usage"]["completion_tokens"] for r in ok)
 
-    after = {url: _scrape(url) for url in urls}
+    # a stop string ends a choice at the gateway, which then aborts the rest on the worker: wait
+    # until the workers have finished every request of the run
+    deadline = time.monotonic() + 20
+    while True:
+        after = {url: _scrape(url) for url in urls}
+        busy = sum(
+            _total(after[u], f"vllm:num_requests_{k}") for u in (w1, w2) for k in ("running", "waiting")
+        )
+        done = sum(
+            _total(after[u], "vllm:request_queue_time_seconds_count")
+            - _total(before[u], "vllm:request_queue_time_seconds_count")
+            for u in (w1, w2)
+        )
+        if (busy == 0 and done == n) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
 
     def delta(url: str, name: str, **labels: str) -> float:
         return _total(after[url], name, **labels) - _total(before[url], name, **labels)

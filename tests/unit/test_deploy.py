@@ -68,8 +68,9 @@ def test_compose_has_the_observability_stack() -> None:
     assert {"prometheus", "grafana", "jaeger", "otel-collector"} <= set(services)
     for role in ("gateway", "tokenizer", "scheduler", "worker"):
         assert services[role]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
-    for role in ("scheduler", "worker"):  # scraped by Prometheus on their metrics port
+    for role in ("scheduler", "worker"):  # scraped by Prometheus and health-checked on their metrics port
         assert build_parser().parse_args(services[role]["command"]).metrics_port == 9100
+        assert "127.0.0.1:9100/health" in " ".join(services[role]["healthcheck"]["test"])
     mounts = {v["target"] for v in services["grafana"]["volumes"]}
     assert {"/etc/grafana/provisioning", "/var/lib/grafana/dashboards"} <= mounts
     for name in ("prometheus", "grafana", "otel-collector"):

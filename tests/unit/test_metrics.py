@@ -252,9 +252,31 @@ def test_metrics_port_serves_the_registry() -> None:
     srv = metrics.serve(0, host="127.0.0.1")
     try:
         port = srv.server.server_port
-        body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        assert _get(_samples(body), "pagoda:scheduler_rejected_total", reason="no_worker") == 1
+        # what Prometheus asks for: the names must keep their colons all the same
+        accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+        resp = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept}, timeout=5)
+        assert resp.headers["content-type"].startswith("text/plain")
+        assert _get(_samples(resp.text), "pagoda:scheduler_rejected_total", reason="no_worker") == 1
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/nope", timeout=5).status_code == 404
         with pytest.raises(ValueError, match="--metrics-port"):  # a port in use is a user error
             metrics.serve(port, host="127.0.0.1")
     finally:
         srv.close()
+
+
+def test_worker_phase_histograms() -> None:
+    metrics = Metrics()
+    worker = metrics.worker()
+    assert metrics.worker() is worker
+    now = time.monotonic()
+    worker.observe("m", "w0", arrived=now - 3.0, queue_s=1.0, first_token=now - 1.5)
+    worker.observe("m", "w0", arrived=now - 0.5, queue_s=None, first_token=None)  # aborted while waiting
+    s = _samples(metrics.render().decode())
+    w = {"model_name": "m", "engine": "w0"}
+    assert _get(s, "vllm:request_queue_time_seconds_count", **w) == 2
+    assert _get(s, "vllm:request_prefill_time_seconds_count", **w) == 1
+    assert _get(s, "vllm:request_prefill_time_seconds_sum", **w) == pytest.approx(0.5, abs=1e-6)
+    assert _get(s, "vllm:request_decode_time_seconds_sum", **w) == pytest.approx(1.5, abs=0.5)
+    assert _get(s, "vllm:request_inference_time_seconds_sum", **w) == pytest.approx(2.0, abs=0.5)
+    assert _get(s, "vllm:request_queue_time_seconds_sum", **w) == pytest.approx(1.5, abs=0.5)
