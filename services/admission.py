@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass
 from typing import TypeVar
 
-from services.errors import APIError
+from services.errors import APIError, bad_request
 from services.registry import WorkerRegistry
 from services.router import WorkerState
 
@@ -93,6 +93,16 @@ class FleetAdmission:
 
     def admit(self, seqs: int, priority: int) -> None:
         """Take `seqs` sequences for one call, or raise 503; give them back with `release`."""
+        cap = self.limits.queue_cap(priority)
+        largest = (
+            max((w.max_num_seqs + cap for w in self._workers), default=None) if cap is not None else None
+        )
+        if largest is not None and seqs > largest:  # no wait would let it in
+            raise bad_request(
+                f"This request needs {seqs} sequences (n x prompts), more than a worker holds "
+                f"({largest}); ask for fewer choices or prompts.",
+                param="n",
+            )
         capacity = self.capacity(priority)
         if capacity is not None and self.in_flight + seqs > capacity:
             raise fleet_saturated(

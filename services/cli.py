@@ -175,6 +175,8 @@ def admission_limits(args: argparse.Namespace) -> Any:
     """The `AdmissionLimits` of the admission flags."""
     from services.admission import AdmissionLimits
 
+    if not hasattr(args, "max_waiting_requests"):  # a role without admission flags (tokenizer)
+        return AdmissionLimits()
     waiting = args.max_waiting_requests
     return AdmissionLimits(
         max_waiting=None if waiting < 0 else waiting, priority_reserve=args.priority_reserve

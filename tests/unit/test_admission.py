@@ -81,6 +81,8 @@ async def test_beyond_slots_and_queue_the_fleet_refuses_at_once() -> None:
         assert sorted(r.status_code for r in admitted) == [200, 200, 200, 503, 503, 503]
         again = await c.post("/v1/completions", json=_body(2))  # room again once they finished
         assert again.status_code == 200
+        too_big = await c.post("/v1/completions", json=_body(2, n=4))  # never fits 2 slots + 1
+        assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "n"
 
 
 async def test_a_request_that_cannot_start_in_time_fails_clearly() -> None:

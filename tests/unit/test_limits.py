@@ -130,3 +130,25 @@ _JSON = st.recursive(
 def test_json_depth_matches_the_parsed_value(value: Any) -> None:
     """Brackets inside strings (escaped quotes included) do not count."""
     assert json_depth(json.dumps(value).encode()) == _depth(value)
+
+
+def test_flags_build_the_limits() -> None:
+    from services.admission import AdmissionLimits
+    from services.cli import admission_limits, build_parser, request_limits
+
+    args = build_parser().parse_args(
+        ["serve", "--max-request-body-bytes", "1MiB", "--max-n", "3", "--max-tokens-limit", "100",
+         "--max-stop-strings", "2", "--max-logit-bias", "7", "--max-json-depth", "9",
+         "--max-waiting-requests", "-1", "--priority-reserve", "2", "--rate-limit-requests", "5"]
+    )  # fmt: skip
+    assert request_limits(args) == RequestLimits(
+        max_body_bytes=2**20, max_json_depth=9, max_n=3, max_tokens=100, max_stop=2, max_logit_bias=7
+    )
+    assert admission_limits(args) == AdmissionLimits(max_waiting=None, priority_reserve=2)
+    assert args.rate_limit_requests == 5 and args.rate_limit_tokens is None and args.queue_timeout == 300
+    for role in ("gateway", "scheduler", "worker"):
+        flags = [role, "--bus", "amqp://x", "--store", "redis://x", "--max-waiting-requests", "3"]
+        role_args = build_parser().parse_args(flags)
+        assert admission_limits(role_args).max_waiting == 3
+    tokenizer = build_parser().parse_args(["tokenizer", "--bus", "amqp://x"])
+    assert admission_limits(tokenizer) == AdmissionLimits()
