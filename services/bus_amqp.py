@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from services.bus import (
@@ -87,6 +88,8 @@ class AmqpBus(Bus):
         self._publisher: Any = None
         self._declared: dict[str, dict[str, bool]] = {}  # queue -> declare arguments, for consumers
         self._subscriptions: set[_AmqpSubscription] = set()
+        self._lost_callbacks: list[Callable[[str], None]] = []
+        self._closing = False
 
     async def connect(self) -> None:
         import aio_pika
@@ -101,8 +104,28 @@ class AmqpBus(Bus):
                 "server (`rabbitmq-server -detached`)"
             ) from exc
         self._publisher = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._connection.close_callbacks.add(self._on_close)
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+
+    def on_connection_lost(self, callback: Callable[[str], None]) -> None:
+        self._lost_callbacks.append(callback)
+
+    def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
+        if self._closing:
+            return
+        reason = f"{type(exc).__name__}: {exc}" if exc is not None else "closed by the broker"
+        logger.warning("RabbitMQ connection lost (%s); reconnecting", reason)
+        for callback in self._lost_callbacks:
+            try:
+                callback(reason)
+            except Exception:
+                logger.exception("connection-lost callback failed")
+
+    def _on_reconnect(self, _sender: Any) -> None:
+        logger.info("RabbitMQ connection restored")
 
     async def close(self) -> None:
+        self._closing = True
         for sub in list(self._subscriptions):
             await sub.cancel()
         connection, self._connection, self._publisher = self._connection, None, None

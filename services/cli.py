@@ -107,6 +107,12 @@ def add_cluster_args(p: argparse.ArgumentParser, *, bus_required: bool, store_re
     )
     c.add_argument("--router", default="prefix", choices=["prefix", "least-load", "round-robin"])
     c.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between worker heartbeats")
+    c.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to let running requests finish before exiting (a worker takes no new ones)",
+    )
 
 
 _ROLE_HELP = {
@@ -138,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_cluster_args(p, bus_required=True, store_required=role != "tokenizer")
         if role == "worker":
             p.add_argument("--worker-id", default=None, help="stable id (default: random)")
+            p.add_argument(
+                "--stall-timeout",
+                type=float,
+                default=30.0,
+                help="report the worker stalled (no new traffic; its requests move) when requests wait "
+                "but no engine step finished for this many seconds",
+            )
         if role in ("worker", "scheduler"):
             p.add_argument(
                 "--metrics-port",

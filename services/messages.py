@@ -120,6 +120,10 @@ class ScheduleRequest(_Msg):
     cache_salt: str | None = None
     session_id: str | None = None
     arrival_time: float = 0.0
+    # Failover: attempt 0 is the client's request; a re-run after a worker was lost (or bounced by a
+    # draining worker) counts up, and `resume_from` output tokens are already in `prompt_token_ids`.
+    attempt: int = 0
+    resume_from: int = 0
 
 
 # -- to a worker ------------------------------------------------------------------------------
@@ -139,6 +143,17 @@ class Accepted(_Msg):
     type: Literal["accepted"] = "accepted"
     request_id: str
     prompt_token_ids: list[int]
+
+
+class Assigned(_Msg):
+    """The scheduler sent the request (attempt) to this worker; sent before the worker has it, so
+    the gateway knows whose heartbeats to watch and which worker's deltas to take."""
+
+    type: Literal["assigned"] = "assigned"
+    request_id: str
+    worker_id: str
+    attempt: int = 0
+    resume_from: int = 0
 
 
 class Rejected(_Msg):
@@ -198,13 +213,23 @@ class StepOutputs(_Msg):
     deltas: list[Delta]
 
 
-Message = TokenizeRequest | ScheduleRequest | WorkerRequest | AbortRequest | Accepted | Rejected | StepOutputs
+Message = (
+    TokenizeRequest
+    | ScheduleRequest
+    | WorkerRequest
+    | AbortRequest
+    | Accepted
+    | Assigned
+    | Rejected
+    | StepOutputs
+)
 _TYPES: dict[str, type[BaseModel]] = {
     "tokenize": TokenizeRequest,
     "schedule": ScheduleRequest,
     "run": WorkerRequest,
     "abort": AbortRequest,
     "accepted": Accepted,
+    "assigned": Assigned,
     "rejected": Rejected,
     "step": StepOutputs,
 }

@@ -29,17 +29,25 @@ class WorkerRegistry:
         self.store = store
         self.heartbeat_s = heartbeat_s
 
-    async def beat(self, worker_id: str, figures: dict[str, str]) -> None:
-        await self.store.hset(_worker_key(worker_id), {**figures, "last_seen": f"{time.time():.3f}"})
-        await self.store.expire(_worker_key(worker_id), 3 * self.heartbeat_s)
+    async def beat(self, worker_id: str, figures: dict[str, str]) -> bool:
+        """Record a heartbeat; returns False when the store had no record of this worker (its first
+        beat, or the store lost its data), so the worker knows to publish its full state again."""
+        key = _worker_key(worker_id)
+        existed = await self.store.expire(key, 3 * self.heartbeat_s)
+        await self.store.hset(key, {**figures, "last_seen": f"{time.time():.3f}"})
+        if not existed:
+            await self.store.expire(key, 3 * self.heartbeat_s)
         await self.store.sadd(WORKERS, worker_id)
+        return existed
 
     async def remove(self, worker_id: str) -> None:
         await self.store.delete(_worker_key(worker_id))
         await self.store.srem(WORKERS, worker_id)
 
     async def alive(self) -> list[tuple[WorkerState, dict[str, str]]]:
-        """Workers heard from within the last heartbeat interval (plus slack for jitter)."""
+        """Workers heard from within the last heartbeat interval (plus slack for jitter), whatever
+        their `state` figure: "ready", "draining" (finishing its requests, takes no new ones) or
+        "stalled" (its step loop stopped advancing)."""
         now = time.time()
         result = []
         for wid in sorted(await self.store.smembers(WORKERS)):
@@ -58,6 +66,11 @@ class WorkerRegistry:
             )
             result.append((state, figures))
         return result
+
+
+def routable(workers: list[tuple[WorkerState, dict[str, str]]]) -> list[tuple[WorkerState, dict[str, str]]]:
+    """The workers that take new requests: neither draining nor stalled."""
+    return [(s, f) for s, f in workers if f.get("state", "ready") == "ready"]
 
 
 class PrefixIndex:
