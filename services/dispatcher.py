@@ -162,7 +162,12 @@ class SchedulerService:
             await self.bus.publish(msg.reply_to, encode(assigned))
         except Exception as exc:
             logger.warning("scheduler: could not tell the gateway where %s runs: %s", msg.request_id, exc)
-        await self.bus.publish(self.queues.worker(wid), encode(fwd))
+        try:
+            await self.bus.publish(self.queues.worker(wid), encode(fwd))
+        except Exception as exc:  # the broker stayed away: tell the gateway rather than drop it
+            logger.warning("scheduler: could not forward %s to worker %s: %s", msg.request_id, wid, exc)
+            await self._reject(msg, 503, "the request could not reach a worker; retry shortly", "bus")
+            return
         try:
             await self.store.set(routed_key, wid, ttl_s=600)
             if msg.session_id:

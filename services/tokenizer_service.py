@@ -74,7 +74,13 @@ class TokenizerService:
             priority=msg.priority, cache_salt=msg.cache_salt, session_id=msg.session_id,
             arrival_time=msg.arrival_time,
         )  # fmt: skip
-        await self.bus.publish(self.queues.schedule, encode(forward))
+        try:
+            await self.bus.publish(self.queues.schedule, encode(forward))
+        except Exception as exc:  # the broker stayed away: the gateway must not wait forever
+            logger.warning("tokenizer: could not forward %s to the scheduler: %s", msg.request_id, exc)
+            text = "The request could not reach the scheduler (message broker unavailable); retry shortly."
+            await self._answer(msg.reply_to, Rejected(request_id=msg.request_id, status=503, message=text))
+            return
         logger.info("request %s tokenized: %d prompt tokens", msg.request_id, len(ids))
 
     async def _answer(self, reply_to: str, msg: Accepted | Rejected) -> None:

@@ -26,10 +26,10 @@ def free_port() -> int:
 class Proc:
     """A `pagoda ...` subprocess whose output goes to a file (read it on failure)."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.args = args
         self.log = Path(tempfile.mkstemp(prefix="pagoda-", suffix=".log")[1])
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
         self.p = subprocess.Popen(
             [sys.executable, "-m", "services.cli", *args],
             env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
