@@ -5,6 +5,8 @@ the cluster as the next expects (see test_faults.py)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -73,7 +75,17 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
             "stall_file": stall_file,
         }  # fmt: skip
     finally:
-        codes = {name: p.stop() for name, p in procs.items() if p.alive()}
+        running = {name: p for name, p in procs.items() if p.alive()}
+        for p in running.values():  # all at once: exits are slow on a loaded machine
+            p.p.send_signal(signal.SIGTERM)
+        codes: dict[str, int | str] = {}
+        for name, p in running.items():
+            try:
+                codes[name] = p.p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.p.kill()
+                p.p.wait()
+                codes[name] = "killed: no exit within 60s of SIGTERM"
         for name, p in procs.items():  # kept with the test's temporary files, for post-mortems
             (tmp / f"{name}.log").write_text(p.output())
         print(f"fault cluster logs in {tmp}")
