@@ -29,8 +29,9 @@ class PrivateRabbit:
     def __init__(self, tmp: Path) -> None:
         self.port, self.dist = free_port(), free_port()
         self.node = f"pagoda-fault-{self.port}@localhost"
+        tmp.parent.chmod(0o755)  # mkdtemp's 0700 would keep the rabbitmq user out
         for d in ("mnesia", "log"):
-            (tmp / d).mkdir(exist_ok=True)
+            (tmp / d).mkdir(parents=True, exist_ok=True)
             (tmp / d).chmod(0o777)  # the server runs as the rabbitmq user
         tmp.chmod(0o777)
         (tmp / "plugins").write_text("")
@@ -74,7 +75,6 @@ async def main() -> None:
     make_tiny_model("llama", model)
     save_tiny_tokenizer(model)
     rabbit, store = PrivateRabbit(tmp / "rabbit"), PrivateRedis(free_port())
-    (tmp / "rabbit").mkdir(exist_ok=True)
     print(f"rabbitmq node started in {rabbit.start():.1f}s")
     store.start()
     bus = f"amqp://guest:guest@127.0.0.1:{rabbit.port}/?reconnect_interval=0.5"
