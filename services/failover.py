@@ -8,7 +8,8 @@ prompt followed by the tokens generated so far, with `max_tokens`/`min_tokens` r
 as attempt + 1. The scheduler answers `Assigned` with the new worker; from then on the gateway
 takes deltas only from that worker and drops any token whose position in the output was already
 sent, so the client sees one stream. With temperature 0 the continuation produces the same
-tokens an undisturbed run would (the prompt's KV is recomputed, the sampler is greedy).
+tokens an undisturbed run would (the prompt's KV is recomputed, the sampler is greedy), so the
+old worker's deltas still on their way are taken until the new worker is assigned.
 
 A request with n > 1 cannot be continued (its choices have different outputs); nor can one past
 `MAX_ATTEMPTS`. Those end with a clear error instead.
@@ -32,7 +33,7 @@ class RequestTrack:
     worker_id: str | None = None  # the worker running the current attempt
     attempt: int = 0
     offset: int = 0  # output tokens already in the current attempt's prompt
-    awaiting: bool = False  # a continuation is on its way: take no deltas until it is assigned
+    awaiting: bool = False  # a continuation is on its way, not yet assigned
     generated: list[int] = field(default_factory=list)  # output ids sent so far (n == 1)
     delivered: dict[int, int] = field(default_factory=dict)  # choice index -> output tokens sent
     cached_tokens: int | None = None
@@ -50,7 +51,9 @@ class RequestTrack:
     def accept(self, worker_id: str, delta: Delta) -> Delta | None:
         """The delta as the client should see it (positions already sent dropped, counts made
         relative to the original prompt), or None to drop it."""
-        if self.awaiting:
+        if self.awaiting and self.request.sampling.temperature > 0:
+            # Sampled: the continuation follows the tokens sent so far, so later ones from the old
+            # worker would not fit it. Greedy: they are the same tokens; take what is on its way.
             return None
         if self.worker_id is None:  # deltas before any assignment: the worker that sent them
             self.worker_id = worker_id

@@ -128,8 +128,8 @@ class WorkerService:
                 "worker %s: %d requests still running after %.1fs; their gateways move them",
                 self.worker_id, len(self._inflight), timeout_s,
             )  # fmt: skip
-        while not self._publish_q.empty() and time.monotonic() < deadline + 1.0:
-            await asyncio.sleep(0.01)  # let the last deltas go out
+        with contextlib.suppress(TimeoutError):  # let the last deltas go out
+            await asyncio.wait_for(self._publish_q.join(), max(1.0, deadline - time.monotonic()))
 
     # -- input --------------------------------------------------------------------------------
     async def _on_message(self, message: Message) -> None:
@@ -207,6 +207,8 @@ class WorkerService:
                 if isinstance(exc, QueueNotFoundError):  # the gateway is gone: nobody reads these
                     for rid in request_ids:
                         await self.engine.abort(rid)
+            finally:
+                self._publish_q.task_done()
 
     async def _indexer(self) -> None:
         while True:

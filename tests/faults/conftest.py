@@ -39,6 +39,7 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     ns = f"pagoda-faults-{uuid.uuid4().hex[:8]}"
     bus = f"amqp://guest:guest@127.0.0.1:{proxy.port}/?reconnect_interval=0.5"
     common = ["--bus", bus, "--store", store.url, "--namespace", ns, "--heartbeat-interval", "0.3"]
+    common += ["--router", "least-load"]  # spread requests over every worker: each victim runs some
     engine = ["--model", str(model), "--served-model-name", "tiny", "--dtype", "float32"]
     engine += ["--kv-cache-memory", "16MiB", "--max-num-batched-tokens", "512"]
     stall_file = tmp / "stall-w2"
@@ -70,6 +71,7 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
         while r.scard(f"{ns}:workers") < 3:
             assert time.monotonic() < deadline, "the workers did not register"
             time.sleep(0.1)
+        time.sleep(1.0)  # the schedulers read the registry again
         yield {
             "base": base, "ns": ns, "redis": r, "procs": procs, "store": store, "proxy": proxy,
             "stall_file": stall_file,

@@ -37,14 +37,24 @@ def test_continuation_resumes_after_the_tokens_sent() -> None:
     assert cont.prompt_token_ids == [1, 2, 3, 7, 8, 9]
     assert (cont.sampling.max_tokens, cont.sampling.min_tokens) == (7, 1)
     assert (cont.attempt, cont.resume_from) == (1, 3)
-    # the old worker's late deltas are dropped until (and after) the new assignment
-    assert t.accept("w1", _delta([10], 4)) is None
+    # greedy: the old worker's deltas still on their way are taken until the new assignment
+    late = t.accept("w1", _delta([10], 4))
+    assert late is not None and late.new_token_ids == [10]
     assert t.assign(Assigned(request_id="r", worker_id="w2", attempt=1, resume_from=3)) == "w1"
-    assert t.accept("w1", _delta([10], 4)) is None
-    out = t.accept("w2", _delta([10, 11], 2, prompt=6))
+    assert t.accept("w1", _delta([11], 5)) is None
+    out = t.accept("w2", _delta([10, 11], 2, prompt=6))  # position 3 (10) was sent already
     assert out is not None
-    assert out.new_token_ids == [10, 11]
+    assert out.new_token_ids == [11]
     assert (out.num_output_tokens, out.num_prompt_tokens) == (5, 3)  # as the client counts them
+
+
+def test_sampled_continuation_takes_nothing_more_from_the_old_worker() -> None:
+    t = _track()
+    t.request = t.request.model_copy(update={"sampling": SamplingSpec(max_tokens=10, temperature=0.8)})
+    t.assign(Assigned(request_id="r", worker_id="w1"))
+    assert t.accept("w1", _delta([7], 1)) is not None
+    assert not isinstance(t.continuation(), str)
+    assert t.accept("w1", _delta([8], 2)) is None  # the continuation follows [7] alone
 
 
 def test_a_stale_assignment_is_aborted_not_followed() -> None:
