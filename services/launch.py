@@ -78,6 +78,10 @@ def _api_keys(args: argparse.Namespace) -> list[str] | None:
 def run_roles(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
     bus_url = getattr(args, "bus", None)
     store_url = getattr(args, "store", None)
+    if getattr(args, "shutdown_timeout", 0.0) < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
+    if getattr(args, "stall_timeout", 1.0) <= 0:
+        raise ValueError(f"--stall-timeout must be > 0 seconds, got {args.stall_timeout}")
     if len(roles) == 1 and (not bus_url or bus_url.startswith("memory")):
         raise ValueError(f"`pagoda {roles[0]}` runs alone: give it --bus amqp://... and --store redis://...")
     asyncio.run(_main(args, roles, bus_url, store_url))

@@ -3,6 +3,7 @@ or missing token, and deciding when a worker is lost."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -112,3 +113,13 @@ def test_worker_watch_grace_and_stall() -> None:
     assert watch.update({}, {"w1"}, now=3.0) == {"w1"}
     assert watch.update({"w2": "stalled"}, {"w2"}, now=3.0) == {"w2"}
     assert watch.update({"w2": "draining"}, {"w2"}, now=9.0) == set()
+
+
+def test_bad_timeouts_are_one_line_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    from services.cli import main
+
+    cluster = ["--bus", "amqp://guest:guest@127.0.0.1:1/", "--store", "redis://127.0.0.1:1/0"]
+    assert main(["worker", *cluster, "--stall-timeout", "0"]) == 2
+    assert "--stall-timeout must be > 0 seconds, got 0.0" in capsys.readouterr().err
+    assert main(["scheduler", *cluster, "--shutdown-timeout", "-1"]) == 2
+    assert "--shutdown-timeout must be >= 0 seconds, got -1.0" in capsys.readouterr().err
