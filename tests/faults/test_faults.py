@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -77,12 +78,19 @@ def _running(cluster: dict[str, Any], wid: str) -> bool:
     return int(_figures(cluster, wid).get("num_running", 0) or 0) > 0
 
 
+async def _mid_stream(cluster: dict[str, Any], wid: str, steps: int = 20) -> None:
+    """Until `wid` runs requests and has stepped `steps` times since: tokens have streamed."""
+    await _until(lambda: _running(cluster, wid), 20, f"{wid} to run requests")
+    start = int(_figures(cluster, wid)["steps"])
+    await _until(lambda: int(_figures(cluster, wid).get("steps", 0)) >= start + steps, 20, f"{wid} to step")
+
+
 def test_worker_sigkill_midstream_continues_identically(fault_cluster: dict[str, Any]) -> None:
     c = fault_cluster
     _baseline(c)
 
     async def kill_w1() -> None:
-        await _until(lambda: _running(c, "w1"), 20, "w1 to run requests")
+        await _mid_stream(c, "w1")
         c["procs"]["w1"].p.send_signal(signal.SIGKILL)
 
     tally = _tally("worker SIGKILL mid-stream")
@@ -91,9 +99,13 @@ def test_worker_sigkill_midstream_continues_identically(fault_cluster: dict[str,
     tally.check()
     assert all(o.complete for o in outs), [o for o in outs if not o.complete]
     _check_greedy(outs)
-    moved = log_of(c, "gateway").count("continuing it elsewhere")
-    assert moved >= 1, "no request was on the killed worker"
-    print(f"{moved} requests moved off w1")
+    moved = [
+        int(n)
+        for n in re.findall(r"worker w1 stopped sending heartbeats after (\d+) tokens", log_of(c, "gateway"))
+    ]
+    assert moved, "no request was on the killed worker"
+    assert max(moved) > 0, f"w1 was killed before it streamed anything: {moved}"
+    print(f"{len(moved)} requests moved off w1, after {moved} tokens")
 
 
 def test_scheduler_and_tokenizer_sigkill_lose_nothing(fault_cluster: dict[str, Any]) -> None:
@@ -243,7 +255,7 @@ def test_last_worker_killed_ends_streams_with_an_error(fault_cluster: dict[str, 
     _baseline(c)
 
     async def kill_w2() -> None:
-        await _until(lambda: _running(c, "w2"), 20, "w2 to run requests")
+        await _mid_stream(c, "w2")
         c["procs"]["w2"].p.send_signal(signal.SIGKILL)
 
     tally = _tally("last worker SIGKILL (no worker left)")
