@@ -36,6 +36,7 @@ from services.messages import (
     SamplingSpec,
     StepOutputs,
     TokenizeRequest,
+    WorkerLeaving,
     decode,
     encode,
 )
@@ -264,6 +265,11 @@ class BusFrontend:
                 await self._send_abort(superseded, msg.request_id)
             if pending.aborted:
                 await self._send_abort(msg.worker_id, msg.request_id)
+        elif isinstance(msg, WorkerLeaving):  # every delta it sent us was read before this
+            for rid, pending in list(self._pending.items()):
+                track = pending.track
+                if track.worker_id == msg.worker_id and not track.awaiting and not pending.aborted:
+                    await self._fail_over(rid, pending, f"worker {msg.worker_id} shut down")
         elif isinstance(msg, Accepted):
             pending = self._pending.get(msg.request_id)
             if pending is not None and not pending.accepted.done():

@@ -156,6 +156,14 @@ class Assigned(_Msg):
     resume_from: int = 0
 
 
+class WorkerLeaving(_Msg):
+    """A drained worker is about to exit; sent down each reply queue after its last deltas, so a
+    request of this worker still unfinished when the gateway reads it will get no more tokens."""
+
+    type: Literal["leaving"] = "leaving"
+    worker_id: str
+
+
 class Rejected(_Msg):
     """A request that will not run, with the HTTP status and message the client gets."""
 
@@ -220,6 +228,7 @@ Message = (
     | AbortRequest
     | Accepted
     | Assigned
+    | WorkerLeaving
     | Rejected
     | StepOutputs
 )
@@ -230,6 +239,7 @@ _TYPES: dict[str, type[BaseModel]] = {
     "abort": AbortRequest,
     "accepted": Accepted,
     "assigned": Assigned,
+    "leaving": WorkerLeaving,
     "rejected": Rejected,
     "step": StepOutputs,
 }

@@ -40,6 +40,12 @@ class WorkerRegistry:
         await self.store.sadd(WORKERS, worker_id)
         return existed
 
+    async def leave(self, worker_id: str, linger_s: float) -> None:
+        """A drained worker's tombstone (`state=stopped`, kept `linger_s`): gateways wait for its
+        `WorkerLeaving` notice instead of treating it as lost."""
+        await self.store.hset(_worker_key(worker_id), {"state": "stopped", "last_seen": f"{time.time():.3f}"})
+        await self.store.expire(_worker_key(worker_id), linger_s)
+
     async def remove(self, worker_id: str) -> None:
         await self.store.delete(_worker_key(worker_id))
         await self.store.srem(WORKERS, worker_id)
@@ -47,7 +53,7 @@ class WorkerRegistry:
     async def alive(self) -> list[tuple[WorkerState, dict[str, str]]]:
         """Workers heard from within the last heartbeat interval (plus slack for jitter), whatever
         their `state` figure: "ready", "draining" (finishing its requests, takes no new ones) or
-        "stalled" (its step loop stopped advancing)."""
+        "stalled" (its step loop stopped advancing), or "stopped" (a drained worker's tombstone)."""
         now = time.time()
         result = []
         for wid in sorted(await self.store.smembers(WORKERS)):
@@ -55,7 +61,8 @@ class WorkerRegistry:
             if not figures:
                 await self.store.srem(WORKERS, wid)  # its hash expired: it is gone
                 continue
-            if now - float(figures.get("last_seen", 0)) > 1.5 * self.heartbeat_s + 0.5:
+            stale = now - float(figures.get("last_seen", 0)) > 1.5 * self.heartbeat_s + 0.5
+            if stale and figures.get("state") != "stopped":
                 continue
             state = WorkerState(
                 wid,

@@ -33,6 +33,7 @@ from services.messages import (
     Rejected,
     ScheduleRequest,
     StepOutputs,
+    WorkerLeaving,
     WorkerRequest,
     decode,
     encode,
@@ -75,6 +76,8 @@ class WorkerService:
         self.registry = WorkerRegistry(store, heartbeat_s)
         self.prefix_index = PrefixIndex(store)
         self._inflight: dict[str, _Inflight] = {}
+        self._gateways: set[str] = set()  # reply queues this worker has answered
+        self._drained = False
         self.stall_timeout_s = stall_timeout_s
         self.state = "ready"  # "draining", "stalled"
         self._progress = (0, time.monotonic())  # (engine steps, when they last changed)
@@ -105,7 +108,10 @@ class WorkerService:
         if self.metrics is not None:
             self.metrics.engines().remove(self.worker_id)
         with contextlib.suppress(Exception):
-            await self.registry.remove(self.worker_id)
+            if self._drained:  # gateways wait for our WorkerLeaving notice, not for a lost heartbeat
+                await self.registry.leave(self.worker_id, linger_s=max(10.0, 30 * self.heartbeat_s))
+            else:
+                await self.registry.remove(self.worker_id)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -130,6 +136,11 @@ class WorkerService:
             )  # fmt: skip
         with contextlib.suppress(TimeoutError):  # let the last deltas go out
             await asyncio.wait_for(self._publish_q.join(), max(1.0, deadline - time.monotonic()))
+        leaving = encode(WorkerLeaving(worker_id=self.worker_id))
+        for reply_to in self._gateways:  # after the last deltas, in each reply queue
+            with contextlib.suppress(Exception):
+                await self.bus.publish(reply_to, leaving)
+        self._drained = True
 
     # -- input --------------------------------------------------------------------------------
     async def _on_message(self, message: Message) -> None:
@@ -169,6 +180,7 @@ class WorkerService:
             self._publish_q.put_nowait((msg.reply_to, encode(reject), []))
             return
         self._inflight[msg.request_id] = _Inflight(msg.reply_to, params.n, time.monotonic())
+        self._gateways.add(msg.reply_to)
 
     # -- output -------------------------------------------------------------------------------
     def _on_step(self, outputs: list[RequestOutput], stored: list[bytes], evicted: list[bytes]) -> None:

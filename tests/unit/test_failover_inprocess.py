@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ class Stack:
 
     async def run(self, prompt: str) -> list[int] | APIError:
         try:
-            sub = await self.gateway.submit(f"r-{prompt}-{id(object())}", PromptInput(text=prompt), PARAMS)
+            sub = await self.gateway.submit(f"r-{uuid.uuid4().hex}", PromptInput(text=prompt), PARAMS)
             ids: list[int] = []
             async for out in sub.outputs:
                 ids += out.new_token_ids
