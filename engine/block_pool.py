@@ -88,6 +88,10 @@ class BlockPool:
         self._cached[block_hash] = block_id
         self.stored_events.append(block_hash)
 
+    def cached_hashes(self) -> list[BlockHash]:
+        """Every block hash cached now (a snapshot; safe to take from another thread)."""
+        return list(self._cached)
+
     def reset_prefix_cache(self) -> None:
         for block_id in list(self._cached.values()):
             self._evict(block_id)

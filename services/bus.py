@@ -94,6 +94,11 @@ class Bus(ABC):
     @abstractmethod
     async def consume(self, queue: str, handler: Handler, prefetch: int = 64) -> Subscription: ...
 
+    def on_connection_lost(self, callback: Callable[[str], None]) -> None:  # noqa: B027 (optional hook)
+        """Call `callback(reason)` on the event loop each time the connection to the broker drops
+        (the bus reconnects by itself; messages sent to this bus's reply queues meanwhile are lost).
+        An in-memory bus never loses its connection."""
+
     @abstractmethod
     async def queue_depth(self, name: str) -> int:
         """Messages ready in the queue, not counting those delivered to consumers and not yet acked."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from services.bus import (
@@ -81,12 +82,16 @@ class AmqpBus(Bus):
     declaration never closes the publishing channel.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, publish_retry_s: float = 10.0) -> None:
         self._url = url
+        self.publish_retry_s = publish_retry_s
         self._connection: Any = None
         self._publisher: Any = None
         self._declared: dict[str, dict[str, bool]] = {}  # queue -> declare arguments, for consumers
         self._subscriptions: set[_AmqpSubscription] = set()
+        self._lost_callbacks: list[Callable[[str], None]] = []
+        self._closing = False
+        self._up = False  # connected now (callbacks fire once per outage, not per failed retry)
 
     async def connect(self) -> None:
         import aio_pika
@@ -101,8 +106,31 @@ class AmqpBus(Bus):
                 "server (`rabbitmq-server -detached`)"
             ) from exc
         self._publisher = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._up = True
+        self._connection.close_callbacks.add(self._on_close)
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+
+    def on_connection_lost(self, callback: Callable[[str], None]) -> None:
+        self._lost_callbacks.append(callback)
+
+    def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
+        if self._closing or not self._up:
+            return
+        self._up = False
+        reason = f"{type(exc).__name__}: {exc}" if exc is not None else "closed by the broker"
+        logger.warning("RabbitMQ connection lost (%s); reconnecting", reason)
+        for callback in self._lost_callbacks:
+            try:
+                callback(reason)
+            except Exception:
+                logger.exception("connection-lost callback failed")
+
+    def _on_reconnect(self, _sender: Any) -> None:
+        self._up = True
+        logger.info("RabbitMQ connection restored")
 
     async def close(self) -> None:
+        self._closing = True
         for sub in list(self._subscriptions):
             await sub.cancel()
         connection, self._connection, self._publisher = self._connection, None, None
@@ -143,12 +171,29 @@ class AmqpBus(Bus):
 
         assert self._publisher is not None, "AmqpBus used before connect()"
         message = aio_pika.Message(bytes(body), headers=dict(headers or {}), delivery_mode=2)  # persistent
-        try:
-            await self._publisher.default_exchange.publish(message, routing_key=queue, mandatory=True)
-        except aio_pika.exceptions.PublishError as exc:
-            raise QueueNotFoundError(f"no queue named {queue!r}: declare it before publishing") from exc
-        except aio_pika.exceptions.DeliveryError as exc:
-            raise BusError(f"RabbitMQ refused a message for {queue!r}: {exc!r}") from exc
+        # While the connection is down (the broker restarts), retry with backoff until it is back or
+        # `publish_retry_s` has passed. A retried message may arrive twice; consumers dedup.
+        deadline = asyncio.get_running_loop().time() + self.publish_retry_s
+        delay = 0.05
+        while True:
+            try:
+                await self._publisher.default_exchange.publish(message, routing_key=queue, mandatory=True)
+                return
+            except (
+                aio_pika.exceptions.ChannelInvalidStateError,
+                aio_pika.exceptions.AMQPConnectionError,
+            ) as exc:
+                if self._closing or asyncio.get_running_loop().time() + delay > deadline:
+                    raise BusError(
+                        f"RabbitMQ unreachable for {self.publish_retry_s:.0f}s; a message for {queue!r} was "
+                        f"not sent ({exc!r})"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+            except aio_pika.exceptions.PublishError as exc:
+                raise QueueNotFoundError(f"no queue named {queue!r}: declare it before publishing") from exc
+            except aio_pika.exceptions.DeliveryError as exc:
+                raise BusError(f"RabbitMQ refused a message for {queue!r}: {exc!r}") from exc
 
     async def consume(self, queue: str, handler: Handler, prefetch: int = 64) -> Subscription:
         from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity

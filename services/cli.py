@@ -202,6 +202,12 @@ def add_cluster_args(p: argparse.ArgumentParser, *, bus_required: bool, store_re
         help="export OpenTelemetry traces over OTLP/HTTP, e.g. http://otel-collector:4318 "
         "(env OTEL_EXPORTER_OTLP_ENDPOINT; default: off)",
     )
+    c.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to let running requests finish before exiting (a worker takes no new ones)",
+    )
 
 
 _ROLE_HELP = {
@@ -238,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
         if role == "worker":
             add_backend_args(p)
             p.add_argument("--worker-id", default=None, help="stable id (default: random)")
+            p.add_argument(
+                "--stall-timeout",
+                type=float,
+                default=30.0,
+                help="report the worker stalled (no new traffic; its requests move) when requests wait "
+                "but no engine step finished for this many seconds",
+            )
         if role in ("worker", "scheduler", "tokenizer"):
             p.add_argument(
                 "--metrics-port",

@@ -4,6 +4,12 @@ It reads live workers from the registry (heartbeats), looks up how much of the p
 has cached (the block hashes workers publish, computed with the engine's own hash function), asks
 the router, and forwards the request to that worker's queue. Between heartbeats it counts the
 requests it has sent each worker, so a burst does not all land on one worker.
+
+Several schedulers may consume the same queue. Each message is acked only after it was routed
+(a scheduler killed mid-route leaves it to another), and a request id + attempt routed once is
+not routed again (a redelivery, or a tokenizer that sent it twice). With the store unreachable it
+routes on the last worker list it read, by load alone (see `services/failover.py` for what happens
+when a worker is lost).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from services import tracing
 from services.admission import RETRY_AFTER_S, AdmissionLimits, has_room, queue_timed_out
 from services.bus import Bus, Message, Subscription
 from services.messages import (
+    Assigned,
     MessageError,
     Queues,
     Rejected,
@@ -29,7 +36,7 @@ from services.messages import (
     encode,
 )
 from services.metrics import Metrics
-from services.registry import PrefixIndex, Sessions, WorkerRegistry
+from services.registry import PrefixIndex, Sessions, WorkerRegistry, routable
 from services.router import Decision, WorkerState, leading_overlap, make_router
 from services.store import Store
 
@@ -59,8 +66,8 @@ class SchedulerService:
         self.prefix_index = PrefixIndex(store)
         self.sessions = Sessions(store)
         self.heartbeat_s = heartbeat_s
-        self._sem = asyncio.Semaphore(concurrency)
-        self._sub: Subscription | None = None
+        self.concurrency = concurrency
+        self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._cache: tuple[float, list[tuple[WorkerState, dict[str, str]]]] = (0.0, [])
         self._sent: dict[str, int] = {}  # requests sent per worker since its last heartbeat
@@ -69,14 +76,16 @@ class SchedulerService:
 
     async def start(self) -> None:
         await self.bus.declare_work_queue(self.queues.schedule)
-        self._sub = await self.bus.consume(self.queues.schedule, self._on_message, prefetch=256)
+        # Ack after routing, many at once: one subscription per concurrent route.
+        for _ in range(max(1, min(self.concurrency, 16))):
+            self._subs.append(await self.bus.consume(self.queues.schedule, self._on_message, prefetch=4))
         if self.metrics is not None:
             self._spawn(self._watch_queue())
         logger.info("scheduler ready on %s (router %s)", self.queues.schedule, self.router.name)
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.cancel()
+        for sub in self._subs:
+            await sub.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -90,14 +99,7 @@ class SchedulerService:
         if not isinstance(msg, ScheduleRequest) or isinstance(msg, WorkerRequest):
             logger.warning("scheduler: dropped an unexpected %s message", msg.type)
             return
-        await self._sem.acquire()  # routing waits on the store: route many requests at once
-        task = asyncio.create_task(self._route(msg, message.headers))
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._sem.release()
+        await self._route(msg, message.headers)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -117,7 +119,14 @@ class SchedulerService:
     async def _workers(self) -> list[tuple[WorkerState, dict[str, str]]]:
         now = time.monotonic()
         if now - self._cache[0] > self.heartbeat_s / 4:
-            self._cache = (now, await self.registry.alive())
+            try:
+                workers = routable(await self.registry.alive())
+            except Exception as exc:  # the store is down: route on what we last knew, by load
+                if self._cache[1]:
+                    logger.warning("scheduler: worker registry unreadable (%s); using the last list", exc)
+                    return self._cache[1]
+                raise
+            self._cache = (now, workers)
             for state, figures in self._cache[1]:
                 if self._beat_seen.get(state.worker_id) != figures.get("last_seen"):
                     self._beat_seen[state.worker_id] = figures.get("last_seen", "")
@@ -134,6 +143,16 @@ class SchedulerService:
         if timeout is not None and msg.arrival_time > 0 and time.time() - msg.arrival_time > timeout:
             err = queue_timed_out(timeout)  # it waited on the bus: do not start it now
             await self._reject(msg, err.status, err.message, "queue_timeout", RETRY_AFTER_S)
+            return
+        routed_key = f"routed:{msg.request_id}:{msg.attempt}"
+        try:
+            earlier = await self.store.get(routed_key)
+        except Exception:  # the store is down: no dedup; the gateway drops duplicate tokens
+            earlier = None
+        if earlier is not None:
+            logger.info(
+                "request %s (attempt %d) was already routed: duplicate dropped", msg.request_id, msg.attempt
+            )
             return
         try:
             decision = await self._decide(msg)
@@ -155,9 +174,25 @@ class SchedulerService:
         self._sent[wid] = self._sent.get(wid, 0) + 1
         self.decisions[wid] = self.decisions.get(wid, 0) + 1
         fwd = WorkerRequest(**msg.model_dump(exclude={"type"}))
-        await self.bus.publish(self.queues.worker(wid), encode(fwd), span.headers())
-        if msg.session_id:
-            await self.sessions.put(msg.session_id, wid)
+        assigned = Assigned(
+            request_id=msg.request_id, worker_id=wid, attempt=msg.attempt, resume_from=msg.resume_from
+        )
+        try:  # before the worker has it: the gateway then watches that worker for this request
+            await self.bus.publish(msg.reply_to, encode(assigned))
+        except Exception as exc:
+            logger.warning("scheduler: could not tell the gateway where %s runs: %s", msg.request_id, exc)
+        try:
+            await self.bus.publish(self.queues.worker(wid), encode(fwd), span.headers())
+        except Exception as exc:  # the broker stayed away: tell the gateway rather than drop it
+            logger.warning("scheduler: could not forward %s to worker %s: %s", msg.request_id, wid, exc)
+            await self._reject(msg, 503, "the request could not reach a worker; retry shortly", "bus")
+            return
+        try:
+            await self.store.set(routed_key, wid, ttl_s=600)
+            if msg.session_id:
+                await self.sessions.put(msg.session_id, wid)
+        except Exception as exc:  # metadata only: the request runs
+            logger.warning("scheduler: store unavailable after routing %s: %s", msg.request_id, exc)
         logger.info(
             "request %s -> worker %s (%s, %d cached blocks, %d prompt tokens)",
             msg.request_id, wid, decision.reason, decision.overlap_blocks, len(msg.prompt_token_ids),
@@ -170,8 +205,11 @@ class SchedulerService:
         block_size = int(alive[0][1].get("block_size", 16))
         extra = (msg.cache_salt,) if msg.cache_salt else ()
         hashes = hash_full_blocks(msg.prompt_token_ids, block_size, extra)
-        overlap = leading_overlap(await self.prefix_index.owners(hashes))
-        session_worker = await self.sessions.get(msg.session_id) if msg.session_id else None
+        try:
+            overlap = leading_overlap(await self.prefix_index.owners(hashes))
+            session_worker = await self.sessions.get(msg.session_id) if msg.session_id else None
+        except Exception:  # the store is down: route by load alone
+            overlap, session_worker = {}, None
         # No await from here to the caller's count of the decision: requests routed at the same
         # time see each other. Requests sent since a worker's last heartbeat count as waiting there.
         workers = [replace(s, num_waiting=s.num_waiting + self._sent.get(s.worker_id, 0)) for s, _ in alive]

@@ -1,6 +1,8 @@
 """Starts any set of the four services in one process: `pagoda serve` runs all four (embedded, on
 an in-memory bus and store unless --bus/--store name real servers); `pagoda gateway|tokenizer|
-scheduler|worker` run one each. SIGTERM/SIGINT stop the HTTP side first, then the services."""
+scheduler|worker` run one each. SIGTERM/SIGINT stop the HTTP side first (open requests get up to
+--shutdown-timeout to finish), then a worker drains (takes no new requests, finishes its running
+ones within --shutdown-timeout), then the services stop."""
 
 from __future__ import annotations
 
@@ -79,6 +81,10 @@ def _api_keys(args: argparse.Namespace) -> list[str] | None:
 def run_roles(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
     bus_url = getattr(args, "bus", None)
     store_url = getattr(args, "store", None)
+    if getattr(args, "shutdown_timeout", 0.0) < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
+    if getattr(args, "stall_timeout", 1.0) <= 0:
+        raise ValueError(f"--stall-timeout must be > 0 seconds, got {args.stall_timeout}")
     if len(roles) == 1 and (not bus_url or bus_url.startswith("memory")):
         raise ValueError(f"`pagoda {roles[0]}` runs alone: give it --bus amqp://... and --store redis://...")
     asyncio.run(_main(args, roles, bus_url, store_url))
@@ -176,7 +182,7 @@ async def _main(
             server = _Server(
                 uvicorn.Config(
                     app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
-                    timeout_graceful_shutdown=30,
+                    timeout_graceful_shutdown=max(1, round(_shutdown_timeout(args))),
                 )
             )  # fmt: skip
             logger.info(
@@ -191,6 +197,11 @@ async def _main(
             logger.info("running %s", ", ".join(roles))
             await stop.wait()
     finally:
+        for svc in services:
+            drain = getattr(svc, "drain", None)
+            if drain is not None and stop.is_set():
+                with contextlib.suppress(Exception):
+                    await drain(_shutdown_timeout(args))
         if metrics_server is not None:
             await asyncio.to_thread(metrics_server.close)
         for svc in reversed(services):
@@ -202,12 +213,17 @@ async def _main(
         logger.info("stopped")
 
 
+def _shutdown_timeout(args: argparse.Namespace) -> float:
+    return float(getattr(args, "shutdown_timeout", 30.0))
+
+
 def _worker(
     args: argparse.Namespace, bus: Bus, store: Store, heartbeat: float, queues: Queues, metrics: Metrics
 ) -> _Service:
     from engine.async_engine import AsyncEngine, StepCore
     from engine.engine_core import EngineCore
     from engine.llm import make_engine_config
+    from services.failpoints import install_failpoints
     from services.worker import WorkerService
 
     core: StepCore
@@ -220,12 +236,14 @@ def _worker(
         core = SimCore(model.tokenizer, model.name, model.max_model_len, sim, model.default_sampling)
     else:
         core = EngineCore(make_engine_config(args.model, **engine_kwargs(args)))
+    install_failpoints(core)
     return WorkerService(
         AsyncEngine(core),
         bus,
         store,
         worker_id=getattr(args, "worker_id", None),
         heartbeat_s=heartbeat,
+        stall_timeout_s=getattr(args, "stall_timeout", 30.0),
         queues=queues,
         metrics=metrics,
         admission=admission_limits(args),

@@ -122,6 +122,10 @@ class ScheduleRequest(_Msg):
     session_id: str | None = None
     arrival_time: float = 0.0
     queue_timeout_s: float | None = None  # fail it if it has not started this long after arrival
+    # Failover: attempt 0 is the client's request; a re-run after a worker was lost (or bounced by a
+    # draining worker) counts up, and `resume_from` output tokens are already in `prompt_token_ids`.
+    attempt: int = 0
+    resume_from: int = 0
 
 
 # -- to a worker ------------------------------------------------------------------------------
@@ -141,6 +145,25 @@ class Accepted(_Msg):
     type: Literal["accepted"] = "accepted"
     request_id: str
     prompt_token_ids: list[int]
+
+
+class Assigned(_Msg):
+    """The scheduler sent the request (attempt) to this worker; sent before the worker has it, so
+    the gateway knows whose heartbeats to watch and which worker's deltas to take."""
+
+    type: Literal["assigned"] = "assigned"
+    request_id: str
+    worker_id: str
+    attempt: int = 0
+    resume_from: int = 0
+
+
+class WorkerLeaving(_Msg):
+    """A drained worker is about to exit; sent down each reply queue after its last deltas, so a
+    request of this worker still unfinished when the gateway reads it will get no more tokens."""
+
+    type: Literal["leaving"] = "leaving"
+    worker_id: str
 
 
 class Rejected(_Msg):
@@ -201,13 +224,25 @@ class StepOutputs(_Msg):
     deltas: list[Delta]
 
 
-Message = TokenizeRequest | ScheduleRequest | WorkerRequest | AbortRequest | Accepted | Rejected | StepOutputs
+Message = (
+    TokenizeRequest
+    | ScheduleRequest
+    | WorkerRequest
+    | AbortRequest
+    | Accepted
+    | Assigned
+    | WorkerLeaving
+    | Rejected
+    | StepOutputs
+)
 _TYPES: dict[str, type[BaseModel]] = {
     "tokenize": TokenizeRequest,
     "schedule": ScheduleRequest,
     "run": WorkerRequest,
     "abort": AbortRequest,
     "accepted": Accepted,
+    "assigned": Assigned,
+    "leaving": WorkerLeaving,
     "rejected": Rejected,
     "step": StepOutputs,
 }

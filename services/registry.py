@@ -29,17 +29,31 @@ class WorkerRegistry:
         self.store = store
         self.heartbeat_s = heartbeat_s
 
-    async def beat(self, worker_id: str, figures: dict[str, str]) -> None:
-        await self.store.hset(_worker_key(worker_id), {**figures, "last_seen": f"{time.time():.3f}"})
-        await self.store.expire(_worker_key(worker_id), 3 * self.heartbeat_s)
+    async def beat(self, worker_id: str, figures: dict[str, str]) -> bool:
+        """Record a heartbeat; returns False when the store had no record of this worker (its first
+        beat, or the store lost its data), so the worker knows to publish its full state again."""
+        key = _worker_key(worker_id)
+        existed = await self.store.expire(key, 3 * self.heartbeat_s)
+        await self.store.hset(key, {**figures, "last_seen": f"{time.time():.3f}"})
+        if not existed:
+            await self.store.expire(key, 3 * self.heartbeat_s)
         await self.store.sadd(WORKERS, worker_id)
+        return existed
+
+    async def leave(self, worker_id: str, linger_s: float) -> None:
+        """A drained worker's tombstone (`state=stopped`, kept `linger_s`): gateways wait for its
+        `WorkerLeaving` notice instead of treating it as lost."""
+        await self.store.hset(_worker_key(worker_id), {"state": "stopped", "last_seen": f"{time.time():.3f}"})
+        await self.store.expire(_worker_key(worker_id), linger_s)
 
     async def remove(self, worker_id: str) -> None:
         await self.store.delete(_worker_key(worker_id))
         await self.store.srem(WORKERS, worker_id)
 
     async def alive(self) -> list[tuple[WorkerState, dict[str, str]]]:
-        """Workers heard from within the last heartbeat interval (plus slack for jitter)."""
+        """Workers heard from within the last heartbeat interval (plus slack for jitter), whatever
+        their `state` figure: "ready", "draining" (finishing its requests, takes no new ones) or
+        "stalled" (its step loop stopped advancing), or "stopped" (a drained worker's tombstone)."""
         now = time.time()
         result = []
         for wid in sorted(await self.store.smembers(WORKERS)):
@@ -47,7 +61,8 @@ class WorkerRegistry:
             if not figures:
                 await self.store.srem(WORKERS, wid)  # its hash expired: it is gone
                 continue
-            if now - float(figures.get("last_seen", 0)) > 1.5 * self.heartbeat_s + 0.5:
+            stale = now - float(figures.get("last_seen", 0)) > 1.5 * self.heartbeat_s + 0.5
+            if stale and figures.get("state") != "stopped":
                 continue
             state = WorkerState(
                 wid,
@@ -58,6 +73,11 @@ class WorkerRegistry:
             )
             result.append((state, figures))
         return result
+
+
+def routable(workers: list[tuple[WorkerState, dict[str, str]]]) -> list[tuple[WorkerState, dict[str, str]]]:
+    """The workers that take new requests: neither draining nor stalled."""
+    return [(s, f) for s, f in workers if f.get("state", "ready") == "ready"]
 
 
 class PrefixIndex:

@@ -82,7 +82,13 @@ class TokenizerService:
             arrival_time=msg.arrival_time, queue_timeout_s=msg.queue_timeout_s,
         )  # fmt: skip
         span.set("gen_ai.usage.input_tokens", len(ids))
-        await self.bus.publish(self.queues.schedule, encode(forward), span.headers())
+        try:
+            await self.bus.publish(self.queues.schedule, encode(forward), span.headers())
+        except Exception as exc:  # the broker stayed away: the gateway must not wait forever
+            logger.warning("tokenizer: could not forward %s to the scheduler: %s", msg.request_id, exc)
+            text = "The request could not reach the scheduler (message broker unavailable); retry shortly."
+            await self._answer(msg.reply_to, Rejected(request_id=msg.request_id, status=503, message=text))
+            return
         logger.info("request %s tokenized: %d prompt tokens", msg.request_id, len(ids))
 
     async def _answer(self, reply_to: str, msg: Accepted | Rejected) -> None:

@@ -4,6 +4,12 @@ It takes `WorkerRequest`/`AbortRequest` messages from `pagoda.worker.<id>`, step
 its own thread, and after every step publishes one `StepOutputs` per gateway carrying the new
 tokens of all that gateway's requests. It heartbeats its load to the store and publishes the
 block hashes it caches and evicts, which is what the scheduler's prefix router reads.
+
+Its heartbeat carries a `state`: "ready"; "stalled" when requests wait but the step loop has not
+advanced for `stall_timeout_s` (the scheduler stops routing to it and gateways move its requests
+elsewhere); "draining" after `drain()` (SIGTERM): it finishes what it runs, hands requests that
+still arrive back to the scheduler, then deregisters. When the store lost its record of this
+worker (a Redis restart), the next heartbeat republishes its whole prefix-cache index.
 """
 
 from __future__ import annotations
@@ -27,14 +33,16 @@ from services.admission import (
     queue_deadline,
     queue_timed_out,
 )
-from services.bus import Bus, Message, Subscription
+from services.bus import Bus, Message, QueueNotFoundError, Subscription
 from services.messages import (
     AbortRequest,
     Delta,
     MessageError,
     Queues,
     Rejected,
+    ScheduleRequest,
     StepOutputs,
+    WorkerLeaving,
     WorkerRequest,
     decode,
     encode,
@@ -68,6 +76,7 @@ class WorkerService:
         *,
         worker_id: str | None = None,
         heartbeat_s: float = 1.0,
+        stall_timeout_s: float = 30.0,
         queues: Queues | None = None,
         metrics: Metrics | None = None,
         admission: AdmissionLimits | None = None,
@@ -78,12 +87,19 @@ class WorkerService:
         self.bus = bus
         self.store = store
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
-        self.queue = (queues or Queues()).worker(self.worker_id)
+        self.queues = queues or Queues()
+        self.queue = self.queues.worker(self.worker_id)
         self.heartbeat_s = heartbeat_s
         self.registry = WorkerRegistry(store, heartbeat_s)
         self.prefix_index = PrefixIndex(store)
         self._inflight: dict[str, _Inflight] = {}
-        self._publish_q: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._gateways: set[str] = set()  # reply queues this worker has answered
+        self._drained = False
+        self.stall_timeout_s = stall_timeout_s
+        self.state = "ready"  # "draining", "stalled"
+        self._progress = (0, time.monotonic())  # (engine steps, when they last changed)
+        # (reply queue, body, request ids in it: aborted when their gateway is gone)
+        self._publish_q: asyncio.Queue[tuple[str, bytes, list[str]]] = asyncio.Queue()
         self._index_q: asyncio.Queue[tuple[list[bytes], list[bytes]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: Subscription | None = None
@@ -110,13 +126,39 @@ class WorkerService:
         if self.metrics is not None:
             self.metrics.engines().remove(self.worker_id)
         with contextlib.suppress(Exception):
-            await self.registry.remove(self.worker_id)
+            if self._drained:  # gateways wait for our WorkerLeaving notice, not for a lost heartbeat
+                await self.registry.leave(self.worker_id, linger_s=max(10.0, 30 * self.heartbeat_s))
+            else:
+                await self.registry.remove(self.worker_id)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.engine.shutdown()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Take no new requests (they go back to the scheduler), finish the running ones for up to
+        `timeout_s`, then deregister. Requests still running then are moved by their gateways."""
+        self.state = "draining"
+        with contextlib.suppress(Exception):
+            await self._beat()
+        deadline = time.monotonic() + timeout_s
+        logger.info("worker %s draining: %d requests running", self.worker_id, len(self._inflight))
+        while self._inflight and time.monotonic() < deadline and self.engine.dead_reason is None:
+            await asyncio.sleep(0.05)
+        if self._inflight:
+            logger.warning(
+                "worker %s: %d requests still running after %.1fs; their gateways move them",
+                self.worker_id, len(self._inflight), timeout_s,
+            )  # fmt: skip
+        with contextlib.suppress(TimeoutError):  # let the last deltas go out
+            await asyncio.wait_for(self._publish_q.join(), max(1.0, deadline - time.monotonic()))
+        leaving = encode(WorkerLeaving(worker_id=self.worker_id))
+        for reply_to in self._gateways:  # after the last deltas, in each reply queue
+            with contextlib.suppress(Exception):
+                await self.bus.publish(reply_to, leaving)
+        self._drained = True
 
     # -- input --------------------------------------------------------------------------------
     async def _on_message(self, message: Message) -> None:
@@ -126,12 +168,21 @@ class WorkerService:
             logger.warning("worker %s: dropped a malformed message: %s", self.worker_id, exc)
             return
         if isinstance(msg, WorkerRequest):
-            self._add(msg, message.headers)
+            if self.state == "draining" and msg.request_id not in self._inflight:
+                await self._bounce(msg)
+            else:
+                self._add(msg, message.headers)
         elif isinstance(msg, AbortRequest):
             for rid in msg.request_ids:
                 await self.engine.abort(rid)
         else:
             logger.warning("worker %s: dropped an unexpected %s message", self.worker_id, msg.type)
+
+    async def _bounce(self, msg: WorkerRequest) -> None:
+        """A request routed here before the scheduler saw this worker draining: route it again."""
+        again = ScheduleRequest(**msg.model_dump(exclude={"type", "attempt"}), attempt=msg.attempt + 1)
+        await self.bus.publish(self.queues.schedule, encode(again))
+        logger.info("worker %s draining: %s handed back to the scheduler", self.worker_id, msg.request_id)
 
     def _add(self, msg: WorkerRequest, headers: dict[str, str]) -> None:
         if msg.request_id in self._inflight:
@@ -142,7 +193,7 @@ class WorkerService:
             reject = Rejected(
                 request_id=msg.request_id, status=err.status, message=err.message, retry_after_s=RETRY_AFTER_S
             )
-            self._publish_q.put_nowait((msg.reply_to, encode(reject)))
+            self._publish_q.put_nowait((msg.reply_to, encode(reject), []))
             logger.info("worker %s: refused %s, its queue is full", self.worker_id, msg.request_id)
             return
         try:
@@ -152,7 +203,7 @@ class WorkerService:
             )
         except ValueError as exc:
             reject = Rejected(request_id=msg.request_id, status=400, message=str(exc))
-            self._publish_q.put_nowait((msg.reply_to, encode(reject)))
+            self._publish_q.put_nowait((msg.reply_to, encode(reject), []))
             return
         trace = tracing.worker_request(headers, self.engine.model_name, params, len(msg.prompt_token_ids))
         now = time.monotonic()
@@ -160,6 +211,7 @@ class WorkerService:
         self._inflight[msg.request_id] = _Inflight(
             msg.reply_to, params.n, now, trace, deadline=deadline, timeout_s=msg.queue_timeout_s
         )
+        self._gateways.add(msg.reply_to)
 
     def _state(self) -> WorkerState:
         return WorkerState(
@@ -182,7 +234,7 @@ class WorkerService:
                     reject = Rejected(
                         request_id=rid, status=err.status, message=err.message, retry_after_s=RETRY_AFTER_S
                     )
-                    self._publish_q.put_nowait((req.reply_to, encode(reject)))
+                    self._publish_q.put_nowait((req.reply_to, encode(reject), []))
                     logger.info("worker %s: %s timed out in the queue", self.worker_id, rid)
 
     # -- output -------------------------------------------------------------------------------
@@ -204,7 +256,7 @@ class WorkerService:
                     self._finish(out, req)
         for reply_to, deltas in by_gateway.items():
             body = encode(StepOutputs(worker_id=self.worker_id, deltas=deltas))
-            self._publish_q.put_nowait((reply_to, body))
+            self._publish_q.put_nowait((reply_to, body, [d.request_id for d in deltas if not d.finished]))
         if stored or evicted:
             self._index_q.put_nowait((stored, evicted))
 
@@ -223,11 +275,16 @@ class WorkerService:
 
     async def _publisher(self) -> None:
         while True:
-            reply_to, body = await self._publish_q.get()
+            reply_to, body, request_ids = await self._publish_q.get()
             try:
                 await self.bus.publish(reply_to, body)
             except Exception as exc:  # a gateway that went away must not stop the others
                 logger.warning("worker %s: could not publish to %s: %s", self.worker_id, reply_to, exc)
+                if isinstance(exc, QueueNotFoundError):  # the gateway is gone: nobody reads these
+                    for rid in request_ids:
+                        await self.engine.abort(rid)
+            finally:
+                self._publish_q.task_done()
 
     async def _indexer(self) -> None:
         while True:
@@ -254,9 +311,11 @@ class WorkerService:
             await self._fail_inflight(str(self.engine.dead_reason))
             await self.registry.remove(self.worker_id)
             return
-        await self.registry.beat(
+        self.state = self._check_stall()
+        known = await self.registry.beat(
             self.worker_id,
             {
+                "state": self.state,
                 "num_running": str(stats.num_running),
                 "num_waiting": str(stats.num_waiting),
                 "kv_usage": f"{figures.kv_usage:.4f}",
@@ -270,10 +329,29 @@ class WorkerService:
                 "steps": str(self.engine.steps),
             },
         )
+        if not known:  # first beat, or the store lost its data: publish the whole index again
+            await self.prefix_index.update(self.worker_id, core.kv.pool.cached_hashes(), [])
+
+    def _check_stall(self) -> str:
+        if self.state == "draining":
+            return "draining"
+        steps, now = self.engine.steps, time.monotonic()
+        if steps != self._progress[0] or not self.engine.core.has_unfinished():
+            self._progress = (steps, now)
+        stalled = now - self._progress[1] > self.stall_timeout_s
+        if stalled != (self.state == "stalled"):
+            if stalled:
+                logger.error(
+                    "worker %s: the step loop has not advanced for %.1fs with %d requests; reporting stalled",
+                    self.worker_id, now - self._progress[1], len(self._inflight),
+                )  # fmt: skip
+            else:
+                logger.info("worker %s: the step loop advances again; ready", self.worker_id)
+        return "stalled" if stalled else "ready"
 
     async def _fail_inflight(self, reason: str) -> None:
         for rid, req in self._inflight.items():
             reject = Rejected(request_id=rid, status=503, message=f"the worker failed: {reason}")
             req.trace.end(reason)
-            self._publish_q.put_nowait((req.reply_to, encode(reject)))
+            self._publish_q.put_nowait((req.reply_to, encode(reject), []))
         self._inflight.clear()

@@ -1,0 +1,98 @@
+"""A streaming client that classifies each request's outcome: complete, a clean error, or hung."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class Outcome:
+    prompt: str
+    text: str = ""
+    chunks: int = 0  # content chunks received
+    finish_reason: str | None = None
+    error: str | None = None  # the error event's (or error response's) message
+    status: int = 0
+    hung: bool = False
+    done: bool = False  # saw [DONE]
+
+    @property
+    def complete(self) -> bool:
+        return self.finish_reason is not None and self.error is None and self.done
+
+    @property
+    def clean_error(self) -> bool:
+        """An error the client was told about: an error body (HTTP error, or an error event followed
+        by [DONE]) with a message."""
+        return bool(self.error) and (self.status >= 400 or self.done)
+
+
+@dataclass
+class Tally:
+    fault: str
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def add(self, outs: list[Outcome]) -> None:
+        self.outcomes += outs
+
+    @property
+    def row(self) -> dict[str, Any]:
+        o = self.outcomes
+        return {
+            "fault": self.fault, "sent": len(o), "completed": sum(x.complete for x in o),
+            "clean_errors": sum(x.clean_error for x in o), "hung": sum(x.hung for x in o),
+        }  # fmt: skip
+
+    def check(self) -> None:
+        row = self.row
+        bad = [x for x in self.outcomes if not (x.complete or x.clean_error)]
+        assert not bad, f"{self.fault}: requests with neither a complete answer nor a clean error: {bad}"
+        assert row["completed"] + row["clean_errors"] == row["sent"] and row["hung"] == 0, row
+
+
+async def stream(
+    client: httpx.AsyncClient, prompt: str, max_tokens: int, timeout_s: float = 60.0, **extra: Any
+) -> Outcome:
+    out = Outcome(prompt)
+    body = {
+        "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True, "stream": True, **extra,
+    }  # fmt: skip
+
+    async def run() -> None:
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            out.status = resp.status_code
+            if resp.status_code != 200:
+                out.error = json.loads(await resp.aread())["error"]["message"]
+                return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: ") :]
+                if data == "[DONE]":
+                    out.done = True
+                    continue
+                event = json.loads(data)
+                if "error" in event:
+                    out.error = event["error"]["message"] or "(empty message)"
+                    continue
+                for choice in event.get("choices", []):
+                    if choice.get("text"):
+                        out.text += choice["text"]
+                        out.chunks += 1
+                    if choice.get("finish_reason"):
+                        out.finish_reason = choice["finish_reason"]
+
+    try:
+        await asyncio.wait_for(run(), timeout_s)
+    except TimeoutError:
+        out.hung = True
+    except httpx.HTTPError as exc:  # the connection broke: the client got no clean answer
+        out.error, out.status = None, -1
+        out.text += f"<transport error {exc!r}>"
+    return out
