@@ -118,7 +118,8 @@ async def _main(
         api_keys = _api_keys(args) if "gateway" in roles else None
         model = _model_info(args) if {"gateway", "tokenizer"} & set(roles) else None
         heartbeat = args.heartbeat_interval
-        admission = admission_limits(args)
+        # the tokenizer role has no admission flags
+        admission = admission_limits(args) if {"gateway", "scheduler"} & set(roles) else None
         if "worker" in roles:
             services.append(_worker(args, bus, store, heartbeat, queues, metrics))
         if "scheduler" in roles:
