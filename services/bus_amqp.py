@@ -19,6 +19,8 @@ from services.bus import (
 
 logger = logging.getLogger(__name__)
 
+ACK_BATCH = 64  # most messages handled (in order) before one ack(multiple=True) covers them
+
 
 def _redact(url: str) -> str:
     from yarl import URL
@@ -43,6 +45,8 @@ class _AmqpSubscription(Subscription):
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrent = concurrency > 1
         self._handling: set[asyncio.Task[None]] = set()
+        self._unacked: Any = None  # the last message handled but not yet acked (one-at-a-time mode)
+        self._batched = 0  # messages handled since the last ack
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"consume:{queue.name}")
 
     async def _run(self) -> None:
@@ -50,7 +54,13 @@ class _AmqpSubscription(Subscription):
         while True:
             incoming = await self.inbox.get()
             if not self._concurrent:
-                await self._one(incoming)
+                await self._handle(incoming)
+                # Handled in delivery order, so one ack(multiple) covers a burst: a frame (a write
+                # syscall) per burst rather than per message. Acked when the inbox runs dry, every
+                # ACK_BATCH messages, and on cancel.
+                self._unacked, self._batched = incoming, self._batched + 1
+                if self.inbox.empty() or self._batched >= ACK_BATCH:
+                    await self._ack_handled()
                 continue
             await self._slots.acquire()  # up to `concurrency` handlers at once, each acks its own
             task = asyncio.create_task(self._one(incoming))
@@ -61,12 +71,24 @@ class _AmqpSubscription(Subscription):
         self._handling.discard(task)
         self._slots.release()
 
-    async def _one(self, incoming: Any) -> None:
+    async def _handle(self, incoming: Any) -> None:
         headers = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in incoming.headers.items()}
         message = Message(incoming.body, headers, bool(incoming.redelivered))
         await _handle(self.queue.name, self.handler, message)
+
+    async def _one(self, incoming: Any) -> None:
+        await self._handle(incoming)
+        await self._ack(incoming, multiple=False)
+
+    async def _ack_handled(self) -> None:
+        incoming, self._unacked = self._unacked, None
+        if incoming is not None:
+            await self._ack(incoming, multiple=self._batched > 1)
+        self._batched = 0
+
+    async def _ack(self, incoming: Any, *, multiple: bool) -> None:
         try:
-            await incoming.ack()
+            await incoming.ack(multiple=multiple)
         except Exception as exc:  # the channel dropped: the broker redelivers it
             logger.warning("queue %s: ack failed (%r); the message will be redelivered", self.queue.name, exc)
 
@@ -84,6 +106,7 @@ class _AmqpSubscription(Subscription):
         for task in list(self._handling):
             task.cancel()
         await asyncio.gather(self.task, *self._handling, return_exceptions=True)
+        await self._ack_handled()  # handled ones must not come back
         await _close_quietly(self.channel)  # unacked deliveries go back to the queue
 
 
