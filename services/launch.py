@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import uvicorn
 
 from services import tracing
+from services.admission import AdmissionLimits
 from services.bus import Bus, make_bus
 from services.bus_memory import InMemoryBus
 from services.cli import admission_limits, engine_kwargs, request_limits
@@ -118,8 +119,8 @@ async def _main(
         api_keys = _api_keys(args) if "gateway" in roles else None
         model = _model_info(args) if {"gateway", "tokenizer"} & set(roles) else None
         heartbeat = args.heartbeat_interval
-        # the tokenizer role has no admission flags
-        admission = admission_limits(args) if {"gateway", "scheduler"} & set(roles) else None
+        # the tokenizer role has no admission flags (and needs none)
+        admission = admission_limits(args) if hasattr(args, "max_waiting_requests") else AdmissionLimits()
         if "worker" in roles:
             services.append(_worker(args, bus, store, heartbeat, queues, metrics))
         if "scheduler" in roles:
