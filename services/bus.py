@@ -58,8 +58,10 @@ class Bus(ABC):
       consume; anyone may publish to it) and is deleted when that bus closes.
     - `publish` returns once the broker has the message (publisher confirms; persistent delivery)
       and raises `QueueNotFoundError` when no queue has that name.
-    - One subscription hands its messages to its handler one at a time, in delivery order; run more
-      subscriptions for concurrency. A message is acked after the handler returns. A handler that
+    - One subscription hands its messages to its handler one at a time, in delivery order, unless
+      `consume(..., concurrency=n)` lets up to n handlers run at once (started in delivery order,
+      finishing in any; for handlers that wait on round trips and need no order). Either way a
+      message is acked after its handler returns. A handler that
       raises gets one log line and its message is acked anyway (dropped): a malformed message never
       stops a consumer. A message in flight when its subscription is cancelled or its connection
       drops is redelivered with `redelivered=True`.
@@ -92,7 +94,9 @@ class Bus(ABC):
     async def publish(self, queue: str, body: bytes, headers: dict[str, str] | None = None) -> None: ...
 
     @abstractmethod
-    async def consume(self, queue: str, handler: Handler, prefetch: int = 64) -> Subscription: ...
+    async def consume(
+        self, queue: str, handler: Handler, prefetch: int = 64, concurrency: int = 1
+    ) -> Subscription: ...
 
     def on_connection_lost(self, callback: Callable[[str], None]) -> None:  # noqa: B027 (optional hook)
         """Call `callback(reason)` on the event loop each time the connection to the broker drops

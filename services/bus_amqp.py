@@ -20,6 +20,8 @@ from services.bus import (
 
 logger = logging.getLogger(__name__)
 
+ACK_BATCH = 64  # most messages handled (in order) before one ack(multiple=True) covers them
+
 
 def _redact(url: str) -> str:
     from yarl import URL
@@ -37,25 +39,59 @@ async def _close_quietly(channel: Any) -> None:
 
 
 class _AmqpSubscription(Subscription):
-    def __init__(self, bus: AmqpBus, channel: Any, queue: Any, handler: Handler) -> None:
+    def __init__(self, bus: AmqpBus, channel: Any, queue: Any, handler: Handler, concurrency: int) -> None:
         self.bus, self.channel, self.queue, self.handler = bus, channel, queue, handler
         self.inbox: asyncio.Queue[Any] = asyncio.Queue()
         self.tag: str | None = None
+        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrent = concurrency > 1
+        self._handling: set[asyncio.Task[None]] = set()
+        self._unacked: Any = None  # the last message handled but not yet acked (one-at-a-time mode)
+        self._batched = 0  # messages handled since the last ack
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"consume:{queue.name}")
 
     async def _run(self) -> None:
-        # aio-pika calls its callback in a new task per delivery; the inbox restores one-at-a-time order.
+        # aio-pika calls its callback in a new task per delivery; the inbox restores delivery order.
         while True:
             incoming = await self.inbox.get()
-            headers = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in incoming.headers.items()}
-            message = Message(incoming.body, headers, bool(incoming.redelivered))
-            await _handle(self.queue.name, self.handler, message)
-            try:
-                await incoming.ack()
-            except Exception as exc:  # the channel dropped: the broker redelivers it
-                logger.warning(
-                    "queue %s: ack failed (%r); the message will be redelivered", self.queue.name, exc
-                )
+            if not self._concurrent:
+                await self._handle(incoming)
+                # Handled in delivery order, so one ack(multiple) covers a burst: a frame (a write
+                # syscall) per burst rather than per message. Acked when the inbox runs dry, every
+                # ACK_BATCH messages, and on cancel.
+                self._unacked, self._batched = incoming, self._batched + 1
+                if self.inbox.empty() or self._batched >= ACK_BATCH:
+                    await self._ack_handled()
+                continue
+            await self._slots.acquire()  # up to `concurrency` handlers at once, each acks its own
+            task = asyncio.create_task(self._one(incoming))
+            self._handling.add(task)
+            task.add_done_callback(self._handled)
+
+    def _handled(self, task: asyncio.Task[None]) -> None:
+        self._handling.discard(task)
+        self._slots.release()
+
+    async def _handle(self, incoming: Any) -> None:
+        headers = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in incoming.headers.items()}
+        message = Message(incoming.body, headers, bool(incoming.redelivered))
+        await _handle(self.queue.name, self.handler, message)
+
+    async def _one(self, incoming: Any) -> None:
+        await self._handle(incoming)
+        await self._ack(incoming, multiple=False)
+
+    async def _ack_handled(self) -> None:
+        incoming, self._unacked = self._unacked, None
+        if incoming is not None:
+            await self._ack(incoming, multiple=self._batched > 1)
+        self._batched = 0
+
+    async def _ack(self, incoming: Any, *, multiple: bool) -> None:
+        try:
+            await incoming.ack(multiple=multiple)
+        except Exception as exc:  # the channel dropped: the broker redelivers it
+            logger.warning("queue %s: ack failed (%r); the message will be redelivered", self.queue.name, exc)
 
     async def cancel(self) -> None:
         if self not in self.bus._subscriptions:
@@ -68,7 +104,10 @@ class _AmqpSubscription(Subscription):
             except Exception as exc:  # the channel is gone; so are its deliveries
                 logger.debug("queue %s: basic.cancel failed: %r", self.queue.name, exc)
         self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        for task in list(self._handling):
+            task.cancel()
+        await asyncio.gather(self.task, *self._handling, return_exceptions=True)
+        await self._ack_handled()  # handled ones must not come back
         await _close_quietly(self.channel)  # unacked deliveries go back to the queue
 
 
@@ -195,10 +234,13 @@ class AmqpBus(Bus):
             except aio_pika.exceptions.DeliveryError as exc:
                 raise BusError(f"RabbitMQ refused a message for {queue!r}: {exc!r}") from exc
 
-    async def consume(self, queue: str, handler: Handler, prefetch: int = 64) -> Subscription:
+    async def consume(
+        self, queue: str, handler: Handler, prefetch: int = 64, concurrency: int = 1
+    ) -> Subscription:
         from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity
 
         assert prefetch >= 1, f"prefetch must be >= 1, got {prefetch}"
+        assert concurrency >= 1, f"concurrency must be >= 1, got {concurrency}"
         channel = await self._conn().channel()
         await channel.set_qos(prefetch_count=prefetch)
         # Redeclaring with this bus's own arguments (not passively) lets the robust connection
@@ -213,7 +255,7 @@ class AmqpBus(Bus):
             if isinstance(exc, ChannelLockedResource):
                 raise QueueLockedError(f"{queue!r} is another connection's exclusive reply queue") from exc
             raise
-        sub = _AmqpSubscription(self, channel, amqp_queue, handler)
+        sub = _AmqpSubscription(self, channel, amqp_queue, handler, concurrency)
         self._subscriptions.add(sub)
         sub.tag = await amqp_queue.consume(sub.inbox.put)
         return sub

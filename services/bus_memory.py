@@ -45,13 +45,19 @@ class _MemoryQueue:
 
 
 class _MemoryConsumer(Subscription):
-    def __init__(self, bus: InMemoryBus, queue: _MemoryQueue, handler: Handler, prefetch: int) -> None:
+    def __init__(
+        self, bus: InMemoryBus, queue: _MemoryQueue, handler: Handler, prefetch: int, concurrency: int = 1
+    ) -> None:
         self.bus, self.queue, self.handler, self.prefetch = bus, queue, handler, prefetch
         self.inbox: deque[Message] = deque()  # delivered, not yet acked; inbox[0] is being handled
         self.wakeup = asyncio.Event()
+        self.concurrency = concurrency
+        self._handling: dict[int, asyncio.Task[None]] = {}  # id(message) -> its handler (concurrent mode)
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"consume:{queue.name}")
 
     async def _run(self) -> None:
+        if self.concurrency > 1:
+            await self._run_concurrent()
         while True:
             if not self.inbox:
                 self.wakeup.clear()
@@ -61,6 +67,32 @@ class _MemoryConsumer(Subscription):
             self.inbox.popleft()  # ack
             self.queue.dispatch()
 
+    async def _run_concurrent(self) -> None:
+        slots = asyncio.Semaphore(self.concurrency)
+        while True:
+            message = next((m for m in self.inbox if id(m) not in self._handling), None)
+            if message is None:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            await slots.acquire()
+            self._handling[id(message)] = asyncio.create_task(self._one(message, slots))
+
+    async def _one(self, message: Message, slots: asyncio.Semaphore) -> None:
+        try:
+            await _handle(self.queue.name, self.handler, message)
+        except asyncio.CancelledError:  # cancelled: the message stays unacked, for redelivery
+            raise
+        else:
+            for i, m in enumerate(self.inbox):  # ack this one, wherever it is
+                if m is message:
+                    del self.inbox[i]
+                    break
+            self.queue.dispatch()
+        finally:
+            del self._handling[id(message)]
+            slots.release()
+
     async def cancel(self) -> None:
         if self not in self.queue.consumers:
             return
@@ -68,7 +100,10 @@ class _MemoryConsumer(Subscription):
         self.queue.consumers.remove(self)
         self.bus._subscriptions.discard(self)
         self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        handling = list(self._handling.values())
+        for task in handling:
+            task.cancel()
+        await asyncio.gather(self.task, *handling, return_exceptions=True)
         self.queue.ready.extendleft(dataclasses.replace(m, redelivered=True) for m in reversed(self.inbox))
         self.inbox.clear()
         if self.queue.owner is not None and not self.queue.consumers:  # auto-delete
@@ -121,12 +156,15 @@ class InMemoryBus(Bus):
         target.dispatch()
         await asyncio.sleep(0)  # yield as a network round trip would, so a tight publish loop is fair
 
-    async def consume(self, queue: str, handler: Handler, prefetch: int = 64) -> Subscription:
+    async def consume(
+        self, queue: str, handler: Handler, prefetch: int = 64, concurrency: int = 1
+    ) -> Subscription:
         assert prefetch >= 1, f"prefetch must be >= 1, got {prefetch}"
+        assert concurrency >= 1, f"concurrency must be >= 1, got {concurrency}"
         target = self._queue(queue)
         if target.owner not in (None, self):
             raise QueueLockedError(f"{queue!r} is another connection's exclusive reply queue")
-        consumer = _MemoryConsumer(self, target, handler, prefetch)
+        consumer = _MemoryConsumer(self, target, handler, prefetch, concurrency)
         target.consumers.append(consumer)
         self._subscriptions.add(consumer)
         target.dispatch()

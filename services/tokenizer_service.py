@@ -27,6 +27,8 @@ from services.messages import (
 
 logger = logging.getLogger("pagoda.tokenizer")
 
+CONCURRENCY = 64  # requests tokenized and forwarded at once per tokenizer process
+
 
 class TokenizerService:
     def __init__(self, bus: Bus, processor: PromptProcessor, queues: Queues | None = None) -> None:
@@ -38,7 +40,11 @@ class TokenizerService:
     async def start(self) -> None:
         await self.bus.declare_work_queue(self.queues.tokenize)
         await self.bus.declare_work_queue(self.queues.schedule)
-        self._sub = await self.bus.consume(self.queues.tokenize, self._on_message, prefetch=32)
+        # Each request waits on two confirmed publishes (a durable one is fsynced): handle many at
+        # once, or the round trips cap the whole cluster at a few dozen requests a second.
+        self._sub = await self.bus.consume(
+            self.queues.tokenize, self._on_message, prefetch=CONCURRENCY * 2, concurrency=CONCURRENCY
+        )
         logger.info("tokenizer ready on %s", self.queues.tokenize)
 
     async def stop(self) -> None:

@@ -222,6 +222,61 @@ async def test_bus_cancel_redelivers_unhandled_messages(new_bus: NewBus, qname: 
     assert next(m for m in got if m.body == b"a").redelivered
 
 
+async def test_bus_concurrent_handlers_overlap_up_to_the_limit(new_bus: NewBus, qname: QName) -> None:
+    """`concurrency=n`: up to n handlers at once, never more; each message acked once its handler
+    returns, so none comes back after the subscription ends."""
+    queue, bus = qname("concurrent"), await new_bus()
+    await bus.declare_work_queue(queue)
+    running, peak, done = [0], [0], list[bytes]()
+    release = asyncio.Event()
+
+    async def slow(m: Message) -> None:
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        await release.wait()
+        running[0] -= 1
+        done.append(m.body)
+
+    sub = await bus.consume(queue, slow, prefetch=16, concurrency=4)
+    for i in range(10):
+        await bus.publish(queue, str(i).encode())
+    await wait_until(lambda: running[0] == 4)
+    await asyncio.sleep(0.05)
+    assert running[0] == 4  # the fifth waits for a free slot
+    release.set()
+    await wait_until(lambda: len(done) == 10)
+    assert peak[0] == 4 and sorted(done) == sorted(str(i).encode() for i in range(10))
+    await sub.cancel()
+    assert await bus.queue_depth(queue) == 0  # all acked: nothing went back
+
+
+async def test_bus_concurrent_cancel_redelivers_in_flight(new_bus: NewBus, qname: QName) -> None:
+    queue, first, second = qname("concurrent-cancel"), await new_bus(), await new_bus()
+    await first.declare_work_queue(queue)
+    started = list[bytes]()
+
+    async def stuck(m: Message) -> None:
+        started.append(m.body)
+        if m.body != b"quick":
+            await asyncio.Event().wait()
+
+    sub = await first.consume(queue, stuck, prefetch=8, concurrency=3)
+    for body in (b"quick", b"a", b"b", b"c"):
+        await first.publish(queue, body)
+    await wait_until(lambda: len(started) == 4)  # "quick" freed its slot for "c"
+    await sub.cancel()
+    got = list[Message]()
+
+    async def handle(m: Message) -> None:
+        got.append(m)
+
+    await second.consume(queue, handle)
+    await wait_until(lambda: len(got) == 3)
+    await asyncio.sleep(0.05)
+    assert sorted(m.body for m in got) == [b"a", b"b", b"c"]  # "quick" was acked
+    assert all(m.redelivered for m in got)
+
+
 async def test_bus_close_is_idempotent(new_bus: NewBus, qname: QName) -> None:
     bus = await new_bus()
     queue = qname("close")
