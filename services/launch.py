@@ -18,7 +18,6 @@ from typing import Any, Protocol
 import uvicorn
 
 from services import tracing
-from services.admission import AdmissionLimits
 from services.bus import Bus, make_bus
 from services.bus_memory import InMemoryBus
 from services.cli import admission_limits, engine_kwargs, request_limits
@@ -127,7 +126,7 @@ async def _main(
         model = await asyncio.to_thread(_model_info, args) if {"gateway", "tokenizer"} & set(roles) else None
         heartbeat = args.heartbeat_interval
         # the tokenizer role has no admission flags (and needs none)
-        admission = admission_limits(args) if hasattr(args, "max_waiting_requests") else AdmissionLimits()
+        admission = admission_limits(args)
         if "worker" in roles:
             services.append(await asyncio.to_thread(_worker, args, bus, store, heartbeat, queues, metrics))
         if "scheduler" in roles:

@@ -178,7 +178,9 @@ class SlotEngine:
             config=SimpleNamespace(scheduler=sched, cache=SimpleNamespace(block_size=16)),
             scheduler=self,
             last_stats=StepStats(),
-            kv=SimpleNamespace(usage=lambda: 0.0, pool=SimpleNamespace(num_free_blocks=100, cached_hashes=list)),
+            kv=SimpleNamespace(
+                usage=lambda: 0.0, pool=SimpleNamespace(num_free_blocks=100, cached_hashes=list)
+            ),
             has_unfinished=lambda: bool(self.running or self.waiting),
             counters=lambda: CoreCounters(
                 num_running=self.num_running,
