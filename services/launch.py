@@ -168,7 +168,10 @@ async def _main(
         for svc in services:
             await svc.start()
         if metrics_port is not None:
-            metrics_server = metrics.serve(metrics_port)
+            started = list(services)
+            metrics_server = metrics.serve(
+                metrics_port, ready=lambda: all(getattr(s, "state", "ready") == "ready" for s in started)
+            )
             logger.info("metrics on http://0.0.0.0:%d/metrics", metrics_port)
         if frontend is not None:
             from services.openai_server import build_app

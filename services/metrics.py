@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Protocol
@@ -278,11 +278,14 @@ class Metrics:
         """The registry in Prometheus' text format (CONTENT_TYPE_LATEST)."""
         return generate_latest(self.registry)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> _HTTPServer:
-        """Serve GET /metrics (and /health) on its own port, from a thread (for processes without
-        a gateway). Always the classic text format, as the gateway serves it: prometheus_client's
-        own server answers a scraper asking for OpenMetrics with names escaped (`vllm_...`), which
-        would break dashboards written for vLLM's `vllm:` names."""
+    def serve(
+        self, port: int, host: str = "0.0.0.0", ready: Callable[[], bool] | None = None
+    ) -> _HTTPServer:
+        """Serve GET /metrics, /health (the process answers) and /health/ready (`ready()`; a
+        draining or stalled worker is not ready) on its own port, from a thread, for processes
+        without a gateway; Kubernetes probes these. Always the classic text format, as the gateway
+        serves it: prometheus_client's own server answers a scraper asking for OpenMetrics with
+        names escaped (`vllm_...`), which would break dashboards written for vLLM's `vllm:` names."""
         registry = self.registry
 
         class Handler(BaseHTTPRequestHandler):
@@ -292,6 +295,10 @@ class Metrics:
                     body, ctype, status = generate_latest(registry), CONTENT_TYPE_LATEST, 200
                 elif path == "/health":
                     body, ctype, status = b"ok\n", "text/plain", 200
+                elif path == "/health/ready":
+                    ok = ready is None or ready()
+                    body, ctype = (b"ready\n" if ok else b"not ready\n"), "text/plain"
+                    status = 200 if ok else 503
                 else:
                     body, ctype, status = b"not found: try /metrics\n", "text/plain", 404
                 self.send_response(status)

@@ -99,6 +99,9 @@ def test_services_run_pagoda_with_valid_arguments_and_probes(overlay: str) -> No
         assert pod["securityContext"]["runAsNonRoot"] is True
         if role != "gateway":
             assert args.metrics_port == 9100
+            probes = {k: c[k]["httpGet"] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
+            assert probes["readinessProbe"] == {"path": "/health/ready", "port": "metrics"}, role
+            assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/health", role
     gateway = _container(deployments["gateway"])
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/health"

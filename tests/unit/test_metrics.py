@@ -249,9 +249,13 @@ async def test_scheduler_counts_routing_decisions_and_refusals() -> None:
 def test_metrics_port_serves_the_registry() -> None:
     metrics = Metrics()
     metrics.scheduler().rejected.labels("no_worker").inc()
-    srv = metrics.serve(0, host="127.0.0.1")
+    state = {"ready": True}
+    srv = metrics.serve(0, host="127.0.0.1", ready=lambda: state["ready"])
     try:
         port = srv.server.server_port
+        assert httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=5).status_code == 200
+        state["ready"] = False  # e.g. a draining or stalled worker
+        assert httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=5).status_code == 503
         # what Prometheus asks for: the names must keep their colons all the same
         accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
         resp = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept}, timeout=5)
