@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -209,12 +209,25 @@ async def _main(
         if metrics_server is not None:
             await asyncio.to_thread(metrics_server.close)
         for svc in reversed(services):
-            with contextlib.suppress(Exception):
-                await svc.stop()
-        await bus.close()
-        await store.close()
+            await _bounded(svc.stop(), f"stopping {type(svc).__name__}")
+        await _bounded(bus.close(), "closing the broker connection")
+        await _bounded(store.close(), "closing the store connection")
         await asyncio.to_thread(tracing.shutdown)
         logger.info("stopped")
+
+
+CLOSE_TIMEOUT_S = 5.0
+
+
+async def _bounded(step: Awaitable[None], what: str) -> None:
+    """One shutdown step, given CLOSE_TIMEOUT_S: with the broker or store gone, closing a channel
+    waits on a reconnect that never comes, and SIGTERM must still end the process."""
+    try:
+        await asyncio.wait_for(step, CLOSE_TIMEOUT_S)
+    except TimeoutError:
+        logger.warning("%s took over %.0fs; exiting without it", what, CLOSE_TIMEOUT_S)
+    except Exception as exc:
+        logger.warning("%s failed: %s", what, exc)
 
 
 def _shutdown_timeout(args: argparse.Namespace) -> float:
