@@ -23,7 +23,7 @@ from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.models import build_model
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.quantization import quantize_linears, resolve_quantization
-from engine.request import Request
+from engine.request import Request, check_prompt_ids
 from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -150,18 +150,7 @@ class EngineCore:
     # -- requests ------------------------------------------------------------------------------
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (a user error) when the request cannot run."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty; send at least one token")
-        n = len(prompt_token_ids)
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {n} tokens but max_model_len is {self.max_model_len}; "
-                f"shorten the prompt to at most {self.max_model_len - 1} tokens"
-            )
-        vocab = self.model.cfg.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is out of vocabulary (size {vocab})")
+        check_prompt_ids(prompt_token_ids, self.max_model_len, self.model.cfg.vocab_size)
 
     def add_request(
         self,

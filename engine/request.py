@@ -82,3 +82,18 @@ class Request:
             f"Request({self.request_id}, {self.status.value}, "
             f"computed={self.num_computed_tokens}/{self.num_tokens})"
         )
+
+
+def check_prompt_ids(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """Raise ValueError (a user error, naming the value) when a prompt cannot run on an engine."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty; send at least one token")
+    n = len(prompt_token_ids)
+    if n >= max_model_len:
+        raise ValueError(
+            f"the prompt has {n} tokens but max_model_len is {max_model_len}; "
+            f"shorten the prompt to at most {max_model_len - 1} tokens"
+        )
+    bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is out of vocabulary (size {vocab_size})")

@@ -22,6 +22,7 @@ from engine.config import EngineConfig, SchedulerConfig
 from engine.engine_core import CoreCounters, StepStats
 from engine.kv_cache_manager import KVCacheManager
 from engine.outputs import FinishReason, RequestOutput
+from engine.request import check_prompt_ids
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
@@ -97,18 +98,7 @@ class SimCore:
 
     # -- requests ------------------------------------------------------------------------------
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty; send at least one token")
-        n = len(prompt_token_ids)
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {n} tokens but max_model_len is {self.max_model_len}; "
-                f"shorten the prompt to at most {self.max_model_len - 1} tokens"
-            )
-        vocab = self.tokenizer.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is out of vocabulary (size {vocab})")
+        check_prompt_ids(prompt_token_ids, self.max_model_len, self.tokenizer.vocab_size)
 
     def add_request(
         self,
