@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as _Backend
 
 if TYPE_CHECKING:
-    from gguf import GGUFReader
+    from engine.loader.gguf_file import GgufFile
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -136,11 +136,10 @@ class Tokenizer:
     # -- constructors ----------------------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, reader_or_path: GGUFReader | str | Path) -> Tokenizer:
-        from gguf import GGUFReader
+    def from_gguf(cls, file_or_path: GgufFile | str | Path) -> Tokenizer:
+        from engine.loader.gguf_file import GgufFile
 
-        reader = reader_or_path if isinstance(reader_or_path, GGUFReader) else GGUFReader(reader_or_path)
-        meta = _GgufMeta(reader)
+        meta = file_or_path if isinstance(file_or_path, GgufFile) else GgufFile(file_or_path)
         model_type = meta.get("tokenizer.ggml.model")
         if model_type != "gpt2":
             raise ValueError(
@@ -200,17 +199,6 @@ class Tokenizer:
             eos_token_ids=eos_ids,
             chat_template=_hf_chat_template(root, config),
         )
-
-
-class _GgufMeta:
-    """Decoded GGUF metadata values by key (strings as str, arrays as lists)."""
-
-    def __init__(self, reader: GGUFReader) -> None:
-        self._fields = reader.fields
-
-    def get(self, key: str, default: Any = None) -> Any:
-        field = self._fields.get(key)
-        return default if field is None else field.contents()
 
 
 @lru_cache(maxsize=1)

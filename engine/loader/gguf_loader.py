@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from engine.loader import Checkpoint, ModelLoadError
+from engine.loader.gguf_file import GgufFile, GgufTensor
 from engine.model_config import ModelArchConfig
 from engine.tokenizer import Tokenizer
 
@@ -60,12 +61,12 @@ _SKIPPED = ("rope_freqs.weight",)  # folded into arch.rope_scaling
 
 def load_gguf(path: Path) -> Checkpoint:
     try:
-        reader = GGUFReader(path)
+        reader = GgufFile(path)
     except (ValueError, OSError) as e:
         raise ModelLoadError(
             f"could not read GGUF file {str(path)!r}: {e}; is it a complete GGUF file?"
         ) from e
-    gguf_arch = _meta(reader, "general.architecture")
+    gguf_arch = reader.get("general.architecture")
     if gguf_arch not in _ARCHITECTURES:
         raise ModelLoadError(
             f"GGUF architecture {gguf_arch!r} in {path.name} is not supported; pagoda loads "
@@ -87,12 +88,12 @@ def load_gguf(path: Path) -> Checkpoint:
     )
 
 
-def arch_from_gguf(reader: GGUFReader, tokenizer: Tokenizer | None = None) -> ModelArchConfig:
-    gguf_arch = _meta(reader, "general.architecture")
+def arch_from_gguf(reader: GgufFile, tokenizer: Tokenizer | None = None) -> ModelArchConfig:
+    gguf_arch = reader.get("general.architecture")
     architecture = _ARCHITECTURES[gguf_arch][0]
 
     def key(suffix: str, default: Any = None) -> Any:
-        return _meta(reader, f"{gguf_arch}.{suffix}", default)
+        return reader.get(f"{gguf_arch}.{suffix}", default)
 
     tensor_names = {t.name for t in reader.tensors}
     hidden = int(key("embedding_length"))
@@ -110,13 +111,13 @@ def arch_from_gguf(reader: GGUFReader, tokenizer: Tokenizer | None = None) -> Mo
         intermediate = max(intermediate)
     vocab = key("vocab_size")
     if vocab is None:
-        tokens_field = reader.fields.get("tokenizer.ggml.tokens")
-        vocab = len(tokens_field.data) if tokens_field is not None else None
+        tokens = reader.get("tokenizer.ggml.tokens")
+        vocab = len(tokens) if tokens is not None else None
     if vocab is None:
         raise ModelLoadError("GGUF file states no vocab_size and carries no tokenizer.ggml.tokens")
     context = int(key("context_length", 4096))
     eos_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
-    bos = tokenizer.bos_token_id if tokenizer is not None else _meta(reader, "tokenizer.ggml.bos_token_id")
+    bos = tokenizer.bos_token_id if tokenizer is not None else reader.get("tokenizer.ggml.bos_token_id")
     return ModelArchConfig(
         architecture=architecture,
         vocab_size=int(vocab),
@@ -142,11 +143,11 @@ def arch_from_gguf(reader: GGUFReader, tokenizer: Tokenizer | None = None) -> Mo
     )
 
 
-def _rope_scaling(reader: GGUFReader, gguf_arch: str, head_dim: int, context: int) -> dict[str, Any] | None:
+def _rope_scaling(reader: GgufFile, gguf_arch: str, head_dim: int, context: int) -> dict[str, Any] | None:
     prefix = f"{gguf_arch}.rope.scaling."
-    kind = _meta(reader, prefix + "type")
-    factor = _meta(reader, prefix + "factor") or _meta(reader, f"{gguf_arch}.rope.scale_linear")
-    original = _meta(reader, prefix + "original_context_length")
+    kind = reader.get(prefix + "type")
+    factor = reader.get(prefix + "factor") or reader.get(f"{gguf_arch}.rope.scale_linear")
+    original = reader.get(prefix + "original_context_length")
     if kind in ("linear", None) and factor and float(factor) != 1.0:
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
@@ -154,13 +155,13 @@ def _rope_scaling(reader: GGUFReader, gguf_arch: str, head_dim: int, context: in
         if original:
             scaling["original_max_position_embeddings"] = int(original)
         for name in ("beta_fast", "beta_slow"):
-            value = _meta(reader, prefix + "yarn_" + name)
+            value = reader.get(prefix + "yarn_" + name)
             if value is not None:
                 scaling[name] = float(value)
         return scaling
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is not None:  # Llama 3.1+: per-frequency divisors instead of the rope_scaling dict
-        theta = float(_meta(reader, f"{gguf_arch}.rope.freq_base", 10000.0))
+        theta = float(reader.get(f"{gguf_arch}.rope.freq_base", 10000.0))
         return _llama3_scaling_from_factors(np.asarray(freqs.data, dtype=np.float64), theta, head_dim)
     if kind not in (None, "none", "linear"):
         raise ModelLoadError(f"GGUF rope scaling type {kind!r} is not supported (linear, yarn, llama3 are)")
@@ -203,7 +204,7 @@ def _llama3_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: in
     }
 
 
-def _check_quant_types(reader: GGUFReader, path: Path) -> None:
+def _check_quant_types(reader: GgufFile, path: Path) -> None:
     for t in reader.tensors:
         if t.tensor_type not in _SUPPORTED_QTYPES:
             raise ModelLoadError(
@@ -223,11 +224,11 @@ def hf_name(gguf_name: str) -> str | None:
     return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
 
 
-def dequantize_tensor(t: ReaderTensor) -> torch.Tensor:
+def dequantize_tensor(t: GgufTensor) -> torch.Tensor:
     """A GGUF tensor as float32 in torch order (GGUF dims reversed)."""
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    shape = tuple(reversed(t.shape))
     if t.tensor_type == GGMLQuantizationType.F32:
-        array = np.array(t.data, dtype=np.float32)  # copy: the reader's memmap is read-only
+        array = np.array(t.data, dtype=np.float32)  # copy: the file's mapping is read-only
     else:
         array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
     return torch.from_numpy(array.reshape(shape))
@@ -244,7 +245,7 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _iter_weights(
-    reader: GGUFReader, arch: ModelArchConfig, permuted: bool
+    reader: GgufFile, arch: ModelArchConfig, permuted: bool
 ) -> Iterator[tuple[str, torch.Tensor]]:
     for t in reader.tensors:
         if t.name in _SKIPPED:
@@ -261,8 +262,3 @@ def _iter_weights(
         elif permuted and ".self_attn.k_proj." in name:
             tensor = unpermute_rope_rows(tensor, arch.num_kv_heads)
         yield name, tensor
-
-
-def _meta(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 from engine.loader import DEMO_MODEL_PATH, Checkpoint, ModelLoadError, demo_model_path, load_checkpoint
+from engine.loader.gguf_file import GgufFile
 from engine.loader.gguf_loader import _llama3_scaling_from_factors, dequantize_tensor, unpermute_rope_rows
 from tests.tiny_models import VOCAB, make_tiny_model
 
@@ -124,7 +125,7 @@ def test_dequantize_tensor_types(tmp_path: Path, qtype: GGMLQuantizationType, at
     array = rng.standard_normal((8, 64)).astype(np.float32)  # torch order [out, in]
     path = tmp_path / "t.gguf"
     _write_gguf(path, "llama", {"w": (array, qtype)})
-    (tensor,) = GGUFReader(path).tensors
+    (tensor,) = GgufFile(path).tensors
     got = dequantize_tensor(tensor)
     assert got.dtype == torch.float32 and got.shape == (8, 64)
     torch.testing.assert_close(got, torch.from_numpy(array), rtol=0, atol=atol)
