@@ -143,10 +143,15 @@ class WorkerService:
         self.state = "draining"
         with contextlib.suppress(Exception):
             await self._beat()
-        deadline = time.monotonic() + timeout_s
+        announced = time.monotonic()
+        deadline = announced + timeout_s
         logger.info("worker %s draining: %d requests running", self.worker_id, len(self._inflight))
         while self._inflight and time.monotonic() < deadline and self.engine.dead_reason is None:
             await asyncio.sleep(0.05)
+        # Schedulers re-read the registry every heartbeat/4, so one may route here shortly after
+        # the announcement. Stay on the queue a heartbeat (handing those back) so that none lands
+        # in it after we stop consuming: an idle worker's drain would otherwise end at once.
+        await asyncio.sleep(max(0.0, min(announced + self.heartbeat_s, deadline) - time.monotonic()))
         if self._inflight:
             logger.warning(
                 "worker %s: %d requests still running after %.1fs; their gateways move them",
@@ -330,7 +335,12 @@ class WorkerService:
             },
         )
         if not known:  # first beat, or the store lost its data: publish the whole index again
-            await self.prefix_index.update(self.worker_id, core.kv.pool.cached_hashes(), [])
+            hashes = core.kv.pool.cached_hashes()
+            await self.prefix_index.update(self.worker_id, hashes, [])
+            logger.info(
+                "worker %s registered; published its prefix index (%d cached blocks)",
+                self.worker_id, len(hashes),
+            )  # fmt: skip
 
     def _check_stall(self) -> str:
         if self.state == "draining":

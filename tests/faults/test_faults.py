@@ -90,11 +90,27 @@ def test_scheduler_and_tokenizer_sigkill_lose_nothing(fault_cluster: dict[str, A
     _check_greedy(outs)  # no duplicate or missing token in any stream
 
 
+REPUBLISHED = "published its prefix index"
+
+
+def _rebuilt(c: dict[str, Any], live: list[str], published: dict[str, int]) -> bool:
+    r, ns = c["redis"], c["ns"]
+    if r.scard(f"{ns}:workers") < len(live):
+        return False
+    if not all(log_of(c, w).count(REPUBLISHED) > published[w] for w in live):
+        return False
+    owners: set[str] = set()
+    for key in r.scan_iter(f"{ns}:blk:*"):
+        owners |= {m.decode() for m in r.smembers(key)}
+    return set(live) <= owners
+
+
 def test_redis_restart_running_requests_finish(fault_cluster: dict[str, Any]) -> None:
     c = fault_cluster
     _baseline(c)
-    r, ns = c["redis"], c["ns"]
     during_outage: list[Outcome] = []
+    live = [w for w in ("w1", "w2", "w3") if c["procs"][w].alive()]
+    published = {w: log_of(c, w).count(REPUBLISHED) for w in live}  # at registration, so far
 
     async def restart_redis() -> None:
         await asyncio.sleep(0.3)
@@ -112,9 +128,10 @@ def test_redis_restart_running_requests_finish(fault_cluster: dict[str, Any]) ->
     assert all(BASELINE[o.prompt].startswith(o.text) for o in during_outage), (
         "routed by load during the outage"
     )
-    # the registry and the prefix index come back from the workers' next heartbeats
+    # the registry and the prefix index come back from the workers' next heartbeats: each live
+    # worker republishes its whole index, and the new Redis has blocks of each
     deadline = time.monotonic() + 5
-    while not (r.scard(f"{ns}:workers") >= 2 and any(True for _ in r.scan_iter(f"{ns}:blk:*"))):
+    while not _rebuilt(c, live, published):
         assert time.monotonic() < deadline, "registry / prefix index not rebuilt after the restart"
         time.sleep(0.05)
     after = asyncio.run(load(c, PROMPTS[:2]))
