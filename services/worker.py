@@ -123,6 +123,8 @@ class WorkerService:
     async def stop(self) -> None:
         if self._sub is not None:
             await self._sub.cancel()
+        if self._drained:  # a replacement has its own id: this queue would stay on the broker
+            await self._delete_queue()
         if self.metrics is not None:
             self.metrics.engines().remove(self.worker_id)
         with contextlib.suppress(Exception):
@@ -164,6 +166,21 @@ class WorkerService:
             with contextlib.suppress(Exception):
                 await self.bus.publish(reply_to, leaving)
         self._drained = True
+
+    async def _delete_queue(self) -> None:
+        """After a drain: no scheduler routes here any more; a request that still came (or is still
+        unacked here) stays in the queue for a worker of this id, and the queue with it."""
+        try:
+            deleted = await self.bus.delete_work_queue(self.queue)
+        except Exception as exc:
+            logger.warning("worker %s: could not delete its queue %s: %s", self.worker_id, self.queue, exc)
+            return
+        if deleted:
+            logger.info("worker %s: deleted its queue %s", self.worker_id, self.queue)
+        else:
+            logger.warning(
+                "worker %s: kept its queue %s: requests arrived after the drain", self.worker_id, self.queue
+            )
 
     # -- input --------------------------------------------------------------------------------
     async def _on_message(self, message: Message) -> None:

@@ -107,6 +107,7 @@ def test_rolling_restart_of_the_workers_under_load_loses_nothing(restart_cluster
         assert procs[old].p.returncode == 0, procs[old].output()[-3000:]
         log = procs[old].output()
         assert "draining" in log and "still running after" not in log, log[-3000:]
+        assert "deleted its queue" in log, log[-3000:]  # a replacement has its own: no queue left over
     for _, new in plan:
         served = len(re.findall(r"request \S+ finished", procs[new].output()))
         assert served > 0, f"{new} served nothing"

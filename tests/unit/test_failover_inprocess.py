@@ -211,3 +211,23 @@ async def test_a_request_routed_as_an_idle_worker_drains_is_not_stranded(tiny: P
         assert all(isinstance(o, list) and len(o) == 48 for o in outs), outs
         await stopping
         assert s.scheduler.decisions.get("w0", 0) > 0, "nothing was routed to the draining worker"
+
+
+async def test_a_request_routed_to_a_worker_that_left_is_routed_again(tiny: Path) -> None:
+    """A drained worker deletes its queue; a scheduler still routing on an older worker list gets
+    `QueueNotFoundError` and routes the request to another worker."""
+    async with stack(tiny) as s:
+        w0 = s.workers[0]
+        stale = await s.scheduler._workers()
+        assert {st.worker_id for st, _ in stale} == {"w0", "w1"}
+        await w0.drain(10.0)
+        await w0.stop()
+        assert w0.queue not in s.bus.broker.queues, "w0 kept its queue"
+
+        async def stale_view() -> Any:
+            return stale
+
+        s.scheduler._workers = stale_view  # type: ignore[method-assign]
+        outs = await asyncio.wait_for(asyncio.gather(*(s.run(p) for p in PROMPTS)), 10)
+        assert all(isinstance(o, list) and len(o) == 48 for o in outs), outs
+        assert s.scheduler.decisions.get("w0", 0) > 0, "nothing was routed to the worker that left"
