@@ -107,6 +107,13 @@ class Bus(ABC):
     async def queue_depth(self, name: str) -> int:
         """Messages ready in the queue, not counting those delivered to consumers and not yet acked."""
 
+    @abstractmethod
+    async def delete_work_queue(self, name: str) -> bool:
+        """Delete a work queue that holds no message (a drained worker's, after it cancelled its
+        subscription, which puts unacked messages back); returns False, keeping it, when some are
+        in it. A missing queue counts as deleted. Publishing to a deleted queue raises
+        `QueueNotFoundError`."""
+
 
 async def _handle(queue: str, handler: Handler, message: Message) -> None:
     try:

@@ -273,3 +273,16 @@ class AmqpBus(Bus):
         finally:
             await _close_quietly(channel)
         return int(queue.declaration_result.message_count or 0)
+
+    async def delete_work_queue(self, name: str) -> bool:
+        from aiormq.exceptions import ChannelPreconditionFailed
+
+        channel = await self._conn().channel()
+        try:
+            await channel.queue_delete(name, if_empty=True)
+        except ChannelPreconditionFailed:  # messages are ready in it
+            return False
+        finally:
+            await _close_quietly(channel)
+        self._declared.pop(name, None)
+        return True

@@ -172,3 +172,16 @@ class InMemoryBus(Bus):
 
     async def queue_depth(self, name: str) -> int:
         return len(self._queue(name).ready)
+
+    async def delete_work_queue(self, name: str) -> bool:
+        queue = self._broker.queues.get(name)
+        if queue is None:
+            return True
+        if queue.owner is not None:
+            raise QueueLockedError(f"{name!r} is an exclusive reply queue, not a work queue")
+        if queue.ready or any(c.inbox for c in queue.consumers):
+            return False
+        for consumer in list(queue.consumers):  # RabbitMQ cancels them too
+            await consumer.cancel()
+        del self._broker.queues[name]
+        return True

@@ -9,7 +9,8 @@ Several schedulers may consume the same queue. Each message is acked only after 
 (a scheduler killed mid-route leaves it to another), and a request id + attempt routed once is
 not routed again (a redelivery, or a tokenizer that sent it twice). With the store unreachable it
 routes on the last worker list it read, by load alone (see `services/failover.py` for what happens
-when a worker is lost).
+when a worker is lost). A drained worker deletes its queue; a request routed there on a stale
+worker list (publishing raises `QueueNotFoundError`) is routed again among the others.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 from engine.block_hash import hash_full_blocks
 from services import tracing
 from services.admission import RETRY_AFTER_S, AdmissionLimits, has_room, queue_timed_out
-from services.bus import Bus, Message, Subscription
+from services.bus import Bus, Message, QueueNotFoundError, Subscription
 from services.messages import (
     Assigned,
     MessageError,
@@ -154,39 +155,46 @@ class SchedulerService:
                 "request %s (attempt %d) was already routed: duplicate dropped", msg.request_id, msg.attempt
             )
             return
-        try:
-            decision = await self._decide(msg)
-        except Exception as exc:
-            logger.exception("scheduler: routing %s failed", msg.request_id)
-            span.fail(exc)
-            await self._reject(msg, 503, f"the scheduler could not route the request: {exc}", "error")
-            return
-        if decision is None:
-            span.fail("no worker")
-            await self._reject(msg, 503, "no worker is available; try again shortly", "no_worker")
-            return
-        wid = decision.worker_id
-        span.set("pagoda.worker_id", wid)
-        span.set("pagoda.route_reason", decision.reason)
-        span.set("pagoda.prefix_overlap_blocks", decision.overlap_blocks)
-        if self.metrics is not None:
-            self.metrics.routed.labels(wid, decision.reason).inc()
-        self._sent[wid] = self._sent.get(wid, 0) + 1
-        self.decisions[wid] = self.decisions.get(wid, 0) + 1
-        fwd = WorkerRequest(**msg.model_dump(exclude={"type"}))
-        assigned = Assigned(
-            request_id=msg.request_id, worker_id=wid, attempt=msg.attempt, resume_from=msg.resume_from
-        )
-        try:  # before the worker has it: the gateway then watches that worker for this request
-            await self.bus.publish(msg.reply_to, encode(assigned))
-        except Exception as exc:
-            logger.warning("scheduler: could not tell the gateway where %s runs: %s", msg.request_id, exc)
-        try:
-            await self.bus.publish(self.queues.worker(wid), encode(fwd), span.headers())
-        except Exception as exc:  # the broker stayed away: tell the gateway rather than drop it
-            logger.warning("scheduler: could not forward %s to worker %s: %s", msg.request_id, wid, exc)
-            await self._reject(msg, 503, "the request could not reach a worker; retry shortly", "bus")
-            return
+        gone: set[str] = set()  # workers whose queue turned out to be deleted
+        while True:
+            try:
+                decision = await self._decide(msg, gone)
+            except Exception as exc:
+                logger.exception("scheduler: routing %s failed", msg.request_id)
+                span.fail(exc)
+                await self._reject(msg, 503, f"the scheduler could not route the request: {exc}", "error")
+                return
+            if decision is None:
+                span.fail("no worker")
+                await self._reject(msg, 503, "no worker is available; try again shortly", "no_worker")
+                return
+            wid = decision.worker_id
+            span.set("pagoda.worker_id", wid)
+            span.set("pagoda.route_reason", decision.reason)
+            span.set("pagoda.prefix_overlap_blocks", decision.overlap_blocks)
+            if self.metrics is not None:
+                self.metrics.routed.labels(wid, decision.reason).inc()
+            self._sent[wid] = self._sent.get(wid, 0) + 1
+            self.decisions[wid] = self.decisions.get(wid, 0) + 1
+            fwd = WorkerRequest(**msg.model_dump(exclude={"type"}))
+            assigned = Assigned(
+                request_id=msg.request_id, worker_id=wid, attempt=msg.attempt, resume_from=msg.resume_from
+            )
+            try:  # before the worker has it: the gateway then watches that worker for this request
+                await self.bus.publish(msg.reply_to, encode(assigned))
+            except Exception as exc:
+                logger.warning("scheduler: could not tell the gateway where %s runs: %s", msg.request_id, exc)
+            try:
+                await self.bus.publish(self.queues.worker(wid), encode(fwd), span.headers())
+            except QueueNotFoundError:  # that worker drained and left since we read the registry
+                logger.warning("scheduler: worker %s is gone (no queue); rerouting %s", wid, msg.request_id)
+                gone.add(wid)
+                continue
+            except Exception as exc:  # the broker stayed away: tell the gateway rather than drop it
+                logger.warning("scheduler: could not forward %s to worker %s: %s", msg.request_id, wid, exc)
+                await self._reject(msg, 503, "the request could not reach a worker; retry shortly", "bus")
+                return
+            break
         try:
             await self.store.set(routed_key, wid, ttl_s=600)
             if msg.session_id:
@@ -198,8 +206,8 @@ class SchedulerService:
             msg.request_id, wid, decision.reason, decision.overlap_blocks, len(msg.prompt_token_ids),
         )  # fmt: skip
 
-    async def _decide(self, msg: ScheduleRequest) -> Decision | None:
-        alive = await self._workers()
+    async def _decide(self, msg: ScheduleRequest, gone: set[str] | None = None) -> Decision | None:
+        alive = [w for w in await self._workers() if w[0].worker_id not in (gone or ())]
         if not alive:
             return None
         block_size = int(alive[0][1].get("block_size", 16))

@@ -123,6 +123,8 @@ class WorkerService:
     async def stop(self) -> None:
         if self._sub is not None:
             await self._sub.cancel()
+        if self._drained:  # a replacement has its own id: this queue would stay on the broker
+            await self._delete_queue()
         if self.metrics is not None:
             self.metrics.engines().remove(self.worker_id)
         with contextlib.suppress(Exception):
@@ -143,10 +145,15 @@ class WorkerService:
         self.state = "draining"
         with contextlib.suppress(Exception):
             await self._beat()
-        deadline = time.monotonic() + timeout_s
+        announced = time.monotonic()
+        deadline = announced + timeout_s
         logger.info("worker %s draining: %d requests running", self.worker_id, len(self._inflight))
         while self._inflight and time.monotonic() < deadline and self.engine.dead_reason is None:
             await asyncio.sleep(0.05)
+        # Schedulers re-read the registry every heartbeat/4, so one may route here shortly after
+        # the announcement. Stay on the queue a heartbeat (handing those back) so that none lands
+        # in it after we stop consuming: an idle worker's drain would otherwise end at once.
+        await asyncio.sleep(max(0.0, min(announced + self.heartbeat_s, deadline) - time.monotonic()))
         if self._inflight:
             logger.warning(
                 "worker %s: %d requests still running after %.1fs; their gateways move them",
@@ -159,6 +166,21 @@ class WorkerService:
             with contextlib.suppress(Exception):
                 await self.bus.publish(reply_to, leaving)
         self._drained = True
+
+    async def _delete_queue(self) -> None:
+        """After a drain: no scheduler routes here any more; a request that still came (or is still
+        unacked here) stays in the queue for a worker of this id, and the queue with it."""
+        try:
+            deleted = await self.bus.delete_work_queue(self.queue)
+        except Exception as exc:
+            logger.warning("worker %s: could not delete its queue %s: %s", self.worker_id, self.queue, exc)
+            return
+        if deleted:
+            logger.info("worker %s: deleted its queue %s", self.worker_id, self.queue)
+        else:
+            logger.warning(
+                "worker %s: kept its queue %s: requests arrived after the drain", self.worker_id, self.queue
+            )
 
     # -- input --------------------------------------------------------------------------------
     async def _on_message(self, message: Message) -> None:
@@ -330,7 +352,12 @@ class WorkerService:
             },
         )
         if not known:  # first beat, or the store lost its data: publish the whole index again
-            await self.prefix_index.update(self.worker_id, core.kv.pool.cached_hashes(), [])
+            hashes = core.kv.pool.cached_hashes()
+            await self.prefix_index.update(self.worker_id, hashes, [])
+            logger.info(
+                "worker %s registered; published its prefix index (%d cached blocks)",
+                self.worker_id, len(hashes),
+            )  # fmt: skip
 
     def _check_stall(self) -> str:
         if self.state == "draining":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,3 +98,43 @@ async def stream(
         out.error, out.status = None, -1
         out.text += f"<transport error {exc!r}>"
     return out
+
+
+# -- against a cluster: {"base": gateway URL, "redis": its store, "ns": namespace} -------------
+def figures(cluster: dict[str, Any], wid: str) -> dict[str, str]:
+    """A worker's last heartbeat figures in the registry ({} when it has none)."""
+    raw = cluster["redis"].hgetall(f"{cluster['ns']}:worker:{wid}")
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def running(cluster: dict[str, Any], wid: str) -> bool:
+    return int(figures(cluster, wid).get("num_running", 0) or 0) > 0
+
+
+async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def mid_stream(cluster: dict[str, Any], wid: str, steps: int = 20) -> None:
+    """Until `wid` runs requests and has stepped `steps` times since: tokens have streamed."""
+    await until(lambda: running(cluster, wid), 20, f"{wid} to run requests")
+    start = int(figures(cluster, wid)["steps"])
+    await until(lambda: int(figures(cluster, wid).get("steps", 0)) >= start + steps, 20, f"{wid} to step")
+
+
+async def load(
+    cluster: dict[str, Any],
+    prompts: list[str],
+    during: Callable[[], Awaitable[Any]] | None = None,
+    max_tokens: int = 160,
+    timeout_s: float = 60.0,
+) -> list[Outcome]:
+    """Streams all prompts at once; runs `during()` while they stream."""
+    async with httpx.AsyncClient(base_url=cluster["base"], timeout=None) as client:
+        tasks = [asyncio.create_task(stream(client, p, max_tokens, timeout_s)) for p in prompts]
+        if during is not None:
+            await during()
+        return list(await asyncio.gather(*tasks))

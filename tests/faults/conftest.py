@@ -1,7 +1,10 @@
-"""One cluster for all the fault tests, started once: gateway, two tokenizers, two schedulers and
-three workers of a tiny random model, as real processes, over a private Redis (restartable) and
-the shared RabbitMQ behind a TCP proxy (cuttable). The tests run in file order and each leaves
-the cluster as the next expects (see test_faults.py)."""
+"""The clusters the fault tests break, as real processes with a tiny random model.
+
+`fault_cluster` (test_faults.py): gateway, two tokenizers, two schedulers and three workers over a
+private Redis (restartable) and the shared RabbitMQ behind a TCP proxy (cuttable).
+`restart_cluster` (test_restarts.py): gateway, tokenizer, scheduler and two workers (more are added
+by a rolling restart) over a private Redis and a private RabbitMQ node (restartable).
+In each module the tests run in file order and each leaves the cluster as the next expects."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +21,49 @@ import pytest
 import redis
 
 from tests.faults.client import Tally
-from tests.faults.infra import PrivateRedis, TcpProxy
+from tests.faults.infra import PrivateRabbit, PrivateRedis, TcpProxy
 from tests.processes import Proc, free_port, wait_ready
 
 TALLIES: list[Tally] = []
 
 
-@pytest.fixture(scope="session")
-def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def _tiny_model(tmp: Path) -> Path:
     from tests.tiny_models import make_tiny_model, save_tiny_tokenizer
 
-    tmp = tmp_path_factory.mktemp("faults")
     model = tmp / "tiny-llama"
     model.mkdir()
     make_tiny_model("llama", model)
     save_tiny_tokenizer(model)
+    return model
+
+
+def _stop_all(procs: dict[str, Proc], tmp: Path) -> None:
+    """SIGTERM every running process, all at once (exits are slow on a loaded machine); keeps the
+    logs with the test's temporary files; asserts that each exited 0."""
+    running = {name: p for name, p in procs.items() if p.alive()}
+    for p in running.values():
+        p.p.send_signal(signal.SIGTERM)
+    codes: dict[str, int | str] = {}
+    for name, p in running.items():
+        try:
+            codes[name] = p.p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.p.kill()
+            p.p.wait()
+            codes[name] = "killed: no exit within 60s of SIGTERM"
+    for name, p in procs.items():  # for post-mortems
+        (tmp / f"{name}.log").write_text(p.output())
+    print(f"cluster logs in {tmp}")
+    assert all(c == 0 for c in codes.values()), f"exit codes {codes}\n" + "\n".join(
+        p.output()[-2000:] for p in procs.values()
+    )
+
+
+# module scope: each module's cluster is gone before the next module starts its own
+@pytest.fixture(scope="module")
+def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("faults")
+    model = _tiny_model(tmp)
     store = PrivateRedis(free_port())
     store.start()
     proxy = TcpProxy(free_port(), ("127.0.0.1", 5672))
@@ -77,25 +109,66 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
             "stall_file": stall_file,
         }  # fmt: skip
     finally:
-        running = {name: p for name, p in procs.items() if p.alive()}
-        for p in running.values():  # all at once: exits are slow on a loaded machine
-            p.p.send_signal(signal.SIGTERM)
-        codes: dict[str, int | str] = {}
-        for name, p in running.items():
-            try:
-                codes[name] = p.p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.p.kill()
-                p.p.wait()
-                codes[name] = "killed: no exit within 60s of SIGTERM"
-        for name, p in procs.items():  # kept with the test's temporary files, for post-mortems
-            (tmp / f"{name}.log").write_text(p.output())
-        print(f"fault cluster logs in {tmp}")
-        proxy.close()
-        store.kill()
-        assert all(c == 0 for c in codes.values()), f"exit codes {codes}\n" + "\n".join(
-            p.output()[-2000:] for p in procs.values()
-        )
+        try:
+            _stop_all(procs, tmp)
+        finally:
+            proxy.close()
+            store.kill()
+
+
+@pytest.fixture(scope="module")
+def restart_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("restarts")
+    rabbit = PrivateRabbit(free_port(), free_port())
+    store = PrivateRedis(free_port())
+    procs: dict[str, Proc] = {}
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            starting = pool.submit(rabbit.start)  # 5-30 s: build the model meanwhile
+            model = _tiny_model(tmp)
+            store.start()
+            rabbit_start_s = starting.result()
+        ns = f"pagoda-restarts-{uuid.uuid4().hex[:8]}"
+        common = ["--bus", f"{rabbit.url}?reconnect_interval=0.5", "--store", store.url, "--namespace", ns]
+        common += ["--heartbeat-interval", "0.3", "--router", "least-load"]
+        engine = ["--model", str(model), "--served-model-name", "tiny", "--dtype", "float32"]
+        engine += ["--kv-cache-memory", "16MiB", "--max-num-batched-tokens", "512"]
+        # slower steps (a tiny model is too quick): streams still run when a test breaks something
+        slow = {"PAGODA_FAILPOINTS": "step_delay_s=0.02"}
+
+        def add_worker(wid: str) -> Proc:
+            procs[wid] = Proc(
+                "worker", *engine, *common, "--shutdown-timeout", "30", "--worker-id", wid, env=slow
+            )
+            return procs[wid]
+
+        port = free_port()
+        procs["gateway"] = Proc("gateway", *engine, *common, "--port", str(port), "--shutdown-timeout", "5")
+        procs["tokenizer"] = Proc("tokenizer", *engine, *common)
+        procs["scheduler"] = Proc("scheduler", *common)
+        for wid in ("w1", "w2"):
+            add_worker(wid)
+        r = redis.Redis.from_url(store.url)
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, list(procs.values()), timeout=180)
+        deadline = time.monotonic() + 60
+        while r.scard(f"{ns}:workers") < 2:
+            assert time.monotonic() < deadline, "the workers did not register"
+            time.sleep(0.1)
+        time.sleep(1.0)  # the scheduler reads the registry again
+        add: Callable[[str], Proc] = add_worker
+        yield {
+            "base": base, "ns": ns, "redis": r, "procs": procs, "store": store, "rabbit": rabbit,
+            "add_worker": add, "rabbit_start_s": rabbit_start_s,
+        }  # fmt: skip
+    finally:
+        try:
+            _stop_all(procs, tmp)
+        finally:
+            rabbit.stop(timeout_s=30)
+            rabbit.kill()
+            rabbit.remove()
+            store.kill()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -14,13 +14,12 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.faults.client import Outcome, Tally, stream
+from tests.faults.client import Outcome, Tally, figures, load, mid_stream, running, stream, until
 from tests.faults.conftest import TALLIES, log_of
 
 pytestmark = pytest.mark.integration
@@ -36,33 +35,10 @@ def _tally(fault: str) -> Tally:
     return tally
 
 
-def _figures(cluster: dict[str, Any], wid: str) -> dict[str, str]:
-    raw = cluster["redis"].hgetall(f"{cluster['ns']}:worker:{wid}")
-    return {k.decode(): v.decode() for k, v in raw.items()}
-
-
-async def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
-async def _load(
-    cluster: dict[str, Any], prompts: list[str], during: Callable[[], Any] | None = None, **kw: Any
-) -> list[Outcome]:
-    """Streams all prompts at once; runs `during()` (a coroutine) while they stream."""
-    async with httpx.AsyncClient(base_url=cluster["base"], timeout=None) as client:
-        tasks = [asyncio.create_task(stream(client, p, kw.get("max_tokens", MAX_TOKENS))) for p in prompts]
-        if during is not None:
-            await during()
-        return list(await asyncio.gather(*tasks))
-
-
 def _baseline(cluster: dict[str, Any]) -> None:
     """The undisturbed greedy outputs of PROMPTS (computed once)."""
     if not BASELINE:
-        base = asyncio.run(_load(cluster, PROMPTS))
+        base = asyncio.run(load(cluster, PROMPTS))
         assert all(o.complete for o in base), base
         BASELINE.update({o.prompt: o.text for o in base})
         assert len(set(BASELINE.values())) > 1, "the prompts should give different outputs"
@@ -74,27 +50,16 @@ def _check_greedy(outs: list[Outcome]) -> None:
             assert out.text == BASELINE[out.prompt], (out.prompt, out.text, BASELINE[out.prompt])
 
 
-def _running(cluster: dict[str, Any], wid: str) -> bool:
-    return int(_figures(cluster, wid).get("num_running", 0) or 0) > 0
-
-
-async def _mid_stream(cluster: dict[str, Any], wid: str, steps: int = 20) -> None:
-    """Until `wid` runs requests and has stepped `steps` times since: tokens have streamed."""
-    await _until(lambda: _running(cluster, wid), 20, f"{wid} to run requests")
-    start = int(_figures(cluster, wid)["steps"])
-    await _until(lambda: int(_figures(cluster, wid).get("steps", 0)) >= start + steps, 20, f"{wid} to step")
-
-
 def test_worker_sigkill_midstream_continues_identically(fault_cluster: dict[str, Any]) -> None:
     c = fault_cluster
     _baseline(c)
 
     async def kill_w1() -> None:
-        await _mid_stream(c, "w1")
+        await mid_stream(c, "w1")
         c["procs"]["w1"].p.send_signal(signal.SIGKILL)
 
     tally = _tally("worker SIGKILL mid-stream")
-    outs = asyncio.run(_load(c, PROMPTS * 2, kill_w1))
+    outs = asyncio.run(load(c, PROMPTS * 2, kill_w1))
     tally.add(outs)
     tally.check()
     assert all(o.complete for o in outs), [o for o in outs if not o.complete]
@@ -118,18 +83,34 @@ def test_scheduler_and_tokenizer_sigkill_lose_nothing(fault_cluster: dict[str, A
         c["procs"]["tokenizer1"].p.send_signal(signal.SIGKILL)
 
     tally = _tally("scheduler + tokenizer SIGKILL")
-    outs = asyncio.run(_load(c, PROMPTS * 4, kill, max_tokens=MAX_TOKENS))
+    outs = asyncio.run(load(c, PROMPTS * 4, kill, max_tokens=MAX_TOKENS))
     tally.add(outs)
     tally.check()
     assert all(o.complete for o in outs), [o for o in outs if not o.complete]
     _check_greedy(outs)  # no duplicate or missing token in any stream
 
 
+REPUBLISHED = "published its prefix index"
+
+
+def _rebuilt(c: dict[str, Any], live: list[str], published: dict[str, int]) -> bool:
+    r, ns = c["redis"], c["ns"]
+    if r.scard(f"{ns}:workers") < len(live):
+        return False
+    if not all(log_of(c, w).count(REPUBLISHED) > published[w] for w in live):
+        return False
+    owners: set[str] = set()
+    for key in r.scan_iter(f"{ns}:blk:*"):
+        owners |= {m.decode() for m in r.smembers(key)}
+    return set(live) <= owners
+
+
 def test_redis_restart_running_requests_finish(fault_cluster: dict[str, Any]) -> None:
     c = fault_cluster
     _baseline(c)
-    r, ns = c["redis"], c["ns"]
     during_outage: list[Outcome] = []
+    live = [w for w in ("w1", "w2", "w3") if c["procs"][w].alive()]
+    published = {w: log_of(c, w).count(REPUBLISHED) for w in live}  # at registration, so far
 
     async def restart_redis() -> None:
         await asyncio.sleep(0.3)
@@ -139,7 +120,7 @@ def test_redis_restart_running_requests_finish(fault_cluster: dict[str, Any]) ->
         c["store"].start()
 
     tally = _tally("Redis restart (down ~1 s, data lost)")
-    outs = asyncio.run(_load(c, PROMPTS, restart_redis))
+    outs = asyncio.run(load(c, PROMPTS, restart_redis))
     tally.add(outs + during_outage)
     tally.check()
     assert all(o.complete for o in outs + during_outage), [o for o in outs + during_outage if not o.complete]
@@ -147,12 +128,13 @@ def test_redis_restart_running_requests_finish(fault_cluster: dict[str, Any]) ->
     assert all(BASELINE[o.prompt].startswith(o.text) for o in during_outage), (
         "routed by load during the outage"
     )
-    # the registry and the prefix index come back from the workers' next heartbeats
+    # the registry and the prefix index come back from the workers' next heartbeats: each live
+    # worker republishes its whole index, and the new Redis has blocks of each
     deadline = time.monotonic() + 5
-    while not (r.scard(f"{ns}:workers") >= 2 and any(True for _ in r.scan_iter(f"{ns}:blk:*"))):
+    while not _rebuilt(c, live, published):
         assert time.monotonic() < deadline, "registry / prefix index not rebuilt after the restart"
         time.sleep(0.05)
-    after = asyncio.run(_load(c, PROMPTS[:2]))
+    after = asyncio.run(load(c, PROMPTS[:2]))
     tally.add(after)
     assert all(o.complete for o in after), after
 
@@ -173,7 +155,7 @@ def test_broker_connection_cut_then_restored(fault_cluster: dict[str, Any]) -> N
             during_cut.extend(await asyncio.gather(*sent))
 
     tally = _tally("RabbitMQ connection cut ~1.5 s")
-    outs = asyncio.run(_load(c, PROMPTS, cut))
+    outs = asyncio.run(load(c, PROMPTS, cut))
     tally.add(outs + during_cut)
     tally.check()
     # sent while the broker is away: the gateway's publish retries until the connection is back
@@ -184,13 +166,13 @@ def test_broker_connection_cut_then_restored(fault_cluster: dict[str, Any]) -> N
     # new requests succeed once every service has reconnected
     deadline = time.monotonic() + 30
     while True:
-        (after,) = asyncio.run(_load(c, PROMPTS[:1], max_tokens=8))
+        (after,) = asyncio.run(load(c, PROMPTS[:1], max_tokens=8))
         tally.add([after])
         if after.complete:
             break
         assert after.clean_error and time.monotonic() < deadline, after
         time.sleep(0.5)
-    final = asyncio.run(_load(c, PROMPTS))
+    final = asyncio.run(load(c, PROMPTS))
     tally.add(final)
     assert all(o.complete for o in final), final
     _check_greedy(final)
@@ -205,42 +187,42 @@ def test_stalled_worker_loses_its_traffic(fault_cluster: dict[str, Any]) -> None
         tally = _tally("worker step loop stalls")
 
         async def watch() -> None:
-            await _until(lambda: _figures(c, "w2").get("state") == "stalled", 20, "w2 to report stalled")
+            await until(lambda: figures(c, "w2").get("state") == "stalled", 20, "w2 to report stalled")
             async with httpx.AsyncClient(base_url=c["base"]) as client:
                 assert (await client.get("/health/ready")).status_code == 200  # w3 still serves
 
-        outs = asyncio.run(_load(c, PROMPTS, watch))
+        outs = asyncio.run(load(c, PROMPTS, watch))
         tally.add(outs)
         tally.check()
         assert all(o.complete for o in outs), outs
         _check_greedy(outs)
         assert "reporting stalled" in log_of(c, "w2")
         # while w2 is stalled, new requests all go to w3
-        more = asyncio.run(_load(c, PROMPTS, max_tokens=8))
+        more = asyncio.run(load(c, PROMPTS, max_tokens=8))
         tally.add(more)
         assert all(o.complete for o in more), more
     finally:
         os.unlink(stall_file)
     deadline = time.monotonic() + 10
-    while _figures(c, "w2").get("state") != "ready":
+    while figures(c, "w2").get("state") != "ready":
         assert time.monotonic() < deadline, "w2 did not recover"
         time.sleep(0.05)
 
 
-def test_sigterm_drains_a_worker_under_load(fault_cluster: dict[str, Any]) -> None:
+def test_sigterm_drains_a_worker_underload(fault_cluster: dict[str, Any]) -> None:
     c = fault_cluster
     _baseline(c)
     w3 = c["procs"]["w3"]
     late: list[Outcome] = []
 
     async def drain_w3() -> None:
-        await _until(lambda: _running(c, "w3"), 20, "w3 to run requests")
+        await until(lambda: running(c, "w3"), 20, "w3 to run requests")
         w3.p.send_signal(signal.SIGTERM)
         async with httpx.AsyncClient(base_url=c["base"], timeout=None) as client:
             late.extend(await asyncio.gather(*(stream(client, p, MAX_TOKENS) for p in PROMPTS)))
 
     tally = _tally("worker SIGTERM drain under load")
-    outs = asyncio.run(_load(c, PROMPTS * 2, drain_w3))
+    outs = asyncio.run(load(c, PROMPTS * 2, drain_w3))
     tally.add(outs + late)
     tally.check()
     assert all(o.complete for o in outs + late), [o for o in outs + late if not o.complete]
@@ -255,16 +237,16 @@ def test_last_worker_killed_ends_streams_with_an_error(fault_cluster: dict[str, 
     _baseline(c)
 
     async def kill_w2() -> None:
-        await _mid_stream(c, "w2")
+        await mid_stream(c, "w2")
         c["procs"]["w2"].p.send_signal(signal.SIGKILL)
 
     tally = _tally("last worker SIGKILL (no worker left)")
-    outs = asyncio.run(_load(c, PROMPTS, kill_w2))
+    outs = asyncio.run(load(c, PROMPTS, kill_w2))
     tally.add(outs)
     tally.check()
     errors = [o for o in outs if o.clean_error]
     assert errors, "the streams running on the last worker should end with an error"
     assert all("worker" in (o.error or "") for o in errors), errors
-    (after,) = asyncio.run(_load(c, PROMPTS[:1], max_tokens=8))
+    (after,) = asyncio.run(load(c, PROMPTS[:1], max_tokens=8))
     tally.add([after])
     assert after.clean_error and (after.status == 503 or "worker" in (after.error or "")), after

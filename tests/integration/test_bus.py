@@ -24,6 +24,7 @@ from tests.unit.test_inmemory_transport import (  # noqa: F401  (collected here 
     test_bus_competing_consumers_share_without_loss_or_duplicates,
     test_bus_concurrent_cancel_redelivers_in_flight,
     test_bus_concurrent_handlers_overlap_up_to_the_limit,
+    test_bus_delete_work_queue_only_when_empty,
     test_bus_handler_error_is_logged_and_dropped,
     test_bus_one_handler_call_at_a_time_in_order,
     test_bus_publish_to_missing_queue_raises,

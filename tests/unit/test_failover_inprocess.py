@@ -175,3 +175,59 @@ async def test_drain_finishes_running_and_hands_back_new_requests(tiny: Path) ->
         assert not w0._inflight
         assert await asyncio.gather(*runs) == baseline
         assert await asyncio.gather(*late) == baseline
+
+
+async def test_a_request_routed_as_an_idle_worker_drains_is_not_stranded(tiny: Path) -> None:
+    """The scheduler reads the registry at most every heartbeat/4, so for a moment after a worker
+    announces `draining` it may still route there. An idle worker's drain must outlast that moment
+    (it hands such requests back); else they land in the queue of a stopped worker, whose
+    tombstone keeps the gateway waiting for its whole linger."""
+    async with stack(tiny) as s:
+        w0 = s.workers[0]
+        stale = await s.scheduler._workers()
+        assert {st.worker_id for st, _ in stale} == {"w0", "w1"}
+        fresh = s.scheduler._workers
+        announced = asyncio.Event()
+        announced_at = 0.0
+
+        async def lagging() -> Any:  # routing waits for the drain to start, then sees a stale view
+            await announced.wait()
+            return stale if time.monotonic() < announced_at + HB / 4 else await fresh()
+
+        s.scheduler._workers = lagging  # type: ignore[method-assign]
+
+        async def sigterm() -> None:  # what `pagoda worker` does on SIGTERM
+            await w0.drain(10.0)
+            await w0.stop()
+
+        runs = [asyncio.create_task(s.run(p)) for p in PROMPTS]
+        await asyncio.sleep(0.5)  # tokenized, waiting to be routed
+        stopping = asyncio.create_task(sigterm())
+        while w0.state != "draining":
+            await asyncio.sleep(0)
+        announced_at = time.monotonic()
+        announced.set()
+        outs = await asyncio.wait_for(asyncio.gather(*runs), 5)
+        assert all(isinstance(o, list) and len(o) == 48 for o in outs), outs
+        await stopping
+        assert s.scheduler.decisions.get("w0", 0) > 0, "nothing was routed to the draining worker"
+
+
+async def test_a_request_routed_to_a_worker_that_left_is_routed_again(tiny: Path) -> None:
+    """A drained worker deletes its queue; a scheduler still routing on an older worker list gets
+    `QueueNotFoundError` and routes the request to another worker."""
+    async with stack(tiny) as s:
+        w0 = s.workers[0]
+        stale = await s.scheduler._workers()
+        assert {st.worker_id for st, _ in stale} == {"w0", "w1"}
+        await w0.drain(10.0)
+        await w0.stop()
+        assert w0.queue not in s.bus.broker.queues, "w0 kept its queue"
+
+        async def stale_view() -> Any:
+            return stale
+
+        s.scheduler._workers = stale_view  # type: ignore[method-assign]
+        outs = await asyncio.wait_for(asyncio.gather(*(s.run(p) for p in PROMPTS)), 10)
+        assert all(isinstance(o, list) and len(o) == 48 for o in outs), outs
+        assert s.scheduler.decisions.get("w0", 0) > 0, "nothing was routed to the worker that left"

@@ -90,6 +90,36 @@ async def _ignore(m: Message) -> None:
     pass
 
 
+async def test_bus_delete_work_queue_only_when_empty(bus: Bus, qname: QName) -> None:
+    queue = qname("leaving")
+    await bus.declare_work_queue(queue)
+    await bus.publish(queue, b"late")
+    assert await bus.delete_work_queue(queue) is False  # a message is in it: kept
+    assert await bus.queue_depth(queue) == 1
+    got: list[bytes] = []
+
+    async def take(m: Message) -> None:
+        got.append(m.body)
+
+    sub = await bus.consume(queue, take)
+    await wait_until(lambda: got == [b"late"])
+    await sub.cancel()
+    await wait_until_empty(bus, queue)
+    assert await bus.delete_work_queue(queue) is True
+    with pytest.raises(QueueNotFoundError):
+        await bus.publish(queue, b"too late")
+    assert await bus.delete_work_queue(queue) is True  # already gone
+
+
+async def wait_until_empty(bus: Bus, queue: str, timeout_s: float = 5.0) -> None:
+    """Until the queue's last message is acked (RabbitMQ acks asynchronously)."""
+    for _ in range(int(timeout_s / 0.02)):
+        if await bus.queue_depth(queue) == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{queue} still holds messages")
+
+
 async def test_bus_competing_consumers_share_without_loss_or_duplicates(
     new_bus: NewBus, qname: QName
 ) -> None:
