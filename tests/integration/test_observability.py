@@ -38,6 +38,7 @@ def stack(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
     ports["gateway"] = int(cluster["base"].rsplit(":", 1)[1])
     ports["prometheus"] = free_port()
     prometheus = _start_prometheus(tmp, ports)
+    _wait_scraped(f"http://127.0.0.1:{ports['prometheus']}", targets=4)
     model = httpx.get(f"{cluster['base']}/v1/models", timeout=10).json()["data"][0]["id"]
     try:
         yield {
@@ -200,6 +201,15 @@ def _prom(base: str, expr: str) -> list[dict[str, Any]]:
 def _value(result: list[dict[str, Any]]) -> float:
     assert len(result) == 1, result
     return float(result[0]["value"][1])
+
+
+def _wait_scraped(prom: str, targets: int) -> None:
+    """Until every target has been scraped once: counters that rise before Prometheus first sees
+    them would have no rate (the dashboard's Throughput panel) over the run."""
+    deadline = time.monotonic() + 30
+    while len(_prom(prom, "up == 1")) < targets:
+        assert time.monotonic() < deadline, f"prometheus did not scrape the stack: {_prom(prom, 'up')}"
+        time.sleep(0.3)
 
 
 def test_counters_match_the_requests_sent_and_prometheus_reads_them(stack: dict[str, Any]) -> None:
