@@ -11,7 +11,7 @@ Chunks with logprobs or usage still go through the pydantic models (`event`).
 
 from __future__ import annotations
 
-import json
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 
 from pydantic import BaseModel
 
@@ -29,8 +29,14 @@ def model_event(body: BaseModel) -> bytes:
 
 
 def json_value(value: str | int | None) -> bytes:
-    """`value` as pydantic writes it in JSON: UTF-8, not ASCII-escaped; control characters escaped."""
-    return json.dumps(value, ensure_ascii=False).encode()
+    """`value` as pydantic writes it in JSON: UTF-8, not ASCII-escaped; control characters escaped.
+    (`encode_basestring` is the C escaper behind `json.dumps(..., ensure_ascii=False)`, without
+    building an encoder per call.)"""
+    if value is None:
+        return b"null"
+    if isinstance(value, str):
+        return encode_basestring(value).encode()
+    return str(int(value)).encode()
 
 
 class ChunkTemplate:
