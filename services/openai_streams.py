@@ -101,6 +101,7 @@ class SubRequest:
     outputs: AsyncIterator[RequestOutput]
     num_cached_tokens: int = 0
     released: bool = False
+    backlog: Callable[[], bool] | None = None  # Submitted.backlog
 
     @classmethod
     def of(
@@ -121,7 +122,7 @@ class SubRequest:
             )
             for i in range(req.n)
         ]
-        return cls(request_id, list(ids), prompt_text, choices, submitted.outputs)
+        return cls(request_id, list(ids), prompt_text, choices, submitted.outputs, backlog=submitted.backlog)
 
     def process(self, out: RequestOutput) -> Delta | None:
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
@@ -218,6 +219,11 @@ class Call:
         if choice.last_token_at is not None:
             self.token_gaps.append(now - choice.last_token_at)
         choice.last_token_at = now
+
+    def backlog(self) -> bool:
+        """More output of this call has arrived and waits to be read (known for one prompt only)."""
+        backlog = self.subs[0].backlog if len(self.subs) == 1 else None
+        return backlog is not None and backlog()
 
     def deltas(self) -> AsyncGenerator[Delta, None]:
         """Deltas of all choices of all sub-requests, as they come. Closing it releases them all.
@@ -415,6 +421,29 @@ async def _stream_errors(events: AsyncGenerator[bytes, None], call: Call) -> Asy
         call.log(status)
 
 
+async def _coalesced(call: Call, content: Callable[[Delta], bytes]) -> AsyncGenerator[bytes, None]:
+    """The call's chunks (`content` of each delta; b"": none), one SSE event per delta as before,
+    but the events of deltas that were already waiting go out in one write: a gateway that fell
+    behind catches up with one send per stream instead of one per token. An error still sends
+    the events before it."""
+    held: list[bytes] = []
+    try:
+        async with contextlib.aclosing(call.deltas()) as deltas:
+            async for d in deltas:
+                data = content(d)
+                if data:
+                    held.append(data)
+                if held and not call.backlog():
+                    yield held[0] if len(held) == 1 else b"".join(held)
+                    held.clear()
+    except Exception:
+        if held:
+            yield b"".join(held)
+        raise
+    if held:
+        yield b"".join(held)
+
+
 def chat_stream(call: Call, req: ChatCompletionRequest) -> SSEResponse:
     async def events() -> AsyncGenerator[bytes, None]:
         created = int(time.time())
@@ -432,22 +461,24 @@ def chat_stream(call: Call, req: ChatCompletionRequest) -> SSEResponse:
                 [ChatCompletionChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))]
             )
         k = req.top_logprobs or 0
-        async with contextlib.aclosing(call.deltas()) as deltas:
-            async for d in deltas:
-                if not d.text and not d.logprobs and d.finish_reason is None:
-                    continue
-                stop_reason = d.choice.stop_reason if d.finish_reason else None
-                if not (req.logprobs and d.logprobs):
-                    yield template.content(d.choice.index, d.text, d.finish_reason, stop_reason)
-                    continue
-                choice = ChatCompletionChunkChoice(
-                    index=d.choice.index,
-                    delta=DeltaMessage(content=d.text or None),
-                    logprobs=call.chat_logprobs(d.logprobs, k),
-                    finish_reason=d.finish_reason,
-                    stop_reason=stop_reason,
-                )
-                yield chunk([choice])
+
+        def content(d: Delta) -> bytes:
+            if not d.text and not d.logprobs and d.finish_reason is None:
+                return b""
+            stop_reason = d.choice.stop_reason if d.finish_reason else None
+            if not (req.logprobs and d.logprobs):
+                return template.content(d.choice.index, d.text, d.finish_reason, stop_reason)
+            choice = ChatCompletionChunkChoice(
+                index=d.choice.index,
+                delta=DeltaMessage(content=d.text or None),
+                logprobs=call.chat_logprobs(d.logprobs, k),
+                finish_reason=d.finish_reason,
+                stop_reason=stop_reason,
+            )
+            return chunk([choice])
+
+        async for data in _coalesced(call, content):
+            yield data
         if req.include_usage_in_stream:
             yield chunk([], usage=call.usage())
         yield DONE
@@ -473,24 +504,26 @@ def completion_stream(call: Call, req: CompletionRequest) -> SSEResponse:
                 offsets[c.index] = len(sub.prompt_text) if req.echo else 0
                 if req.echo:
                     yield chunk([CompletionChoice(index=c.index, text=sub.prompt_text)])
-        async with contextlib.aclosing(call.deltas()) as deltas:
-            async for d in deltas:
-                if not d.text and not d.logprobs and d.finish_reason is None:
-                    continue
-                stop_reason = d.choice.stop_reason if d.finish_reason else None
-                if req.logprobs is None:
-                    yield template.content(d.choice.index, d.text, d.finish_reason, stop_reason)
-                    continue
-                logprobs = call.completion_logprobs(d.logprobs, req.logprobs, offsets[d.choice.index])
-                offsets[d.choice.index] += len(d.text)
-                choice = CompletionChoice(
-                    index=d.choice.index,
-                    text=d.text,
-                    logprobs=logprobs,
-                    finish_reason=d.finish_reason,
-                    stop_reason=stop_reason,
-                )
-                yield chunk([choice])
+
+        def content(d: Delta) -> bytes:
+            if not d.text and not d.logprobs and d.finish_reason is None:
+                return b""
+            stop_reason = d.choice.stop_reason if d.finish_reason else None
+            if req.logprobs is None:
+                return template.content(d.choice.index, d.text, d.finish_reason, stop_reason)
+            logprobs = call.completion_logprobs(d.logprobs, req.logprobs, offsets[d.choice.index])
+            offsets[d.choice.index] += len(d.text)
+            choice = CompletionChoice(
+                index=d.choice.index,
+                text=d.text,
+                logprobs=logprobs,
+                finish_reason=d.finish_reason,
+                stop_reason=stop_reason,
+            )
+            return chunk([choice])
+
+        async for data in _coalesced(call, content):
+            yield data
         if req.include_usage_in_stream:
             yield chunk([], usage=call.usage())
         yield DONE
