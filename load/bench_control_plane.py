@@ -25,9 +25,11 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from load.datasets import BenchTurn, sample_text
+from load.outcomes import HUNG_PREFIX
 from load.peers import free_port
 from load.proc_group import CpuWindow, ProcessGroup
-from load.serve_runner import LatencyStats, RequestRecord, ServeConfig, send_request
+from load.serve_runner import LatencyStats, RequestRecord, ServeConfig, request_body
+from load.sse_client import HTTPError, SSEClient, StreamTimer
 
 SATURATED_PCT = 90.0  # CPU% of one core at which a single-threaded service counts as saturated
 
@@ -61,6 +63,13 @@ class ControlPlaneConfig:
             raise ValueError("--duration must be positive and --output-len at least 2")
 
 
+def cpu_ms_per_1k(cpu_pct: dict[str, float], tokens_per_s: float) -> dict[str, float]:
+    """CPU% (100 = one core) at `tokens_per_s` -> CPU milliseconds per 1,000 tokens."""
+    if tokens_per_s <= 0:
+        return {}
+    return {k: v * 10.0 * 1000.0 / tokens_per_s for k, v in cpu_pct.items()}
+
+
 @dataclass
 class LevelResult:
     streams: int
@@ -77,6 +86,12 @@ class LevelResult:
     added_tpot: LatencyStats  # per request: (e2e - ttft) / (tokens - 1) - step time
     cpu: dict[str, float] = field(default_factory=dict)  # CPU% per process, 100 = one core
     first_error: str = ""
+
+    @property
+    def cpu_ms_per_1k_tokens(self) -> dict[str, float]:
+        """CPU time per process per 1,000 streamed tokens: unlike CPU% and tok/s, this holds
+        when other work shares the machine."""
+        return cpu_ms_per_1k(self.cpu, self.tokens_per_s)
 
     @property
     def busiest(self) -> tuple[str, float]:
@@ -181,27 +196,50 @@ async def _scrape_tokens(client: httpx.AsyncClient, base: str) -> int:
     return generation_tokens(resp.text)
 
 
+async def send_lean(client: SSEClient, cfg: ServeConfig, model: str, turn: BenchTurn) -> RequestRecord:
+    """`serve_runner.send_request` over a keep-alive `SSEClient` (chat, no auth): the same record,
+    for a fraction of httpx's CPU per chunk."""
+    rec = RequestRecord(prompt_tokens=turn.input_len)
+    timer = StreamTimer(rec, max_lines=64 + 8 * turn.output_len)
+    rec.start_s = time.perf_counter()
+    try:
+        async with asyncio.timeout(cfg.request_timeout_s):
+            status, body = await client.post("/v1/chat/completions", request_body(cfg, model, turn), timer)
+        if status != 200:
+            rec.error = f"HTTP {status}: {body[:300].decode(errors='replace')}"
+    except TimeoutError:
+        rec.error = f"{HUNG_PREFIX} --timeout {cfg.request_timeout_s:g}s"
+    except (OSError, HTTPError, ValueError, AttributeError, TypeError) as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"
+    timer.close(time.perf_counter(), turn.output_len)
+    return rec
+
+
 async def run_level(
     cfg: ControlPlaneConfig, group: ProcessGroup, base: str, model: str, m: int
 ) -> LevelResult:
+    url = urlparse(base)
     scfg = ServeConfig(
         base_url=base, model=model, ignore_eos=True, tokenize=False, progress=False,
         request_timeout_s=cfg.request_timeout_s,
     )  # fmt: skip
-    limits = httpx.Limits(max_connections=m + 4, max_keepalive_connections=m + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout_s), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout_s)) as client:
         before = await _scrape_tokens(client, base)
         records: list[RequestRecord] = []
         text = sample_text(cfg.prompt_words + 50).split()
 
         async def stream(i: int, deadline: float) -> None:
             n = 0
-            while time.perf_counter() < deadline:
-                words = " ".join(text[(i + n) % 50 :][: cfg.prompt_words])
-                turn = BenchTurn(({"role": "user", "content": f"{i}.{n} {words}"},), cfg.prompt_words,
-                                 cfg.output_len)  # fmt: skip
-                records.append(await send_request(client, scfg, model, turn))
-                n += 1
+            lean = SSEClient(url.hostname or "127.0.0.1", url.port or 80)
+            try:
+                while time.perf_counter() < deadline:
+                    words = " ".join(text[(i + n) % 50 :][: cfg.prompt_words])
+                    turn = BenchTurn(({"role": "user", "content": f"{i}.{n} {words}"},), cfg.prompt_words,
+                                     cfg.output_len)  # fmt: skip
+                    records.append(await send_lean(lean, scfg, model, turn))
+                    n += 1
+            finally:
+                lean.close()
 
         window = CpuWindow.begin(group)
         start = time.perf_counter()
@@ -292,7 +330,7 @@ def run_control_plane(cfg: ControlPlaneConfig) -> dict[str, Any]:
 
 
 def _level_dict(lv: LevelResult) -> dict[str, Any]:
-    return asdict(lv) | {"busiest": list(lv.busiest)}
+    return asdict(lv) | {"busiest": list(lv.busiest), "cpu_ms_per_1k_tokens": lv.cpu_ms_per_1k_tokens}
 
 
 def _say(cfg: ControlPlaneConfig, text: str) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from load.bench_control_plane import SATURATED_PCT, ControlPlaneConfig, run_control_plane
+from load.bench_control_plane import SATURATED_PCT, ControlPlaneConfig, cpu_ms_per_1k, run_control_plane
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -34,6 +34,10 @@ def format_report(report: dict[str, Any]) -> str:
     for lv in report["levels"]:
         cpu = ", ".join(f"{k} {v:.0f}" for k, v in sorted(lv["cpu"].items(), key=lambda kv: -kv[1]))
         lines.append(f"CPU% at {lv['streams']} streams: {cpu}")
+        per_1k = cpu_ms_per_1k(lv["cpu"], lv["tokens_per_s"])
+        if per_1k:
+            ms = ", ".join(f"{k} {v:.0f}" for k, v in sorted(per_1k.items(), key=lambda kv: -kv[1]))
+            lines.append(f"  CPU ms per 1k tokens: {ms}")
         if lv["first_error"]:
             lines.append(f"  first error: {lv['first_error']}")
         if lv["server_tokens"] != lv["tokens"]:

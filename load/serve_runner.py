@@ -27,6 +27,7 @@ from tqdm import tqdm
 from load.datasets import BenchTurn, Conversation, DatasetSpec, load_dataset, sample_text
 from load.outcomes import HUNG_PREFIX, count_outcomes
 from load.server_metrics import KvSampler, summarize_kv
+from load.sse_client import LineSplitter, StreamTimer
 
 SLO_KEYS = ("ttft", "tpot", "e2e")
 
@@ -208,7 +209,8 @@ def _headers(cfg: ServeConfig) -> dict[str, str]:
     return {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
 
 
-def _body(cfg: ServeConfig, model: str, turn: BenchTurn) -> dict[str, Any]:
+def request_body(cfg: ServeConfig, model: str, turn: BenchTurn) -> dict[str, Any]:
+    """The JSON body of one streamed request (chat or completion, as `cfg.endpoint` says)."""
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": turn.output_len,
@@ -227,50 +229,13 @@ def _body(cfg: ServeConfig, model: str, turn: BenchTurn) -> dict[str, Any]:
     return body
 
 
-def _content(chunk: dict[str, Any]) -> str:
-    choices = chunk.get("choices") or []
-    if not choices:
-        return ""
-    choice = choices[0]
-    if "delta" in choice:
-        delta = choice["delta"] or {}
-        return str(delta.get("content") or delta.get("reasoning_content") or "")
-    return str(choice.get("text") or "")
-
-
-async def _read_stream(
-    resp: httpx.Response, rec: RequestRecord, max_lines: int
-) -> tuple[int, bool, dict[str, Any] | None, str]:
-    """Time content chunks into `rec`; returns (content chunks, saw [DONE], last usage, last
-    finish_reason)."""
-    chunks, usage, finish = 0, None, ""
-    last = rec.start_s
-    lines = 0
-    async for line in resp.aiter_lines():
-        lines += 1
-        if lines > max_lines:
-            rec.error = f"stream exceeded {max_lines} lines"
-            break
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return chunks, True, usage, finish
-        chunk = json.loads(data)
-        if chunk.get("error"):
-            rec.error = f"stream error: {json.dumps(chunk['error'])[:300]}"
-            break
+async def _read_stream(resp: httpx.Response, timer: StreamTimer) -> None:
+    lines = LineSplitter()
+    async for data in resp.aiter_bytes():
         now = time.perf_counter()
-        if _content(chunk):
-            if chunks == 0:
-                rec.ttft_s = now - rec.start_s
-            else:
-                rec.itl_s.append(now - last)
-            last, chunks = now, chunks + 1
-        usage = chunk.get("usage") or usage
-        choices = chunk.get("choices") or [{}]
-        finish = str(choices[0].get("finish_reason") or finish)
-    return chunks, False, usage, finish
+        for line in lines.feed(data):
+            if timer.line(line, now):
+                return
 
 
 async def send_request(
@@ -279,15 +244,14 @@ async def send_request(
     """Stream one request and time it; failures land in `record.error`, never raise."""
     path = "/v1/chat/completions" if cfg.endpoint == "chat" else "/v1/completions"
     rec = RequestRecord(prompt_tokens=turn.input_len)
-    max_lines = 64 + 8 * turn.output_len  # a server streaming forever still ends the loop
-    chunks, finished, usage, finish = 0, False, None, ""
+    timer = StreamTimer(rec, max_lines=64 + 8 * turn.output_len)  # a server streaming forever ends too
     rec.start_s = time.perf_counter()
     try:
         async with asyncio.timeout(cfg.request_timeout_s):
-            body = _body(cfg, model, turn)
+            body = request_body(cfg, model, turn)
             async with client.stream("POST", cfg.root + path, json=body, headers=_headers(cfg)) as resp:
                 if resp.status_code == 200:
-                    chunks, finished, usage, finish = await _read_stream(resp, rec, max_lines)
+                    await _read_stream(resp, timer)
                 else:
                     text = (await resp.aread())[:300].decode(errors="replace")
                     rec.error = f"HTTP {resp.status_code}: {text}"
@@ -295,17 +259,7 @@ async def send_request(
         rec.error = f"{HUNG_PREFIX} --timeout {cfg.request_timeout_s:g}s"
     except (httpx.HTTPError, json.JSONDecodeError, AttributeError, TypeError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
-    rec.e2e_s = time.perf_counter() - rec.start_s
-    if not rec.error and not finished and usage is None:
-        rec.error = "stream ended without [DONE]"
-    if chunks == 0:
-        rec.ttft_s = rec.e2e_s
-    # Without usage, count content chunks; a server may merge tokens into one chunk (llama-cpp-python
-    # holds back partial UTF-8), so a reply that ended on length has exactly max_tokens.
-    rec.completion_tokens = turn.output_len if finish == "length" and not rec.error else chunks
-    if isinstance(usage, dict):
-        rec.prompt_tokens = int(usage.get("prompt_tokens") or rec.prompt_tokens)
-        rec.completion_tokens = int(usage.get("completion_tokens") or chunks)
+    timer.close(time.perf_counter(), turn.output_len)
     return rec
 
 

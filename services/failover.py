@@ -70,12 +70,17 @@ class RequestTrack:
             self.generated.extend(new)
         if self.cached_tokens is None:
             self.cached_tokens = delta.num_cached_tokens
+        num_prompt = len(self.prompt_token_ids) or delta.num_prompt_tokens
+        if (skip, end, num_prompt, self.cached_tokens) == (
+            0, delta.num_output_tokens, delta.num_prompt_tokens, delta.num_cached_tokens,
+        ):  # fmt: skip
+            return delta  # the usual case: nothing to change (deltas are frozen)
         return delta.model_copy(
             update={
                 "new_token_ids": new,
                 "logprobs": delta.logprobs[skip:] if delta.logprobs is not None else None,
                 "num_output_tokens": end,
-                "num_prompt_tokens": len(self.prompt_token_ids) or delta.num_prompt_tokens,
+                "num_prompt_tokens": num_prompt,
                 "num_cached_tokens": self.cached_tokens,
             }
         )

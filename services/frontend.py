@@ -13,7 +13,7 @@ answer the same 400s.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,6 +32,9 @@ class Submitted:
 
     prompt_token_ids: list[int]
     outputs: AsyncIterator[RequestOutput]
+    # True while `outputs` holds an output that has arrived and not been read (None: unknown);
+    # a stream then writes what it has read so far together with it, in one send
+    backlog: Callable[[], bool] | None = None
 
 
 class Frontend(Protocol):

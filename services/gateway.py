@@ -211,7 +211,9 @@ class BusFrontend:
             pending.trace.end(exc)
             raise
         pending.trace.set("gen_ai.usage.input_tokens", len(ids))
-        return Submitted(ids, self._stream(request_id, pending, params.n))
+        return Submitted(
+            ids, self._stream(request_id, pending, params.n), backlog=lambda: not pending.outputs.empty()
+        )
 
     async def _stream(self, request_id: str, pending: _Pending, n: int) -> AsyncIterator[RequestOutput]:
         remaining = n

@@ -48,6 +48,7 @@ from services.openai_protocol import (
     PromptTokensDetails,
     UsageInfo,
 )
+from services.sse_chunks import DONE, ChunkTemplate, event, model_event
 
 # One logger for the server's request lines, whichever module writes them.
 logger = logging.getLogger("services.openai_server")
@@ -100,6 +101,7 @@ class SubRequest:
     outputs: AsyncIterator[RequestOutput]
     num_cached_tokens: int = 0
     released: bool = False
+    backlog: Callable[[], bool] | None = None  # Submitted.backlog
 
     @classmethod
     def of(
@@ -120,7 +122,7 @@ class SubRequest:
             )
             for i in range(req.n)
         ]
-        return cls(request_id, list(ids), prompt_text, choices, submitted.outputs)
+        return cls(request_id, list(ids), prompt_text, choices, submitted.outputs, backlog=submitted.backlog)
 
     def process(self, out: RequestOutput) -> Delta | None:
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
@@ -181,27 +183,34 @@ class Call:
             for sub in self.subs:
                 await self.release(sub)
 
-    async def _pump(self, sub: SubRequest, queue: asyncio.Queue[Any]) -> None:
+    async def _sub_deltas(self, sub: SubRequest) -> AsyncGenerator[Delta, None]:
+        """The deltas of one sub-request until all its choices are done; released however it ends."""
         try:
             async for out in sub.outputs:
                 delta = sub.process(out)
                 if delta is not None:
                     if out.new_token_ids:
                         self._token_seen(delta.choice)
-                    queue.put_nowait(delta)
+                    yield delta
                 if all(c.done for c in sub.choices):
                     break
             for choice in sub.choices:  # the engine stopped without finishing a choice
                 if not choice.done:
                     choice.finish_reason = "abort"
-                    queue.put_nowait(Delta(choice, choice.stop.flush(), [], "abort"))
+                    yield Delta(choice, choice.stop.flush(), [], "abort")
+        finally:
+            await self.release(sub)
+
+    async def _pump(self, sub: SubRequest, queue: asyncio.Queue[Any]) -> None:
+        try:
+            async with contextlib.aclosing(self._sub_deltas(sub)) as deltas:
+                async for delta in deltas:
+                    queue.put_nowait(delta)
             queue.put_nowait(None)
         except asyncio.CancelledError:
             raise
         except Exception as err:
             queue.put_nowait(err)
-        finally:
-            await self.release(sub)
 
     def _token_seen(self, choice: Choice) -> None:
         now = time.monotonic()
@@ -211,8 +220,19 @@ class Call:
             self.token_gaps.append(now - choice.last_token_at)
         choice.last_token_at = now
 
-    async def deltas(self) -> AsyncGenerator[Delta, None]:
-        """Deltas of all choices of all sub-requests, as they come. Closing it releases them all."""
+    def backlog(self) -> bool:
+        """More output of this call has arrived and waits to be read (known for one prompt only)."""
+        backlog = self.subs[0].backlog if len(self.subs) == 1 else None
+        return backlog is not None and backlog()
+
+    def deltas(self) -> AsyncGenerator[Delta, None]:
+        """Deltas of all choices of all sub-requests, as they come. Closing it releases them all.
+        One sub-request (one prompt) is read in the caller's task; several get a pump task each."""
+        if len(self.subs) == 1:
+            return self._sub_deltas(self.subs[0])
+        return self._pumped()
+
+    async def _pumped(self) -> AsyncGenerator[Delta, None]:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         tasks = [asyncio.create_task(self._pump(sub, queue)) for sub in self.subs]
         for task in tasks:
@@ -354,16 +374,12 @@ async def collect(call: Call, request: Request) -> None:
 # ---------------------------------------------------------------------------------- streaming
 
 
-def sse(payload: str) -> str:
-    return f"data: {payload}\n\n"
-
-
 class SSEResponse(StreamingResponse):
     """An event stream that releases its call's requests however streaming ends (starlette
     otherwise leaves closing the body to garbage collection when the client disconnects, and
     never starts the body at all if the client left before the headers went out)."""
 
-    def __init__(self, content: AsyncIterator[str], call: Call) -> None:
+    def __init__(self, content: AsyncIterator[bytes], call: Call) -> None:
         super().__init__(content, media_type="text/event-stream")
         self.call = call
 
@@ -385,97 +401,131 @@ class SSEResponse(StreamingResponse):
                     await aclose()
 
 
-async def _stream_errors(events: AsyncGenerator[str, None], call: Call) -> AsyncIterator[str]:
+async def _stream_errors(events: AsyncGenerator[bytes, None], call: Call) -> AsyncIterator[bytes]:
     """Wraps a stream: an error mid-stream becomes an error event; logs one line at the end."""
     status: int | str = "disconnected"
     try:
-        async for event in events:
-            yield event
+        async for data in events:
+            yield data
         status = 200
     except APIError as err:
         status = err.status
-        yield sse(json.dumps(err.body()))
-        yield sse("[DONE]")
+        yield event(json.dumps(err.body())) + DONE
     except Exception as err:
         logger.exception("request %s failed while streaming", call.request_id)
         status = 500
-        yield sse(json.dumps(APIError(500, f"Internal server error ({type(err).__name__}).").body()))
-        yield sse("[DONE]")
+        yield event(json.dumps(APIError(500, f"Internal server error ({type(err).__name__}).").body())) + DONE
     finally:
         with contextlib.suppress(Exception):
             await events.aclose()
         call.log(status)
 
 
-def chat_stream(call: Call, req: ChatCompletionRequest) -> SSEResponse:
-    async def events() -> AsyncGenerator[str, None]:
-        created = int(time.time())
+async def _coalesced(call: Call, content: Callable[[Delta], bytes]) -> AsyncGenerator[bytes, None]:
+    """The call's chunks (`content` of each delta; b"": none), one SSE event per delta as before,
+    but the events of deltas that were already waiting go out in one write: a gateway that fell
+    behind catches up with one send per stream instead of one per token. An error still sends
+    the events before it."""
+    held: list[bytes] = []
+    try:
+        async with contextlib.aclosing(call.deltas()) as deltas:
+            async for d in deltas:
+                data = content(d)
+                if data:
+                    held.append(data)
+                if held and not call.backlog():
+                    yield held[0] if len(held) == 1 else b"".join(held)
+                    held.clear()
+    except Exception:
+        if held:
+            yield b"".join(held)
+        raise
+    if held:
+        yield b"".join(held)
 
-        def chunk(choices: list[ChatCompletionChunkChoice], usage: UsageInfo | None = None) -> str:
-            body = ChatCompletionChunk(
-                id=call.request_id, created=created, model=call.model, choices=choices, usage=usage
+
+def chat_stream(call: Call, req: ChatCompletionRequest) -> SSEResponse:
+    async def events() -> AsyncGenerator[bytes, None]:
+        created = int(time.time())
+        template = ChunkTemplate(True, call.request_id, created, call.model)
+
+        def chunk(choices: list[ChatCompletionChunkChoice], usage: UsageInfo | None = None) -> bytes:
+            return model_event(
+                ChatCompletionChunk(
+                    id=call.request_id, created=created, model=call.model, choices=choices, usage=usage
+                )
             )
-            return sse(body.model_dump_json())
 
         for c in call.subs[0].choices:
             yield chunk(
                 [ChatCompletionChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))]
             )
         k = req.top_logprobs or 0
-        async with contextlib.aclosing(call.deltas()) as deltas:
-            async for d in deltas:
-                if not d.text and not d.logprobs and d.finish_reason is None:
-                    continue
-                logprobs = call.chat_logprobs(d.logprobs, k) if req.logprobs and d.logprobs else None
-                choice = ChatCompletionChunkChoice(
-                    index=d.choice.index,
-                    delta=DeltaMessage(content=d.text or None),
-                    logprobs=logprobs,
-                    finish_reason=d.finish_reason,
-                    stop_reason=d.choice.stop_reason if d.finish_reason else None,
-                )
-                yield chunk([choice])
+
+        def content(d: Delta) -> bytes:
+            if not d.text and not d.logprobs and d.finish_reason is None:
+                return b""
+            stop_reason = d.choice.stop_reason if d.finish_reason else None
+            if not (req.logprobs and d.logprobs):
+                return template.content(d.choice.index, d.text, d.finish_reason, stop_reason)
+            choice = ChatCompletionChunkChoice(
+                index=d.choice.index,
+                delta=DeltaMessage(content=d.text or None),
+                logprobs=call.chat_logprobs(d.logprobs, k),
+                finish_reason=d.finish_reason,
+                stop_reason=stop_reason,
+            )
+            return chunk([choice])
+
+        async for data in _coalesced(call, content):
+            yield data
         if req.include_usage_in_stream:
             yield chunk([], usage=call.usage())
-        yield sse("[DONE]")
+        yield DONE
 
     return SSEResponse(_stream_errors(events(), call), call)
 
 
 def completion_stream(call: Call, req: CompletionRequest) -> SSEResponse:
-    async def events() -> AsyncGenerator[str, None]:
+    async def events() -> AsyncGenerator[bytes, None]:
         created = int(time.time())
+        template = ChunkTemplate(False, call.request_id, created, call.model)
         offsets: dict[int, int] = {}  # choice index -> characters streamed so far
 
-        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
-            body = CompletionResponse(
-                id=call.request_id, created=created, model=call.model, choices=choices, usage=usage
+        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> bytes:
+            return model_event(
+                CompletionResponse(
+                    id=call.request_id, created=created, model=call.model, choices=choices, usage=usage
+                )
             )
-            return sse(body.model_dump_json(exclude_none=False))
 
         for sub in call.subs:
             for c in sub.choices:
                 offsets[c.index] = len(sub.prompt_text) if req.echo else 0
                 if req.echo:
                     yield chunk([CompletionChoice(index=c.index, text=sub.prompt_text)])
-        async with contextlib.aclosing(call.deltas()) as deltas:
-            async for d in deltas:
-                if not d.text and not d.logprobs and d.finish_reason is None:
-                    continue
-                logprobs = None
-                if req.logprobs is not None:
-                    logprobs = call.completion_logprobs(d.logprobs, req.logprobs, offsets[d.choice.index])
-                offsets[d.choice.index] += len(d.text)
-                choice = CompletionChoice(
-                    index=d.choice.index,
-                    text=d.text,
-                    logprobs=logprobs,
-                    finish_reason=d.finish_reason,
-                    stop_reason=d.choice.stop_reason if d.finish_reason else None,
-                )
-                yield chunk([choice])
+
+        def content(d: Delta) -> bytes:
+            if not d.text and not d.logprobs and d.finish_reason is None:
+                return b""
+            stop_reason = d.choice.stop_reason if d.finish_reason else None
+            if req.logprobs is None:
+                return template.content(d.choice.index, d.text, d.finish_reason, stop_reason)
+            logprobs = call.completion_logprobs(d.logprobs, req.logprobs, offsets[d.choice.index])
+            offsets[d.choice.index] += len(d.text)
+            choice = CompletionChoice(
+                index=d.choice.index,
+                text=d.text,
+                logprobs=logprobs,
+                finish_reason=d.finish_reason,
+                stop_reason=stop_reason,
+            )
+            return chunk([choice])
+
+        async for data in _coalesced(call, content):
+            yield data
         if req.include_usage_in_stream:
             yield chunk([], usage=call.usage())
-        yield sse("[DONE]")
+        yield DONE
 
     return SSEResponse(_stream_errors(events(), call), call)

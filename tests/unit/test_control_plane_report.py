@@ -45,6 +45,9 @@ def test_report_and_saturation() -> None:
     report = {"config": asdict(cfg), "levels": levels, "exit_codes": {}}
     text = format_report(report)
     assert "gateway 97% SATURATED" in text and "CPU% at 100 streams: gateway 97, bench client 40" in text
+    # 97% of a core at 10 tok/s: 97 ms of CPU per token
+    assert "CPU ms per 1k tokens: gateway 97000, bench client 40000" in text
+    assert hot.cpu_ms_per_1k_tokens == pytest.approx({"gateway": 97000.0, "bench client": 40000.0})
 
 
 def test_generation_tokens_sums_labels() -> None:

@@ -284,3 +284,23 @@ def test_worker_phase_histograms() -> None:
     assert _get(s, "vllm:request_decode_time_seconds_sum", **w) == pytest.approx(1.5, abs=0.5)
     assert _get(s, "vllm:request_inference_time_seconds_sum", **w) == pytest.approx(2.0, abs=0.5)
     assert _get(s, "vllm:request_queue_time_seconds_sum", **w) == pytest.approx(1.5, abs=0.5)
+
+
+def test_observe_all_equals_observe_one_by_one() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from services.metrics import ITL_BUCKETS, observe_all
+
+    gaps = [0.0, 0.005, 0.01, 0.0100001, 0.02, 0.025, 0.3, 1.0, 79.0, 80.0, 500.0, -1.0, float("nan")]
+    texts = []
+    for many in (False, True):
+        registry = CollectorRegistry()
+        hist = Histogram("itl", "gaps", ["m"], registry=registry, buckets=ITL_BUCKETS).labels("x")
+        if many:
+            observe_all(hist, gaps)
+        else:
+            for g in gaps:
+                hist.observe(g)
+        texts.append(generate_latest(registry).decode().replace("itl_created", "#"))
+    strip = ["\n".join(x for x in t.splitlines() if not x.startswith("#")) for t in texts]
+    assert strip[0] == strip[1] and 'itl_bucket{le="0.01",m="x"} 4.0' in strip[1]
