@@ -39,15 +39,22 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q, k = self.rope(positions, q, k)
+        qkv = self.qkv_proj(x)  # [tokens, (heads + 2 * kv_heads) * head_dim]
+        hd, nh = self.head_dim, self.num_heads
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, hd)
+        if self.q_norm is None and not self.rope.use_triton:
+            # q and k rotated together: [tokens, heads + kv_heads, head_dim]
+            qk = self.rope.forward_qk(
+                positions, qkv[:, : self.q_size + self.kv_size].view(-1, nh + self.num_kv_heads, hd)
+            )
+            q, k = qk[:, :nh], qk[:, nh:]
+        else:
+            q = qkv[:, : self.q_size].view(-1, nh, hd)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(-1, self.num_kv_heads, hd)
+            if self.q_norm is not None and self.k_norm is not None:
+                q = self.q_norm(q)
+                k = self.k_norm(k)
+            q, k = self.rope(positions, q, k)
         o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
