@@ -38,7 +38,7 @@ _PARTS = (
     ("sampler.py", "SamplingMetadata", "sampler metadata"),
     ("sampler.py", "", "sampler"),
     ("model_runner.py", "", "runner bookkeeping"),
-    ("compiled.py", "", "compiled forward"),
+    ("compiled_decode.py", "", "compiled forward"),
 )
 _FRAME = re.compile(r"^(.*\.py)\((\d+)\): (\S+)$")
 
@@ -90,7 +90,7 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default="none")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--compile", action="store_true", help="EngineConfig(compile=True)")
+    p.add_argument("--compile", action="store_true", help="decode steps through torch.compile")
     p.add_argument("--json", action="store_true")
 
 
@@ -103,12 +103,11 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    extra = {"compile": True} if args.compile else {}
     config = EngineConfig(
         dtype=args.dtype,
         quantization=args.quantization,
         cache=CacheConfig(enable_prefix_caching=False, kv_cache_memory=1 << 28),
-        **extra,
+        compile=args.compile,
     )
     t0 = time.perf_counter()
     core = EngineCore(config)

@@ -145,7 +145,10 @@ class RotaryEmbedding(nn.Module):
 def _swap_halves(x: torch.Tensor) -> torch.Tensor:
     """[..., head_dim] -> the two halves of the last dim swapped, in one op (no reshape of the
     strided qkv view, which would make the compiler specialize a batch of one)."""
-    return torch.roll(x, x.shape[-1] // 2, dims=-1)
+    half = x.shape[-1] // 2
+    if torch.compiler.is_compiling():  # roll checks for an empty tensor: no unbacked batch size
+        return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return torch.roll(x, half, dims=-1)
 
 
 class GatedMLP(nn.Module):

@@ -39,18 +39,16 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)  # [tokens, (heads + 2 * kv_heads) * head_dim]
-        hd, nh = self.head_dim, self.num_heads
-        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, hd)
+        nh, nkv = self.num_heads, self.num_kv_heads
+        # heads of the fused output, sliced (no view of a strided slice: the compiler would
+        # specialize a batch of one): [tokens, heads + 2 * kv_heads, head_dim]
+        heads = self.qkv_proj(x).view(-1, nh + 2 * nkv, self.head_dim)
+        v = heads[:, nh + nkv :]
         if self.q_norm is None and not self.rope.use_triton:
-            # q and k rotated together: [tokens, heads + kv_heads, head_dim]
-            qk = self.rope.forward_qk(
-                positions, qkv[:, : self.q_size + self.kv_size].view(-1, nh + self.num_kv_heads, hd)
-            )
+            qk = self.rope.forward_qk(positions, heads[:, : nh + nkv])  # q and k rotated together
             q, k = qk[:, :nh], qk[:, nh:]
         else:
-            q = qkv[:, : self.q_size].view(-1, nh, hd)
-            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(-1, self.num_kv_heads, hd)
+            q, k = heads[:, :nh], heads[:, nh : nh + nkv]
             if self.q_norm is not None and self.k_norm is not None:
                 q = self.q_norm(q)
                 k = self.k_norm(k)
