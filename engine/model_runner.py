@@ -84,6 +84,7 @@ class ModelRunner:
         if compile_decode:
             assert device.type == "cpu" and backend.name == "torch", (device, backend.name)
             self.compiled = CompiledDecode(model, self.kv_caches, block_size)
+            self.compiled.warm_up()
 
     def _apply_diff(self, out: SchedulerOutput) -> None:
         for rid in out.finished_req_ids:

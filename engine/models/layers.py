@@ -86,6 +86,10 @@ class RotaryEmbedding(nn.Module):
         self.use_triton = False
         self._cos_sin_table: torch.Tensor | None = None  # [max_position, head_dim] for the kernel
 
+    def build_tables(self, device: torch.device) -> None:
+        """Build the cos/sin tables on `device` now (a compiled graph reads them as constants)."""
+        self._cos_sin(device)
+
     def _cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tables is None or self._tables[0].device != device:
             t = torch.arange(self.max_position, dtype=torch.float32, device="cpu")

@@ -37,16 +37,16 @@ def test_compiled_decode_matches_eager(tmp_path: Path, kind: str, monkeypatch: p
     torch._dynamo.utils.counters.clear()
     llm = _llm(tmp_path, compile=True)
     compiled = llm.engine.runner.compiled
-    assert compiled is not None
+    assert compiled is not None and compiled.num_calls == 2  # warmed up: batch 1 and 2
     got = llm.generate(PROMPTS[:1], params, use_tqdm=False)  # batch 1, one KV block
     got += llm.generate(PROMPTS[1:], params, use_tqdm=False)  # batch 2, 2-3 blocks
-    assert compiled.num_calls >= 2 * NEW - 3
+    assert compiled.num_calls >= 2 + 2 * NEW - 3
     for e, g in zip(eager, got, strict=True):
         assert g.outputs[0].token_ids == e.outputs[0].token_ids
         assert e.outputs[0].logprobs is not None and g.outputs[0].logprobs is not None
         for le, lg in zip(e.outputs[0].logprobs, g.outputs[0].logprobs, strict=True):
             assert lg.logprob == pytest.approx(le.logprob, abs=1e-4)
-    # one graph for batch 1, one for larger batches, each for every context length
+    # one graph for batch 1, one for larger batches (both from the warm-up), for every context
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
