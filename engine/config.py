@@ -59,6 +59,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (Triton on a GPU) | torch | triton
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     quantization: str = "auto"  # auto | none | int8 (engine.quantization)
+    compile: bool = False  # CPU: decode-only steps through torch.compile (engine.compiled_decode)
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
 
@@ -72,6 +73,11 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(
                 f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
+            )
+        if self.compile and (self.attention_backend == "triton" or self.device == "cuda"):
+            raise ValueError(
+                "--compile runs on the CPU with the torch attention backend; on a GPU decode steps "
+                "run in CUDA graphs already (drop --compile)"
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")

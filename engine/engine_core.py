@@ -128,6 +128,7 @@ class EngineCore:
             eos,
             capture_sizes(self.device, config.enforce_eager, backend, config.scheduler.max_num_seqs),
             self.max_model_len,
+            compile_decode=config.compile,
         )
         logger.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB)",

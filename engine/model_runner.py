@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata
+from engine.compiled_decode import CompiledDecode
 from engine.cuda_graphs import DecodeGraphs
 from engine.models.layers import use_triton_layers
 from engine.models.llama import LlamaForCausalLM
@@ -55,6 +56,7 @@ class ModelRunner:
         eos_token_ids: tuple[int, ...],
         graph_sizes: list[int] | None = None,
         max_model_len: int = 0,
+        compile_decode: bool = False,
     ) -> None:
         cfg = model.cfg
         self.model = model
@@ -78,6 +80,11 @@ class ModelRunner:
                 model, backend, self.kv_caches, graph_sizes, max_blocks, max_model_len, device
             )
             self.graphs.capture()
+        self.compiled: CompiledDecode | None = None
+        if compile_decode:
+            assert device.type == "cpu" and backend.name == "torch", (device, backend.name)
+            self.compiled = CompiledDecode(model, self.kv_caches, block_size)
+            self.compiled.warm_up()
 
     def _apply_diff(self, out: SchedulerOutput) -> None:
         for rid in out.finished_req_ids:
@@ -158,6 +165,8 @@ class ModelRunner:
         positions = torch.from_numpy(np.concatenate(pos_chunks)).to(dev)
         if self.graphs is not None and not pf_starts and len(ids) <= self.graphs.max_batch:
             hidden = self.graphs.replay(input_ids, positions, meta)
+        elif self.compiled is not None and not pf_starts:
+            hidden = self.compiled(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
         if not sample_rows:

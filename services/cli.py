@@ -67,6 +67,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="auto: Triton kernels on a GPU, torch on the CPU",
     )
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="CPU: decode steps through torch.compile (first start compiles for minutes, then cached)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,6 +84,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "attention_backend": args.attention_backend,
         "enforce_eager": args.enforce_eager,
         "quantization": args.quantization,
+        "compile": args.compile,
         "block_size": args.block_size,
         "kv_cache_memory": args.kv_cache_memory,
         "gpu_memory_utilization": args.gpu_memory_utilization,
@@ -289,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     from load.bench_kernels import add_kernels_args
 
     add_kernels_args(bkernels)
+    bstep = bsub.add_parser(
+        "step", help="ms and aten calls per decode step of the demo model, split by engine function"
+    )
+    from load.bench_step import add_step_args
+
+    add_step_args(bstep)
     return parser
 
 
@@ -325,6 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from load.bench_kernels import run_kernels
 
             return run_kernels(args)
+        if args.command == "bench" and args.bench_command == "step":
+            from load.bench_step import run_step_bench
+
+            run_step_bench(args)
+            return 0
     except ValueError as exc:  # user errors: one line naming the fix, no traceback
         print(f"pagoda: error: {exc}", file=sys.stderr)
         return 2

@@ -36,10 +36,9 @@ class RMSNorm(nn.Module):
             from kernels.rms_norm import rms_norm
 
             return rms_norm(x, self.weight, self.eps)[0]
-        dtype = x.dtype
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # HF's numerics (normalize in float32, cast back, then scale), bitwise: torch's rms_norm
+        # without a weight is x * rsqrt(mean(x^2) + eps) in one call instead of six
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -87,12 +86,18 @@ class RotaryEmbedding(nn.Module):
         self.use_triton = False
         self._cos_sin_table: torch.Tensor | None = None  # [max_position, head_dim] for the kernel
 
+    def build_tables(self, device: torch.device) -> None:
+        """Build the cos/sin tables on `device` now (a compiled graph reads them as constants)."""
+        self._cos_sin(device)
+
     def _cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tables is None or self._tables[0].device != device:
             t = torch.arange(self.max_position, dtype=torch.float32, device="cpu")
             freqs = torch.outer(t, self.inv_freq)  # [max_position, head_dim / 2]
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._tables = (emb.cos().to(device), emb.sin().to(device))
+            # rotate_half(x) * sin == swap_halves(x) * cat(-sin, sin), bitwise (negation is exact)
+            sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+            self._tables = (emb.cos().to(device), sin.to(device))
         return self._tables
 
     def forward(
@@ -101,18 +106,33 @@ class RotaryEmbedding(nn.Module):
         # q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]
         if self.use_triton:
             return self._forward_triton(positions, q, k)
-        # every layer of a step passes the same positions tensor: gather cos/sin once per step
+        _, cos, sin = self._step_cos_sin(positions, q.dtype)
+        return q * cos + _swap_halves(q) * sin, k * cos + _swap_halves(k) * sin
+
+    def forward_qk(self, positions: torch.Tensor, qk: torch.Tensor) -> torch.Tensor:
+        """RoPE on the query and key heads together: qk [tokens, heads + kv_heads, head_dim], a
+        view of the fused qkv output. Returns a new tensor of that shape."""
+        _, cos, sin = self._step_cos_sin(positions, qk.dtype)
+        return qk * cos + _swap_halves(qk) * sin
+
+    def _step_cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions, cos, sign-folded sin), cos/sin [tokens, 1, head_dim] in `dtype`: every layer
+        of a step passes the same positions tensor, so they are gathered once per step."""
         last = self._last
-        if last is None or last[0] is not positions or last[1].dtype != q.dtype:
-            cos_t, sin_t = self._cos_sin(q.device)
+        if torch.compiler.is_compiling():  # one graph: the gather is fused, nothing to cache
+            cos_t, sin_t = self._cos_sin(positions.device)
+            return positions, cos_t[positions].unsqueeze(1).to(dtype), sin_t[positions].unsqueeze(1).to(dtype)
+        if last is None or last[0] is not positions or last[1].dtype != dtype:
+            cos_t, sin_t = self._cos_sin(positions.device)
             last = (
                 positions,
-                cos_t[positions].unsqueeze(1).to(q.dtype),
-                sin_t[positions].unsqueeze(1).to(q.dtype),
+                cos_t[positions].unsqueeze(1).to(dtype),
+                sin_t[positions].unsqueeze(1).to(dtype),
             )
             self._last = last
-        _, cos, sin = last
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return last
 
     def _forward_triton(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -126,9 +146,13 @@ class RotaryEmbedding(nn.Module):
         return q, k
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """[..., head_dim] -> the two halves of the last dim swapped, in one op (no reshape of the
+    strided qkv view, which would make the compiler specialize a batch of one)."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    if torch.compiler.is_compiling():  # roll checks for an empty tensor: no unbacked batch size
+        return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return torch.roll(x, half, dims=-1)
 
 
 class GatedMLP(nn.Module):

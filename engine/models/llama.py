@@ -39,15 +39,20 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q, k = self.rope(positions, q, k)
+        nh, nkv = self.num_heads, self.num_kv_heads
+        # heads of the fused output, sliced (no view of a strided slice: the compiler would
+        # specialize a batch of one): [tokens, heads + 2 * kv_heads, head_dim]
+        heads = self.qkv_proj(x).view(-1, nh + 2 * nkv, self.head_dim)
+        v = heads[:, nh + nkv :]
+        if self.q_norm is None and not self.rope.use_triton:
+            qk = self.rope.forward_qk(positions, heads[:, : nh + nkv])  # q and k rotated together
+            q, k = qk[:, :nh], qk[:, nh:]
+        else:
+            q, k = heads[:, :nh], heads[:, nh : nh + nkv]
+            if self.q_norm is not None and self.k_norm is not None:
+                q = self.q_norm(q)
+                k = self.k_norm(k)
+            q, k = self.rope(positions, q, k)
         o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
