@@ -58,9 +58,17 @@ class Tally:
 
 
 async def stream(
-    client: httpx.AsyncClient, prompt: str, max_tokens: int, timeout_s: float = 60.0, **extra: Any
+    client: httpx.AsyncClient,
+    prompt: str,
+    max_tokens: int,
+    timeout_s: float = 60.0,
+    live: list[Outcome] | None = None,
+    **extra: Any,
 ) -> Outcome:
+    """One streamed completion; `live` gets its Outcome at once, to watch it while it streams."""
     out = Outcome(prompt)
+    if live is not None:
+        live.append(out)
     body = {
         "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
         "ignore_eos": True, "stream": True, **extra,
@@ -132,9 +140,12 @@ async def load(
     max_tokens: int = 160,
     timeout_s: float = 60.0,
 ) -> list[Outcome]:
-    """Streams all prompts at once; runs `during()` while they stream."""
+    """Streams all prompts at once; runs `during()` while they stream (their Outcomes so far are in
+    cluster["live"])."""
+    live: list[Outcome] = []
+    cluster["live"] = live
     async with httpx.AsyncClient(base_url=cluster["base"], timeout=None) as client:
-        tasks = [asyncio.create_task(stream(client, p, max_tokens, timeout_s)) for p in prompts]
+        tasks = [asyncio.create_task(stream(client, p, max_tokens, timeout_s, live)) for p in prompts]
         if during is not None:
             await during()
         return list(await asyncio.gather(*tasks))

@@ -99,11 +99,7 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, list(procs.values()), timeout=180)
-        deadline = time.monotonic() + 60
-        while r.scard(f"{ns}:workers") < 3:
-            assert time.monotonic() < deadline, "the workers did not register"
-            time.sleep(0.1)
-        time.sleep(1.0)  # the schedulers read the registry again
+        _wait_registered(r, ns, 3)
         yield {
             "base": base, "ns": ns, "redis": r, "procs": procs, "store": store, "proxy": proxy,
             "stall_file": stall_file,
@@ -151,11 +147,7 @@ def restart_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
         r = redis.Redis.from_url(store.url)
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, list(procs.values()), timeout=180)
-        deadline = time.monotonic() + 60
-        while r.scard(f"{ns}:workers") < 2:
-            assert time.monotonic() < deadline, "the workers did not register"
-            time.sleep(0.1)
-        time.sleep(1.0)  # the scheduler reads the registry again
+        _wait_registered(r, ns, 2)
         add: Callable[[str], Proc] = add_worker
         yield {
             "base": base, "ns": ns, "redis": r, "procs": procs, "store": store, "rabbit": rabbit,
@@ -191,3 +183,12 @@ def log_of(cluster: dict[str, Any], name: str) -> str:
 
 def path_of(cluster: dict[str, Any], key: str) -> Path:
     return Path(cluster[key])
+
+
+def _wait_registered(r: redis.Redis, ns: str, workers: int) -> None:
+    """Until `workers` workers are in the registry, then a moment for the schedulers to read it."""
+    deadline = time.monotonic() + 60
+    while r.scard(f"{ns}:workers") < workers:
+        assert time.monotonic() < deadline, "the workers did not register"
+        time.sleep(0.1)
+    time.sleep(1.0)  # the schedulers read the registry again

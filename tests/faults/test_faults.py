@@ -56,6 +56,8 @@ def test_worker_sigkill_midstream_continues_identically(fault_cluster: dict[str,
 
     async def kill_w1() -> None:
         await mid_stream(c, "w1")
+        # the worker has stepped; wait until its tokens have reached the clients too
+        await until(lambda: all(o.chunks > 0 for o in c["live"]), 20, "every stream's first tokens")
         c["procs"]["w1"].p.send_signal(signal.SIGKILL)
 
     tally = _tally("worker SIGKILL mid-stream")
