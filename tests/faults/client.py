@@ -149,3 +149,18 @@ async def load(
         if during is not None:
             await during()
         return list(await asyncio.gather(*tasks))
+
+
+def until_served(
+    cluster: dict[str, Any], prompt: str, max_tokens: int, timeout_s: float, tally: Tally
+) -> None:
+    """Sends `prompt` every 0.5 s until it completes (the services have reconnected); until then
+    each answer must be a clean error. Every try is counted in `tally`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        (after,) = asyncio.run(load(cluster, [prompt], max_tokens=max_tokens))
+        tally.add([after])
+        if after.complete:
+            return
+        assert after.clean_error and time.monotonic() < deadline, after
+        time.sleep(0.5)

@@ -19,7 +19,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.faults.client import Outcome, Tally, figures, load, mid_stream, running, stream, until
+from tests.faults.client import (
+    Outcome,
+    Tally,
+    figures,
+    load,
+    mid_stream,
+    running,
+    stream,
+    until,
+    until_served,
+)
 from tests.faults.conftest import TALLIES, log_of
 
 pytestmark = pytest.mark.integration
@@ -166,14 +176,7 @@ def test_broker_connection_cut_then_restored(fault_cluster: dict[str, Any]) -> N
     assert any(o.clean_error for o in outs), "the cut should have ended some running requests"
     _check_greedy(outs)
     # new requests succeed once every service has reconnected
-    deadline = time.monotonic() + 30
-    while True:
-        (after,) = asyncio.run(load(c, PROMPTS[:1], max_tokens=8))
-        tally.add([after])
-        if after.complete:
-            break
-        assert after.clean_error and time.monotonic() < deadline, after
-        time.sleep(0.5)
+    until_served(c, PROMPTS[0], 8, 30, tally)
     final = asyncio.run(load(c, PROMPTS))
     tally.add(final)
     assert all(o.complete for o in final), final

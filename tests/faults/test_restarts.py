@@ -18,7 +18,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.faults.client import Outcome, Tally, figures, load, mid_stream, running, stream, until
+from tests.faults.client import (
+    Outcome,
+    Tally,
+    figures,
+    load,
+    mid_stream,
+    running,
+    stream,
+    until,
+    until_served,
+)
 from tests.faults.conftest import TALLIES, log_of
 
 pytestmark = pytest.mark.integration
@@ -147,14 +157,7 @@ def test_broker_restart_running_requests_end_cleanly_and_new_ones_succeed(
     _check_greedy(outs, LONG)
     _check_greedy(during, SHORT)
     # new requests succeed once every service has reconnected
-    deadline = time.monotonic() + 60
-    while True:
-        (after,) = asyncio.run(load(c, PROMPTS[:1], max_tokens=SHORT))
-        tally.add([after])
-        if after.complete:
-            break
-        assert after.clean_error and time.monotonic() < deadline, after
-        time.sleep(0.5)
+    until_served(c, PROMPTS[0], SHORT, 60, tally)
     recovered = time.monotonic() - took["t0"]
     final = asyncio.run(load(c, PROMPTS, max_tokens=SHORT))
     tally.add(final)
