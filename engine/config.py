@@ -79,6 +79,11 @@ class EngineConfig:
                 "--compile runs on the CPU with the torch attention backend; on a GPU decode steps "
                 "run in CUDA graphs already (drop --compile)"
             )
+        if self.compile and self.quantization == "int8":
+            raise ValueError(
+                "--compile cannot trace --quantization int8 (its weights are packed for fbgemm, "
+                "opaque to torch.compile); drop one of them, or use --quantization int4 --compile"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
 

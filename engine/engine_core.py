@@ -21,6 +21,7 @@ from engine.kv_cache_manager import KVCacheManager
 from engine.loader import Checkpoint, load_checkpoint
 from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.models import build_model
+from engine.onednn_linear import onednn_bf16_available, pack_linears
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.quantization import quantize_linears, resolve_quantization
 from engine.request import Request, check_prompt_ids
@@ -47,6 +48,7 @@ class CoreCounters:
     kv_live_tokens: int = 0  # tokens stored in the KV blocks in use (a shared block once)
     kv_used_slots: int = 0  # blocks in use x block size
     kv_live_token_ratio: float = 0.0  # kv_live_tokens / kv_used_slots (0.0 when idle)
+    num_prefilling: int = 0  # running sequences without a first token yet
 
 
 @dataclass
@@ -83,15 +85,19 @@ class EngineCore:
             model.lm_head.weight = model.embed_tokens.weight
         model.load_weights(ckpt.weights())
         self.model = model.to(self.dtype).eval()
+        packed = 0
         if self.quantization != "none":
             quantize_linears(self.model, self.quantization)
+        elif self.device.type == "cpu" and self.dtype == torch.bfloat16 and onednn_bf16_available():
+            packed = pack_linears(self.model)
         logger.info(
-            "loaded %s (%s, %d layers) as %s%s on %s in %.1fs",
+            "loaded %s (%s, %d layers) as %s%s%s on %s in %.1fs",
             self.model_name,
             arch.architecture,
             arch.num_layers,
             self.dtype,
             f" with {self.quantization} linears" if self.quantization != "none" else "",
+            f" ({packed} linears packed for oneDNN)" if packed else "",
             self.device,
             time.perf_counter() - t0,
         )
@@ -207,6 +213,7 @@ class EngineCore:
             kv_live_tokens=self.kv.live_tokens(),
             kv_used_slots=self.kv.pool.num_used_blocks * self.kv.block_size,
             kv_live_token_ratio=self.kv.live_token_ratio(),
+            num_prefilling=self.scheduler.num_prefilling,
         )
 
     # -- the step ------------------------------------------------------------------------------

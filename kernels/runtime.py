@@ -51,7 +51,15 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def dot_upcast() -> bool:
-    """The interpreter computes bf16 `tl.dot` wrongly (Triton 3.x): kernels upcast their dot
-    operands to float32 there. On a GPU they feed the tensor cores in the input dtype."""
-    return interpreting()
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """Whether kernels compute their `tl.dot`s in float32 (IEEE, not tf32): always under the
+    interpreter, which computes bf16 `tl.dot` wrongly (Triton 3.x), and for float32 inputs on a
+    GPU, where Triton's default would round them to tf32 (~1e-3 relative error). On a GPU, half
+    inputs feed the tensor cores as they are."""
+    return interpreting() or dtype == torch.float32
+
+
+def launch_options(num_warps: int | None, num_stages: int | None) -> dict[str, int]:
+    """The Triton launch options a launcher was given (None: Triton's default)."""
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    return {name: val for name, val in opts.items() if val is not None}

@@ -79,7 +79,13 @@ class RandomCheckpoint:
 
 
 def decode_throughput(
-    device: torch.device, batch: int, prompt_len: int, output_len: int, backend: str, enforce_eager: bool
+    device: torch.device,
+    batch: int,
+    prompt_len: int,
+    output_len: int,
+    backend: str,
+    enforce_eager: bool,
+    quantization: str = "none",
 ) -> tuple[str, float, int]:
     """(model name, decode tokens/s over decode-only steps, decode steps timed)."""
     from engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -92,6 +98,7 @@ def decode_throughput(
         device=device.type,
         attention_backend=backend,
         enforce_eager=enforce_eager,
+        quantization=quantization,
         max_model_len=prompt_len + output_len + 16,
         cache=CacheConfig(
             enable_prefix_caching=False, kv_cache_memory=None if device.type == "cuda" else 1 << 26

@@ -35,11 +35,14 @@ _PARTS = (
     ("llama.py", "LlamaForCausalLM", "model (embed, final norm)"),
     ("attention.py", "", "attention backend (KV write, gather, mask, SDPA)"),
     ("quantization.py", "", "linears (quantized)"),
+    ("onednn_linear.py", "", "linears (oneDNN-packed)"),
     ("sampler.py", "SamplingMetadata", "sampler metadata"),
     ("sampler.py", "", "sampler"),
     ("model_runner.py", "", "runner bookkeeping"),
     ("compiled_decode.py", "", "compiled forward"),
 )
+# the namespaces of the ops counted (custom ops and oneDNN's linear are not under aten::)
+_OPS = ("aten::", "mkldnn::", "quantized::", "pagoda::")
 _FRAME = re.compile(r"^(.*\.py)\((\d+)\): (\S+)$")
 
 
@@ -108,6 +111,8 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
         quantization=args.quantization,
         cache=CacheConfig(enable_prefix_caching=False, kv_cache_memory=1 << 28),
         compile=args.compile,
+        # the model's own limit may not fit the KV budget (float32 under int8)
+        max_model_len=args.input_len + args.steps + args.profile_steps + 64,
     )
     t0 = time.perf_counter()
     core = EngineCore(config)
@@ -133,16 +138,19 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
     with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
         for _ in range(args.profile_steps):
             core.step()
-    events = [e for e in prof.events() if e.name.startswith("aten::")]
-    top = [e for e in events if not _has_aten_parent(e)]
+    events = [e for e in prof.events() if e.name.startswith(_OPS)]
+    top = [e for e in events if not _has_op_parent(e)]
     n = args.profile_steps
     by_part: Counter[str] = Counter()
     ops_by_part: Counter[str] = Counter()
+    ops: Counter[str] = Counter()
+    op_time: Counter[str] = Counter()
     for e in top:
         part = _part(e)
         by_part[part] += e.cpu_time_total
         ops_by_part[part] += 1
-    ops: Counter[str] = Counter(e.name for e in top)
+        ops[e.name] += 1
+        op_time[e.name] += e.cpu_time_total
     result = {
         "dtype": str(core.dtype),
         "quantization": core.quantization,
@@ -154,11 +162,12 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
         "step_ms_mean": round(statistics.fmean(times) * 1e3, 2),
         "step_ms_min": round(min(times) * 1e3, 2),
         "cpu_ms_per_step_p50": round(statistics.median(cpu) * 1e3, 2),
-        "aten_top_level_per_step": len(top) / n,
-        "aten_all_per_step": len(events) / n,
+        "ops_top_level_per_step": len(top) / n,
+        "ops_all_per_step": len(events) / n,
         "profiled_ms_per_step_by_part": {k: round(v / n / 1e3, 2) for k, v in by_part.most_common()},
         "top_level_ops_per_step_by_part": {k: v / n for k, v in ops_by_part.most_common()},
         "top_ops_per_step": {k: v / n for k, v in ops.most_common(15)},
+        "profiled_ms_per_step_by_op": {k: round(v / n / 1e3, 2) for k, v in op_time.most_common(8)},
     }
     if args.json:
         print(json.dumps(result))
@@ -168,10 +177,10 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _has_aten_parent(e: Any) -> bool:
+def _has_op_parent(e: Any) -> bool:
     p = e.cpu_parent
     while p is not None:
-        if p.name.startswith("aten::"):
+        if p.name.startswith(_OPS):
             return True
         p = p.cpu_parent
     return False

@@ -11,6 +11,7 @@ from kernels.activation import silu_and_mul
 from kernels.reference import rms_norm_ref, rotary_ref, silu_and_mul_ref
 from kernels.rms_norm import rms_norm
 from kernels.rotary import cos_sin_table, rotary_embedding
+from tests.kernels import DEV
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -25,9 +26,9 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("fused", [False, True])
 def test_rms_norm(dtype: torch.dtype, hidden: int, fused: bool) -> None:
     g = torch.Generator().manual_seed(hidden)
-    x = torch.randn(5, hidden, generator=g).to(dtype)
-    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
-    res = torch.randn(5, hidden, generator=g).to(dtype) if fused else None
+    x = torch.randn(5, hidden, generator=g).to(dtype).to(DEV)
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype).to(DEV)
+    res = torch.randn(5, hidden, generator=g).to(dtype).to(DEV) if fused else None
     out, new_res = rms_norm(x, w, 1e-5, res)
     want, want_res = rms_norm_ref(x, w, 1e-5, res)
     _close(out, want, dtype)
@@ -42,11 +43,11 @@ def test_rms_norm(dtype: torch.dtype, hidden: int, fused: bool) -> None:
 
 def test_rms_norm_one_row_and_per_head() -> None:
     """One token; and Qwen3's per-head norm over a strided view of the qkv output."""
-    x = torch.randn(1, 64)
-    w = torch.randn(64)
+    x = torch.randn(1, 64, device=DEV)
+    w = torch.randn(64, device=DEV)
     torch.testing.assert_close(rms_norm(x, w, 1e-6)[0], rms_norm_ref(x, w, 1e-6)[0])
-    q = torch.randn(3, 4 * 32 + 64)[:, :128].view(3, 4, 32)
-    w = torch.randn(32)
+    q = torch.randn(3, 4 * 32 + 64, device=DEV)[:, :128].view(3, 4, 32)
+    w = torch.randn(32, device=DEV)
     torch.testing.assert_close(rms_norm(q, w, 1e-6)[0], rms_norm_ref(q, w, 1e-6)[0])
 
 
@@ -55,12 +56,12 @@ def test_rms_norm_one_row_and_per_head() -> None:
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 1, 64), (8, 2, 80), (3, 3, 16)])
 def test_rotary(dtype: torch.dtype, neox: bool, heads: int, kv_heads: int, head_dim: int) -> None:
     scaling = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}
-    table = cos_sin_table(rope_inv_freq(head_dim, 500000.0, scaling), 300, torch.device("cpu"))
+    table = cos_sin_table(rope_inv_freq(head_dim, 500000.0, scaling), 300, DEV)
     g = torch.Generator().manual_seed(head_dim)
-    qkv = torch.randn(6, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    qkv = torch.randn(6, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype).to(DEV)
     q = qkv[:, : heads * head_dim].view(6, heads, head_dim)
     k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(6, kv_heads, head_dim)
-    positions = torch.tensor([0, 1, 63, 64, 65, 299])
+    positions = torch.tensor([0, 1, 63, 64, 65, 299], device=DEV)
     want_q, want_k = rotary_ref(positions, q, table, neox), rotary_ref(positions, k, table, neox)
     v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
     rotary_embedding(positions, q, k, table, neox)
@@ -76,14 +77,15 @@ def test_rotary_matches_the_model_layer() -> None:
     rope = RotaryEmbedding(32, 128, 10000.0, {"rope_type": "linear", "factor": 2.0})
     q, k = torch.randn(4, 2, 32), torch.randn(4, 1, 32)
     pos = torch.tensor([0, 5, 17, 127])
-    want_q, want_k = rope(pos, q, k)
-    rotary_embedding(pos, q, k, cos_sin_table(rope.inv_freq, 128, torch.device("cpu")))
-    torch.testing.assert_close(q, want_q)
-    torch.testing.assert_close(k, want_k)
+    want_q, want_k = rope(pos, q, k)  # on the CPU
+    q, k, pos = q.to(DEV), k.to(DEV), pos.to(DEV)
+    rotary_embedding(pos, q, k, cos_sin_table(rope.inv_freq, 128, DEV))
+    torch.testing.assert_close(q.cpu(), want_q)
+    torch.testing.assert_close(k.cpu(), want_k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("tokens", "inter"), [(1, 96), (3, 1500)])
 def test_silu_and_mul(dtype: torch.dtype, tokens: int, inter: int) -> None:
-    x = torch.randn(tokens, 2 * inter).to(dtype)
+    x = torch.randn(tokens, 2 * inter).to(dtype).to(DEV)
     _close(silu_and_mul(x), silu_and_mul_ref(x), dtype)

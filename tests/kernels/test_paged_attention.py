@@ -9,6 +9,7 @@ import torch
 from kernels.kv_cache import reshape_and_cache
 from kernels.paged_attention import paged_decode, unified_attention
 from kernels.reference import paged_attention_ref, reshape_and_cache_ref
+from tests.kernels import DEV
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -36,7 +37,8 @@ def _setup(
         tables[i, :n] = perm[i * max_blocks : i * max_blocks + n]
     q = torch.randn(sum(q_lens), kv_heads * group, head_dim, generator=g).to(dtype)
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    return q, k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32), qsl
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    return tuple(t.to(DEV) for t in (q, k_cache, v_cache, tables, sl, qsl))
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
@@ -99,10 +101,10 @@ def test_unified_mixed_batch(dtype: torch.dtype, group: int, head_dim: int, bloc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reshape_and_cache(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
-    k = torch.randn(7, 2, 80, generator=g).to(dtype)
-    v = torch.randn(7, 2, 80, generator=g).to(dtype)
-    slots = torch.tensor([0, 15, 16, 17, 40, -1, 63])  # block edges, and one padding token
-    caches = [torch.zeros(4, 16, 2, 80, dtype=dtype) for _ in range(4)]
+    k = torch.randn(7, 2, 80, generator=g).to(dtype).to(DEV)
+    v = torch.randn(7, 2, 80, generator=g).to(dtype).to(DEV)
+    slots = torch.tensor([0, 15, 16, 17, 40, -1, 63], device=DEV)  # block edges, and one padding token
+    caches = [torch.zeros(4, 16, 2, 80, dtype=dtype, device=DEV) for _ in range(4)]
     reshape_and_cache(k, v, caches[0], caches[1], slots)
     reshape_and_cache_ref(k, v, caches[2], caches[3], slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
@@ -111,9 +113,9 @@ def test_reshape_and_cache(dtype: torch.dtype) -> None:
 
 def test_reshape_and_cache_from_fused_qkv() -> None:
     """K/V are strided views of the qkv projection's output, as in the model."""
-    qkv = torch.randn(5, 4 * 16 + 2 * 2 * 16)
+    qkv = torch.randn(5, 4 * 16 + 2 * 2 * 16, device=DEV)
     k = qkv[:, 64:96].view(5, 2, 16)
     v = qkv[:, 96:].view(5, 2, 16)
-    kc, vc = torch.zeros(2, 4, 2, 16), torch.zeros(2, 4, 2, 16)
-    reshape_and_cache(k, v, kc, vc, torch.tensor([7, 0, 3, 4, 1]))
+    kc, vc = torch.zeros(2, 4, 2, 16, device=DEV), torch.zeros(2, 4, 2, 16, device=DEV)
+    reshape_and_cache(k, v, kc, vc, torch.tensor([7, 0, 3, 4, 1], device=DEV))
     assert torch.equal(kc.view(-1, 2, 16)[7], k[0]) and torch.equal(vc.view(-1, 2, 16)[4], v[3])

@@ -7,6 +7,7 @@ import torch
 
 from kernels.quant_gemm import quant_matmul, quantize_weight
 from kernels.reference import dequantize_ref, quant_matmul_ref
+from tests.kernels import DEV
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -16,7 +17,9 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
     [
         (torch.float32, 4, True, 1),
         (torch.float32, 4, False, 5),
-        (torch.float16, 4, True, 16),
+        (torch.float16, 4, True, 16),  # int4 x half: the bit-trick kernel (also on the CPU)
+        (torch.float16, 4, False, 2),
+        (torch.bfloat16, 4, True, 1),  # the bit-trick kernel on a GPU (the interpreter: the other)
         (torch.bfloat16, 4, False, 3),
         (torch.float32, 8, True, 17),
         (torch.float16, 8, False, 1),
@@ -24,11 +27,11 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 )
 def test_quant_matmul(dtype: torch.dtype, bits: int, symmetric: bool, m: int) -> None:
     g = torch.Generator().manual_seed(m + bits)
-    weight = torch.randn(72, 256, generator=g)  # N = 72: a partial N tile; K = 2 groups of 128
+    weight = torch.randn(72, 256, generator=g).to(DEV)  # N = 72: a partial N tile; K = 2 groups of 128
     qw = quantize_weight(
         weight, bits, 128, symmetric, scale_dtype=dtype if dtype != torch.float32 else torch.float16
     )
-    x = torch.randn(m, 256, generator=g).to(dtype)
+    x = torch.randn(m, 256, generator=g).to(dtype).to(DEV)
     got = quant_matmul(x, qw)
     want = quant_matmul_ref(x, qw.qweight, qw.scales, qw.zeros, bits, 128)
     scale = want.float().abs().max()
@@ -36,10 +39,36 @@ def test_quant_matmul(dtype: torch.dtype, bits: int, symmetric: bool, m: int) ->
 
 
 @pytest.mark.parametrize(
+    ("split_k", "kernel", "symmetric"),
+    [
+        (1, "gemv", False),
+        (2, "convert", False),
+        (4, "magic", False),
+        (8, "magic", False),
+        (2, "gemv", False),
+        (1, "gemv", True),  # the zero point 8 of symmetric groups
+        (4, "magic", True),
+    ],
+)
+def test_quant_matmul_split_k(split_k: int, kernel: str, symmetric: bool) -> None:
+    """Each int4 kernel, K in slices summed in float32 (8 slices of 512: more than K's 4 tiles of
+    128, so the launcher halves it to 4)."""
+    g = torch.Generator().manual_seed(split_k)
+    weight = torch.randn(40, 512, generator=g).to(DEV)
+    qw = quantize_weight(weight, 4, 128, symmetric, scale_dtype=torch.float16)
+    x = torch.randn(3, 512, generator=g).to(torch.float16).to(DEV)
+    got = quant_matmul(x, qw, split_k=split_k, kernel=kernel)
+    want = quant_matmul_ref(x, qw.qweight, qw.scales, qw.zeros, 4, 128)
+    scale = want.float().abs().max()
+    torch.testing.assert_close(got.float() / scale, want.float() / scale, atol=2e-3, rtol=0)
+    assert torch.equal(got, quant_matmul(x, qw, split_k=split_k, kernel=kernel))  # deterministic
+
+
+@pytest.mark.parametrize(
     ("bits", "symmetric", "max_err"), [(4, True, 0.15), (4, False, 0.15), (8, True, 0.01), (8, False, 0.01)]
 )
 def test_quantize_round_trip(bits: int, symmetric: bool, max_err: float) -> None:
-    weight = torch.randn(32, 256)
+    weight = torch.randn(32, 256, device=DEV)
     qw = quantize_weight(weight, bits, 128, symmetric, scale_dtype=torch.float32)
     deq = dequantize_ref(qw.qweight, qw.scales, qw.zeros, bits, 128).t()
     rel = (deq - weight).abs().mean() / weight.abs().mean()
@@ -53,9 +82,9 @@ def test_quant_linear_module() -> None:
 
     from kernels.quant_gemm import QuantLinear
 
-    lin = nn.Linear(256, 40, bias=True).to(torch.float16)
+    lin = nn.Linear(256, 40, bias=True).to(torch.float16).to(DEV)
     q = QuantLinear(lin, bits=4)
-    x = torch.randn(2, 3, 256).to(torch.float16)
+    x = torch.randn(2, 3, 256).to(torch.float16).to(DEV)
     got = q(x)
     assert got.shape == (2, 3, 40) and got.dtype == torch.float16
     rel = (got.float() - lin(x).float()).norm() / lin(x).float().norm()

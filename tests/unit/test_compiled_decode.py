@@ -55,6 +55,12 @@ def test_compile_needs_the_torch_backend() -> None:
         EngineConfig(compile=True, attention_backend="triton")
 
 
+def test_compile_with_int8_is_a_clear_error() -> None:
+    """fbgemm's packed int8 weights are opaque to dynamo: the flags are refused before loading."""
+    with pytest.raises(ValueError, match="--compile cannot trace --quantization int8"):
+        EngineConfig(compile=True, quantization="int8")
+
+
 def test_compile_flag_reaches_the_config() -> None:
     from engine.llm import make_engine_config
     from services.cli import build_parser, engine_kwargs
