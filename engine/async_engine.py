@@ -13,7 +13,7 @@ import sys
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from engine.config import EngineConfig
 from engine.engine_core import CoreCounters, EngineCore, StepStats
@@ -31,6 +31,8 @@ class EngineDeadError(RuntimeError):
 
 # Called on the sink's event loop after every step: (outputs, block hashes stored, evicted).
 StepSink = Callable[[list[RequestOutput], list[bytes], list[bytes]], None]
+# Called on the sink's event loop when the step thread refuses a submitted request: (id, why).
+RejectSink = Callable[[str, ValueError], None]
 
 
 class StepCore(Protocol):
@@ -68,6 +70,39 @@ class StepCore(Protocol):
     def counters(self) -> CoreCounters: ...
 
 
+T = TypeVar("T")
+
+
+def build_off_main_thread(build: Callable[[], T]) -> T:
+    """`build()` (loading a model: every large torch op) run in a thread of its own that then
+    exits; its result returned, its exception raised.
+
+    Why: GNU OpenMP keeps a thread pool for each thread that ever ran a parallel region, and once
+    the pools hold more threads than there are cores it stops spin-waiting between regions, so
+    every small op of the step thread waits for a futex wake-up. Measured on 2 cores: a 16-row
+    bf16 linear took 0.075 ms in a step thread, 0.19 ms once another thread had run a parallel op
+    (a served 16-stream decode step 72 ms against 48 offline: the services loaded the model in an
+    `asyncio.to_thread` worker, which lives on in the loop's executor). A pool dies with its
+    thread: loading here leaves the step thread's pool the only one. No other thread of a serving
+    process may run large torch ops afterwards."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(build())
+        except BaseException as exc:  # raised again in the caller
+            error.append(exc)
+
+    # a daemon: a SIGTERM that ends the main thread during a long load (--compile) is not held up
+    thread = threading.Thread(target=run, name="pagoda-load", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
 class AsyncEngine:
     def __init__(self, core: StepCore) -> None:
         self.core = core
@@ -83,11 +118,13 @@ class AsyncEngine:
         self._stopping = False
         self._dead: BaseException | None = None
         self._sink: tuple[asyncio.AbstractEventLoop, StepSink] | None = None
+        self._reject: RejectSink | None = None
+        self._sink_failed = False
         self.steps = 0
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
-        return cls(EngineCore(config))
+        return cls(build_off_main_thread(lambda: EngineCore(config)))
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -110,10 +147,12 @@ class AsyncEngine:
     def is_ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._dead is None
 
-    def set_sink(self, sink: StepSink) -> None:
+    def set_sink(self, sink: StepSink, reject: RejectSink | None = None) -> None:
         """Send every step's outputs (and prefix-cache events) to `sink` on the caller's loop,
-        instead of per-request iterators: how a worker publishes one message per gateway."""
+        instead of per-request iterators: how a worker publishes one message per gateway. A
+        submitted request that the core refuses when it takes it in goes to `reject`."""
         self._sink = (asyncio.get_running_loop(), sink)
+        self._reject = reject
 
     def submit(
         self,
@@ -189,25 +228,36 @@ class AsyncEngine:
 
     # -- the step thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the engine's state is unknown now: fail everything
+            logger.exception("engine step failed")
+            self._dead = exc
+            self._fail_all(EngineDeadError(f"engine step failed: {exc}"))
+
+    def _loop(self) -> None:
+        """Every exception here ends the thread through `_run`, the engine marked dead: a thread
+        that died quietly would leave its requests running forever in the worker's eyes."""
         core = self.core
-        while not self._stopping:
+        while not self._stopping and self._dead is None:
             self._drain_inbox()
             if not core.has_unfinished():
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
-            try:
-                outputs = core.step()
-            except BaseException as exc:  # the engine's state is unknown now: fail everything
-                logger.exception("engine step failed")
-                self._dead = exc
-                self._fail_all(EngineDeadError(f"engine step failed: {exc}"))
-                return
-            self.steps += 1
+            outputs = core.step()
             self._deliver(outputs)
             if self._sink is not None:
                 stored, evicted = core.kv.pool.drain_events()
-                self._sink[0].call_soon_threadsafe(self._sink[1], outputs, stored, evicted)
+                self._sink[0].call_soon_threadsafe(self._to_sink, outputs, stored, evicted)
+            if core.last_stats.num_scheduled_tokens:
+                self.steps += 1
+            else:
+                # Requests wait but none could be scheduled (no KV room, nothing running to free
+                # any): not progress, which the worker's stall check must see (counted, it looked
+                # healthy forever), and no reason to spin; an abort or a new request wakes us.
+                self._wake.wait(0.05)
+                self._wake.clear()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -225,7 +275,23 @@ class AsyncEngine:
                 aborted = self.core.abort([arg])
                 self._deliver(aborted)
                 if self._sink is not None and aborted:
-                    self._sink[0].call_soon_threadsafe(self._sink[1], aborted, [], [])
+                    self._sink[0].call_soon_threadsafe(self._to_sink, aborted, [], [])
+
+    def _to_sink(self, outputs: list[RequestOutput], stored: list[bytes], evicted: list[bytes]) -> None:
+        """On the sink's loop. A sink that raises lost a step's outputs: its requests would wait
+        forever for them, so the engine stops (the worker reports it and its requests move). The
+        steps already taken after that one are dropped too: their tokens would follow a gap."""
+        assert self._sink is not None
+        if self._sink_failed:
+            return
+        try:
+            self._sink[1](outputs, stored, evicted)
+        except Exception as exc:
+            logger.exception("the step sink failed; stopping the engine")
+            self._sink_failed = True
+            if self._dead is None:
+                self._dead = exc
+                self._wake.set()
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, dict[str, list[RequestOutput]]] = defaultdict(
@@ -241,11 +307,15 @@ class AsyncEngine:
             batch = [(targets[rid], outs) for rid, outs in per_request.items()]
             loop.call_soon_threadsafe(_put_all, batch)
 
-    def _deliver_error(self, request_id: str, exc: BaseException) -> None:
+    def _deliver_error(self, request_id: str, exc: ValueError) -> None:
         with self._lock:
             stream = self._streams.get(request_id)
         if stream is not None:
             stream[0].call_soon_threadsafe(stream[1].put_nowait, exc)
+        elif self._sink is not None and self._reject is not None:
+            self._sink[0].call_soon_threadsafe(self._reject, request_id, exc)
+        else:
+            logger.warning("request %s refused with nobody to tell: %s", request_id, exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:

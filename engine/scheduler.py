@@ -81,6 +81,9 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()
         self.num_preemptions = 0
+        # running requests without an output token yet (their prefill is in the step in progress,
+        # or more of its chunks are to come); set on the step thread, read by the worker's admission
+        self.num_prefilling = 0
 
     # -- requests in and out ---------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -101,6 +104,7 @@ class Scheduler:
                 self.waiting.remove(req)
             self._finish(req, reason)
             done.append(req)
+        self.num_prefilling = self._count_prefilling()
         return done
 
     def has_unfinished(self) -> bool:
@@ -181,6 +185,7 @@ class Scheduler:
             )
             budget -= n
 
+        self.num_prefilling = self._count_prefilling()
         finished = self._finished_ids | {r.request_id for r in preempted}
         self._finished_ids = set()
         return SchedulerOutput(
@@ -214,9 +219,13 @@ class Scheduler:
         for req in stopped:
             self.running.remove(req)
             self._finish(req, req.finish_reason or "stop")
+        self.num_prefilling = self._count_prefilling()
         return changed
 
     # -- internals --------------------------------------------------------------------------
+    def _count_prefilling(self) -> int:
+        return sum(1 for r in self.running if r.num_output_tokens == 0)
+
     def _check_stop(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
         if req.num_output_tokens >= p.min_tokens:

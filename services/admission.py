@@ -15,6 +15,13 @@ through a saturated fleet. Three places apply the same rule, each with what it k
   sends the request to the least loaded, which decides;
 - the worker (`WorkerService`): its engine's own running and waiting sequences, exact: a request
   beyond its slots plus queue cap is rejected (503 + Retry-After).
+
+With no queue (cap 0) the worker also refuses a request that would wait behind another one's
+prefill: while a busy batch (some sequences decoding) runs a step that prefills others. The
+request would start only after that step, then prefill in a step of its own: on a CPU worker two
+prefill-sized steps, twice an unloaded TTFT. Requests that arrive between steps start together at
+the next one, and an engine that only prefills (a burst into an idle worker) takes all it has slots
+for.
 """
 
 from __future__ import annotations
@@ -65,11 +72,18 @@ def queued(state: WorkerState, extra: int = 0) -> int:
     return max(0, state.num_running + state.num_waiting + extra - state.max_num_seqs)
 
 
+def behind_a_prefill(state: WorkerState) -> bool:
+    """Whether a request arriving now would wait for a step that prefills others in a busy batch."""
+    return 0 < state.num_prefilling < state.num_running
+
+
 def has_room(
     state: WorkerState, limits: AdmissionLimits, priority: int, extra: int = 0, seqs: int = 1
 ) -> bool:
     """Whether `state` can take `seqs` more sequences (with `extra` already sent its way)."""
     cap = limits.queue_cap(priority)
+    if cap == 0 and behind_a_prefill(state):
+        return False
     return cap is None or queued(state, extra + seqs) <= cap
 
 

@@ -6,6 +6,8 @@
   Removing the file lets the step finish.
 - `step_delay_s=0.01`: every engine step takes that much longer (a slow model), so that a tiny
   model's streams are still running when a test breaks something.
+- `step_error_file=/path`: while that file exists, the engine step raises (a CUDA error, say): the
+  engine stops for good and the worker must hand its requests on, then exit.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 logger = logging.getLogger("pagoda.failpoints")
 
-KNOWN = ("stall_file", "step_delay_s")
+KNOWN = ("stall_file", "step_delay_s", "step_error_file")
 
 
 def parse(spec: str) -> dict[str, str]:
@@ -45,11 +47,14 @@ def install_failpoints(core: Any) -> None:
     """Wrap `core.step` as the environment asks (nothing when PAGODA_FAILPOINTS is unset)."""
     points = parse(os.environ.get("PAGODA_FAILPOINTS", ""))
     stall_file = points.get("stall_file")
+    error_file = points.get("step_error_file")
     delay = float(points.get("step_delay_s", 0))
-    if stall_file is None and not delay:
+    if stall_file is None and error_file is None and not delay:
         return
     if stall_file is not None:
         logger.warning("failpoint: engine steps block while %s exists", stall_file)
+    if error_file is not None:
+        logger.warning("failpoint: engine steps raise while %s exists", error_file)
     if delay:
         logger.warning("failpoint: every engine step takes %.3fs longer", delay)
     step = core.step
@@ -57,6 +62,8 @@ def install_failpoints(core: Any) -> None:
     def failing_step() -> Any:
         while stall_file is not None and os.path.exists(stall_file):
             time.sleep(0.05)
+        if error_file is not None and os.path.exists(error_file):
+            raise RuntimeError(f"failpoint: step error ({error_file} exists)")
         if delay and core.has_unfinished():
             time.sleep(delay)
         return step()

@@ -172,7 +172,10 @@ class BusFrontend:
         assert self.registry is not None
         while True:
             await asyncio.sleep(self.registry.heartbeat_s / 2)
-            await self._check_workers()
+            try:
+                await self._check_workers()
+            except Exception:  # this loop moves lost workers' requests: it must outlive any bug
+                logger.exception("gateway: checking the workers failed")
 
     async def submit(
         self,

@@ -89,8 +89,7 @@ def run_roles(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
     if len(roles) == 1 and (not bus_url or bus_url.startswith("memory")):
         raise ValueError(f"`pagoda {roles[0]}` runs alone: give it --bus amqp://... and --store redis://...")
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(_main(args, roles, bus_url, store_url))
-    return 0
+        return runner.run(_main(args, roles, bus_url, store_url))
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -108,7 +107,10 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 async def _main(
     args: argparse.Namespace, roles: tuple[str, ...], bus_url: str | None, store_url: str | None
-) -> None:
+) -> int:
+    """Runs the services until SIGTERM/SIGINT (returns 0) or until one fails for good, e.g. a
+    worker whose engine stopped on an error (returns 1: its supervisor restarts it; `/health`
+    would otherwise keep answering 200 for a process that can serve nothing)."""
     tracing.setup("pagoda" if len(roles) > 1 else f"pagoda-{roles[0]}", getattr(args, "otlp_endpoint", None))
     bus: Bus = make_bus(bus_url) if bus_url else InMemoryBus()
     store: Store = make_store(store_url, prefix=f"{args.namespace}:") if store_url else InMemoryStore()
@@ -135,6 +137,22 @@ async def _main(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, request_stop, sig)
+    failure: asyncio.Task[None] | None = None
+    failed: list[str] = []
+
+    async def watch_failures(events: dict[str, asyncio.Event]) -> None:
+        waits = {asyncio.create_task(event.wait()): name for name, event in events.items()}
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        failed.extend(waits[t] for t in done)
+        logger.error("%s failed for good; stopping with exit code 1", ", ".join(failed))
+        stop.set()
+        if server is not None:
+            server.should_exit = True
+
     try:
         api_keys = _api_keys(args) if "gateway" in roles else None
         # loading runs off the event loop, so the broker connection keeps its heartbeats meanwhile
@@ -182,6 +200,13 @@ async def _main(
             services += [frontend, fleet]
         for svc in services:
             await svc.start()
+        events = {
+            f"{type(svc).__name__} {getattr(svc, 'worker_id', '')}".strip(): event
+            for svc in services
+            if isinstance(event := getattr(svc, "failed", None), asyncio.Event)
+        }
+        if events:
+            failure = asyncio.create_task(watch_failures(events), name="failure-watch")
         if metrics_port is not None:
             started = list(services)
             metrics_server = metrics.serve(
@@ -216,6 +241,8 @@ async def _main(
             logger.info("running %s", ", ".join(roles))
             await stop.wait()
     finally:
+        if failure is not None:
+            failure.cancel()
         for svc in services:
             drain = getattr(svc, "drain", None)
             if drain is not None and stop.is_set():
@@ -229,6 +256,7 @@ async def _main(
         await _bounded(store.close(), "closing the store connection")
         await asyncio.to_thread(tracing.shutdown)
         logger.info("stopped")
+    return 1 if failed else 0
 
 
 CLOSE_TIMEOUT_S = 5.0
@@ -252,7 +280,7 @@ def _shutdown_timeout(args: argparse.Namespace) -> float:
 def _worker(
     args: argparse.Namespace, bus: Bus, store: Store, heartbeat: float, queues: Queues, metrics: Metrics
 ) -> _Service:
-    from engine.async_engine import AsyncEngine, StepCore
+    from engine.async_engine import AsyncEngine, StepCore, build_off_main_thread
     from engine.engine_core import EngineCore
     from engine.llm import make_engine_config
     from services.failpoints import install_failpoints
@@ -267,7 +295,8 @@ def _worker(
                         seed=args.seed)  # fmt: skip
         core = SimCore(model.tokenizer, model.name, model.max_model_len, sim, model.default_sampling)
     else:
-        core = EngineCore(make_engine_config(args.model, **engine_kwargs(args)))
+        config = make_engine_config(args.model, **engine_kwargs(args))
+        core = build_off_main_thread(lambda: EngineCore(config))  # see its docstring: OpenMP pools
     install_failpoints(core)
     return WorkerService(
         AsyncEngine(core),

@@ -297,9 +297,7 @@ class Metrics:
         """The registry in Prometheus' text format (CONTENT_TYPE_LATEST)."""
         return generate_latest(self.registry)
 
-    def serve(
-        self, port: int, host: str = "0.0.0.0", ready: Callable[[], bool] | None = None
-    ) -> _HTTPServer:
+    def serve(self, port: int, host: str = "0.0.0.0", ready: Callable[[], bool] | None = None) -> _HTTPServer:
         """Serve GET /metrics, /health (the process answers) and /health/ready (`ready()`; a
         draining or stalled worker is not ready) on its own port, from a thread, for processes
         without a gateway; Kubernetes probes these. Always the classic text format, as the gateway

@@ -21,6 +21,7 @@ class WorkerState:
     num_waiting: int = 0
     kv_usage: float = 0.0  # fraction of KV blocks in use
     max_num_seqs: int = 256
+    num_prefilling: int = 0  # running sequences without a first token (known to the worker itself)
 
     @property
     def load(self) -> float:

@@ -6,10 +6,12 @@ tokens of all that gateway's requests. It heartbeats its load to the store and p
 block hashes it caches and evicts, which is what the scheduler's prefix router reads.
 
 Its heartbeat carries a `state`: "ready"; "stalled" when requests wait but the step loop has not
-advanced for `stall_timeout_s` (the scheduler stops routing to it and gateways move its requests
-elsewhere); "draining" after `drain()` (SIGTERM): it finishes what it runs, hands requests that
-still arrive back to the scheduler, then deregisters. When the store lost its record of this
-worker (a Redis restart), the next heartbeat republishes its whole prefix-cache index.
+advanced for `stall_timeout_s`, or its engine stopped after an error (the scheduler stops routing
+to it and gateways move its requests elsewhere), draining or not; "draining" after `drain()`
+(SIGTERM): it finishes what it runs, hands requests that still arrive back to the scheduler, then
+deregisters. When the store lost its record of this worker (a Redis restart), the next heartbeat
+republishes its whole prefix-cache index. A worker whose engine stopped sets `failed` a few
+heartbeats later (its requests have moved by then): the process exits 1, to be restarted.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from services.admission import (
     has_room,
     queue_deadline,
     queue_timed_out,
+    queued,
 )
 from services.bus import Bus, Message, QueueNotFoundError, Subscription
 from services.messages import (
@@ -53,6 +56,8 @@ from services.router import WorkerState
 from services.store import Store
 
 logger = logging.getLogger("pagoda.worker")
+
+DEAD_BEATS_BEFORE_EXIT = 3  # "stalled" beats a worker whose engine stopped sends before it fails
 
 
 @dataclass
@@ -94,6 +99,7 @@ class WorkerService:
         self.prefix_index = PrefixIndex(store)
         self._inflight: dict[str, _Inflight] = {}
         self._gateways: set[str] = set()  # reply queues this worker has answered
+        self._draining = False  # after drain(): takes no new requests
         self._drained = False
         self.stall_timeout_s = stall_timeout_s
         self.state = "ready"  # "draining", "stalled"
@@ -103,9 +109,13 @@ class WorkerService:
         self._index_q: asyncio.Queue[tuple[list[bytes], list[bytes]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: Subscription | None = None
+        # set a few heartbeats after the engine stopped on an error, once gateways have read
+        # "stalled" and moved its requests: the process then exits 1, to be restarted
+        self.failed = asyncio.Event()
+        self._dead_beats = 0
 
     async def start(self) -> None:
-        self.engine.set_sink(self._on_step)
+        self.engine.set_sink(self._on_step, self._on_reject)
         self.engine.start()
         await self.bus.declare_work_queue(self.queue)
         self._tasks = [
@@ -142,6 +152,7 @@ class WorkerService:
     async def drain(self, timeout_s: float) -> None:
         """Take no new requests (they go back to the scheduler), finish the running ones for up to
         `timeout_s`, then deregister. Requests still running then are moved by their gateways."""
+        self._draining = True
         self.state = "draining"
         with contextlib.suppress(Exception):
             await self._beat()
@@ -155,9 +166,12 @@ class WorkerService:
         # in it after we stop consuming: an idle worker's drain would otherwise end at once.
         await asyncio.sleep(max(0.0, min(announced + self.heartbeat_s, deadline) - time.monotonic()))
         if self._inflight:
+            figures = self.engine.core.counters()
             logger.warning(
-                "worker %s: %d requests still running after %.1fs; their gateways move them",
-                self.worker_id, len(self._inflight), timeout_s,
+                "worker %s: %d requests still running after %.1fs (engine: %d running, %d waiting, "
+                "%d steps, step thread %s); their gateways move them",
+                self.worker_id, len(self._inflight), timeout_s, figures.num_running, self.engine.num_waiting,
+                self.engine.steps, "alive" if self.engine.is_ready() else "gone",
             )  # fmt: skip
         with contextlib.suppress(TimeoutError):  # let the last deltas go out
             await asyncio.wait_for(self._publish_q.join(), max(1.0, deadline - time.monotonic()))
@@ -190,7 +204,8 @@ class WorkerService:
             logger.warning("worker %s: dropped a malformed message: %s", self.worker_id, exc)
             return
         if isinstance(msg, WorkerRequest):
-            if self.state == "draining" and msg.request_id not in self._inflight:
+            taking = not self._draining and self.engine.dead_reason is None
+            if not taking and msg.request_id not in self._inflight:
                 await self._bounce(msg)
             else:
                 self._add(msg, message.headers)
@@ -201,22 +216,26 @@ class WorkerService:
             logger.warning("worker %s: dropped an unexpected %s message", self.worker_id, msg.type)
 
     async def _bounce(self, msg: WorkerRequest) -> None:
-        """A request routed here before the scheduler saw this worker draining: route it again."""
+        """A request routed here before the scheduler saw this worker draining (or its engine
+        stopped): route it again."""
         again = ScheduleRequest(**msg.model_dump(exclude={"type", "attempt"}), attempt=msg.attempt + 1)
         await self.bus.publish(self.queues.schedule, encode(again))
-        logger.info("worker %s draining: %s handed back to the scheduler", self.worker_id, msg.request_id)
+        why = "draining" if self._draining else "engine stopped"
+        logger.info("worker %s %s: %s handed back to the scheduler", self.worker_id, why, msg.request_id)
 
     def _add(self, msg: WorkerRequest, headers: dict[str, str]) -> None:
         if msg.request_id in self._inflight:
             logger.info("worker %s: duplicate delivery of %s ignored", self.worker_id, msg.request_id)
             return
-        if not has_room(self._state(), self.admission, msg.priority, seqs=msg.sampling.n):
-            err = fleet_saturated(f"worker {self.worker_id} has a full queue")
+        state = self._state()
+        if not has_room(state, self.admission, msg.priority, seqs=msg.sampling.n):
+            why = "has a full queue" if queued(state, msg.sampling.n) else "is prefilling in a busy batch"
+            err = fleet_saturated(f"worker {self.worker_id} {why}")
             reject = Rejected(
                 request_id=msg.request_id, status=err.status, message=err.message, retry_after_s=RETRY_AFTER_S
             )
             self._publish_q.put_nowait((msg.reply_to, encode(reject), []))
-            logger.info("worker %s: refused %s, its queue is full", self.worker_id, msg.request_id)
+            logger.info("worker %s: refused %s, it %s", self.worker_id, msg.request_id, why)
             return
         try:
             params = msg.sampling.to_params()
@@ -236,28 +255,36 @@ class WorkerService:
         self._gateways.add(msg.reply_to)
 
     def _state(self) -> WorkerState:
+        counters = self.engine.core.counters()
         return WorkerState(
             self.worker_id,
-            num_running=self.engine.core.counters().num_running,
+            num_running=counters.num_running,
             num_waiting=self.engine.num_waiting,
             max_num_seqs=self.engine.core.config.scheduler.max_num_seqs,
+            num_prefilling=counters.num_prefilling,
         )
 
     async def _expire_queued(self) -> None:
         """Fail the requests that have not started by their deadline (see admission.py)."""
         while True:
             await asyncio.sleep(0.25)
-            now = time.monotonic()
-            for rid, req in list(self._inflight.items()):
-                if req.deadline is not None and now >= req.deadline:
-                    del self._inflight[rid]
-                    await self.engine.abort(rid)
-                    err = queue_timed_out(req.timeout_s or 0.0)
-                    reject = Rejected(
-                        request_id=rid, status=err.status, message=err.message, retry_after_s=RETRY_AFTER_S
-                    )
-                    self._publish_q.put_nowait((req.reply_to, encode(reject), []))
-                    logger.info("worker %s: %s timed out in the queue", self.worker_id, rid)
+            try:
+                await self._expire_queued_once()
+            except Exception:  # the loop must outlive any bug, or no queued request times out
+                logger.exception("worker %s: expiring queued requests failed", self.worker_id)
+
+    async def _expire_queued_once(self) -> None:
+        now = time.monotonic()
+        for rid, req in list(self._inflight.items()):
+            if req.deadline is not None and now >= req.deadline:
+                del self._inflight[rid]
+                await self.engine.abort(rid)
+                err = queue_timed_out(req.timeout_s or 0.0)
+                reject = Rejected(
+                    request_id=rid, status=err.status, message=err.message, retry_after_s=RETRY_AFTER_S
+                )
+                self._publish_q.put_nowait((req.reply_to, encode(reject), []))
+                logger.info("worker %s: %s timed out in the queue", self.worker_id, rid)
 
     # -- output -------------------------------------------------------------------------------
     def _on_step(self, outputs: list[RequestOutput], stored: list[bytes], evicted: list[bytes]) -> None:
@@ -281,6 +308,16 @@ class WorkerService:
             self._publish_q.put_nowait((reply_to, body, [d.request_id for d in deltas if not d.finished]))
         if stored or evicted:
             self._index_q.put_nowait((stored, evicted))
+
+    def _on_reject(self, request_id: str, exc: ValueError) -> None:
+        """The step thread refused a request it took in (e.g. its id already runs there)."""
+        req = self._inflight.pop(request_id, None)
+        if req is None:
+            return
+        req.trace.end(str(exc))
+        reject = Rejected(request_id=request_id, status=400, message=str(exc))
+        self._publish_q.put_nowait((req.reply_to, encode(reject), []))
+        logger.info("worker %s: the engine refused %s: %s", self.worker_id, request_id, exc)
 
     def _finish(self, out: RequestOutput, req: _Inflight) -> None:
         del self._inflight[out.request_id]
@@ -327,19 +364,14 @@ class WorkerService:
 
     async def _beat(self) -> None:
         core = self.engine.core
-        stats = core.last_stats
-        figures = core.counters()
-        if self.engine.dead_reason is not None:
-            await self._fail_inflight(str(self.engine.dead_reason))
-            await self.registry.remove(self.worker_id)
-            return
+        figures = core.counters()  # live: a step's own figures go stale when requests are aborted
         self.state = self._check_stall()
         known = await self.registry.beat(
             self.worker_id,
             {
                 "state": self.state,
-                "num_running": str(stats.num_running),
-                "num_waiting": str(stats.num_waiting),
+                "num_running": str(figures.num_running),
+                "num_waiting": str(self.engine.num_waiting),
                 "kv_usage": f"{figures.kv_usage:.4f}",
                 "kv_live_tokens": str(figures.kv_live_tokens),
                 "kv_live_token_ratio": f"{figures.kv_live_token_ratio:.4f}",
@@ -351,6 +383,10 @@ class WorkerService:
                 "steps": str(self.engine.steps),
             },
         )
+        if self.engine.dead_reason is not None:
+            self._dead_beats += 1
+            if self._dead_beats == DEAD_BEATS_BEFORE_EXIT:
+                self.failed.set()
         if not known:  # first beat, or the store lost its data: publish the whole index again
             hashes = core.kv.pool.cached_hashes()
             await self.prefix_index.update(self.worker_id, hashes, [])
@@ -360,8 +396,16 @@ class WorkerService:
             )  # fmt: skip
 
     def _check_stall(self) -> str:
-        if self.state == "draining":
-            return "draining"
+        """The heartbeat's state: "stalled" when requests wait and the step loop has not advanced
+        for stall_timeout_s, a draining worker included (its gateways move its requests instead of
+        waiting out the drain); else "draining" or "ready"."""
+        if self.engine.dead_reason is not None:  # its step loop never advances again
+            if self.state != "stalled":
+                logger.error(
+                    "worker %s: its engine stopped (%s); reporting stalled, so that its %d requests move",
+                    self.worker_id, self.engine.dead_reason, len(self._inflight),
+                )  # fmt: skip
+            return "stalled"
         steps, now = self.engine.steps, time.monotonic()
         if steps != self._progress[0] or not self.engine.core.has_unfinished():
             self._progress = (steps, now)
@@ -373,12 +417,7 @@ class WorkerService:
                     self.worker_id, now - self._progress[1], len(self._inflight),
                 )  # fmt: skip
             else:
-                logger.info("worker %s: the step loop advances again; ready", self.worker_id)
-        return "stalled" if stalled else "ready"
-
-    async def _fail_inflight(self, reason: str) -> None:
-        for rid, req in self._inflight.items():
-            reject = Rejected(request_id=rid, status=503, message=f"the worker failed: {reason}")
-            req.trace.end(reason)
-            self._publish_q.put_nowait((req.reply_to, encode(reject), []))
-        self._inflight.clear()
+                logger.info("worker %s: the step loop advances again", self.worker_id)
+        if stalled:
+            return "stalled"
+        return "draining" if self._draining else "ready"

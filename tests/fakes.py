@@ -173,6 +173,7 @@ class SlotEngine:
         self.task: asyncio.Task[None] | None = None
         self.dead_reason = None
         self.steps = 0
+        self.prefilling = 0  # what counters() reports as num_prefilling (a test sets it)
         sched = SimpleNamespace(max_num_seqs=slots)
         self.core = SimpleNamespace(
             config=SimpleNamespace(scheduler=sched, cache=SimpleNamespace(block_size=16)),
@@ -189,6 +190,7 @@ class SlotEngine:
                 prefix_query_tokens=0,
                 prefix_hit_tokens=0,
                 num_preemptions=0,
+                num_prefilling=self.prefilling,
             ),
             num_blocks=100,
             model_name=self.model_name,
@@ -202,7 +204,7 @@ class SlotEngine:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
-    def set_sink(self, sink: Any) -> None:
+    def set_sink(self, sink: Any, reject: Any = None) -> None:
         self.sink = sink
 
     def start(self) -> None:

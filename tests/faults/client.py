@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 
+from tests.polling import until
+
 
 @dataclass
 class Outcome:
@@ -62,13 +64,11 @@ async def stream(
     prompt: str,
     max_tokens: int,
     timeout_s: float = 60.0,
-    live: list[Outcome] | None = None,
+    out: Outcome | None = None,
     **extra: Any,
 ) -> Outcome:
-    """One streamed completion; `live` gets its Outcome at once, to watch it while it streams."""
-    out = Outcome(prompt)
-    if live is not None:
-        live.append(out)
+    """One streamed completion, its outcome filled in `out` (to watch it while it streams)."""
+    out = Outcome(prompt) if out is None else out
     body = {
         "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
         "ignore_eos": True, "stream": True, **extra,
@@ -119,11 +119,12 @@ def running(cluster: dict[str, Any], wid: str) -> bool:
     return int(figures(cluster, wid).get("num_running", 0) or 0) > 0
 
 
-async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
+async def until_idle(cluster: dict[str, Any], timeout_s: float = 10.0) -> None:
+    """Until every live worker's heartbeat shows no request running: right after a load, the
+    figures still count its requests for up to a heartbeat, and the least-load router would send
+    the next requests around workers that only seem busy."""
+    workers = [w for w, p in cluster["procs"].items() if w.startswith("w") and p.alive()]
+    await until(lambda: not any(running(cluster, w) for w in workers), timeout_s, "the workers to go idle")
 
 
 async def mid_stream(cluster: dict[str, Any], wid: str, steps: int = 20) -> None:
@@ -140,12 +141,14 @@ async def load(
     max_tokens: int = 160,
     timeout_s: float = 60.0,
 ) -> list[Outcome]:
-    """Streams all prompts at once; runs `during()` while they stream (their Outcomes so far are in
-    cluster["live"])."""
-    live: list[Outcome] = []
+    """Streams all prompts at once; runs `during()` while they stream (their Outcomes, filled in
+    as they stream, are in cluster["live"])."""
+    # made here, not by the streams: a task appends nothing before it first runs, and a test
+    # waiting for "every stream has tokens" saw all() of an empty list, true at once
+    live = [Outcome(p) for p in prompts]
     cluster["live"] = live
     async with httpx.AsyncClient(base_url=cluster["base"], timeout=None) as client:
-        tasks = [asyncio.create_task(stream(client, p, max_tokens, timeout_s, live)) for p in prompts]
+        tasks = [asyncio.create_task(stream(client, o.prompt, max_tokens, timeout_s, o)) for o in live]
         if during is not None:
             await during()
         return list(await asyncio.gather(*tasks))

@@ -25,9 +25,9 @@ from tests.faults.client import (
     figures,
     load,
     mid_stream,
-    running,
     stream,
     until,
+    until_idle,
     until_served,
 )
 from tests.faults.conftest import TALLIES, log_of
@@ -46,12 +46,16 @@ def _tally(fault: str) -> Tally:
 
 
 def _baseline(cluster: dict[str, Any]) -> None:
-    """The undisturbed greedy outputs of PROMPTS (computed once)."""
+    """The undisturbed greedy outputs of PROMPTS (computed once); then, before every test, until
+    the workers' heartbeats show the last test's requests gone. The least-load router reads those
+    figures: stale ones once sent none of a test's requests to the worker it breaks (w1 killed,
+    w2 stalled), and made the drain test signal w3 before any of its requests ran there."""
     if not BASELINE:
         base = asyncio.run(load(cluster, PROMPTS))
         assert all(o.complete for o in base), base
         BASELINE.update({o.prompt: o.text for o in base})
         assert len(set(BASELINE.values())) > 1, "the prompts should give different outputs"
+    asyncio.run(until_idle(cluster))
 
 
 def _check_greedy(outs: list[Outcome]) -> None:
@@ -157,7 +161,10 @@ def test_broker_connection_cut_then_restored(fault_cluster: dict[str, Any]) -> N
     during_cut: list[Outcome] = []
 
     async def cut() -> None:
-        await asyncio.sleep(0.3)
+        # once every stream has tokens (a fixed 0.3 s wait was most of a 160-token stream on a
+        # fast machine, whose steps took 2.4 ms)
+        await until(lambda: all(o.chunks > 0 for o in c["live"]), 20, "every stream's first tokens")
+        assert not any(o.finish_reason for o in c["live"]), "a stream finished before the cut"
         c["proxy"].cut()
         await asyncio.sleep(0.2)
         async with httpx.AsyncClient(base_url=c["base"], timeout=None) as client:
@@ -221,7 +228,7 @@ def test_sigterm_drains_a_worker_underload(fault_cluster: dict[str, Any]) -> Non
     late: list[Outcome] = []
 
     async def drain_w3() -> None:
-        await until(lambda: running(c, "w3"), 20, "w3 to run requests")
+        await mid_stream(c, "w3", steps=10)
         w3.p.send_signal(signal.SIGTERM)
         async with httpx.AsyncClient(base_url=c["base"], timeout=None) as client:
             late.extend(await asyncio.gather(*(stream(client, p, MAX_TOKENS) for p in PROMPTS)))
@@ -242,11 +249,15 @@ def test_last_worker_killed_ends_streams_with_an_error(fault_cluster: dict[str, 
     _baseline(c)
 
     async def kill_w2() -> None:
-        await mid_stream(c, "w2")
+        # w2 is the only worker left: every stream's tokens at the client come from it. Kill it once
+        # each has tokens and none has finished (a heartbeat-based wait once saw a fast machine
+        # finish all six streams before the kill)
+        await until(lambda: all(o.chunks > 0 for o in c["live"]), 20, "every stream's first tokens")
+        assert not any(o.finish_reason for o in c["live"]), "a stream finished before the kill"
         c["procs"]["w2"].p.send_signal(signal.SIGKILL)
 
     tally = _tally("last worker SIGKILL (no worker left)")
-    outs = asyncio.run(load(c, PROMPTS, kill_w2))
+    outs = asyncio.run(load(c, PROMPTS, kill_w2, max_tokens=400))
     tally.add(outs)
     tally.check()
     errors = [o for o in outs if o.clean_error]

@@ -27,6 +27,7 @@ from tests.faults.client import (
     running,
     stream,
     until,
+    until_idle,
     until_served,
 )
 from tests.faults.conftest import TALLIES, log_of
@@ -39,14 +40,15 @@ BASELINE: dict[tuple[str, int], str] = {}
 
 
 def _baseline(cluster: dict[str, Any]) -> None:
-    """The undisturbed greedy outputs of PROMPTS at both lengths (computed once)."""
-    if BASELINE:
-        return
-    outs = asyncio.run(load(cluster, PROMPTS, max_tokens=SHORT))
-    outs += asyncio.run(load(cluster, PROMPTS, max_tokens=LONG))
-    assert all(o.complete for o in outs), outs
-    BASELINE.update({(o.prompt, SHORT if i < len(PROMPTS) else LONG): o.text for i, o in enumerate(outs)})
-    assert len({BASELINE[p, SHORT] for p in PROMPTS}) > 1, "the prompts should give different outputs"
+    """The undisturbed greedy outputs of PROMPTS at both lengths (computed once); then, before
+    every test, until the workers' heartbeats show no request running (see test_faults.py)."""
+    if not BASELINE:
+        outs = asyncio.run(load(cluster, PROMPTS, max_tokens=SHORT))
+        outs += asyncio.run(load(cluster, PROMPTS, max_tokens=LONG))
+        assert all(o.complete for o in outs), outs
+        BASELINE.update({(o.prompt, SHORT if i < len(PROMPTS) else LONG): o.text for i, o in enumerate(outs)})
+        assert len({BASELINE[p, SHORT] for p in PROMPTS}) > 1, "the prompts should give different outputs"
+    asyncio.run(until_idle(cluster))
 
 
 def _check_greedy(outs: list[Outcome], max_tokens: int) -> None:

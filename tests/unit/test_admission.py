@@ -12,7 +12,14 @@ from typing import Any, cast
 import httpx
 import pytest
 
-from services.admission import AdmissionLimits, FleetAdmission, has_room, queue_deadline, queued
+from services.admission import (
+    AdmissionLimits,
+    FleetAdmission,
+    behind_a_prefill,
+    has_room,
+    queue_deadline,
+    queued,
+)
 from services.bus_memory import InMemoryBus
 from services.dispatcher import SchedulerService
 from services.frontend import PromptProcessor
@@ -25,6 +32,7 @@ from services.store import InMemoryStore
 from services.tokenizer_service import TokenizerService
 from services.worker import WorkerService
 from tests.fakes import FakeTokenizer, SlotEngine, SlotSeq
+from tests.polling import until
 
 
 class Stack:
@@ -100,6 +108,30 @@ async def test_a_request_that_cannot_start_in_time_fails_clearly() -> None:
         assert (await first).status_code == 200
 
 
+@pytest.mark.parametrize(("max_waiting", "expected"), [(0, 503), (1, 200)])
+async def test_without_a_queue_no_request_waits_behind_a_prefill_in_a_busy_batch(
+    max_waiting: int, expected: int
+) -> None:
+    """`--max-waiting-requests 0`: while the worker's step prefills a request next to decoding
+    ones, a request with a free slot is refused (it would wait for that step); with a queue, or
+    between such steps, it is taken."""
+    stack = Stack(slots=3, limits=AdmissionLimits(max_waiting=max_waiting, priority_reserve=0))
+    engine = stack.engine
+    async with stack as c:
+        running = [asyncio.create_task(c.post("/v1/completions", json=_body(100))) for _ in range(2)]
+        await until(lambda: engine.num_running == 2, 2.0, "two requests running")
+        engine.prefilling = 1  # one of them is in its prefill step, the other decodes
+        during = await c.post("/v1/completions", json=_body(2))
+        assert during.status_code == expected, during.text
+        if expected == 503:
+            assert during.headers["retry-after"] == "1"
+            assert "prefilling in a busy batch" in during.json()["error"]["message"]
+        engine.prefilling = 0  # the step ended
+        after = await c.post("/v1/completions", json=_body(2))
+        assert after.status_code == 200
+        assert [(await r).status_code for r in running] == [200, 200]
+
+
 def test_room_counts_sequences_beyond_the_running_slots() -> None:
     limits = AdmissionLimits(max_waiting=2, priority_reserve=1)
     w = WorkerState("w", num_running=4, num_waiting=1, max_num_seqs=4)
@@ -107,6 +139,15 @@ def test_room_counts_sequences_beyond_the_running_slots() -> None:
     assert has_room(w, limits, priority=0) and not has_room(w, limits, priority=0, seqs=2)
     assert has_room(w, limits, priority=-1, seqs=2) and not has_room(w, limits, priority=-1, seqs=3)
     assert has_room(w, AdmissionLimits(max_waiting=None), 0, extra=10**6)
+    no_queue = AdmissionLimits(max_waiting=0, priority_reserve=1)
+    busy = WorkerState("w", num_running=3, max_num_seqs=4)
+    assert has_room(busy, no_queue, priority=0)
+    prefilling = WorkerState("w", num_running=3, max_num_seqs=4, num_prefilling=1)
+    assert behind_a_prefill(prefilling) and not has_room(prefilling, no_queue, priority=0)
+    assert has_room(prefilling, no_queue, priority=-1)  # the reserve is a queue
+    assert has_room(prefilling, AdmissionLimits(max_waiting=1), priority=0)
+    burst = WorkerState("w", num_running=3, max_num_seqs=4, num_prefilling=3)  # nothing decodes
+    assert not behind_a_prefill(burst) and has_room(burst, no_queue, priority=0)
     assert queue_deadline(100.0, 5.0, now_wall=102.0, now_mono=50.0) == 53.0
     assert queue_deadline(100.0, 5.0, now_wall=90.0, now_mono=50.0) == 55.0  # skewed clocks
     assert queue_deadline(100.0, None, 102.0, 50.0) is None

@@ -27,6 +27,7 @@ from services.registry import WorkerRegistry
 from services.store import InMemoryStore
 from services.tokenizer_service import TokenizerService
 from services.worker import WorkerService
+from tests.polling import until
 
 HB = 0.1
 PROMPTS = [f"prompt {i}: abc" for i in range(4)]
@@ -77,11 +78,7 @@ class Stack:
             return err
 
     async def wait_running(self, worker: WorkerService) -> None:
-        for _ in range(500):
-            if worker._inflight:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{worker.worker_id} never ran a request")
+        await until(lambda: bool(worker._inflight), 5, f"{worker.worker_id} to run a request")
 
 
 @contextlib.asynccontextmanager
@@ -104,6 +101,20 @@ async def _kill(worker: WorkerService) -> None:
     for task in worker._tasks:
         task.cancel()
     worker.engine.set_sink(lambda *a: None)
+
+
+def _stick(worker: WorkerService) -> list[bool]:
+    """Make `worker`'s steps block until the returned flag is set: a stalled step loop."""
+    step = worker.engine.core.step
+    release = [False]
+
+    def stuck_step() -> Any:
+        while not release[0]:
+            time.sleep(0.01)
+        return step()
+
+    worker.engine.core.step = stuck_step  # type: ignore[method-assign]
+    return release
 
 
 async def test_killed_worker_requests_continue_identically(tiny: Path) -> None:
@@ -129,25 +140,13 @@ async def test_stalled_worker_is_unready_and_its_requests_move(tiny: Path) -> No
     async with stack(tiny) as s:
         baseline = [await s.run(p) for p in PROMPTS]
         stalled = s.workers[0]
-        step = stalled.engine.core.step
-        release = False
-
-        def stuck_step() -> Any:
-            while not release:
-                time.sleep(0.01)
-            return step()
-
-        stalled.engine.core.step = stuck_step  # type: ignore[method-assign]
+        release = _stick(stalled)
         runs = [asyncio.create_task(s.run(p)) for p in PROMPTS]
         await s.wait_running(stalled)
         assert await asyncio.wait_for(asyncio.gather(*runs), 20) == baseline
         assert stalled.state == "stalled"
-        release = True
-        for _ in range(100):
-            if stalled.state == "ready":
-                break
-            await asyncio.sleep(0.05)
-        assert stalled.state == "ready"
+        release[0] = True
+        await until(lambda: stalled.state == "ready", 5, "the stalled worker to be ready again")
 
 
 async def test_stalled_only_worker_makes_the_gateway_unready(tiny: Path) -> None:
@@ -156,11 +155,7 @@ async def test_stalled_only_worker_makes_the_gateway_unready(tiny: Path) -> None
         w = s.workers[0]
         w.state = "stalled"
         w._check_stall = lambda: "stalled"  # type: ignore[method-assign]
-        for _ in range(100):
-            if not s.gateway.is_ready():
-                break
-            await asyncio.sleep(0.02)
-        assert not s.gateway.is_ready()
+        await until(lambda: not s.gateway.is_ready(), 2, "the gateway to be unready")
 
 
 async def test_drain_finishes_running_and_hands_back_new_requests(tiny: Path) -> None:
@@ -231,3 +226,146 @@ async def test_a_request_routed_to_a_worker_that_left_is_routed_again(tiny: Path
         outs = await asyncio.wait_for(asyncio.gather(*(s.run(p) for p in PROMPTS)), 10)
         assert all(isinstance(o, list) and len(o) == 48 for o in outs), outs
         assert s.scheduler.decisions.get("w0", 0) > 0, "nothing was routed to the worker that left"
+
+
+async def test_a_draining_worker_that_stalls_loses_its_requests(tiny: Path) -> None:
+    """A drain waits up to its timeout for running requests; when the step loop stops meanwhile,
+    the worker reports stalled (not just draining), so gateways move its requests at once."""
+    async with stack(tiny) as s:
+        baseline = [await s.run(p) for p in PROMPTS]
+        w0 = s.workers[0]
+        release = _stick(w0)
+        runs = [asyncio.create_task(s.run(p)) for p in PROMPTS]
+        await s.wait_running(w0)
+        drain = asyncio.create_task(w0.drain(60.0))
+        assert await asyncio.wait_for(asyncio.gather(*runs), 20) == baseline
+        assert w0.state == "stalled"
+        release[0] = True
+        await until(lambda: w0.state != "stalled", 5, "the draining worker's step loop to resume")
+        assert w0.state == "draining"  # it takes no new requests, stalled or not
+        await asyncio.wait_for(drain, 10)  # the moved requests' copies were aborted there
+
+
+async def test_an_engine_that_stops_on_an_error_loses_its_requests(tiny: Path) -> None:
+    """An exception anywhere in the step thread (here: taking a request in, not a step) stops the
+    engine; the worker reports stalled, so its requests continue on another worker, identically,
+    and those still routed to it go back to the scheduler. Before, the thread ended quietly and
+    its requests looked as if they were running until a drain or the stall check found them."""
+    async with stack(tiny) as s:
+        baseline = [await s.run(p) for p in PROMPTS]
+        w0 = s.workers[0]
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("boom")
+
+        w0.engine.core.add_request = broken  # type: ignore[method-assign]
+        outs = await asyncio.wait_for(asyncio.gather(*(s.run(p) for p in PROMPTS)), 20)
+        assert outs == baseline
+        assert w0.engine.dead_reason is not None and not w0.engine.is_ready()
+        assert w0.state == "stalled"
+        assert s.scheduler.decisions.get("w0", 0) > 0, "nothing was routed to the broken worker"
+        # a few "stalled" heartbeats later it gives up: `pagoda worker` then exits 1
+        await asyncio.wait_for(w0.failed.wait(), 20 * HB)
+        assert not s.workers[1].failed.is_set()
+
+
+async def test_an_engine_that_stops_with_no_worker_left_is_a_clear_error(tiny: Path) -> None:
+    async with stack(tiny, n_workers=1) as s:
+        w = s.workers[0]
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("boom")
+
+        w.engine.core.add_request = broken  # type: ignore[method-assign]
+        err = await asyncio.wait_for(s.run(PROMPTS[0]), 10)
+        assert isinstance(err, APIError) and err.status == 503, err
+
+
+async def test_a_request_the_engine_refuses_when_it_takes_it_in_is_answered(tiny: Path) -> None:
+    async with stack(tiny, n_workers=1) as s:
+        w = s.workers[0]
+
+        def refuse(request_id: str, *args: Any, **kwargs: Any) -> None:
+            raise ValueError(f"request id {request_id!r} is already running")
+
+        w.engine.core.add_request = refuse  # type: ignore[method-assign]
+        err = await asyncio.wait_for(s.run(PROMPTS[0]), 10)
+        assert isinstance(err, APIError) and err.status == 400 and "already running" in err.message, err
+        assert not w._inflight and w.engine.is_ready()
+
+
+async def test_heartbeat_counts_running_requests_live_after_an_abort(tiny: Path) -> None:
+    """The least-load router reads `num_running` from heartbeats: after an abort (no step follows
+    on an idle worker) it must say 0, not the figure of the last step."""
+    async with stack(tiny, n_workers=1) as s:
+        w = s.workers[0]
+        long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        sub = await s.gateway.submit("r-abort", PromptInput(text=PROMPTS[0]), long)
+        outputs = aiter(sub.outputs)
+        await anext(outputs)  # it runs
+        await w.engine.abort("r-abort")
+        await until(lambda: not w._inflight, 2, "the aborted request to leave the worker")
+        await w._beat()
+        (figures,) = [f for st, f in await w.registry.alive() if st.worker_id == "w0"]
+        assert figures["num_running"] == "0" and figures["num_waiting"] == "0", figures
+
+
+async def test_a_sink_error_stops_the_engine_and_its_requests_move(tiny: Path) -> None:
+    """A step's outputs lost in the worker's sink would leave their requests waiting forever (and
+    a drain waiting out its whole timeout); instead the engine stops and the requests move."""
+    async with stack(tiny) as s:
+        baseline = [await s.run(p) for p in PROMPTS]
+        w0 = s.workers[0]
+        on_step = w0._on_step
+        calls = 0
+
+        def flaky(*args: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                raise KeyError("boom")
+            on_step(*args)
+
+        w0.engine.set_sink(flaky, w0._on_reject)
+        outs = await asyncio.wait_for(asyncio.gather(*(s.run(p) for p in PROMPTS)), 20)
+        assert outs == baseline
+        assert isinstance(w0.engine.dead_reason, KeyError) and w0.state == "stalled"
+        await asyncio.wait_for(w0.failed.wait(), 20 * HB)
+
+
+async def test_a_worker_that_can_schedule_nothing_is_stalled(
+    tiny: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Steps that schedule nothing (here: the KV cache refuses every allocation) are not progress:
+    the worker reports stalled and its requests move. Counted as steps, they kept it "ready"."""
+    async with stack(tiny) as s:
+        baseline = [await s.run(p) for p in PROMPTS]
+        w0 = s.workers[0]
+        w0.engine.core.kv.allocate_slots = lambda *args, **kwargs: None  # type: ignore[method-assign]
+        outs = await asyncio.wait_for(asyncio.gather(*(s.run(p) for p in PROMPTS)), 20)
+        assert outs == baseline
+        assert "w0: the step loop has not advanced" in caplog.text
+        assert s.scheduler.decisions.get("w0", 0) > 0, "nothing was routed to the stuck worker"
+
+
+async def test_the_gateway_watch_outlives_an_error(tiny: Path) -> None:
+    """The loop that moves a lost worker's requests must survive a failing check: it once ended
+    on the first exception, and every later lost worker's requests hung."""
+    async with stack(tiny) as s:
+        baseline = [await s.run(p) for p in PROMPTS]
+        check = s.gateway._check_workers
+        failures = 0
+
+        async def failing_once() -> None:
+            nonlocal failures
+            if failures == 0:
+                failures += 1
+                raise RuntimeError("boom")
+            await check()
+
+        s.gateway._check_workers = failing_once  # type: ignore[method-assign]
+        await until(lambda: failures > 0, 5, "the gateway's watch to fail once")
+        runs = [asyncio.create_task(s.run(p)) for p in PROMPTS]
+        await s.wait_running(s.workers[0])
+        await _kill(s.workers[0])
+        assert await asyncio.wait_for(asyncio.gather(*runs), 20) == baseline

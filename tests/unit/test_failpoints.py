@@ -29,7 +29,8 @@ def test_parse_reads_items_and_rejects_bad_ones() -> None:
     assert parse("stall_file=/x, step_delay_s=0.02") == {"stall_file": "/x", "step_delay_s": "0.02"}
     with pytest.raises(ValueError, match="not name=value"):
         parse("stall_file")
-    with pytest.raises(ValueError, match=r"unknown PAGODA_FAILPOINTS.*known: stall_file, step_delay_s"):
+    known = "known: stall_file, step_delay_s, step_error_file"
+    with pytest.raises(ValueError, match=rf"unknown PAGODA_FAILPOINTS.*{known}"):
         parse("crash=1")
     for bad in ("-1", "soon", "nan", "60"):
         with pytest.raises(ValueError, match="step_delay_s must be seconds"):
@@ -70,3 +71,17 @@ def test_stall_file_blocks_steps_while_it_exists(monkeypatch: pytest.MonkeyPatch
     stall.unlink()
     stepper.join(5)
     assert not stepper.is_alive() and core.steps == 1
+
+
+def test_step_error_file_makes_steps_raise_while_it_exists(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    error_file = tmp_path / "fail"
+    monkeypatch.setenv("PAGODA_FAILPOINTS", f"step_error_file={error_file}")
+    core = _Core()
+    install_failpoints(core)
+    core.step()
+    error_file.touch()
+    with pytest.raises(RuntimeError, match="failpoint: step error"):
+        core.step()
+    assert core.steps == 1

@@ -171,7 +171,11 @@ class _FakeAsyncEngine:
         self.dead_reason = None
         self.steps = 0
 
-    def set_sink(self, sink: Any) -> None:
+    @property
+    def num_waiting(self) -> int:
+        return self.core.counters().num_waiting
+
+    def set_sink(self, sink: Any, reject: Any = None) -> None:
         pass
 
     def start(self) -> None:

@@ -23,9 +23,9 @@ class FakeRunner:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         for rid in out.finished_req_ids:
             self.state.pop(rid, None)
-        for n in out.new_requests:
-            assert n.req_id not in self.state
-            self.state[n.req_id] = (list(n.token_ids), n.num_computed_tokens)
+        for new in out.new_requests:
+            assert new.req_id not in self.state
+            self.state[new.req_id] = (list(new.token_ids), new.num_computed_tokens)
         for c in out.cached_requests:
             tokens, computed = self.state[c.req_id]
             assert computed == c.num_computed_tokens, (c.req_id, computed, c.num_computed_tokens)
@@ -62,6 +62,7 @@ def _check_invariants(s: Scheduler, out: SchedulerOutput) -> None:
     for b, c in held.items():
         assert pool.ref_cnt[b] == c, (b, pool.ref_cnt[b], c)
     assert pool.num_free_blocks + len(held) == pool.num_blocks
+    assert s.num_prefilling == sum(r.num_output_tokens == 0 for r in s.running)
 
 
 def _run(s: Scheduler, runner: FakeRunner, max_steps: int = 2000) -> int:
@@ -81,16 +82,22 @@ def test_chunked_prefill_and_decode_share_budget() -> None:
     s.add_request(Request("long", list(range(1, 21)), SamplingParams(max_tokens=3)))
     out = s.schedule()
     assert out.num_scheduled_tokens == {"long": 8}
+    assert s.num_prefilling == 1  # the step in progress prefills "long"
     s.update(out, runner.execute(out))
+    assert s.num_prefilling == 1  # more chunks to come
     s.add_request(Request("short", [5, 6], SamplingParams(max_tokens=3)))
     out = s.schedule()
     assert out.num_scheduled_tokens == {"long": 8}  # running first, budget spent
+    assert s.num_prefilling == 1  # a waiting request is not prefilling
     s.update(out, runner.execute(out))
     out = s.schedule()
     assert out.num_scheduled_tokens == {"long": 4, "short": 2}
+    assert s.num_prefilling == 2
     s.update(out, runner.execute(out))
+    assert s.num_prefilling == 0  # both have their first token
     out = s.schedule()
     assert out.num_scheduled_tokens == {"long": 1, "short": 1}  # both decode
+    assert s.num_prefilling == 0
     _run(s, runner)
     assert s.kv.pool.num_free_blocks == s.kv.pool.num_blocks
 
@@ -128,6 +135,11 @@ def test_abort_frees_blocks_in_same_step() -> None:
     out = s.schedule()
     s.update(out, runner.execute(out))
     assert s.kv.pool.num_free_blocks < s.kv.pool.num_blocks
+    s.add_request(Request("b", list(range(1, 10)), SamplingParams(max_tokens=50)))
+    s.update(s.schedule(), RunnerOutput())  # "b" prefilled, its token not sampled yet
+    assert s.num_prefilling == 1
+    assert s.finish_requests(["b"], "abort")[0].finish_reason == "abort"
+    assert s.num_prefilling == 0
     done = s.finish_requests(["a"], "abort")
     assert done[0].status is RequestStatus.FINISHED and done[0].finish_reason == "abort"
     assert s.kv.pool.num_free_blocks == s.kv.pool.num_blocks

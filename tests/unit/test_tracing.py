@@ -78,8 +78,11 @@ async def test_one_trace_through_all_four_services(
     cfg = EngineConfig(dtype="float32", max_model_len=512, cache=CacheConfig(kv_cache_memory=32 << 20))
     tok = demo_checkpoint.tokenizer
     gateway = BusFrontend(bus, tok, model_name="m", max_model_len=512, registry=WorkerRegistry(store, 0.1))
+    engine = AsyncEngine(EngineCore(cfg, checkpoint=demo_checkpoint))
     services = [
-        WorkerService(AsyncEngine(EngineCore(cfg, checkpoint=demo_checkpoint)), bus, store, worker_id="w0"),
+        # the same heartbeat as the readers': at the default 1 s the gateway, reading the registry
+        # with 0.1 s, saw w0 missing between beats and, on a loaded machine, moved the request
+        WorkerService(engine, bus, store, worker_id="w0", heartbeat_s=0.1),
         SchedulerService(bus, store, heartbeat_s=0.1),
         TokenizerService(bus, PromptProcessor(tok, 512)),
         gateway,
