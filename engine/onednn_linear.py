@@ -20,17 +20,20 @@ import torch
 from torch import nn
 
 from engine.config import cpu_has_fast_bf16
+from engine.models.layers import replace_linears
 
 _LIVE: weakref.WeakValueDictionary[int, OneDnnLinear] = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()
 
 
+def onednn_bf16_supported() -> bool:
+    """Whether OneDnnLinear can run here: oneDNN has a bf16 matmul on this CPU."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def onednn_bf16_available() -> bool:
-    return bool(
-        torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        and cpu_has_fast_bf16()
-    )
+    """Whether the engine packs its bf16 linears: oneDNN's bf16 matmul on native bf16 hardware."""
+    return onednn_bf16_supported() and cpu_has_fast_bf16()
 
 
 class OneDnnLinear(nn.Module):
@@ -74,12 +77,9 @@ def _(x: torch.Tensor, handle: int, bias: torch.Tensor | None) -> torch.Tensor:
 def pack_linears(model: nn.Module) -> int:
     """Replace the model's bf16 CPU nn.Linear layers by oneDNN-packed twins; returns how many.
     A tied LM head gets a packed copy (the embedding keeps the plain matrix)."""
-    count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is not nn.Linear:
-                continue
-            if child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu":
-                setattr(module, name, OneDnnLinear(child))
-                count += 1
-    return count
+
+    def twin(_: str, linear: nn.Linear) -> nn.Module | None:
+        bf16_cpu = linear.weight.dtype == torch.bfloat16 and linear.weight.device.type == "cpu"
+        return OneDnnLinear(linear) if bf16_cpu else None
+
+    return replace_linears(model, twin)

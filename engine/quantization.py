@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.config import cpu_flags
+from engine.models.layers import replace_linears
 
 METHODS = ("auto", "none", "int8", "int4")
 INT4_GROUP = 32  # GGUF Q4_0/Q4_1 block size
@@ -137,22 +138,15 @@ def quantize_linears(model: nn.Module, method: str = "int8") -> int:
     at 1 row fbgemm's int8 GEMM takes the demo's head in 0.75 ms, where bf16 activations against
     int8 weights (`_weight_int8pack_mm`) took 2.3 ms. On a GPU every linear becomes a Triton
     weight-only GEMM (kernels/quant_gemm.py: groups of 128, symmetric) of that many bits."""
-    count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            if child.weight.device.type == "cuda":
-                from kernels.quant_gemm import QuantLinear
 
-                bits = 8 if method == "int8" or name == "lm_head" else 4
-                new: nn.Module = QuantLinear(child, bits, 128 if child.in_features % 128 == 0 else 32)
-            elif method == "int8":
-                new = Int8DynamicLinear(child)
-            elif name == "lm_head":
-                new = Int8DynamicLinear(child)
-            else:
-                new = Int4WeightOnlyLinear(child)
-            setattr(module, name, new)
-            count += 1
-    return count
+    def twin(name: str, linear: nn.Linear) -> nn.Module:
+        if linear.weight.device.type == "cuda":
+            from kernels.quant_gemm import QuantLinear
+
+            bits = 8 if method == "int8" or name == "lm_head" else 4
+            return QuantLinear(linear, bits, 128 if linear.in_features % 128 == 0 else 32)
+        if method == "int8" or name == "lm_head":
+            return Int8DynamicLinear(linear)
+        return Int4WeightOnlyLinear(linear)
+
+    return replace_linears(model, twin)

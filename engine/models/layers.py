@@ -6,6 +6,7 @@ on: the engine does so alongside a Triton attention backend (on a GPU by default
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -183,4 +184,16 @@ def use_triton_layers(model: nn.Module, enabled: bool) -> int:
         if isinstance(module, RMSNorm | RotaryEmbedding | GatedMLP):
             module.use_triton = enabled
             count += 1
+    return count
+
+
+def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module | None]) -> int:
+    """Replace each nn.Linear of `model` by `make(its attribute name, it)` where that gives a
+    module (quantized or packed twins; None keeps the linear); returns how many were replaced."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and (new := make(name, child)) is not None:
+                setattr(module, name, new)
+                count += 1
     return count

@@ -12,7 +12,7 @@ from torch import nn
 
 import engine.engine_core
 from engine.llm import LLM
-from engine.onednn_linear import OneDnnLinear, onednn_bf16_available, pack_linears
+from engine.onednn_linear import OneDnnLinear, onednn_bf16_available, onednn_bf16_supported, pack_linears
 from engine.sampling_params import SamplingParams
 from tests.tiny_models import make_tiny_model
 
@@ -42,7 +42,7 @@ def _block() -> tuple[_Block, _Block]:
     return plain, packed
 
 
-@pytest.mark.skipif(not PACKS, reason="this CPU has no native bf16 for oneDNN (AVX512-BF16 or AMX)")
+@pytest.mark.skipif(not onednn_bf16_supported(), reason="oneDNN reports no bf16 matmul on this CPU")
 def test_packed_linears_give_f_linear_results_eager_and_compiled() -> None:
     plain, packed = _block()
     assert pack_linears(packed) == 2  # the bf16 ones
