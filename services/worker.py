@@ -231,10 +231,7 @@ class WorkerService:
         if not has_room(state, self.admission, msg.priority, seqs=msg.sampling.n):
             why = "has a full queue" if queued(state, msg.sampling.n) else "is prefilling in a busy batch"
             err = fleet_saturated(f"worker {self.worker_id} {why}")
-            reject = Rejected(
-                request_id=msg.request_id, status=err.status, message=err.message, retry_after_s=RETRY_AFTER_S
-            )
-            self._publish_q.put_nowait((msg.reply_to, encode(reject), []))
+            self._send_rejected(msg.reply_to, msg.request_id, err.status, err.message, RETRY_AFTER_S)
             logger.info("worker %s: refused %s, it %s", self.worker_id, msg.request_id, why)
             return
         try:
@@ -243,8 +240,7 @@ class WorkerService:
                 msg.request_id, msg.prompt_token_ids, params, priority=msg.priority, cache_salt=msg.cache_salt
             )
         except ValueError as exc:
-            reject = Rejected(request_id=msg.request_id, status=400, message=str(exc))
-            self._publish_q.put_nowait((msg.reply_to, encode(reject), []))
+            self._send_rejected(msg.reply_to, msg.request_id, 400, str(exc))
             return
         trace = tracing.worker_request(headers, self.engine.model_name, params, len(msg.prompt_token_ids))
         now = time.monotonic()
@@ -280,10 +276,7 @@ class WorkerService:
                 del self._inflight[rid]
                 await self.engine.abort(rid)
                 err = queue_timed_out(req.timeout_s or 0.0)
-                reject = Rejected(
-                    request_id=rid, status=err.status, message=err.message, retry_after_s=RETRY_AFTER_S
-                )
-                self._publish_q.put_nowait((req.reply_to, encode(reject), []))
+                self._send_rejected(req.reply_to, rid, err.status, err.message, RETRY_AFTER_S)
                 logger.info("worker %s: %s timed out in the queue", self.worker_id, rid)
 
     # -- output -------------------------------------------------------------------------------
@@ -315,9 +308,15 @@ class WorkerService:
         if req is None:
             return
         req.trace.end(str(exc))
-        reject = Rejected(request_id=request_id, status=400, message=str(exc))
-        self._publish_q.put_nowait((req.reply_to, encode(reject), []))
+        self._send_rejected(req.reply_to, request_id, 400, str(exc))
         logger.info("worker %s: the engine refused %s: %s", self.worker_id, request_id, exc)
+
+    def _send_rejected(
+        self, reply_to: str, request_id: str, status: int, message: str, retry_after_s: int | None = None
+    ) -> None:
+        """Tell the request's gateway that it will not run (it answers the client with `status`)."""
+        reject = Rejected(request_id=request_id, status=status, message=message, retry_after_s=retry_after_s)
+        self._publish_q.put_nowait((reply_to, encode(reject), []))
 
     def _finish(self, out: RequestOutput, req: _Inflight) -> None:
         del self._inflight[out.request_id]
