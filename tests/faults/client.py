@@ -127,6 +127,13 @@ async def until_idle(cluster: dict[str, Any], timeout_s: float = 10.0) -> None:
     await until(lambda: not any(running(cluster, w) for w in workers), timeout_s, "the workers to go idle")
 
 
+async def until_streaming(outs: list[Outcome], none_finished: bool = True) -> None:
+    """Until every stream in `outs` has tokens at the client; with `none_finished`, fail if one
+    has finished already (the fault the test brings must hit running streams)."""
+    await until(lambda: all(o.chunks > 0 for o in outs), 20, "every stream's first tokens")
+    assert not (none_finished and any(o.finish_reason for o in outs)), "a stream finished before the fault"
+
+
 async def mid_stream(cluster: dict[str, Any], wid: str, steps: int = 20) -> None:
     """Until `wid` runs requests and has stepped `steps` times since: tokens have streamed."""
     await until(lambda: running(cluster, wid), 20, f"{wid} to run requests")

@@ -29,6 +29,7 @@ from tests.faults.client import (
     until,
     until_idle,
     until_served,
+    until_streaming,
 )
 from tests.faults.conftest import TALLIES, log_of
 
@@ -71,7 +72,7 @@ def test_worker_sigkill_midstream_continues_identically(fault_cluster: dict[str,
     async def kill_w1() -> None:
         await mid_stream(c, "w1")
         # the worker has stepped; wait until its tokens have reached the clients too
-        await until(lambda: all(o.chunks > 0 for o in c["live"]), 20, "every stream's first tokens")
+        await until_streaming(c["live"], none_finished=False)
         c["procs"]["w1"].p.send_signal(signal.SIGKILL)
 
     tally = _tally("worker SIGKILL mid-stream")
@@ -163,8 +164,7 @@ def test_broker_connection_cut_then_restored(fault_cluster: dict[str, Any]) -> N
     async def cut() -> None:
         # once every stream has tokens (a fixed 0.3 s wait was most of a 160-token stream on a
         # fast machine, whose steps took 2.4 ms)
-        await until(lambda: all(o.chunks > 0 for o in c["live"]), 20, "every stream's first tokens")
-        assert not any(o.finish_reason for o in c["live"]), "a stream finished before the cut"
+        await until_streaming(c["live"])
         c["proxy"].cut()
         await asyncio.sleep(0.2)
         async with httpx.AsyncClient(base_url=c["base"], timeout=None) as client:
@@ -252,8 +252,7 @@ def test_last_worker_killed_ends_streams_with_an_error(fault_cluster: dict[str, 
         # w2 is the only worker left: every stream's tokens at the client come from it. Kill it once
         # each has tokens and none has finished (a heartbeat-based wait once saw a fast machine
         # finish all six streams before the kill)
-        await until(lambda: all(o.chunks > 0 for o in c["live"]), 20, "every stream's first tokens")
-        assert not any(o.finish_reason for o in c["live"]), "a stream finished before the kill"
+        await until_streaming(c["live"])
         c["procs"]["w2"].p.send_signal(signal.SIGKILL)
 
     tally = _tally("last worker SIGKILL (no worker left)")
