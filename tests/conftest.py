@@ -18,7 +18,7 @@ if not torch.cuda.is_available():  # Triton kernels run under its interpreter (m
 
 @pytest.fixture(scope="session")
 def demo_gguf() -> str:
-    from engine.loader import demo_model_path
+    from pagoda.engine.loader import demo_model_path
 
     return demo_model_path()
 
@@ -38,7 +38,7 @@ class CachedCheckpoint:
 
 @pytest.fixture(scope="session")
 def demo_checkpoint(demo_gguf: str) -> CachedCheckpoint:
-    from engine.loader import load_checkpoint
+    from pagoda.engine.loader import load_checkpoint
 
     return CachedCheckpoint(load_checkpoint(demo_gguf))
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from engine.engine_core import CoreCounters, StepStats
-from engine.outputs import RequestOutput, TokenLogprob
-from engine.sampling_params import SamplingParams
+from pagoda.engine.core.engine_core import CoreCounters, StepStats
+from pagoda.engine.outputs import RequestOutput, TokenLogprob
+from pagoda.engine.sampling.params import SamplingParams
 
 BOS, EOS, EOT = 256, 257, 258
 _SPECIAL = {BOS: "<s>", EOS: "</s>", EOT: "<|eot|>"}

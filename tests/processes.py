@@ -31,7 +31,7 @@ class Proc:
         self.log = Path(tempfile.mkstemp(prefix="pagoda-", suffix=".log")[1])
         env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *args],
+            [sys.executable, "-m", "pagoda", *args],
             env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
         )  # fmt: skip
 

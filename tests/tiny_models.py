@@ -16,7 +16,7 @@ def save_tiny_tokenizer(path: Path) -> None:
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
-    from engine.tokenizer import _bytes_to_unicode
+    from pagoda.engine.tokenization.tokenizer import _bytes_to_unicode
 
     vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode().values())}
     backend = Backend(models.BPE(vocab=vocab, merges=[]))

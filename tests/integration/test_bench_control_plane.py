@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import redis
 
-from load.bench_control_plane import ControlPlaneConfig, run_control_plane
-from load.control_plane_cli import format_report
-from services.cli import main
+from pagoda.load.bench_control_plane import ControlPlaneConfig, run_control_plane
+from pagoda.load.control_plane_cli import format_report
+from pagoda.services.cli.main import main
 from tests.processes import AMQP, REDIS
 
 pytestmark = pytest.mark.integration

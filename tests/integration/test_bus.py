@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
-from services.bus import Bus, Message, make_bus
-from services.bus_amqp import AmqpBus
-from services.bus_memory import InMemoryBus
+from pagoda.services.transport.bus import Bus, Message, make_bus
+from pagoda.services.transport.bus_amqp import AmqpBus
+from pagoda.services.transport.bus_memory import InMemoryBus
 from tests.unit.test_inmemory_transport import (  # noqa: F401  (collected here again, on RabbitMQ)
     NewBus,
     QName,

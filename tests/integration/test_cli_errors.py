@@ -22,7 +22,7 @@ def test_unreachable_servers_give_one_clear_line(which: str) -> None:
     bus = f"amqp://guest:guest@127.0.0.1:{dead}/" if which == "bus" else AMQP
     store = f"redis://127.0.0.1:{dead}/0" if which == "store" else "redis://127.0.0.1:6379/0"
     out = subprocess.run(
-        [sys.executable, "-m", "services.cli", "scheduler", "--bus", bus, "--store", store],
+        [sys.executable, "-m", "pagoda", "scheduler", "--bus", bus, "--store", store],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 1, out.stderr

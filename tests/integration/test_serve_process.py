@@ -27,7 +27,7 @@ def server() -> Iterator[str]:
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "serve", "--port", str(port), "--kv-cache-memory", "512MiB"],
+        [sys.executable, "-m", "pagoda", "serve", "--port", str(port), "--kv-cache-memory", "512MiB"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as redis
 
-from services.store import RedisStore, Store, make_store
+from pagoda.services.transport.store import RedisStore, Store, make_store
 from tests.unit.test_inmemory_transport import (  # noqa: F401  (collected here again, on Redis)
     test_store_counters,
     test_store_hashes,
@@ -92,8 +92,8 @@ async def test_redis_unreachable_server_names_the_fix() -> None:
 
 async def test_rate_limits_are_shared_by_gateways_through_redis(store: Store) -> None:
     """Two gateways (two connections) count one key's requests together, in one window."""
-    from services.errors import APIError
-    from services.ratelimit import RateLimiter, RateLimits
+    from pagoda.services.gateway.ratelimit import RateLimiter, RateLimits
+    from pagoda.services.transport.errors import APIError
 
     other = await open_store(store.prefix)
     try:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.attention import TorchAttention, TritonAttention
-from engine.cuda_graphs import DecodeGraphs, capture_sizes
-from engine.llm import LLM
-from engine.sampling_params import SamplingParams
-from kernels.runtime import interpreting
-from services.cli import build_parser, engine_kwargs, main
+from pagoda.engine.llm import LLM
+from pagoda.engine.runner.attention import TorchAttention, TritonAttention
+from pagoda.engine.runner.cuda_graphs import DecodeGraphs, capture_sizes
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.kernels.runtime import interpreting
+from pagoda.services.cli.main import build_parser, engine_kwargs, main
 from tests.kernels import DEV
 from tests.tiny_models import make_tiny_model
 
@@ -31,7 +31,7 @@ def test_capture_sizes() -> None:
 
 
 def test_enforce_eager_flag_reaches_the_config() -> None:
-    from engine.llm import make_engine_config
+    from pagoda.engine.llm import make_engine_config
 
     args = build_parser().parse_args(["serve", "--enforce-eager", "--attention-backend", "triton"])
     cfg = make_engine_config("", **engine_kwargs(args))
@@ -109,7 +109,7 @@ def test_bench_kernels_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bench_kernels_sweep_code_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """The GPU tuning sweep's code path, at toy shapes on DEV (the interpreter on the CPU)."""
-    from load.bench_kernels import sweep
+    from pagoda.load.bench_kernels import sweep
 
     sweep(DEV, torch.float32 if DEV.type == "cpu" else torch.bfloat16, big=False)
     out = capsys.readouterr().out

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from engine.attention import TritonAttention, get_backend
-from engine.llm import LLM
-from engine.sampling_params import SamplingParams
+from pagoda.engine.llm import LLM
+from pagoda.engine.runner.attention import TritonAttention, get_backend
+from pagoda.engine.sampling.params import SamplingParams
 from tests.kernels import DEV
 from tests.tiny_models import VOCAB, make_tiny_model
 

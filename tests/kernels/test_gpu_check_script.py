@@ -1,4 +1,4 @@
-"""load/gpu_check.sh, the one-call script a session runs on a lent GPU: its plumbing (steps,
+"""pagoda/load/gpu_check.sh, the one-call script a session runs on a lent GPU: its plumbing (steps,
 logs, summary, time budget) checked on the CPU, where its kernel step runs under the interpreter."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_check_script_runs_a_step_and_skips_what_does_not_fit(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "BUDGET": "100", "PY": sys.executable, "TRITON_INTERPRET": "1"}
     done = subprocess.run(
-        ["bash", "load/gpu_check.sh", "tests", "kernels"],
+        ["bash", "pagoda/load/gpu_check.sh", "tests", "kernels"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.models.layers import rope_inv_freq
-from kernels.activation import silu_and_mul
-from kernels.reference import rms_norm_ref, rotary_ref, silu_and_mul_ref
-from kernels.rms_norm import rms_norm
-from kernels.rotary import cos_sin_table, rotary_embedding
+from pagoda.engine.models.layers import rope_inv_freq
+from pagoda.kernels.activation import silu_and_mul
+from pagoda.kernels.reference import rms_norm_ref, rotary_ref, silu_and_mul_ref
+from pagoda.kernels.rms_norm import rms_norm
+from pagoda.kernels.rotary import cos_sin_table, rotary_embedding
 from tests.kernels import DEV
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -72,7 +72,7 @@ def test_rotary(dtype: torch.dtype, neox: bool, heads: int, kv_heads: int, head_
 
 def test_rotary_matches_the_model_layer() -> None:
     """The table + neox kernel reproduce engine.models.layers.RotaryEmbedding (HF's layout)."""
-    from engine.models.layers import RotaryEmbedding
+    from pagoda.engine.models.layers import RotaryEmbedding
 
     rope = RotaryEmbedding(32, 128, 10000.0, {"rope_type": "linear", "factor": 2.0})
     q, k = torch.randn(4, 2, 32), torch.randn(4, 1, 32)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.kv_cache import reshape_and_cache
-from kernels.paged_attention import paged_decode, unified_attention
-from kernels.reference import paged_attention_ref, reshape_and_cache_ref
+from pagoda.kernels.kv_cache import reshape_and_cache
+from pagoda.kernels.paged_attention import paged_decode, unified_attention
+from pagoda.kernels.reference import paged_attention_ref, reshape_and_cache_ref
 from tests.kernels import DEV
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

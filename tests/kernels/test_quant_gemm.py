@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.quant_gemm import quant_matmul, quantize_weight
-from kernels.reference import dequantize_ref, quant_matmul_ref
+from pagoda.kernels.quant_gemm import quant_matmul, quantize_weight
+from pagoda.kernels.reference import dequantize_ref, quant_matmul_ref
 from tests.kernels import DEV
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -80,7 +80,7 @@ def test_quant_linear_module() -> None:
     """The nn.Linear twin the engine uses on a GPU: bias, a 3-D input, int4 within 10% of float."""
     from torch import nn
 
-    from kernels.quant_gemm import QuantLinear
+    from pagoda.kernels.quant_gemm import QuantLinear
 
     lin = nn.Linear(256, 40, bias=True).to(torch.float16).to(DEV)
     q = QuantLinear(lin, bits=4)

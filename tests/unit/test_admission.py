@@ -12,7 +12,10 @@ from typing import Any, cast
 import httpx
 import pytest
 
-from services.admission import (
+from pagoda.services.gateway.bus_frontend import BusFrontend
+from pagoda.services.gateway.frontend import PromptProcessor
+from pagoda.services.gateway.server import build_app
+from pagoda.services.scheduler.admission import (
     AdmissionLimits,
     FleetAdmission,
     behind_a_prefill,
@@ -20,17 +23,22 @@ from services.admission import (
     queue_deadline,
     queued,
 )
-from services.bus_memory import InMemoryBus
-from services.dispatcher import SchedulerService
-from services.frontend import PromptProcessor
-from services.gateway import BusFrontend
-from services.messages import Queues, Rejected, SamplingSpec, ScheduleRequest, WorkerRequest, decode, encode
-from services.openai_server import build_app
-from services.registry import WorkerRegistry
-from services.router import WorkerState
-from services.store import InMemoryStore
-from services.tokenizer_service import TokenizerService
-from services.worker import WorkerService
+from pagoda.services.scheduler.dispatcher import SchedulerService
+from pagoda.services.scheduler.registry import WorkerRegistry
+from pagoda.services.scheduler.router import WorkerState
+from pagoda.services.tokenizer.service import TokenizerService
+from pagoda.services.transport.bus_memory import InMemoryBus
+from pagoda.services.transport.messages import (
+    Queues,
+    Rejected,
+    SamplingSpec,
+    ScheduleRequest,
+    WorkerRequest,
+    decode,
+    encode,
+)
+from pagoda.services.transport.store import InMemoryStore
+from pagoda.services.worker.service import WorkerService
 from tests.fakes import FakeTokenizer, SlotEngine, SlotSeq
 from tests.polling import until
 

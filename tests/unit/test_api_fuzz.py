@@ -19,8 +19,8 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
-from services.limits import RequestLimits
-from services.openai_server import build_app
+from pagoda.services.gateway.limits import RequestLimits
+from pagoda.services.gateway.server import build_app
 from tests.fakes import FakeEngine
 
 # FakeEngine's context is 256 tokens; small limits keep every case quick to answer

@@ -9,8 +9,8 @@ from typing import Any, cast
 import httpx
 import pytest
 
-from services.auth import key_id, load_api_keys
-from services.openai_server import build_app
+from pagoda.services.gateway.auth import key_id, load_api_keys
+from pagoda.services.gateway.server import build_app
 from tests.fakes import FakeEngine
 
 
@@ -61,8 +61,8 @@ async def test_every_key_works_and_none_is_logged(caplog: pytest.LogCaptureFixtu
 def test_launch_logs_the_count_not_the_keys(
     caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from services.cli import build_parser
-    from services.launch import _api_keys
+    from pagoda.services.cli.launch import _api_keys
+    from pagoda.services.cli.main import build_parser
 
     monkeypatch.delenv("PAGODA_API_KEYS", raising=False)
     monkeypatch.delenv("PAGODA_API_KEY", raising=False)

@@ -7,17 +7,17 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from engine.config import SchedulerConfig
-from engine.engine_core import EngineCore
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request as EngineRequest
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from load.bench_serve import format_result
-from load.datasets import DatasetSpec
-from load.serve_runner import ServeConfig, run_benchmark
-from load.server_metrics import KvSample, parse_kv, summarize_kv
-from services.metrics import Metrics
+from pagoda.engine.config import SchedulerConfig
+from pagoda.engine.core.engine_core import EngineCore
+from pagoda.engine.kv.kv_cache_manager import KVCacheManager
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine.scheduling.batcher import Scheduler
+from pagoda.engine.scheduling.request import Request as EngineRequest
+from pagoda.load.bench_serve import format_result
+from pagoda.load.datasets import DatasetSpec
+from pagoda.load.serve_runner import ServeConfig, run_benchmark
+from pagoda.load.server_metrics import KvSample, parse_kv, summarize_kv
+from pagoda.services.ops.metrics import Metrics
 from tests.unit.test_bench_serve import FakeOpenAI, fake  # noqa: F401  (the fixture)
 
 

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from load.bench_serve import ServeConfig, format_result, run_benchmark
-from load.datasets import DatasetSpec
-from load.outcomes import count_outcomes, outcome, prompts_for_duration
-from services.admission import AdmissionLimits
+from pagoda.load.bench_serve import ServeConfig, format_result, run_benchmark
+from pagoda.load.datasets import DatasetSpec
+from pagoda.load.outcomes import count_outcomes, outcome, prompts_for_duration
+from pagoda.services.scheduler.admission import AdmissionLimits
 from tests.unit.test_admission import Stack
 
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from load.datasets import BenchTurn
-from load.hf_peer import HfRun, format_hf_comparison, hf_comparison, turn_ids
-from load.peers import PEERS, PagodaServer
-from services.cli import main
+from pagoda.load.datasets import BenchTurn
+from pagoda.load.hf_peer import HfRun, format_hf_comparison, hf_comparison, turn_ids
+from pagoda.load.peers import PEERS, PagodaServer
+from pagoda.services.cli.main import main
 from tests.unit.test_bench_serve import FakeOpenAI, fake  # noqa: F401  (the fixture)
 
 
@@ -21,7 +21,7 @@ def test_pagoda_peer_command() -> None:
     assert isinstance(peer, PagodaServer) and peer.name == "pagoda-no-prefix-cache"
     peer.port = 1234
     assert peer.command() == [
-        sys.executable, "-m", "services.cli", "serve", "--backend", "sim", "--no-enable-prefix-caching",
+        sys.executable, "-m", "pagoda", "serve", "--backend", "sim", "--no-enable-prefix-caching",
         "--host", "127.0.0.1", "--port", "1234",
     ]  # fmt: skip
 
@@ -51,11 +51,11 @@ def test_hf_peer_tiny_run(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import engine.loader
-    import load.hf_peer
+    from pagoda.engine import loader
+    from pagoda.load import hf_peer
 
-    monkeypatch.setattr(load.hf_peer, "load_hf_model", lambda path, dtype: hf_demo_model)
-    monkeypatch.setattr(engine.loader, "load_checkpoint", lambda path: demo_checkpoint)
+    monkeypatch.setattr(hf_peer, "load_hf_model", lambda path, dtype: hf_demo_model)
+    monkeypatch.setattr(loader, "load_checkpoint", lambda path: demo_checkpoint)
     _, url = fake
     argv = ["bench", "serve", "--base-url", url, "--peer", "hf", "--num-prompts", "2", "--input-len", "8",
             "--output-len", "3", "--concurrency", "2", "--json"]  # fmt: skip

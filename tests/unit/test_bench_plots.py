@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from load.plots import plot_serve, throughput_series, token_times
-from load.serve_runner import RequestRecord
-from services.cli import main
+from pagoda.load.plots import plot_serve, throughput_series, token_times
+from pagoda.load.serve_runner import RequestRecord
+from pagoda.services.cli.main import main
 from tests.unit.test_bench_serve import FakeOpenAI, fake  # noqa: F401  (the fixture)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -21,12 +21,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from load import peers
-from load.bench_serve import compare, format_comparison
-from load.datasets import DatasetSpec, load_dataset
-from load.peers import LlamaCppPeer, PeerError
-from load.serve_runner import RequestRecord, ServeConfig, parse_slo, run_benchmark, summarize
-from services.cli import main
+from pagoda.load import peers
+from pagoda.load.bench_serve import compare, format_comparison
+from pagoda.load.datasets import DatasetSpec, load_dataset
+from pagoda.load.peers import LlamaCppPeer, PeerError
+from pagoda.load.serve_runner import RequestRecord, ServeConfig, parse_slo, run_benchmark, summarize
+from pagoda.services.cli.main import main
 
 FIRST_DELAY_S = 0.05  # fake server: before the first content chunk
 GAP_S = 0.02  # fake server: between content chunks

@@ -5,11 +5,11 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_hash import hash_block, hash_full_blocks
-from engine.block_pool import BlockPool
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request
-from engine.sampling_params import SamplingParams
+from pagoda.engine.kv.block_hash import hash_block, hash_full_blocks
+from pagoda.engine.kv.block_pool import BlockPool
+from pagoda.engine.kv.kv_cache_manager import KVCacheManager
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine.scheduling.request import Request
 
 
 def _req(rid: str, tokens: list[int], salt: str | None = None) -> Request:

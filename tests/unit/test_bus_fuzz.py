@@ -13,16 +13,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.sampling_params import SamplingParams
-from services.bus import Message
-from services.bus_memory import InMemoryBus
-from services.dispatcher import SchedulerService
-from services.frontend import PromptProcessor
-from services.gateway import BusFrontend
-from services.messages import WIRE_VERSION, PromptInput, Queues
-from services.store import InMemoryStore
-from services.tokenizer_service import TokenizerService
-from services.worker import WorkerService
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.services.gateway.bus_frontend import BusFrontend
+from pagoda.services.gateway.frontend import PromptProcessor
+from pagoda.services.scheduler.dispatcher import SchedulerService
+from pagoda.services.tokenizer.service import TokenizerService
+from pagoda.services.transport.bus import Message
+from pagoda.services.transport.bus_memory import InMemoryBus
+from pagoda.services.transport.messages import WIRE_VERSION, PromptInput, Queues
+from pagoda.services.transport.store import InMemoryStore
+from pagoda.services.worker.service import WorkerService
 from tests.fakes import FakeTokenizer, SlotEngine
 
 _SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.llm import LLM
-from engine.sampling_params import SamplingParams
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.llm import LLM
+from pagoda.engine.sampling.params import SamplingParams
 from tests.tiny_models import make_tiny_model
 
 PROMPTS = [
@@ -62,8 +62,8 @@ def test_compile_with_int8_is_a_clear_error() -> None:
 
 
 def test_compile_flag_reaches_the_config() -> None:
-    from engine.llm import make_engine_config
-    from services.cli import build_parser, engine_kwargs
+    from pagoda.engine.llm import make_engine_config
+    from pagoda.services.cli.main import build_parser, engine_kwargs
 
     args = build_parser().parse_args(["serve", "--compile", "--quantization", "int4"])
     assert make_engine_config("", **engine_kwargs(args)).compile

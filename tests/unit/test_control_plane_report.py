@@ -8,9 +8,9 @@ from dataclasses import asdict
 
 import pytest
 
-from load.bench_control_plane import ControlPlaneConfig, generation_tokens, summarize_level
-from load.control_plane_cli import format_report, saturation_line
-from load.serve_runner import RequestRecord
+from pagoda.load.bench_control_plane import ControlPlaneConfig, generation_tokens, summarize_level
+from pagoda.load.control_plane_cli import format_report, saturation_line
+from pagoda.load.serve_runner import RequestRecord
 
 
 def _rec(gaps: list[float], tokens: int, error: str = "") -> RequestRecord:
@@ -58,8 +58,8 @@ def test_generation_tokens_sums_labels() -> None:
         'vllm:generation_tokens_created{model_name="a"} 1.7e9\n'
     )
     assert generation_tokens(text) == 15
-    from services.metrics import Metrics
-    from services.metrics import RequestRecord as GatewayRecord
+    from pagoda.services.ops.metrics import Metrics
+    from pagoda.services.ops.metrics import RequestRecord as GatewayRecord
 
     metrics = Metrics()
     for n in (7, 9):

@@ -16,7 +16,7 @@ import compose
 import pytest
 import yaml
 
-from services.cli import build_parser
+from pagoda.services.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/pagoda.json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer, StopChecker
+from pagoda.engine.tokenization.detokenizer import IncrementalDetokenizer, StopChecker
 from tests.fakes import BOS, EOS
 from tests.fakes import FakeTokenizer as ByteTokenizer
 

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 
-from engine.sampling_params import SamplingParams
-from services.bus_memory import InMemoryBus
-from services.dispatcher import SchedulerService
-from services.messages import Queues, SamplingSpec, ScheduleRequest, WorkerRequest, decode, encode
-from services.registry import WorkerRegistry
-from services.store import InMemoryStore
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.services.scheduler.dispatcher import SchedulerService
+from pagoda.services.scheduler.registry import WorkerRegistry
+from pagoda.services.transport.bus_memory import InMemoryBus
+from pagoda.services.transport.messages import (
+    Queues,
+    SamplingSpec,
+    ScheduleRequest,
+    WorkerRequest,
+    decode,
+    encode,
+)
+from pagoda.services.transport.store import InMemoryStore
 
 
 class SlowStore(InMemoryStore):

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from engine.async_engine import AsyncEngine
-from engine.config import CacheConfig, EngineConfig
-from engine.engine_core import EngineCore
-from engine.llm import LLM, make_engine_config
-from engine.loader import ModelLoadError, load_checkpoint
-from engine.sampling_params import SamplingParams
+from pagoda.engine.config import CacheConfig, EngineConfig
+from pagoda.engine.core.async_engine import AsyncEngine
+from pagoda.engine.core.engine_core import EngineCore
+from pagoda.engine.llm import LLM, make_engine_config
+from pagoda.engine.loader import ModelLoadError, load_checkpoint
+from pagoda.engine.sampling.params import SamplingParams
 
 
 @pytest.fixture(scope="module")

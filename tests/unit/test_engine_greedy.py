@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import torch
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.engine_core import EngineCore
-from engine.llm import LLM
-from engine.sampling_params import SamplingParams
-from load.prompts import chat_prompts
+from pagoda.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagoda.engine.core.engine_core import EngineCore
+from pagoda.engine.llm import LLM
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.load.prompts import chat_prompts
 
 NEW_TOKENS = 64
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)

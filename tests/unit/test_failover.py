@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.failover import MAX_ATTEMPTS, RequestTrack, WorkerWatch
-from services.messages import Assigned, Delta, PromptInput, SamplingSpec, TokenizeRequest
+from pagoda.services.gateway.failover import MAX_ATTEMPTS, RequestTrack, WorkerWatch
+from pagoda.services.transport.messages import Assigned, Delta, PromptInput, SamplingSpec, TokenizeRequest
 
 
 def _track(max_tokens: int | None = 10, n: int = 1, min_tokens: int = 0) -> RequestTrack:
@@ -116,7 +116,7 @@ def test_worker_watch_grace_and_stall() -> None:
 
 
 def test_bad_timeouts_are_one_line_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    from services.cli import main
+    from pagoda.services.cli.main import main
 
     cluster = ["--bus", "amqp://guest:guest@127.0.0.1:1/", "--store", "redis://127.0.0.1:1/0"]
     assert main(["worker", *cluster, "--stall-timeout", "0"]) == 2

@@ -13,20 +13,20 @@ from typing import Any
 
 import pytest
 
-from engine.async_engine import AsyncEngine
-from engine.engine_core import EngineCore
-from engine.llm import make_engine_config
-from engine.sampling_params import SamplingParams
-from services.bus_memory import InMemoryBus
-from services.dispatcher import SchedulerService
-from services.errors import APIError
-from services.frontend import PromptProcessor
-from services.gateway import BusFrontend
-from services.messages import PromptInput
-from services.registry import WorkerRegistry
-from services.store import InMemoryStore
-from services.tokenizer_service import TokenizerService
-from services.worker import WorkerService
+from pagoda.engine.core.async_engine import AsyncEngine
+from pagoda.engine.core.engine_core import EngineCore
+from pagoda.engine.llm import make_engine_config
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.services.gateway.bus_frontend import BusFrontend
+from pagoda.services.gateway.frontend import PromptProcessor
+from pagoda.services.scheduler.dispatcher import SchedulerService
+from pagoda.services.scheduler.registry import WorkerRegistry
+from pagoda.services.tokenizer.service import TokenizerService
+from pagoda.services.transport.bus_memory import InMemoryBus
+from pagoda.services.transport.errors import APIError
+from pagoda.services.transport.messages import PromptInput
+from pagoda.services.transport.store import InMemoryStore
+from pagoda.services.worker.service import WorkerService
 from tests.polling import until
 
 HB = 0.1

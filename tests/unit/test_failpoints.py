@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.failpoints import install_failpoints, parse
+from pagoda.services.ops.failpoints import install_failpoints, parse
 
 
 class _Core:

@@ -6,17 +6,17 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
-from engine.sampling_params import SamplingParams
-from services.errors import APIError
-from services.frontend import LocalFrontend, PromptProcessor, as_frontend
-from services.messages import PromptInput
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.services.gateway.frontend import LocalFrontend, PromptProcessor, as_frontend
+from pagoda.services.transport.errors import APIError
+from pagoda.services.transport.messages import PromptInput
 from tests.fakes import BOS, EOS, FakeEngine, FakeTokenizer
 from tests.unit.test_openai_server import FakeFrontend
 
 if TYPE_CHECKING:
-    from engine.engine_client import EngineClient
-    from engine.tokenizer import Tokenizer
-    from services.frontend import Frontend
+    from pagoda.engine.core.client import EngineClient
+    from pagoda.engine.tokenization.tokenizer import Tokenizer
+    from pagoda.services.gateway.frontend import Frontend
 
 MAX_LEN = 64
 

@@ -1,4 +1,4 @@
-"""engine.loader.gguf_file against gguf-py's own reader (the reference) on the demo GGUF and on
+"""pagoda.engine.loader.gguf_file against gguf-py's own reader (the reference) on the demo GGUF and on
 written files with every metadata value type, plus the errors a broken file gets."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import quantize
 
-from engine.loader import demo_model_path
-from engine.loader.gguf_file import GgufFile
+from pagoda.engine.loader import demo_model_path
+from pagoda.engine.loader.gguf_file import GgufFile
 
 
 def _assert_same_as_reference(path: Path) -> None:

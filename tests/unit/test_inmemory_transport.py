@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from services.bus import Bus, Message, QueueLockedError, QueueNotFoundError, make_bus
-from services.bus_memory import InMemoryBroker, InMemoryBus
-from services.store import InMemoryStore, RedisStore, Store, WrongTypeError, make_store
+from pagoda.services.transport.bus import Bus, Message, QueueLockedError, QueueNotFoundError, make_bus
+from pagoda.services.transport.bus_memory import InMemoryBroker, InMemoryBus
+from pagoda.services.transport.store import InMemoryStore, RedisStore, Store, WrongTypeError, make_store
 
 NewBus = Callable[[], Awaitable[Bus]]
 QName = Callable[[str], str]
@@ -153,7 +153,7 @@ async def test_bus_handler_error_is_logged_and_dropped(
         got.append(m.body)
 
     await bus.consume(queue, handle)
-    with caplog.at_level(logging.ERROR, logger="services.bus"):
+    with caplog.at_level(logging.ERROR, logger="pagoda.services.transport.bus"):
         for body in (b"1", b"bad", b"2"):
             await bus.publish(queue, body)
         await wait_until(lambda: got == [b"1", b"2"])

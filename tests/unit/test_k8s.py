@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from services.cli import build_parser
+from pagoda.services.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.30.0"

@@ -3,13 +3,13 @@ block counted once, exact on a small known workload; and their Prometheus gauges
 
 from __future__ import annotations
 
-from engine.config import SchedulerConfig
-from engine.engine_core import EngineCore
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from services.metrics import Metrics
+from pagoda.engine.config import SchedulerConfig
+from pagoda.engine.core.engine_core import EngineCore
+from pagoda.engine.kv.kv_cache_manager import KVCacheManager
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine.scheduling.batcher import Scheduler
+from pagoda.engine.scheduling.request import Request
+from pagoda.services.ops.metrics import Metrics
 
 
 def _req(rid: str, prompt: list[int]) -> Request:

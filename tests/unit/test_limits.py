@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.limits import RequestLimits, json_depth
-from services.openai_server import build_app
+from pagoda.services.gateway.limits import RequestLimits, json_depth
+from pagoda.services.gateway.server import build_app
 from tests.fakes import BOS, EOS, EOT, FakeEngine
 
 LIMITS = RequestLimits(max_body_bytes=4096, max_json_depth=8, max_n=4, max_stop=3, max_logit_bias=5)
@@ -133,8 +133,8 @@ def test_json_depth_matches_the_parsed_value(value: Any) -> None:
 
 
 def test_flags_build_the_limits() -> None:
-    from services.admission import AdmissionLimits
-    from services.cli import admission_limits, build_parser, request_limits
+    from pagoda.services.cli.main import admission_limits, build_parser, request_limits
+    from pagoda.services.scheduler.admission import AdmissionLimits
 
     args = build_parser().parse_args(
         ["serve", "--max-request-body-bytes", "1MiB", "--max-n", "3", "--max-tokens-limit", "100",

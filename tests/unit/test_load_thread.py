@@ -1,4 +1,4 @@
-"""Serving processes load the model in a thread that exits (engine.async_engine.build_off_main_thread):
+"""Serving processes load the model in a thread that exits (async_engine.build_off_main_thread):
 GNU OpenMP slows every small op of the step thread once another live thread has its own pool."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from engine.async_engine import build_off_main_thread
+from pagoda.engine.core.async_engine import build_off_main_thread
 
 
 def test_build_runs_in_a_thread_that_then_exits() -> None:
@@ -33,10 +33,9 @@ def test_build_errors_reach_the_caller() -> None:
 
 
 def test_services_build_the_engine_core_off_the_main_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`pagoda serve` and `pagoda worker` (services.launch._worker) and AsyncEngine.from_config."""
-    import engine.async_engine
-    import engine.engine_core
-    from services import launch
+    """`pagoda serve` and `pagoda worker` (pagoda.services.cli.launch._worker) and AsyncEngine.from_config."""
+    from pagoda.engine.core import async_engine, engine_core
+    from pagoda.services.cli import launch
 
     built_in: list[str] = []
 
@@ -44,14 +43,14 @@ def test_services_build_the_engine_core_off_the_main_thread(monkeypatch: pytest.
         def __init__(self, config: Any) -> None:
             built_in.append(threading.current_thread().name)
 
-    monkeypatch.setattr(engine.engine_core, "EngineCore", FakeCore)
-    monkeypatch.setattr(engine.async_engine, "EngineCore", FakeCore)
-    monkeypatch.setattr("engine.llm.make_engine_config", lambda *a, **k: object())
-    monkeypatch.setattr("services.launch.engine_kwargs", lambda args: {})
-    monkeypatch.setattr("services.failpoints.install_failpoints", lambda core: None)
-    monkeypatch.setattr("services.worker.WorkerService", lambda engine, *a, **k: engine)
-    monkeypatch.setattr("engine.async_engine.AsyncEngine.__init__", lambda self, core: None)
+    monkeypatch.setattr(engine_core, "EngineCore", FakeCore)
+    monkeypatch.setattr(async_engine, "EngineCore", FakeCore)
+    monkeypatch.setattr("pagoda.engine.llm.make_engine_config", lambda *a, **k: object())
+    monkeypatch.setattr("pagoda.services.cli.launch.engine_kwargs", lambda args: {})
+    monkeypatch.setattr("pagoda.services.ops.failpoints.install_failpoints", lambda core: None)
+    monkeypatch.setattr("pagoda.services.worker.service.WorkerService", lambda engine, *a, **k: engine)
+    monkeypatch.setattr("pagoda.engine.core.async_engine.AsyncEngine.__init__", lambda self, core: None)
     args = argparse.Namespace(model="", backend="torch")
     launch._worker(args, None, None, 1.0, None, None)  # type: ignore[arg-type]
-    engine.async_engine.AsyncEngine.from_config(object())  # type: ignore[arg-type]
+    async_engine.AsyncEngine.from_config(object())  # type: ignore[arg-type]
     assert built_in == ["pagoda-load", "pagoda-load"]

@@ -13,9 +13,13 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
-from engine.loader import DEMO_MODEL_PATH, Checkpoint, ModelLoadError, demo_model_path, load_checkpoint
-from engine.loader.gguf_file import GgufFile
-from engine.loader.gguf_loader import _llama3_scaling_from_factors, dequantize_tensor, unpermute_rope_rows
+from pagoda.engine.loader import DEMO_MODEL_PATH, Checkpoint, ModelLoadError, demo_model_path, load_checkpoint
+from pagoda.engine.loader.gguf_file import GgufFile
+from pagoda.engine.loader.gguf_loader import (
+    _llama3_scaling_from_factors,
+    dequantize_tensor,
+    unpermute_rope_rows,
+)
 from tests.tiny_models import VOCAB, make_tiny_model
 
 
@@ -133,7 +137,7 @@ def test_dequantize_tensor_types(tmp_path: Path, qtype: GGMLQuantizationType, at
 
 def test_qwen3_gguf(tmp_path: Path) -> None:
     """A synthetic qwen3 GGUF: metadata keys, bias/qk-norm detection, no q/k un-permutation."""
-    from engine.tokenizer import _bytes_to_unicode
+    from pagoda.engine.tokenization.tokenizer import _bytes_to_unicode
 
     rng = np.random.default_rng(1)
     hidden, heads, kv, head_dim, ffn = 64, 4, 2, 32, 96
@@ -339,7 +343,7 @@ def test_hub_id_offline_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_demo_model_path_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.loader as loader
+    import pagoda.engine.loader as loader
 
     monkeypatch.setattr(loader, "DEMO_MODEL_PATH", None)
     monkeypatch.setattr(loader, "_find_demo_model", lambda: None)

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.outputs import RequestOutput, TokenLogprob
-from engine.sampling_params import SamplingParams
-from services.messages import (
+from pagoda.engine.outputs import RequestOutput, TokenLogprob
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.services.transport.messages import (
     AbortRequest,
     Delta,
     MessageError,

@@ -12,20 +12,20 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.config import SchedulerConfig
-from engine.engine_core import CoreCounters, EngineCore, StepStats
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from services.bus_memory import InMemoryBus
-from services.dispatcher import SchedulerService
-from services.messages import Queues, SamplingSpec, ScheduleRequest, encode
-from services.metrics import GatewayMetrics, Metrics, RequestRecord
-from services.openai_server import build_app
-from services.registry import WorkerRegistry
-from services.store import InMemoryStore
-from services.worker import WorkerService
+from pagoda.engine.config import SchedulerConfig
+from pagoda.engine.core.engine_core import CoreCounters, EngineCore, StepStats
+from pagoda.engine.kv.kv_cache_manager import KVCacheManager
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine.scheduling.batcher import Scheduler
+from pagoda.engine.scheduling.request import Request
+from pagoda.services.gateway.server import build_app
+from pagoda.services.ops.metrics import GatewayMetrics, Metrics, RequestRecord
+from pagoda.services.scheduler.dispatcher import SchedulerService
+from pagoda.services.scheduler.registry import WorkerRegistry
+from pagoda.services.transport.bus_memory import InMemoryBus
+from pagoda.services.transport.messages import Queues, SamplingSpec, ScheduleRequest, encode
+from pagoda.services.transport.store import InMemoryStore
+from pagoda.services.worker.service import WorkerService
 from tests.fakes import MODEL, FakeEngine
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -293,7 +293,7 @@ def test_worker_phase_histograms() -> None:
 def test_observe_all_equals_observe_one_by_one() -> None:
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from services.metrics import ITL_BUCKETS, observe_all
+    from pagoda.services.ops.metrics import ITL_BUCKETS, observe_all
 
     gaps = [0.0, 0.005, 0.01, 0.0100001, 0.02, 0.025, 0.3, 1.0, 79.0, 80.0, 500.0, -1.0, float("nan")]
     texts = []

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.llm import LLM
-from engine.sampling_params import SamplingParams
+from pagoda.engine.llm import LLM
+from pagoda.engine.sampling.params import SamplingParams
 from tests.tiny_models import KINDS, VOCAB, make_tiny_model
 
 PROMPTS = [

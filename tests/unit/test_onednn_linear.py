@@ -10,10 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import engine.engine_core
-from engine.llm import LLM
-from engine.onednn_linear import OneDnnLinear, onednn_bf16_available, onednn_bf16_supported, pack_linears
-from engine.sampling_params import SamplingParams
+from pagoda.engine.core import engine_core
+from pagoda.engine.llm import LLM
+from pagoda.engine.runner.onednn_linear import (
+    OneDnnLinear,
+    onednn_bf16_available,
+    onednn_bf16_supported,
+    pack_linears,
+)
+from pagoda.engine.sampling.params import SamplingParams
 from tests.tiny_models import make_tiny_model
 
 PACKS = onednn_bf16_available()
@@ -81,7 +86,7 @@ def test_engine_packs_where_onednn_has_bf16_with_the_same_tokens(
     llm, packed_tokens, packed_first = run()
     kinds = {type(m) for m in llm.engine.model.modules()}
     assert (OneDnnLinear in kinds) == PACKS and (nn.Linear in kinds) != PACKS, kinds
-    monkeypatch.setattr(engine.engine_core, "onednn_bf16_available", lambda: False)
+    monkeypatch.setattr(engine_core, "onednn_bf16_available", lambda: False)
     plain_llm, plain_tokens, plain_first = run()
     assert not any(isinstance(m, OneDnnLinear) for m in plain_llm.engine.model.modules())
     # the same first distributions (bf16 rounding apart), the same first tokens; the rest of the

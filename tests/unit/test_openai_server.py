@@ -12,19 +12,19 @@ import httpx
 import openai
 import pytest
 
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from services.errors import APIError
-from services.frontend import Submitted
-from services.messages import PromptInput
-from services.openai_server import build_app
+from pagoda.engine.outputs import RequestOutput
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.services.gateway.frontend import Submitted
+from pagoda.services.gateway.server import build_app
+from pagoda.services.transport.errors import APIError
+from pagoda.services.transport.messages import PromptInput
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from starlette.types import Message
 
-    from engine.engine_client import EngineClient
-    from services.frontend import Frontend
+    from pagoda.engine.core.client import EngineClient
+    from pagoda.services.gateway.frontend import Frontend
 
 from tests.fakes import BOS, MODEL, SCRIPT, FakeEngine, FakeTokenizer
 
@@ -419,10 +419,10 @@ async def test_engine_error_midway_is_reported(client: httpx.AsyncClient, engine
 
 
 async def test_one_log_line_per_request(client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="services.openai_server"):
+    with caplog.at_level(logging.INFO, logger="pagoda.services.gateway.server"):
         await client.post("/v1/chat/completions", json=_chat(max_tokens=2))
         await client.post("/v1/chat/completions", json=_chat(top_p=5))
-    lines = [r.getMessage() for r in caplog.records if r.name == "services.openai_server"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pagoda.services.gateway.server"]
     assert len(lines) == 2
     assert "chatcmpl-" in lines[0] and "status=200" in lines[0] and "completion_tokens=2" in lines[0]
     assert "status=400" in lines[1]

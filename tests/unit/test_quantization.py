@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from engine.llm import LLM
-from engine.quantization import (
+from pagoda.engine.llm import LLM
+from pagoda.engine.models.quantization import (
     Int4WeightOnlyLinear,
     Int8DynamicLinear,
     quantize_linears,
     resolve_quantization,
 )
-from engine.sampling_params import SamplingParams
+from pagoda.engine.sampling.params import SamplingParams
 from tests.tiny_models import VOCAB, make_tiny_model
 
 

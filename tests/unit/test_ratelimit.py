@@ -7,12 +7,12 @@ from typing import Any, cast
 import httpx
 import pytest
 
-from engine.sampling_params import SamplingParams
-from services.errors import APIError
-from services.messages import PromptInput
-from services.openai_server import build_app
-from services.ratelimit import RateLimiter, RateLimits, estimate_tokens
-from services.store import InMemoryStore
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.services.gateway.ratelimit import RateLimiter, RateLimits, estimate_tokens
+from pagoda.services.gateway.server import build_app
+from pagoda.services.transport.errors import APIError
+from pagoda.services.transport.messages import PromptInput
+from pagoda.services.transport.store import InMemoryStore
 from tests.fakes import FakeEngine
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.router import WorkerState, leading_overlap, make_router
+from pagoda.services.scheduler.router import WorkerState, leading_overlap, make_router
 
 
 def w(wid: str, running: int = 0, waiting: int = 0, kv: float = 0.0) -> WorkerState:

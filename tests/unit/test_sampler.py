@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.outputs import TokenLogprob
-from engine.sampler import Sampler, SamplerOutput, SamplingMetadata, make_generator
-from engine.sampling_params import SamplingParams
+from pagoda.engine.outputs import TokenLogprob
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, make_generator
 
 CPU = torch.device("cpu")
 EOS = (2,)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.config import SchedulerConfig
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
-from engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
+from pagoda.engine.config import SchedulerConfig
+from pagoda.engine.kv.kv_cache_manager import KVCacheManager
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine.scheduling.batcher import RunnerOutput, Scheduler, SchedulerOutput
+from pagoda.engine.scheduling.request import Request, RequestStatus
 
 EOS = 0
 

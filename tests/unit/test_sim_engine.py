@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from engine.async_engine import AsyncEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.sim_engine import SimConfig, SimCore, word_token_ids
-from engine.tokenizer import Tokenizer
+from pagoda.engine.core.async_engine import AsyncEngine
+from pagoda.engine.core.sim_core import SimConfig, SimCore, word_token_ids
+from pagoda.engine.outputs import RequestOutput
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine.tokenization.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

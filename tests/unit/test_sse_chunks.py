@@ -6,14 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.openai_protocol import (
+from pagoda.services.gateway.protocol import (
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
     CompletionChoice,
     CompletionResponse,
     DeltaMessage,
 )
-from services.sse_chunks import DONE, ChunkTemplate, event, model_event
+from pagoda.services.gateway.sse_chunks import DONE, ChunkTemplate, event, model_event
 
 TEXTS = ["", " the", 'a "quoted" \\ back', "line\nbreak\ttab\r\x00\x1f\x7f", "é 漢字 😀 \u2028 \ufffd"]
 FINISH = [(None, None), ("stop", None), ("stop", 2), ("stop", "</s>"), ("length", None), ("abort", None)]

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from load.serve_runner import RequestRecord
-from load.sse_client import HTTPError, LineSplitter, SSEClient, SSEConnection, StreamTimer
+from pagoda.load.serve_runner import RequestRecord
+from pagoda.load.sse_client import HTTPError, LineSplitter, SSEClient, SSEConnection, StreamTimer
 
 
 def _events(texts: list[str], usage: int | None = None) -> bytes:

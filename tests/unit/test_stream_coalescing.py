@@ -11,11 +11,11 @@ from typing import Any, cast
 
 import pytest
 
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from services.frontend import Frontend, Submitted
-from services.messages import PromptInput
-from services.openai_server import build_app
+from pagoda.engine.outputs import RequestOutput
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.services.gateway.frontend import Frontend, Submitted
+from pagoda.services.gateway.server import build_app
+from pagoda.services.transport.messages import PromptInput
 from tests.fakes import SCRIPT
 from tests.unit.test_openai_server import FakeFrontend
 

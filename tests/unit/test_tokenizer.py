@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from engine.loader import demo_model_path
-from engine.tokenizer import Tokenizer
+from pagoda.engine.loader import demo_model_path
+from pagoda.engine.tokenization.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello world",

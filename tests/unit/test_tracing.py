@@ -12,20 +12,20 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from engine.async_engine import AsyncEngine
-from engine.config import CacheConfig, EngineConfig
-from engine.engine_core import EngineCore
-from engine.sampling_params import SamplingParams
-from services import tracing
-from services.bus_memory import InMemoryBus
-from services.dispatcher import SchedulerService
-from services.frontend import PromptProcessor
-from services.gateway import BusFrontend
-from services.openai_server import build_app
-from services.registry import WorkerRegistry
-from services.store import InMemoryStore
-from services.tokenizer_service import TokenizerService
-from services.worker import WorkerService
+from pagoda.engine.config import CacheConfig, EngineConfig
+from pagoda.engine.core.async_engine import AsyncEngine
+from pagoda.engine.core.engine_core import EngineCore
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.services.gateway.bus_frontend import BusFrontend
+from pagoda.services.gateway.frontend import PromptProcessor
+from pagoda.services.gateway.server import build_app
+from pagoda.services.ops import tracing
+from pagoda.services.scheduler.dispatcher import SchedulerService
+from pagoda.services.scheduler.registry import WorkerRegistry
+from pagoda.services.tokenizer.service import TokenizerService
+from pagoda.services.transport.bus_memory import InMemoryBus
+from pagoda.services.transport.store import InMemoryStore
+from pagoda.services.worker.service import WorkerService
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"

@@ -1,0 +1,265 @@
+"""The engine core: model, KV cache, scheduler and runner on one device, stepped synchronously.
+
+`step()` is the worker's loop body: schedule -> execute -> update, then one RequestOutput per
+request that got tokens. Requests with n > 1 fan out into n child sequences that share the prompt's
+KV blocks through the prefix cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pagoda.engine.config import EngineConfig, resolve_dtype, validate_max_model_len
+from pagoda.engine.kv.kv_cache_manager import KVCacheManager
+from pagoda.engine.loader import Checkpoint, load_checkpoint
+from pagoda.engine.loader.catalog import generation_defaults
+from pagoda.engine.models import build_model
+from pagoda.engine.models.quantization import quantize_linears, resolve_quantization
+from pagoda.engine.outputs import RequestOutput, TokenLogprob
+from pagoda.engine.runner.attention import get_backend
+from pagoda.engine.runner.cuda_graphs import capture_sizes
+from pagoda.engine.runner.model_runner import ModelRunner, kv_bytes_per_block
+from pagoda.engine.runner.onednn_linear import onednn_bf16_available, pack_linears
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine.sampling.sampler import make_generator
+from pagoda.engine.scheduling.batcher import Scheduler
+from pagoda.engine.scheduling.request import Request, check_prompt_ids
+from pagoda.engine.tokenization.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class CoreCounters:
+    """A reading of the engine core's live figures (pagoda/services/ops/metrics.py exports them)."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # 0..1
+    prefix_query_tokens: int  # prefix-cache lookups, in tokens
+    prefix_hit_tokens: int
+    num_preemptions: int
+    kv_live_tokens: int = 0  # tokens stored in the KV blocks in use (a shared block once)
+    kv_used_slots: int = 0  # blocks in use x block size
+    kv_live_token_ratio: float = 0.0  # kv_live_tokens / kv_used_slots (0.0 when idle)
+    num_prefilling: int = 0  # running sequences without a first token yet
+
+
+@dataclass
+class StepStats:
+    num_scheduled_tokens: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_preempted: int = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
+        self.config = config
+        torch.manual_seed(config.seed)
+        ckpt = checkpoint if checkpoint is not None else load_checkpoint(config.model or _demo())
+        self.model_name = config.served_model_name or ckpt.name
+        self.tokenizer: Tokenizer = ckpt.tokenizer
+        path = getattr(ckpt, "path", "")
+        self.default_sampling = generation_defaults(path) if path else {}
+        arch = ckpt.arch
+        self.device = config.resolved_device()
+        self.quantization = resolve_quantization(config.quantization, self.device)
+        # int8 dynamic linears take and give float32 activations
+        cpu_int8 = self.quantization == "int8" and self.device.type == "cpu"
+        dtype_arg = "float32" if cpu_int8 and config.dtype == "auto" else config.dtype
+        self.dtype = resolve_dtype(dtype_arg, self.device, None)
+        self.max_model_len = validate_max_model_len(config.max_model_len, arch.max_position_embeddings)
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            model = build_model(arch, self.max_model_len)
+        model = model.to_empty(device=self.device)
+        if arch.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.load_weights(ckpt.weights())
+        self.model = model.to(self.dtype).eval()
+        packed = 0
+        if self.quantization != "none":
+            quantize_linears(self.model, self.quantization)
+        elif self.device.type == "cpu" and self.dtype == torch.bfloat16 and onednn_bf16_available():
+            packed = pack_linears(self.model)
+        logger.info(
+            "loaded %s (%s, %d layers) as %s%s%s on %s in %.1fs",
+            self.model_name,
+            arch.architecture,
+            arch.num_layers,
+            self.dtype,
+            f" with {self.quantization} linears" if self.quantization != "none" else "",
+            f" ({packed} linears packed for oneDNN)" if packed else "",
+            self.device,
+            time.perf_counter() - t0,
+        )
+        cache = config.cache
+        per_block = kv_bytes_per_block(
+            arch.num_layers, cache.block_size, arch.num_kv_heads, arch.head_dim, self.dtype
+        )
+        num_blocks = cache.num_blocks_override or self._kv_budget() // per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"the KV cache does not fit: one block takes {per_block} bytes and "
+                f"{self._kv_budget()} bytes are available; raise --kv-cache-memory or "
+                f"--gpu-memory-utilization, or use a smaller model"
+            )
+        capacity = num_blocks * cache.block_size
+        if cache.num_blocks_override is None and capacity < self.max_model_len:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the {capacity} tokens the KV cache holds "
+                f"({num_blocks} blocks); raise --kv-cache-memory or lower --max-model-len"
+            )
+        self.num_blocks = num_blocks
+        eos = tuple(arch.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
+        self.eos_token_ids = eos
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, eos)
+        backend = get_backend(config.attention_backend, self.device)
+        self.runner = ModelRunner(
+            self.model,
+            backend,
+            num_blocks,
+            cache.block_size,
+            self.dtype,
+            self.device,
+            eos,
+            capture_sizes(self.device, config.enforce_eager, backend, config.scheduler.max_num_seqs),
+            self.max_model_len,
+            compile_decode=config.compile,
+        )
+        logger.info(
+            "KV cache: %d blocks x %d tokens (%.0f MiB)",
+            num_blocks,
+            cache.block_size,
+            num_blocks * per_block / 2**20,
+        )
+        self._children: dict[str, list[str]] = {}  # parent id -> child sequence ids
+        self.last_stats = StepStats()
+
+    def _kv_budget(self) -> int:
+        cache = self.config.cache
+        if cache.kv_cache_memory is not None:
+            return cache.kv_cache_memory
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return int(free - (1.0 - cache.gpu_memory_utilization) * total)
+        return DEFAULT_CPU_KV_BYTES
+
+    # -- requests ------------------------------------------------------------------------------
+    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (a user error) when the request cannot run."""
+        check_prompt_ids(prompt_token_ids, self.max_model_len, self.model.cfg.vocab_size)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.check_prompt(prompt_token_ids, params)
+        if request_id in self._children:
+            raise ValueError(f"request id {request_id!r} is already running")
+        child_ids = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            cid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(
+                cid,
+                list(prompt_token_ids),
+                params,
+                index=i,
+                parent_id=request_id,
+                priority=priority,
+                cache_salt=cache_salt,
+                arrival_time=arrival_time,
+                generator=make_generator(seed, self.device),
+            )
+            self.scheduler.add_request(req)
+            child_ids.append(cid)
+        self._children[request_id] = child_ids
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        seqs = [c for rid in request_ids for c in self._children.get(rid, [])]
+        reqs = self.scheduler.finish_requests(seqs, "abort")
+        outs = [self._output(r, []) for r in reqs]
+        self._forget_finished(reqs)
+        return outs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def counters(self) -> CoreCounters:
+        """Live figures for metrics; safe to read from another thread (plain ints and floats)."""
+        return CoreCounters(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=self.kv.usage(),
+            prefix_query_tokens=self.kv.query_tokens,
+            prefix_hit_tokens=self.kv.hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            kv_live_tokens=self.kv.live_tokens(),
+            kv_used_slots=self.kv.pool.num_used_blocks * self.kv.block_size,
+            kv_live_token_ratio=self.kv.live_token_ratio(),
+            num_prefilling=self.scheduler.num_prefilling,
+        )
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        res = self.runner.execute(out)
+        changed = self.scheduler.update(out, res)
+        self.last_stats = StepStats(
+            out.total_num_scheduled_tokens,
+            self.scheduler.num_running,
+            self.scheduler.num_waiting,
+            self.kv.usage(),
+            out.num_preempted,
+        )
+        outputs = [self._output(r, [r.output_token_ids[-1]], res.logprobs.get(r.request_id)) for r in changed]
+        self._forget_finished([r for r in changed if r.is_finished])
+        return outputs
+
+    def _output(self, req: Request, new_ids: list[int], logprob: TokenLogprob | None = None) -> RequestOutput:
+        lps = [logprob] if logprob is not None else None
+        return RequestOutput(
+            request_id=req.parent_id,
+            new_token_ids=new_ids,
+            index=req.index,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            num_output_tokens=req.num_output_tokens,
+            new_logprobs=lps,
+            finished=req.is_finished,
+            finish_reason=req.finish_reason if req.is_finished else None,
+            stop_token_id=req.stop_token_id,
+            queue_time_s=req.queue_time_s,
+        )
+
+    def _forget_finished(self, reqs: list[Request]) -> None:
+        for r in reqs:
+            kids = self._children.get(r.parent_id)
+            if kids is None:
+                continue
+            if r.request_id in kids:
+                kids.remove(r.request_id)
+            if not kids:
+                del self._children[r.parent_id]
+
+
+def _demo() -> str:
+    from pagoda.engine.loader import demo_model_path
+
+    return demo_model_path()

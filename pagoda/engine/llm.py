@@ -1,0 +1,109 @@
+"""Offline batch generation: `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from pagoda.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagoda.engine.core.engine_core import EngineCore
+from pagoda.engine.outputs import FinishReason, TokenLogprob
+from pagoda.engine.sampling.params import SamplingParams
+
+_CACHE_KEYS = {"block_size", "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching"}
+_SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs", "scheduling_policy", "enable_chunked_prefill"}
+
+
+def make_engine_config(model: str = "", **kwargs: Any) -> EngineConfig:
+    """Flat keyword arguments (as on the command line) -> the layered EngineConfig."""
+    cache = {k: kwargs.pop(k) for k in list(kwargs) if k in _CACHE_KEYS}
+    if "num_blocks" in kwargs:
+        cache["num_blocks_override"] = kwargs.pop("num_blocks")
+    sched = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCHED_KEYS}
+    return EngineConfig(model=model, cache=CacheConfig(**cache), scheduler=SchedulerConfig(**sched), **kwargs)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    num_cached_tokens: int = 0
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+
+class LLM:
+    def __init__(self, model: str = "", **kwargs: Any) -> None:
+        self.engine = EngineCore(make_engine_config(model, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self._next_id = 0
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[GenerationResult]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        token_prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = (
+            [sampling_params] * len(token_prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params) != len(token_prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(token_prompts)} prompts")
+        results: dict[str, GenerationResult] = {}
+        for ids, p in zip(token_prompts, params, strict=True):
+            rid = str(self._next_id)
+            self._next_id += 1
+            self.engine.add_request(rid, ids, p)
+            results[rid] = GenerationResult(
+                rid, ids, outputs=[CompletionOutput(i, "", [], None) for i in range(p.n)]
+            )
+        total = sum(p.n for p in params)
+        bar = tqdm(total=total, desc="generate", unit="seq", disable=not use_tqdm)
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                res = results[out.request_id]
+                res.num_cached_tokens = out.num_cached_tokens
+                comp = res.outputs[out.index]
+                comp.token_ids.extend(out.new_token_ids)
+                if out.new_logprobs is not None:
+                    comp.logprobs = (comp.logprobs or []) + out.new_logprobs
+                if out.finished:
+                    comp.finish_reason = out.finish_reason
+                    bar.update(1)
+        bar.close()
+        for res in results.values():
+            for comp in res.outputs:
+                comp.text = self.tokenizer.decode(comp.token_ids)
+        return list(results.values())
+
+    def chat(
+        self,
+        messages: Sequence[Sequence[dict[str, Any]]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[GenerationResult]:
+        prompts = [
+            self.tokenizer.encode(self.tokenizer.apply_chat_template(list(m)), add_special_tokens=False)
+            for m in messages
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

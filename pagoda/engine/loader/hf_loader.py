@@ -1,0 +1,163 @@
+"""Hugging Face directory -> Checkpoint: config.json + *.safetensors + tokenizer files.
+
+Weights keep their stored names and dtypes; config.json of transformers 4.x (rope_theta +
+rope_scaling) and 5.x (rope_parameters) both map onto ModelArchConfig.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from pagoda.engine.loader import Checkpoint, ModelLoadError
+from pagoda.engine.models.arch_config import ModelArchConfig
+from pagoda.engine.tokenization.tokenizer import Tokenizer
+
+# config.json model_type -> ModelArchConfig.architecture
+_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "granite": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+}
+_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def has_safetensors(path: Path) -> bool:
+    return any(path.glob("*.safetensors"))
+
+
+def load_hf_dir(path: Path, name: str) -> Checkpoint:
+    config = _read_config(path)
+    try:
+        tokenizer = Tokenizer.from_hf_dir(path)
+    except ValueError as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {str(path)!r}: {e}") from e
+    files = _safetensors_files(path)
+    stored = _stored_names(files)
+    arch = arch_from_hf_config(config, tokenizer, has_lm_head="lm_head.weight" in stored)
+    return Checkpoint(
+        name=name,
+        arch=arch,
+        tokenizer=tokenizer,
+        path=str(path),
+        _weights=lambda: _iter_weights(files, arch),
+    )
+
+
+def arch_from_hf_config(
+    config: dict[str, Any], tokenizer: Tokenizer | None = None, has_lm_head: bool = True
+) -> ModelArchConfig:
+    model_type = config.get("model_type")
+    if model_type not in _MODEL_TYPES:
+        raise ModelLoadError(
+            f"model_type {model_type!r} (architectures {config.get('architectures')}) is not supported; "
+            f"pagoda loads {', '.join(_MODEL_TYPES)} checkpoints"
+        )
+    if config.get("mlp_bias"):
+        raise ModelLoadError("checkpoints with mlp_bias=true are not supported; pagoda's MLP has no bias")
+    architecture = _MODEL_TYPES[model_type]
+    hidden = int(config["hidden_size"])
+    num_heads = int(config["num_attention_heads"])
+    num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
+    head_dim = int(config.get("head_dim") or hidden // num_heads)
+    rope = dict(config.get("rope_parameters") or {})  # transformers 5
+    rope_theta = float(rope.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    scaling = rope or dict(config.get("rope_scaling") or {})
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    rope_scaling = None if scaling.get("rope_type", "default") == "default" else scaling
+    tie = bool(config.get("tie_word_embeddings", False)) or not has_lm_head
+    eos = _as_ids(config.get("eos_token_id"))
+    if tokenizer is not None:
+        eos = list(dict.fromkeys([*tokenizer.eos_token_ids, *eos]))
+    bos = config.get("bos_token_id")
+    if bos is None and tokenizer is not None:
+        bos = tokenizer.bos_token_id
+    attention_multiplier = config.get("attention_multiplier") if model_type == "granite" else None
+    return ModelArchConfig(
+        architecture=architecture,
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(config["intermediate_size"]),
+        num_layers=int(config["num_hidden_layers"]),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=tie,
+        attention_bias=architecture == "qwen2" or bool(config.get("attention_bias", False)),
+        qk_norm=architecture == "qwen3",
+        embedding_multiplier=float(config.get("embedding_multiplier", 1.0)),
+        residual_multiplier=float(config.get("residual_multiplier", 1.0)),
+        attention_multiplier=None if attention_multiplier is None else float(attention_multiplier),
+        logits_scaling=float(config.get("logits_scaling", 1.0)),
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=tuple(eos),
+    )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {str(path / 'config.json')!r}: {e}") from e
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{str(path / 'config.json')!r} is not a JSON object")
+    if "text_config" in config and "hidden_size" not in config:  # multimodal wrapper
+        config = {**config["text_config"], "tie_word_embeddings": config.get("tie_word_embeddings", False)}
+    return config
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{str(path)!r} is missing shards listed in its index: {', '.join(missing)}")
+        return files
+    return sorted(path.glob("*.safetensors"))
+
+
+def _stored_names(files: list[Path]) -> set[str]:
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            names.update(_normalize(k) for k in handle.keys())
+    return names
+
+
+def _normalize(name: str) -> str:
+    """Stored name -> HF causal-LM name (checkpoints of a bare `LlamaModel` lack the `model.` prefix)."""
+    if name.startswith(("model.", "lm_head.")):
+        return name
+    return "model." + name
+
+
+def _iter_weights(files: list[Path], arch: ModelArchConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                name = _normalize(key)
+                if name.endswith(_SKIPPED_SUFFIXES):
+                    continue
+                if arch.tie_word_embeddings and name == "lm_head.weight":
+                    continue
+                yield name, handle.get_tensor(key)
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]

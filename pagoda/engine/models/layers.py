@@ -1,0 +1,199 @@
+"""Layers shared by every model family: RMSNorm, rotary embedding, gated MLP.
+
+Each layer runs in PyTorch, or as a Triton kernel (kernels/) when `use_triton_layers` switched it
+on: the engine does so alongside a Triton attention backend (on a GPU by default)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.use_triton = False
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add fused into the norm."""
+        if self.use_triton:
+            from pagoda.kernels.rms_norm import rms_norm
+
+            out, res = rms_norm(x, self.weight, self.eps, residual)
+            assert res is not None
+            return out, res
+        s = x + residual
+        return self(s), s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_triton:
+            from pagoda.kernels.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)[0]
+        # HF's numerics (normalize in float32, cast back, then scale), bitwise: torch's rms_norm
+        # without a weight is x * rsqrt(mean(x^2) + eps) in one call instead of six
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    factor = float(scaling["factor"])
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling.get("original_max_position_embeddings", 8192))
+    low_wavelen = old_len / low
+    high_wavelen = old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] on the CPU, as HF computes them."""
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim)
+    )
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "llama3":
+        assert scaling is not None
+        return _llama3_inv_freq(inv_freq, scaling)
+    if rope_type == "linear":
+        assert scaling is not None
+        return inv_freq / float(scaling["factor"])
+    if rope_type not in ("default", None):
+        raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3)")
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style RoPE (HF's rotate_half layout) with a cos/sin table indexed by position. The
+    table is built on the device of first use, so the module can be constructed on "meta"."""
+
+    def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.inv_freq = rope_inv_freq(head_dim, base, scaling)
+        self.max_position = max_position
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.use_triton = False
+        self._cos_sin_table: torch.Tensor | None = None  # [max_position, head_dim] for the kernel
+
+    def build_tables(self, device: torch.device) -> None:
+        """Build the cos/sin tables on `device` now (a compiled graph reads them as constants)."""
+        self._cos_sin(device)
+
+    def _cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tables is None or self._tables[0].device != device:
+            t = torch.arange(self.max_position, dtype=torch.float32, device="cpu")
+            freqs = torch.outer(t, self.inv_freq)  # [max_position, head_dim / 2]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            # rotate_half(x) * sin == swap_halves(x) * cat(-sin, sin), bitwise (negation is exact)
+            sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+            self._tables = (emb.cos().to(device), sin.to(device))
+        return self._tables
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]
+        if self.use_triton:
+            return self._forward_triton(positions, q, k)
+        _, cos, sin = self._step_cos_sin(positions, q.dtype)
+        return q * cos + _swap_halves(q) * sin, k * cos + _swap_halves(k) * sin
+
+    def forward_qk(self, positions: torch.Tensor, qk: torch.Tensor) -> torch.Tensor:
+        """RoPE on the query and key heads together: qk [tokens, heads + kv_heads, head_dim], a
+        view of the fused qkv output. Returns a new tensor of that shape."""
+        _, cos, sin = self._step_cos_sin(positions, qk.dtype)
+        return qk * cos + _swap_halves(qk) * sin
+
+    def _step_cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions, cos, sign-folded sin), cos/sin [tokens, 1, head_dim] in `dtype`: every layer
+        of a step passes the same positions tensor, so they are gathered once per step."""
+        last = self._last
+        if torch.compiler.is_compiling():  # one graph: the gather is fused, nothing to cache
+            cos_t, sin_t = self._cos_sin(positions.device)
+            return positions, cos_t[positions].unsqueeze(1).to(dtype), sin_t[positions].unsqueeze(1).to(dtype)
+        if last is None or last[0] is not positions or last[1].dtype != dtype:
+            cos_t, sin_t = self._cos_sin(positions.device)
+            last = (
+                positions,
+                cos_t[positions].unsqueeze(1).to(dtype),
+                sin_t[positions].unsqueeze(1).to(dtype),
+            )
+            self._last = last
+        return last
+
+    def _forward_triton(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from pagoda.kernels.rotary import cos_sin_table, rotary_embedding
+
+        table = self._cos_sin_table
+        if table is None or table.device != q.device:
+            table = self._cos_sin_table = cos_sin_table(self.inv_freq, self.max_position, q.device)
+        rotary_embedding(positions, q, k, table, neox=True)  # in place
+        return q, k
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """[..., head_dim] -> the two halves of the last dim swapped, in one op (no reshape of the
+    strided qkv view, which would make the compiler specialize a batch of one)."""
+    half = x.shape[-1] // 2
+    if torch.compiler.is_compiling():  # roll checks for an empty tensor: no unbacked batch size
+        return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return torch.roll(x, half, dims=-1)
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up in one matmul."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.intermediate = intermediate
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.use_triton = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if self.use_triton:
+            from pagoda.kernels.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))  # type: ignore[no-any-return]
+        gate, up = gate_up.split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def use_triton_layers(model: nn.Module, enabled: bool) -> int:
+    """Switch the model's RMSNorm, rotary and gated-MLP layers to their Triton kernels (or back);
+    returns how many layers were switched."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, RMSNorm | RotaryEmbedding | GatedMLP):
+            module.use_triton = enabled
+            count += 1
+    return count
+
+
+def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module | None]) -> int:
+    """Replace each nn.Linear of `model` by `make(its attribute name, it)` where that gives a
+    module (quantized or packed twins; None keeps the linear); returns how many were replaced."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and (new := make(name, child)) is not None:
+                setattr(module, name, new)
+                count += 1
+    return count

@@ -1,0 +1,174 @@
+"""The Llama family: Llama 2/3, SmolLM2, Mistral, Granite (scaling multipliers), Qwen2 (qkv bias)
+and Qwen3 (per-head q/k RMSNorm). One definition; the differences are flags in ModelArchConfig.
+
+Tokens come flattened: input_ids and positions are [num_tokens]; hidden states [num_tokens, hidden].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from pagoda.engine.models.arch_config import ModelArchConfig
+from pagoda.engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelArchConfig, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.softmax_scale
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rope = rope
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        nh, nkv = self.num_heads, self.num_kv_heads
+        # heads of the fused output, sliced (no view of a strided slice: the compiler would
+        # specialize a batch of one): [tokens, heads + 2 * kv_heads, head_dim]
+        heads = self.qkv_proj(x).view(-1, nh + 2 * nkv, self.head_dim)
+        v = heads[:, nh + nkv :]
+        if self.q_norm is None and not self.rope.use_triton:
+            qk = self.rope.forward_qk(positions, heads[:, : nh + nkv])  # q and k rotated together
+            q, k = qk[:, :nh], qk[:, nh:]
+        else:
+            q, k = heads[:, :nh], heads[:, nh : nh + nkv]
+            if self.q_norm is not None and self.k_norm is not None:
+                q = self.q_norm(q)
+                k = self.k_norm(k)
+            q, k = self.rope(positions, q, k)
+        o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(o.reshape(-1, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelArchConfig, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, rope)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.residual_multiplier = cfg.residual_multiplier
+
+    def forward(
+        self,
+        h: torch.Tensor,  # the previous layer's output (the embeddings for the first layer)
+        residual: torch.Tensor | None,  # the residual stream before h is added (None: first layer)
+        positions: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (this layer's output, the residual stream before it)
+        if residual is None:
+            residual = h
+            h = self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm.add_forward(h, residual)
+        h = self.self_attn(h, positions, kv_cache, meta, backend)
+        if self.residual_multiplier != 1.0:
+            h = h * self.residual_multiplier
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        h = self.mlp(h)
+        if self.residual_multiplier != 1.0:
+            h = h * self.residual_multiplier
+        return h, residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelArchConfig, max_position: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        rope = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rope) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        x = self.embed_tokens(input_ids)
+        if self.cfg.embedding_multiplier != 1.0:
+            x = x * self.cfg.embedding_multiplier
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x, residual = layer(x, residual, positions, kv_cache, meta, backend)
+        if residual is None:
+            return self.norm(x)  # type: ignore[no-any-return]
+        return self.norm.add_forward(x, residual)[0]  # type: ignore[no-any-return]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab] float32
+        logits = self.lm_head(hidden)
+        if self.cfg.logits_scaling != 1.0:
+            logits = logits / self.cfg.logits_scaling
+        return logits.float()  # type: ignore[no-any-return]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named weights, merging q/k/v and gate/up into their fused matrices."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        cfg = self.cfg
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        fused = {
+            "q_proj": ("qkv_proj", 0, q),
+            "k_proj": ("qkv_proj", q, kv),
+            "v_proj": ("qkv_proj", q + kv, kv),
+            "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
+            "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size),
+        }
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.startswith("model."):
+                name = name[len("model.") :]
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            target, start, size = name, 0, -1
+            for part, (fused_name, offset, length) in fused.items():
+                if f".{part}." in name:
+                    target, start, size = name.replace(part, fused_name), offset, length
+                    break
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in the {cfg.architecture} model")
+            param = params[target]
+            with torch.no_grad():
+                dest = param.data if size < 0 else param.data.narrow(0, start, size)
+                if dest.shape != tensor.shape:
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                        f"the model expects {tuple(dest.shape)}"
+                    )
+                dest.copy_(tensor)
+            loaded.add(f"{target}:{start}")
+        expected = sum(
+            3 if "qkv_proj" in n else 2 if "gate_up_proj" in n else 1
+            for n in params
+            if not (n == "lm_head.weight" and cfg.tie_word_embeddings)
+        )
+        if len(loaded) != expected:
+            raise ValueError(
+                f"checkpoint is incomplete: loaded {len(loaded)} of {expected} tensors for the model"
+            )

@@ -1,0 +1,2 @@
+"""The model runner and its execution paths: eager, compiled (torch.compile), CUDA graphs,
+oneDNN-packed linears; the attention backends over the paged KV cache."""

@@ -1,0 +1,1 @@
+"""Sampling parameters (validated once) and the batched sampler."""

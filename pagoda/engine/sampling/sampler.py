@@ -1,0 +1,372 @@
+"""Batched sampling: one call per engine step turns `[num_rows, vocab]` logits into one token per row.
+
+Stages, in vLLM's order, each skipped when no row of the step needs it:
+logit_bias -> min_tokens -> repetition penalty -> frequency/presence penalties -> greedy argmax;
+for the other rows: temperature -> top-k -> top-p -> min-p -> exponential race (probs / Exp(1), argmax).
+Rows with a seeded generator draw their noise from it alone, so their tokens do not depend on the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pagoda.engine.outputs import TokenLogprob
+from pagoda.engine.sampling.params import SamplingParams
+
+_NEG_INF = float("-inf")
+# top-p first looks for the nucleus among this many best tokens; rows whose nucleus is wider
+# (flat distributions, top_p close to 1) retry with 8x more candidates, up to a full sort.
+_TOP_P_CANDIDATES = 1024
+# Rows of [rows, vocab] tensors are picked with advanced indexing (x[rows]): on CPU, index_select
+# over them ran ~20x slower (torch 2.13).
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """The generator a seeded request keeps for its whole life; None for unseeded requests."""
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+@dataclass
+class SamplingMetadata:
+    """Everything the sampler needs for one step, built once from the rows to sample.
+
+    "Random rows" are the non-greedy rows, in row order; the per-random-row tensors are aligned with
+    them. A stage's tensors are None when no row of the step needs that stage.
+    """
+
+    num_rows: int
+    vocab_size: int
+    random_rows: torch.Tensor | None  # [num_random] int64; None when all rows are random or all greedy
+    all_greedy: bool
+    all_random: bool
+    # logits processors, all rows
+    bias_rows: torch.Tensor | None  # [num_bias] int64, with bias_tokens/bias_values: one entry per bias
+    bias_tokens: torch.Tensor | None
+    bias_values: torch.Tensor | None  # [num_bias] float32
+    banned_rows: torch.Tensor | None  # [num_banned] int64: min_tokens not reached, ban eos/stop tokens
+    banned_tokens: torch.Tensor | None
+    # Id tensors are padded by repeating the row's last id (0 for an empty row): the penalties are
+    # applied by gather -> compute -> scatter on these ids, where a repeated id writes the same value
+    # twice, and an empty row's parameters are neutral there.
+    seen_ids: torch.Tensor | None  # [num_rows, max_prompt + max_output] int64: prompt then output
+    output_ids: torch.Tensor | None  # [num_rows, max_output] int64
+    output_mask: torch.Tensor | None  # [num_rows, max_output] float32: 1 for real ids, 0 for padding
+    repetition_penalty: torch.Tensor | None  # [num_rows, 1] float32, 1.0 for rows with nothing seen
+    frequency_penalty: torch.Tensor | None  # [num_rows, 1] float32
+    presence_penalty: torch.Tensor | None  # [num_rows, 1] float32
+    # random rows only
+    temperature: torch.Tensor | None  # [num_random, 1] float32
+    top_k: torch.Tensor | None  # [num_random, 1] int64, vocab_size where off
+    max_top_k: int
+    top_p: torch.Tensor | None  # [num_random, 1] float32, 1.0 where off
+    min_p: torch.Tensor | None  # [num_random, 1] float32, 0.0 where off
+    generators: dict[int, torch.Generator]  # position among the random rows -> its generator
+    # logprobs: the rows that asked, greedy ones first, then random ones; k per row
+    logprob_rows: list[int]
+    logprob_k: list[int]
+    logprob_greedy_rows: torch.Tensor | None  # [g] int64, row indices (into the logits)
+    logprob_random_pos: torch.Tensor | None  # [r] int64, positions among the random rows
+
+    @property
+    def needs_processing(self) -> bool:
+        return (
+            self.bias_rows is not None
+            or self.banned_rows is not None
+            or self.seen_ids is not None
+            or self.output_ids is not None
+        )
+
+    @classmethod
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        prompt_token_ids: Sequence[Sequence[int]],
+        output_token_ids: Sequence[Sequence[int]],
+        generators: Sequence[torch.Generator | None],
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        device: torch.device,
+    ) -> SamplingMetadata:
+        n = len(params)
+        assert len(prompt_token_ids) == n and len(output_token_ids) == n and len(generators) == n, (
+            n,
+            len(prompt_token_ids),
+            len(output_token_ids),
+            len(generators),
+        )
+        V = vocab_size
+
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        def column(values: list[float]) -> torch.Tensor:  # [rows, 1] float32
+            return tensor(values, torch.float32).unsqueeze(1)
+
+        random_pos = [i for i, p in enumerate(params) if not p.greedy]
+        rand = [params[i] for i in random_pos]
+        all_greedy, all_random = not random_pos, len(random_pos) == n
+
+        bias_rows: list[int] = []
+        bias_tokens: list[int] = []
+        bias_values: list[float] = []
+        banned_rows: list[int] = []
+        banned_tokens: list[int] = []
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                bad = sorted(t for t in p.logit_bias if not 0 <= t < V)
+                if bad:
+                    raise ValueError(
+                        f"logit_bias token ids {bad} are outside the vocabulary (size {V}); "
+                        f"use ids in [0, {V - 1}]"
+                    )
+                bias_rows += [i] * len(p.logit_bias)
+                bias_tokens += p.logit_bias.keys()
+                bias_values += p.logit_bias.values()
+            if len(output_token_ids[i]) < p.min_tokens:
+                # ids outside the vocabulary can never be sampled, so there is nothing to ban
+                stops = {t for t in (*eos_token_ids, *p.stop_token_ids) if 0 <= t < V}
+                banned_rows += [i] * len(stops)
+                banned_tokens += stops
+
+        uses_rep = [p.repetition_penalty != 1.0 for p in params]
+        uses_freq = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
+        seen_ids = output_ids = output_mask = rep_penalty = None
+        if any(uses_rep):
+            seen = [[*prompt_token_ids[i], *output_token_ids[i]] if r else [] for i, r in enumerate(uses_rep)]
+            seen_ids, _ = _pad(seen, V, device)
+            # a row with nothing seen pads with token 0: a penalty of 1.0 leaves it alone
+            rep_penalty = column(
+                [p.repetition_penalty if ids else 1.0 for p, ids in zip(params, seen, strict=True)]
+            )
+        if any(uses_freq):
+            outputs = [output_token_ids[i] if f else () for i, f in enumerate(uses_freq)]
+            output_ids, output_mask = _pad(outputs, V, device)
+
+        top_ks = [p.effective_top_k for p in rand]
+        lp_greedy = [i for i, p in enumerate(params) if p.logprobs is not None and p.greedy]
+        lp_random = [j for j, i in enumerate(random_pos) if params[i].logprobs is not None]
+        logprob_rows = lp_greedy + [random_pos[j] for j in lp_random]
+        return cls(
+            num_rows=n,
+            vocab_size=V,
+            random_rows=tensor(random_pos, torch.int64) if not (all_greedy or all_random) else None,
+            all_greedy=all_greedy,
+            all_random=all_random,
+            bias_rows=tensor(bias_rows, torch.int64) if bias_rows else None,
+            bias_tokens=tensor(bias_tokens, torch.int64) if bias_rows else None,
+            bias_values=tensor(bias_values, torch.float32) if bias_rows else None,
+            banned_rows=tensor(banned_rows, torch.int64) if banned_rows else None,
+            banned_tokens=tensor(banned_tokens, torch.int64) if banned_rows else None,
+            seen_ids=seen_ids,
+            output_ids=output_ids,
+            output_mask=output_mask,
+            repetition_penalty=rep_penalty,
+            frequency_penalty=column([p.frequency_penalty for p in params]) if any(uses_freq) else None,
+            presence_penalty=column([p.presence_penalty for p in params]) if any(uses_freq) else None,
+            temperature=(
+                column([p.temperature for p in rand]) if any(p.temperature != 1.0 for p in rand) else None
+            ),
+            top_k=(
+                tensor([min(k, V) if k else V for k in top_ks], torch.int64).unsqueeze(1)
+                if any(top_ks)
+                else None
+            ),
+            max_top_k=min(max(top_ks, default=0), V),
+            top_p=column([p.top_p for p in rand]) if any(p.top_p < 1.0 for p in rand) else None,
+            min_p=column([p.min_p for p in rand]) if any(p.min_p > 0.0 for p in rand) else None,
+            generators={j: g for j, i in enumerate(random_pos) if (g := generators[i]) is not None},
+            logprob_rows=logprob_rows,
+            logprob_k=[min(params[i].logprobs or 0, V) for i in logprob_rows],
+            logprob_greedy_rows=tensor(lp_greedy, torch.int64) if lp_greedy else None,
+            logprob_random_pos=tensor(lp_random, torch.int64) if lp_random else None,
+        )
+
+
+def _pad(
+    rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[len(rows), longest] int64 ids padded by repeating each row's last id (0 for an empty row),
+    and the [len(rows), longest] float32 mask of the real ids."""
+    longest = max(1, max(len(r) for r in rows))
+    ids = np.zeros((len(rows), longest), dtype=np.int64)
+    mask = np.zeros((len(rows), longest), dtype=np.float32)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, : len(r)] = r
+            ids[i, len(r) :] = r[-1]
+            mask[i, : len(r)] = 1.0
+    assert ids.min() >= 0 and ids.max() < vocab_size, (ids.min(), ids.max(), vocab_size)
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    logprobs: list[TokenLogprob | None]  # None for rows that did not ask (params.logprobs is None)
+
+
+class Sampler:
+    """Stateless; `logits` ([num_rows, vocab] float32) is read, never written."""
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        assert logits.dim() == 2 and logits.shape[0] == meta.num_rows, (tuple(logits.shape), meta.num_rows)
+        assert logits.shape[1] == meta.vocab_size, (logits.shape[1], meta.vocab_size)
+        if meta.num_rows == 0:
+            return SamplerOutput([], [])
+        x = logits.float()
+        if meta.needs_processing:
+            x = x.clone() if x is logits else x
+            x = _apply_processors(x, meta)
+
+        tokens = None if meta.all_random else x.argmax(dim=-1)  # [num_rows]
+        y = None  # [num_random, vocab]: the processed logits of the random rows
+        if not meta.all_greedy:
+            if meta.random_rows is not None:
+                y = _apply_filters(x[meta.random_rows], meta, owned=True)
+            else:
+                y = _apply_filters(x, meta, owned=x is not logits)
+            sampled = _sample(y, meta.generators)
+            if tokens is None:
+                tokens = sampled
+            else:
+                assert meta.random_rows is not None
+                tokens = tokens.index_copy(0, meta.random_rows, sampled)
+        assert tokens is not None
+        token_ids: list[int] = tokens.tolist()
+        return SamplerOutput(token_ids, _logprobs(x, y, tokens, token_ids, meta))
+
+
+def _apply_processors(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """logit_bias, min_tokens and the penalties, in place on x ([num_rows, vocab])."""
+    if meta.bias_rows is not None:
+        assert meta.bias_tokens is not None and meta.bias_values is not None
+        x.index_put_((meta.bias_rows, meta.bias_tokens), meta.bias_values, accumulate=True)
+    if meta.banned_rows is not None:
+        assert meta.banned_tokens is not None
+        x.index_put_((meta.banned_rows, meta.banned_tokens), torch.tensor(_NEG_INF, device=x.device))
+    if meta.repetition_penalty is not None:  # divide positive logits, multiply negative ones
+        assert meta.seen_ids is not None
+        rp = meta.repetition_penalty
+        seen = x.gather(1, meta.seen_ids)  # [num_rows, max_seen]
+        x.scatter_(1, meta.seen_ids, torch.where(seen > 0, seen / rp, seen * rp))
+    if meta.frequency_penalty is not None:
+        assert meta.presence_penalty is not None
+        assert meta.output_ids is not None and meta.output_mask is not None
+        counts = torch.zeros_like(x).scatter_add_(1, meta.output_ids, meta.output_mask)  # [num_rows, vocab]
+        count = counts.gather(1, meta.output_ids)  # [num_rows, max_output]
+        penalty = meta.frequency_penalty * count + meta.presence_penalty * (count > 0)
+        x.scatter_(1, meta.output_ids, x.gather(1, meta.output_ids) - penalty)
+    return x
+
+
+def _apply_filters(y: torch.Tensor, meta: SamplingMetadata, owned: bool) -> torch.Tensor:
+    """temperature, top-k, top-p, min-p on y ([num_random, vocab]); in place only when `owned`."""
+    if meta.temperature is not None:
+        y = y.div_(meta.temperature) if owned else y / meta.temperature
+    elif not owned and (meta.top_k is not None or meta.top_p is not None or meta.min_p is not None):
+        y = y.clone()
+    if meta.top_k is not None or meta.top_p is not None:
+        V = y.shape[1]
+        K = max(meta.max_top_k, min(V, _TOP_P_CANDIDATES)) if meta.top_p is not None else meta.max_top_k
+        cand, cand_ids = y.topk(K, dim=-1)  # [num_random, K], descending
+        if meta.top_k is not None:
+            k = meta.top_k
+            thresh = cand.gather(1, k.clamp(max=K) - 1)
+            thresh.masked_fill_(k > K, _NEG_INF)  # rows with top-k off
+            y.masked_fill_(y < thresh, _NEG_INF)  # ties with the k-th token stay, as in vLLM
+            cand.masked_fill_(cand < thresh, _NEG_INF)
+        if meta.top_p is not None:
+            thresh, covered = _nucleus_threshold(y, cand, cand_ids, meta.top_p)
+            while not bool(covered.all()):  # a nucleus wider than the candidates: 8x more, then all
+                K = min(V, K * 8)
+                rows = (~covered).nonzero()[:, 0]
+                sub = y[rows]
+                sub_thresh, sub_covered = _nucleus_threshold(
+                    sub, *sub.topk(K, dim=-1), meta.top_p.index_select(0, rows)
+                )
+                thresh = thresh.index_copy(0, rows, sub_thresh)
+                covered = covered.index_copy(0, rows, sub_covered)
+            y.masked_fill_(y < thresh, _NEG_INF)
+    if meta.min_p is not None:
+        # p < min_p * p_max  <=>  logit < max_logit + log(min_p); log(0) = -inf keeps every token
+        y.masked_fill_(y < y.amax(dim=-1, keepdim=True) + meta.min_p.log(), _NEG_INF)
+    return y
+
+
+def _nucleus_threshold(
+    y: torch.Tensor, cand: torch.Tensor, cand_ids: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the smallest logit of the nucleus (-inf where top-p is off) and whether `cand` held it.
+
+    y: [rows, vocab] logits; cand, cand_ids: [rows, K] the K best of them, descending, and their
+    token ids; top_p: [rows, 1].
+    A token stays when the probability of the tokens before it is < top_p (vLLM: the tail of the
+    ascending cumulative sum that is <= 1 - top_p is dropped); the best token always stays.
+    """
+    probs = y.softmax(dim=-1).gather(1, cand_ids)  # [rows, K]
+    cum = probs.cumsum(dim=-1)
+    before = F.pad(cum[:, :-1], (1, 0))
+    keep = (before < top_p) & (cand > _NEG_INF)
+    keep[:, 0] = True
+    thresh = cand.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
+    off = top_p >= 1.0
+    thresh.masked_fill_(off, _NEG_INF)
+    covered = (cum[:, -1:] >= top_p) | (cand[:, -1:] == _NEG_INF) | off | (cand.shape[1] == y.shape[1])
+    return thresh, covered[:, 0]
+
+
+def _sample(y: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """argmax(probs / q) with q ~ Exp(1): the same law as sampling from probs. [rows]
+
+    q = -log(U), U ~ Uniform[0, 1), so q is in (0, inf] and a filtered token (prob 0) never wins.
+    argmax(probs / -log U) is computed as argmin(probs / log U), saving a pass over [rows, vocab].
+    """
+    probs = y.softmax(dim=-1)
+    u = torch.empty_like(probs)
+    if len(generators) < u.shape[0]:
+        u.uniform_()
+    for row, gen in generators.items():
+        u[row].uniform_(generator=gen)
+    return probs.div_(u.log_()).argmin(dim=-1)
+
+
+def _logprobs(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    tokens: torch.Tensor,
+    token_ids: list[int],
+    meta: SamplingMetadata,
+) -> list[TokenLogprob | None]:
+    """Sampled token's logprob and top-k from the processed distribution: y for random rows (after
+    temperature and filters), x for greedy rows (after penalties, temperature 1)."""
+    out: list[TokenLogprob | None] = [None] * meta.num_rows
+    if not meta.logprob_rows:
+        return out
+    parts = []
+    if meta.logprob_greedy_rows is not None:
+        parts.append(x[meta.logprob_greedy_rows])
+    if meta.logprob_random_pos is not None:
+        assert y is not None
+        parts.append(y[meta.logprob_random_pos])
+    lsm = torch.cat(parts).log_softmax(dim=-1)  # [num_logprob_rows, vocab], rows as meta.logprob_rows
+    rows = torch.tensor(meta.logprob_rows, device=lsm.device)
+    chosen: list[float] = lsm.gather(1, tokens.index_select(0, rows).unsqueeze(1))[:, 0].tolist()
+    max_k = max(meta.logprob_k)
+    top_vals: list[list[float]] = [[] for _ in meta.logprob_rows]
+    top_ids: list[list[int]] = [[] for _ in meta.logprob_rows]
+    if max_k > 0:
+        vals, ids = lsm.topk(max_k, dim=-1)  # sorted, descending
+        top_vals, top_ids = vals.tolist(), ids.tolist()
+    for j, (r, k) in enumerate(zip(meta.logprob_rows, meta.logprob_k, strict=True)):
+        top = dict(zip(top_ids[j][:k], top_vals[j][:k], strict=True))
+        out[r] = TokenLogprob(token_ids[r], chosen[j], top)
+    return out

@@ -1,0 +1,272 @@
+"""The step scheduler: which requests run this step and how many tokens each computes.
+
+One token budget per step is shared by decodes (1 token each) and prefill chunks, so prefill is
+chunked and mixed with decode. When blocks run out, running requests are preempted by recompute
+(their blocks freed, their tokens computed again later): newest first, or lowest priority first.
+Contract: `out = schedule(); res = runner.execute(out); update(out, res)`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from pagoda.engine.config import SchedulerConfig
+from pagoda.engine.kv.kv_cache_manager import KVCacheManager
+from pagoda.engine.outputs import FinishReason, TokenLogprob
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine.scheduling.request import Request, RequestStatus
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has no state for (first schedule, or resumed after preemption)."""
+
+    req_id: str
+    token_ids: list[int]  # prompt + outputs so far
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    params: SamplingParams
+    generator: torch.Generator | None
+
+
+@dataclass
+class CachedRequestData:
+    """A running request the runner already holds: only what changed."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    new_requests: list[NewRequestData]
+    cached_requests: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]  # batch order: cached requests first, then new ones
+    total_num_scheduled_tokens: int
+    finished_req_ids: set[str]  # the runner drops these (finished, aborted or preempted)
+    num_preempted: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class RunnerOutput:
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        max_model_len: int,
+        eos_token_ids: Iterable[int],
+    ) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_ids: set[str] = set()
+        self.num_preemptions = 0
+        # running requests without an output token yet (their prefill is in the step in progress,
+        # or more of its chunks are to come); set on the step thread, read by the worker's admission
+        self.num_prefilling = 0
+
+    # -- requests in and out ---------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        assert request.request_id not in self.requests, request.request_id
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], reason: FinishReason) -> list[Request]:
+        """Finish (e.g. abort) requests wherever they are; their blocks are freed now."""
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            if req.status is RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self._finish(req, reason)
+            done.append(req)
+        self.num_prefilling = self._count_prefilling()
+        return done
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # -- the step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        cached: list[CachedRequestData] = []
+        new: list[NewRequestData] = []
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(n, self.max_model_len - req.num_computed_tokens)
+            assert n > 0, req
+            new_blocks = self.kv.allocate_slots(req, n)
+            while new_blocks is None:
+                victim = self._pick_victim()
+                if self.running.index(victim) < i:  # already scheduled this step: undo that
+                    budget += num_scheduled.pop(victim.request_id)
+                    cached = [c for c in cached if c.req_id != victim.request_id]
+                    i -= 1
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+                new_blocks = self.kv.allocate_slots(req, n)
+            if new_blocks is None:  # req itself was preempted
+                continue
+            num_scheduled[req.request_id] = n
+            cached.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
+            budget -= n
+            i += 1
+
+        # New work only when nothing had to be preempted this step.
+        while not preempted and self.waiting and budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            req = self._peek_waiting()
+            hits = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+            num_cached = len(hits) * self.kv.block_size
+            remaining = req.num_tokens - num_cached
+            if not self.config.enable_chunked_prefill and remaining > budget:
+                break
+            n = min(remaining, budget)
+            if self.kv.allocate_slots(req, n, hits) is None:
+                break
+            self._remove_waiting(req)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+                req.queue_time_s = time.monotonic() - req.arrival_time
+            req.num_computed_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            num_scheduled[req.request_id] = n
+            new.append(
+                NewRequestData(
+                    req_id=req.request_id,
+                    token_ids=list(req.all_token_ids),
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    block_ids=list(self.kv.blocks_of(req.request_id)),
+                    num_computed_tokens=num_cached,
+                    params=req.params,
+                    generator=req.generator,
+                )
+            )
+            budget -= n
+
+        self.num_prefilling = self._count_prefilling()
+        finished = self._finished_ids | {r.request_id for r in preempted}
+        self._finished_ids = set()
+        return SchedulerOutput(
+            new_requests=new,
+            cached_requests=cached,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+            finished_req_ids=finished,
+            num_preempted=len(preempted),
+        )
+
+    def update(self, out: SchedulerOutput, res: RunnerOutput) -> list[Request]:
+        """Advance counters, append sampled tokens, finish requests that stop. Returns the
+        requests that got a new token this step (finished ones included)."""
+        changed: list[Request] = []
+        stopped: list[Request] = []
+        for rid, n in out.num_scheduled_tokens.items():
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            req.num_computed_tokens += n
+            token = res.sampled_token_ids.get(rid)
+            if token is None:
+                continue
+            req.append_output(token)
+            changed.append(req)
+            reason = self._check_stop(req, token)
+            if reason is not None:
+                req.finish_reason = reason
+                stopped.append(req)
+        for req in stopped:
+            self.running.remove(req)
+            self._finish(req, req.finish_reason or "stop")
+        self.num_prefilling = self._count_prefilling()
+        return changed
+
+    # -- internals --------------------------------------------------------------------------
+    def _count_prefilling(self) -> int:
+        return sum(1 for r in self.running if r.num_output_tokens == 0)
+
+    def _check_stop(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if req.num_output_tokens >= p.min_tokens:
+            if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                req.stop_token_id = token
+                return "stop"
+        if p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
+            return "length"
+        if req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        req.status = RequestStatus.FINISHED
+        if req.finish_reason is None:
+            req.finish_reason = reason
+        self.kv.free(req)
+        self._finished_ids.add(req.request_id)
+        del self.requests[req.request_id]
+
+    def _pick_victim(self) -> Request:
+        if self.config.scheduling_policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _peek_waiting(self) -> Request:
+        if self.config.scheduling_policy == "priority":
+            return min(self.waiting, key=lambda r: (r.priority, r.arrival_time))
+        return self.waiting[0]
+
+    def _remove_waiting(self, req: Request) -> None:
+        if self.waiting[0] is req:
+            self.waiting.popleft()
+        else:
+            self.waiting.remove(req)

@@ -1,0 +1,1 @@
+"""Text <-> token ids: the tokenizer with its chat template, and incremental detokenization."""

@@ -1,0 +1,267 @@
+"""Peer servers for `pagoda bench serve --peer NAME`: another OpenAI-compatible server started on
+the same model, on a free 127.0.0.1 port, so both are measured with the same requests in one run.
+
+A peer is a small object with `start()` (blocks until it answers), `stop()` and `base_url`; it is
+also a context manager. Peers: llama.cpp (through the `llama-cpp-python` package, an optional
+benchmark dependency) and pagoda itself with prefix caching off; HF transformers runs in-process
+instead (pagoda/load/hf_peer.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Protocol, Self
+
+import httpx
+
+
+class PeerError(ValueError):
+    """A peer that cannot start: one line naming the fix (the CLI prints it, no traceback)."""
+
+
+class Peer(Protocol):
+    name: str
+
+    @property
+    def base_url(self) -> str: ...
+
+    def check(self) -> None:
+        """Raise PeerError naming the fix when the peer cannot run here; starts nothing."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+# Modules `python -m llama_cpp.server` imports beyond llama_cpp itself (the [server] extra).
+_LLAMACPP_MODULES = ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings")
+LLAMACPP_FIX = "pip install 'llama-cpp-python[server]'"
+
+
+class ServerProcess:
+    """An OpenAI-compatible server run as a subprocess on a free port: `command()` builds its
+    argv, `start()` blocks until `ready_path` answers 200, `stop()` ends it (SIGTERM, then kill).
+    The output goes to a temporary log, kept (and quoted in the error) if the start fails."""
+
+    name = "server"
+    ready_path = "/v1/models"
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int | None = None, startup_timeout_s: float = 300.0
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.startup_timeout_s = startup_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._keep_log = False
+
+    @property
+    def base_url(self) -> str:
+        assert self.port is not None, "start() the peer first"
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise PeerError naming the fix when the server cannot run here; starts nothing."""
+
+    def start(self) -> None:
+        self.check()
+        if self.port is None:
+            self.port = free_port(self.host)
+        slug = self.name.replace(".", "").replace(" ", "-")
+        self._log = tempfile.NamedTemporaryFile(prefix=f"pagoda-peer-{slug}-", suffix=".log", delete=False)
+        self._proc = subprocess.Popen(
+            self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self._keep_log = True
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            code = self._proc.poll()
+            if code is not None:
+                raise PeerError(f"{self.name} server exited with code {code} at startup: {self._log_tail()}")
+            try:
+                if httpx.get(self.base_url + self.ready_path, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise PeerError(
+            f"{self.name} server not ready within {self.startup_timeout_s:g} s: {self._log_tail()}"
+        )
+
+    def _log_tail(self, chars: int = 400) -> str:
+        if self._log is None:
+            return ""
+        self._log.flush()
+        text = Path(self._log.name).read_bytes()[-chars:].decode(errors="replace")
+        return " | ".join(line for line in text.splitlines() if line.strip()) + f" (log: {self._log.name})"
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15.0)
+        if self._log is not None:
+            self._log.close()
+            if not self._keep_log:  # keep the log of a server that failed to start
+                os.unlink(self._log.name)
+            self._log = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class LlamaCppPeer(ServerProcess):
+    """llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) on a GGUF file.
+
+    The chat template comes from the GGUF's `tokenizer.chat_template` metadata (no --chat_format).
+    The server runs one request at a time (no batching across requests); others wait in line
+    (`--interrupt_requests False`: by default a new request would end the one streaming).
+    """
+
+    name = "llama.cpp"
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        n_ctx: int = 4096,
+        n_threads: int = 2,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        startup_timeout_s: float = 300.0,
+        serve_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(host, port, startup_timeout_s)
+        self.model_path = model_path
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+
+    def command(self) -> list[str]:
+        assert self.model_path and self.port is not None
+        return [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            self.model_path,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(self.n_ctx),
+            "--n_threads",
+            str(self.n_threads),
+            "--n_threads_batch",
+            str(self.n_threads),
+            # the default (True) cuts a streaming reply short when the next request arrives
+            "--interrupt_requests",
+            "False",
+        ]
+
+    def check(self) -> None:
+        missing = [m for m in _LLAMACPP_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            raise PeerError(f"--peer llamacpp needs llama-cpp-python's server; install it: {LLAMACPP_FIX}")
+        if self.model_path is None:
+            from pagoda.engine.loader import demo_model_path
+
+            self.model_path = demo_model_path()
+        if not Path(self.model_path).is_file():
+            raise PeerError(f"--peer-model {self.model_path!r} is not a file; pass a .gguf file")
+
+
+class PagodaServer(ServerProcess):
+    """`pagoda serve` with `serve_args` (and `extra_args`, e.g. --no-enable-prefix-caching) on a
+    free port: the target of `bench serve --launch`, or a peer that differs in one setting."""
+
+    ready_path = "/health/ready"
+
+    def __init__(
+        self,
+        name: str = "pagoda",
+        serve_args: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        model_path: str | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        startup_timeout_s: float = 600.0,
+    ) -> None:
+        super().__init__(host, port, startup_timeout_s)
+        self.name = name
+        self.serve_args = list(serve_args)
+        self.extra_args = list(extra_args)
+        self.model_path = model_path
+
+    def command(self) -> list[str]:
+        assert self.port is not None
+        model = ["--model", self.model_path] if self.model_path else []
+        return [
+            sys.executable, "-m", "pagoda", "serve", *model, *self.serve_args, *self.extra_args,
+            "--host", self.host, "--port", str(self.port),
+        ]  # fmt: skip
+
+
+def pagoda_no_prefix_cache(
+    model_path: str | None = None, n_ctx: int = 4096, n_threads: int = 2, serve_args: Sequence[str] = ()
+) -> PagodaServer:
+    """pagoda itself with prefix caching off: with --launch, the same server as the target but for
+    that one setting, so the TTFT ratio is what prefix caching buys."""
+    return PagodaServer("pagoda-no-prefix-cache", serve_args, ["--no-enable-prefix-caching"], model_path)
+
+
+PEERS: dict[str, Callable[..., Peer]] = {
+    "llamacpp": LlamaCppPeer,
+    "pagoda-no-prefix-cache": pagoda_no_prefix_cache,
+}
+
+
+def make_peer(
+    name: str,
+    model_path: str | None = None,
+    n_ctx: int = 4096,
+    n_threads: int = 2,
+    serve_args: Sequence[str] = (),
+) -> Peer:
+    try:
+        cls = PEERS[name]
+    except KeyError:
+        raise PeerError(f"--peer {name!r}: choose one of {', '.join(PEERS)}") from None
+    extra = {"serve_args": serve_args} if serve_args else {}  # only --launch gives any
+    return cls(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, **extra)

@@ -1,0 +1,191 @@
+"""What the OpenAI server talks to: a `Frontend` that turns a prompt into a running request.
+
+In embedded mode that is `LocalFrontend`, over an in-process `EngineClient`; in the distributed
+design it is the gateway's side of the bus (tokenizer -> scheduler -> worker). Either way the
+server learns the prompt's token ids only when the request is accepted (`Submitted`), and keeps a
+tokenizer of its own for detokenization, echo and /tokenize.
+
+`PromptProcessor` is the one place that renders chat templates, tokenizes and checks a prompt
+against the model's context and vocabulary, so that LocalFrontend and the tokenizer service
+answer the same 400s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pagoda.engine.core.client import EngineClient
+from pagoda.engine.outputs import RequestOutput
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine.tokenization.tokenizer import Tokenizer
+from pagoda.services.transport.errors import APIError, bad_request, from_value_error
+from pagoda.services.transport.messages import PromptInput
+
+
+@dataclass
+class Submitted:
+    """An accepted request: its prompt ids and its outputs (deltas for the n choices, tagged by
+    `index`). Closing `outputs` early aborts the request."""
+
+    prompt_token_ids: list[int]
+    outputs: AsyncIterator[RequestOutput]
+    # True while `outputs` holds an output that has arrived and not been read (None: unknown);
+    # a stream then writes what it has read so far together with it, in one send
+    backlog: Callable[[], bool] | None = None
+
+
+class Frontend(Protocol):
+    model_name: str
+    max_model_len: int
+    tokenizer: Tokenizer  # the gateway's own, for detokenization and /tokenize
+    default_sampling: dict[str, float]  # model generation defaults for fields a request omits
+
+    async def submit(
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        session_id: str | None = None,
+    ) -> Submitted:
+        """Tokenize, check and start a request. Raises `APIError`: 400 for a prompt the model
+        cannot take, 503 when nothing can serve it (429 when overloaded)."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request (idempotent; unknown ids are ignored)."""
+        ...
+
+    def is_ready(self) -> bool:
+        """True while requests can be served."""
+        ...
+
+
+class PromptProcessor:
+    """Chat template + tokenization + checks, shared by LocalFrontend and the tokenizer service.
+    Error messages follow vLLM's."""
+
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The chat template applied to `messages`; a template error is the user's (400)."""
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except APIError:
+            raise
+        except Exception as err:  # a template's raise_exception() is about the user's messages
+            raise bad_request(f"Could not apply the chat template: {err}", param="messages") from None
+
+    def tokenize(self, prompt: PromptInput) -> list[int]:
+        """The prompt's token ids, unchecked (but for template errors)."""
+        given = [x is not None for x in (prompt.messages, prompt.text, prompt.token_ids)]
+        if sum(given) != 1:
+            raise bad_request("Give exactly one of messages, text or token_ids as the prompt.", "prompt")
+        if prompt.messages is not None:
+            text = self.render_chat(prompt.messages, prompt.add_generation_prompt)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if prompt.text is not None:
+            return self.tokenizer.encode(prompt.text, add_special_tokens=prompt.add_special_tokens)
+        assert prompt.token_ids is not None
+        return list(prompt.token_ids)
+
+    def check_token_ids(self, ids: Iterable[int], param: str) -> None:
+        vocab = self.tokenizer.vocab_size
+        for tid in ids:
+            if not 0 <= tid < vocab:
+                raise bad_request(f"token id {tid} is out of vocabulary (vocab_size {vocab})", param=param)
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Context-length and vocabulary checks of a tokenized prompt and its sampling params."""
+        max_len = self.max_model_len
+        n_prompt = len(prompt_ids)
+        if n_prompt == 0:
+            raise bad_request("The prompt is empty; give at least one token.", param="prompt")
+        self.check_token_ids(prompt_ids, "prompt")
+        if n_prompt >= max_len:
+            raise bad_request(
+                f"This model's maximum context length is {max_len} tokens. However, your request has "
+                f"{n_prompt} input tokens. Please reduce the length of the input messages."
+            )
+        if params.max_tokens is not None and n_prompt + params.max_tokens > max_len:
+            raise bad_request(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{n_prompt + params.max_tokens} tokens ({n_prompt} in the messages, "
+                f"{params.max_tokens} in the completion). Please reduce the length of the messages "
+                f"or completion.",
+                param="max_tokens",
+            )
+        if params.logit_bias:
+            self.check_token_ids(params.logit_bias, "logit_bias")
+        if params.stop_token_ids:
+            self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+
+    def process(self, prompt: PromptInput, params: SamplingParams) -> list[int]:
+        """Token ids of `prompt`, checked against the model: raises APIError(400)."""
+        ids = self.tokenize(prompt)
+        self.check(ids, params)
+        return ids
+
+
+class LocalFrontend:
+    """A Frontend over an in-process EngineClient (AsyncEngine or a test fake): PromptProcessor,
+    then `engine.add_request`. `session_id` has no meaning for one engine and is ignored."""
+
+    def __init__(self, engine: EngineClient) -> None:
+        self.engine = engine
+        self.model_name: str = engine.model_name
+        self.max_model_len: int = engine.max_model_len
+        self.tokenizer: Tokenizer = engine.tokenizer
+        self.default_sampling: dict[str, float] = dict(getattr(engine, "default_sampling", None) or {})
+        self.processor = PromptProcessor(engine.tokenizer, engine.max_model_len)
+
+    async def submit(
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        session_id: str | None = None,
+    ) -> Submitted:
+        ids = self.processor.process(prompt, params)
+        try:
+            outputs = self.engine.add_request(
+                request_id, ids, params, priority=priority, cache_salt=cache_salt
+            )
+        except ValueError as err:  # the engine's own prompt checks
+            raise from_value_error(err) from None
+        except RuntimeError as err:  # e.g. AsyncEngine's EngineDeadError
+            if self.engine.is_ready():
+                raise
+            raise APIError(503, f"The engine cannot take requests: {err}") from None
+        return Submitted(ids, outputs)
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    def is_ready(self) -> bool:
+        return self.engine.is_ready()
+
+
+def as_frontend(target: Frontend | EngineClient) -> Frontend:
+    """`target` itself if it is a Frontend; an EngineClient (it has `add_request`) wrapped."""
+    if hasattr(target, "add_request"):
+        return LocalFrontend(target)  # type: ignore[arg-type]
+    return target  # type: ignore[return-value]
+
+
+async def close_quietly(outputs: AsyncIterator[RequestOutput] | None) -> None:
+    """Close an outputs iterator (which aborts its request), ignoring errors."""
+    aclose = getattr(outputs, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()

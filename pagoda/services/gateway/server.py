@@ -1,0 +1,393 @@
+"""The OpenAI-compatible HTTP front end over a `Frontend` (pagoda/services/gateway/frontend.py).
+
+It owns what the client connection owns (see DESIGN.md, gateway): validation, auth, n choices,
+incremental detokenization, stop strings, echo, usage, logprobs, SSE, and aborting a request when
+its output is no longer wanted (a stop string hit, or the client went away). Tokenization and the
+prompt checks belong to the frontend (`submit` answers the prompt ids or raises an APIError);
+/tokenize and /detokenize use the server's own tokenizer. Running the submitted requests and
+writing their streams lives in pagoda/services/gateway/streams.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+import anyio
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pagoda.engine.sampling.params import SamplingParams
+from pagoda.services.gateway.auth import OPEN_PATHS, BearerAuth, key_id
+from pagoda.services.gateway.frontend import Frontend, PromptProcessor, Submitted, as_frontend
+from pagoda.services.gateway.limits import BodyGuard, RequestLimits, check_request
+from pagoda.services.gateway.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from pagoda.services.gateway.ratelimit import RateLimiter, estimate_tokens
+from pagoda.services.gateway.streams import Call, SubRequest, chat_stream, collect, completion_stream, logger
+from pagoda.services.ops import tracing
+from pagoda.services.ops.metrics import CONTENT_TYPE_LATEST, GatewayMetrics, Metrics
+from pagoda.services.scheduler.admission import FleetAdmission
+from pagoda.services.transport.errors import (
+    APIError,
+    from_value_error,
+    install_error_handlers,
+    model_not_found,
+)
+from pagoda.services.transport.messages import PromptInput
+
+if TYPE_CHECKING:
+    from pagoda.engine.core.client import EngineClient
+
+__all__ = ["OpenAIServer", "build_app", "logger"]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("pagoda")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+class _ResponseCounter:
+    """ASGI middleware: counts the API's responses by status (not health, version or metrics)."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, model_name: str) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.model_name = model_name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        status = 499  # the client went away before a response started
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except BaseException:
+            self.metrics.response(self.model_name, 500 if status == 499 else status)
+            raise
+        self.metrics.response(self.model_name, status)
+
+
+class OpenAIServer:
+    """Request handling, independent of routing: build with `build_app`."""
+
+    def __init__(
+        self,
+        frontend: Frontend,
+        served_model_names: list[str],
+        metrics: Metrics,
+        *,
+        limits: RequestLimits | None = None,
+        rate_limiter: RateLimiter | None = None,
+        admission: FleetAdmission | None = None,
+    ) -> None:
+        self.frontend = frontend
+        self.served_model_names = served_model_names
+        self.metrics = metrics
+        self.limits = limits or RequestLimits()
+        self.rate_limiter = rate_limiter
+        self.admission = admission
+        self._charges: set[asyncio.Task[None]] = set()  # rate-limit top-ups in flight
+        self.gateway_metrics = metrics.gateway()
+        # the gateway's own tokenizer: chat template for /tokenize, vocabulary for /detokenize
+        self.processor = PromptProcessor(frontend.tokenizer, frontend.max_model_len)
+
+    def check_model(self, model: str | None) -> str:
+        if model is None or model == "":
+            return self.served_model_names[0]
+        if model not in self.served_model_names:
+            raise model_not_found(model)
+        return model
+
+    def sampling_params(self, req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+        """Omitted max_tokens stays None: the engine stops at the model's context length."""
+        try:
+            return req.to_sampling_params(defaults=self.frontend.default_sampling)
+        except ValueError as err:
+            raise from_value_error(err) from None
+
+    async def admit(
+        self, call: Call, request: Request, prompts: list[PromptInput], params: SamplingParams
+    ) -> None:
+        """The per-key rate limit (429), then room in the fleet (503); both at once, before any
+        work is queued. What is taken is given back (or topped up) when the call ends."""
+        seqs = len(prompts) * params.n
+        if self.rate_limiter is not None:
+            key = key_id(request.headers.get("authorization"))
+            estimate = estimate_tokens(prompts, params, self.frontend.max_model_len)
+            await self.rate_limiter.admit(key, estimate)
+            call.on_end.append(lambda used: self._top_up(key, used - estimate))
+        if self.admission is not None:
+            self.admission.admit(seqs, call.req.priority)
+            admission = self.admission
+            call.on_end.append(lambda _: admission.release(seqs))
+
+    def _top_up(self, key: str, tokens: int) -> None:
+        """Charge the tokens a call used beyond its estimate (a call without max_tokens)."""
+        if tokens > 0 and self.rate_limiter is not None:
+            task = asyncio.create_task(self.rate_limiter.charge(key, tokens))
+            self._charges.add(task)
+            task.add_done_callback(self._charges.discard)
+
+    async def submit(
+        self, call: Call, prompts: list[PromptInput], params: SamplingParams, session_id: str | None
+    ) -> None:
+        """Submit one request per prompt (ids `<id>-<i>` when there are several), concurrently,
+        and add them to `call.subs` in prompt order. If any is refused, the accepted ones are
+        released and the first refusal is raised."""
+        req = call.req
+        results: dict[int, Submitted] = {}
+
+        async def one(i: int, prompt: PromptInput) -> None:
+            results[i] = await self.frontend.submit(
+                self._sub_id(call, i, len(prompts)),
+                prompt,
+                params,
+                priority=req.priority,
+                cache_salt=req.cache_salt,
+                session_id=session_id,
+            )
+
+        tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
+        try:
+            await asyncio.wait(tasks)
+        except BaseException:  # cancelled: release what was accepted meanwhile
+            await self._settle(call, tasks, results, prompts)
+            await call.release_all()
+            raise
+        await self._settle(call, tasks, results, prompts)
+        errors = [t.exception() for t in tasks if not t.cancelled() and t.exception() is not None]
+        if errors:
+            await call.release_all()
+            raise errors[0]  # type: ignore[misc]
+
+    async def _settle(
+        self,
+        call: Call,
+        tasks: list[asyncio.Task[None]],
+        results: dict[int, Submitted],
+        prompts: list[PromptInput],
+    ) -> None:
+        """Wait for the submit tasks to end; add a SubRequest for each accepted prompt."""
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        req, tokenizer = call.req, self.frontend.tokenizer
+        for i, submitted in sorted(results.items()):
+            text = ""
+            if isinstance(req, CompletionRequest) and req.echo:
+                given = prompts[i].text
+                text = given if given is not None else tokenizer.decode(submitted.prompt_token_ids)
+            sub_id = self._sub_id(call, i, len(prompts))
+            call.subs.append(SubRequest.of(sub_id, submitted, text, req, tokenizer, first_index=i * req.n))
+
+    @staticmethod
+    def _sub_id(call: Call, i: int, count: int) -> str:
+        return call.request_id if count == 1 else f"{call.request_id}-{i}"
+
+    def call(self, req: ChatCompletionRequest | CompletionRequest, request_id: str) -> Call:
+        return Call(
+            self.frontend, req, request_id, model="",
+            metrics=self.gateway_metrics, metrics_model=self.served_model_names[0],
+        )  # fmt: skip
+
+
+def build_app(
+    frontend: Frontend | EngineClient,
+    *,
+    served_model_names: list[str] | None = None,
+    api_keys: list[str] | None = None,
+    metrics: Metrics | None = None,
+    limits: RequestLimits | None = None,
+    rate_limiter: RateLimiter | None = None,
+    admission: FleetAdmission | None = None,
+) -> FastAPI:
+    """The FastAPI app over `frontend` (an EngineClient is wrapped in a LocalFrontend);
+    `served_model_names` defaults to the model's name. GET /metrics serves `metrics` (a fresh
+    registry when omitted; pass the one the process's other services share). `limits` bound
+    each request (defaults: `RequestLimits()`); `rate_limiter` and `admission` are off unless given."""
+    front = as_frontend(frontend)
+    names = list(served_model_names or [front.model_name])
+    server = OpenAIServer(
+        front, names, metrics if metrics is not None else Metrics(),
+        limits=limits, rate_limiter=rate_limiter, admission=admission,
+    )  # fmt: skip
+    app = FastAPI(title="pagoda", version=_version())
+    app.state.openai_server = server
+    install_error_handlers(app)
+    app.add_middleware(BodyGuard, limits=server.limits)  # innermost: only authorized bodies are read
+    if api_keys:
+        app.add_middleware(BearerAuth, api_keys=list(api_keys))
+    app.add_middleware(_ResponseCounter, metrics=server.gateway_metrics, model_name=names[0])
+    if tracing.enabled():
+        app.add_middleware(tracing.TraceMiddleware)  # outermost
+    _register_routes(app, server)
+    return app
+
+
+def _session_id(request: Request, req: ChatCompletionRequest | CompletionRequest) -> str | None:
+    return request.headers.get("x-session-id") or req.user
+
+
+async def _start(
+    server: OpenAIServer,
+    call: Call,
+    request: Request,
+    prompts: list[PromptInput],
+) -> None:
+    """Validate the call, then submit its prompts; a refusal is logged and raised as it is."""
+    try:
+        call.model = server.check_model(call.req.model)
+        check_request(call.req, server.limits, server.frontend.max_model_len)
+        params = server.sampling_params(call.req)
+        await server.admit(call, request, prompts, params)
+        await server.submit(call, prompts, params, _session_id(request, call.req))
+    except APIError as err:
+        call.log(err.status)
+        raise
+    except Exception:
+        call.log(500)
+        raise
+    except BaseException:
+        call.log("disconnected")
+        raise
+
+
+def _register_routes(app: FastAPI, server: OpenAIServer) -> None:
+    frontend = server.frontend
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        if not frontend.is_ready():
+            raise APIError(503, "The engine is not ready.")
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": _version()})
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        root = server.served_model_names[0]
+        return ModelList(
+            data=[
+                ModelCard(id=name, root=root, max_model_len=frontend.max_model_len)
+                for name in server.served_model_names
+            ]
+        )
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        server.check_model(req.model)
+        tokenizer = frontend.tokenizer
+        if req.messages is not None:
+            messages = ChatCompletionRequest(messages=req.messages).template_messages()
+            text = server.processor.render_chat(messages, req.add_generation_prompt)
+            add_special = False if req.add_special_tokens is None else req.add_special_tokens
+        else:
+            assert req.prompt is not None
+            text = req.prompt
+            add_special = True if req.add_special_tokens is None else req.add_special_tokens
+        ids = tokenizer.encode(text, add_special_tokens=add_special)
+        strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return TokenizeResponse(
+            count=len(ids), max_model_len=frontend.max_model_len, tokens=ids, token_strs=strs
+        )
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        server.check_model(req.model)
+        server.processor.check_token_ids(req.tokens, "tokens")
+        return DetokenizeResponse(prompt=frontend.tokenizer.decode(req.tokens))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        call = server.call(req, f"chatcmpl-{uuid.uuid4().hex}")
+        prompt = PromptInput(
+            messages=req.template_messages(), add_generation_prompt=req.add_generation_prompt
+        )
+        await _start(server, call, request, [prompt])
+        if req.stream:
+            return chat_stream(call, req)
+        await collect(call, request)
+        k = req.top_logprobs or 0
+        choices = [
+            ChatCompletionChoice(
+                index=c.index,
+                message=ChatResponseMessage(content=c.text),
+                logprobs=call.chat_logprobs(c.logprobs, k) if req.logprobs else None,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            for c in call.subs[0].choices
+        ]
+        call.log(200)
+        body = ChatCompletionResponse(
+            id=call.request_id, model=call.model, choices=choices, usage=call.usage()
+        )
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        call = server.call(req, f"cmpl-{uuid.uuid4().hex}")
+        prompts = [
+            PromptInput(text=p, add_special_tokens=True) if isinstance(p, str) else PromptInput(token_ids=p)
+            for p in req.prompts()
+        ]
+        await _start(server, call, request, prompts)
+        if req.stream:
+            return completion_stream(call, req)
+        await collect(call, request)
+        choices = []
+        for sub in call.subs:
+            prefix = sub.prompt_text if req.echo else ""
+            for c in sub.choices:
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = call.completion_logprobs(c.logprobs, req.logprobs, len(prefix))
+                choices.append(
+                    CompletionChoice(
+                        index=c.index,
+                        text=prefix + c.text,
+                        logprobs=logprobs,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                )
+        call.log(200)
+        body = CompletionResponse(id=call.request_id, model=call.model, choices=choices, usage=call.usage())
+        return Response(body.model_dump_json(), media_type="application/json")

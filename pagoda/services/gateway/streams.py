@@ -1,0 +1,531 @@
+"""Running the requests of one OpenAI API call and writing their results: per-choice state,
+the "pumps" that read each request's outputs, logprob formatting, SSE streams, and waiting for a
+non-streaming result while watching for the client to go away.
+
+Each sub-request (one prompt and its n choices) is read by a pump task that turns
+`RequestOutput`s into per-choice deltas on a queue; the HTTP side reads the queue. Whatever way a
+sub-request ends (finished, a stop string hit, the client went away, an error) it is released
+exactly once: its outputs iterator is closed, and `frontend.abort` is called unless every choice
+finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
+
+from pagoda.engine.outputs import RequestOutput, TokenLogprob
+from pagoda.engine.tokenization.detokenizer import IncrementalDetokenizer, StopChecker
+from pagoda.engine.tokenization.tokenizer import Tokenizer
+from pagoda.services.gateway.frontend import Frontend, Submitted, close_quietly
+from pagoda.services.gateway.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionRequest,
+    ChatLogprobEntry,
+    ChatLogprobs,
+    ChatLogprobTop,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    PromptTokensDetails,
+    UsageInfo,
+)
+from pagoda.services.gateway.sse_chunks import DONE, ChunkTemplate, event, model_event
+from pagoda.services.ops.metrics import GatewayMetrics, RequestRecord
+from pagoda.services.transport.errors import APIError
+
+# One logger for the server's request lines, whichever module writes them.
+logger = logging.getLogger("pagoda.services.gateway.server")
+
+MIN_LOGPROB = -9999.0  # what vLLM writes for -inf (JSON has no infinity)
+
+_PUMPS: set[asyncio.Task[None]] = set()  # strong references to running pump tasks
+
+
+def clamp_logprob(value: float) -> float:
+    return MIN_LOGPROB if math.isnan(value) or value < MIN_LOGPROB else value
+
+
+@dataclass
+class Choice:
+    """Output state of one choice: text so far, tokens, logprobs, how it finished."""
+
+    index: int
+    detokenizer: IncrementalDetokenizer
+    stop: StopChecker
+    text: str = ""
+    num_output_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    engine_finished: bool = False
+    last_token_at: float | None = None  # monotonic time of its latest token, for metrics
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Delta:
+    choice: Choice
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
+
+
+@dataclass
+class SubRequest:
+    """One submitted request: one prompt and its n choices."""
+
+    request_id: str
+    prompt_ids: list[int]
+    prompt_text: str  # for echo
+    choices: list[Choice]
+    outputs: AsyncIterator[RequestOutput]
+    num_cached_tokens: int = 0
+    released: bool = False
+    backlog: Callable[[], bool] | None = None  # Submitted.backlog
+
+    @classmethod
+    def of(
+        cls,
+        request_id: str,
+        submitted: Submitted,
+        prompt_text: str,
+        req: ChatCompletionRequest | CompletionRequest,
+        tokenizer: Tokenizer,
+        first_index: int,
+    ) -> SubRequest:
+        ids = submitted.prompt_token_ids
+        choices = [
+            Choice(
+                index=first_index + i,
+                detokenizer=IncrementalDetokenizer(tokenizer, ids, req.skip_special_tokens),
+                stop=StopChecker(req.stop_strings, req.include_stop_str_in_output),
+            )
+            for i in range(req.n)
+        ]
+        return cls(request_id, list(ids), prompt_text, choices, submitted.outputs, backlog=submitted.backlog)
+
+    def process(self, out: RequestOutput) -> Delta | None:
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
+        choice = self.choices[out.index]
+        if choice.done:
+            return None  # already finished by a stop string; the engine has not noticed yet
+        choice.num_output_tokens = out.num_output_tokens
+        choice.engine_finished = out.finished
+        new_logprobs = list(out.new_logprobs or [])
+        choice.logprobs.extend(new_logprobs)
+        text, hit = choice.stop.add(choice.detokenizer.add(out.new_token_ids))
+        if hit is not None:
+            choice.finish_reason, choice.stop_reason = "stop", hit
+        elif out.finished:
+            text += choice.stop.flush()
+            choice.finish_reason = out.finish_reason or "stop"
+            choice.stop_reason = out.stop_token_id
+        choice.text += text
+        return Delta(choice, text, new_logprobs, choice.finish_reason)
+
+    @property
+    def engine_finished(self) -> bool:
+        return all(c.engine_finished for c in self.choices)
+
+
+@dataclass
+class Call:
+    """One API call in flight: its sub-requests and what its responses need."""
+
+    frontend: Frontend
+    req: ChatCompletionRequest | CompletionRequest
+    request_id: str
+    model: str
+    start: float = field(default_factory=time.monotonic)
+    subs: list[SubRequest] = field(default_factory=list)
+    logged: bool = False
+    metrics: GatewayMetrics | None = None  # observes the call when it is logged
+    metrics_model: str = ""  # its `model_name` label
+    first_token_at: float | None = None
+    token_gaps: list[float] = field(default_factory=list)  # inter-token latencies of all choices
+    # called once when the call ends (with its prompt + completion tokens): admission, rate limits
+    on_end: list[Callable[[int], None]] = field(default_factory=list)
+
+    # ------------------------------------------------------------------------------- running
+
+    async def release(self, sub: SubRequest) -> None:
+        """Close the sub-request's outputs and abort it unless it finished (once; never raises)."""
+        if sub.released:
+            return
+        sub.released = True
+        await close_quietly(sub.outputs)
+        if not sub.engine_finished:
+            with contextlib.suppress(Exception):
+                await self.frontend.abort(sub.request_id)
+
+    async def release_all(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for sub in self.subs:
+                await self.release(sub)
+
+    async def _sub_deltas(self, sub: SubRequest) -> AsyncGenerator[Delta, None]:
+        """The deltas of one sub-request until all its choices are done; released however it ends."""
+        try:
+            async for out in sub.outputs:
+                delta = sub.process(out)
+                if delta is not None:
+                    if out.new_token_ids:
+                        self._token_seen(delta.choice)
+                    yield delta
+                if all(c.done for c in sub.choices):
+                    break
+            for choice in sub.choices:  # the engine stopped without finishing a choice
+                if not choice.done:
+                    choice.finish_reason = "abort"
+                    yield Delta(choice, choice.stop.flush(), [], "abort")
+        finally:
+            await self.release(sub)
+
+    async def _pump(self, sub: SubRequest, queue: asyncio.Queue[Any]) -> None:
+        try:
+            async with contextlib.aclosing(self._sub_deltas(sub)) as deltas:
+                async for delta in deltas:
+                    queue.put_nowait(delta)
+            queue.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            queue.put_nowait(err)
+
+    def _token_seen(self, choice: Choice) -> None:
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        if choice.last_token_at is not None:
+            self.token_gaps.append(now - choice.last_token_at)
+        choice.last_token_at = now
+
+    def backlog(self) -> bool:
+        """More output of this call has arrived and waits to be read (known for one prompt only)."""
+        backlog = self.subs[0].backlog if len(self.subs) == 1 else None
+        return backlog is not None and backlog()
+
+    def deltas(self) -> AsyncGenerator[Delta, None]:
+        """Deltas of all choices of all sub-requests, as they come. Closing it releases them all.
+        One sub-request (one prompt) is read in the caller's task; several get a pump task each."""
+        if len(self.subs) == 1:
+            return self._sub_deltas(self.subs[0])
+        return self._pumped()
+
+    async def _pumped(self) -> AsyncGenerator[Delta, None]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(sub, queue)) for sub in self.subs]
+        for task in tasks:
+            _PUMPS.add(task)
+            task.add_done_callback(_PUMPS.discard)
+        remaining = len(tasks)
+        try:
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def usage(self) -> UsageInfo:
+        prompt = sum(len(s.prompt_ids) for s in self.subs)
+        completion = sum(c.num_output_tokens for s in self.subs for c in s.choices)
+        cached = sum(s.num_cached_tokens for s in self.subs)
+        return UsageInfo(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
+
+    def log(self, status: int | str) -> None:
+        """The one INFO line per request (later calls do nothing)."""
+        if self.logged:
+            return
+        self.logged = True
+        prompt = sum(len(s.prompt_ids) for s in self.subs)
+        completion = sum(c.num_output_tokens for s in self.subs for c in s.choices)
+        logger.info(
+            "request %s status=%s prompt_tokens=%d completion_tokens=%d latency=%.3fs",
+            self.request_id,
+            status,
+            prompt,
+            completion,
+            time.monotonic() - self.start,
+        )
+        if self.metrics is not None:
+            self.metrics.observe(self.metrics_model, self._record(status, prompt, completion))
+        for hook in self.on_end:
+            hook(prompt + completion)
+
+    def _record(self, status: int | str, prompt: int, completion: int) -> RequestRecord:
+        first = self.first_token_at
+        return RequestRecord(
+            status=status,
+            e2e_s=time.monotonic() - self.start,
+            ttft_s=None if first is None else first - self.start,
+            token_gaps_s=self.token_gaps,
+            prompt_tokens=prompt,
+            generation_tokens=completion,
+            finish_reasons=[c.finish_reason for s in self.subs for c in s.choices],
+            submitted=bool(self.subs),
+        )
+
+    # ------------------------------------------------------------------------------- logprobs
+
+    def _token_str(self, token_id: int) -> str:
+        return self.frontend.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def chat_logprobs(self, entries: list[TokenLogprob], k: int) -> ChatLogprobs:
+        def top(token_id: int, logprob: float) -> ChatLogprobTop:
+            s = self._token_str(token_id)
+            return ChatLogprobTop(token=s, logprob=clamp_logprob(logprob), bytes=list(s.encode("utf-8")))
+
+        content = []
+        for e in entries:
+            best = sorted(e.top.items(), key=lambda kv: -kv[1])[:k]
+            head = top(e.token_id, e.logprob)
+            content.append(ChatLogprobEntry(**head.model_dump(), top_logprobs=[top(t, lp) for t, lp in best]))
+        return ChatLogprobs(content=content)
+
+    def completion_logprobs(self, entries: list[TokenLogprob], k: int, offset: int) -> CompletionLogprobs:
+        result = CompletionLogprobs()
+        for e in entries:
+            token = self._token_str(e.token_id)
+            result.tokens.append(token)
+            result.token_logprobs.append(clamp_logprob(e.logprob))
+            result.text_offset.append(offset)
+            offset += len(token)
+            best = sorted(e.top.items(), key=lambda kv: -kv[1])[:k]
+            tops = {token: clamp_logprob(e.logprob)}
+            tops.update({self._token_str(t): clamp_logprob(lp) for t, lp in best})
+            result.top_logprobs.append(tops)
+        return result
+
+
+# ------------------------------------------------------------------------------ non-streaming
+
+
+async def collect(call: Call, request: Request) -> None:
+    """Runs a non-streaming call to the end; failures are logged and answered as APIErrors.
+    If the client disconnects first, the call is aborted (uvicorn does not cancel handlers)."""
+
+    async def consume() -> None:
+        async with contextlib.aclosing(call.deltas()) as deltas:
+            async for _ in deltas:
+                pass
+
+    async def client_gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.create_task(consume()), asyncio.create_task(client_gone())
+    try:
+        await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            call.log("disconnected")
+            raise APIError(499, "Client disconnected.")
+        work.result()
+    except APIError as err:
+        if err.status != 499:
+            call.log(err.status)
+        raise
+    except Exception as err:
+        logger.exception("request %s failed", call.request_id)
+        call.log(500)
+        raise APIError(500, f"Internal server error ({type(err).__name__}).") from None
+    except BaseException:
+        call.log("disconnected")
+        raise
+    finally:
+        for task in (work, watch):
+            task.cancel()
+        await call.release_all()
+
+
+# ---------------------------------------------------------------------------------- streaming
+
+
+class SSEResponse(StreamingResponse):
+    """An event stream that releases its call's requests however streaming ends (starlette
+    otherwise leaves closing the body to garbage collection when the client disconnects, and
+    never starts the body at all if the client left before the headers went out)."""
+
+    def __init__(self, content: AsyncIterator[bytes], call: Call) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.call = call
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            with contextlib.suppress(ClientDisconnect):  # the client went away: nothing left to answer
+                await super().__call__(scope, receive, send)
+        finally:
+            await self.call.release_all()
+            self.call.log("disconnected")  # only if the stream never got to log its end
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+
+async def _stream_errors(events: AsyncGenerator[bytes, None], call: Call) -> AsyncIterator[bytes]:
+    """Wraps a stream: an error mid-stream becomes an error event; logs one line at the end."""
+    status: int | str = "disconnected"
+    try:
+        async for data in events:
+            yield data
+        status = 200
+    except APIError as err:
+        status = err.status
+        yield event(json.dumps(err.body())) + DONE
+    except Exception as err:
+        logger.exception("request %s failed while streaming", call.request_id)
+        status = 500
+        yield event(json.dumps(APIError(500, f"Internal server error ({type(err).__name__}).").body())) + DONE
+    finally:
+        with contextlib.suppress(Exception):
+            await events.aclose()
+        call.log(status)
+
+
+async def _coalesced(call: Call, content: Callable[[Delta], bytes]) -> AsyncGenerator[bytes, None]:
+    """The call's chunks (`content` of each delta; b"": none), one SSE event per delta as before,
+    but the events of deltas that were already waiting go out in one write: a gateway that fell
+    behind catches up with one send per stream instead of one per token. An error still sends
+    the events before it."""
+    held: list[bytes] = []
+    try:
+        async with contextlib.aclosing(call.deltas()) as deltas:
+            async for d in deltas:
+                data = content(d)
+                if data:
+                    held.append(data)
+                if held and not call.backlog():
+                    yield held[0] if len(held) == 1 else b"".join(held)
+                    held.clear()
+    except Exception:
+        if held:
+            yield b"".join(held)
+        raise
+    if held:
+        yield b"".join(held)
+
+
+def chat_stream(call: Call, req: ChatCompletionRequest) -> SSEResponse:
+    async def events() -> AsyncGenerator[bytes, None]:
+        created = int(time.time())
+        template = ChunkTemplate(True, call.request_id, created, call.model)
+
+        def chunk(choices: list[ChatCompletionChunkChoice], usage: UsageInfo | None = None) -> bytes:
+            return model_event(
+                ChatCompletionChunk(
+                    id=call.request_id, created=created, model=call.model, choices=choices, usage=usage
+                )
+            )
+
+        for c in call.subs[0].choices:
+            yield chunk(
+                [ChatCompletionChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))]
+            )
+        k = req.top_logprobs or 0
+
+        def content(d: Delta) -> bytes:
+            if not d.text and not d.logprobs and d.finish_reason is None:
+                return b""
+            stop_reason = d.choice.stop_reason if d.finish_reason else None
+            if not (req.logprobs and d.logprobs):
+                return template.content(d.choice.index, d.text, d.finish_reason, stop_reason)
+            choice = ChatCompletionChunkChoice(
+                index=d.choice.index,
+                delta=DeltaMessage(content=d.text or None),
+                logprobs=call.chat_logprobs(d.logprobs, k),
+                finish_reason=d.finish_reason,
+                stop_reason=stop_reason,
+            )
+            return chunk([choice])
+
+        async for data in _coalesced(call, content):
+            yield data
+        if req.include_usage_in_stream:
+            yield chunk([], usage=call.usage())
+        yield DONE
+
+    return SSEResponse(_stream_errors(events(), call), call)
+
+
+def completion_stream(call: Call, req: CompletionRequest) -> SSEResponse:
+    async def events() -> AsyncGenerator[bytes, None]:
+        created = int(time.time())
+        template = ChunkTemplate(False, call.request_id, created, call.model)
+        offsets: dict[int, int] = {}  # choice index -> characters streamed so far
+
+        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> bytes:
+            return model_event(
+                CompletionResponse(
+                    id=call.request_id, created=created, model=call.model, choices=choices, usage=usage
+                )
+            )
+
+        for sub in call.subs:
+            for c in sub.choices:
+                offsets[c.index] = len(sub.prompt_text) if req.echo else 0
+                if req.echo:
+                    yield chunk([CompletionChoice(index=c.index, text=sub.prompt_text)])
+
+        def content(d: Delta) -> bytes:
+            if not d.text and not d.logprobs and d.finish_reason is None:
+                return b""
+            stop_reason = d.choice.stop_reason if d.finish_reason else None
+            if req.logprobs is None:
+                return template.content(d.choice.index, d.text, d.finish_reason, stop_reason)
+            logprobs = call.completion_logprobs(d.logprobs, req.logprobs, offsets[d.choice.index])
+            offsets[d.choice.index] += len(d.text)
+            choice = CompletionChoice(
+                index=d.choice.index,
+                text=d.text,
+                logprobs=logprobs,
+                finish_reason=d.finish_reason,
+                stop_reason=stop_reason,
+            )
+            return chunk([choice])
+
+        async for data in _coalesced(call, content):
+            yield data
+        if req.include_usage_in_stream:
+            yield chunk([], usage=call.usage())
+        yield DONE
+
+    return SSEResponse(_stream_errors(events(), call), call)

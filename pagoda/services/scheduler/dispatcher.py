@@ -1,0 +1,238 @@
+"""The scheduler service (cluster dispatcher): picks a worker for each tokenized request.
+
+It reads live workers from the registry (heartbeats), looks up how much of the prompt each worker
+has cached (the block hashes workers publish, computed with the engine's own hash function), asks
+the router, and forwards the request to that worker's queue. Between heartbeats it counts the
+requests it has sent each worker, so a burst does not all land on one worker.
+
+Several schedulers may consume the same queue. Each message is acked only after it was routed
+(a scheduler killed mid-route leaves it to another), and a request id + attempt routed once is
+not routed again (a redelivery, or a tokenizer that sent it twice). With the store unreachable it
+routes on the last worker list it read, by load alone (see `gateway/failover.py` for what happens
+when a worker is lost). A drained worker deletes its queue; a request routed there on a stale
+worker list (publishing raises `QueueNotFoundError`) is routed again among the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import replace
+from typing import Any
+
+from pagoda.engine.kv.block_hash import hash_full_blocks
+from pagoda.services.ops import tracing
+from pagoda.services.ops.metrics import Metrics
+from pagoda.services.scheduler.admission import RETRY_AFTER_S, AdmissionLimits, has_room, queue_timed_out
+from pagoda.services.scheduler.registry import PrefixIndex, Sessions, WorkerRegistry, routable
+from pagoda.services.scheduler.router import Decision, WorkerState, leading_overlap, make_router
+from pagoda.services.transport.bus import Bus, Message, QueueNotFoundError, Subscription
+from pagoda.services.transport.messages import (
+    Assigned,
+    MessageError,
+    Queues,
+    Rejected,
+    ScheduleRequest,
+    WorkerRequest,
+    decode,
+    encode,
+)
+from pagoda.services.transport.store import Store
+
+logger = logging.getLogger("pagoda.scheduler")
+
+
+class SchedulerService:
+    def __init__(
+        self,
+        bus: Bus,
+        store: Store,
+        *,
+        router: str = "prefix",
+        heartbeat_s: float = 1.0,
+        concurrency: int = 64,
+        queues: Queues | None = None,
+        metrics: Metrics | None = None,
+        admission: AdmissionLimits | None = None,
+    ) -> None:
+        self.bus = bus
+        self.admission = admission or AdmissionLimits()
+        self.metrics = metrics.scheduler() if metrics is not None else None
+        self.queues = queues or Queues()
+        self.store = store
+        self.router = make_router(router)
+        self.registry = WorkerRegistry(store, heartbeat_s)
+        self.prefix_index = PrefixIndex(store)
+        self.sessions = Sessions(store)
+        self.heartbeat_s = heartbeat_s
+        self.concurrency = concurrency
+        self._subs: list[Subscription] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cache: tuple[float, list[tuple[WorkerState, dict[str, str]]]] = (0.0, [])
+        self._sent: dict[str, int] = {}  # requests sent per worker since its last heartbeat
+        self._beat_seen: dict[str, str] = {}
+        self.decisions: dict[str, int] = {}  # worker id -> requests routed there
+
+    async def start(self) -> None:
+        await self.bus.declare_work_queue(self.queues.schedule)
+        # Ack after routing, many at once: one subscription per concurrent route.
+        for _ in range(max(1, min(self.concurrency, 16))):
+            self._subs.append(await self.bus.consume(self.queues.schedule, self._on_message, prefetch=4))
+        if self.metrics is not None:
+            self._spawn(self._watch_queue())
+        logger.info("scheduler ready on %s (router %s)", self.queues.schedule, self.router.name)
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            await sub.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _on_message(self, message: Message) -> None:
+        try:
+            msg = decode(message.body)
+        except MessageError as exc:
+            logger.warning("scheduler: dropped a malformed message: %s", exc)
+            return
+        if not isinstance(msg, ScheduleRequest) or isinstance(msg, WorkerRequest):
+            logger.warning("scheduler: dropped an unexpected %s message", msg.type)
+            return
+        await self._route(msg, message.headers)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch_queue(self) -> None:
+        """Refresh the queue-depth gauge every heartbeat interval."""
+        assert self.metrics is not None
+        while True:
+            try:
+                self.metrics.queue_depth.set(await self.bus.queue_depth(self.queues.schedule))
+            except Exception as exc:  # a metric must not stop the scheduler
+                logger.debug("scheduler: queue depth unavailable: %s", exc)
+            await asyncio.sleep(self.heartbeat_s)
+
+    async def _workers(self) -> list[tuple[WorkerState, dict[str, str]]]:
+        now = time.monotonic()
+        if now - self._cache[0] > self.heartbeat_s / 4:
+            try:
+                workers = routable(await self.registry.alive())
+            except Exception as exc:  # the store is down: route on what we last knew, by load
+                if self._cache[1]:
+                    logger.warning("scheduler: worker registry unreadable (%s); using the last list", exc)
+                    return self._cache[1]
+                raise
+            self._cache = (now, workers)
+            for state, figures in self._cache[1]:
+                if self._beat_seen.get(state.worker_id) != figures.get("last_seen"):
+                    self._beat_seen[state.worker_id] = figures.get("last_seen", "")
+                    self._sent[state.worker_id] = 0  # the heartbeat now counts them
+        return self._cache[1]
+
+    async def _route(self, msg: ScheduleRequest, headers: dict[str, str]) -> None:
+        attrs = {"gen_ai.request.id": msg.request_id}
+        with tracing.hop("scheduler", "scheduler.route", headers, **attrs) as span:
+            await self._route_traced(msg, span)
+
+    async def _route_traced(self, msg: ScheduleRequest, span: tracing.TraceHandle) -> None:
+        timeout = msg.queue_timeout_s
+        if timeout is not None and msg.arrival_time > 0 and time.time() - msg.arrival_time > timeout:
+            err = queue_timed_out(timeout)  # it waited on the bus: do not start it now
+            await self._reject(msg, err.status, err.message, "queue_timeout", RETRY_AFTER_S)
+            return
+        routed_key = f"routed:{msg.request_id}:{msg.attempt}"
+        try:
+            earlier = await self.store.get(routed_key)
+        except Exception:  # the store is down: no dedup; the gateway drops duplicate tokens
+            earlier = None
+        if earlier is not None:
+            logger.info(
+                "request %s (attempt %d) was already routed: duplicate dropped", msg.request_id, msg.attempt
+            )
+            return
+        gone: set[str] = set()  # workers whose queue turned out to be deleted
+        while True:
+            try:
+                decision = await self._decide(msg, gone)
+            except Exception as exc:
+                logger.exception("scheduler: routing %s failed", msg.request_id)
+                span.fail(exc)
+                await self._reject(msg, 503, f"the scheduler could not route the request: {exc}", "error")
+                return
+            if decision is None:
+                span.fail("no worker")
+                await self._reject(msg, 503, "no worker is available; try again shortly", "no_worker")
+                return
+            wid = decision.worker_id
+            span.set("pagoda.worker_id", wid)
+            span.set("pagoda.route_reason", decision.reason)
+            span.set("pagoda.prefix_overlap_blocks", decision.overlap_blocks)
+            if self.metrics is not None:
+                self.metrics.routed.labels(wid, decision.reason).inc()
+            self._sent[wid] = self._sent.get(wid, 0) + 1
+            self.decisions[wid] = self.decisions.get(wid, 0) + 1
+            fwd = WorkerRequest(**msg.model_dump(exclude={"type"}))
+            assigned = Assigned(
+                request_id=msg.request_id, worker_id=wid, attempt=msg.attempt, resume_from=msg.resume_from
+            )
+            try:  # before the worker has it: the gateway then watches that worker for this request
+                await self.bus.publish(msg.reply_to, encode(assigned))
+            except Exception as exc:
+                logger.warning("scheduler: could not tell the gateway where %s runs: %s", msg.request_id, exc)
+            try:
+                await self.bus.publish(self.queues.worker(wid), encode(fwd), span.headers())
+            except QueueNotFoundError:  # that worker drained and left since we read the registry
+                logger.warning("scheduler: worker %s is gone (no queue); rerouting %s", wid, msg.request_id)
+                gone.add(wid)
+                continue
+            except Exception as exc:  # the broker stayed away: tell the gateway rather than drop it
+                logger.warning("scheduler: could not forward %s to worker %s: %s", msg.request_id, wid, exc)
+                await self._reject(msg, 503, "the request could not reach a worker; retry shortly", "bus")
+                return
+            break
+        try:
+            await self.store.set(routed_key, wid, ttl_s=600)
+            if msg.session_id:
+                await self.sessions.put(msg.session_id, wid)
+        except Exception as exc:  # metadata only: the request runs
+            logger.warning("scheduler: store unavailable after routing %s: %s", msg.request_id, exc)
+        logger.info(
+            "request %s -> worker %s (%s, %d cached blocks, %d prompt tokens)",
+            msg.request_id, wid, decision.reason, decision.overlap_blocks, len(msg.prompt_token_ids),
+        )  # fmt: skip
+
+    async def _decide(self, msg: ScheduleRequest, gone: set[str] | None = None) -> Decision | None:
+        alive = [w for w in await self._workers() if w[0].worker_id not in (gone or ())]
+        if not alive:
+            return None
+        block_size = int(alive[0][1].get("block_size", 16))
+        extra = (msg.cache_salt,) if msg.cache_salt else ()
+        hashes = hash_full_blocks(msg.prompt_token_ids, block_size, extra)
+        try:
+            overlap = leading_overlap(await self.prefix_index.owners(hashes))
+            session_worker = await self.sessions.get(msg.session_id) if msg.session_id else None
+        except Exception:  # the store is down: route by load alone
+            overlap, session_worker = {}, None
+        # No await from here to the caller's count of the decision: requests routed at the same
+        # time see each other. Requests sent since a worker's last heartbeat count as waiting there.
+        workers = [replace(s, num_waiting=s.num_waiting + self._sent.get(s.worker_id, 0)) for s, _ in alive]
+        # Workers with room by this view. It lags (a request finished since a heartbeat still
+        # counts), so when none seems to have room the least loaded decides for itself, exactly.
+        roomy = [w for w in workers if has_room(w, self.admission, msg.priority, seqs=msg.sampling.n)]
+        return self.router.choose(roomy or workers, overlap, session_worker)
+
+    async def _reject(
+        self, msg: ScheduleRequest, status: int, text: str, reason: str, retry_after_s: int | None = None
+    ) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason).inc()
+        reject = Rejected(request_id=msg.request_id, status=status, message=text, retry_after_s=retry_after_s)
+        try:
+            await self.bus.publish(msg.reply_to, encode(reject))
+        except Exception as exc:
+            logger.warning("scheduler: could not reject %s: %s", msg.request_id, exc)

@@ -1,0 +1,104 @@
+"""The tokenizer service: chat template, tokenization and prompt checks, off the gateway's loop.
+
+Stateless: run as many as the load needs; they share the `pagoda.tokenize` queue. For each request
+it either answers the gateway with `Rejected` (a 400 the client sees, with the lengths) or sends
+`Accepted` (the prompt ids) to the gateway and the request on to the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pagoda.services.gateway.frontend import PromptProcessor
+from pagoda.services.ops import tracing
+from pagoda.services.transport.bus import Bus, Message, Subscription
+from pagoda.services.transport.errors import APIError
+from pagoda.services.transport.messages import (
+    Accepted,
+    MessageError,
+    Queues,
+    Rejected,
+    ScheduleRequest,
+    TokenizeRequest,
+    decode,
+    encode,
+)
+
+logger = logging.getLogger("pagoda.tokenizer")
+
+CONCURRENCY = 64  # requests tokenized and forwarded at once per tokenizer process
+
+
+class TokenizerService:
+    def __init__(self, bus: Bus, processor: PromptProcessor, queues: Queues | None = None) -> None:
+        self.bus = bus
+        self.queues = queues or Queues()
+        self.processor = processor
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        await self.bus.declare_work_queue(self.queues.tokenize)
+        await self.bus.declare_work_queue(self.queues.schedule)
+        # Each request waits on two confirmed publishes (a durable one is fsynced): handle many at
+        # once, or the round trips cap the whole cluster at a few dozen requests a second.
+        self._sub = await self.bus.consume(
+            self.queues.tokenize, self._on_message, prefetch=CONCURRENCY * 2, concurrency=CONCURRENCY
+        )
+        logger.info("tokenizer ready on %s", self.queues.tokenize)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.cancel()
+
+    async def _on_message(self, message: Message) -> None:
+        try:
+            msg = decode(message.body)
+        except MessageError as exc:
+            logger.warning("tokenizer: dropped a malformed message: %s", exc)
+            return
+        if not isinstance(msg, TokenizeRequest):
+            logger.warning("tokenizer: dropped an unexpected %s message", msg.type)
+            return
+        with tracing.hop("tokenizer", "tokenizer.tokenize", message.headers) as span:
+            await self._tokenize(msg, span)
+
+    async def _tokenize(self, msg: TokenizeRequest, span: tracing.TraceHandle) -> None:
+        try:
+            params = msg.sampling.to_params()
+            # long prompts take a while to tokenize: keep the event loop free meanwhile
+            ids = await asyncio.to_thread(self.processor.process, msg.prompt, params)
+        except APIError as err:
+            span.fail(err.message)
+            await self._answer(msg.reply_to, Rejected(
+                request_id=msg.request_id, status=err.status, message=err.message, param=err.param
+            ))  # fmt: skip
+            logger.info("request %s rejected: %s", msg.request_id, err.message)
+            return
+        except ValueError as err:
+            span.fail(err)
+            await self._answer(
+                msg.reply_to, Rejected(request_id=msg.request_id, status=400, message=str(err))
+            )
+            return
+        await self._answer(msg.reply_to, Accepted(request_id=msg.request_id, prompt_token_ids=ids))
+        forward = ScheduleRequest(
+            request_id=msg.request_id, reply_to=msg.reply_to, prompt_token_ids=ids, sampling=msg.sampling,
+            priority=msg.priority, cache_salt=msg.cache_salt, session_id=msg.session_id,
+            arrival_time=msg.arrival_time, queue_timeout_s=msg.queue_timeout_s,
+        )  # fmt: skip
+        span.set("gen_ai.usage.input_tokens", len(ids))
+        try:
+            await self.bus.publish(self.queues.schedule, encode(forward), span.headers())
+        except Exception as exc:  # the broker stayed away: the gateway must not wait forever
+            logger.warning("tokenizer: could not forward %s to the scheduler: %s", msg.request_id, exc)
+            text = "The request could not reach the scheduler (message broker unavailable); retry shortly."
+            await self._answer(msg.reply_to, Rejected(request_id=msg.request_id, status=503, message=text))
+            return
+        logger.info("request %s tokenized: %d prompt tokens", msg.request_id, len(ids))
+
+    async def _answer(self, reply_to: str, msg: Accepted | Rejected) -> None:
+        try:
+            await self.bus.publish(reply_to, encode(msg))
+        except Exception as exc:  # the gateway went away
+            logger.warning("tokenizer: could not answer %s: %s", reply_to, exc)

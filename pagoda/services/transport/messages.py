@@ -1,0 +1,278 @@
+"""Messages between the services, grouped by the service that receives them.
+
+Every message travels as a versioned JSON envelope `{"v": 1, "type": ..., "body": {...}}`. The bus
+moves bytes; `encode`/`decode` are the only place that knows the wire format. A malformed or unknown
+message raises `MessageError`, which consumers log and drop: it never kills a service.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pagoda.engine.outputs import RequestOutput, TokenLogprob
+from pagoda.engine.sampling.params import SamplingParams
+
+WIRE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Queues:
+    """Queue names of one deployment. Work queues are durable and shared by all instances of a
+    tier; the namespace keeps deployments (and test runs) on one broker apart."""
+
+    namespace: str = "pagoda"
+
+    @property
+    def tokenize(self) -> str:
+        return f"{self.namespace}.tokenize"
+
+    @property
+    def schedule(self) -> str:
+        return f"{self.namespace}.schedule"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.namespace}.worker.{worker_id}"
+
+    def reply(self, gateway_id: str) -> str:
+        return f"{self.namespace}.reply.{gateway_id}"
+
+
+class MessageError(ValueError):
+    """A message that cannot be decoded; log it and drop it."""
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class SamplingSpec(_Msg):
+    """SamplingParams on the wire (logit_bias keys as strings, as JSON wants them)."""
+
+    n: int = 1
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+    @classmethod
+    def of(cls, p: SamplingParams) -> SamplingSpec:
+        return cls(
+            n=p.n, max_tokens=p.max_tokens, min_tokens=p.min_tokens, temperature=p.temperature,
+            top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, seed=p.seed,
+            repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            logit_bias={str(k): v for k, v in p.logit_bias.items()} if p.logit_bias else None,
+            logprobs=p.logprobs, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+        )  # fmt: skip
+
+    def to_params(self) -> SamplingParams:
+        data = self.model_dump()
+        data["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
+        data["stop_token_ids"] = tuple(self.stop_token_ids)
+        return SamplingParams(**data)
+
+
+class PromptInput(_Msg):
+    """What the client sent as its prompt: chat messages, text, or token ids (exactly one)."""
+
+    messages: list[dict[str, Any]] | None = None
+    text: str | None = None
+    token_ids: list[int] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+# -- to the tokenizer -------------------------------------------------------------------------
+class TokenizeRequest(_Msg):
+    type: Literal["tokenize"] = "tokenize"
+    request_id: str
+    reply_to: str  # the gateway's reply queue
+    prompt: PromptInput
+    sampling: SamplingSpec
+    priority: int = 0
+    cache_salt: str | None = None
+    session_id: str | None = None
+    arrival_time: float = 0.0
+    queue_timeout_s: float | None = None  # fail it if it has not started this long after arrival
+
+
+# -- to the scheduler -------------------------------------------------------------------------
+class ScheduleRequest(_Msg):
+    type: Literal["schedule"] = "schedule"
+    request_id: str
+    reply_to: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    priority: int = 0
+    cache_salt: str | None = None
+    session_id: str | None = None
+    arrival_time: float = 0.0
+    queue_timeout_s: float | None = None  # fail it if it has not started this long after arrival
+    # Failover: attempt 0 is the client's request; a re-run after a worker was lost (or bounced by a
+    # draining worker) counts up, and `resume_from` output tokens are already in `prompt_token_ids`.
+    attempt: int = 0
+    resume_from: int = 0
+
+
+# -- to a worker ------------------------------------------------------------------------------
+class WorkerRequest(ScheduleRequest):
+    type: Literal["run"] = "run"  # type: ignore[assignment]
+
+
+class AbortRequest(_Msg):
+    type: Literal["abort"] = "abort"
+    request_ids: list[str]
+
+
+# -- to a gateway -----------------------------------------------------------------------------
+class Accepted(_Msg):
+    """The tokenizer took the request: here are its prompt ids (for echo, usage, detokenization)."""
+
+    type: Literal["accepted"] = "accepted"
+    request_id: str
+    prompt_token_ids: list[int]
+
+
+class Assigned(_Msg):
+    """The scheduler sent the request (attempt) to this worker; sent before the worker has it, so
+    the gateway knows whose heartbeats to watch and which worker's deltas to take."""
+
+    type: Literal["assigned"] = "assigned"
+    request_id: str
+    worker_id: str
+    attempt: int = 0
+    resume_from: int = 0
+
+
+class WorkerLeaving(_Msg):
+    """A drained worker is about to exit; sent down each reply queue after its last deltas, so a
+    request of this worker still unfinished when the gateway reads it will get no more tokens."""
+
+    type: Literal["leaving"] = "leaving"
+    worker_id: str
+
+
+class Rejected(_Msg):
+    """A request that will not run, with the HTTP status and message the client gets."""
+
+    type: Literal["rejected"] = "rejected"
+    request_id: str
+    status: int
+    message: str
+    param: str | None = None
+    retry_after_s: int | None = None  # sent to the client as Retry-After
+
+
+class Delta(_Msg):
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    # [token_id, logprob, {top id: logprob}] per new token, when asked for
+    logprobs: list[tuple[int, float, dict[str, float]]] | None = None
+    finished: bool = False
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    stop_token_id: int | None = None
+
+    @classmethod
+    def of(cls, out: RequestOutput) -> Delta:
+        lps = None
+        if out.new_logprobs is not None:
+            lps = [
+                (lp.token_id, lp.logprob, {str(k): v for k, v in lp.top.items()}) for lp in out.new_logprobs
+            ]
+        return cls(
+            request_id=out.request_id, index=out.index, new_token_ids=out.new_token_ids,
+            num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
+            num_output_tokens=out.num_output_tokens, logprobs=lps, finished=out.finished,
+            finish_reason=out.finish_reason, stop_token_id=out.stop_token_id,
+        )  # fmt: skip
+
+    def to_output(self) -> RequestOutput:
+        lps = None
+        if self.logprobs is not None:
+            lps = [TokenLogprob(t, lp, {int(k): v for k, v in top.items()}) for t, lp, top in self.logprobs]
+        return RequestOutput(
+            request_id=self.request_id, new_token_ids=self.new_token_ids, index=self.index,
+            num_prompt_tokens=self.num_prompt_tokens, num_cached_tokens=self.num_cached_tokens,
+            num_output_tokens=self.num_output_tokens, new_logprobs=lps, finished=self.finished,
+            finish_reason=self.finish_reason, stop_token_id=self.stop_token_id,
+        )  # fmt: skip
+
+
+class StepOutputs(_Msg):
+    """One message per gateway per worker step: the new tokens of all its requests."""
+
+    type: Literal["step"] = "step"
+    worker_id: str
+    deltas: list[Delta]
+
+
+Message = (
+    TokenizeRequest
+    | ScheduleRequest
+    | WorkerRequest
+    | AbortRequest
+    | Accepted
+    | Assigned
+    | WorkerLeaving
+    | Rejected
+    | StepOutputs
+)
+_TYPES: dict[str, type[BaseModel]] = {
+    "tokenize": TokenizeRequest,
+    "schedule": ScheduleRequest,
+    "run": WorkerRequest,
+    "abort": AbortRequest,
+    "accepted": Accepted,
+    "assigned": Assigned,
+    "leaving": WorkerLeaving,
+    "rejected": Rejected,
+    "step": StepOutputs,
+}
+
+
+def encode(msg: Message) -> bytes:
+    return json.dumps(
+        {"v": WIRE_VERSION, "type": msg.type, "body": msg.model_dump(mode="json", exclude={"type"})},
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode(data: bytes) -> Message:
+    try:
+        env = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+    if not isinstance(env, dict):
+        raise MessageError("envelope is not an object")
+    if env.get("v") != WIRE_VERSION:
+        raise MessageError(f"wire version {env.get('v')!r} is not {WIRE_VERSION}")
+    cls = _TYPES.get(str(env.get("type")))
+    if cls is None:
+        raise MessageError(f"unknown message type {env.get('type')!r}")
+    body = env.get("body")
+    if not isinstance(body, dict):
+        raise MessageError("body is not an object")
+    try:
+        return cls.model_validate(body)  # type: ignore[return-value]
+    except ValidationError as exc:
+        raise MessageError(
+            f"bad {env['type']} message: {exc.error_count()} errors, first: {exc.errors()[0]['msg']}"
+        ) from None
