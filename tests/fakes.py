@@ -176,8 +176,8 @@ class SlotEngine:
         self.prefilling = 0  # what counters() reports as num_prefilling (a test sets it)
         sched = SimpleNamespace(max_num_seqs=slots)
         self.core = SimpleNamespace(
-            config=SimpleNamespace(scheduler=sched, cache=SimpleNamespace(block_size=16)),
-            scheduler=self,
+            config=SimpleNamespace(batcher=sched, cache=SimpleNamespace(block_size=16)),
+            batcher=self,
             last_stats=StepStats(),
             kv=SimpleNamespace(
                 usage=lambda: 0.0, pool=SimpleNamespace(num_free_blocks=100, cached_hashes=list)

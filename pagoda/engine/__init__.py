@@ -16,7 +16,7 @@ _EXPORTS = {
     "EngineCore": "pagoda.engine.core.engine_core",
     "CacheConfig": "pagoda.engine.config",
     "EngineConfig": "pagoda.engine.config",
-    "SchedulerConfig": "pagoda.engine.config",
+    "BatcherConfig": "pagoda.engine.config",
     "RequestOutput": "pagoda.engine.outputs",
     "TokenLogprob": "pagoda.engine.outputs",
     "SamplingParams": "pagoda.engine.sampling.params",

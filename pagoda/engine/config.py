@@ -31,7 +31,7 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class BatcherConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     scheduling_policy: SchedulingPolicy = "fcfs"
@@ -61,7 +61,7 @@ class EngineConfig:
     quantization: str = "auto"  # auto | none | int8 (pagoda.engine.models.quantization)
     compile: bool = False  # CPU: decode-only steps through torch.compile (engine.compiled_decode)
     cache: CacheConfig = CacheConfig()
-    scheduler: SchedulerConfig = SchedulerConfig()
+    batcher: BatcherConfig = BatcherConfig()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pagoda.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagoda.engine.config import BatcherConfig, CacheConfig, EngineConfig
 from pagoda.engine.core.engine_core import EngineCore
 from pagoda.engine.outputs import FinishReason, TokenLogprob
 from pagoda.engine.sampling.params import SamplingParams
@@ -23,7 +23,7 @@ def make_engine_config(model: str = "", **kwargs: Any) -> EngineConfig:
     if "num_blocks" in kwargs:
         cache["num_blocks_override"] = kwargs.pop("num_blocks")
     sched = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCHED_KEYS}
-    return EngineConfig(model=model, cache=CacheConfig(**cache), scheduler=SchedulerConfig(**sched), **kwargs)
+    return EngineConfig(model=model, cache=CacheConfig(**cache), batcher=BatcherConfig(**sched), **kwargs)
 
 
 @dataclass

@@ -88,7 +88,7 @@ def decode_throughput(
     quantization: str = "none",
 ) -> tuple[str, float, int]:
     """(model name, decode tokens/s over decode-only steps, decode steps timed)."""
-    from pagoda.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pagoda.engine.config import BatcherConfig, CacheConfig, EngineConfig
     from pagoda.engine.core.engine_core import EngineCore
     from pagoda.engine.sampling.params import SamplingParams
 
@@ -103,7 +103,7 @@ def decode_throughput(
         cache=CacheConfig(
             enable_prefix_caching=False, kv_cache_memory=None if device.type == "cuda" else 1 << 26
         ),
-        scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=max(2048, prompt_len)),
+        batcher=BatcherConfig(max_num_seqs=batch, max_num_batched_tokens=max(2048, prompt_len)),
     )
     core = EngineCore(config, checkpoint=ckpt)  # type: ignore[arg-type]
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)

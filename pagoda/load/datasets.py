@@ -29,14 +29,14 @@ _WORDS = (
     "spell air away animal house point page letter mother answer found study still learn should world"
 ).split()
 
-Message = dict[str, str]
+ChatTurn = dict[str, str]
 
 
 @dataclass(frozen=True)
 class BenchTurn:
     """One request: the chat messages to send, and its expected prompt and output lengths."""
 
-    messages: tuple[Message, ...]
+    messages: tuple[ChatTurn, ...]
     input_len: int  # estimated prompt tokens (usage.prompt_tokens replaces it when the server reports it)
     output_len: int  # max_tokens to request
 
@@ -96,11 +96,11 @@ def multi_turn_dataset(spec: DatasetSpec) -> list[Conversation]:
     rng = random.Random(spec.seed)
     out_len = spec.output_len or 128
     tpw = spec.tokens_per_word
-    system: Message = {"role": "system", "content": _words(rng, spec.system_len, tpw)}
+    system: ChatTurn = {"role": "system", "content": _words(rng, spec.system_len, tpw)}
     num_convs = -(-spec.num_prompts // spec.num_turns)
     convs: list[Conversation] = []
     for _ in range(num_convs):
-        history: list[Message] = [system]
+        history: list[ChatTurn] = [system]
         input_len = spec.system_len
         turns = []
         for _ in range(spec.num_turns):

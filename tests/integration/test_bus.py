@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
-from pagoda.services.transport.bus import Bus, Message, make_bus
+from pagoda.services.transport.bus import Bus, Delivery, make_bus
 from pagoda.services.transport.bus_amqp import AmqpBus
 from pagoda.services.transport.bus_memory import InMemoryBus
 from tests.unit.test_inmemory_transport import (  # noqa: F401  (collected here again, on RabbitMQ)
@@ -107,10 +107,10 @@ async def test_amqp_messages_are_persistent_and_survive_a_consumer_connection(bu
 
 
 async def test_amqp_foreign_headers_are_read_as_strings(bus: Bus, qname: QName) -> None:
-    queue, got = qname("headers"), list[Message]()
+    queue, got = qname("headers"), list[Delivery]()
     await bus.declare_work_queue(queue)
 
-    async def handle(m: Message) -> None:
+    async def handle(m: Delivery) -> None:
         got.append(m)
 
     await bus.consume(queue, handle)
@@ -133,7 +133,7 @@ async def test_amqp_unreachable_broker_names_the_fix() -> None:
 async def _deliver_1000(bus: Bus, queue: str) -> float:
     got = [0]
 
-    async def handle(m: Message) -> None:
+    async def handle(m: Delivery) -> None:
         got[0] += 1
 
     async with bus:

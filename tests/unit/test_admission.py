@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from pagoda.services.gateway.bus_frontend import BusFrontend
-from pagoda.services.gateway.frontend import PromptProcessor
 from pagoda.services.gateway.server import build_app
 from pagoda.services.scheduler.admission import (
     AdmissionLimits,
@@ -26,6 +25,7 @@ from pagoda.services.scheduler.admission import (
 from pagoda.services.scheduler.dispatcher import SchedulerService
 from pagoda.services.scheduler.registry import WorkerRegistry
 from pagoda.services.scheduler.router import WorkerState
+from pagoda.services.tokenizer.prompts import PromptProcessor
 from pagoda.services.tokenizer.service import TokenizerService
 from pagoda.services.transport.bus_memory import InMemoryBus
 from pagoda.services.transport.messages import (

@@ -7,11 +7,11 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from pagoda.engine.config import SchedulerConfig
+from pagoda.engine.config import BatcherConfig
 from pagoda.engine.core.engine_core import EngineCore
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.sampling.params import SamplingParams
-from pagoda.engine.scheduling.batcher import Scheduler
+from pagoda.engine.scheduling.batcher import Batcher
 from pagoda.engine.scheduling.request import Request as EngineRequest
 from pagoda.load.bench_serve import format_result
 from pagoda.load.datasets import DatasetSpec
@@ -25,11 +25,11 @@ def _core(name: str, prompt_lens: tuple[int, ...]) -> EngineCore:
     core = EngineCore.__new__(EngineCore)  # scheduler + cache, no model
     core.model_name = "tiny"
     core.kv = KVCacheManager(10, block_size=4)
-    core.scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64), core.kv, 64, [0])
+    core.batcher = Batcher(BatcherConfig(max_num_batched_tokens=64), core.kv, 64, [0])
     for i, n in enumerate(prompt_lens):
-        core.scheduler.add_request(EngineRequest(f"{name}{i}", list(range(50 * i + 1, 50 * i + 1 + n)),
+        core.batcher.add_request(EngineRequest(f"{name}{i}", list(range(50 * i + 1, 50 * i + 1 + n)),
                                                  SamplingParams(max_tokens=4)))  # fmt: skip
-    core.scheduler.schedule()
+    core.batcher.schedule()
     return core
 
 

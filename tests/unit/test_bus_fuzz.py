@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.services.gateway.bus_frontend import BusFrontend
-from pagoda.services.gateway.frontend import PromptProcessor
 from pagoda.services.scheduler.dispatcher import SchedulerService
+from pagoda.services.tokenizer.prompts import PromptProcessor
 from pagoda.services.tokenizer.service import TokenizerService
-from pagoda.services.transport.bus import Message
+from pagoda.services.transport.bus import Delivery
 from pagoda.services.transport.bus_memory import InMemoryBus
 from pagoda.services.transport.messages import WIRE_VERSION, PromptInput, Queues
 from pagoda.services.transport.store import InMemoryStore
@@ -79,7 +79,7 @@ class Services:
             await s.start()
 
     @property
-    def handlers(self) -> list[Callable[[Message], Awaitable[None]]]:
+    def handlers(self) -> list[Callable[[Delivery], Awaitable[None]]]:
         return [self.worker._on_message, self.scheduler._on_message, self.tokenizer._on_message,
                 self.gateway._on_reply]  # fmt: skip
 
@@ -111,7 +111,7 @@ def services() -> Iterator[Services]:
 @given(body=_MESSAGES)
 def test_no_message_kills_a_service(services: Services, body: bytes) -> None:
     for handler in services.handlers:
-        services.run(handler(Message(body)))  # raises nothing
+        services.run(handler(Delivery(body)))  # raises nothing
 
 
 def test_the_services_still_serve_after_the_fuzzing(
@@ -119,7 +119,7 @@ def test_the_services_still_serve_after_the_fuzzing(
 ) -> None:
     caplog.set_level(logging.WARNING)
     for handler in services.handlers:
-        services.run(handler(Message(b"\xff not json")))
+        services.run(handler(Delivery(b"\xff not json")))
     assert caplog.text.count("dropped a malformed") == 4  # each service said so
     assert services.run(asyncio.wait_for(services._round_trip(), 10)) == "AAA"
     assert all(t.done() is False for t in services.worker._tasks), "a worker task died"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from pagoda.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagoda.engine.config import BatcherConfig, CacheConfig, EngineConfig
 from pagoda.engine.core.engine_core import EngineCore
 from pagoda.engine.llm import LLM
 from pagoda.engine.sampling.params import SamplingParams
@@ -22,12 +22,12 @@ def _engine(ckpt: Any, **kw: Any) -> LLM:
     cache = CacheConfig(
         **{k: kw.pop(k) for k in list(kw) if k in ("enable_prefix_caching", "num_blocks_override")}
     )
-    sched = SchedulerConfig(
+    sched = BatcherConfig(
         **{k: kw.pop(k) for k in list(kw) if k in ("max_num_batched_tokens", "max_num_seqs")}
     )
     llm = LLM.__new__(LLM)
     llm.engine = EngineCore(
-        EngineConfig(dtype="float32", cache=cache, scheduler=sched, **kw), checkpoint=ckpt
+        EngineConfig(dtype="float32", cache=cache, batcher=sched, **kw), checkpoint=ckpt
     )
     llm.tokenizer = llm.engine.tokenizer
     llm._next_id = 0
@@ -103,7 +103,7 @@ def test_greedy_invariant_under_preemption(
     blocks = -(-longest // 16) + 4  # room for one sequence and a bit: forces preemption
     llm = _engine(demo_checkpoint, num_blocks_override=blocks, max_model_len=blocks * 16)
     got = _tokens(llm, prompts)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.batcher.num_preemptions > 0
     assert got == reference
 
 

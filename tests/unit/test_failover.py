@@ -8,7 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pagoda.services.gateway.failover import MAX_ATTEMPTS, RequestTrack, WorkerWatch
-from pagoda.services.transport.messages import Assigned, Delta, PromptInput, SamplingSpec, TokenizeRequest
+from pagoda.services.transport.messages import (
+    Assigned,
+    PromptInput,
+    SamplingSpec,
+    TokenDelta,
+    TokenizeRequest,
+)
 
 
 def _track(max_tokens: int | None = 10, n: int = 1, min_tokens: int = 0) -> RequestTrack:
@@ -21,8 +27,8 @@ def _track(max_tokens: int | None = 10, n: int = 1, min_tokens: int = 0) -> Requ
     return track
 
 
-def _delta(ids: list[int], done: int, finished: bool = False, prompt: int = 3) -> Delta:
-    return Delta(
+def _delta(ids: list[int], done: int, finished: bool = False, prompt: int = 3) -> TokenDelta:
+    return TokenDelta(
         request_id="r", index=0, new_token_ids=ids, num_prompt_tokens=prompt, num_cached_tokens=0,
         num_output_tokens=done, finished=finished, finish_reason="length" if finished else None,
     )  # fmt: skip

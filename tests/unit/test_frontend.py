@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any, cast
 import pytest
 
 from pagoda.engine.sampling.params import SamplingParams
-from pagoda.services.gateway.frontend import LocalFrontend, PromptProcessor, as_frontend
+from pagoda.services.gateway.frontend import LocalFrontend, as_frontend
+from pagoda.services.tokenizer.prompts import PromptProcessor
 from pagoda.services.transport.errors import APIError
 from pagoda.services.transport.messages import PromptInput
 from tests.fakes import BOS, EOS, FakeEngine, FakeTokenizer

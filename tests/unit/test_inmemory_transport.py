@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from pagoda.services.transport.bus import Bus, Message, QueueLockedError, QueueNotFoundError, make_bus
+from pagoda.services.transport.bus import Bus, Delivery, QueueLockedError, QueueNotFoundError, make_bus
 from pagoda.services.transport.bus_memory import InMemoryBroker, InMemoryBus
 from pagoda.services.transport.store import InMemoryStore, RedisStore, Store, WrongTypeError, make_store
 
@@ -65,16 +65,16 @@ async def store() -> AsyncIterator[Store]:
 
 
 async def test_bus_round_trip(bus: Bus, qname: QName) -> None:
-    queue, got = qname("work"), list[Message]()
+    queue, got = qname("work"), list[Delivery]()
     await bus.declare_work_queue(queue)
 
-    async def handle(m: Message) -> None:
+    async def handle(m: Delivery) -> None:
         got.append(m)
 
     await bus.consume(queue, handle)
     await bus.publish(queue, b"\x00hello", {"type": "greeting", "v": "1"})
     await wait_until(lambda: len(got) == 1)
-    assert got[0] == Message(b"\x00hello", {"type": "greeting", "v": "1"}, redelivered=False)
+    assert got[0] == Delivery(b"\x00hello", {"type": "greeting", "v": "1"}, redelivered=False)
 
 
 async def test_bus_publish_to_missing_queue_raises(bus: Bus, qname: QName) -> None:
@@ -86,7 +86,7 @@ async def test_bus_publish_to_missing_queue_raises(bus: Bus, qname: QName) -> No
         await bus.queue_depth(qname("nobody"))
 
 
-async def _ignore(m: Message) -> None:
+async def _ignore(m: Delivery) -> None:
     pass
 
 
@@ -98,7 +98,7 @@ async def test_bus_delete_work_queue_only_when_empty(bus: Bus, qname: QName) -> 
     assert await bus.queue_depth(queue) == 1
     got: list[bytes] = []
 
-    async def take(m: Message) -> None:
+    async def take(m: Delivery) -> None:
         got.append(m.body)
 
     sub = await bus.consume(queue, take)
@@ -129,7 +129,7 @@ async def test_bus_competing_consumers_share_without_loss_or_duplicates(
     got: dict[str, list[int]] = {"a": [], "b": []}
     for name, consumer in (("a", a), ("b", b)):
 
-        async def handle(m: Message, name: str = name) -> None:
+        async def handle(m: Delivery, name: str = name) -> None:
             got[name].append(int(m.body))
             await asyncio.sleep(0)
 
@@ -147,7 +147,7 @@ async def test_bus_handler_error_is_logged_and_dropped(
     queue, got = qname("work"), list[bytes]()
     await bus.declare_work_queue(queue)
 
-    async def handle(m: Message) -> None:
+    async def handle(m: Delivery) -> None:
         if m.body == b"bad":
             raise ValueError("malformed")
         got.append(m.body)
@@ -166,7 +166,7 @@ async def test_bus_one_handler_call_at_a_time_in_order(bus: Bus, qname: QName) -
     queue, got, active, most = qname("ordered"), list[int](), [0], [0]
     await bus.declare_work_queue(queue)
 
-    async def handle(m: Message) -> None:
+    async def handle(m: Delivery) -> None:
         active[0] += 1
         most[0] = max(most[0], active[0])
         await asyncio.sleep(0.001)
@@ -189,7 +189,7 @@ async def test_bus_queue_depth_counts_confirmed_messages(bus: Bus, qname: QName)
     assert await bus.queue_depth(queue) == 3  # publish returned, so the broker holds them
     got = list[bytes]()
 
-    async def handle(m: Message) -> None:
+    async def handle(m: Delivery) -> None:
         got.append(m.body)
 
     await bus.consume(queue, handle)
@@ -209,7 +209,7 @@ async def test_bus_reply_queue_is_exclusive(new_bus: NewBus, qname: QName) -> No
 
     got = list[bytes]()
 
-    async def handle(m: Message) -> None:
+    async def handle(m: Delivery) -> None:
         got.append(m.body)
 
     await gateway.consume(reply, handle)
@@ -230,9 +230,9 @@ async def test_bus_reply_queue_name_generated(bus: Bus) -> None:
 async def test_bus_cancel_redelivers_unhandled_messages(new_bus: NewBus, qname: QName) -> None:
     queue, first, second = qname("cancel"), await new_bus(), await new_bus()
     await first.declare_work_queue(queue)
-    started, got = asyncio.Event(), list[Message]()
+    started, got = asyncio.Event(), list[Delivery]()
 
-    async def stuck(m: Message) -> None:
+    async def stuck(m: Delivery) -> None:
         started.set()
         await asyncio.Event().wait()
 
@@ -243,7 +243,7 @@ async def test_bus_cancel_redelivers_unhandled_messages(new_bus: NewBus, qname: 
     await sub.cancel()
     await sub.cancel()  # idempotent
 
-    async def handle(m: Message) -> None:
+    async def handle(m: Delivery) -> None:
         got.append(m)
 
     await second.consume(queue, handle)
@@ -260,7 +260,7 @@ async def test_bus_concurrent_handlers_overlap_up_to_the_limit(new_bus: NewBus, 
     running, peak, done = [0], [0], list[bytes]()
     release = asyncio.Event()
 
-    async def slow(m: Message) -> None:
+    async def slow(m: Delivery) -> None:
         running[0] += 1
         peak[0] = max(peak[0], running[0])
         await release.wait()
@@ -285,7 +285,7 @@ async def test_bus_concurrent_cancel_redelivers_in_flight(new_bus: NewBus, qname
     await first.declare_work_queue(queue)
     started = list[bytes]()
 
-    async def stuck(m: Message) -> None:
+    async def stuck(m: Delivery) -> None:
         started.append(m.body)
         if m.body != b"quick":
             await asyncio.Event().wait()
@@ -295,9 +295,9 @@ async def test_bus_concurrent_cancel_redelivers_in_flight(new_bus: NewBus, qname
         await first.publish(queue, body)
     await wait_until(lambda: len(started) == 4)  # "quick" freed its slot for "c"
     await sub.cancel()
-    got = list[Message]()
+    got = list[Delivery]()
 
-    async def handle(m: Message) -> None:
+    async def handle(m: Delivery) -> None:
         got.append(m)
 
     await second.consume(queue, handle)
@@ -435,13 +435,13 @@ async def test_inmemory_bus_serves_services_in_one_loop(bus: Bus, qname: QName) 
         await bus.declare_work_queue(queue)
     done = asyncio.Event()
 
-    async def tokenizer(m: Message) -> None:
+    async def tokenizer(m: Delivery) -> None:
         await bus.publish(worker, m.body.upper(), {"reply_to": reply})
 
-    async def engine(m: Message) -> None:
+    async def engine(m: Delivery) -> None:
         await bus.publish(m.headers["reply_to"], m.body[::-1])
 
-    async def gateway(m: Message) -> None:
+    async def gateway(m: Delivery) -> None:
         assert m.body == b"OLLEH"
         done.set()
 

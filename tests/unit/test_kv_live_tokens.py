@@ -3,11 +3,11 @@ block counted once, exact on a small known workload; and their Prometheus gauges
 
 from __future__ import annotations
 
-from pagoda.engine.config import SchedulerConfig
+from pagoda.engine.config import BatcherConfig
 from pagoda.engine.core.engine_core import EngineCore
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.sampling.params import SamplingParams
-from pagoda.engine.scheduling.batcher import Scheduler
+from pagoda.engine.scheduling.batcher import Batcher
 from pagoda.engine.scheduling.request import Request
 from pagoda.services.ops.metrics import Metrics
 
@@ -44,10 +44,10 @@ def test_live_tokens_through_the_scheduler_and_metrics() -> None:
     core = EngineCore.__new__(EngineCore)  # no model: scheduler + cache are enough for counters()
     core.model_name = "tiny"
     core.kv = KVCacheManager(16, block_size=4)
-    core.scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64), core.kv, 64, [0])
+    core.batcher = Batcher(BatcherConfig(max_num_batched_tokens=64), core.kv, 64, [0])
     for i, n in enumerate((5, 8, 3)):
-        core.scheduler.add_request(_req(f"r{i}", list(range(100 * i + 1, 100 * i + 1 + n))))
-    core.scheduler.schedule()  # 16 tokens in 2 + 2 + 1 blocks of 4
+        core.batcher.add_request(_req(f"r{i}", list(range(100 * i + 1, 100 * i + 1 + n))))
+    core.batcher.schedule()  # 16 tokens in 2 + 2 + 1 blocks of 4
     c = core.counters()
     assert (c.kv_live_tokens, c.kv_used_slots) == (16, 20)
     assert c.kv_live_token_ratio == 0.8

@@ -12,12 +12,12 @@ from pagoda.engine.outputs import RequestOutput, TokenLogprob
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.services.transport.messages import (
     AbortRequest,
-    Delta,
     MessageError,
     PromptInput,
     Queues,
     SamplingSpec,
     StepOutputs,
+    TokenDelta,
     TokenizeRequest,
     WorkerRequest,
     decode,
@@ -40,7 +40,7 @@ def test_round_trips_keep_every_field() -> None:
     )
     assert isinstance(decode(encode(run)), WorkerRequest)
     out = RequestOutput("r", [5], 1, 3, 0, 1, [TokenLogprob(5, -0.1, {5: -0.1, 6: -2.0})], True, "stop", 2)
-    step = StepOutputs(worker_id="w", deltas=[Delta.of(out)])
+    step = StepOutputs(worker_id="w", deltas=[TokenDelta.of(out)])
     back = decode(encode(step))
     assert isinstance(back, StepOutputs) and back.deltas[0].to_output() == out
     assert decode(encode(AbortRequest(request_ids=["a", "b"]))) == AbortRequest(request_ids=["a", "b"])

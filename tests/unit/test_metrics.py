@@ -12,11 +12,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pagoda.engine.config import SchedulerConfig
+from pagoda.engine.config import BatcherConfig
 from pagoda.engine.core.engine_core import CoreCounters, EngineCore, StepStats
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.sampling.params import SamplingParams
-from pagoda.engine.scheduling.batcher import Scheduler
+from pagoda.engine.scheduling.batcher import Batcher
 from pagoda.engine.scheduling.request import Request
 from pagoda.services.gateway.server import build_app
 from pagoda.services.ops.metrics import GatewayMetrics, Metrics, RequestRecord
@@ -142,7 +142,7 @@ def _core_without_model(num_blocks: int = 4) -> EngineCore:
     core = EngineCore.__new__(EngineCore)
     core.model_name = "tiny"
     core.kv = KVCacheManager(num_blocks, block_size=4)
-    core.scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64), core.kv, 64, [0])
+    core.batcher = Batcher(BatcherConfig(max_num_batched_tokens=64), core.kv, 64, [0])
     return core
 
 
@@ -151,8 +151,8 @@ def test_engine_core_counters_read_the_scheduler_and_cache() -> None:
     assert core.counters() == CoreCounters(0, 0, 0.0, 0, 0, 0)
     for i in range(3):
         prompt = list(range(10 * i + 1, 10 * i + 7))  # distinct: no prefix-cache sharing
-        core.scheduler.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=4)))
-    core.scheduler.schedule()  # 4 blocks of 4 tokens: two requests of 6 tokens fit, one waits
+        core.batcher.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=4)))
+    core.batcher.schedule()  # 4 blocks of 4 tokens: two requests of 6 tokens fit, one waits
     c = core.counters()
     assert (c.num_running, c.num_waiting, c.kv_usage) == (2, 1, 1.0)
     assert c.prefix_query_tokens == core.kv.query_tokens > 0
@@ -162,7 +162,7 @@ class _FakeAsyncEngine:
     """What WorkerService needs of an AsyncEngine, over a model-less core."""
 
     def __init__(self, core: EngineCore) -> None:
-        core.config = cast("Any", SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=8),
+        core.config = cast("Any", SimpleNamespace(batcher=SimpleNamespace(max_num_seqs=8),
                                                   cache=SimpleNamespace(block_size=4)))  # fmt: skip
         core.num_blocks = 4
         core.last_stats = StepStats()
@@ -194,8 +194,8 @@ async def test_worker_metrics_are_read_from_the_core_on_scrape() -> None:
     ]
     for w in workers:
         await w.start()
-    cores[1].scheduler.add_request(Request("r", list(range(1, 7)), SamplingParams(max_tokens=4)))
-    cores[1].scheduler.num_preemptions = 3
+    cores[1].batcher.add_request(Request("r", list(range(1, 7)), SamplingParams(max_tokens=4)))
+    cores[1].batcher.num_preemptions = 3
     cores[1].kv.query_tokens, cores[1].kv.hit_tokens = 100, 40
     s = _samples(metrics.render().decode())
     w0, w1 = {"model_name": "tiny", "engine": "w0"}, {"model_name": "tiny", "engine": "w1"}
@@ -252,7 +252,7 @@ async def test_scheduler_counts_routing_decisions_and_refusals() -> None:
 
 def test_metrics_port_serves_the_registry() -> None:
     metrics = Metrics()
-    metrics.scheduler().rejected.labels("no_worker").inc()
+    metrics.batcher().rejected.labels("no_worker").inc()
     state = {"ready": True}
     srv = metrics.serve(0, host="127.0.0.1", ready=lambda: state["ready"])
     try:

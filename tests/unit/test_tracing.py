@@ -17,11 +17,11 @@ from pagoda.engine.core.async_engine import AsyncEngine
 from pagoda.engine.core.engine_core import EngineCore
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.services.gateway.bus_frontend import BusFrontend
-from pagoda.services.gateway.frontend import PromptProcessor
 from pagoda.services.gateway.server import build_app
 from pagoda.services.ops import tracing
 from pagoda.services.scheduler.dispatcher import SchedulerService
 from pagoda.services.scheduler.registry import WorkerRegistry
+from pagoda.services.tokenizer.prompts import PromptProcessor
 from pagoda.services.tokenizer.service import TokenizerService
 from pagoda.services.transport.bus_memory import InMemoryBus
 from pagoda.services.transport.store import InMemoryStore

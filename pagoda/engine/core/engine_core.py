@@ -1,4 +1,4 @@
-"""The engine core: model, KV cache, scheduler and runner on one device, stepped synchronously.
+"""The engine core: model, KV cache, batcher and runner on one device, stepped synchronously.
 
 `step()` is the worker's loop body: schedule -> execute -> update, then one RequestOutput per
 request that got tokens. Requests with n > 1 fan out into n child sequences that share the prompt's
@@ -26,7 +26,7 @@ from pagoda.engine.runner.model_runner import ModelRunner, kv_bytes_per_block
 from pagoda.engine.runner.onednn_linear import onednn_bf16_available, pack_linears
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.sampling.sampler import make_generator
-from pagoda.engine.scheduling.batcher import Scheduler
+from pagoda.engine.scheduling.batcher import Batcher
 from pagoda.engine.scheduling.request import Request, check_prompt_ids
 from pagoda.engine.tokenization.tokenizer import Tokenizer
 
@@ -122,7 +122,7 @@ class EngineCore:
         eos = tuple(arch.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
         self.eos_token_ids = eos
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, eos)
+        self.batcher = Batcher(config.batcher, self.kv, self.max_model_len, eos)
         backend = get_backend(config.attention_backend, self.device)
         self.runner = ModelRunner(
             self.model,
@@ -132,7 +132,7 @@ class EngineCore:
             self.dtype,
             self.device,
             eos,
-            capture_sizes(self.device, config.enforce_eager, backend, config.scheduler.max_num_seqs),
+            capture_sizes(self.device, config.enforce_eager, backend, config.batcher.max_num_seqs),
             self.max_model_len,
             compile_decode=config.compile,
         )
@@ -187,44 +187,44 @@ class EngineCore:
                 arrival_time=arrival_time,
                 generator=make_generator(seed, self.device),
             )
-            self.scheduler.add_request(req)
+            self.batcher.add_request(req)
             child_ids.append(cid)
         self._children[request_id] = child_ids
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
         seqs = [c for rid in request_ids for c in self._children.get(rid, [])]
-        reqs = self.scheduler.finish_requests(seqs, "abort")
+        reqs = self.batcher.finish_requests(seqs, "abort")
         outs = [self._output(r, []) for r in reqs]
         self._forget_finished(reqs)
         return outs
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.batcher.has_unfinished()
 
     def counters(self) -> CoreCounters:
         """Live figures for metrics; safe to read from another thread (plain ints and floats)."""
         return CoreCounters(
-            num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
+            num_running=self.batcher.num_running,
+            num_waiting=self.batcher.num_waiting,
             kv_usage=self.kv.usage(),
             prefix_query_tokens=self.kv.query_tokens,
             prefix_hit_tokens=self.kv.hit_tokens,
-            num_preemptions=self.scheduler.num_preemptions,
+            num_preemptions=self.batcher.num_preemptions,
             kv_live_tokens=self.kv.live_tokens(),
             kv_used_slots=self.kv.pool.num_used_blocks * self.kv.block_size,
             kv_live_token_ratio=self.kv.live_token_ratio(),
-            num_prefilling=self.scheduler.num_prefilling,
+            num_prefilling=self.batcher.num_prefilling,
         )
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
+        out = self.batcher.schedule()
         res = self.runner.execute(out)
-        changed = self.scheduler.update(out, res)
+        changed = self.batcher.update(out, res)
         self.last_stats = StepStats(
             out.total_num_scheduled_tokens,
-            self.scheduler.num_running,
-            self.scheduler.num_waiting,
+            self.batcher.num_running,
+            self.batcher.num_waiting,
             self.kv.usage(),
             out.num_preempted,
         )

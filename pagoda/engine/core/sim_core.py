@@ -18,7 +18,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
-from pagoda.engine.config import EngineConfig, SchedulerConfig
+from pagoda.engine.config import BatcherConfig, EngineConfig
 from pagoda.engine.core.engine_core import CoreCounters, StepStats
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.outputs import FinishReason, RequestOutput
@@ -85,7 +85,7 @@ class SimCore:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.default_sampling = dict(default_sampling or {})
-        self.config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=self.sim.max_batch))
+        self.config = EngineConfig(batcher=BatcherConfig(max_num_seqs=self.sim.max_batch))
         self.kv = KVCacheManager(1, self.config.cache.block_size)  # not used: no KV is modeled
         self.num_blocks = 1
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)

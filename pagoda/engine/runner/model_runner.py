@@ -1,7 +1,7 @@
 """Runs one scheduled step: flattens the batch (no padding), runs the model, samples.
 
 The runner keeps its own state for every request it has seen (tokens, block table), updated from
-the scheduler's diffs, so a step sends only what changed.
+the batcher's diffs, so a step sends only what changed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pagoda.engine.runner.compiled_decode import CompiledDecode
 from pagoda.engine.runner.cuda_graphs import DecodeGraphs
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.sampling.sampler import Sampler, SamplingMetadata
-from pagoda.engine.scheduling.batcher import RunnerOutput, SchedulerOutput
+from pagoda.engine.scheduling.batcher import BatchPlan, RunnerOutput
 
 
 @dataclass
@@ -86,7 +86,7 @@ class ModelRunner:
             self.compiled = CompiledDecode(model, self.kv_caches, block_size)
             self.compiled.warm_up()
 
-    def _apply_diff(self, out: SchedulerOutput) -> None:
+    def _apply_diff(self, out: BatchPlan) -> None:
         for rid in out.finished_req_ids:
             self.requests.pop(rid, None)
         for c in out.cached_requests:
@@ -97,7 +97,7 @@ class ModelRunner:
             )
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def execute(self, out: BatchPlan) -> RunnerOutput:
         self._apply_diff(out)
         if out.is_empty:
             return RunnerOutput()

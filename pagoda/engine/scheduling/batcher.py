@@ -1,4 +1,5 @@
-"""The step scheduler: which requests run this step and how many tokens each computes.
+"""The batcher, the engine's step scheduler: which requests run this step and how many tokens
+each computes (the cluster scheduler role is `pagoda.services.scheduler`).
 
 One token budget per step is shared by decodes (1 token each) and prefill chunks, so prefill is
 chunked and mixed with decode. When blocks run out, running requests are preempted by recompute
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pagoda.engine.config import SchedulerConfig
+from pagoda.engine.config import BatcherConfig
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.outputs import FinishReason, TokenLogprob
 from pagoda.engine.sampling.params import SamplingParams
@@ -45,7 +46,7 @@ class CachedRequestData:
 
 
 @dataclass
-class SchedulerOutput:
+class BatchPlan:
     new_requests: list[NewRequestData]
     cached_requests: list[CachedRequestData]
     num_scheduled_tokens: dict[str, int]  # batch order: cached requests first, then new ones
@@ -64,10 +65,10 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
 
 
-class Scheduler:
+class Batcher:
     def __init__(
         self,
-        config: SchedulerConfig,
+        config: BatcherConfig,
         kv: KVCacheManager,
         max_model_len: int,
         eos_token_ids: Iterable[int],
@@ -119,7 +120,7 @@ class Scheduler:
         return len(self.running)
 
     # -- the step ---------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self) -> BatchPlan:
         budget = self.config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         cached: list[CachedRequestData] = []
@@ -188,7 +189,7 @@ class Scheduler:
         self.num_prefilling = self._count_prefilling()
         finished = self._finished_ids | {r.request_id for r in preempted}
         self._finished_ids = set()
-        return SchedulerOutput(
+        return BatchPlan(
             new_requests=new,
             cached_requests=cached,
             num_scheduled_tokens=num_scheduled,
@@ -197,7 +198,7 @@ class Scheduler:
             num_preempted=len(preempted),
         )
 
-    def update(self, out: SchedulerOutput, res: RunnerOutput) -> list[Request]:
+    def update(self, out: BatchPlan, res: RunnerOutput) -> list[Request]:
         """Advance counters, append sampled tokens, finish requests that stop. Returns the
         requests that got a new token this step (finished ones included)."""
         changed: list[Request] = []

@@ -177,7 +177,7 @@ async def _main(
                 )
             )
         if "tokenizer" in roles:
-            from pagoda.services.gateway.frontend import PromptProcessor
+            from pagoda.services.tokenizer.prompts import PromptProcessor
             from pagoda.services.tokenizer.service import TokenizerService
 
             assert model is not None

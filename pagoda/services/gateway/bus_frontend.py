@@ -26,7 +26,7 @@ from pagoda.services.gateway.frontend import Submitted
 from pagoda.services.ops import tracing
 from pagoda.services.scheduler.admission import first_output, first_output_wait
 from pagoda.services.scheduler.registry import WorkerRegistry, routable
-from pagoda.services.transport.bus import Bus, Message, Subscription
+from pagoda.services.transport.bus import Bus, Delivery, Subscription
 from pagoda.services.transport.errors import APIError
 from pagoda.services.transport.messages import (
     AbortRequest,
@@ -258,7 +258,7 @@ class BusFrontend:
         except Exception as exc:
             logger.warning("gateway: could not abort %s on %s: %s", request_id, worker_id, exc)
 
-    async def _on_reply(self, message: Message) -> None:
+    async def _on_reply(self, message: Delivery) -> None:
         try:
             msg = decode(message.body)
         except MessageError as exc:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pagoda.services.transport.messages import Assigned, Delta, ScheduleRequest, TokenizeRequest
+from pagoda.services.transport.messages import Assigned, ScheduleRequest, TokenDelta, TokenizeRequest
 
 MAX_ATTEMPTS = 3
 
@@ -48,7 +48,7 @@ class RequestTrack:
         self.awaiting = False
         return superseded
 
-    def accept(self, worker_id: str, delta: Delta) -> Delta | None:
+    def accept(self, worker_id: str, delta: TokenDelta) -> TokenDelta | None:
         """The delta as the client should see it (positions already sent dropped, counts made
         relative to the original prompt), or None to drop it."""
         if self.awaiting and self.request.sampling.temperature > 0:

@@ -333,7 +333,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(_Request):
+class TokenizeAPIRequest(_Request):
     """vLLM's /tokenize: either `prompt` (completions style) or `messages` (chat style)."""
 
     model: str | None = None
@@ -344,7 +344,7 @@ class TokenizeRequest(_Request):
     return_token_strs: bool = False
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> TokenizeRequest:
+    def _exactly_one(self) -> TokenizeAPIRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
         return self
@@ -357,7 +357,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeAPIRequest(_Request):
     model: str | None = None
     tokens: list[int]
 

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.services.gateway.auth import OPEN_PATHS, BearerAuth, key_id
-from pagoda.services.gateway.frontend import Frontend, PromptProcessor, Submitted, as_frontend
+from pagoda.services.gateway.frontend import Frontend, Submitted, as_frontend
 from pagoda.services.gateway.limits import BodyGuard, RequestLimits, check_request
 from pagoda.services.gateway.protocol import (
     ChatCompletionChoice,
@@ -32,11 +32,11 @@ from pagoda.services.gateway.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    DetokenizeRequest,
+    DetokenizeAPIRequest,
     DetokenizeResponse,
     ModelCard,
     ModelList,
-    TokenizeRequest,
+    TokenizeAPIRequest,
     TokenizeResponse,
 )
 from pagoda.services.gateway.ratelimit import RateLimiter, estimate_tokens
@@ -44,6 +44,7 @@ from pagoda.services.gateway.streams import Call, SubRequest, chat_stream, colle
 from pagoda.services.ops import tracing
 from pagoda.services.ops.metrics import CONTENT_TYPE_LATEST, GatewayMetrics, Metrics
 from pagoda.services.scheduler.admission import FleetAdmission
+from pagoda.services.tokenizer.prompts import PromptProcessor
 from pagoda.services.transport.errors import (
     APIError,
     from_value_error,
@@ -311,7 +312,7 @@ def _register_routes(app: FastAPI, server: OpenAIServer) -> None:
         )
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(req: TokenizeAPIRequest) -> TokenizeResponse:
         server.check_model(req.model)
         tokenizer = frontend.tokenizer
         if req.messages is not None:
@@ -329,7 +330,7 @@ def _register_routes(app: FastAPI, server: OpenAIServer) -> None:
         )
 
     @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(req: DetokenizeAPIRequest) -> DetokenizeResponse:
         server.check_model(req.model)
         server.processor.check_token_ids(req.tokens, "tokens")
         return DetokenizeResponse(prompt=frontend.tokenizer.decode(req.tokens))

@@ -83,7 +83,7 @@ class Choice:
 
 
 @dataclass
-class Delta:
+class ChoiceDelta:
     choice: Choice
     text: str
     logprobs: list[TokenLogprob]
@@ -124,7 +124,7 @@ class SubRequest:
         ]
         return cls(request_id, list(ids), prompt_text, choices, submitted.outputs, backlog=submitted.backlog)
 
-    def process(self, out: RequestOutput) -> Delta | None:
+    def process(self, out: RequestOutput) -> ChoiceDelta | None:
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         choice = self.choices[out.index]
         if choice.done:
@@ -141,7 +141,7 @@ class SubRequest:
             choice.finish_reason = out.finish_reason or "stop"
             choice.stop_reason = out.stop_token_id
         choice.text += text
-        return Delta(choice, text, new_logprobs, choice.finish_reason)
+        return ChoiceDelta(choice, text, new_logprobs, choice.finish_reason)
 
     @property
     def engine_finished(self) -> bool:
@@ -183,7 +183,7 @@ class Call:
             for sub in self.subs:
                 await self.release(sub)
 
-    async def _sub_deltas(self, sub: SubRequest) -> AsyncGenerator[Delta, None]:
+    async def _sub_deltas(self, sub: SubRequest) -> AsyncGenerator[ChoiceDelta, None]:
         """The deltas of one sub-request until all its choices are done; released however it ends."""
         try:
             async for out in sub.outputs:
@@ -197,7 +197,7 @@ class Call:
             for choice in sub.choices:  # the engine stopped without finishing a choice
                 if not choice.done:
                     choice.finish_reason = "abort"
-                    yield Delta(choice, choice.stop.flush(), [], "abort")
+                    yield ChoiceDelta(choice, choice.stop.flush(), [], "abort")
         finally:
             await self.release(sub)
 
@@ -225,14 +225,14 @@ class Call:
         backlog = self.subs[0].backlog if len(self.subs) == 1 else None
         return backlog is not None and backlog()
 
-    def deltas(self) -> AsyncGenerator[Delta, None]:
+    def deltas(self) -> AsyncGenerator[ChoiceDelta, None]:
         """Deltas of all choices of all sub-requests, as they come. Closing it releases them all.
         One sub-request (one prompt) is read in the caller's task; several get a pump task each."""
         if len(self.subs) == 1:
             return self._sub_deltas(self.subs[0])
         return self._pumped()
 
-    async def _pumped(self) -> AsyncGenerator[Delta, None]:
+    async def _pumped(self) -> AsyncGenerator[ChoiceDelta, None]:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         tasks = [asyncio.create_task(self._pump(sub, queue)) for sub in self.subs]
         for task in tasks:
@@ -421,7 +421,7 @@ async def _stream_errors(events: AsyncGenerator[bytes, None], call: Call) -> Asy
         call.log(status)
 
 
-async def _coalesced(call: Call, content: Callable[[Delta], bytes]) -> AsyncGenerator[bytes, None]:
+async def _coalesced(call: Call, content: Callable[[ChoiceDelta], bytes]) -> AsyncGenerator[bytes, None]:
     """The call's chunks (`content` of each delta; b"": none), one SSE event per delta as before,
     but the events of deltas that were already waiting go out in one write: a gateway that fell
     behind catches up with one send per stream instead of one per token. An error still sends
@@ -462,7 +462,7 @@ def chat_stream(call: Call, req: ChatCompletionRequest) -> SSEResponse:
             )
         k = req.top_logprobs or 0
 
-        def content(d: Delta) -> bytes:
+        def content(d: ChoiceDelta) -> bytes:
             if not d.text and not d.logprobs and d.finish_reason is None:
                 return b""
             stop_reason = d.choice.stop_reason if d.finish_reason else None
@@ -505,7 +505,7 @@ def completion_stream(call: Call, req: CompletionRequest) -> SSEResponse:
                 if req.echo:
                     yield chunk([CompletionChoice(index=c.index, text=sub.prompt_text)])
 
-        def content(d: Delta) -> bytes:
+        def content(d: ChoiceDelta) -> bytes:
             if not d.text and not d.logprobs and d.finish_reason is None:
                 return b""
             stop_reason = d.choice.stop_reason if d.finish_reason else None

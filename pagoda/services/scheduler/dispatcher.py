@@ -28,7 +28,7 @@ from pagoda.services.ops.metrics import Metrics
 from pagoda.services.scheduler.admission import RETRY_AFTER_S, AdmissionLimits, has_room, queue_timed_out
 from pagoda.services.scheduler.registry import PrefixIndex, Sessions, WorkerRegistry, routable
 from pagoda.services.scheduler.router import Decision, WorkerState, leading_overlap, make_router
-from pagoda.services.transport.bus import Bus, Message, QueueNotFoundError, Subscription
+from pagoda.services.transport.bus import Bus, Delivery, QueueNotFoundError, Subscription
 from pagoda.services.transport.messages import (
     Assigned,
     MessageError,
@@ -91,7 +91,7 @@ class SchedulerService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _on_message(self, message: Message) -> None:
+    async def _on_message(self, message: Delivery) -> None:
         try:
             msg = decode(message.body)
         except MessageError as exc:

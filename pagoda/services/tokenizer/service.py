@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from pagoda.services.gateway.frontend import PromptProcessor
 from pagoda.services.ops import tracing
-from pagoda.services.transport.bus import Bus, Message, Subscription
+from pagoda.services.tokenizer.prompts import PromptProcessor
+from pagoda.services.transport.bus import Bus, Delivery, Subscription
 from pagoda.services.transport.errors import APIError
 from pagoda.services.transport.messages import (
     Accepted,
@@ -51,7 +51,7 @@ class TokenizerService:
         if self._sub is not None:
             await self._sub.cancel()
 
-    async def _on_message(self, message: Message) -> None:
+    async def _on_message(self, message: Delivery) -> None:
         try:
             msg = decode(message.body)
         except MessageError as exc:

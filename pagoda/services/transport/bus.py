@@ -30,13 +30,13 @@ class QueueLockedError(BusError):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Message:
+class Delivery:
     body: bytes
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     redelivered: bool = False
 
 
-Handler = Callable[[Message], Awaitable[None]]
+Handler = Callable[[Delivery], Awaitable[None]]
 
 
 class Subscription(ABC):
@@ -115,7 +115,7 @@ class Bus(ABC):
         `QueueNotFoundError`."""
 
 
-async def _handle(queue: str, handler: Handler, message: Message) -> None:
+async def _handle(queue: str, handler: Handler, message: Delivery) -> None:
     try:
         await handler(message)
     except Exception as exc:

@@ -10,8 +10,8 @@ from typing import Any
 from pagoda.services.transport.bus import (
     Bus,
     BusError,
+    Delivery,
     Handler,
-    Message,
     QueueLockedError,
     QueueNotFoundError,
     Subscription,
@@ -74,7 +74,7 @@ class _AmqpSubscription(Subscription):
 
     async def _handle(self, incoming: Any) -> None:
         headers = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in incoming.headers.items()}
-        message = Message(incoming.body, headers, bool(incoming.redelivered))
+        message = Delivery(incoming.body, headers, bool(incoming.redelivered))
         await _handle(self.queue.name, self.handler, message)
 
     async def _one(self, incoming: Any) -> None:

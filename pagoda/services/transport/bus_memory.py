@@ -11,8 +11,8 @@ from collections import deque
 
 from pagoda.services.transport.bus import (
     Bus,
+    Delivery,
     Handler,
-    Message,
     QueueLockedError,
     QueueNotFoundError,
     Subscription,
@@ -33,7 +33,7 @@ class _MemoryQueue:
     def __init__(self, name: str, owner: InMemoryBus | None) -> None:
         self.name = name
         self.owner = owner  # the exclusive owner of a reply queue; None for a work queue
-        self.ready: deque[Message] = deque()
+        self.ready: deque[Delivery] = deque()
         self.consumers: list[_MemoryConsumer] = []
         self.next_consumer = 0
 
@@ -57,7 +57,7 @@ class _MemoryConsumer(Subscription):
         self, bus: InMemoryBus, queue: _MemoryQueue, handler: Handler, prefetch: int, concurrency: int = 1
     ) -> None:
         self.bus, self.queue, self.handler, self.prefetch = bus, queue, handler, prefetch
-        self.inbox: deque[Message] = deque()  # delivered, not yet acked; inbox[0] is being handled
+        self.inbox: deque[Delivery] = deque()  # delivered, not yet acked; inbox[0] is being handled
         self.wakeup = asyncio.Event()
         self.concurrency = concurrency
         self._handling: dict[int, asyncio.Task[None]] = {}  # id(message) -> its handler (concurrent mode)
@@ -86,7 +86,7 @@ class _MemoryConsumer(Subscription):
             await slots.acquire()
             self._handling[id(message)] = asyncio.create_task(self._one(message, slots))
 
-    async def _one(self, message: Message, slots: asyncio.Semaphore) -> None:
+    async def _one(self, message: Delivery, slots: asyncio.Semaphore) -> None:
         try:
             await _handle(self.queue.name, self.handler, message)
         except asyncio.CancelledError:  # cancelled: the message stays unacked, for redelivery
@@ -160,7 +160,7 @@ class InMemoryBus(Bus):
 
     async def publish(self, queue: str, body: bytes, headers: dict[str, str] | None = None) -> None:
         target = self._queue(queue)
-        target.ready.append(Message(bytes(body), dict(headers or {})))
+        target.ready.append(Delivery(bytes(body), dict(headers or {})))
         target.dispatch()
         await asyncio.sleep(0)  # yield as a network round trip would, so a tight publish loop is fair
 

@@ -177,7 +177,7 @@ class Rejected(_Msg):
     retry_after_s: int | None = None  # sent to the client as Retry-After
 
 
-class Delta(_Msg):
+class TokenDelta(_Msg):
     request_id: str
     index: int
     new_token_ids: list[int]
@@ -191,7 +191,7 @@ class Delta(_Msg):
     stop_token_id: int | None = None
 
     @classmethod
-    def of(cls, out: RequestOutput) -> Delta:
+    def of(cls, out: RequestOutput) -> TokenDelta:
         lps = None
         if out.new_logprobs is not None:
             lps = [
@@ -221,10 +221,10 @@ class StepOutputs(_Msg):
 
     type: Literal["step"] = "step"
     worker_id: str
-    deltas: list[Delta]
+    deltas: list[TokenDelta]
 
 
-Message = (
+ServiceMessage = (
     TokenizeRequest
     | ScheduleRequest
     | WorkerRequest
@@ -248,14 +248,14 @@ _TYPES: dict[str, type[BaseModel]] = {
 }
 
 
-def encode(msg: Message) -> bytes:
+def encode(msg: ServiceMessage) -> bytes:
     return json.dumps(
         {"v": WIRE_VERSION, "type": msg.type, "body": msg.model_dump(mode="json", exclude={"type"})},
         separators=(",", ":"),
     ).encode()
 
 
-def decode(data: bytes) -> Message:
+def decode(data: bytes) -> ServiceMessage:
     try:
         env = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:

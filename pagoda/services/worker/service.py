@@ -39,15 +39,15 @@ from pagoda.services.scheduler.admission import (
 )
 from pagoda.services.scheduler.registry import PrefixIndex, WorkerRegistry
 from pagoda.services.scheduler.router import WorkerState
-from pagoda.services.transport.bus import Bus, Message, QueueNotFoundError, Subscription
+from pagoda.services.transport.bus import Bus, Delivery, QueueNotFoundError, Subscription
 from pagoda.services.transport.messages import (
     AbortRequest,
-    Delta,
     MessageError,
     Queues,
     Rejected,
     ScheduleRequest,
     StepOutputs,
+    TokenDelta,
     WorkerLeaving,
     WorkerRequest,
     decode,
@@ -197,7 +197,7 @@ class WorkerService:
             )
 
     # -- input --------------------------------------------------------------------------------
-    async def _on_message(self, message: Message) -> None:
+    async def _on_message(self, message: Delivery) -> None:
         try:
             msg = decode(message.body)
         except MessageError as exc:
@@ -256,7 +256,7 @@ class WorkerService:
             self.worker_id,
             num_running=counters.num_running,
             num_waiting=self.engine.num_waiting,
-            max_num_seqs=self.engine.core.config.scheduler.max_num_seqs,
+            max_num_seqs=self.engine.core.config.batcher.max_num_seqs,
             num_prefilling=counters.num_prefilling,
         )
 
@@ -282,13 +282,13 @@ class WorkerService:
     # -- output -------------------------------------------------------------------------------
     def _on_step(self, outputs: list[RequestOutput], stored: list[bytes], evicted: list[bytes]) -> None:
         """On the event loop after each engine step: one message per gateway."""
-        by_gateway: dict[str, list[Delta]] = defaultdict(list)
+        by_gateway: dict[str, list[TokenDelta]] = defaultdict(list)
         for out in outputs:
             req = self._inflight.get(out.request_id)
             if req is None:
                 continue
             req.deadline = None  # it started
-            by_gateway[req.reply_to].append(Delta.of(out))
+            by_gateway[req.reply_to].append(TokenDelta.of(out))
             req.trace.output(out)
             if req.first_token is None and out.new_token_ids:
                 req.first_token, req.queue_s = time.monotonic(), out.queue_time_s
@@ -374,7 +374,7 @@ class WorkerService:
                 "kv_usage": f"{figures.kv_usage:.4f}",
                 "kv_live_tokens": str(figures.kv_live_tokens),
                 "kv_live_token_ratio": f"{figures.kv_live_token_ratio:.4f}",
-                "max_num_seqs": str(core.config.scheduler.max_num_seqs),
+                "max_num_seqs": str(core.config.batcher.max_num_seqs),
                 "block_size": str(core.config.cache.block_size),
                 "num_blocks": str(core.num_blocks),
                 "num_free_blocks": str(core.kv.pool.num_free_blocks),

@@ -5,10 +5,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagoda.engine.config import SchedulerConfig
+from pagoda.engine.config import BatcherConfig
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.sampling.params import SamplingParams
-from pagoda.engine.scheduling.batcher import RunnerOutput, Scheduler, SchedulerOutput
+from pagoda.engine.scheduling.batcher import Batcher, BatchPlan, RunnerOutput
 from pagoda.engine.scheduling.request import Request, RequestStatus
 
 EOS = 0
@@ -20,7 +20,7 @@ class FakeRunner:
     def __init__(self) -> None:
         self.state: dict[str, tuple[list[int], int]] = {}  # id -> (tokens, computed)
 
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def execute(self, out: BatchPlan) -> RunnerOutput:
         for rid in out.finished_req_ids:
             self.state.pop(rid, None)
         for new in out.new_requests:
@@ -42,13 +42,13 @@ class FakeRunner:
         return res
 
 
-def _make(num_blocks: int = 64, budget: int = 32, max_seqs: int = 8, policy: str = "fcfs") -> Scheduler:
+def _make(num_blocks: int = 64, budget: int = 32, max_seqs: int = 8, policy: str = "fcfs") -> Batcher:
     kv = KVCacheManager(num_blocks, block_size=4)
-    cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, scheduling_policy=policy)  # type: ignore[arg-type]
-    return Scheduler(cfg, kv, max_model_len=512, eos_token_ids=[EOS])
+    cfg = BatcherConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, scheduling_policy=policy)  # type: ignore[arg-type]
+    return Batcher(cfg, kv, max_model_len=512, eos_token_ids=[EOS])
 
 
-def _check_invariants(s: Scheduler, out: SchedulerOutput) -> None:
+def _check_invariants(s: Batcher, out: BatchPlan) -> None:
     pool = s.kv.pool
     assert all(c >= 0 for c in pool.ref_cnt)
     assert out.total_num_scheduled_tokens <= s.config.max_num_batched_tokens
@@ -65,7 +65,7 @@ def _check_invariants(s: Scheduler, out: SchedulerOutput) -> None:
     assert s.num_prefilling == sum(r.num_output_tokens == 0 for r in s.running)
 
 
-def _run(s: Scheduler, runner: FakeRunner, max_steps: int = 2000) -> int:
+def _run(s: Batcher, runner: FakeRunner, max_steps: int = 2000) -> int:
     steps = 0
     while s.has_unfinished():
         out = s.schedule()
@@ -177,8 +177,8 @@ def test_random_add_step_abort_never_leaks(
     seq: list[tuple[str, int, int, int]], num_blocks: int, policy: str, caching: bool
 ) -> None:
     kv = KVCacheManager(num_blocks, block_size=4, enable_prefix_caching=caching)
-    cfg = SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4, scheduling_policy=policy)  # type: ignore[arg-type]
-    s = Scheduler(cfg, kv, max_model_len=num_blocks * 4, eos_token_ids=[EOS])
+    cfg = BatcherConfig(max_num_batched_tokens=16, max_num_seqs=4, scheduling_policy=policy)  # type: ignore[arg-type]
+    s = Batcher(cfg, kv, max_model_len=num_blocks * 4, eos_token_ids=[EOS])
     runner = FakeRunner()
     added = 0
     for kind, a, b, c in seq:
