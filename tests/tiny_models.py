@@ -31,17 +31,17 @@ def save_tiny_tokenizer(path: Path) -> None:
 
 
 def make_tiny_model(
-    kind: str, path: Path, dtype: torch.dtype = torch.float32
+    kind: str, path: Path, dtype: torch.dtype = torch.float32, num_layers: int = 2
 ) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Build, randomize and save a tiny model of `kind`; returns (hf_model, state_dict without a
-    tied lm_head)."""
+    """Build, randomize and save a tiny model of `kind` with `num_layers` decoder layers; returns
+    (hf_model, state_dict without a tied lm_head)."""
     import transformers as tf
 
     common: dict[str, Any] = dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -100,3 +100,31 @@ def make_tiny_model(
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return model.eval(), state
+
+
+def hf_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """An engine model's weights (pagoda.engine.models.llama) under HF names, in float32: the fused
+    qkv and gate/up matrices split back into their parts (the inverse of `load_weights`), and
+    quantized linears replaced by their `dequantized_weight()`. Untied heads only: a quantized head
+    is not the embedding matrix any more."""
+    assert not model.cfg.tie_word_embeddings, "a tied model's head and embedding would collide"
+    tensors = {n: p.detach().float() for n, p in model.named_parameters()}
+    for name, module in model.named_modules():
+        if hasattr(module, "dequantized_weight"):
+            tensors[f"{name}.weight"] = module.dequantized_weight()
+    cfg = model.cfg
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    fused = {
+        "qkv_proj": {"q_proj": q, "k_proj": kv, "v_proj": kv},
+        "gate_up_proj": {"gate_proj": inter, "up_proj": inter},
+    }
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        fused_name = next((f for f in fused if f".{f}." in name), None)
+        if fused_name is None:
+            state[name] = tensor
+            continue
+        sizes = fused[fused_name]
+        for part, piece in zip(sizes, tensor.split(list(sizes.values())), strict=True):
+            state[name.replace(fused_name, part)] = piece
+    return {(n if n.startswith("lm_head.") else f"model.{n}"): t for n, t in state.items()}

@@ -75,6 +75,12 @@ class Int8DynamicLinear(nn.Module):
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def dequantized_weight(self) -> torch.Tensor:  # [out, in] float32
+        """The weights the int8 GEMM multiplies by: each int8 code times its channel's scale (the
+        per-row activation quantization is not part of it)."""
+        qweight, _ = torch.ops.quantized.linear_unpack(self._packed)
+        return qweight.dequantize()  # type: ignore[no-any-return]
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 dynamic"
 
@@ -111,6 +117,21 @@ class Int4WeightOnlyLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return _like_input(y, x)
+
+    def dequantized_weight(self) -> torch.Tensor:  # [out, in] float32
+        """The weights the int4 GEMM multiplies by, (q - 8) * scale + zero per group, in float32.
+        The 4-bit codes q are read back through the kernel itself with unit scales and zero
+        offsets (exact small integers): the packed layout is blocked per CPU ISA and not
+        documented. The scales and zeros applied here are this module's own, so a kernel that
+        applied them wrongly would disagree with F.linear on this matrix."""
+        unit = torch.zeros_like(self._scales_zeros, dtype=torch.float32)  # scale 1, zero 0
+        unit[..., 0] = 1.0
+        codes = torch._weight_int4pack_mm_for_cpu(  # [in, out]: q - 8
+            torch.eye(self.in_features), self._packed, self.group_size, unit
+        )
+        scale, zero = self._scales_zeros.float().unbind(-1)  # [in / group, out] each
+        groups = codes.t().view(self.out_features, -1, self.group_size)  # [out, in / group, group]
+        return (groups * scale.t()[..., None] + zero.t()[..., None]).view(self.out_features, -1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{self.group_size}"
