@@ -16,16 +16,14 @@ import pytest
 from pagoda.services.transport.bus import Bus, Delivery, QueueLockedError, QueueNotFoundError, make_bus
 from pagoda.services.transport.bus_memory import InMemoryBroker, InMemoryBus
 from pagoda.services.transport.store import InMemoryStore, RedisStore, Store, WrongTypeError, make_store
+from tests.polling import until
 
 NewBus = Callable[[], Awaitable[Bus]]
 QName = Callable[[str], str]
 
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"condition not met within {timeout_s}s"
-        await asyncio.sleep(0.002)
+    await until(condition, timeout_s, "the bus", interval_s=0.002)
 
 
 @pytest.fixture
