@@ -185,8 +185,10 @@ async def test_a_request_routed_as_an_idle_worker_drains_is_not_stranded(tiny: P
         fresh = s.scheduler._workers
         announced = asyncio.Event()
         announced_at = 0.0
+        routing: list[None] = []  # one per call: a request tokenized, waiting to be routed
 
         async def lagging() -> Any:  # routing waits for the drain to start, then sees a stale view
+            routing.append(None)
             await announced.wait()
             return stale if time.monotonic() < announced_at + HB / 4 else await fresh()
 
@@ -197,7 +199,7 @@ async def test_a_request_routed_as_an_idle_worker_drains_is_not_stranded(tiny: P
             await w0.stop()
 
         runs = [asyncio.create_task(s.run(p)) for p in PROMPTS]
-        await asyncio.sleep(0.5)  # tokenized, waiting to be routed
+        await until(lambda: len(routing) >= len(PROMPTS), 10, "every request waiting to be routed")
         stopping = asyncio.create_task(sigterm())
         await until(lambda: w0.state == "draining", 10, "w0 to start draining", interval_s=0)
         announced_at = time.monotonic()
