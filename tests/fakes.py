@@ -161,7 +161,8 @@ class SlotSeq:
 
 class SlotEngine:
     """What WorkerService needs of an AsyncEngine: `slots` sequences run at once, one token a
-    tick each, the rest wait in order. No model."""
+    tick each, the rest wait in order. No model. While `paused`, waiting sequences still take free
+    slots but none makes progress (a test holds requests in flight without racing the clock)."""
 
     model_name = "fake-model"
 
@@ -174,6 +175,7 @@ class SlotEngine:
         self.dead_reason = None
         self.steps = 0
         self.prefilling = 0  # what counters() reports as num_prefilling (a test sets it)
+        self.paused = False
         sched = SimpleNamespace(max_num_seqs=slots)
         self.core = SimpleNamespace(
             config=SimpleNamespace(batcher=sched, cache=SimpleNamespace(block_size=16)),
@@ -227,6 +229,8 @@ class SlotEngine:
             while self.waiting and len(self.running) < self.slots:
                 self.running.append(self.waiting.pop(0))
             self.core.last_stats = StepStats(num_running=len(self.running), num_waiting=len(self.waiting))
+            if self.paused:
+                continue
             outs = []
             for s in list(self.running):
                 s.done += 1

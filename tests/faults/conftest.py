@@ -1,9 +1,11 @@
 """The clusters the fault tests break, as real processes with a tiny random model.
 
 `fault_cluster` (test_faults.py): gateway, two tokenizers, two schedulers and three workers over a
-private Redis (restartable) and the shared RabbitMQ behind a TCP proxy (cuttable).
+private Redis (restartable) and the shared RabbitMQ behind a TCP proxy (cuttable); tokenizer1 and
+scheduler1 hold their messages in flight while cluster["hold_file"] exists (the hold_file failpoint).
 `restart_cluster` (test_restarts.py): gateway, tokenizer, scheduler and two workers (more are added
-by a rolling restart) over a private Redis and a private RabbitMQ node (restartable).
+by a rolling restart) over a private Redis and a private RabbitMQ node (restartable); the tokenizer
+holds its messages in flight while cluster["hold_file"] exists.
 In each module the tests run in file order and each leaves the cluster as the next expects."""
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import redis
 
 from tests.faults.client import Tally
 from tests.faults.infra import PrivateRabbit, PrivateRedis, TcpProxy
+from tests.polling import block_until
 from tests.processes import Proc, free_port, wait_ready
 
 TALLIES: list[Tally] = []
@@ -75,13 +78,15 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     engine = ["--model", str(model), "--served-model-name", "tiny", "--dtype", "float32"]
     engine += ["--kv-cache-memory", "16MiB", "--max-num-batched-tokens", "512"]
     stall_file = tmp / "stall-w2"
+    hold_file = tmp / "hold"  # while it exists, tokenizer1 and scheduler1 hold what they are given
+    hold = {"PAGODA_FAILPOINTS": f"hold_file={hold_file}"}
     port = free_port()
     worker = ["--stall-timeout", "1.0", "--shutdown-timeout", "20"]
     procs = {
         "gateway": Proc("gateway", *engine, *common, "--port", str(port), "--shutdown-timeout", "5"),
-        "tokenizer1": Proc("tokenizer", *engine, *common),
+        "tokenizer1": Proc("tokenizer", *engine, *common, env=hold),
         "tokenizer2": Proc("tokenizer", *engine, *common),
-        "scheduler1": Proc("scheduler", *common),
+        "scheduler1": Proc("scheduler", *common, env=hold),
         "scheduler2": Proc("scheduler", *common),
         "w1": Proc("worker", *engine, *common, *worker, "--worker-id", "w1"),
         "w2": Proc(
@@ -102,7 +107,7 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
         _wait_registered(r, ns, 3)
         yield {
             "base": base, "ns": ns, "redis": r, "procs": procs, "store": store, "proxy": proxy,
-            "stall_file": stall_file,
+            "stall_file": stall_file, "hold_file": hold_file,
         }  # fmt: skip
     finally:
         try:
@@ -140,7 +145,9 @@ def restart_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
 
         port = free_port()
         procs["gateway"] = Proc("gateway", *engine, *common, "--port", str(port), "--shutdown-timeout", "5")
-        procs["tokenizer"] = Proc("tokenizer", *engine, *common)
+        hold_file = tmp / "hold"  # while it exists, the tokenizer holds what it is given
+        hold = {"PAGODA_FAILPOINTS": f"hold_file={hold_file}"}
+        procs["tokenizer"] = Proc("tokenizer", *engine, *common, env=hold)
         procs["scheduler"] = Proc("scheduler", *common)
         for wid in ("w1", "w2"):
             add_worker(wid)
@@ -151,7 +158,7 @@ def restart_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
         add: Callable[[str], Proc] = add_worker
         yield {
             "base": base, "ns": ns, "redis": r, "procs": procs, "store": store, "rabbit": rabbit,
-            "add_worker": add, "rabbit_start_s": rabbit_start_s,
+            "add_worker": add, "rabbit_start_s": rabbit_start_s, "hold_file": hold_file,
         }  # fmt: skip
     finally:
         try:
@@ -181,14 +188,21 @@ def log_of(cluster: dict[str, Any], name: str) -> str:
     return proc.output()
 
 
+def held(cluster: dict[str, Any], name: str, queue: str) -> int:
+    """Messages from `queue` that process `name` has held in flight (the hold_file failpoint)."""
+    return log_of(cluster, name).count(f"failpoint: holding a message from {queue} while")
+
+
+def redelivered(cluster: dict[str, Any], name: str, queue: str) -> int:
+    """Redelivered messages from `queue` that process `name` was handed (the bus logs each)."""
+    return log_of(cluster, name).count(f"queue {queue}: handling a redelivered message")
+
+
 def path_of(cluster: dict[str, Any], key: str) -> Path:
     return Path(cluster[key])
 
 
 def _wait_registered(r: redis.Redis, ns: str, workers: int) -> None:
     """Until `workers` workers are in the registry, then a moment for the schedulers to read it."""
-    deadline = time.monotonic() + 60
-    while r.scard(f"{ns}:workers") < workers:
-        assert time.monotonic() < deadline, "the workers did not register"
-        time.sleep(0.1)
+    block_until(lambda: r.scard(f"{ns}:workers") >= workers, 60, f"{workers} workers to register")
     time.sleep(1.0)  # the schedulers read the registry again

@@ -2,9 +2,9 @@
 or a clear error, and none hangs. Greedy outputs that complete must equal an undisturbed run.
 
 The tests share one cluster (conftest.py) and run in this order, each leaving it as the next
-expects: w1 is SIGKILLed; a scheduler and a tokenizer are SIGKILLed; Redis restarts; the broker
-connection is cut and restored; w2 stalls (and recovers); w3 drains on SIGTERM; w2, the last
-worker, is SIGKILLed.
+expects: w1 is SIGKILLed; a scheduler and a tokenizer are SIGKILLed holding requests; Redis
+restarts; the broker connection is cut and restored; w2 stalls (and recovers); w3 drains on
+SIGTERM; w2, the last worker, is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import asyncio
 import os
 import re
 import signal
-import time
 from typing import Any
 
 import httpx
@@ -31,7 +30,8 @@ from tests.faults.client import (
     until_served,
     until_streaming,
 )
-from tests.faults.conftest import TALLIES, log_of
+from tests.faults.conftest import TALLIES, held, log_of, redelivered
+from tests.polling import block_until
 
 pytestmark = pytest.mark.integration
 
@@ -91,20 +91,38 @@ def test_worker_sigkill_midstream_continues_identically(fault_cluster: dict[str,
 
 
 def test_scheduler_and_tokenizer_sigkill_lose_nothing(fault_cluster: dict[str, Any]) -> None:
+    """tokenizer1 and scheduler1 are SIGKILLed while each holds requests in flight (the hold_file
+    failpoint: handed to the handler, not acked); the broker redelivers every one of them to the
+    other tokenizer and scheduler, and every request completes as an undisturbed run does."""
     c = fault_cluster
     _baseline(c)
+    queues = {"tokenizer": f"{c['ns']}.tokenize", "scheduler": f"{c['ns']}.schedule"}
+    before = {f"{role}2": redelivered(c, f"{role}2", queue) for role, queue in queues.items()}
+    holding: dict[str, int] = {}
 
     async def kill() -> None:
-        await asyncio.sleep(0.05)  # requests are in the tokenize and schedule queues
-        c["procs"]["scheduler1"].p.send_signal(signal.SIGKILL)
-        c["procs"]["tokenizer1"].p.send_signal(signal.SIGKILL)
+        victims = {f"{role}1": queue for role, queue in queues.items()}
+        await until(lambda: all(held(c, v, q) for v, q in victims.items()), 20, "the victims to hold some")
+        for victim, queue in victims.items():
+            c["procs"][victim].p.send_signal(signal.SIGKILL)
+            c["procs"][victim].p.wait(10)
+            holding[victim] = held(c, victim, queue)  # its log is final
 
-    tally = _tally("scheduler + tokenizer SIGKILL")
-    outs = asyncio.run(load(c, PROMPTS * 4, kill, max_tokens=MAX_TOKENS))
+    tally = _tally("scheduler + tokenizer SIGKILL, requests in flight")
+    c["hold_file"].touch()
+    try:
+        outs = asyncio.run(load(c, PROMPTS * 4, kill, max_tokens=MAX_TOKENS))
+    finally:
+        c["hold_file"].unlink()
     tally.add(outs)
     tally.check()
     assert all(o.complete for o in outs), [o for o in outs if not o.complete]
     _check_greedy(outs)  # no duplicate or missing token in any stream
+    for role, queue in queues.items():
+        victim, survivor = f"{role}1", f"{role}2"
+        again = redelivered(c, survivor, queue) - before[survivor]
+        assert again >= holding[victim] > 0, f"{victim} held {holding[victim]}, {survivor} got {again} again"
+    print(f"held when killed: {holding}")
 
 
 REPUBLISHED = "published its prefix index"
@@ -147,10 +165,7 @@ def test_redis_restart_running_requests_finish(fault_cluster: dict[str, Any]) ->
     )
     # the registry and the prefix index come back from the workers' next heartbeats: each live
     # worker republishes its whole index, and the new Redis has blocks of each
-    deadline = time.monotonic() + 5
-    while not _rebuilt(c, live, published):
-        assert time.monotonic() < deadline, "registry / prefix index not rebuilt after the restart"
-        time.sleep(0.05)
+    block_until(lambda: _rebuilt(c, live, published), 5, "the registry and prefix index to be rebuilt")
     after = asyncio.run(load(c, PROMPTS[:2]))
     tally.add(after)
     assert all(o.complete for o in after), after
@@ -215,10 +230,7 @@ def test_stalled_worker_loses_its_traffic(fault_cluster: dict[str, Any]) -> None
         assert all(o.complete for o in more), more
     finally:
         os.unlink(stall_file)
-    deadline = time.monotonic() + 10
-    while figures(c, "w2").get("state") != "ready":
-        assert time.monotonic() < deadline, "w2 did not recover"
-        time.sleep(0.05)
+    block_until(lambda: figures(c, "w2").get("state") == "ready", 10, "w2 to recover")
 
 
 def test_sigterm_drains_a_worker_underload(fault_cluster: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from tests.faults.client import (
     until_idle,
     until_served,
 )
-from tests.faults.conftest import TALLIES, log_of
+from tests.faults.conftest import TALLIES, held, log_of, redelivered
 
 pytestmark = pytest.mark.integration
 
@@ -131,26 +131,43 @@ def test_rolling_restart_of_the_workers_under_load_loses_nothing(restart_cluster
 def test_broker_restart_running_requests_end_cleanly_and_new_ones_succeed(
     restart_cluster: dict[str, Any],
 ) -> None:
+    """The RabbitMQ node stops and starts again while requests stream and while the tokenizer
+    holds two in flight (the hold_file failpoint). The streams end with clean errors (the gateway
+    lost its connection, so their tokens could not reach it) and new requests succeed; the held
+    messages, published before the stop, are delivered again after the start."""
     c = restart_cluster
     _baseline(c)
-    rabbit = c["rabbit"]
+    rabbit, hold_file, tokenize = c["rabbit"], c["hold_file"], f"{c['ns']}.tokenize"
     during: list[Outcome] = []
     took: dict[str, float] = {}
+    counts: dict[str, int] = {"held": held(c, "tokenizer", tokenize)}
 
     workers = [w for w, p in c["procs"].items() if w.startswith("w") and p.alive()]
 
     async def restart() -> None:
         await mid_stream(c, workers[-1], steps=10)
-        t0 = time.monotonic()
-        took["stop"] = await asyncio.to_thread(rabbit.stop)
         async with httpx.AsyncClient(base_url=c["base"], timeout=None) as client:
+            hold_file.touch()
+            kept = [asyncio.create_task(stream(client, p, SHORT, timeout_s=120)) for p in PROMPTS[:2]]
+            await until(lambda: held(c, "tokenizer", tokenize) >= counts["held"] + 2, 20, "two held requests")
+            counts["redelivered"] = redelivered(c, "tokenizer", tokenize)
+            t0 = time.monotonic()
+            took["stop"] = await asyncio.to_thread(rabbit.stop)
             sent = [asyncio.create_task(stream(client, p, SHORT, timeout_s=120)) for p in PROMPTS[:3]]
             took["start"] = await asyncio.to_thread(rabbit.start)
-            during.extend(await asyncio.gather(*sent))
+            await until(
+                lambda: redelivered(c, "tokenizer", tokenize) >= counts["redelivered"] + 2, 60,
+                "the held requests to come back from the restarted node",
+            )  # fmt: skip
+            hold_file.unlink()
+            during.extend(await asyncio.gather(*sent, *kept))
         took["t0"] = t0
 
     tally = _tally("RabbitMQ node stopped and started again")
-    outs = asyncio.run(load(c, PROMPTS, restart, max_tokens=LONG, timeout_s=120))
+    try:
+        outs = asyncio.run(load(c, PROMPTS, restart, max_tokens=LONG, timeout_s=120))
+    finally:
+        hold_file.unlink(missing_ok=True)
     tally.add(outs + during)
     tally.check()
     # the node's shutdown closed the gateway's connection: the streams it carried end with a 503

@@ -4,7 +4,6 @@ over the real RabbitMQ and Redis) and the embedded server, each started once."""
 from __future__ import annotations
 
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.polling import block_until
 from tests.processes import AMQP, REDIS, Proc, free_port, wait_ready
 
 ENGINE = ["--dtype", "float32", "--kv-cache-memory", "512MiB", "--max-model-len", "2048"]
@@ -43,10 +43,7 @@ def cluster() -> Iterator[dict[str, Any]]:
     try:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, procs, timeout=300)  # five processes load on a shared 2-core box
-        deadline = time.monotonic() + 60
-        while r.scard(f"{ns}:workers") < 2:  # both workers registered
-            assert time.monotonic() < deadline, "workers did not register"
-            time.sleep(0.2)
+        block_until(lambda: r.scard(f"{ns}:workers") >= 2, 60, "both workers to register")
         yield {"base": base, "ns": ns, "redis": r, "procs": procs, "spans": spans, "metrics_ports": metrics}
     finally:
         codes = {_name(p): p.stop() for p in procs}

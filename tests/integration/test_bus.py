@@ -12,10 +12,13 @@ from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
+from aiormq.exceptions import ChannelPreconditionFailed
 
 from pagoda.services.transport.bus import Bus, Delivery, make_bus
 from pagoda.services.transport.bus_amqp import AmqpBus
 from pagoda.services.transport.bus_memory import InMemoryBus
+from tests.faults.infra import TcpProxy
+from tests.processes import free_port
 from tests.unit.test_inmemory_transport import (  # noqa: F401  (collected here again, on RabbitMQ)
     NewBus,
     QName,
@@ -89,21 +92,75 @@ async def bus(new_bus: NewBus) -> Bus:
     return await new_bus()
 
 
-async def test_amqp_messages_are_persistent_and_survive_a_consumer_connection(bus: Bus, qname: QName) -> None:
+async def test_amqp_work_queue_is_durable_and_keeps_messages_until_a_consumer_comes(
+    new_bus: NewBus, qname: QName
+) -> None:
+    """What a broker restart needs (tests/faults/test_restarts.py restarts one): the queue is
+    durable and its messages persistent; and a message published while no consumer runs, by a
+    connection that is gone since, is delivered to the next consumer."""
     queue = qname("durable")
-    await bus.declare_work_queue(queue)
-    await bus.publish(queue, b"keep", {"k": "v"})
+    publisher = await new_bus()
+    await publisher.declare_work_queue(queue)
+    await publisher.publish(queue, b"keep", {"k": "v"})
+    await publisher.close()
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel()
+        with pytest.raises(ChannelPreconditionFailed, match="inequivalent arg 'durable'"):
+            await channel.declare_queue(queue, durable=False)  # the broker has it as durable
+        channel = await connection.channel()  # the refusal closed the other one
         declared = await channel.declare_queue(queue, passive=True)
-        assert declared.durable is not None
+        assert declared.declaration_result.message_count == 1
         incoming = await declared.get(timeout=5)
-        assert incoming is not None
-        assert incoming.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-        assert incoming.body == b"keep" and incoming.headers == {"k": "v"}
+        assert incoming is not None and incoming.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
         await incoming.nack(requeue=True)
-    assert await bus.queue_depth(queue) == 1
+    consumer, got = await new_bus(), list[Delivery]()
+
+    async def handle(m: Delivery) -> None:
+        got.append(m)
+
+    await consumer.consume(queue, handle)
+    await wait_until(lambda: len(got) == 1)
+    assert got == [Delivery(b"keep", {"k": "v"}, redelivered=True)]  # it was handed out (and nacked) once
+
+
+async def test_amqp_message_in_flight_when_the_connection_drops_is_redelivered(
+    new_bus: NewBus, qname: QName
+) -> None:
+    """The connection of a consumer holding a message (handled, not acked) breaks, as when its
+    process dies or the network fails: the broker gives the message to another consumer, flagged
+    `redelivered`."""
+    queue = qname("dropped")
+    proxy = TcpProxy(free_port(), ("127.0.0.1", 5672))
+    proxy.start()
+    dropped = AmqpBus(f"amqp://guest:guest@127.0.0.1:{proxy.port}/?reconnect_interval=0.2")
+    held, release = asyncio.Event(), asyncio.Event()
+    try:
+        await dropped.connect()
+        await dropped.declare_work_queue(queue)
+
+        async def hold(m: Delivery) -> None:
+            held.set()
+            await release.wait()
+
+        await dropped.consume(queue, hold)
+        other, got = await new_bus(), list[Delivery]()
+        await other.publish(queue, b"in flight")
+        await asyncio.wait_for(held.wait(), 10)
+
+        async def handle(m: Delivery) -> None:
+            got.append(m)
+
+        await other.consume(queue, handle)
+        assert got == [] and await other.queue_depth(queue) == 0  # unacked, so no one else has it
+        proxy.cut()  # the holder's TCP connection is gone
+        await wait_until(lambda: len(got) == 1, timeout_s=30)
+        assert got == [Delivery(b"in flight", {}, redelivered=True)]
+    finally:
+        release.set()
+        proxy.start()  # let the holder reconnect, so that it closes cleanly
+        await asyncio.wait_for(dropped.close(), 30)
+        proxy.close()
 
 
 async def test_amqp_foreign_headers_are_read_as_strings(bus: Bus, qname: QName) -> None:

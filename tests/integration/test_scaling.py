@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from tests.integration.conftest import ENGINE
+from tests.polling import block_until
 from tests.processes import AMQP, REDIS, Proc, free_port, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -34,9 +35,10 @@ def test_joining_worker_takes_traffic_and_sessions_stick() -> None:
         assert client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], **ask).choices
         joiner = Proc("worker", *ENGINE, *common, "--worker-id", "joiner")
         procs.append(joiner)
-        while r.scard(f"{ns}:workers") < 2:
-            assert joiner.alive(), joiner.output()
-            time.sleep(0.05)
+        block_until(
+            lambda: r.scard(f"{ns}:workers") >= 2 or not joiner.alive(), 120, "the joiner to register"
+        )
+        assert joiner.alive(), joiner.output()
         time.sleep(0.3)  # one heartbeat
 
         async def burst() -> None:

@@ -1,4 +1,4 @@
-"""The store contract (tests/unit/test_inmemory_transport.py) on the real Redis, plus Redis specifics.
+"""The store contract (tests/unit/test_inmemory_store.py) on the real Redis, plus Redis specifics.
 
 Keys live under `pagoda-test:<run id>:` and are deleted at the end of each test.
 """
@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as redis
 
 from pagoda.services.transport.store import RedisStore, Store, make_store
-from tests.unit.test_inmemory_transport import (  # noqa: F401  (collected here again, on Redis)
+from tests.unit.test_inmemory_store import (  # noqa: F401  (collected here again, on Redis)
     test_store_counters,
     test_store_hashes,
     test_store_scan_prefix,

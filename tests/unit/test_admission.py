@@ -79,20 +79,25 @@ def _body(max_tokens: int, **kw: Any) -> dict[str, Any]:
 
 
 async def test_beyond_slots_and_queue_the_fleet_refuses_at_once() -> None:
-    async with Stack(slots=2, limits=AdmissionLimits(max_waiting=1, priority_reserve=1)) as c:
-        # 3 fit (2 running + 1 queued); each runs 30 ticks, so all 6 are in flight together
+    stack = Stack(slots=2, limits=AdmissionLimits(max_waiting=1, priority_reserve=1))
+    engine = stack.engine
+    async with stack as c:
+        # The engine makes no progress, so the 3 that fit (2 running + 1 queued) stay in flight:
+        # an answer that comes back meanwhile was refused without waiting for room.
+        engine.paused = True
         calls = [c.post("/v1/completions", json=_body(30, stream=i % 2 == 1)) for i in range(6)]
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         tasks = [asyncio.create_task(call) for call in calls]
-        done, _ = await asyncio.wait(tasks, timeout=0.2)  # the refusals come back at once
-        refused = [t.result() for t in done]
-        assert len(refused) == 3 and loop.time() - started < 0.25
+        await until(lambda: sum(t.done() for t in tasks) >= 3, 10, "three answers")
+        await until(lambda: engine.num_running + engine.num_waiting == 3, 10, "three requests in the engine")
+        refused = [t.result() for t in tasks if t.done()]
+        assert len(refused) == 3  # the admitted three are still running
         for resp in refused:  # streaming ones too: a real HTTP status, before any event
             assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
             assert "at capacity" in resp.json()["error"]["message"]
-        priority = await c.post("/v1/completions", json=_body(2, priority=-1))  # the reserve
-        assert priority.status_code == 200, priority.text
+        priority = asyncio.create_task(c.post("/v1/completions", json=_body(2, priority=-1)))  # the reserve
+        await until(lambda: engine.num_running + engine.num_waiting == 4, 10, "the priority request queued")
+        engine.paused = False
+        assert (await priority).status_code == 200, (await priority).text
         admitted = await asyncio.gather(*tasks)
         assert sorted(r.status_code for r in admitted) == [200, 200, 200, 503, 503, 503]
         again = await c.post("/v1/completions", json=_body(2))  # room again once they finished
@@ -103,9 +108,11 @@ async def test_beyond_slots_and_queue_the_fleet_refuses_at_once() -> None:
 
 async def test_a_request_that_cannot_start_in_time_fails_clearly() -> None:
     stack = Stack(slots=1, limits=AdmissionLimits(max_waiting=4), queue_timeout_s=0.3)
+    engine = stack.engine
     async with stack as c:
-        first = asyncio.create_task(c.post("/v1/completions", json=_body(100)))  # holds the slot 1 s
-        await asyncio.sleep(0.05)
+        first = asyncio.create_task(c.post("/v1/completions", json=_body(20)))
+        await until(lambda: any(s.done for s in engine.running), 5, "the first request's first token")
+        engine.paused = True  # it holds the only slot until the others have timed out
         resp = await c.post("/v1/completions", json=_body(2))
         assert resp.status_code == 503, resp.text
         assert "queue timeout (0.3 s)" in resp.json()["error"]["message"]
@@ -113,6 +120,7 @@ async def test_a_request_that_cannot_start_in_time_fails_clearly() -> None:
         events = [e[len("data: ") :] for e in stream.text.split("\n\n") if e]
         assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == 503
         assert stack.engine.waiting == []  # the worker dropped them from its queue
+        engine.paused = False
         assert (await first).status_code == 200
 
 
@@ -203,9 +211,15 @@ async def test_scheduler_routes_around_full_workers_and_workers_refuse() -> None
                                   priority=priority)  # fmt: skip
             return encode(msg)
 
-        await asyncio.sleep(0.1)  # a heartbeat with w0's busy slot
+        registry = WorkerRegistry(store, 0.05)
+
+        async def w0_seen_full() -> bool:  # a heartbeat with w0's busy slot, and w1 registered
+            states = {s.worker_id: s for s, _ in await registry.alive()}
+            return "w1" in states and "w0" in states and states["w0"].num_running == 1
+
+        await until(w0_seen_full, 5, "the registry to show w0's busy slot")
         await bus.publish(queues.schedule, request("r1"))
-        await asyncio.sleep(0.1)
+        await until(lambda: engines["w1"].num_running == 1, 5, "r1 to run")
         assert scheduler.decisions == {"w1": 1}  # not the full w0
         await bus.publish(queues.schedule, request("r2"))  # both full now: a worker says no
         msg = await anext(replies)
@@ -216,7 +230,7 @@ async def test_scheduler_routes_around_full_workers_and_workers_refuse() -> None
         msg = await anext(replies)
         assert isinstance(msg, Rejected) and msg.request_id == "r3" and msg.status == 503
         await bus.publish(queues.schedule, request("r4", priority=-1))  # the reserve takes it
-        await asyncio.sleep(0.1)
+        await until(lambda: any(e.waiting for e in engines.values()), 5, "r4 to be queued")
         assert [s.request_id for e in engines.values() for s in e.waiting] == ["r4"]
     finally:
         await scheduler.stop()

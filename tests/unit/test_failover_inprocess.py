@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -103,14 +104,14 @@ async def _kill(worker: WorkerService) -> None:
     worker.engine.set_sink(lambda *a: None)
 
 
-def _stick(worker: WorkerService) -> list[bool]:
-    """Make `worker`'s steps block until the returned flag is set: a stalled step loop."""
+def _stick(worker: WorkerService) -> threading.Event:
+    """Make `worker`'s steps block until the returned event is set: a stalled step loop. A step
+    never released fails (its engine stops on the error) after a minute instead of hanging."""
     step = worker.engine.core.step
-    release = [False]
+    release = threading.Event()
 
     def stuck_step() -> Any:
-        while not release[0]:
-            time.sleep(0.01)
+        assert release.wait(60), "a stuck step was never released"
         return step()
 
     worker.engine.core.step = stuck_step  # type: ignore[method-assign]
@@ -145,7 +146,7 @@ async def test_stalled_worker_is_unready_and_its_requests_move(tiny: Path) -> No
         await s.wait_running(stalled)
         assert await asyncio.wait_for(asyncio.gather(*runs), 20) == baseline
         assert stalled.state == "stalled"
-        release[0] = True
+        release.set()
         await until(lambda: stalled.state == "ready", 5, "the stalled worker to be ready again")
 
 
@@ -184,8 +185,10 @@ async def test_a_request_routed_as_an_idle_worker_drains_is_not_stranded(tiny: P
         fresh = s.scheduler._workers
         announced = asyncio.Event()
         announced_at = 0.0
+        routing: list[None] = []  # one per call: a request tokenized, waiting to be routed
 
         async def lagging() -> Any:  # routing waits for the drain to start, then sees a stale view
+            routing.append(None)
             await announced.wait()
             return stale if time.monotonic() < announced_at + HB / 4 else await fresh()
 
@@ -196,10 +199,9 @@ async def test_a_request_routed_as_an_idle_worker_drains_is_not_stranded(tiny: P
             await w0.stop()
 
         runs = [asyncio.create_task(s.run(p)) for p in PROMPTS]
-        await asyncio.sleep(0.5)  # tokenized, waiting to be routed
+        await until(lambda: len(routing) >= len(PROMPTS), 10, "every request waiting to be routed")
         stopping = asyncio.create_task(sigterm())
-        while w0.state != "draining":
-            await asyncio.sleep(0)
+        await until(lambda: w0.state == "draining", 10, "w0 to start draining", interval_s=0)
         announced_at = time.monotonic()
         announced.set()
         outs = await asyncio.wait_for(asyncio.gather(*runs), 5)
@@ -240,7 +242,7 @@ async def test_a_draining_worker_that_stalls_loses_its_requests(tiny: Path) -> N
         drain = asyncio.create_task(w0.drain(60.0))
         assert await asyncio.wait_for(asyncio.gather(*runs), 20) == baseline
         assert w0.state == "stalled"
-        release[0] = True
+        release.set()
         await until(lambda: w0.state != "stalled", 5, "the draining worker's step loop to resume")
         assert w0.state == "draining"  # it takes no new requests, stalled or not
         await asyncio.wait_for(drain, 10)  # the moved requests' copies were aborted there

@@ -1,7 +1,7 @@
-"""Bus and Store contracts, run here on the in-memory implementations.
+"""The Bus contract, run here on the in-memory implementation (the Store's: test_inmemory_store.py).
 
-The `test_bus_*` and `test_store_*` bodies are the contract: tests/integration imports them and runs
-them again on RabbitMQ and Redis through its own `new_bus` / `store` fixtures.
+The `test_bus_*` bodies are the contract: tests/integration/test_bus.py imports them and runs them
+again on RabbitMQ through its own `new_bus` fixture.
 """
 
 from __future__ import annotations
@@ -15,17 +15,15 @@ import pytest
 
 from pagoda.services.transport.bus import Bus, Delivery, QueueLockedError, QueueNotFoundError, make_bus
 from pagoda.services.transport.bus_memory import InMemoryBroker, InMemoryBus
-from pagoda.services.transport.store import InMemoryStore, RedisStore, Store, WrongTypeError, make_store
+from pagoda.services.transport.store import InMemoryStore, RedisStore, make_store
+from tests.polling import until
 
 NewBus = Callable[[], Awaitable[Bus]]
 QName = Callable[[str], str]
 
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"condition not met within {timeout_s}s"
-        await asyncio.sleep(0.002)
+    await until(condition, timeout_s, "the bus", interval_s=0.002)
 
 
 @pytest.fixture
@@ -53,12 +51,6 @@ async def new_bus() -> AsyncIterator[NewBus]:
 @pytest.fixture
 async def bus(new_bus: NewBus) -> Bus:
     return await new_bus()
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    async with InMemoryStore(prefix=f"pagoda-test:{uuid.uuid4().hex[:8]}:") as s:
-        yield s
 
 
 # --- bus contract --------------------------------------------------------------------------------
@@ -317,82 +309,6 @@ async def test_bus_close_is_idempotent(new_bus: NewBus, qname: QName) -> None:
     await sub.cancel()  # already cancelled by close
 
 
-# --- store contract ------------------------------------------------------------------------------
-
-
-async def test_store_set_get_delete(store: Store) -> None:
-    assert await store.get("missing") is None
-    await store.set("a", b"\x00\xff")
-    await store.set("b", "text")
-    assert await store.get("a") == b"\x00\xff" and await store.get("b") == b"text"
-    assert await store.delete("a", "b", "missing") == 2
-    assert await store.delete() == 0
-    assert await store.get("a") is None
-
-
-async def test_store_ttl_expiry(store: Store) -> None:
-    await store.set("session", b"w1", ttl_s=0.1)
-    await store.set("kept", b"x", ttl_s=0.1)
-    await store.set("kept", b"y")  # set without a TTL clears it
-    await store.hset("worker:1", {"load": "3"})
-    assert await store.expire("worker:1", 0.1) is True
-    assert await store.expire("missing", 1) is False
-    assert await store.get("session") == b"w1"
-    await asyncio.sleep(0.15)
-    assert await store.get("session") is None
-    assert await store.hgetall("worker:1") == {}
-    assert await store.get("kept") == b"y"
-    with pytest.raises(ValueError, match="ttl_s"):
-        await store.set("bad", b"x", ttl_s=0)
-
-
-async def test_store_hashes(store: Store) -> None:
-    assert await store.hgetall("worker:1") == {}
-    await store.hset("worker:1", {"running": "2", "waiting": "0"})
-    await store.hset("worker:1", {"waiting": "5", "kv_usage": "0.25"})
-    await store.hset("worker:1", {})
-    assert await store.hgetall("worker:1") == {"running": "2", "waiting": "5", "kv_usage": "0.25"}
-
-
-async def test_store_sets(store: Store) -> None:
-    assert await store.sadd("block:aa", "w1", "w2") == 2
-    assert await store.sadd("block:aa", "w2", "w3") == 1
-    assert await store.sadd("block:bb", "w1") == 1
-    assert await store.sadd("block:cc") == 0
-    assert await store.smembers("block:aa") == {"w1", "w2", "w3"}
-    assert await store.srem("block:aa", "w1", "w9") == 1
-    assert await store.srem("block:bb", "w1") == 1  # now empty, so deleted
-    assert await store.srem("missing", "w1") == 0
-    assert await store.smembers_many(["block:aa", "block:bb", "missing"]) == [{"w2", "w3"}, set(), set()]
-    assert await store.smembers_many([]) == []
-    assert await store.scan_prefix("block:") == ["block:aa"]
-
-
-async def test_store_counters(store: Store) -> None:
-    assert await store.incr("hits") == 1
-    assert await store.incr("hits", 4) == 5
-    assert await store.incr("rate:u1", ttl_s=0.2) == 1
-    await asyncio.sleep(0.1)
-    assert await store.incr("rate:u1", ttl_s=0.2) == 2  # the TTL is not extended
-    await asyncio.sleep(0.15)
-    assert await store.incr("rate:u1", ttl_s=0.2) == 1  # the window expired: a new key
-    assert await store.get("hits") == b"5"
-
-
-async def test_store_scan_prefix(store: Store) -> None:
-    await store.set("session:u1", b"w1")
-    await store.set("session:u2", b"w2", ttl_s=0.1)
-    await store.hset("worker:w1", {"load": "1"})
-    await store.sadd("block:1", "w1")
-    await store.set("a*b", b"glob")
-    await store.set("axb", b"plain")
-    assert await store.scan_prefix("session:") == ["session:u1", "session:u2"]
-    assert await store.scan_prefix("a*") == ["a*b"]  # glob characters are literal
-    await asyncio.sleep(0.15)
-    assert await store.scan_prefix("") == ["a*b", "axb", "block:1", "session:u1", "worker:w1"]
-    assert await store.scan_prefix("nothing:") == []
-
-
 # --- in-memory only ------------------------------------------------------------------------------
 
 
@@ -405,27 +321,6 @@ def test_factories_pick_the_implementation() -> None:
         make_bus("kafka://broker")
     with pytest.raises(ValueError, match="redis://"):
         make_store("postgres://db")
-
-
-async def test_inmemory_ttl_follows_the_injected_clock() -> None:
-    now = [100.0]
-    store = InMemoryStore(clock=lambda: now[0])
-    await store.set("k", b"v", ttl_s=10)
-    now[0] = 109.99
-    assert await store.get("k") == b"v"
-    now[0] = 110.0
-    assert await store.get("k") is None and await store.scan_prefix("") == []
-
-
-async def test_inmemory_store_wrong_type(store: Store) -> None:
-    await store.sadd("s", "m")
-    await store.set("text", b"abc")
-    with pytest.raises(WrongTypeError):
-        await store.get("s")
-    with pytest.raises(WrongTypeError):
-        await store.hset("s", {"f": "v"})
-    with pytest.raises(WrongTypeError):
-        await store.incr("text")
 
 
 async def test_inmemory_bus_serves_services_in_one_loop(bus: Bus, qname: QName) -> None:

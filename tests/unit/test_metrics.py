@@ -27,6 +27,7 @@ from pagoda.services.transport.messages import Queues, SamplingSpec, ScheduleReq
 from pagoda.services.transport.store import InMemoryStore
 from pagoda.services.worker.service import WorkerService
 from tests.fakes import MODEL, FakeEngine
+from tests.polling import until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -238,7 +239,11 @@ async def test_scheduler_counts_routing_decisions_and_refusals() -> None:
         s = await _wait_for(metrics, "pagoda:scheduler_rejected_total", 1, reason="no_worker")
         assert _get(s, "pagoda:scheduler_rejected_total", reason="no_worker") == 1
         await WorkerRegistry(store, 1.0).beat("w0", {"block_size": "4"})
-        await asyncio.sleep(0.06)  # the scheduler's view of the workers refreshes
+
+        async def w0_seen() -> bool:  # the scheduler's view of the workers refreshed
+            return any(state.worker_id == "w0" for state, _ in await scheduler._workers())
+
+        await until(w0_seen, 5, "the scheduler to see w0")
         for i in range(1, 4):
             await bus.publish(queues.schedule, request(i))
         routed = {"worker": "w0", "reason": "least-load"}
@@ -252,7 +257,7 @@ async def test_scheduler_counts_routing_decisions_and_refusals() -> None:
 
 def test_metrics_port_serves_the_registry() -> None:
     metrics = Metrics()
-    metrics.batcher().rejected.labels("no_worker").inc()
+    metrics.scheduler().rejected.labels("no_worker").inc()
     state = {"ready": True}
     srv = metrics.serve(0, host="127.0.0.1", ready=lambda: state["ready"])
     try:

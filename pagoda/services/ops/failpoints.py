@@ -8,10 +8,16 @@
   model's streams are still running when a test breaks something.
 - `step_error_file=/path`: while that file exists, the engine step raises (a CUDA error, say): the
   engine stops for good and the worker must hand its requests on, then exit.
+- `hold_file=/path`: while that file exists, every message the process's bus hands to a handler
+  waits before it is handled (delivered, not acked: in flight), in any role. A test kills the
+  process or restarts the broker then, and sees the message redelivered. Each held message logs
+  `failpoint: holding a message from <queue>` once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import time
@@ -19,7 +25,8 @@ from typing import Any
 
 logger = logging.getLogger("pagoda.failpoints")
 
-KNOWN = ("stall_file", "step_delay_s", "step_error_file")
+KNOWN = ("stall_file", "step_delay_s", "step_error_file", "hold_file")
+HOLD_POLL_S = 0.05
 
 
 def parse(spec: str) -> dict[str, str]:
@@ -43,9 +50,30 @@ def parse(spec: str) -> dict[str, str]:
     return points
 
 
+@functools.lru_cache(maxsize=4)
+def _parsed(spec: str) -> dict[str, str]:
+    return parse(spec)
+
+
+def active() -> dict[str, str]:
+    """The failpoints `PAGODA_FAILPOINTS` sets now (parsed once per value); raises ValueError,
+    naming the bad item, when it is malformed."""
+    return _parsed(os.environ.get("PAGODA_FAILPOINTS", ""))
+
+
+async def hold_delivery(queue: str) -> None:
+    """Waits while the `hold_file` failpoint's file exists; returns at once without one."""
+    hold_file = active().get("hold_file")
+    if hold_file is None or not os.path.exists(hold_file):
+        return
+    logger.warning("failpoint: holding a message from %s while %s exists", queue, hold_file)
+    while os.path.exists(hold_file):
+        await asyncio.sleep(HOLD_POLL_S)
+
+
 def install_failpoints(core: Any) -> None:
     """Wrap `core.step` as the environment asks (nothing when PAGODA_FAILPOINTS is unset)."""
-    points = parse(os.environ.get("PAGODA_FAILPOINTS", ""))
+    points = active()
     stall_file = points.get("stall_file")
     error_file = points.get("step_error_file")
     delay = float(points.get("step_delay_s", 0))

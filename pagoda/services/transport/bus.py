@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self
 
+from pagoda.services.ops import failpoints
+
 logger = logging.getLogger(__name__)
 
 
@@ -116,7 +118,10 @@ class Bus(ABC):
 
 
 async def _handle(queue: str, handler: Handler, message: Delivery) -> None:
+    if message.redelivered:  # after a consumer died, a connection dropped or the broker restarted
+        logger.info("queue %s: handling a redelivered message of %d bytes", queue, len(message.body))
     try:
+        await failpoints.hold_delivery(queue)
         await handler(message)
     except Exception as exc:
         logger.error(
@@ -125,7 +130,9 @@ async def _handle(queue: str, handler: Handler, message: Delivery) -> None:
 
 
 def make_bus(url: str | None) -> Bus:
-    """`memory://` or None -> InMemoryBus (a fresh broker); `amqp://` / `amqps://` -> AmqpBus."""
+    """`memory://` or None -> InMemoryBus (a fresh broker); `amqp://` / `amqps://` -> AmqpBus.
+    Raises ValueError for an unknown scheme or a malformed PAGODA_FAILPOINTS."""
+    failpoints.active()  # a malformed PAGODA_FAILPOINTS fails here, at start, not on each message
     url = url or "memory://"
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme == "memory":
