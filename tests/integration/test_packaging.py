@@ -47,7 +47,8 @@ def _locked(name: str) -> str:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(out), str(ROOT)],
         check=True, capture_output=True,
     )  # fmt: skip
     (whl,) = out.glob("pagoda-*.whl")
@@ -78,7 +79,8 @@ def test_the_wheel_installs_beside_transformers_and_hf_kernels(wheel: Path, tmp_
         check=True, capture_output=True,
     )  # fmt: skip
     # Everything else (torch, tokenizers, huggingface_hub...) from this environment, after the venv's own.
-    (purelib / "zz_rest.pth").write_text(sysconfig.get_path("purelib") + "\n" + "\n".join(site.getsitepackages()))
+    rest = [sysconfig.get_path("purelib"), *site.getsitepackages()]
+    (purelib / "zz_rest.pth").write_text("\n".join(rest) + "\n")
     for cwd in (tmp_path, ROOT):  # ROOT: a checkout on sys.path must not shadow Hugging Face's kernels
         got = subprocess.run([py, "-c", _CHECK], cwd=cwd, capture_output=True, text=True)
         assert got.returncode == 0, got.stderr[-3000:]
