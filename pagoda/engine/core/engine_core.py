@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
 from pagoda.engine.config import EngineConfig, resolve_dtype, validate_max_model_len
+from pagoda.engine.core.stats import CoreCounters, EngineCapacity, StepStats
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.loader import Checkpoint, load_checkpoint
 from pagoda.engine.loader.catalog import generation_defaults
@@ -33,31 +33,6 @@ from pagoda.engine.tokenization.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
-
-
-@dataclass(frozen=True)
-class CoreCounters:
-    """A reading of the engine core's live figures (pagoda/services/ops/metrics.py exports them)."""
-
-    num_running: int
-    num_waiting: int
-    kv_usage: float  # 0..1
-    prefix_query_tokens: int  # prefix-cache lookups, in tokens
-    prefix_hit_tokens: int
-    num_preemptions: int
-    kv_live_tokens: int = 0  # tokens stored in the KV blocks in use (a shared block once)
-    kv_used_slots: int = 0  # blocks in use x block size
-    kv_live_token_ratio: float = 0.0  # kv_live_tokens / kv_used_slots (0.0 when idle)
-    num_prefilling: int = 0  # running sequences without a first token yet
-
-
-@dataclass
-class StepStats:
-    num_scheduled_tokens: int = 0
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    num_preempted: int = 0
 
 
 class EngineCore:
@@ -119,6 +94,7 @@ class EngineCore:
                 f"({num_blocks} blocks); raise --kv-cache-memory or lower --max-model-len"
             )
         self.num_blocks = num_blocks
+        self.capacity = EngineCapacity(config.batcher.max_num_seqs, cache.block_size, num_blocks)
         eos = tuple(arch.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
         self.eos_token_ids = eos
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
@@ -214,7 +190,16 @@ class EngineCore:
             kv_used_slots=self.kv.pool.num_used_blocks * self.kv.block_size,
             kv_live_token_ratio=self.kv.live_token_ratio(),
             num_prefilling=self.batcher.num_prefilling,
+            num_free_blocks=self.kv.pool.num_free_blocks,
         )
+
+    def cached_block_hashes(self) -> list[bytes]:
+        """Every block hash in the prefix cache now (a snapshot; safe to take from another thread)."""
+        return self.kv.pool.cached_hashes()
+
+    def drain_cache_events(self) -> tuple[list[bytes], list[bytes]]:
+        """Block hashes stored in and evicted from the prefix cache since the last call (step thread)."""
+        return self.kv.pool.drain_events()
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
