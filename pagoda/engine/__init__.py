@@ -67,8 +67,6 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # looked up once
-        return value
+    if name in _EXPORTS:  # not cached here: a test that patches the defining module is obeyed
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'pagoda.engine' has no attribute {name!r}")

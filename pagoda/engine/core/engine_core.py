@@ -18,6 +18,8 @@ from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.loader import Checkpoint, load_checkpoint
 from pagoda.engine.loader.catalog import generation_defaults
 from pagoda.engine.models import build_model
+from pagoda.engine.models.arch_config import ModelArchConfig
+from pagoda.engine.models.llama import LlamaForCausalLM
 from pagoda.engine.models.quantization import quantize_linears, resolve_quantization
 from pagoda.engine.outputs import RequestOutput, TokenLogprob
 from pagoda.engine.runner.attention import get_backend
@@ -52,47 +54,9 @@ class EngineCore:
         dtype_arg = "float32" if cpu_int8 and config.dtype == "auto" else config.dtype
         self.dtype = resolve_dtype(dtype_arg, self.device, None)
         self.max_model_len = validate_max_model_len(config.max_model_len, arch.max_position_embeddings)
-        t0 = time.perf_counter()
-        with torch.device("meta"):
-            model = build_model(arch, self.max_model_len)
-        model = model.to_empty(device=self.device)
-        if arch.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        model.load_weights(ckpt.weights())
-        self.model = model.to(self.dtype).eval()
-        packed = 0
-        if self.quantization != "none":
-            quantize_linears(self.model, self.quantization)
-        elif self.device.type == "cpu" and self.dtype == torch.bfloat16 and onednn_bf16_available():
-            packed = pack_linears(self.model)
-        logger.info(
-            "loaded %s (%s, %d layers) as %s%s%s on %s in %.1fs",
-            self.model_name,
-            arch.architecture,
-            arch.num_layers,
-            self.dtype,
-            f" with {self.quantization} linears" if self.quantization != "none" else "",
-            f" ({packed} linears packed for oneDNN)" if packed else "",
-            self.device,
-            time.perf_counter() - t0,
-        )
+        self.model = self._load_model(ckpt)
+        num_blocks, per_block = self._size_kv_cache(arch)
         cache = config.cache
-        per_block = kv_bytes_per_block(
-            arch.num_layers, cache.block_size, arch.num_kv_heads, arch.head_dim, self.dtype
-        )
-        num_blocks = cache.num_blocks_override or self._kv_budget() // per_block
-        if num_blocks < 1:
-            raise ValueError(
-                f"the KV cache does not fit: one block takes {per_block} bytes and "
-                f"{self._kv_budget()} bytes are available; raise --kv-cache-memory or "
-                f"--gpu-memory-utilization, or use a smaller model"
-            )
-        capacity = num_blocks * cache.block_size
-        if cache.num_blocks_override is None and capacity < self.max_model_len:
-            raise ValueError(
-                f"max_model_len {self.max_model_len} exceeds the {capacity} tokens the KV cache holds "
-                f"({num_blocks} blocks); raise --kv-cache-memory or lower --max-model-len"
-            )
         self.num_blocks = num_blocks
         self.capacity = EngineCapacity(config.batcher.max_num_seqs, cache.block_size, num_blocks)
         eos = tuple(arch.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
@@ -120,6 +84,58 @@ class EngineCore:
         )
         self._children: dict[str, list[str]] = {}  # parent id -> child sequence ids
         self.last_stats = StepStats()
+
+    def _load_model(self, ckpt: Checkpoint) -> LlamaForCausalLM:
+        """The checkpoint's model on this core's device and dtype, quantized or packed for oneDNN
+        as configured."""
+        arch = ckpt.arch
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            model = build_model(arch, self.max_model_len)
+        model = model.to_empty(device=self.device)
+        if arch.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.load_weights(ckpt.weights())
+        model = model.to(self.dtype).eval()
+        packed = 0
+        if self.quantization != "none":
+            quantize_linears(model, self.quantization)
+        elif self.device.type == "cpu" and self.dtype == torch.bfloat16 and onednn_bf16_available():
+            packed = pack_linears(model)
+        logger.info(
+            "loaded %s (%s, %d layers) as %s%s%s on %s in %.1fs",
+            self.model_name,
+            arch.architecture,
+            arch.num_layers,
+            self.dtype,
+            f" with {self.quantization} linears" if self.quantization != "none" else "",
+            f" ({packed} linears packed for oneDNN)" if packed else "",
+            self.device,
+            time.perf_counter() - t0,
+        )
+        return model
+
+    def _size_kv_cache(self, arch: ModelArchConfig) -> tuple[int, int]:
+        """(KV blocks, bytes per block): what the memory budget holds, or the override. Raises
+        ValueError, saying what to change, when not one block fits or a whole context does not."""
+        cache = self.config.cache
+        per_block = kv_bytes_per_block(
+            arch.num_layers, cache.block_size, arch.num_kv_heads, arch.head_dim, self.dtype
+        )
+        num_blocks = cache.num_blocks_override or self._kv_budget() // per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"the KV cache does not fit: one block takes {per_block} bytes and "
+                f"{self._kv_budget()} bytes are available; raise --kv-cache-memory or "
+                f"--gpu-memory-utilization, or use a smaller model"
+            )
+        capacity = num_blocks * cache.block_size
+        if cache.num_blocks_override is None and capacity < self.max_model_len:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the {capacity} tokens the KV cache holds "
+                f"({num_blocks} blocks); raise --kv-cache-memory or lower --max-model-len"
+            )
+        return num_blocks, per_block
 
     def _kv_budget(self) -> int:
         cache = self.config.cache
