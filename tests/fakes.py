@@ -6,12 +6,16 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from pagoda.engine.core.engine_core import CoreCounters, StepStats
+from pagoda.engine.core.stats import CoreCounters, EngineCapacity
 from pagoda.engine.outputs import RequestOutput, TokenLogprob
 from pagoda.engine.sampling.params import SamplingParams
+from pagoda.services.gateway.frontend import LocalFrontend
+from pagoda.services.transport.messages import WorkerHeartbeat
+
+if TYPE_CHECKING:
+    from pagoda.engine import AsyncEngine
 
 BOS, EOS, EOT = 256, 257, 258
 _SPECIAL = {BOS: "<s>", EOS: "</s>", EOT: "<|eot|>"}
@@ -61,14 +65,16 @@ SCRIPT = "Hello world! Ça va? 🙂 The end. "
 
 
 class FakeEngine:
-    """Choice i emits SCRIPT's bytes then EOS, one token a step, its first byte replaced by
-    chr(ord('A') + i) when i > 0 (so choices differ). Records requests, aborts and early closes."""
+    """What LocalFrontend uses of an AsyncEngine. Choice i emits SCRIPT's bytes then EOS, one
+    token a step, its first byte replaced by chr(ord('A') + i) when i > 0 (so choices differ).
+    Records requests, aborts and early closes."""
 
     model_name = MODEL
     max_model_len = 256
 
     def __init__(self, step_delay: float = 0.0, script: str = SCRIPT) -> None:
         self.tokenizer = FakeTokenizer()
+        self.default_sampling: dict[str, float] = {}
         self.step_delay = step_delay
         self.script = script
         self.requests: list[tuple[str, list[int], SamplingParams, int, str | None]] = []
@@ -161,8 +167,9 @@ class SlotSeq:
 
 class SlotEngine:
     """What WorkerService needs of an AsyncEngine: `slots` sequences run at once, one token a
-    tick each, the rest wait in order. No model. While `paused`, waiting sequences still take free
-    slots but none makes progress (a test holds requests in flight without racing the clock)."""
+    tick each, the rest wait in order. No model, no KV cache. While `paused`, waiting sequences
+    still take free slots but none makes progress (a test holds requests in flight without racing
+    the clock)."""
 
     model_name = "fake-model"
 
@@ -176,27 +183,25 @@ class SlotEngine:
         self.steps = 0
         self.prefilling = 0  # what counters() reports as num_prefilling (a test sets it)
         self.paused = False
-        sched = SimpleNamespace(max_num_seqs=slots)
-        self.core = SimpleNamespace(
-            config=SimpleNamespace(batcher=sched, cache=SimpleNamespace(block_size=16)),
-            batcher=self,
-            last_stats=StepStats(),
-            kv=SimpleNamespace(
-                usage=lambda: 0.0, pool=SimpleNamespace(num_free_blocks=100, cached_hashes=list)
-            ),
-            has_unfinished=lambda: bool(self.running or self.waiting),
-            counters=lambda: CoreCounters(
-                num_running=self.num_running,
-                num_waiting=self.num_waiting,
-                kv_usage=0.0,
-                prefix_query_tokens=0,
-                prefix_hit_tokens=0,
-                num_preemptions=0,
-                num_prefilling=self.prefilling,
-            ),
-            num_blocks=100,
-            model_name=self.model_name,
+        self.capacity = EngineCapacity(max_num_seqs=slots, block_size=16, num_blocks=100)
+
+    def counters(self) -> CoreCounters:
+        return CoreCounters(
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            kv_usage=0.0,
+            prefix_query_tokens=0,
+            prefix_hit_tokens=0,
+            num_preemptions=0,
+            num_prefilling=self.prefilling,
+            num_free_blocks=100,
         )
+
+    def cached_block_hashes(self) -> list[bytes]:
+        return []
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
 
     @property
     def num_running(self) -> int:
@@ -228,7 +233,6 @@ class SlotEngine:
             await asyncio.sleep(TICK_S)
             while self.waiting and len(self.running) < self.slots:
                 self.running.append(self.waiting.pop(0))
-            self.core.last_stats = StepStats(num_running=len(self.running), num_waiting=len(self.waiting))
             if self.paused:
                 continue
             outs = []
@@ -242,3 +246,18 @@ class SlotEngine:
             if outs and self.sink is not None:
                 self.steps += 1
                 self.sink(outs, [], [])
+
+
+def local_frontend(engine: FakeEngine) -> LocalFrontend:
+    """The server's Frontend over a FakeEngine, which stands in for an AsyncEngine."""
+    return LocalFrontend(cast("AsyncEngine", engine))
+
+
+def heartbeat(worker_id: str, **figures: Any) -> WorkerHeartbeat:
+    """An idle, ready worker's heartbeat, with `figures` in place of its defaults."""
+    idle: dict[str, Any] = {
+        "state": "ready", "model": MODEL, "num_running": 0, "num_waiting": 0, "kv_usage": 0.0,
+        "kv_live_tokens": 0, "kv_live_token_ratio": 0.0, "max_num_seqs": 256, "block_size": 16,
+        "num_blocks": 100, "num_free_blocks": 100, "steps": 0,
+    }  # fmt: skip
+    return WorkerHeartbeat(worker_id=worker_id, **{**idle, **figures})

@@ -21,10 +21,10 @@ import schemathesis
 from pagoda.services.gateway.limits import RequestLimits
 from pagoda.services.gateway.server import build_app
 from tests.api_fuzz import INVALID, VALID, case_ids, fuzz, request_kwargs
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, local_frontend
 
 # FakeEngine's context is 256 tokens; small limits keep every case quick to answer
-APP = build_app(cast(Any, FakeEngine(script="Hi. ")), limits=RequestLimits(max_n=4, max_tokens=8))
+APP = build_app(local_frontend(FakeEngine(script="Hi. ")), limits=RequestLimits(max_n=4, max_tokens=8))
 SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", APP)
 SCALE = float(os.environ.get("PAGODA_FUZZ_SCALE", "1"))
 # (path, method, mode, examples): about 2,400 cases, 33 s of CPU for the file (16 s for the 1,200

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, cast
 
 import httpx
 import pytest
 
 from pagoda.services.gateway.auth import key_id, load_api_keys
 from pagoda.services.gateway.server import build_app
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, local_frontend
 
 
 def test_keys_from_flags_file_and_env(tmp_path: Path) -> None:
@@ -41,7 +40,7 @@ def test_key_id_hides_the_key() -> None:
 
 async def test_every_key_works_and_none_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     keys = ["alpha-key-0001", "bravo-key-0002", "charlie-key-03"]
-    app = build_app(cast(Any, FakeEngine()), api_keys=keys)
+    app = build_app(local_frontend(FakeEngine()), api_keys=keys)
     caplog.set_level(logging.DEBUG)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         for key in keys:

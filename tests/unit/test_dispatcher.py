@@ -17,6 +17,7 @@ from pagoda.services.transport.messages import (
     encode,
 )
 from pagoda.services.transport.store import InMemoryStore
+from tests.fakes import heartbeat
 
 
 class SlowStore(InMemoryStore):
@@ -32,9 +33,7 @@ async def test_a_burst_of_requests_spreads_over_idle_workers() -> None:
     registry = WorkerRegistry(store, heartbeat_s=10.0)
     got: dict[str, list[str]] = {"a": [], "b": []}
     for wid in got:
-        await registry.beat(
-            wid, {"num_running": "0", "num_waiting": "0", "kv_usage": "0", "max_num_seqs": "4"}
-        )
+        await registry.beat(heartbeat(wid, max_num_seqs=4))
         await bus.declare_work_queue(queues.worker(wid))
 
         async def take(message: object, wid: str = wid) -> None:

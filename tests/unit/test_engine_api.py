@@ -11,6 +11,8 @@ import pytest
 from pagoda.engine.config import CacheConfig, EngineConfig
 from pagoda.engine.core.async_engine import AsyncEngine
 from pagoda.engine.core.engine_core import EngineCore
+from pagoda.engine.core.stats import EngineCapacity
+from pagoda.engine.kv.block_hash import hash_full_blocks
 from pagoda.engine.llm import LLM, make_engine_config
 from pagoda.engine.loader import ModelLoadError, load_checkpoint
 from pagoda.engine.sampling.params import SamplingParams
@@ -62,6 +64,23 @@ def test_n_children_share_prompt_blocks(llm: LLM) -> None:
     assert core.kv.pool.ref_cnt[tables[0][0]] == 3
     while core.has_unfinished():
         core.step()
+
+
+def test_the_core_reports_capacity_free_blocks_and_cached_hashes(core: EngineCore) -> None:
+    """What a worker heartbeats and publishes, asked of the core (not of its KV cache)."""
+    assert core.capacity == EngineCapacity(core.config.batcher.max_num_seqs, 16, core.num_blocks)
+    core.drain_cache_events()
+    prompt = list(range(2000, 2040))  # 2 full blocks of 16, and 8 tokens
+    core.add_request("cap", prompt, SamplingParams(max_tokens=2))
+    core.step()
+    assert core.counters().num_free_blocks == core.num_blocks - 3  # the request holds 3 blocks
+    while core.has_unfinished():
+        core.step()
+    full = hash_full_blocks(prompt, 16)
+    stored, _ = core.drain_cache_events()
+    assert set(full) <= set(stored) and set(full) <= set(core.cached_block_hashes())
+    assert core.drain_cache_events() == ([], [])  # drained
+    assert core.counters().num_free_blocks == core.num_blocks  # cached blocks are free to evict
 
 
 def test_logprobs_and_stop_token_ids(llm: LLM) -> None:

@@ -181,7 +181,7 @@ async def test_a_request_routed_as_an_idle_worker_drains_is_not_stranded(tiny: P
     async with stack(tiny) as s:
         w0 = s.workers[0]
         stale = await s.scheduler._workers()
-        assert {st.worker_id for st, _ in stale} == {"w0", "w1"}
+        assert {w.worker_id for w in stale} == {"w0", "w1"}
         fresh = s.scheduler._workers
         announced = asyncio.Event()
         announced_at = 0.0
@@ -216,7 +216,7 @@ async def test_a_request_routed_to_a_worker_that_left_is_routed_again(tiny: Path
     async with stack(tiny) as s:
         w0 = s.workers[0]
         stale = await s.scheduler._workers()
-        assert {st.worker_id for st, _ in stale} == {"w0", "w1"}
+        assert {w.worker_id for w in stale} == {"w0", "w1"}
         await w0.drain(10.0)
         await w0.stop()
         assert w0.queue not in s.bus.broker.queues, "w0 kept its queue"
@@ -308,8 +308,8 @@ async def test_heartbeat_counts_running_requests_live_after_an_abort(tiny: Path)
         await w.engine.abort("r-abort")
         await until(lambda: not w._inflight, 2, "the aborted request to leave the worker")
         await w._beat()
-        (figures,) = [f for st, f in await w.registry.alive() if st.worker_id == "w0"]
-        assert figures["num_running"] == "0" and figures["num_waiting"] == "0", figures
+        (beat,) = [b for b in await w.registry.alive() if b.worker_id == "w0"]
+        assert beat.num_running == 0 and beat.num_waiting == 0, beat
 
 
 async def test_a_sink_error_stops_the_engine_and_its_requests_move(tiny: Path) -> None:

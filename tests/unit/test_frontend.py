@@ -1,4 +1,5 @@
-"""PromptProcessor (chat template, tokenization, vLLM's prompt checks) and LocalFrontend."""
+"""PromptProcessor (chat template, tokenization, vLLM's prompt checks) and LocalFrontend, over a
+fake engine and over a real AsyncEngine (simulated core)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,16 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
+from pagoda.engine import AsyncEngine, SimConfig, SimCore
 from pagoda.engine.sampling.params import SamplingParams
-from pagoda.services.gateway.frontend import LocalFrontend, as_frontend
+from pagoda.services.gateway.frontend import LocalFrontend
 from pagoda.services.tokenizer.prompts import PromptProcessor
 from pagoda.services.transport.errors import APIError
 from pagoda.services.transport.messages import PromptInput
-from tests.fakes import BOS, EOS, FakeEngine, FakeTokenizer
-from tests.unit.test_openai_server import FakeFrontend
+from tests.fakes import BOS, EOS, FakeEngine, FakeTokenizer, local_frontend
 
 if TYPE_CHECKING:
-    from pagoda.engine.core.client import EngineClient
     from pagoda.engine.tokenization.tokenizer import Tokenizer
-    from pagoda.services.gateway.frontend import Frontend
 
 MAX_LEN = 64
 
@@ -105,7 +104,7 @@ def test_out_of_vocabulary(
 
 async def test_local_frontend_submits_checked_ids() -> None:
     engine = FakeEngine()
-    front = LocalFrontend(cast("EngineClient", engine))
+    front = local_frontend(engine)
     assert (front.model_name, front.max_model_len, front.default_sampling) == ("fake-model", 256, {})
     assert front.is_ready()
     params = SamplingParams(max_tokens=2)
@@ -121,7 +120,28 @@ async def test_local_frontend_submits_checked_ids() -> None:
     assert engine.aborted == {"r3"}
 
 
-def test_as_frontend_wraps_engines_only() -> None:
-    assert isinstance(as_frontend(cast("EngineClient", FakeEngine())), LocalFrontend)
-    front = FakeFrontend()
-    assert as_frontend(cast("Frontend", front)) is front
+async def test_local_frontend_over_an_async_engine_streams_then_answers_503_once_it_died() -> None:
+    core = SimCore(cast("Tokenizer", FakeTokenizer()), "sim", MAX_LEN, SimConfig(step_ms=0.0))
+    engine = AsyncEngine(core)
+    front = LocalFrontend(engine)
+    try:
+        sub = await front.submit("a", PromptInput(text="hi"), SamplingParams(max_tokens=3, n=2))
+        outs = [o async for o in sub.outputs]
+        assert sorted((o.index, o.num_output_tokens) for o in outs if o.finished) == [(0, 3), (1, 3)]
+        with pytest.raises(APIError) as info:  # a prompt the model cannot take
+            await front.submit("b", PromptInput(token_ids=[10**6]), SamplingParams())
+        assert info.value.status == 400 and "out of vocabulary" in info.value.message
+
+        def broken() -> Any:
+            raise RuntimeError("device lost")
+
+        core.step = broken  # type: ignore[method-assign]
+        sub = await front.submit("c", PromptInput(text="hi"), SamplingParams(max_tokens=3))
+        with pytest.raises(RuntimeError, match="engine step failed: device lost"):
+            await anext(aiter(sub.outputs))
+        assert not front.is_ready()
+        with pytest.raises(APIError) as info:
+            await front.submit("d", PromptInput(text="hi"), SamplingParams())
+        assert info.value.status == 503 and "device lost" in info.value.message
+    finally:
+        await engine.shutdown()

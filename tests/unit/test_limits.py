@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import pytest
@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 
 from pagoda.services.gateway.limits import RequestLimits, json_depth
 from pagoda.services.gateway.server import build_app
-from tests.fakes import BOS, EOS, EOT, FakeEngine
+from tests.fakes import BOS, EOS, EOT, FakeEngine, local_frontend
 
 LIMITS = RequestLimits(max_body_bytes=4096, max_json_depth=8, max_n=4, max_stop=3, max_logit_bias=5)
 
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    app = build_app(cast(Any, FakeEngine()), limits=LIMITS)
+    app = build_app(local_frontend(FakeEngine()), limits=LIMITS)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         yield c
 
@@ -100,7 +100,7 @@ async def test_a_prompt_of_only_special_tokens_is_answered(client: httpx.AsyncCl
 
 
 async def test_limits_are_configurable() -> None:
-    app = build_app(cast(Any, FakeEngine()), limits=RequestLimits(max_tokens=8))
+    app = build_app(local_frontend(FakeEngine()), limits=RequestLimits(max_tokens=8))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         _error(await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 9}), 400, "max_tokens")
         assert (await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 8})).status_code == 200

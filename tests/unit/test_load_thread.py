@@ -43,8 +43,7 @@ def test_services_build_the_engine_core_off_the_main_thread(monkeypatch: pytest.
         def __init__(self, config: Any) -> None:
             built_in.append(threading.current_thread().name)
 
-    monkeypatch.setattr(engine_core, "EngineCore", FakeCore)
-    monkeypatch.setattr(async_engine, "EngineCore", FakeCore)
+    monkeypatch.setattr(engine_core, "EngineCore", FakeCore)  # what pagoda.engine and from_config serve
     monkeypatch.setattr("pagoda.engine.llm.make_engine_config", lambda *a, **k: object())
     monkeypatch.setattr("pagoda.services.cli.launch.engine_kwargs", lambda args: {})
     monkeypatch.setattr("pagoda.services.ops.failpoints.install_failpoints", lambda core: None)

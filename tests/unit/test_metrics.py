@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from types import SimpleNamespace
 from typing import Any, cast
 
 import httpx
@@ -13,7 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagoda.engine.config import BatcherConfig
-from pagoda.engine.core.engine_core import CoreCounters, EngineCore, StepStats
+from pagoda.engine.core.engine_core import EngineCore
+from pagoda.engine.core.stats import CoreCounters, EngineCapacity
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.scheduling.batcher import Batcher
@@ -26,7 +26,7 @@ from pagoda.services.transport.bus_memory import InMemoryBus
 from pagoda.services.transport.messages import Queues, SamplingSpec, ScheduleRequest, encode
 from pagoda.services.transport.store import InMemoryStore
 from pagoda.services.worker.service import WorkerService
-from tests.fakes import MODEL, FakeEngine
+from tests.fakes import MODEL, FakeEngine, heartbeat, local_frontend
 from tests.polling import until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -56,7 +56,7 @@ async def _wait_for(metrics: Metrics, name: str, value: float, **labels: str) ->
 
 
 def _app(engine: FakeEngine, **kw: Any) -> Any:
-    return build_app(cast("Any", engine), **kw)
+    return build_app(local_frontend(engine), **kw)
 
 
 async def _usage_of_stream(resp: httpx.Response) -> dict[str, int]:
@@ -149,7 +149,7 @@ def _core_without_model(num_blocks: int = 4) -> EngineCore:
 
 def test_engine_core_counters_read_the_scheduler_and_cache() -> None:
     core = _core_without_model()
-    assert core.counters() == CoreCounters(0, 0, 0.0, 0, 0, 0)
+    assert core.counters() == CoreCounters(0, 0, 0.0, 0, 0, 0, num_free_blocks=4)
     for i in range(3):
         prompt = list(range(10 * i + 1, 10 * i + 7))  # distinct: no prefix-cache sharing
         core.batcher.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=4)))
@@ -160,17 +160,23 @@ def test_engine_core_counters_read_the_scheduler_and_cache() -> None:
 
 
 class _FakeAsyncEngine:
-    """What WorkerService needs of an AsyncEngine, over a model-less core."""
+    """What WorkerService needs of an AsyncEngine, over a model-less core (never stepped)."""
 
     def __init__(self, core: EngineCore) -> None:
-        core.config = cast("Any", SimpleNamespace(batcher=SimpleNamespace(max_num_seqs=8),
-                                                  cache=SimpleNamespace(block_size=4)))  # fmt: skip
-        core.num_blocks = 4
-        core.last_stats = StepStats()
         self.core = core
         self.model_name = core.model_name
+        self.capacity = EngineCapacity(max_num_seqs=8, block_size=4, num_blocks=4)
         self.dead_reason = None
         self.steps = 0
+
+    def counters(self) -> CoreCounters:
+        return self.core.counters()
+
+    def cached_block_hashes(self) -> list[bytes]:
+        return self.core.cached_block_hashes()
+
+    def has_unfinished(self) -> bool:
+        return self.core.has_unfinished()
 
     @property
     def num_waiting(self) -> int:
@@ -238,10 +244,10 @@ async def test_scheduler_counts_routing_decisions_and_refusals() -> None:
         await bus.publish(queues.schedule, request(0))  # no worker yet: refused
         s = await _wait_for(metrics, "pagoda:scheduler_rejected_total", 1, reason="no_worker")
         assert _get(s, "pagoda:scheduler_rejected_total", reason="no_worker") == 1
-        await WorkerRegistry(store, 1.0).beat("w0", {"block_size": "4"})
+        await WorkerRegistry(store, 1.0).beat(heartbeat("w0", block_size=4))
 
         async def w0_seen() -> bool:  # the scheduler's view of the workers refreshed
-            return any(state.worker_id == "w0" for state, _ in await scheduler._workers())
+            return any(beat.worker_id == "w0" for beat in await scheduler._workers())
 
         await until(w0_seen, 5, "the scheduler to see w0")
         for i in range(1, 4):

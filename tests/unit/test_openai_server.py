@@ -23,14 +23,13 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from starlette.types import Message
 
-    from pagoda.engine.core.client import EngineClient
     from pagoda.services.gateway.frontend import Frontend
 
-from tests.fakes import BOS, MODEL, SCRIPT, FakeEngine, FakeTokenizer
+from tests.fakes import BOS, MODEL, SCRIPT, FakeEngine, FakeTokenizer, local_frontend
 
 
 def _app(engine: FakeEngine, **kwargs: Any) -> FastAPI:
-    return build_app(cast("EngineClient", engine), **kwargs)
+    return build_app(local_frontend(engine), **kwargs)
 
 
 def _sdk(app: FastAPI, api_key: str = "x") -> openai.AsyncOpenAI:

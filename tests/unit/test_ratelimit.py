@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 import httpx
 import pytest
 
@@ -13,7 +11,7 @@ from pagoda.services.gateway.server import build_app
 from pagoda.services.transport.errors import APIError
 from pagoda.services.transport.messages import PromptInput
 from pagoda.services.transport.store import InMemoryStore
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, local_frontend
 
 
 class Clock:
@@ -69,7 +67,7 @@ def test_estimate_counts_prompt_and_completion() -> None:
 
 async def test_the_api_answers_429_with_retry_after_per_key() -> None:
     limiter = RateLimiter(InMemoryStore(), RateLimits(requests_per_minute=2))
-    app = build_app(cast(Any, FakeEngine()), rate_limiter=limiter)
+    app = build_app(local_frontend(FakeEngine()), rate_limiter=limiter)
     body = {"prompt": "x", "max_tokens": 2}
     alice, bob = {"Authorization": "Bearer alice"}, {"Authorization": "Bearer bob"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:

@@ -1,5 +1,6 @@
 """The simulated engine core: tokens per step, max_tokens, stop ids, EOS, n, abort, determinism,
-its modeled step time, and the worker path through AsyncEngine."""
+its modeled step time and capacity; AsyncEngine's one output path (the step sink, and the
+per-request streams built on it) over it."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from typing import Any
 import pytest
 
 from pagoda.engine.core.async_engine import AsyncEngine
+from pagoda.engine.core.request_streams import RequestStreams
 from pagoda.engine.core.sim_core import SimConfig, SimCore, word_token_ids
+from pagoda.engine.core.stats import EngineCapacity
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.tokenization.tokenizer import Tokenizer
+from tests.polling import until
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +122,81 @@ async def test_async_engine_streams_a_sim_core(tokenizer: Tokenizer) -> None:
         await engine.shutdown()
     assert sum(len(o.new_token_ids) for o in got) == 7
     assert got[-1].finished and got[-1].num_output_tokens == 7
+
+
+def test_sim_core_reports_its_capacity_and_caches_no_blocks(tokenizer: Tokenizer) -> None:
+    core = _core(tokenizer, max_batch=7, block_size=32)
+    assert core.capacity == EngineCapacity(max_num_seqs=7, block_size=32, num_blocks=0)
+    core.add_request("a", list(range(1, 100)), SamplingParams(max_tokens=2))
+    _run(core)
+    assert core.cached_block_hashes() == [] and core.drain_cache_events() == ([], [])
+    assert core.counters().num_free_blocks == 0 and not hasattr(core, "kv")  # no stand-in KV manager
+    with pytest.raises(ValueError, match="block_size must be at least 1, got 0"):
+        SimConfig(block_size=0)
+
+
+# -- AsyncEngine's one output path ------------------------------------------------------------
+async def test_an_engine_has_one_sink_either_the_caller_s_or_the_streams(tokenizer: Tokenizer) -> None:
+    params = SamplingParams(max_tokens=2)
+    worker_like = AsyncEngine(_core(tokenizer, step_ms=1.0))
+    with pytest.raises(RuntimeError, match="set_sink"):  # its outputs would go nowhere
+        worker_like.submit("a", [1], params)
+    steps: list[list[str]] = []
+    worker_like.set_sink(lambda outs, stored, evicted: steps.append([o.request_id for o in outs]))
+    streaming = AsyncEngine(_core(tokenizer, step_ms=1.0))
+    try:
+        worker_like.submit("a", [1], params)
+        with pytest.raises(RuntimeError, match="use submit"):
+            worker_like.add_request("b", [1], params)
+        assert [o.num_output_tokens async for o in streaming.add_request("c", [1], params)] == [1, 2]
+        with pytest.raises(RuntimeError, match="streams per request"):
+            streaming.set_sink(lambda *a: None)
+        await until(lambda: len(steps) == 2, 5, "both steps of a at the sink")
+        assert steps == [["a"], ["a"]]
+    finally:
+        await worker_like.shutdown()
+        await streaming.shutdown()
+
+
+async def test_closing_a_stream_early_aborts_its_request(tokenizer: Tokenizer) -> None:
+    core = _core(tokenizer, step_ms=1.0)
+    engine = AsyncEngine(core)
+    try:
+        stream = engine.add_request("long", [1], SamplingParams(max_tokens=200))
+        assert (await anext(aiter(stream))).num_output_tokens == 1
+        await stream.aclose()  # type: ignore[attr-defined]
+        await until(lambda: not core.has_unfinished(), 5, "the abort to reach the core")
+        with pytest.raises(ValueError, match="out of vocabulary"):  # checked before it is queued
+            engine.add_request("oov", [10**7], SamplingParams())
+        again = [o async for o in engine.add_request("long", [1], SamplingParams(max_tokens=2))]
+        assert [o.num_output_tokens for o in again] == [1, 2]  # the id is free again
+    finally:
+        await engine.shutdown()
+
+
+def _out(rid: str, index: int = 0, finished: bool = False) -> RequestOutput:
+    return RequestOutput(
+        rid, [5], index, 1, 0, 1, finished=finished, finish_reason="length" if finished else None
+    )
+
+
+async def test_request_streams_route_outputs_and_abort_only_what_runs() -> None:
+    aborted: list[str] = []
+    streams = RequestStreams(aborted.append)
+    ids = {"done": 1, "left": 2, "no": 1, "x": 1}  # id -> choices
+    done, left, refused, orphan = (streams.open(rid, n) for rid, n in ids.items())
+    with pytest.raises(ValueError, match="'done' is already running"):
+        streams.reserve("done")
+    streams.on_step([_out("left", 0), _out("done", finished=True), _out("gone")], [b"h"], [])
+    assert [o.request_id async for o in done] == ["done"]  # one choice, finished: the stream ends
+    assert (await anext(left)).index == 0
+    await left.aclose()  # type: ignore[attr-defined]
+    streams.on_reject("no", ValueError("request id 'no' is already running"))
+    with pytest.raises(ValueError, match="already running"):
+        await anext(refused)
+    streams.on_dead(RuntimeError("engine step failed"))
+    with pytest.raises(RuntimeError, match="engine step failed"):
+        await anext(orphan)
+    assert aborted == ["left"]  # not the finished, the refused (never taken in) or the dead engine's
+    for rid in ids:  # every id is free again
+        streams.reserve(rid)

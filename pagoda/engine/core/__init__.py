@@ -1,2 +1,3 @@
 """The engine core (model, KV cache, batcher and runner, stepped synchronously), its asyncio
-wrapper, the simulated core, and the client protocol front ends use."""
+wrapper with its one output path (the step sink, and per-request streams built on it), the
+simulated core, and what a core reports (capacity, counters)."""

@@ -1,7 +1,10 @@
 """AsyncEngine: the engine core stepped in its own thread, fed and drained from asyncio.
 
-The caller's event loop never runs a model step. `add_request` returns an async iterator of
-RequestOutput deltas; leaving it early aborts the request (its blocks are freed next step).
+The caller's event loop never runs a model step. Outputs take one path: after every step the
+thread hands them to the engine's one step sink, on the event loop that set it. A worker sets its
+own sink (`set_sink`) and feeds requests with `submit`; `add_request` installs `RequestStreams` as
+the sink instead and returns an async iterator of one request's RequestOutput deltas (leaving it
+early aborts the request; its blocks are freed next step).
 """
 
 from __future__ import annotations
@@ -11,16 +14,18 @@ import logging
 import queue
 import sys
 import threading
-from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from pagoda.engine.config import EngineConfig
-from pagoda.engine.core.engine_core import CoreCounters, EngineCore, StepStats
-from pagoda.engine.kv.kv_cache_manager import KVCacheManager
+from pagoda.engine.core.request_streams import RequestStreams
+from pagoda.engine.core.stats import CoreCounters, EngineCapacity, StepStats
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.tokenization.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the model code (torch) loads only when a real core is built
+    from pagoda.engine.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +38,28 @@ class EngineDeadError(RuntimeError):
 StepSink = Callable[[list[RequestOutput], list[bytes], list[bytes]], None]
 # Called on the sink's event loop when the step thread refuses a submitted request: (id, why).
 RejectSink = Callable[[str, ValueError], None]
+# Called on the sink's event loop once, when the step thread died: no output follows.
+DeadSink = Callable[[BaseException], None]
+
+
+@dataclass(frozen=True)
+class _Sink:
+    loop: asyncio.AbstractEventLoop
+    on_step: StepSink
+    on_reject: RejectSink | None
+    on_dead: DeadSink | None
 
 
 class StepCore(Protocol):
-    """What AsyncEngine and the worker use of a core: `EngineCore`, or `SimCore` (no model). All
-    methods run on the step thread; `counters()` and the attributes are also read from others."""
+    """What AsyncEngine uses of a core: `EngineCore`, or `SimCore` (no model). All methods run on
+    the step thread, except `counters()` and `cached_block_hashes()` (snapshots, safe from any
+    thread); the attributes are read from others too."""
 
     model_name: str
     max_model_len: int
     tokenizer: Tokenizer
     default_sampling: dict[str, float]
-    config: EngineConfig
-    kv: KVCacheManager
-    num_blocks: int
+    capacity: EngineCapacity
     last_stats: StepStats
 
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
@@ -68,6 +82,10 @@ class StepCore(Protocol):
     def step(self) -> list[RequestOutput]: ...
 
     def counters(self) -> CoreCounters: ...
+
+    def cached_block_hashes(self) -> list[bytes]: ...
+
+    def drain_cache_events(self) -> tuple[list[bytes], list[bytes]]: ...
 
 
 T = TypeVar("T")
@@ -104,26 +122,30 @@ def build_off_main_thread(build: Callable[[], T]) -> T:
 
 
 class AsyncEngine:
+    """A `StepCore` stepped in a thread of its own. Every method runs on the caller's event loop
+    (the one that set the sink); only the core's own methods run on the step thread."""
+
     def __init__(self, core: StepCore) -> None:
         self.core = core
         self.model_name = core.model_name
         self.max_model_len = core.max_model_len
         self.tokenizer = core.tokenizer
         self.default_sampling = core.default_sampling
+        self.capacity = core.capacity
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
-        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dead: BaseException | None = None
-        self._sink: tuple[asyncio.AbstractEventLoop, StepSink] | None = None
-        self._reject: RejectSink | None = None
+        self._sink: _Sink | None = None
         self._sink_failed = False
+        self._streams: RequestStreams | None = None  # the sink, once add_request was called
         self.steps = 0
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        from pagoda.engine.core.engine_core import EngineCore
+
         return cls(build_off_main_thread(lambda: EngineCore(config)))
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -147,12 +169,16 @@ class AsyncEngine:
     def is_ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._dead is None
 
-    def set_sink(self, sink: StepSink, reject: RejectSink | None = None) -> None:
-        """Send every step's outputs (and prefix-cache events) to `sink` on the caller's loop,
-        instead of per-request iterators: how a worker publishes one message per gateway. A
-        submitted request that the core refuses when it takes it in goes to `reject`."""
-        self._sink = (asyncio.get_running_loop(), sink)
-        self._reject = reject
+    def set_sink(
+        self, on_step: StepSink, on_reject: RejectSink | None = None, on_dead: DeadSink | None = None
+    ) -> None:
+        """Deliver every step's outputs (and prefix-cache events) to `on_step` on the caller's
+        loop: how a worker publishes one message per gateway. A submitted request the core refuses
+        when it takes it in goes to `on_reject`; the step thread's death to `on_dead`. Replaces an
+        earlier sink, except the per-request streams of `add_request` (a RuntimeError)."""
+        if self._streams is not None:
+            raise RuntimeError("this engine streams per request (add_request); it takes no other sink")
+        self._sink = _Sink(asyncio.get_running_loop(), on_step, on_reject, on_dead)
 
     def submit(
         self,
@@ -163,13 +189,59 @@ class AsyncEngine:
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> None:
-        """Add a request whose outputs go to the sink. Raises ValueError for a bad request."""
+        """Add a request whose outputs go to the sink. Raises ValueError for a bad request,
+        EngineDeadError once the step thread died."""
+        if self._sink is None:
+            raise RuntimeError("set_sink (or use add_request) before submitting: the outputs would be lost")
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
         self.core.check_prompt(prompt_token_ids, params)
         self.start()
-        self._inbox.put(("add", (request_id, prompt_token_ids, params, priority, cache_salt)))
+        self._post("add", (request_id, prompt_token_ids, params, priority, cache_salt))
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """`submit`, with the outputs as an async iterator of this request's deltas (each of the
+        `params.n` choices ends with a finished one). Closing it early aborts the request."""
+        if self._streams is None:
+            if self._sink is not None:
+                raise RuntimeError("this engine delivers to the sink given to set_sink; use submit")
+            streams = RequestStreams(lambda rid: self._post("abort", rid))
+            self._sink = _Sink(
+                asyncio.get_running_loop(), streams.on_step, streams.on_reject, streams.on_dead
+            )
+            self._streams = streams
+        self._streams.reserve(request_id)
+        self.submit(request_id, prompt_token_ids, params, priority=priority, cache_salt=cache_salt)
+        return self._streams.open(request_id, params.n)
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request (unknown ids are ignored); its KV blocks are freed within one step."""
+        self._post("abort", request_id)
+
+    def _post(self, kind: str, arg: Any) -> None:
+        self._inbox.put((kind, arg))
         self._wake.set()
+
+    # -- what the worker reads ---------------------------------------------------------------
+    def counters(self) -> CoreCounters:
+        """The core's live figures (safe while it steps)."""
+        return self.core.counters()
+
+    def cached_block_hashes(self) -> list[bytes]:
+        """Every block hash in the core's prefix cache now (a snapshot)."""
+        return self.core.cached_block_hashes()
+
+    def has_unfinished(self) -> bool:
+        """Requests run or wait in the core (messages not yet taken in do not count)."""
+        return self.core.has_unfinished()
 
     @property
     def num_waiting(self) -> int:
@@ -180,52 +252,6 @@ class AsyncEngine:
     def dead_reason(self) -> BaseException | None:
         return self._dead
 
-    # -- requests ---------------------------------------------------------------------------
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        *,
-        priority: int = 0,
-        cache_salt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
-        self.core.check_prompt(prompt_token_ids, params)
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[Any] = asyncio.Queue()
-        with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already running")
-            self._streams[request_id] = (loop, q)
-        self.start()
-        self._inbox.put(("add", (request_id, prompt_token_ids, params, priority, cache_salt)))
-        self._wake.set()
-        return self._stream(request_id, q, params.n)
-
-    async def _stream(self, request_id: str, q: asyncio.Queue[Any], n: int) -> AsyncIterator[RequestOutput]:
-        remaining = n
-        try:
-            while remaining:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                for out in item:
-                    if out.finished:
-                        remaining -= 1
-                    yield out
-        finally:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            if remaining:
-                self._inbox.put(("abort", request_id))
-                self._wake.set()
-
-    async def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-        self._wake.set()
-
     # -- the step thread ----------------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -233,7 +259,9 @@ class AsyncEngine:
         except BaseException as exc:  # the engine's state is unknown now: fail everything
             logger.exception("engine step failed")
             self._dead = exc
-            self._fail_all(EngineDeadError(f"engine step failed: {exc}"))
+            sink = self._sink
+            if sink is not None and sink.on_dead is not None:
+                sink.loop.call_soon_threadsafe(sink.on_dead, EngineDeadError(f"engine step failed: {exc}"))
 
     def _loop(self) -> None:
         """Every exception here ends the thread through `_run`, the engine marked dead: a thread
@@ -246,10 +274,7 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             outputs = core.step()
-            self._deliver(outputs)
-            if self._sink is not None:
-                stored, evicted = core.kv.pool.drain_events()
-                self._sink[0].call_soon_threadsafe(self._to_sink, outputs, stored, evicted)
+            self._send(outputs, *core.drain_cache_events())
             if core.last_stats.num_scheduled_tokens:
                 self.steps += 1
             else:
@@ -270,22 +295,27 @@ class AsyncEngine:
                 try:
                     self.core.add_request(rid, ids, params, priority=priority, cache_salt=salt)
                 except ValueError as exc:
-                    self._deliver_error(rid, exc)
+                    self._refuse(rid, exc)
             else:
                 aborted = self.core.abort([arg])
-                self._deliver(aborted)
-                if self._sink is not None and aborted:
-                    self._sink[0].call_soon_threadsafe(self._to_sink, aborted, [], [])
+                if aborted:
+                    self._send(aborted, [], [])
 
-    def _to_sink(self, outputs: list[RequestOutput], stored: list[bytes], evicted: list[bytes]) -> None:
+    def _send(self, outputs: list[RequestOutput], stored: list[bytes], evicted: list[bytes]) -> None:
+        sink = self._sink
+        if sink is not None:  # set before any request came in (submit checks)
+            sink.loop.call_soon_threadsafe(self._to_sink, sink, outputs, stored, evicted)
+
+    def _to_sink(
+        self, sink: _Sink, outputs: list[RequestOutput], stored: list[bytes], evicted: list[bytes]
+    ) -> None:
         """On the sink's loop. A sink that raises lost a step's outputs: its requests would wait
         forever for them, so the engine stops (the worker reports it and its requests move). The
         steps already taken after that one are dropped too: their tokens would follow a gap."""
-        assert self._sink is not None
         if self._sink_failed:
             return
         try:
-            self._sink[1](outputs, stored, evicted)
+            sink.on_step(outputs, stored, evicted)
         except Exception as exc:
             logger.exception("the step sink failed; stopping the engine")
             self._sink_failed = True
@@ -293,37 +323,9 @@ class AsyncEngine:
                 self._dead = exc
                 self._wake.set()
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, dict[str, list[RequestOutput]]] = defaultdict(
-            lambda: defaultdict(list)
-        )
-        with self._lock:
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    by_loop[stream[0]][out.request_id].append(out)
-            targets = {rid: self._streams[rid][1] for per in by_loop.values() for rid in per}
-        for loop, per_request in by_loop.items():
-            batch = [(targets[rid], outs) for rid, outs in per_request.items()]
-            loop.call_soon_threadsafe(_put_all, batch)
-
-    def _deliver_error(self, request_id: str, exc: ValueError) -> None:
-        with self._lock:
-            stream = self._streams.get(request_id)
-        if stream is not None:
-            stream[0].call_soon_threadsafe(stream[1].put_nowait, exc)
-        elif self._sink is not None and self._reject is not None:
-            self._sink[0].call_soon_threadsafe(self._reject, request_id, exc)
+    def _refuse(self, request_id: str, exc: ValueError) -> None:
+        sink = self._sink
+        if sink is not None and sink.on_reject is not None:
+            sink.loop.call_soon_threadsafe(sink.on_reject, request_id, exc)
         else:
             logger.warning("request %s refused with nobody to tell: %s", request_id, exc)
-
-    def _fail_all(self, exc: BaseException) -> None:
-        with self._lock:
-            streams = list(self._streams.values())
-        for loop, q in streams:
-            loop.call_soon_threadsafe(q.put_nowait, exc)
-
-
-def _put_all(batch: list[tuple[asyncio.Queue[Any], list[RequestOutput]]]) -> None:
-    for q, outs in batch:
-        q.put_nowait(outs)

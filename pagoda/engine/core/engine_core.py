@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
 from pagoda.engine.config import EngineConfig, resolve_dtype, validate_max_model_len
+from pagoda.engine.core.stats import CoreCounters, EngineCapacity, StepStats
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.loader import Checkpoint, load_checkpoint
 from pagoda.engine.loader.catalog import generation_defaults
 from pagoda.engine.models import build_model
+from pagoda.engine.models.arch_config import ModelArchConfig
+from pagoda.engine.models.llama import LlamaForCausalLM
 from pagoda.engine.models.quantization import quantize_linears, resolve_quantization
 from pagoda.engine.outputs import RequestOutput, TokenLogprob
 from pagoda.engine.runner.attention import get_backend
@@ -33,31 +35,6 @@ from pagoda.engine.tokenization.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
-
-
-@dataclass(frozen=True)
-class CoreCounters:
-    """A reading of the engine core's live figures (pagoda/services/ops/metrics.py exports them)."""
-
-    num_running: int
-    num_waiting: int
-    kv_usage: float  # 0..1
-    prefix_query_tokens: int  # prefix-cache lookups, in tokens
-    prefix_hit_tokens: int
-    num_preemptions: int
-    kv_live_tokens: int = 0  # tokens stored in the KV blocks in use (a shared block once)
-    kv_used_slots: int = 0  # blocks in use x block size
-    kv_live_token_ratio: float = 0.0  # kv_live_tokens / kv_used_slots (0.0 when idle)
-    num_prefilling: int = 0  # running sequences without a first token yet
-
-
-@dataclass
-class StepStats:
-    num_scheduled_tokens: int = 0
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    num_preempted: int = 0
 
 
 class EngineCore:
@@ -77,48 +54,11 @@ class EngineCore:
         dtype_arg = "float32" if cpu_int8 and config.dtype == "auto" else config.dtype
         self.dtype = resolve_dtype(dtype_arg, self.device, None)
         self.max_model_len = validate_max_model_len(config.max_model_len, arch.max_position_embeddings)
-        t0 = time.perf_counter()
-        with torch.device("meta"):
-            model = build_model(arch, self.max_model_len)
-        model = model.to_empty(device=self.device)
-        if arch.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        model.load_weights(ckpt.weights())
-        self.model = model.to(self.dtype).eval()
-        packed = 0
-        if self.quantization != "none":
-            quantize_linears(self.model, self.quantization)
-        elif self.device.type == "cpu" and self.dtype == torch.bfloat16 and onednn_bf16_available():
-            packed = pack_linears(self.model)
-        logger.info(
-            "loaded %s (%s, %d layers) as %s%s%s on %s in %.1fs",
-            self.model_name,
-            arch.architecture,
-            arch.num_layers,
-            self.dtype,
-            f" with {self.quantization} linears" if self.quantization != "none" else "",
-            f" ({packed} linears packed for oneDNN)" if packed else "",
-            self.device,
-            time.perf_counter() - t0,
-        )
+        self.model = self._load_model(ckpt)
+        num_blocks, per_block = self._size_kv_cache(arch)
         cache = config.cache
-        per_block = kv_bytes_per_block(
-            arch.num_layers, cache.block_size, arch.num_kv_heads, arch.head_dim, self.dtype
-        )
-        num_blocks = cache.num_blocks_override or self._kv_budget() // per_block
-        if num_blocks < 1:
-            raise ValueError(
-                f"the KV cache does not fit: one block takes {per_block} bytes and "
-                f"{self._kv_budget()} bytes are available; raise --kv-cache-memory or "
-                f"--gpu-memory-utilization, or use a smaller model"
-            )
-        capacity = num_blocks * cache.block_size
-        if cache.num_blocks_override is None and capacity < self.max_model_len:
-            raise ValueError(
-                f"max_model_len {self.max_model_len} exceeds the {capacity} tokens the KV cache holds "
-                f"({num_blocks} blocks); raise --kv-cache-memory or lower --max-model-len"
-            )
         self.num_blocks = num_blocks
+        self.capacity = EngineCapacity(config.batcher.max_num_seqs, cache.block_size, num_blocks)
         eos = tuple(arch.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
         self.eos_token_ids = eos
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
@@ -144,6 +84,58 @@ class EngineCore:
         )
         self._children: dict[str, list[str]] = {}  # parent id -> child sequence ids
         self.last_stats = StepStats()
+
+    def _load_model(self, ckpt: Checkpoint) -> LlamaForCausalLM:
+        """The checkpoint's model on this core's device and dtype, quantized or packed for oneDNN
+        as configured."""
+        arch = ckpt.arch
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            model = build_model(arch, self.max_model_len)
+        model = model.to_empty(device=self.device)
+        if arch.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.load_weights(ckpt.weights())
+        model = model.to(self.dtype).eval()
+        packed = 0
+        if self.quantization != "none":
+            quantize_linears(model, self.quantization)
+        elif self.device.type == "cpu" and self.dtype == torch.bfloat16 and onednn_bf16_available():
+            packed = pack_linears(model)
+        logger.info(
+            "loaded %s (%s, %d layers) as %s%s%s on %s in %.1fs",
+            self.model_name,
+            arch.architecture,
+            arch.num_layers,
+            self.dtype,
+            f" with {self.quantization} linears" if self.quantization != "none" else "",
+            f" ({packed} linears packed for oneDNN)" if packed else "",
+            self.device,
+            time.perf_counter() - t0,
+        )
+        return model
+
+    def _size_kv_cache(self, arch: ModelArchConfig) -> tuple[int, int]:
+        """(KV blocks, bytes per block): what the memory budget holds, or the override. Raises
+        ValueError, saying what to change, when not one block fits or a whole context does not."""
+        cache = self.config.cache
+        per_block = kv_bytes_per_block(
+            arch.num_layers, cache.block_size, arch.num_kv_heads, arch.head_dim, self.dtype
+        )
+        num_blocks = cache.num_blocks_override or self._kv_budget() // per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"the KV cache does not fit: one block takes {per_block} bytes and "
+                f"{self._kv_budget()} bytes are available; raise --kv-cache-memory or "
+                f"--gpu-memory-utilization, or use a smaller model"
+            )
+        capacity = num_blocks * cache.block_size
+        if cache.num_blocks_override is None and capacity < self.max_model_len:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the {capacity} tokens the KV cache holds "
+                f"({num_blocks} blocks); raise --kv-cache-memory or lower --max-model-len"
+            )
+        return num_blocks, per_block
 
     def _kv_budget(self) -> int:
         cache = self.config.cache
@@ -214,7 +206,16 @@ class EngineCore:
             kv_used_slots=self.kv.pool.num_used_blocks * self.kv.block_size,
             kv_live_token_ratio=self.kv.live_token_ratio(),
             num_prefilling=self.batcher.num_prefilling,
+            num_free_blocks=self.kv.pool.num_free_blocks,
         )
+
+    def cached_block_hashes(self) -> list[bytes]:
+        """Every block hash in the prefix cache now (a snapshot; safe to take from another thread)."""
+        return self.kv.pool.cached_hashes()
+
+    def drain_cache_events(self) -> tuple[list[bytes], list[bytes]]:
+        """Block hashes stored in and evicted from the prefix cache since the last call (step thread)."""
+        return self.kv.pool.drain_events()
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

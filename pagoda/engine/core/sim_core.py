@@ -7,7 +7,8 @@ comes from its first step (prefill is not modeled). Token ids are drawn determin
 by the prompt and choice index) from single-token English words of the tokenizer in use, so
 streamed text decodes cleanly. A sequence ends on max_tokens, the model's context, a stop token
 id, or (unless ignore_eos; never before min_tokens) EOS drawn with probability `eos_prob` per token.
-No KV cache is modeled: the KV figures stay at zero.
+No KV cache is modeled: the KV figures stay at zero, no block is cached, and the capacity it
+announces has no blocks (its block size only sets how the cluster scheduler hashes prompts).
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
-from pagoda.engine.config import BatcherConfig, EngineConfig
-from pagoda.engine.core.engine_core import CoreCounters, StepStats
-from pagoda.engine.kv.kv_cache_manager import KVCacheManager
+from pagoda.engine.core.stats import CoreCounters, EngineCapacity, StepStats
 from pagoda.engine.outputs import FinishReason, RequestOutput
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.scheduling.request import check_prompt_ids
@@ -39,6 +38,7 @@ class SimConfig:
     max_batch: int = 256  # most sequences stepped at once
     eos_prob: float = 0.0  # chance per token of EOS (0: run to max_tokens)
     seed: int = 0
+    block_size: int = 16  # announced to the cluster scheduler, which hashes prompts in such blocks
 
     def __post_init__(self) -> None:
         if self.step_ms < 0:
@@ -47,6 +47,8 @@ class SimConfig:
             raise ValueError(f"--sim-max-batch must be at least 1, got {self.max_batch}")
         if not 0.0 <= self.eos_prob <= 1.0:
             raise ValueError(f"--sim-eos-prob must be in [0, 1], got {self.eos_prob}")
+        if self.block_size < 1:
+            raise ValueError(f"SimConfig.block_size must be at least 1, got {self.block_size}")
 
 
 @dataclass(eq=False)  # compared by identity in the run lists
@@ -85,9 +87,7 @@ class SimCore:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.default_sampling = dict(default_sampling or {})
-        self.config = EngineConfig(batcher=BatcherConfig(max_num_seqs=self.sim.max_batch))
-        self.kv = KVCacheManager(1, self.config.cache.block_size)  # not used: no KV is modeled
-        self.num_blocks = 1
+        self.capacity = EngineCapacity(self.sim.max_batch, self.sim.block_size, num_blocks=0)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)
         self.vocab = word_token_ids(tokenizer)
         self.last_stats = StepStats()
@@ -137,6 +137,12 @@ class SimCore:
 
     def counters(self) -> CoreCounters:
         return CoreCounters(len(self._running), len(self._waiting), 0.0, 0, 0, 0)
+
+    def cached_block_hashes(self) -> list[bytes]:
+        return []
+
+    def drain_cache_events(self) -> tuple[list[bytes], list[bytes]]:
+        return [], []
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

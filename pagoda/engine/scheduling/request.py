@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import enum
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from pagoda.engine.kv.block_hash import BlockHash
 from pagoda.engine.outputs import FinishReason
 from pagoda.engine.sampling.params import SamplingParams
+
+if TYPE_CHECKING:  # check_prompt_ids serves engines without a model (SimCore): no torch at run time
+    import torch
 
 
 class RequestStatus(enum.Enum):

@@ -57,9 +57,7 @@ class _Model:
 
 
 def _model_info(args: argparse.Namespace) -> _Model:
-    from pagoda.engine.config import validate_max_model_len
-    from pagoda.engine.loader import demo_model_path, load_checkpoint
-    from pagoda.engine.loader.catalog import generation_defaults
+    from pagoda.engine import demo_model_path, generation_defaults, load_checkpoint, validate_max_model_len
 
     ckpt = load_checkpoint(args.model or demo_model_path())
     return _Model(
@@ -280,15 +278,13 @@ def _shutdown_timeout(args: argparse.Namespace) -> float:
 def _worker(
     args: argparse.Namespace, bus: Bus, store: Store, heartbeat: float, queues: Queues, metrics: Metrics
 ) -> _Service:
-    from pagoda.engine.core.async_engine import AsyncEngine, StepCore, build_off_main_thread
-    from pagoda.engine.core.engine_core import EngineCore
-    from pagoda.engine.llm import make_engine_config
+    from pagoda.engine import AsyncEngine, EngineCore, StepCore, build_off_main_thread, make_engine_config
     from pagoda.services.ops.failpoints import install_failpoints
     from pagoda.services.worker.service import WorkerService
 
     core: StepCore
     if getattr(args, "backend", "torch") == "sim":
-        from pagoda.engine.core.sim_core import SimConfig, SimCore
+        from pagoda.engine import SimConfig, SimCore
 
         model = _model_info(args)
         sim = SimConfig(step_ms=args.sim_step_ms, max_batch=args.sim_max_batch, eos_prob=args.sim_eos_prob,

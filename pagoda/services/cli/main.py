@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "models":
-            from pagoda.engine.loader.catalog import format_catalog
+            from pagoda.engine import format_catalog
 
             print(format_catalog())
             return 0

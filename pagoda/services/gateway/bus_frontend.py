@@ -18,9 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from pagoda.engine.outputs import RequestOutput
-from pagoda.engine.sampling.params import SamplingParams
-from pagoda.engine.tokenization.tokenizer import Tokenizer
+from pagoda.engine import RequestOutput, SamplingParams, Tokenizer
 from pagoda.services.gateway.failover import RequestTrack, WorkerWatch
 from pagoda.services.gateway.frontend import Submitted
 from pagoda.services.ops import tracing
@@ -124,7 +122,7 @@ class BusFrontend:
             logger.warning("gateway: cannot read the worker registry: %s", exc)
             return
         self._workers_alive = bool(routable(workers))
-        states = {s.worker_id: f.get("state", "ready") for s, f in workers}
+        states: dict[str, str] = {w.worker_id: w.state for w in workers}
         watched = {
             p.track.worker_id for p in self._pending.values() if p.track.worker_id and not p.track.awaiting
         }

@@ -1,9 +1,10 @@
 """What the OpenAI server talks to: a `Frontend` that turns a prompt into a running request.
 
-In embedded mode that is `LocalFrontend`, over an in-process `EngineClient`; in the distributed
-design it is the gateway's side of the bus (tokenizer -> scheduler -> worker). Either way the
-server learns the prompt's token ids only when the request is accepted (`Submitted`), and keeps a
-tokenizer of its own for detokenization, echo and /tokenize.
+`Frontend` is the one interface between the HTTP server and whatever runs requests. The services
+(`pagoda serve` included, over an in-memory bus) use `BusFrontend`, the gateway's side of the bus
+(tokenizer -> scheduler -> worker); `LocalFrontend` runs them on an in-process `AsyncEngine`, with
+no bus. Either way the server learns the prompt's token ids only when the request is accepted
+(`Submitted`), and keeps a tokenizer of its own for detokenization, echo and /tokenize.
 
 `PromptProcessor` (pagoda.services.tokenizer.prompts) is the one place that renders chat templates,
 tokenizes and checks a prompt, so that LocalFrontend and the tokenizer service answer the same 400s.
@@ -14,15 +15,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from pagoda.engine.core.client import EngineClient
-from pagoda.engine.outputs import RequestOutput
-from pagoda.engine.sampling.params import SamplingParams
-from pagoda.engine.tokenization.tokenizer import Tokenizer
+from pagoda.engine import RequestOutput, SamplingParams, Tokenizer
 from pagoda.services.tokenizer.prompts import PromptProcessor
 from pagoda.services.transport.errors import APIError, from_value_error
 from pagoda.services.transport.messages import PromptInput
+
+if TYPE_CHECKING:
+    from pagoda.engine import AsyncEngine
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Submitted:
 
 
 class Frontend(Protocol):
+    """Runs requests for the HTTP server; implementations own tokenization and prompt checks."""
+
     model_name: str
     max_model_len: int
     tokenizer: Tokenizer  # the gateway's own, for detokenization and /tokenize
@@ -53,29 +56,32 @@ class Frontend(Protocol):
         cache_salt: str | None = None,
         session_id: str | None = None,
     ) -> Submitted:
-        """Tokenize, check and start a request. Raises `APIError`: 400 for a prompt the model
-        cannot take, 503 when nothing can serve it (429 when overloaded)."""
+        """Tokenize, check and start a request; its outputs are deltas for each of `params.n`
+        choices (tagged by `index`), each choice ending with one whose `finished` is True.
+        Closing them early (or cancelling the task reading them) aborts the request. Raises
+        `APIError`: 400 for a prompt the model cannot take, 503 when nothing can serve it (429
+        when overloaded)."""
         ...
 
     async def abort(self, request_id: str) -> None:
-        """Stop a request (idempotent; unknown ids are ignored)."""
+        """Stop a request (idempotent; unknown ids are ignored); its KV blocks are freed soon."""
         ...
 
     def is_ready(self) -> bool:
-        """True while requests can be served."""
+        """True while requests can be served (the engine's step loop runs and answers)."""
         ...
 
 
 class LocalFrontend:
-    """A Frontend over an in-process EngineClient (AsyncEngine or a test fake): PromptProcessor,
-    then `engine.add_request`. `session_id` has no meaning for one engine and is ignored."""
+    """A Frontend over an in-process AsyncEngine: PromptProcessor, then `engine.add_request`.
+    `session_id` has no meaning for one engine and is ignored."""
 
-    def __init__(self, engine: EngineClient) -> None:
+    def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.model_name: str = engine.model_name
         self.max_model_len: int = engine.max_model_len
         self.tokenizer: Tokenizer = engine.tokenizer
-        self.default_sampling: dict[str, float] = dict(getattr(engine, "default_sampling", None) or {})
+        self.default_sampling: dict[str, float] = dict(engine.default_sampling)
         self.processor = PromptProcessor(engine.tokenizer, engine.max_model_len)
 
     async def submit(
@@ -106,13 +112,6 @@ class LocalFrontend:
 
     def is_ready(self) -> bool:
         return self.engine.is_ready()
-
-
-def as_frontend(target: Frontend | EngineClient) -> Frontend:
-    """`target` itself if it is a Frontend; an EngineClient (it has `add_request`) wrapped."""
-    if hasattr(target, "add_request"):
-        return LocalFrontend(target)  # type: ignore[arg-type]
-    return target  # type: ignore[return-value]
 
 
 async def close_quietly(outputs: AsyncIterator[RequestOutput] | None) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine import SamplingParams
 
 MAX_LOGPROBS = 20
 

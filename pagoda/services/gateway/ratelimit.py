@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine import SamplingParams
 from pagoda.services.transport.errors import APIError, bad_request
 from pagoda.services.transport.messages import PromptInput
 from pagoda.services.transport.store import Store

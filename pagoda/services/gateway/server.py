@@ -13,16 +13,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from importlib import metadata
-from typing import TYPE_CHECKING
 
 import anyio
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine import SamplingParams
 from pagoda.services.gateway.auth import OPEN_PATHS, BearerAuth, key_id
-from pagoda.services.gateway.frontend import Frontend, Submitted, as_frontend
+from pagoda.services.gateway.frontend import Frontend, Submitted
 from pagoda.services.gateway.limits import BodyGuard, RequestLimits, check_request
 from pagoda.services.gateway.protocol import (
     ChatCompletionChoice,
@@ -52,9 +51,6 @@ from pagoda.services.transport.errors import (
     model_not_found,
 )
 from pagoda.services.transport.messages import PromptInput
-
-if TYPE_CHECKING:
-    from pagoda.engine.core.client import EngineClient
 
 __all__ = ["OpenAIServer", "build_app", "logger"]
 
@@ -220,7 +216,7 @@ class OpenAIServer:
 
 
 def build_app(
-    frontend: Frontend | EngineClient,
+    frontend: Frontend,
     *,
     served_model_names: list[str] | None = None,
     api_keys: list[str] | None = None,
@@ -229,14 +225,13 @@ def build_app(
     rate_limiter: RateLimiter | None = None,
     admission: FleetAdmission | None = None,
 ) -> FastAPI:
-    """The FastAPI app over `frontend` (an EngineClient is wrapped in a LocalFrontend);
+    """The FastAPI app over `frontend` (`LocalFrontend(engine)` serves an in-process engine);
     `served_model_names` defaults to the model's name. GET /metrics serves `metrics` (a fresh
     registry when omitted; pass the one the process's other services share). `limits` bound
     each request (defaults: `RequestLimits()`); `rate_limiter` and `admission` are off unless given."""
-    front = as_frontend(frontend)
-    names = list(served_model_names or [front.model_name])
+    names = list(served_model_names or [frontend.model_name])
     server = OpenAIServer(
-        front, names, metrics if metrics is not None else Metrics(),
+        frontend, names, metrics if metrics is not None else Metrics(),
         limits=limits, rate_limiter=rate_limiter, admission=admission,
     )  # fmt: skip
     app = FastAPI(title="pagoda", version=_version())

@@ -27,9 +27,7 @@ from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from pagoda.engine.outputs import RequestOutput, TokenLogprob
-from pagoda.engine.tokenization.detokenizer import IncrementalDetokenizer, StopChecker
-from pagoda.engine.tokenization.tokenizer import Tokenizer
+from pagoda.engine import IncrementalDetokenizer, RequestOutput, StopChecker, Tokenizer, TokenLogprob
 from pagoda.services.gateway.frontend import Frontend, Submitted, close_quietly
 from pagoda.services.gateway.protocol import (
     ChatCompletionChunk,

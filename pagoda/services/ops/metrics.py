@@ -37,7 +37,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from pagoda.engine.core.engine_core import CoreCounters
+    from pagoda.engine import CoreCounters
 
 __all__ = [
     "CONTENT_TYPE_LATEST",

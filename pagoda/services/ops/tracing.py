@@ -36,8 +36,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 
-    from pagoda.engine.outputs import RequestOutput
-    from pagoda.engine.sampling.params import SamplingParams
+    from pagoda.engine import RequestOutput, SamplingParams
 
 logger = logging.getLogger("pagoda.tracing")
 

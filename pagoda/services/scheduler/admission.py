@@ -32,7 +32,7 @@ import logging
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pagoda.services.scheduler.registry import WorkerRegistry
+from pagoda.services.scheduler.registry import WorkerRegistry, load_of
 from pagoda.services.scheduler.router import WorkerState
 from pagoda.services.transport.errors import APIError, bad_request
 
@@ -130,7 +130,7 @@ class FleetAdmission:
 
     async def refresh(self) -> None:
         try:
-            self._workers = [state for state, _ in await self.registry.alive()]
+            self._workers = [load_of(beat) for beat in await self.registry.alive()]
         except Exception as exc:  # keep the last view; the gateway's readiness says the rest
             logger.debug("admission: cannot read the worker registry: %s", exc)
 

@@ -22,12 +22,12 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
-from pagoda.engine.kv.block_hash import hash_full_blocks
+from pagoda.engine import hash_full_blocks
 from pagoda.services.ops import tracing
 from pagoda.services.ops.metrics import Metrics
 from pagoda.services.scheduler.admission import RETRY_AFTER_S, AdmissionLimits, has_room, queue_timed_out
-from pagoda.services.scheduler.registry import PrefixIndex, Sessions, WorkerRegistry, routable
-from pagoda.services.scheduler.router import Decision, WorkerState, leading_overlap, make_router
+from pagoda.services.scheduler.registry import PrefixIndex, Sessions, WorkerRegistry, load_of, routable
+from pagoda.services.scheduler.router import Decision, leading_overlap, make_router
 from pagoda.services.transport.bus import Bus, Delivery, QueueNotFoundError, Subscription
 from pagoda.services.transport.messages import (
     Assigned,
@@ -35,6 +35,7 @@ from pagoda.services.transport.messages import (
     Queues,
     Rejected,
     ScheduleRequest,
+    WorkerHeartbeat,
     WorkerRequest,
     decode,
     encode,
@@ -70,9 +71,9 @@ class SchedulerService:
         self.concurrency = concurrency
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._cache: tuple[float, list[tuple[WorkerState, dict[str, str]]]] = (0.0, [])
+        self._cache: tuple[float, list[WorkerHeartbeat]] = (0.0, [])
         self._sent: dict[str, int] = {}  # requests sent per worker since its last heartbeat
-        self._beat_seen: dict[str, str] = {}
+        self._beat_seen: dict[str, float] = {}
         self.decisions: dict[str, int] = {}  # worker id -> requests routed there
 
     async def start(self) -> None:
@@ -117,7 +118,7 @@ class SchedulerService:
                 logger.debug("scheduler: queue depth unavailable: %s", exc)
             await asyncio.sleep(self.heartbeat_s)
 
-    async def _workers(self) -> list[tuple[WorkerState, dict[str, str]]]:
+    async def _workers(self) -> list[WorkerHeartbeat]:
         now = time.monotonic()
         if now - self._cache[0] > self.heartbeat_s / 4:
             try:
@@ -128,10 +129,10 @@ class SchedulerService:
                     return self._cache[1]
                 raise
             self._cache = (now, workers)
-            for state, figures in self._cache[1]:
-                if self._beat_seen.get(state.worker_id) != figures.get("last_seen"):
-                    self._beat_seen[state.worker_id] = figures.get("last_seen", "")
-                    self._sent[state.worker_id] = 0  # the heartbeat now counts them
+            for beat in self._cache[1]:
+                if self._beat_seen.get(beat.worker_id) != beat.last_seen:
+                    self._beat_seen[beat.worker_id] = beat.last_seen
+                    self._sent[beat.worker_id] = 0  # the heartbeat now counts them
         return self._cache[1]
 
     async def _route(self, msg: ScheduleRequest, headers: dict[str, str]) -> None:
@@ -207,10 +208,10 @@ class SchedulerService:
         )  # fmt: skip
 
     async def _decide(self, msg: ScheduleRequest, gone: set[str] | None = None) -> Decision | None:
-        alive = [w for w in await self._workers() if w[0].worker_id not in (gone or ())]
+        alive = [w for w in await self._workers() if w.worker_id not in (gone or ())]
         if not alive:
             return None
-        block_size = int(alive[0][1].get("block_size", 16))
+        block_size = alive[0].block_size
         extra = (msg.cache_salt,) if msg.cache_salt else ()
         hashes = hash_full_blocks(msg.prompt_token_ids, block_size, extra)
         try:
@@ -220,7 +221,10 @@ class SchedulerService:
             overlap, session_worker = {}, None
         # No await from here to the caller's count of the decision: requests routed at the same
         # time see each other. Requests sent since a worker's last heartbeat count as waiting there.
-        workers = [replace(s, num_waiting=s.num_waiting + self._sent.get(s.worker_id, 0)) for s, _ in alive]
+        workers = [
+            replace(s, num_waiting=s.num_waiting + self._sent.get(s.worker_id, 0))
+            for s in map(load_of, alive)
+        ]
         # Workers with room by this view. It lags (a request finished since a heartbeat still
         # counts), so when none seems to have room the least loaded decides for itself, exactly.
         roomy = [w for w in workers if has_room(w, self.admission, msg.priority, seqs=msg.sampling.n)]

@@ -1,17 +1,22 @@
 """What the services keep in the store: the worker registry, the prefix-block index, sessions.
 
-Keys (under the store's prefix): `workers` (set of ids), `worker:<id>` (hash of load figures with
-a TTL of a few heartbeats), `blk:<hash hex>` (set of worker ids caching that block),
-`session:<id>` (worker id, with a TTL). Nothing here is needed to finish a running request.
+Keys (under the store's prefix): `workers` (set of ids), `worker:<id>` (a `WorkerHeartbeat`, one
+hash field per figure, with a TTL of a few heartbeats), `blk:<hash hex>` (set of worker ids caching
+that block), `session:<id>` (worker id, with a TTL). Nothing here is needed to finish a running
+request.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
-from pagoda.engine.kv.block_hash import BlockHash
+from pagoda.engine import BlockHash
 from pagoda.services.scheduler.router import WorkerState
+from pagoda.services.transport.messages import MessageError, WorkerHeartbeat
 from pagoda.services.transport.store import Store
+
+logger = logging.getLogger(__name__)
 
 WORKERS = "workers"
 
@@ -29,55 +34,71 @@ class WorkerRegistry:
         self.store = store
         self.heartbeat_s = heartbeat_s
 
-    async def beat(self, worker_id: str, figures: dict[str, str]) -> bool:
-        """Record a heartbeat; returns False when the store had no record of this worker (its first
-        beat, or the store lost its data), so the worker knows to publish its full state again."""
-        key = _worker_key(worker_id)
+    async def beat(self, heartbeat: WorkerHeartbeat) -> bool:
+        """Record a heartbeat (stamped with `last_seen` now); returns False when the store had no
+        record of this worker (its first beat, or the store lost its data), so the worker knows to
+        publish its full state again."""
+        key = _worker_key(heartbeat.worker_id)
         existed = await self.store.expire(key, 3 * self.heartbeat_s)
-        await self.store.hset(key, {**figures, "last_seen": f"{time.time():.3f}"})
+        await self.store.hset(key, _stamped(heartbeat).to_fields())
         if not existed:
             await self.store.expire(key, 3 * self.heartbeat_s)
-        await self.store.sadd(WORKERS, worker_id)
+        await self.store.sadd(WORKERS, heartbeat.worker_id)
         return existed
 
-    async def leave(self, worker_id: str, linger_s: float) -> None:
-        """A drained worker's tombstone (`state=stopped`, kept `linger_s`): gateways wait for its
-        `WorkerLeaving` notice instead of treating it as lost."""
-        await self.store.hset(_worker_key(worker_id), {"state": "stopped", "last_seen": f"{time.time():.3f}"})
-        await self.store.expire(_worker_key(worker_id), linger_s)
+    async def leave(self, heartbeat: WorkerHeartbeat, linger_s: float) -> None:
+        """A drained worker's tombstone (its last heartbeat, `state` "stopped", kept `linger_s`):
+        gateways wait for its `WorkerLeaving` notice instead of treating it as lost."""
+        assert heartbeat.state == "stopped", heartbeat.state
+        key = _worker_key(heartbeat.worker_id)
+        await self.store.hset(key, _stamped(heartbeat).to_fields())
+        await self.store.expire(key, linger_s)
 
     async def remove(self, worker_id: str) -> None:
         await self.store.delete(_worker_key(worker_id))
         await self.store.srem(WORKERS, worker_id)
 
-    async def alive(self) -> list[tuple[WorkerState, dict[str, str]]]:
+    async def alive(self) -> list[WorkerHeartbeat]:
         """Workers heard from within the last heartbeat interval (plus slack for jitter), whatever
-        their `state` figure: "ready", "draining" (finishing its requests, takes no new ones) or
-        "stalled" (its step loop stopped advancing), or "stopped" (a drained worker's tombstone)."""
+        their `state`, and the tombstones of drained ones ("stopped"). A record that does not
+        decode is logged and skipped."""
         now = time.time()
         result = []
         for wid in sorted(await self.store.smembers(WORKERS)):
-            figures = await self.store.hgetall(_worker_key(wid))
-            if not figures:
+            fields = await self.store.hgetall(_worker_key(wid))
+            if not fields:
                 await self.store.srem(WORKERS, wid)  # its hash expired: it is gone
                 continue
-            stale = now - float(figures.get("last_seen", 0)) > 1.5 * self.heartbeat_s + 0.5
-            if stale and figures.get("state") != "stopped":
+            try:
+                beat = WorkerHeartbeat.from_fields(wid, fields)
+            except MessageError as exc:
+                logger.warning("worker registry: skipped worker %s: %s", wid, exc)
                 continue
-            state = WorkerState(
-                wid,
-                num_running=int(figures.get("num_running", 0)),
-                num_waiting=int(figures.get("num_waiting", 0)),
-                kv_usage=float(figures.get("kv_usage", 0.0)),
-                max_num_seqs=int(figures.get("max_num_seqs", 256)),
-            )
-            result.append((state, figures))
+            stale = now - beat.last_seen > 1.5 * self.heartbeat_s + 0.5
+            if stale and beat.state != "stopped":
+                continue
+            result.append(beat)
         return result
 
 
-def routable(workers: list[tuple[WorkerState, dict[str, str]]]) -> list[tuple[WorkerState, dict[str, str]]]:
-    """The workers that take new requests: neither draining nor stalled."""
-    return [(s, f) for s, f in workers if f.get("state", "ready") == "ready"]
+def _stamped(heartbeat: WorkerHeartbeat) -> WorkerHeartbeat:
+    return heartbeat.model_copy(update={"last_seen": time.time()})
+
+
+def load_of(heartbeat: WorkerHeartbeat) -> WorkerState:
+    """What the router weighs of a worker."""
+    return WorkerState(
+        heartbeat.worker_id,
+        num_running=heartbeat.num_running,
+        num_waiting=heartbeat.num_waiting,
+        kv_usage=heartbeat.kv_usage,
+        max_num_seqs=heartbeat.max_num_seqs,
+    )
+
+
+def routable(workers: list[WorkerHeartbeat]) -> list[WorkerHeartbeat]:
+    """The workers that take new requests: neither draining nor stalled (nor stopped)."""
+    return [w for w in workers if w.state == "ready"]
 
 
 class PrefixIndex:

@@ -7,8 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from pagoda.engine.sampling.params import SamplingParams
-from pagoda.engine.tokenization.tokenizer import Tokenizer
+from pagoda.engine import SamplingParams, Tokenizer
 from pagoda.services.transport.errors import APIError, bad_request
 from pagoda.services.transport.messages import PromptInput
 

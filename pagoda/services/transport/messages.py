@@ -13,8 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pagoda.engine.outputs import RequestOutput, TokenLogprob
-from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine import RequestOutput, SamplingParams, TokenLogprob
 
 WIRE_VERSION = 1
 
@@ -222,6 +221,53 @@ class StepOutputs(_Msg):
     type: Literal["step"] = "step"
     worker_id: str
     deltas: list[TokenDelta]
+
+
+# -- through the store: the scheduler and gateways read it -----------------------------------
+WorkerStatus = Literal["ready", "draining", "stalled", "stopped"]
+
+
+class WorkerHeartbeat(_Msg):
+    """A worker's state, load and capacity, written every heartbeat by the worker's registry
+    (pagoda/services/scheduler/registry.py); schedulers route on it, gateways watch `state`.
+
+    `state`: "ready"; "draining" (finishes its requests, takes no new ones); "stalled" (its step
+    loop stopped advancing, or its engine died: its requests move); "stopped" (a drained worker's
+    tombstone). It travels through the store, not the bus, as the hash `worker:<id>` with one field
+    per figure (`to_fields`/`from_fields`, values as strings; the id is the key's): a TTL on the
+    key expires a silent worker, `HGETALL` reads it in redis-cli, and the fields are the ones
+    workers wrote before this model existed. A hash that is not a whole heartbeat raises
+    MessageError: readers log it and skip that worker, as consumers drop a malformed message."""
+
+    worker_id: str
+    state: WorkerStatus
+    model: str
+    num_running: int = Field(ge=0)
+    num_waiting: int = Field(ge=0)  # in the engine's queue or not yet taken in
+    kv_usage: float = Field(ge=0.0)  # fraction of KV blocks in use
+    kv_live_tokens: int = Field(ge=0)
+    kv_live_token_ratio: float = Field(ge=0.0)
+    max_num_seqs: int = Field(ge=1)
+    block_size: int = Field(ge=1)  # the prefix router hashes prompts in blocks of this size
+    num_blocks: int = Field(ge=0)  # 0: no KV cache is modeled (the simulated engine)
+    num_free_blocks: int = Field(ge=0)
+    steps: int = Field(ge=0)  # engine steps that made progress
+    last_seen: float = 0.0  # wall-clock time of the write, stamped by the registry
+
+    def to_fields(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self.model_dump(mode="json", exclude={"worker_id"}).items()}
+
+    @classmethod
+    def from_fields(cls, worker_id: str, fields: dict[str, str]) -> WorkerHeartbeat:
+        try:
+            return cls.model_validate({**fields, "worker_id": worker_id})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            count = exc.error_count()
+            raise MessageError(
+                f"bad heartbeat of worker {worker_id}: {count} errors, first: {where}: {first['msg']}"
+            ) from None
 
 
 ServiceMessage = (

@@ -24,8 +24,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
-from pagoda.engine.core.async_engine import AsyncEngine
-from pagoda.engine.outputs import RequestOutput
+from pagoda.engine import AsyncEngine, RequestOutput
 from pagoda.services.ops import tracing
 from pagoda.services.ops.metrics import Metrics
 from pagoda.services.scheduler.admission import (
@@ -50,10 +49,12 @@ from pagoda.services.transport.messages import (
     TokenDelta,
     WorkerLeaving,
     WorkerRequest,
+    WorkerStatus,
     decode,
     encode,
 )
 from pagoda.services.transport.store import Store
+from pagoda.services.worker.liveness import StallWatch, heartbeat_of
 
 logger = logging.getLogger("pagoda.worker")
 
@@ -88,7 +89,7 @@ class WorkerService:
     ) -> None:
         self.engine = engine
         self.admission = admission or AdmissionLimits()
-        self.metrics = metrics  # the engine's figures are read from its core on scrape
+        self.metrics = metrics  # the engine's figures are read on scrape
         self.bus = bus
         self.store = store
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
@@ -101,9 +102,8 @@ class WorkerService:
         self._gateways: set[str] = set()  # reply queues this worker has answered
         self._draining = False  # after drain(): takes no new requests
         self._drained = False
-        self.stall_timeout_s = stall_timeout_s
-        self.state = "ready"  # "draining", "stalled"
-        self._progress = (0, time.monotonic())  # (engine steps, when they last changed)
+        self._stall = StallWatch(self.worker_id, stall_timeout_s)
+        self.state: WorkerStatus = "ready"  # "draining", "stalled"
         # (reply queue, body, request ids in it: aborted when their gateway is gone)
         self._publish_q: asyncio.Queue[tuple[str, bytes, list[str]]] = asyncio.Queue()
         self._index_q: asyncio.Queue[tuple[list[bytes], list[bytes]]] = asyncio.Queue()
@@ -126,7 +126,7 @@ class WorkerService:
         ]
         await self._beat()  # registered before the first message can arrive
         if self.metrics is not None:
-            self.metrics.engines().add(self.worker_id, self.engine.core)
+            self.metrics.engines().add(self.worker_id, self.engine)
         self._sub = await self.bus.consume(self.queue, self._on_message, prefetch=256)
         logger.info("worker %s ready on %s (%s)", self.worker_id, self.queue, self.engine.model_name)
 
@@ -139,7 +139,8 @@ class WorkerService:
             self.metrics.engines().remove(self.worker_id)
         with contextlib.suppress(Exception):
             if self._drained:  # gateways wait for our WorkerLeaving notice, not for a lost heartbeat
-                await self.registry.leave(self.worker_id, linger_s=max(10.0, 30 * self.heartbeat_s))
+                tombstone = heartbeat_of(self.engine, self.worker_id, "stopped")
+                await self.registry.leave(tombstone, linger_s=max(10.0, 30 * self.heartbeat_s))
             else:
                 await self.registry.remove(self.worker_id)
         for task in self._tasks:
@@ -166,7 +167,7 @@ class WorkerService:
         # in it after we stop consuming: an idle worker's drain would otherwise end at once.
         await asyncio.sleep(max(0.0, min(announced + self.heartbeat_s, deadline) - time.monotonic()))
         if self._inflight:
-            figures = self.engine.core.counters()
+            figures = self.engine.counters()
             logger.warning(
                 "worker %s: %d requests still running after %.1fs (engine: %d running, %d waiting, "
                 "%d steps, step thread %s); their gateways move them",
@@ -251,12 +252,12 @@ class WorkerService:
         self._gateways.add(msg.reply_to)
 
     def _state(self) -> WorkerState:
-        counters = self.engine.core.counters()
+        counters = self.engine.counters()
         return WorkerState(
             self.worker_id,
             num_running=counters.num_running,
             num_waiting=self.engine.num_waiting,
-            max_num_seqs=self.engine.core.config.batcher.max_num_seqs,
+            max_num_seqs=self.engine.capacity.max_num_seqs,
             num_prefilling=counters.num_prefilling,
         )
 
@@ -362,61 +363,19 @@ class WorkerService:
                 logger.warning("worker %s: heartbeat failed: %s", self.worker_id, exc)
 
     async def _beat(self) -> None:
-        core = self.engine.core
-        figures = core.counters()  # live: a step's own figures go stale when requests are aborted
         self.state = self._check_stall()
-        known = await self.registry.beat(
-            self.worker_id,
-            {
-                "state": self.state,
-                "num_running": str(figures.num_running),
-                "num_waiting": str(self.engine.num_waiting),
-                "kv_usage": f"{figures.kv_usage:.4f}",
-                "kv_live_tokens": str(figures.kv_live_tokens),
-                "kv_live_token_ratio": f"{figures.kv_live_token_ratio:.4f}",
-                "max_num_seqs": str(core.config.batcher.max_num_seqs),
-                "block_size": str(core.config.cache.block_size),
-                "num_blocks": str(core.num_blocks),
-                "num_free_blocks": str(core.kv.pool.num_free_blocks),
-                "model": core.model_name,
-                "steps": str(self.engine.steps),
-            },
-        )
+        known = await self.registry.beat(heartbeat_of(self.engine, self.worker_id, self.state))
         if self.engine.dead_reason is not None:
             self._dead_beats += 1
             if self._dead_beats == DEAD_BEATS_BEFORE_EXIT:
                 self.failed.set()
         if not known:  # first beat, or the store lost its data: publish the whole index again
-            hashes = core.kv.pool.cached_hashes()
+            hashes = self.engine.cached_block_hashes()
             await self.prefix_index.update(self.worker_id, hashes, [])
             logger.info(
                 "worker %s registered; published its prefix index (%d cached blocks)",
                 self.worker_id, len(hashes),
             )  # fmt: skip
 
-    def _check_stall(self) -> str:
-        """The heartbeat's state: "stalled" when requests wait and the step loop has not advanced
-        for stall_timeout_s, a draining worker included (its gateways move its requests instead of
-        waiting out the drain); else "draining" or "ready"."""
-        if self.engine.dead_reason is not None:  # its step loop never advances again
-            if self.state != "stalled":
-                logger.error(
-                    "worker %s: its engine stopped (%s); reporting stalled, so that its %d requests move",
-                    self.worker_id, self.engine.dead_reason, len(self._inflight),
-                )  # fmt: skip
-            return "stalled"
-        steps, now = self.engine.steps, time.monotonic()
-        if steps != self._progress[0] or not self.engine.core.has_unfinished():
-            self._progress = (steps, now)
-        stalled = now - self._progress[1] > self.stall_timeout_s
-        if stalled != (self.state == "stalled"):
-            if stalled:
-                logger.error(
-                    "worker %s: the step loop has not advanced for %.1fs with %d requests; reporting stalled",
-                    self.worker_id, now - self._progress[1], len(self._inflight),
-                )  # fmt: skip
-            else:
-                logger.info("worker %s: the step loop advances again", self.worker_id)
-        if stalled:
-            return "stalled"
-        return "draining" if self._draining else "ready"
+    def _check_stall(self) -> WorkerStatus:
+        return self._stall.check(self.engine, self.state, self._draining, len(self._inflight))
