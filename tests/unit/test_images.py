@@ -182,11 +182,15 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
 # Run as a UID with no passwd entry (a user namespace maps it), under an image's ENV with its paths
 # moved into a temporary root: where do the libraries put their caches, and does the CLI start?
 _PROBE = """
-import json, os, pwd
-import matplotlib
+import importlib.util, json, os, pwd
+import matplotlib, torch
 from huggingface_hub import constants
-from torch._inductor.runtime.cache_dir_utils import cache_dir
 from triton import knobs
+# the module inductor takes its cache dir from, loaded alone (it is written to need no more of inductor)
+path = os.path.join(os.path.dirname(torch.__file__), "_inductor/runtime/cache_dir_utils.py")
+spec = importlib.util.spec_from_file_location("cache_dir_utils", path)
+cache_dir_utils = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cache_dir_utils)
 from pagoda.services.cli.main import main
 assert main(["models"]) == 0
 try:
@@ -194,7 +198,8 @@ try:
 except KeyError:
     passwd = False
 paths = {"HOME": os.path.expanduser("~"), "Hugging Face hub": constants.HF_HUB_CACHE,
-         "inductor": cache_dir(), "triton": knobs.cache.dir, "matplotlib": matplotlib.get_configdir()}
+         "inductor": cache_dir_utils.cache_dir(), "triton": knobs.cache.dir,
+         "matplotlib": matplotlib.get_configdir()}
 for path in paths.values():
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "probe"), "w") as f:
