@@ -214,7 +214,7 @@ async def test_scheduler_routes_around_full_workers_and_workers_refuse() -> None
         registry = WorkerRegistry(store, 0.05)
 
         async def w0_seen_full() -> bool:  # a heartbeat with w0's busy slot, and w1 registered
-            states = {s.worker_id: s for s, _ in await registry.alive()}
+            states = {b.worker_id: b for b in await registry.alive()}
             return "w1" in states and "w0" in states and states["w0"].num_running == 1
 
         await until(w0_seen_full, 5, "the registry to show w0's busy slot")
