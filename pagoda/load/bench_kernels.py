@@ -43,30 +43,6 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((g - w).norm() / w.norm().clamp(min=1e-30))
 
 
-def add_kernels_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--only", default=None, help="run only the kernels whose name contains this")
-    p.add_argument(
-        "--e2e",
-        action="store_true",
-        help="also: decode tokens/s of a random-weight Llama-3-8B-shaped model (toy model on CPU)",
-    )
-    p.add_argument("--e2e-batch", type=int, default=64)
-    p.add_argument("--e2e-output-len", type=int, default=128)
-    p.add_argument("--enforce-eager", action="store_true", help="e2e: no CUDA graphs")
-    p.add_argument(
-        "--e2e-quantization", default="none", choices=["none", "int4", "int8"], help="e2e: weight-only GEMM"
-    )
-    p.add_argument(
-        "--sweep",
-        nargs="?",
-        const="all",
-        choices=["all", "decode", "int4"],
-        help="GPU: time paged_decode and/or int4 GEMM over launch configurations (tuning)",
-    )
-
-
 def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
     """Median ms of `fn`. On a GPU, replays of a CUDA graph of it (how the engine runs decode
     steps): a launch-timed loop would measure Triton's Python launch overhead (tens of us) for the

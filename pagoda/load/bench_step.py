@@ -85,18 +85,6 @@ def _part(event: Any) -> str:
     return "other"
 
 
-def add_step_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=40, help="decode steps timed")
-    p.add_argument("--profile-steps", type=int, default=5, help="decode steps under the profiler")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default="none")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--compile", action="store_true", help="decode steps through torch.compile")
-    p.add_argument("--json", action="store_true")
-
-
 def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -187,6 +175,8 @@ def _has_op_parent(e: Any) -> bool:
 
 
 if __name__ == "__main__":
+    from pagoda.load.cli import add_step_args
+
     ap = argparse.ArgumentParser(description=__doc__)
     add_step_args(ap)
     run_step_bench(ap.parse_args())

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from pagoda.engine.engine_args import engine_config_from_args
 from pagoda.engine.llm import LLM
 from pagoda.engine.runner.attention import TorchAttention, TritonAttention
 from pagoda.engine.runner.cuda_graphs import DecodeGraphs, capture_sizes
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.kernels.runtime import interpreting
-from pagoda.services.cli.main import build_parser, engine_kwargs, main
+from pagoda.services.cli.main import main
+from pagoda.services.cli.parser import build_parser
 from tests.kernels import DEV
 from tests.tiny_models import make_tiny_model
 
@@ -31,12 +33,10 @@ def test_capture_sizes() -> None:
 
 
 def test_enforce_eager_flag_reaches_the_config() -> None:
-    from pagoda.engine.llm import make_engine_config
-
     args = build_parser().parse_args(["serve", "--enforce-eager", "--attention-backend", "triton"])
-    cfg = make_engine_config("", **engine_kwargs(args))
+    cfg = engine_config_from_args(args)
     assert cfg.enforce_eager and cfg.attention_backend == "triton"
-    assert not make_engine_config("", **engine_kwargs(build_parser().parse_args(["serve"]))).enforce_eager
+    assert not engine_config_from_args(build_parser().parse_args(["serve"])).enforce_eager
 
 
 def test_cpu_engine_never_captures(tmp_path: Path) -> None:
