@@ -130,7 +130,7 @@ class Process:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
         try:
-            await self._build_services()
+            await self.build_services()
             await self._start_services()
             await self._serve()
         finally:
@@ -159,7 +159,9 @@ class Process:
         if self._server is not None:
             self._server.should_exit = True
 
-    async def _build_services(self) -> None:
+    async def build_services(self) -> None:
+        """Builds the services of `config.roles` (started later by `run`); the gateway and
+        tokenizer read the model's tokenizer here, a worker loads its engine."""
         roles = set(self.config.roles)
         model = None
         if roles & {"gateway", "tokenizer"}:
