@@ -109,7 +109,7 @@ def test_bench_kernels_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bench_kernels_sweep_code_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """The GPU tuning sweep's code path, at toy shapes on DEV (the interpreter on the CPU)."""
-    from pagoda.load.bench_kernels import sweep
+    from pagoda.load.kernel_sweep import sweep
 
     sweep(DEV, torch.float32 if DEV.type == "cpu" else torch.bfloat16, big=False)
     out = capsys.readouterr().out
