@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from pagoda.engine.core.sim_core import SimConfig
 
 ROLES = ("gateway", "tokenizer", "scheduler", "worker")
+DEFAULT_LOG_LEVEL = "INFO"  # of the process (--log-level), and of uvicorn's log in the gateway
 _MODEL_ROLES = frozenset({"gateway", "tokenizer", "worker"})  # roles whose parser has --model
 _ADMISSION_ROLES = frozenset({"gateway", "scheduler", "worker"})  # roles whose parser has admission flags
 
@@ -73,7 +74,7 @@ class GatewayConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     rate_limits: RateLimits = field(default_factory=RateLimits)
     queue_timeout_s: float = 300.0  # seconds a request may wait to start (503 after); 0: no limit
-    log_level: str = "INFO"
+    log_level: str = DEFAULT_LOG_LEVEL
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

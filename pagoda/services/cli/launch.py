@@ -194,8 +194,9 @@ class Process:
 
             assert self.config.model is not None
             model = read_served_model(self.config.model)
-            sim = worker.sim
-            core = SimCore(model.tokenizer, model.name, model.max_model_len, sim, model.default_sampling)
+            core = SimCore(
+                model.tokenizer, model.name, model.max_model_len, worker.sim, model.default_sampling
+            )
         else:
             engine = worker.engine
             core = build_off_main_thread(lambda: EngineCore(engine))  # see its docstring: OpenMP pools

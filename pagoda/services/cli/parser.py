@@ -12,7 +12,7 @@ import argparse
 
 from pagoda.engine.engine_args import add_engine_args, field_default, parse_size
 from pagoda.load.cli import add_bench_parser
-from pagoda.services.cli.config import ROLES, ClusterConfig, GatewayConfig, WorkerConfig
+from pagoda.services.cli.config import DEFAULT_LOG_LEVEL, ROLES, ClusterConfig, GatewayConfig, WorkerConfig
 from pagoda.services.gateway.limits import RequestLimits
 from pagoda.services.gateway.ratelimit import RateLimits
 from pagoda.services.scheduler.admission import AdmissionLimits
@@ -28,7 +28,7 @@ assert tuple(_ROLE_HELP) == ROLES
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagoda", description="pagoda: an LLM inference server")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser(
         "serve", help="run all four services in one process (in-memory bus and store unless --bus/--store)"
