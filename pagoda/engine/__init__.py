@@ -42,6 +42,11 @@ _EXPORTS = {
     "EngineConfig": "pagoda.engine.config",
     "BatcherConfig": "pagoda.engine.config",
     "validate_max_model_len": "pagoda.engine.config",
+    "add_engine_args": "pagoda.engine.engine_args",
+    "engine_config_from_args": "pagoda.engine.engine_args",
+    "field_default": "pagoda.engine.engine_args",
+    "parse_size": "pagoda.engine.engine_args",
+    "read_model_info": "pagoda.engine.loader.model_info",
     "load_checkpoint": "pagoda.engine.loader",
     "demo_model_path": "pagoda.engine.loader",
     "generation_defaults": "pagoda.engine.loader.catalog",
@@ -54,10 +59,17 @@ if TYPE_CHECKING:  # re-exports (F401: ruff does not read a computed __all__)
     from pagoda.engine.core.engine_core import EngineCore  # noqa: F401
     from pagoda.engine.core.sim_core import SimConfig, SimCore  # noqa: F401
     from pagoda.engine.core.stats import CoreCounters, EngineCapacity  # noqa: F401
+    from pagoda.engine.engine_args import (  # noqa: F401
+        add_engine_args,
+        engine_config_from_args,
+        field_default,
+        parse_size,
+    )
     from pagoda.engine.kv.block_hash import BlockHash, hash_full_blocks  # noqa: F401
     from pagoda.engine.llm import LLM, make_engine_config  # noqa: F401
     from pagoda.engine.loader import demo_model_path, load_checkpoint  # noqa: F401
     from pagoda.engine.loader.catalog import format_catalog, generation_defaults  # noqa: F401
+    from pagoda.engine.loader.model_info import read_model_info  # noqa: F401
     from pagoda.engine.outputs import RequestOutput, TokenLogprob  # noqa: F401
     from pagoda.engine.sampling.params import SamplingParams  # noqa: F401
     from pagoda.engine.tokenization.detokenizer import IncrementalDetokenizer, StopChecker  # noqa: F401

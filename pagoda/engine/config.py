@@ -1,13 +1,19 @@
 """Engine configuration: frozen dataclasses built once (from the CLI, env or code) and validated
-with the numbers in the message."""
+with the numbers in the message.
+
+Importing this module does not import torch (the CLI reads these defaults to build every role's
+parser, and the gateway, tokenizer and scheduler roles run without torch); only the functions that
+answer with a torch device or dtype import it.
+"""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SchedulingPolicy = Literal["fcfs", "priority"]
@@ -68,7 +74,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
+        if self.device == "cuda" and not _cuda_available():
             raise ValueError("device 'cuda' was asked for but no CUDA device is visible; use --device cpu")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(
@@ -88,9 +94,17 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
 
     def resolved_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @functools.cache
@@ -112,6 +126,8 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
     """`auto`: bfloat16 on GPUs (or the checkpoint's half dtype); on CPU bfloat16 where the CPU has
     native bf16 (3x fp32's matmul speed measured on AVX512-BF16), else float32."""
+    import torch
+
     if dtype != "auto":
         return getattr(torch, dtype)  # type: ignore[no-any-return]
     if device.type == "cuda":

@@ -44,8 +44,12 @@ class GenerationResult:
 
 
 class LLM:
-    def __init__(self, model: str = "", **kwargs: Any) -> None:
-        self.engine = EngineCore(make_engine_config(model, **kwargs))
+    def __init__(self, model: str = "", *, config: EngineConfig | None = None, **kwargs: Any) -> None:
+        """`LLM(model, dtype=..., ...)` (flat keywords, as on the command line) or
+        `LLM(config=EngineConfig(...))`, not both."""
+        if config is not None and (model or kwargs):
+            raise TypeError("pass either config= or the model and its keyword arguments, not both")
+        self.engine = EngineCore(config if config is not None else make_engine_config(model, **kwargs))
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 

@@ -244,25 +244,7 @@ def quant_matmul(
     m = x2.shape[0]
     if not m:
         return torch.empty(*shape[:-1], n, dtype=x.dtype, device=x.device)
-    # small batches (decode) are weight-bandwidth bound: thin M tiles, many N tiles. Defaults
-    # from `bench kernels --sweep int4` on an H200 at 4096 -> 14336 (docs/perf.md): one row runs
-    # the GEMV kernel in 4 K slices; up to 16 rows the conversion kernel; more, the bit-trick one.
-    if not _int4_fast_path(x2, w):
-        kernel = "convert"
-    elif kernel is None:
-        kernel = "gemv" if m == 1 else "convert" if m <= 16 else "magic"
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    if kernel == "gemv":
-        block_n, split_k = block_n or 64, split_k or 4
-    elif kernel == "magic":
-        block_n = block_n or 128
-    else:
-        block_n = block_n or 64
-    block_k = 128 if kernel != "convert" else min(block_k or 128, w.group_size)
-    assert w.group_size % block_k == 0 and k % block_k == 0, f"K {k}, group {w.group_size}"
-    split_k = split_k or 1
-    while k % (split_k * block_k):
-        split_k //= 2
+    kernel, block_m, block_n, block_k, split_k = _tiles(x2, w, kernel, block_n, block_k, split_k)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     dest = out if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
     scales, zeros = w.scales, w.zeros if w.zeros is not None else w.scales
@@ -285,6 +267,39 @@ def quant_matmul(
     if split_k > 1:
         out.copy_(dest.sum(0))
     return out.view(*shape[:-1], n)
+
+
+def _tiles(
+    x2: torch.Tensor,
+    w: QuantizedWeight,
+    kernel: str | None,
+    block_n: int | None,
+    block_k: int | None,
+    split_k: int | None,
+) -> tuple[str, int, int, int, int]:
+    """(kernel, BLOCK_M, BLOCK_N, BLOCK_K, split_k) for x2 [m, K] @ w: the given knobs, the
+    defaults for the others."""
+    m, k = x2.shape[0], w.in_features
+    # small batches (decode) are weight-bandwidth bound: thin M tiles, many N tiles. Defaults
+    # from `bench kernels --sweep int4` on an H200 at 4096 -> 14336 (docs/perf.md): one row runs
+    # the GEMV kernel in 4 K slices; up to 16 rows the conversion kernel; more, the bit-trick one.
+    if not _int4_fast_path(x2, w):
+        kernel = "convert"
+    elif kernel is None:
+        kernel = "gemv" if m == 1 else "convert" if m <= 16 else "magic"
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    if kernel == "gemv":
+        block_n, split_k = block_n or 64, split_k or 4
+    elif kernel == "magic":
+        block_n = block_n or 128
+    else:
+        block_n = block_n or 64
+    block_k = 128 if kernel != "convert" else min(block_k or 128, w.group_size)
+    assert w.group_size % block_k == 0 and k % block_k == 0, f"K {k}, group {w.group_size}"
+    split_k = split_k or 1
+    while k % (split_k * block_k):
+        split_k //= 2
+    return kernel, block_m, block_n, block_k, split_k
 
 
 class QuantLinear(nn.Module):

@@ -32,33 +32,12 @@ class OfflineResult:
         return (self.prompt_tokens + self.output_tokens) / self.seconds
 
 
-def add_offline_args(p: argparse.ArgumentParser) -> None:
-    b = p.add_argument_group("benchmark")
-    b.add_argument("--num-prompts", type=int, default=64)
-    b.add_argument("--output-len", type=int, default=128)
-    b.add_argument(
-        "--peer", choices=["none", "hf"], default="none", help="also measure this peer on the same prompts"
-    )
-    b.add_argument(
-        "--hf-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype HF generate runs in"
-    )
-    b.add_argument(
-        "--hf-batch-size", type=int, default=0, help="HF generate batch size (0: all prompts at once)"
-    )
-    b.add_argument("--json", action="store_true", help="print results as JSON")
-    b.add_argument(
-        "--profile",
-        action="store_true",
-        help="also profile 5 decode steps (torch profiler) and print the top ops",
-    )
-
-
 def bench_pagoda(args: argparse.Namespace, prompts: list[list[int]]) -> OfflineResult:
+    from pagoda.engine.engine_args import engine_config_from_args
     from pagoda.engine.llm import LLM
     from pagoda.engine.sampling.params import SamplingParams
-    from pagoda.services.cli.main import engine_kwargs
 
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(config=engine_config_from_args(args))
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
@@ -111,17 +90,17 @@ def bench_hf(args: argparse.Namespace, prompts: list[list[int]], gguf_path: str)
 
 
 def run_offline(args: argparse.Namespace) -> int:
-    from pagoda.engine.loader import demo_model_path, load_checkpoint
+    from pagoda.engine.loader.model_info import read_model_info
 
-    source = args.model or demo_model_path()
-    tok = load_checkpoint(source).tokenizer
+    info = read_model_info(args.model)
+    tok = info.tokenizer
     prompts = [
         tok.encode(tok.apply_chat_template(m), add_special_tokens=False)
         for m in chat_prompts(args.num_prompts)
     ]
     results = [bench_pagoda(args, prompts)]
     if args.peer == "hf":
-        results.append(bench_hf(args, prompts, source))
+        results.append(bench_hf(args, prompts, info.path))
     system = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}"

@@ -10,94 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
-import os
 import shlex
 from collections.abc import Callable
 from dataclasses import replace
 
 from pagoda.load import peers
-from pagoda.load.datasets import DATASETS, DatasetSpec
+from pagoda.load.datasets import DatasetSpec
 from pagoda.load.outcomes import format_outcomes, prompts_for_duration
-from pagoda.load.peers import PEERS
 from pagoda.load.serve_runner import BenchResult, ServeConfig, parse_slo, run_benchmark
-
-
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    t = p.add_argument_group("target")
-    t.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (a /v1 suffix is ok)")
-    t.add_argument("--model", default=None, help="model name (default: the first of GET /v1/models)")
-    t.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    t.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token")
-    t.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per request")
-    t.add_argument("--max-duration", type=float, default=3600.0, help="seconds allowed for the run")
-    t.add_argument(
-        "--no-tokenize", action="store_true", help="count lengths in words; skip the /tokenize calibration"
-    )
-    load = p.add_argument_group("load")
-    load.add_argument("--concurrency", type=int, default=None, help="most conversations in flight")
-    load.add_argument(
-        "--request-rate", type=float, default=math.inf, help="conversations per second, Poisson (inf)"
-    )
-    load.add_argument("--num-prompts", type=int, default=100, help="requests (multi-turn: rounded up)")
-    load.add_argument(
-        "--duration",
-        type=float,
-        default=None,
-        help="open loop: start requests at --request-rate for this many seconds (sets --num-prompts)",
-    )
-    load.add_argument("--dataset", choices=list(DATASETS), default="random")
-    load.add_argument("--input-len", type=int, default=256, help="prompt tokens (multi-turn: per turn)")
-    load.add_argument(
-        "--output-len", type=int, default=None, help="max_tokens (default 128; sharegpt: the reply's length)"
-    )
-    load.add_argument("--num-turns", type=int, default=4, help="multi-turn: turns per conversation")
-    load.add_argument("--system-len", type=int, default=1024, help="multi-turn: shared system prompt tokens")
-    load.add_argument("--sharegpt-path", default=None, help="local ShareGPT JSON file")
-    load.add_argument("--seed", type=int, default=0)
-    load.add_argument(
-        "--ignore-eos",
-        action="store_true",
-        help="send ignore_eos: true (pagoda, vLLM; a --peer gets min_tokens too)",
-    )
-    peer = p.add_argument_group("peer")
-    t.add_argument(
-        "--launch",
-        default=None,
-        metavar="SERVE_ARGS",
-        help="start `pagoda serve SERVE_ARGS` on a free port as the target instead of --base-url (e.g. "
-        '--launch "--quantization int4"; "" for the defaults); it is stopped before a --peer runs',
-    )
-    peer.add_argument(
-        "--peer",
-        choices=["none", *PEERS, "hf"],
-        default="none",
-        help="after the run, start this server on a free port, run the same requests, compare; "
-        "pagoda-no-prefix-cache is pagoda (with the --launch args) without prefix caching; "
-        "hf runs the prompts in-process through transformers' generate_batch and generate",
-    )
-    peer.add_argument(
-        "--hf-dtype", default="float32", choices=["float32", "bfloat16"], help="--peer hf dtype"
-    )
-    peer.add_argument(
-        "--hf-max-batch-tokens", type=int, default=512, help="--peer hf: generate_batch tokens per step"
-    )
-    peer.add_argument("--peer-model", default=None, help="GGUF file for the peer (default: the demo model)")
-    peer.add_argument("--peer-n-ctx", type=int, default=4096, help="peer context length")
-    peer.add_argument("--peer-threads", type=int, default=2, help="peer CPU threads")
-    out = p.add_argument_group("output")
-    out.add_argument("--slo", default=None, help="goodput bounds in ms, e.g. ttft=500,tpot=50,e2e=10000")
-    out.add_argument(
-        "--metrics-url",
-        action="append",
-        default=None,
-        help="Prometheus /metrics to sample KV cache figures from during the run (repeatable; "
-        "default: the server's own /metrics; in a cluster give each worker's --metrics-port)",
-    )
-    out.add_argument("--json", action="store_true", help="print one JSON object, no progress bar")
-    out.add_argument(
-        "--plot", default=None, metavar="PNG", help="write latency histograms and throughput over time here"
-    )
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -288,7 +208,8 @@ def _plot(args: argparse.Namespace, results: dict[str, BenchResult]) -> None:
 def run_hf_comparison(args: argparse.Namespace, cfg: ServeConfig, result: BenchResult) -> int:
     """--peer hf: the run's prompts (pagoda's tokenizer and chat template) through transformers
     in-process, output tok/s of generate_batch and generate against the server's."""
-    from pagoda.engine.loader import demo_model_path, load_checkpoint
+    from pagoda.engine.loader import demo_model_path
+    from pagoda.engine.loader.model_info import read_model_info
     from pagoda.load.datasets import load_dataset
     from pagoda.load.hf_peer import format_hf_comparison, hf_comparison, load_hf_model, run_hf_peer, turn_ids
 
@@ -298,7 +219,7 @@ def run_hf_comparison(args: argparse.Namespace, cfg: ServeConfig, result: BenchR
     model = load_hf_model(path, args.hf_dtype)
     tpw = float(result.meta.get("tokens_per_word") or cfg.dataset.tokens_per_word)
     turns = [t for conv in load_dataset(replace(cfg.dataset, tokens_per_word=tpw)) for t in conv]
-    tok = load_checkpoint(path).tokenizer
+    tok = read_model_info(path).tokenizer
     prompts = [turn_ids(tok, t, cfg.endpoint) for t in turns]
     runs = run_hf_peer(model, prompts, [t.output_len for t in turns], cfg.concurrency or len(turns),
                        args.hf_max_batch_tokens)  # fmt: skip

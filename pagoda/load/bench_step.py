@@ -17,9 +17,13 @@ import re
 import statistics
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from pagoda.engine.config import EngineConfig
+    from pagoda.engine.core.engine_core import EngineCore
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +40,7 @@ _PARTS = (
     ("attention.py", "", "attention backend (KV write, gather, mask, SDPA)"),
     ("quantization.py", "", "linears (quantized)"),
     ("onednn_linear.py", "", "linears (oneDNN-packed)"),
-    ("sampler.py", "SamplingMetadata", "sampler metadata"),
+    ("sampling_metadata.py", "", "sampler metadata"),
     ("sampler.py", "", "sampler"),
     ("model_runner.py", "", "runner bookkeeping"),
     ("compiled_decode.py", "", "compiled forward"),
@@ -85,72 +89,18 @@ def _part(event: Any) -> str:
     return "other"
 
 
-def add_step_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=40, help="decode steps timed")
-    p.add_argument("--profile-steps", type=int, default=5, help="decode steps under the profiler")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default="none")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--compile", action="store_true", help="decode steps through torch.compile")
-    p.add_argument("--json", action="store_true")
-
-
 def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from torch.profiler import ProfilerActivity, profile
-
-    from pagoda.engine.config import CacheConfig, EngineConfig
+    """Loads the demo model, starts `args.batch` random prompts, times `args.steps` decode steps
+    and profiles `args.profile_steps` more; prints and returns the figures."""
     from pagoda.engine.core.engine_core import EngineCore
-    from pagoda.engine.sampling.params import SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = EngineConfig(
-        dtype=args.dtype,
-        quantization=args.quantization,
-        cache=CacheConfig(enable_prefix_caching=False, kv_cache_memory=1 << 28),
-        compile=args.compile,
-        # the model's own limit may not fit the KV budget (float32 under int8)
-        max_model_len=args.input_len + args.steps + args.profile_steps + 64,
-    )
     t0 = time.perf_counter()
-    core = EngineCore(config)
+    core = EngineCore(_engine_config(args))
     load_s = time.perf_counter() - t0
-    total = args.steps + args.profile_steps + 8
-    params = SamplingParams(max_tokens=total, temperature=0.0, ignore_eos=True)
-    g = torch.Generator().manual_seed(0)
-    for i in range(args.batch):
-        prompt = torch.randint(10, 40000, (args.input_len,), generator=g).tolist()
-        core.add_request(f"s{i}", prompt, params)
-    t0 = time.perf_counter()
-    while core.last_stats.num_scheduled_tokens != args.batch:  # prefill, then the first decode
-        core.step()
-    for _ in range(3):
-        core.step()
-    warm_s = time.perf_counter() - t0
-    times, cpu = [], []
-    for _ in range(args.steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        core.step()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
-        for _ in range(args.profile_steps):
-            core.step()
-    events = [e for e in prof.events() if e.name.startswith(_OPS)]
-    top = [e for e in events if not _has_op_parent(e)]
-    n = args.profile_steps
-    by_part: Counter[str] = Counter()
-    ops_by_part: Counter[str] = Counter()
-    ops: Counter[str] = Counter()
-    op_time: Counter[str] = Counter()
-    for e in top:
-        part = _part(e)
-        by_part[part] += e.cpu_time_total
-        ops_by_part[part] += 1
-        ops[e.name] += 1
-        op_time[e.name] += e.cpu_time_total
+    warm_s = _start_decoding(core, args)
+    times, cpu = _time_steps(core, args.steps)
     result = {
         "dtype": str(core.dtype),
         "quantization": core.quantization,
@@ -162,12 +112,7 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
         "step_ms_mean": round(statistics.fmean(times) * 1e3, 2),
         "step_ms_min": round(min(times) * 1e3, 2),
         "cpu_ms_per_step_p50": round(statistics.median(cpu) * 1e3, 2),
-        "ops_top_level_per_step": len(top) / n,
-        "ops_all_per_step": len(events) / n,
-        "profiled_ms_per_step_by_part": {k: round(v / n / 1e3, 2) for k, v in by_part.most_common()},
-        "top_level_ops_per_step_by_part": {k: v / n for k, v in ops_by_part.most_common()},
-        "top_ops_per_step": {k: v / n for k, v in ops.most_common(15)},
-        "profiled_ms_per_step_by_op": {k: round(v / n / 1e3, 2) for k, v in op_time.most_common(8)},
+        **_profiled_ops(core, args.profile_steps),
     }
     if args.json:
         print(json.dumps(result))
@@ -175,6 +120,78 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
         for k, v in result.items():
             print(f"{k}: {v}")
     return result
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    from pagoda.engine.config import CacheConfig, EngineConfig
+
+    return EngineConfig(
+        dtype=args.dtype,
+        quantization=args.quantization,
+        cache=CacheConfig(enable_prefix_caching=False, kv_cache_memory=1 << 28),
+        compile=args.compile,
+        # the model's own limit may not fit the KV budget (float32 under int8)
+        max_model_len=args.input_len + args.steps + args.profile_steps + 64,
+    )
+
+
+def _start_decoding(core: EngineCore, args: argparse.Namespace) -> float:
+    """Adds the batch's random prompts and steps through their prefill and a few decodes; seconds."""
+    from pagoda.engine.sampling.params import SamplingParams
+
+    total = args.steps + args.profile_steps + 8
+    params = SamplingParams(max_tokens=total, temperature=0.0, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(args.batch):
+        prompt = torch.randint(10, 40000, (args.input_len,), generator=g).tolist()
+        core.add_request(f"s{i}", prompt, params)
+    t0 = time.perf_counter()
+    while core.last_stats.num_scheduled_tokens != args.batch:  # prefill, then the first decode
+        core.step()
+    for _ in range(3):
+        core.step()
+    return time.perf_counter() - t0
+
+
+def _time_steps(core: EngineCore, steps: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of each of `steps` steps."""
+    times, cpu = [], []
+    for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        core.step()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return times, cpu
+
+
+def _profiled_ops(core: EngineCore, n: int) -> dict[str, Any]:
+    """`n` steps under the torch profiler: ops per step, and where their time goes, by engine
+    part (the innermost engine function above each top-level op) and by op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        for _ in range(n):
+            core.step()
+    events = [e for e in prof.events() if e.name.startswith(_OPS)]
+    top = [e for e in events if not _has_op_parent(e)]
+    by_part: Counter[str] = Counter()
+    ops_by_part: Counter[str] = Counter()
+    ops: Counter[str] = Counter()
+    op_time: Counter[str] = Counter()
+    for e in top:
+        part = _part(e)
+        by_part[part] += e.cpu_time_total
+        ops_by_part[part] += 1
+        ops[e.name] += 1
+        op_time[e.name] += e.cpu_time_total
+    return {
+        "ops_top_level_per_step": len(top) / n,
+        "ops_all_per_step": len(events) / n,
+        "profiled_ms_per_step_by_part": {k: round(v / n / 1e3, 2) for k, v in by_part.most_common()},
+        "top_level_ops_per_step_by_part": {k: v / n for k, v in ops_by_part.most_common()},
+        "top_ops_per_step": {k: v / n for k, v in ops.most_common(15)},
+        "profiled_ms_per_step_by_op": {k: round(v / n / 1e3, 2) for k, v in op_time.most_common(8)},
+    }
 
 
 def _has_op_parent(e: Any) -> bool:
@@ -187,6 +204,8 @@ def _has_op_parent(e: Any) -> bool:
 
 
 if __name__ == "__main__":
+    from pagoda.load.cli import add_step_args
+
     ap = argparse.ArgumentParser(description=__doc__)
     add_step_args(ap)
     run_step_bench(ap.parse_args())

@@ -1,4 +1,5 @@
-"""The CLI and report of `pagoda bench control-plane` (its measuring core: bench_control_plane.py)."""
+"""The report of `pagoda bench control-plane` and the run from its flags (the flags: load/cli.py;
+the measuring core: bench_control_plane.py)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,8 @@ import argparse
 import json
 from typing import Any
 
-from pagoda.load.bench_control_plane import (
-    SATURATED_PCT,
-    ControlPlaneConfig,
-    cpu_ms_per_1k,
-    run_control_plane,
-)
+from pagoda.load.bench_control_plane import cpu_ms_per_1k, run_control_plane
+from pagoda.load.control_plane_config import SATURATED_PCT, ControlPlaneConfig
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -65,34 +62,6 @@ def saturation_line(levels: list[dict[str, Any]]) -> str:
     best = max(levels, key=lambda lv: lv["tokens_per_s"], default=None)
     peak = f"; peak {best['tokens_per_s']:.0f} tok/s at {best['streams']} streams" if best else ""
     return f"Saturation: no process reached {SATURATED_PCT:.0f}% of a core{peak}"
-
-
-# --- CLI ---------------------------------------------------------------------------------------
-
-
-def add_control_plane_args(p: argparse.ArgumentParser) -> None:
-    d = ControlPlaneConfig()
-    s = p.add_argument_group("stack")
-    s.add_argument("--bus", default=d.bus, help="RabbitMQ URL")
-    s.add_argument("--store", default=d.store, help="Redis URL")
-    s.add_argument("--namespace", default="", help="queue/key prefix (default: a fresh one)")
-    s.add_argument("--model", default="", help="whose tokenizer the services load (default: the demo model)")
-    s.add_argument("--workers", type=int, default=d.workers, help="sim worker processes")
-    s.add_argument("--tokenizers", type=int, default=d.tokenizers, help="tokenizer processes")
-    s.add_argument("--router", default=d.router, choices=["prefix", "least-load", "round-robin"])
-    s.add_argument("--sim-step-ms", type=float, default=d.step_ms, help="modeled engine step time")
-    s.add_argument("--sim-max-batch", type=int, default=d.max_batch, help="sequences per sim step")
-    s.add_argument("--service-log-level", default=d.service_log_level, help="log level of the services")
-    s.add_argument("--startup-timeout", type=float, default=d.startup_timeout_s)
-    ld = p.add_argument_group("load")
-    ld.add_argument(
-        "--streams", default="100", help="concurrent streams; a comma list sweeps, e.g. 100,500,1000"
-    )
-    ld.add_argument("--duration", type=float, default=d.duration_s, help="seconds per level")
-    ld.add_argument("--output-len", type=int, default=d.output_len, help="tokens per request")
-    ld.add_argument("--prompt-len", type=int, default=d.prompt_words, help="prompt words per request")
-    ld.add_argument("--timeout", type=float, default=d.request_timeout_s, help="seconds allowed per request")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def config_from_args(args: argparse.Namespace) -> ControlPlaneConfig:

@@ -21,8 +21,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Protocol, Self
 
-import httpx
-
 
 class PeerError(ValueError):
     """A peer that cannot start: one line naming the fix (the CLI prints it, no traceback)."""
@@ -99,6 +97,8 @@ class ServerProcess:
             raise
 
     def _wait_ready(self) -> None:
+        import httpx  # here, not at the top: `pagoda --help` reads PEERS without paying for httpx
+
         assert self._proc is not None
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:

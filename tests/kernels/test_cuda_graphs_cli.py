@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from pagoda.engine.engine_args import engine_config_from_args
 from pagoda.engine.llm import LLM
 from pagoda.engine.runner.attention import TorchAttention, TritonAttention
 from pagoda.engine.runner.cuda_graphs import DecodeGraphs, capture_sizes
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.kernels.runtime import interpreting
-from pagoda.services.cli.main import build_parser, engine_kwargs, main
+from pagoda.services.cli.main import main
+from pagoda.services.cli.parser import build_parser
 from tests.kernels import DEV
 from tests.tiny_models import make_tiny_model
 
@@ -31,12 +33,10 @@ def test_capture_sizes() -> None:
 
 
 def test_enforce_eager_flag_reaches_the_config() -> None:
-    from pagoda.engine.llm import make_engine_config
-
     args = build_parser().parse_args(["serve", "--enforce-eager", "--attention-backend", "triton"])
-    cfg = make_engine_config("", **engine_kwargs(args))
+    cfg = engine_config_from_args(args)
     assert cfg.enforce_eager and cfg.attention_backend == "triton"
-    assert not make_engine_config("", **engine_kwargs(build_parser().parse_args(["serve"]))).enforce_eager
+    assert not engine_config_from_args(build_parser().parse_args(["serve"])).enforce_eager
 
 
 def test_cpu_engine_never_captures(tmp_path: Path) -> None:
@@ -109,7 +109,7 @@ def test_bench_kernels_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bench_kernels_sweep_code_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """The GPU tuning sweep's code path, at toy shapes on DEV (the interpreter on the CPU)."""
-    from pagoda.load.bench_kernels import sweep
+    from pagoda.load.kernel_sweep import sweep
 
     sweep(DEV, torch.float32 if DEV.type == "cpu" else torch.bfloat16, big=False)
     out = capsys.readouterr().out

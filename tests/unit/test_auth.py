@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -60,8 +61,11 @@ async def test_every_key_works_and_none_is_logged(caplog: pytest.LogCaptureFixtu
 def test_launch_logs_the_count_not_the_keys(
     caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pagoda.services.cli.launch import _api_keys
-    from pagoda.services.cli.main import build_parser
+    from pagoda.services.cli.config import ROLES, launch_config
+    from pagoda.services.cli.launch import gateway_app
+    from pagoda.services.cli.parser import build_parser
+    from pagoda.services.ops.metrics import Metrics
+    from pagoda.services.transport.store import InMemoryStore
 
     monkeypatch.delenv("PAGODA_API_KEYS", raising=False)
     monkeypatch.delenv("PAGODA_API_KEY", raising=False)
@@ -69,5 +73,7 @@ def test_launch_logs_the_count_not_the_keys(
     path.write_text("file-secret-1\n")
     args = build_parser().parse_args(["serve", "--api-key", "flag-secret-2", "--api-key-file", str(path)])
     caplog.set_level(logging.DEBUG)
-    assert _api_keys(args) == ["flag-secret-2", "file-secret-1"]
+    gateway = launch_config(args, ROLES).gateway
+    assert gateway is not None and gateway.api_keys == ("flag-secret-2", "file-secret-1")
+    gateway_app(gateway, cast(Any, local_frontend(FakeEngine())), Metrics(), None, InMemoryStore())
     assert "2 configured" in caplog.text and "secret" not in caplog.text

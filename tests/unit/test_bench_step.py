@@ -8,7 +8,8 @@ import argparse
 import pytest
 
 from pagoda.engine.runner.onednn_linear import onednn_bf16_available
-from pagoda.load.bench_step import add_step_args, run_step_bench
+from pagoda.load.bench_step import run_step_bench
+from pagoda.load.cli import add_step_args
 
 # `auto` is bf16 with oneDNN-packed linears where the CPU has native bf16, else float32 F.linear
 PLAIN = "mkldnn::_linear_pointwise" if onednn_bf16_available() else "aten::linear"

@@ -62,9 +62,9 @@ def test_compile_with_int8_is_a_clear_error() -> None:
 
 
 def test_compile_flag_reaches_the_config() -> None:
-    from pagoda.engine.llm import make_engine_config
-    from pagoda.services.cli.main import build_parser, engine_kwargs
+    from pagoda.engine.engine_args import engine_config_from_args
+    from pagoda.services.cli.parser import build_parser
 
     args = build_parser().parse_args(["serve", "--compile", "--quantization", "int4"])
-    assert make_engine_config("", **engine_kwargs(args)).compile
-    assert not make_engine_config("", **engine_kwargs(build_parser().parse_args(["serve"]))).compile
+    assert engine_config_from_args(args).compile
+    assert not engine_config_from_args(build_parser().parse_args(["serve"])).compile

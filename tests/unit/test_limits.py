@@ -133,7 +133,8 @@ def test_json_depth_matches_the_parsed_value(value: Any) -> None:
 
 
 def test_flags_build_the_limits() -> None:
-    from pagoda.services.cli.main import admission_limits, build_parser, request_limits
+    from pagoda.services.cli.config import admission_limits, launch_config, request_limits
+    from pagoda.services.cli.parser import build_parser
     from pagoda.services.scheduler.admission import AdmissionLimits
 
     args = build_parser().parse_args(
@@ -151,4 +152,4 @@ def test_flags_build_the_limits() -> None:
         role_args = build_parser().parse_args(flags)
         assert admission_limits(role_args).max_waiting == 3
     tokenizer = build_parser().parse_args(["tokenizer", "--bus", "amqp://x"])
-    assert admission_limits(tokenizer) == AdmissionLimits()
+    assert launch_config(tokenizer, ("tokenizer",)).admission == AdmissionLimits()  # it has no such flags

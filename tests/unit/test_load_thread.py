@@ -3,7 +3,6 @@ GNU OpenMP slows every small op of the step thread once another live thread has 
 
 from __future__ import annotations
 
-import argparse
 import threading
 from typing import Any
 
@@ -33,9 +32,12 @@ def test_build_errors_reach_the_caller() -> None:
 
 
 def test_services_build_the_engine_core_off_the_main_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`pagoda serve` and `pagoda worker` (pagoda.services.cli.launch._worker) and AsyncEngine.from_config."""
+    """`pagoda serve` and `pagoda worker` (pagoda.services.cli.launch.Process.build_worker) and
+    AsyncEngine.from_config."""
     from pagoda.engine.core import async_engine, engine_core
-    from pagoda.services.cli import launch
+    from pagoda.services.cli.config import launch_config
+    from pagoda.services.cli.launch import Process
+    from pagoda.services.cli.parser import build_parser
 
     built_in: list[str] = []
 
@@ -43,13 +45,11 @@ def test_services_build_the_engine_core_off_the_main_thread(monkeypatch: pytest.
         def __init__(self, config: Any) -> None:
             built_in.append(threading.current_thread().name)
 
-    monkeypatch.setattr(engine_core, "EngineCore", FakeCore)  # what pagoda.engine and from_config serve
-    monkeypatch.setattr("pagoda.engine.llm.make_engine_config", lambda *a, **k: object())
-    monkeypatch.setattr("pagoda.services.cli.launch.engine_kwargs", lambda args: {})
+    monkeypatch.setattr(engine_core, "EngineCore", FakeCore)
     monkeypatch.setattr("pagoda.services.ops.failpoints.install_failpoints", lambda core: None)
     monkeypatch.setattr("pagoda.services.worker.service.WorkerService", lambda engine, *a, **k: engine)
     monkeypatch.setattr("pagoda.engine.core.async_engine.AsyncEngine.__init__", lambda self, core: None)
-    args = argparse.Namespace(model="", backend="torch")
-    launch._worker(args, None, None, 1.0, None, None)  # type: ignore[arg-type]
+    args = build_parser().parse_args(["worker", "--bus", "amqp://x", "--store", "redis://x"])
+    Process(launch_config(args, ("worker",))).build_worker()
     async_engine.AsyncEngine.from_config(object())  # type: ignore[arg-type]
     assert built_in == ["pagoda-load", "pagoda-load"]

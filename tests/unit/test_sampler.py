@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from pagoda.engine.outputs import TokenLogprob
 from pagoda.engine.sampling.params import SamplingParams
-from pagoda.engine.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, make_generator
+from pagoda.engine.sampling.sampler import Sampler, SamplerOutput, make_generator
+from pagoda.engine.sampling.sampling_metadata import SamplingMetadata
 
 CPU = torch.device("cpu")
 EOS = (2,)

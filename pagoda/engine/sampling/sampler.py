@@ -8,15 +8,13 @@ Rows with a seeded generator draw their noise from it alone, so their tokens do 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pagoda.engine.outputs import TokenLogprob
-from pagoda.engine.sampling.params import SamplingParams
+from pagoda.engine.sampling.sampling_metadata import SamplingMetadata
 
 _NEG_INF = float("-inf")
 # top-p first looks for the nucleus among this many best tokens; rows whose nucleus is wider
@@ -33,179 +31,6 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
-
-
-@dataclass
-class SamplingMetadata:
-    """Everything the sampler needs for one step, built once from the rows to sample.
-
-    "Random rows" are the non-greedy rows, in row order; the per-random-row tensors are aligned with
-    them. A stage's tensors are None when no row of the step needs that stage.
-    """
-
-    num_rows: int
-    vocab_size: int
-    random_rows: torch.Tensor | None  # [num_random] int64; None when all rows are random or all greedy
-    all_greedy: bool
-    all_random: bool
-    # logits processors, all rows
-    bias_rows: torch.Tensor | None  # [num_bias] int64, with bias_tokens/bias_values: one entry per bias
-    bias_tokens: torch.Tensor | None
-    bias_values: torch.Tensor | None  # [num_bias] float32
-    banned_rows: torch.Tensor | None  # [num_banned] int64: min_tokens not reached, ban eos/stop tokens
-    banned_tokens: torch.Tensor | None
-    # Id tensors are padded by repeating the row's last id (0 for an empty row): the penalties are
-    # applied by gather -> compute -> scatter on these ids, where a repeated id writes the same value
-    # twice, and an empty row's parameters are neutral there.
-    seen_ids: torch.Tensor | None  # [num_rows, max_prompt + max_output] int64: prompt then output
-    output_ids: torch.Tensor | None  # [num_rows, max_output] int64
-    output_mask: torch.Tensor | None  # [num_rows, max_output] float32: 1 for real ids, 0 for padding
-    repetition_penalty: torch.Tensor | None  # [num_rows, 1] float32, 1.0 for rows with nothing seen
-    frequency_penalty: torch.Tensor | None  # [num_rows, 1] float32
-    presence_penalty: torch.Tensor | None  # [num_rows, 1] float32
-    # random rows only
-    temperature: torch.Tensor | None  # [num_random, 1] float32
-    top_k: torch.Tensor | None  # [num_random, 1] int64, vocab_size where off
-    max_top_k: int
-    top_p: torch.Tensor | None  # [num_random, 1] float32, 1.0 where off
-    min_p: torch.Tensor | None  # [num_random, 1] float32, 0.0 where off
-    generators: dict[int, torch.Generator]  # position among the random rows -> its generator
-    # logprobs: the rows that asked, greedy ones first, then random ones; k per row
-    logprob_rows: list[int]
-    logprob_k: list[int]
-    logprob_greedy_rows: torch.Tensor | None  # [g] int64, row indices (into the logits)
-    logprob_random_pos: torch.Tensor | None  # [r] int64, positions among the random rows
-
-    @property
-    def needs_processing(self) -> bool:
-        return (
-            self.bias_rows is not None
-            or self.banned_rows is not None
-            or self.seen_ids is not None
-            or self.output_ids is not None
-        )
-
-    @classmethod
-    def build(
-        cls,
-        params: Sequence[SamplingParams],
-        prompt_token_ids: Sequence[Sequence[int]],
-        output_token_ids: Sequence[Sequence[int]],
-        generators: Sequence[torch.Generator | None],
-        vocab_size: int,
-        eos_token_ids: Sequence[int],
-        device: torch.device,
-    ) -> SamplingMetadata:
-        n = len(params)
-        assert len(prompt_token_ids) == n and len(output_token_ids) == n and len(generators) == n, (
-            n,
-            len(prompt_token_ids),
-            len(output_token_ids),
-            len(generators),
-        )
-        V = vocab_size
-
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        def column(values: list[float]) -> torch.Tensor:  # [rows, 1] float32
-            return tensor(values, torch.float32).unsqueeze(1)
-
-        random_pos = [i for i, p in enumerate(params) if not p.greedy]
-        rand = [params[i] for i in random_pos]
-        all_greedy, all_random = not random_pos, len(random_pos) == n
-
-        bias_rows: list[int] = []
-        bias_tokens: list[int] = []
-        bias_values: list[float] = []
-        banned_rows: list[int] = []
-        banned_tokens: list[int] = []
-        for i, p in enumerate(params):
-            if p.logit_bias:
-                bad = sorted(t for t in p.logit_bias if not 0 <= t < V)
-                if bad:
-                    raise ValueError(
-                        f"logit_bias token ids {bad} are outside the vocabulary (size {V}); "
-                        f"use ids in [0, {V - 1}]"
-                    )
-                bias_rows += [i] * len(p.logit_bias)
-                bias_tokens += p.logit_bias.keys()
-                bias_values += p.logit_bias.values()
-            if len(output_token_ids[i]) < p.min_tokens:
-                # ids outside the vocabulary can never be sampled, so there is nothing to ban
-                stops = {t for t in (*eos_token_ids, *p.stop_token_ids) if 0 <= t < V}
-                banned_rows += [i] * len(stops)
-                banned_tokens += stops
-
-        uses_rep = [p.repetition_penalty != 1.0 for p in params]
-        uses_freq = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
-        seen_ids = output_ids = output_mask = rep_penalty = None
-        if any(uses_rep):
-            seen = [[*prompt_token_ids[i], *output_token_ids[i]] if r else [] for i, r in enumerate(uses_rep)]
-            seen_ids, _ = _pad(seen, V, device)
-            # a row with nothing seen pads with token 0: a penalty of 1.0 leaves it alone
-            rep_penalty = column(
-                [p.repetition_penalty if ids else 1.0 for p, ids in zip(params, seen, strict=True)]
-            )
-        if any(uses_freq):
-            outputs = [output_token_ids[i] if f else () for i, f in enumerate(uses_freq)]
-            output_ids, output_mask = _pad(outputs, V, device)
-
-        top_ks = [p.effective_top_k for p in rand]
-        lp_greedy = [i for i, p in enumerate(params) if p.logprobs is not None and p.greedy]
-        lp_random = [j for j, i in enumerate(random_pos) if params[i].logprobs is not None]
-        logprob_rows = lp_greedy + [random_pos[j] for j in lp_random]
-        return cls(
-            num_rows=n,
-            vocab_size=V,
-            random_rows=tensor(random_pos, torch.int64) if not (all_greedy or all_random) else None,
-            all_greedy=all_greedy,
-            all_random=all_random,
-            bias_rows=tensor(bias_rows, torch.int64) if bias_rows else None,
-            bias_tokens=tensor(bias_tokens, torch.int64) if bias_rows else None,
-            bias_values=tensor(bias_values, torch.float32) if bias_rows else None,
-            banned_rows=tensor(banned_rows, torch.int64) if banned_rows else None,
-            banned_tokens=tensor(banned_tokens, torch.int64) if banned_rows else None,
-            seen_ids=seen_ids,
-            output_ids=output_ids,
-            output_mask=output_mask,
-            repetition_penalty=rep_penalty,
-            frequency_penalty=column([p.frequency_penalty for p in params]) if any(uses_freq) else None,
-            presence_penalty=column([p.presence_penalty for p in params]) if any(uses_freq) else None,
-            temperature=(
-                column([p.temperature for p in rand]) if any(p.temperature != 1.0 for p in rand) else None
-            ),
-            top_k=(
-                tensor([min(k, V) if k else V for k in top_ks], torch.int64).unsqueeze(1)
-                if any(top_ks)
-                else None
-            ),
-            max_top_k=min(max(top_ks, default=0), V),
-            top_p=column([p.top_p for p in rand]) if any(p.top_p < 1.0 for p in rand) else None,
-            min_p=column([p.min_p for p in rand]) if any(p.min_p > 0.0 for p in rand) else None,
-            generators={j: g for j, i in enumerate(random_pos) if (g := generators[i]) is not None},
-            logprob_rows=logprob_rows,
-            logprob_k=[min(params[i].logprobs or 0, V) for i in logprob_rows],
-            logprob_greedy_rows=tensor(lp_greedy, torch.int64) if lp_greedy else None,
-            logprob_random_pos=tensor(lp_random, torch.int64) if lp_random else None,
-        )
-
-
-def _pad(
-    rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[len(rows), longest] int64 ids padded by repeating each row's last id (0 for an empty row),
-    and the [len(rows), longest] float32 mask of the real ids."""
-    longest = max(1, max(len(r) for r in rows))
-    ids = np.zeros((len(rows), longest), dtype=np.int64)
-    mask = np.zeros((len(rows), longest), dtype=np.float32)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, : len(r)] = r
-            ids[i, len(r) :] = r[-1]
-            mask[i, : len(r)] = 1.0
-    assert ids.min() >= 0 and ids.max() < vocab_size, (ids.min(), ids.max(), vocab_size)
-    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
 @dataclass

@@ -65,6 +65,17 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
 
 
+@dataclass
+class _StepPlan:
+    """What one `Batcher.schedule` call has decided so far."""
+
+    budget: int  # tokens left this step
+    num_scheduled: dict[str, int] = field(default_factory=dict)
+    cached: list[CachedRequestData] = field(default_factory=list)
+    new: list[NewRequestData] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+
 class Batcher:
     def __init__(
         self,
@@ -121,59 +132,64 @@ class Batcher:
 
     # -- the step ---------------------------------------------------------------------------
     def schedule(self) -> BatchPlan:
-        budget = self.config.max_num_batched_tokens
-        num_scheduled: dict[str, int] = {}
-        cached: list[CachedRequestData] = []
-        new: list[NewRequestData] = []
-        preempted: list[Request] = []
+        """This step's plan: running requests first (preempting the lowest ranked when blocks run
+        out), then waiting ones while budget, sequence slots and blocks last."""
+        step = _StepPlan(self.config.max_num_batched_tokens)
+        self._schedule_running(step)
+        if not step.preempted:  # new work only when nothing had to be preempted this step
+            self._schedule_waiting(step)
+        self.num_prefilling = self._count_prefilling()
+        finished = self._finished_ids | {r.request_id for r in step.preempted}
+        self._finished_ids = set()
+        return BatchPlan(
+            new_requests=step.new,
+            cached_requests=step.cached,
+            num_scheduled_tokens=step.num_scheduled,
+            total_num_scheduled_tokens=self.config.max_num_batched_tokens - step.budget,
+            finished_req_ids=finished,
+            num_preempted=len(step.preempted),
+        )
 
+    def _schedule_running(self, step: _StepPlan) -> None:
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and step.budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens - req.num_computed_tokens, step.budget)
             n = min(n, self.max_model_len - req.num_computed_tokens)
             assert n > 0, req
             new_blocks = self.kv.allocate_slots(req, n)
             while new_blocks is None:
                 victim = self._pick_victim()
                 if self.running.index(victim) < i:  # already scheduled this step: undo that
-                    budget += num_scheduled.pop(victim.request_id)
-                    cached = [c for c in cached if c.req_id != victim.request_id]
+                    step.budget += step.num_scheduled.pop(victim.request_id)
+                    step.cached = [c for c in step.cached if c.req_id != victim.request_id]
                     i -= 1
                 self._preempt(victim)
-                preempted.append(victim)
+                step.preempted.append(victim)
                 if victim is req:
                     break
                 new_blocks = self.kv.allocate_slots(req, n)
             if new_blocks is None:  # req itself was preempted
                 continue
-            num_scheduled[req.request_id] = n
-            cached.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
-            budget -= n
+            step.num_scheduled[req.request_id] = n
+            step.cached.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
+            step.budget -= n
             i += 1
 
-        # New work only when nothing had to be preempted this step.
-        while not preempted and self.waiting and budget > 0:
-            if len(self.running) >= self.config.max_num_seqs:
-                break
+    def _schedule_waiting(self, step: _StepPlan) -> None:
+        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self._peek_waiting()
             hits = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
             num_cached = len(hits) * self.kv.block_size
             remaining = req.num_tokens - num_cached
-            if not self.config.enable_chunked_prefill and remaining > budget:
+            if not self.config.enable_chunked_prefill and remaining > step.budget:
                 break
-            n = min(remaining, budget)
+            n = min(remaining, step.budget)
             if self.kv.allocate_slots(req, n, hits) is None:
                 break
-            self._remove_waiting(req)
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_cached
-                req.queue_time_s = time.monotonic() - req.arrival_time
-            req.num_computed_tokens = num_cached
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            num_scheduled[req.request_id] = n
-            new.append(
+            self._start(req, num_cached)
+            step.num_scheduled[req.request_id] = n
+            step.new.append(
                 NewRequestData(
                     req_id=req.request_id,
                     token_ids=list(req.all_token_ids),
@@ -184,19 +200,17 @@ class Batcher:
                     generator=req.generator,
                 )
             )
-            budget -= n
+            step.budget -= n
 
-        self.num_prefilling = self._count_prefilling()
-        finished = self._finished_ids | {r.request_id for r in preempted}
-        self._finished_ids = set()
-        return BatchPlan(
-            new_requests=new,
-            cached_requests=cached,
-            num_scheduled_tokens=num_scheduled,
-            total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
-            finished_req_ids=finished,
-            num_preempted=len(preempted),
-        )
+    def _start(self, req: Request, num_cached: int) -> None:
+        """Move `req` from waiting to running, its first `num_cached` tokens found in the cache."""
+        self._remove_waiting(req)
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = num_cached
+            req.queue_time_s = time.monotonic() - req.arrival_time
+        req.num_computed_tokens = num_cached
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
 
     def update(self, out: BatchPlan, res: RunnerOutput) -> list[Request]:
         """Advance counters, append sampled tokens, finish requests that stop. Returns the

@@ -2,7 +2,10 @@
 an in-memory bus and store unless --bus/--store name real servers); `pagoda gateway|tokenizer|
 scheduler|worker` run one each. SIGTERM/SIGINT stop the HTTP side first (open requests get up to
 --shutdown-timeout to finish), then a worker drains (takes no new requests, finishes its running
-ones within --shutdown-timeout), then the services stop."""
+ones within --shutdown-timeout), then the services stop.
+
+The gateway, tokenizer and scheduler never import torch: they read the model's tokenizer and
+limits (`read_served_model`), not its weights; only a worker builds an engine."""
 
 from __future__ import annotations
 
@@ -13,12 +16,12 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import uvicorn
 
-from pagoda.services.cli.main import admission_limits, engine_kwargs, request_limits
+from pagoda.services.cli.config import GatewayConfig, LaunchConfig, ModelSource, launch_config
 from pagoda.services.ops import tracing
 from pagoda.services.ops.metrics import Metrics
 from pagoda.services.scheduler.registry import WorkerRegistry
@@ -27,9 +30,16 @@ from pagoda.services.transport.bus_memory import InMemoryBus
 from pagoda.services.transport.messages import Queues
 from pagoda.services.transport.store import InMemoryStore, Store, make_store
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from pagoda.engine import Tokenizer
+    from pagoda.services.gateway.bus_frontend import BusFrontend
+    from pagoda.services.scheduler.admission import FleetAdmission
+
 logger = logging.getLogger("pagoda")
 
-ROLES = ("gateway", "tokenizer", "scheduler", "worker")
+CLOSE_TIMEOUT_S = 5.0
 
 
 class _Service(Protocol):
@@ -46,48 +56,35 @@ class _Server(uvicorn.Server):
         yield
 
 
-@dataclass
-class _Model:
+@dataclass(frozen=True)
+class ServedModel:
     """What the front tiers need of the model: its tokenizer and limits, not its weights."""
 
     name: str
-    tokenizer: Any
+    tokenizer: Tokenizer
     max_model_len: int
-    default_sampling: dict[str, float] = field(default_factory=dict)
+    default_sampling: dict[str, float]
 
 
-def _model_info(args: argparse.Namespace) -> _Model:
-    from pagoda.engine import demo_model_path, generation_defaults, load_checkpoint, validate_max_model_len
+def read_served_model(source: ModelSource) -> ServedModel:
+    """The tokenizer, name, context length and sampling defaults of `source`; reads no weights and
+    imports no torch. Raises ValueError when --max-model-len exceeds the model's context."""
+    from pagoda.engine import read_model_info, validate_max_model_len
 
-    ckpt = load_checkpoint(args.model or demo_model_path())
-    return _Model(
-        name=args.served_model_name or ckpt.name,
-        tokenizer=ckpt.tokenizer,
-        max_model_len=validate_max_model_len(args.max_model_len, ckpt.arch.max_position_embeddings),
-        default_sampling=generation_defaults(ckpt.path),
+    info = read_model_info(source.model)
+    return ServedModel(
+        name=source.served_model_name or info.name,
+        tokenizer=info.tokenizer,
+        max_model_len=validate_max_model_len(source.max_model_len, info.context_length),
+        default_sampling=info.default_sampling,
     )
 
 
-def _api_keys(args: argparse.Namespace) -> list[str] | None:
-    from pagoda.services.gateway.auth import load_api_keys
-
-    keys = load_api_keys(getattr(args, "api_key", None), getattr(args, "api_key_file", None))
-    if keys:
-        logger.info("API keys required: %d configured", len(keys))  # never the keys themselves
-    return keys or None
-
-
 def run_roles(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
-    bus_url = getattr(args, "bus", None)
-    store_url = getattr(args, "store", None)
-    if getattr(args, "shutdown_timeout", 0.0) < 0:
-        raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
-    if getattr(args, "stall_timeout", 1.0) <= 0:
-        raise ValueError(f"--stall-timeout must be > 0 seconds, got {args.stall_timeout}")
-    if len(roles) == 1 and (not bus_url or bus_url.startswith("memory")):
-        raise ValueError(f"`pagoda {roles[0]}` runs alone: give it --bus amqp://... and --store redis://...")
+    """Run `roles` in this process until stopped; the exit status (see `Process.run`)."""
+    config = launch_config(args, roles)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(_main(args, roles, bus_url, store_url))
+        return runner.run(Process(config).run())
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -103,161 +100,233 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
-async def _main(
-    args: argparse.Namespace, roles: tuple[str, ...], bus_url: str | None, store_url: str | None
-) -> int:
-    """Runs the services until SIGTERM/SIGINT (returns 0) or until one fails for good, e.g. a
-    worker whose engine stopped on an error (returns 1: its supervisor restarts it; `/health`
-    would otherwise keep answering 200 for a process that can serve nothing)."""
-    tracing.setup("pagoda" if len(roles) > 1 else f"pagoda-{roles[0]}", getattr(args, "otlp_endpoint", None))
-    bus: Bus = make_bus(bus_url) if bus_url else InMemoryBus()
-    store: Store = make_store(store_url, prefix=f"{args.namespace}:") if store_url else InMemoryStore()
-    await bus.connect()
-    try:
-        await store.connect()
-    except BaseException:
-        await bus.close()
-        raise
-    services: list[_Service] = []
-    queues = Queues(args.namespace)
-    metrics = Metrics()  # one registry for the services of this process
-    metrics_port: int | None = getattr(args, "metrics_port", None)
-    metrics_server = None
-    server: _Server | None = None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
+class Process:
+    """The services of one process, from the broker connection to the last close. It owns every
+    service it builds, the HTTP server and the tasks it starts, and stops them all on the way out."""
 
-    def request_stop(sig: signal.Signals) -> None:
+    def __init__(self, config: LaunchConfig) -> None:
+        self.config = config
+        self.queues = Queues(config.cluster.namespace)
+        self.metrics = Metrics()  # one registry for the services of this process
+        self.services: list[_Service] = []
+        self.stop = asyncio.Event()
+        self.failed: list[str] = []  # services that failed for good
+        self.bus: Bus = InMemoryBus()
+        self.store: Store = InMemoryStore()
+        self._frontend: BusFrontend | None = None
+        self._fleet: FleetAdmission | None = None
+        self._server: _Server | None = None
+        self._failure_watch: asyncio.Task[None] | None = None
+        self._metrics_server: Any = None
+
+    async def run(self) -> int:
+        """Runs the services until SIGTERM/SIGINT (returns 0) or until one fails for good, e.g. a
+        worker whose engine stopped on an error (returns 1: its supervisor restarts it; `/health`
+        would otherwise keep answering 200 for a process that can serve nothing)."""
+        tracing.setup(self.config.service_name, self.config.cluster.otlp_endpoint)
+        await self._connect()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, sig)
+        try:
+            await self.build_services()
+            await self._start_services()
+            await self._serve()
+        finally:
+            await self._shut_down()
+        return 1 if self.failed else 0
+
+    async def _connect(self) -> None:
+        cluster = self.config.cluster
+        if cluster.bus:
+            self.bus = make_bus(cluster.bus)
+        if cluster.store:
+            self.store = make_store(cluster.store, prefix=f"{cluster.namespace}:")
+        await self.bus.connect()
+        try:
+            await self.store.connect()
+        except BaseException:
+            await self.bus.close()
+            raise
+
+    def _request_stop(self, sig: signal.Signals) -> None:
         logger.info("received %s: finishing open requests, then stopping", sig.name)
-        stop.set()
-        if server is not None:
-            server.should_exit = True
+        self._stop_serving()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_stop, sig)
-    failure: asyncio.Task[None] | None = None
-    failed: list[str] = []
+    def _stop_serving(self) -> None:
+        self.stop.set()
+        if self._server is not None:
+            self._server.should_exit = True
 
-    async def watch_failures(events: dict[str, asyncio.Event]) -> None:
+    async def build_services(self) -> None:
+        """Builds the services of `config.roles` (started later by `run`); the gateway and
+        tokenizer read the model's tokenizer here, a worker loads its engine."""
+        roles = set(self.config.roles)
+        model = None
+        if roles & {"gateway", "tokenizer"}:
+            assert self.config.model is not None
+            # off the event loop, so the broker connection keeps its heartbeats meanwhile
+            model = await asyncio.to_thread(read_served_model, self.config.model)
+        if "worker" in roles:
+            self.services.append(await asyncio.to_thread(self.build_worker))
+        if "scheduler" in roles:
+            self.services.append(self._build_scheduler())
+        if "tokenizer" in roles:
+            assert model is not None
+            self.services.append(self._build_tokenizer(model))
+        if "gateway" in roles:
+            assert model is not None
+            self._build_gateway(model)
+
+    def build_worker(self) -> _Service:
+        """The worker service and its engine core (run in a thread: loading takes seconds)."""
+        from pagoda.engine import AsyncEngine, EngineCore, StepCore, build_off_main_thread
+        from pagoda.services.ops.failpoints import install_failpoints
+        from pagoda.services.worker.service import WorkerService
+
+        worker = self.config.worker
+        assert worker is not None
+        core: StepCore
+        if worker.sim is not None:
+            from pagoda.engine import SimCore
+
+            assert self.config.model is not None
+            model = read_served_model(self.config.model)
+            core = SimCore(
+                model.tokenizer, model.name, model.max_model_len, worker.sim, model.default_sampling
+            )
+        else:
+            engine = worker.engine
+            core = build_off_main_thread(lambda: EngineCore(engine))  # see its docstring: OpenMP pools
+        install_failpoints(core)
+        return WorkerService(
+            AsyncEngine(core), self.bus, self.store, worker_id=worker.worker_id,
+            heartbeat_s=self.config.cluster.heartbeat_s, stall_timeout_s=worker.stall_timeout_s,
+            queues=self.queues, metrics=self.metrics, admission=self.config.admission,
+        )  # fmt: skip
+
+    def _build_scheduler(self) -> _Service:
+        from pagoda.services.scheduler.dispatcher import SchedulerService
+
+        cluster = self.config.cluster
+        return SchedulerService(
+            self.bus, self.store, router=cluster.router, heartbeat_s=cluster.heartbeat_s,
+            queues=self.queues, metrics=self.metrics, admission=self.config.admission,
+        )  # fmt: skip
+
+    def _build_tokenizer(self, model: ServedModel) -> _Service:
+        from pagoda.services.tokenizer.prompts import PromptProcessor
+        from pagoda.services.tokenizer.service import TokenizerService
+
+        return TokenizerService(self.bus, PromptProcessor(model.tokenizer, model.max_model_len), self.queues)
+
+    def _build_gateway(self, model: ServedModel) -> None:
+        from pagoda.services.gateway.bus_frontend import BusFrontend
+        from pagoda.services.scheduler.admission import FleetAdmission
+
+        gateway = self.config.gateway
+        assert gateway is not None
+        heartbeat = self.config.cluster.heartbeat_s
+        self._frontend = BusFrontend(
+            self.bus, model.tokenizer, model_name=model.name, max_model_len=model.max_model_len,
+            default_sampling=model.default_sampling, registry=WorkerRegistry(self.store, heartbeat),
+            queues=self.queues, queue_timeout_s=gateway.queue_timeout_s or None,
+        )  # fmt: skip
+        self._fleet = FleetAdmission(WorkerRegistry(self.store, heartbeat), self.config.admission)
+        self.services += [self._frontend, self._fleet]
+
+    async def _start_services(self) -> None:
+        for svc in self.services:
+            await svc.start()
+        events = {
+            f"{type(svc).__name__} {getattr(svc, 'worker_id', '')}".strip(): event
+            for svc in self.services
+            if isinstance(event := getattr(svc, "failed", None), asyncio.Event)
+        }
+        if events:
+            self._failure_watch = asyncio.create_task(self._watch_failures(events), name="failure-watch")
+        port = self.config.cluster.metrics_port
+        if port is not None:
+            started = list(self.services)
+            self._metrics_server = self.metrics.serve(
+                port, ready=lambda: all(getattr(s, "state", "ready") == "ready" for s in started)
+            )
+            logger.info("metrics on http://0.0.0.0:%d/metrics", port)
+
+    async def _watch_failures(self, events: dict[str, asyncio.Event]) -> None:
         waits = {asyncio.create_task(event.wait()): name for name, event in events.items()}
         try:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in waits:
                 task.cancel()
-        failed.extend(waits[t] for t in done)
-        logger.error("%s failed for good; stopping with exit code 1", ", ".join(failed))
-        stop.set()
-        if server is not None:
-            server.should_exit = True
+        self.failed.extend(waits[t] for t in done)
+        logger.error("%s failed for good; stopping with exit code 1", ", ".join(self.failed))
+        self._stop_serving()
 
-    try:
-        api_keys = _api_keys(args) if "gateway" in roles else None
-        # loading runs off the event loop, so the broker connection keeps its heartbeats meanwhile
-        model = await asyncio.to_thread(_model_info, args) if {"gateway", "tokenizer"} & set(roles) else None
-        heartbeat = args.heartbeat_interval
-        # the tokenizer role has no admission flags (and needs none)
-        admission = admission_limits(args)
-        if "worker" in roles:
-            services.append(await asyncio.to_thread(_worker, args, bus, store, heartbeat, queues, metrics))
-        if "scheduler" in roles:
-            from pagoda.services.scheduler.dispatcher import SchedulerService
+    async def _serve(self) -> None:
+        """Serves HTTP until told to stop when this process runs the gateway, else waits for a stop."""
+        if self._frontend is None:
+            logger.info("running %s", ", ".join(self.config.roles))
+            await self.stop.wait()
+            return
+        self._server = _Server(self._uvicorn_config())
+        gateway = self.config.gateway
+        assert gateway is not None
+        logger.info(
+            "serving %s on http://%s:%d/v1 (%s)",
+            self._frontend.model_name, gateway.host, gateway.port, ", ".join(self.config.roles),
+        )  # fmt: skip
+        await self._server.serve()
 
-            services.append(
-                SchedulerService(
-                    bus,
-                    store,
-                    router=args.router,
-                    heartbeat_s=heartbeat,
-                    queues=queues,
-                    metrics=metrics,
-                    admission=admission,
-                )
-            )
-        if "tokenizer" in roles:
-            from pagoda.services.tokenizer.prompts import PromptProcessor
-            from pagoda.services.tokenizer.service import TokenizerService
+    def _uvicorn_config(self) -> uvicorn.Config:
+        gateway, frontend = self.config.gateway, self._frontend
+        assert gateway is not None and frontend is not None
+        app = gateway_app(gateway, frontend, self.metrics, self._fleet, self.store)
+        return uvicorn.Config(
+            app, host=gateway.host, port=gateway.port, log_level=gateway.log_level.lower(), access_log=False,
+            timeout_graceful_shutdown=max(1, round(self.config.cluster.shutdown_timeout_s)),
+        )  # fmt: skip
 
-            assert model is not None
-            processor = PromptProcessor(model.tokenizer, model.max_model_len)
-            services.append(TokenizerService(bus, processor, queues))
-        frontend = None
-        fleet = None
-        if "gateway" in roles:
-            from pagoda.services.gateway.bus_frontend import BusFrontend
-            from pagoda.services.scheduler.admission import FleetAdmission
-
-            assert model is not None
-            frontend = BusFrontend(
-                bus, model.tokenizer, model_name=model.name, max_model_len=model.max_model_len,
-                default_sampling=model.default_sampling,
-                registry=WorkerRegistry(store, heartbeat), queues=queues,
-                queue_timeout_s=args.queue_timeout or None,
-            )  # fmt: skip
-            fleet = FleetAdmission(WorkerRegistry(store, heartbeat), admission)
-            services += [frontend, fleet]
-        for svc in services:
-            await svc.start()
-        events = {
-            f"{type(svc).__name__} {getattr(svc, 'worker_id', '')}".strip(): event
-            for svc in services
-            if isinstance(event := getattr(svc, "failed", None), asyncio.Event)
-        }
-        if events:
-            failure = asyncio.create_task(watch_failures(events), name="failure-watch")
-        if metrics_port is not None:
-            started = list(services)
-            metrics_server = metrics.serve(
-                metrics_port, ready=lambda: all(getattr(s, "state", "ready") == "ready" for s in started)
-            )
-            logger.info("metrics on http://0.0.0.0:%d/metrics", metrics_port)
-        if frontend is not None:
-            from pagoda.services.gateway.ratelimit import RateLimiter, RateLimits
-            from pagoda.services.gateway.server import build_app
-
-            rate_limits = RateLimits(args.rate_limit_requests, args.rate_limit_tokens)
-            app = build_app(
-                frontend, served_model_names=[frontend.model_name], api_keys=api_keys, metrics=metrics,
-                limits=request_limits(args), admission=fleet,
-                rate_limiter=RateLimiter(store, rate_limits) if rate_limits.enabled else None,
-            )  # fmt: skip
-            server = _Server(
-                uvicorn.Config(
-                    app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
-                    timeout_graceful_shutdown=max(1, round(_shutdown_timeout(args))),
-                )
-            )  # fmt: skip
-            logger.info(
-                "serving %s on http://%s:%d/v1 (%s)",
-                frontend.model_name,
-                args.host,
-                args.port,
-                ", ".join(roles),
-            )
-            await server.serve()
-        else:
-            logger.info("running %s", ", ".join(roles))
-            await stop.wait()
-    finally:
-        if failure is not None:
-            failure.cancel()
-        for svc in services:
+    async def _shut_down(self) -> None:
+        """Drains (on a requested stop), then stops every service and closes the connections, each
+        step bounded by CLOSE_TIMEOUT_S."""
+        if self._failure_watch is not None:
+            self._failure_watch.cancel()
+        for svc in self.services:
             drain = getattr(svc, "drain", None)
-            if drain is not None and stop.is_set():
+            if drain is not None and self.stop.is_set():
                 with contextlib.suppress(Exception):
-                    await drain(_shutdown_timeout(args))
-        if metrics_server is not None:
-            await asyncio.to_thread(metrics_server.close)
-        for svc in reversed(services):
+                    await drain(self.config.cluster.shutdown_timeout_s)
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.close)
+        for svc in reversed(self.services):
             await _bounded(svc.stop(), f"stopping {type(svc).__name__}")
-        await _bounded(bus.close(), "closing the broker connection")
-        await _bounded(store.close(), "closing the store connection")
+        await _bounded(self.bus.close(), "closing the broker connection")
+        await _bounded(self.store.close(), "closing the store connection")
         await asyncio.to_thread(tracing.shutdown)
         logger.info("stopped")
-    return 1 if failed else 0
 
 
-CLOSE_TIMEOUT_S = 5.0
+def gateway_app(
+    gateway: GatewayConfig,
+    frontend: BusFrontend,
+    metrics: Metrics,
+    fleet: FleetAdmission | None,
+    store: Store,
+) -> FastAPI:
+    """The gateway's HTTP app over `frontend`, with `gateway`'s keys, limits and rate limits (their
+    counters in `store`). Logs how many API keys are required, never the keys."""
+    from pagoda.services.gateway.ratelimit import RateLimiter
+    from pagoda.services.gateway.server import build_app
+
+    if gateway.api_keys:
+        logger.info("API keys required: %d configured", len(gateway.api_keys))
+    rate_limiter = RateLimiter(store, gateway.rate_limits) if gateway.rate_limits.enabled else None
+    return build_app(
+        frontend, served_model_names=[frontend.model_name], api_keys=list(gateway.api_keys) or None,
+        metrics=metrics, limits=gateway.limits, admission=fleet, rate_limiter=rate_limiter,
+    )  # fmt: skip
 
 
 async def _bounded(step: Awaitable[None], what: str) -> None:
@@ -269,39 +338,3 @@ async def _bounded(step: Awaitable[None], what: str) -> None:
         logger.warning("%s took over %.0fs; exiting without it", what, CLOSE_TIMEOUT_S)
     except Exception as exc:
         logger.warning("%s failed: %s", what, exc)
-
-
-def _shutdown_timeout(args: argparse.Namespace) -> float:
-    return float(getattr(args, "shutdown_timeout", 30.0))
-
-
-def _worker(
-    args: argparse.Namespace, bus: Bus, store: Store, heartbeat: float, queues: Queues, metrics: Metrics
-) -> _Service:
-    from pagoda.engine import AsyncEngine, EngineCore, StepCore, build_off_main_thread, make_engine_config
-    from pagoda.services.ops.failpoints import install_failpoints
-    from pagoda.services.worker.service import WorkerService
-
-    core: StepCore
-    if getattr(args, "backend", "torch") == "sim":
-        from pagoda.engine import SimConfig, SimCore
-
-        model = _model_info(args)
-        sim = SimConfig(step_ms=args.sim_step_ms, max_batch=args.sim_max_batch, eos_prob=args.sim_eos_prob,
-                        seed=args.seed)  # fmt: skip
-        core = SimCore(model.tokenizer, model.name, model.max_model_len, sim, model.default_sampling)
-    else:
-        config = make_engine_config(args.model, **engine_kwargs(args))
-        core = build_off_main_thread(lambda: EngineCore(config))  # see its docstring: OpenMP pools
-    install_failpoints(core)
-    return WorkerService(
-        AsyncEngine(core),
-        bus,
-        store,
-        worker_id=getattr(args, "worker_id", None),
-        heartbeat_s=heartbeat,
-        stall_timeout_s=getattr(args, "stall_timeout", 30.0),
-        queues=queues,
-        metrics=metrics,
-        admission=admission_limits(args),
-    )

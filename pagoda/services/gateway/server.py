@@ -4,48 +4,33 @@ It owns what the client connection owns (see DESIGN.md, gateway): validation, au
 incremental detokenization, stop strings, echo, usage, logprobs, SSE, and aborting a request when
 its output is no longer wanted (a stop string hit, or the client went away). Tokenization and the
 prompt checks belong to the frontend (`submit` answers the prompt ids or raises an APIError);
-/tokenize and /detokenize use the server's own tokenizer. Running the submitted requests and
-writing their streams lives in pagoda/services/gateway/streams.py.
+/tokenize and /detokenize use the server's own tokenizer. The routes live in
+pagoda/services/gateway/routes.py; running the submitted requests and writing their streams in
+pagoda/services/gateway/streams.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from importlib import metadata
 
 import anyio
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagoda.engine import SamplingParams
 from pagoda.services.gateway.auth import OPEN_PATHS, BearerAuth, key_id
 from pagoda.services.gateway.frontend import Frontend, Submitted
-from pagoda.services.gateway.limits import BodyGuard, RequestLimits, check_request
-from pagoda.services.gateway.protocol import (
-    ChatCompletionChoice,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatResponseMessage,
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
-    DetokenizeAPIRequest,
-    DetokenizeResponse,
-    ModelCard,
-    ModelList,
-    TokenizeAPIRequest,
-    TokenizeResponse,
-)
+from pagoda.services.gateway.limits import BodyGuard, RequestLimits
+from pagoda.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagoda.services.gateway.ratelimit import RateLimiter, estimate_tokens
-from pagoda.services.gateway.streams import Call, SubRequest, chat_stream, collect, completion_stream, logger
+from pagoda.services.gateway.routes import register_routes
+from pagoda.services.gateway.streams import Call, SubRequest, logger
 from pagoda.services.ops import tracing
-from pagoda.services.ops.metrics import CONTENT_TYPE_LATEST, GatewayMetrics, Metrics
+from pagoda.services.ops.metrics import GatewayMetrics, Metrics
 from pagoda.services.scheduler.admission import FleetAdmission
 from pagoda.services.tokenizer.prompts import PromptProcessor
 from pagoda.services.transport.errors import (
-    APIError,
     from_value_error,
     install_error_handlers,
     model_not_found,
@@ -243,147 +228,5 @@ def build_app(
     app.add_middleware(_ResponseCounter, metrics=server.gateway_metrics, model_name=names[0])
     if tracing.enabled():
         app.add_middleware(tracing.TraceMiddleware)  # outermost
-    _register_routes(app, server)
+    register_routes(app, server)
     return app
-
-
-def _session_id(request: Request, req: ChatCompletionRequest | CompletionRequest) -> str | None:
-    return request.headers.get("x-session-id") or req.user
-
-
-async def _start(
-    server: OpenAIServer,
-    call: Call,
-    request: Request,
-    prompts: list[PromptInput],
-) -> None:
-    """Validate the call, then submit its prompts; a refusal is logged and raised as it is."""
-    try:
-        call.model = server.check_model(call.req.model)
-        check_request(call.req, server.limits, server.frontend.max_model_len)
-        params = server.sampling_params(call.req)
-        await server.admit(call, request, prompts, params)
-        await server.submit(call, prompts, params, _session_id(request, call.req))
-    except APIError as err:
-        call.log(err.status)
-        raise
-    except Exception:
-        call.log(500)
-        raise
-    except BaseException:
-        call.log("disconnected")
-        raise
-
-
-def _register_routes(app: FastAPI, server: OpenAIServer) -> None:
-    frontend = server.frontend
-
-    @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200)
-
-    @app.get("/health/ready")
-    async def ready() -> JSONResponse:
-        if not frontend.is_ready():
-            raise APIError(503, "The engine is not ready.")
-        return JSONResponse({"status": "ready"})
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/version")
-    async def version() -> JSONResponse:
-        return JSONResponse({"version": _version()})
-
-    @app.get("/v1/models")
-    async def models() -> ModelList:
-        root = server.served_model_names[0]
-        return ModelList(
-            data=[
-                ModelCard(id=name, root=root, max_model_len=frontend.max_model_len)
-                for name in server.served_model_names
-            ]
-        )
-
-    @app.post("/tokenize")
-    async def tokenize(req: TokenizeAPIRequest) -> TokenizeResponse:
-        server.check_model(req.model)
-        tokenizer = frontend.tokenizer
-        if req.messages is not None:
-            messages = ChatCompletionRequest(messages=req.messages).template_messages()
-            text = server.processor.render_chat(messages, req.add_generation_prompt)
-            add_special = False if req.add_special_tokens is None else req.add_special_tokens
-        else:
-            assert req.prompt is not None
-            text = req.prompt
-            add_special = True if req.add_special_tokens is None else req.add_special_tokens
-        ids = tokenizer.encode(text, add_special_tokens=add_special)
-        strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
-        return TokenizeResponse(
-            count=len(ids), max_model_len=frontend.max_model_len, tokens=ids, token_strs=strs
-        )
-
-    @app.post("/detokenize")
-    async def detokenize(req: DetokenizeAPIRequest) -> DetokenizeResponse:
-        server.check_model(req.model)
-        server.processor.check_token_ids(req.tokens, "tokens")
-        return DetokenizeResponse(prompt=frontend.tokenizer.decode(req.tokens))
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        call = server.call(req, f"chatcmpl-{uuid.uuid4().hex}")
-        prompt = PromptInput(
-            messages=req.template_messages(), add_generation_prompt=req.add_generation_prompt
-        )
-        await _start(server, call, request, [prompt])
-        if req.stream:
-            return chat_stream(call, req)
-        await collect(call, request)
-        k = req.top_logprobs or 0
-        choices = [
-            ChatCompletionChoice(
-                index=c.index,
-                message=ChatResponseMessage(content=c.text),
-                logprobs=call.chat_logprobs(c.logprobs, k) if req.logprobs else None,
-                finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
-            )
-            for c in call.subs[0].choices
-        ]
-        call.log(200)
-        body = ChatCompletionResponse(
-            id=call.request_id, model=call.model, choices=choices, usage=call.usage()
-        )
-        return Response(body.model_dump_json(), media_type="application/json")
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Response:
-        call = server.call(req, f"cmpl-{uuid.uuid4().hex}")
-        prompts = [
-            PromptInput(text=p, add_special_tokens=True) if isinstance(p, str) else PromptInput(token_ids=p)
-            for p in req.prompts()
-        ]
-        await _start(server, call, request, prompts)
-        if req.stream:
-            return completion_stream(call, req)
-        await collect(call, request)
-        choices = []
-        for sub in call.subs:
-            prefix = sub.prompt_text if req.echo else ""
-            for c in sub.choices:
-                logprobs = None
-                if req.logprobs is not None:
-                    logprobs = call.completion_logprobs(c.logprobs, req.logprobs, len(prefix))
-                choices.append(
-                    CompletionChoice(
-                        index=c.index,
-                        text=prefix + c.text,
-                        logprobs=logprobs,
-                        finish_reason=c.finish_reason,
-                        stop_reason=c.stop_reason,
-                    )
-                )
-        call.log(200)
-        body = CompletionResponse(id=call.request_id, model=call.model, choices=choices, usage=call.usage())
-        return Response(body.model_dump_json(), media_type="application/json")

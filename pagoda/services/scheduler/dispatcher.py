@@ -141,20 +141,9 @@ class SchedulerService:
             await self._route_traced(msg, span)
 
     async def _route_traced(self, msg: ScheduleRequest, span: tracing.TraceHandle) -> None:
-        timeout = msg.queue_timeout_s
-        if timeout is not None and msg.arrival_time > 0 and time.time() - msg.arrival_time > timeout:
-            err = queue_timed_out(timeout)  # it waited on the bus: do not start it now
-            await self._reject(msg, err.status, err.message, "queue_timeout", RETRY_AFTER_S)
-            return
-        routed_key = f"routed:{msg.request_id}:{msg.attempt}"
-        try:
-            earlier = await self.store.get(routed_key)
-        except Exception:  # the store is down: no dedup; the gateway drops duplicate tokens
-            earlier = None
-        if earlier is not None:
-            logger.info(
-                "request %s (attempt %d) was already routed: duplicate dropped", msg.request_id, msg.attempt
-            )
+        """Choose a worker and forward `msg` to it (the gateway told first); a request that
+        expired on the bus or was already routed is not; one nobody can take is rejected."""
+        if await self._expired_or_duplicate(msg):
             return
         gone: set[str] = set()  # workers whose queue turned out to be deleted
         while True:
@@ -169,43 +158,81 @@ class SchedulerService:
                 span.fail("no worker")
                 await self._reject(msg, 503, "no worker is available; try again shortly", "no_worker")
                 return
-            wid = decision.worker_id
-            span.set("pagoda.worker_id", wid)
-            span.set("pagoda.route_reason", decision.reason)
-            span.set("pagoda.prefix_overlap_blocks", decision.overlap_blocks)
-            if self.metrics is not None:
-                self.metrics.routed.labels(wid, decision.reason).inc()
-            self._sent[wid] = self._sent.get(wid, 0) + 1
-            self.decisions[wid] = self.decisions.get(wid, 0) + 1
-            fwd = WorkerRequest(**msg.model_dump(exclude={"type"}))
-            assigned = Assigned(
-                request_id=msg.request_id, worker_id=wid, attempt=msg.attempt, resume_from=msg.resume_from
-            )
-            try:  # before the worker has it: the gateway then watches that worker for this request
-                await self.bus.publish(msg.reply_to, encode(assigned))
-            except Exception as exc:
-                logger.warning("scheduler: could not tell the gateway where %s runs: %s", msg.request_id, exc)
             try:
-                await self.bus.publish(self.queues.worker(wid), encode(fwd), span.headers())
+                if not await self._forward(msg, decision, span):
+                    return
             except QueueNotFoundError:  # that worker drained and left since we read the registry
-                logger.warning("scheduler: worker %s is gone (no queue); rerouting %s", wid, msg.request_id)
-                gone.add(wid)
+                logger.warning(
+                    "scheduler: worker %s is gone (no queue); rerouting %s",
+                    decision.worker_id,
+                    msg.request_id,
+                )
+                gone.add(decision.worker_id)
                 continue
-            except Exception as exc:  # the broker stayed away: tell the gateway rather than drop it
-                logger.warning("scheduler: could not forward %s to worker %s: %s", msg.request_id, wid, exc)
-                await self._reject(msg, 503, "the request could not reach a worker; retry shortly", "bus")
-                return
             break
+        await self._remember(msg, decision.worker_id)
+        logger.info(
+            "request %s -> worker %s (%s, %d cached blocks, %d prompt tokens)",
+            msg.request_id, decision.worker_id, decision.reason, decision.overlap_blocks,
+            len(msg.prompt_token_ids),
+        )  # fmt: skip
+
+    async def _expired_or_duplicate(self, msg: ScheduleRequest) -> bool:
+        """True (and the gateway told, for an expired one) when `msg` must not be routed: it
+        waited on the bus past its queue timeout, or this attempt was routed already."""
+        timeout = msg.queue_timeout_s
+        if timeout is not None and msg.arrival_time > 0 and time.time() - msg.arrival_time > timeout:
+            err = queue_timed_out(timeout)  # it waited on the bus: do not start it now
+            await self._reject(msg, err.status, err.message, "queue_timeout", RETRY_AFTER_S)
+            return True
         try:
-            await self.store.set(routed_key, wid, ttl_s=600)
+            earlier = await self.store.get(_routed_key(msg))
+        except Exception:  # the store is down: no dedup; the gateway drops duplicate tokens
+            earlier = None
+        if earlier is not None:
+            logger.info(
+                "request %s (attempt %d) was already routed: duplicate dropped", msg.request_id, msg.attempt
+            )
+            return True
+        return False
+
+    async def _forward(self, msg: ScheduleRequest, decision: Decision, span: tracing.TraceHandle) -> bool:
+        """Tell the gateway where `msg` runs, then send it to that worker. False (the gateway told
+        with a 503) when the broker stays away; raises QueueNotFoundError when the worker left."""
+        wid = decision.worker_id
+        span.set("pagoda.worker_id", wid)
+        span.set("pagoda.route_reason", decision.reason)
+        span.set("pagoda.prefix_overlap_blocks", decision.overlap_blocks)
+        if self.metrics is not None:
+            self.metrics.routed.labels(wid, decision.reason).inc()
+        self._sent[wid] = self._sent.get(wid, 0) + 1
+        self.decisions[wid] = self.decisions.get(wid, 0) + 1
+        fwd = WorkerRequest(**msg.model_dump(exclude={"type"}))
+        assigned = Assigned(
+            request_id=msg.request_id, worker_id=wid, attempt=msg.attempt, resume_from=msg.resume_from
+        )
+        try:  # before the worker has it: the gateway then watches that worker for this request
+            await self.bus.publish(msg.reply_to, encode(assigned))
+        except Exception as exc:
+            logger.warning("scheduler: could not tell the gateway where %s runs: %s", msg.request_id, exc)
+        try:
+            await self.bus.publish(self.queues.worker(wid), encode(fwd), span.headers())
+        except QueueNotFoundError:
+            raise
+        except Exception as exc:  # the broker stayed away: tell the gateway rather than drop it
+            logger.warning("scheduler: could not forward %s to worker %s: %s", msg.request_id, wid, exc)
+            await self._reject(msg, 503, "the request could not reach a worker; retry shortly", "bus")
+            return False
+        return True
+
+    async def _remember(self, msg: ScheduleRequest, wid: str) -> None:
+        """Record the routing (dedup of redeliveries, session affinity); metadata only."""
+        try:
+            await self.store.set(_routed_key(msg), wid, ttl_s=600)
             if msg.session_id:
                 await self.sessions.put(msg.session_id, wid)
         except Exception as exc:  # metadata only: the request runs
             logger.warning("scheduler: store unavailable after routing %s: %s", msg.request_id, exc)
-        logger.info(
-            "request %s -> worker %s (%s, %d cached blocks, %d prompt tokens)",
-            msg.request_id, wid, decision.reason, decision.overlap_blocks, len(msg.prompt_token_ids),
-        )  # fmt: skip
 
     async def _decide(self, msg: ScheduleRequest, gone: set[str] | None = None) -> Decision | None:
         alive = [w for w in await self._workers() if w.worker_id not in (gone or ())]
@@ -240,3 +267,8 @@ class SchedulerService:
             await self.bus.publish(msg.reply_to, encode(reject))
         except Exception as exc:
             logger.warning("scheduler: could not reject %s: %s", msg.request_id, exc)
+
+
+def _routed_key(msg: ScheduleRequest) -> str:
+    """The store key that marks one attempt of a request as routed."""
+    return f"routed:{msg.request_id}:{msg.attempt}"

@@ -1,0 +1,170 @@
+"""The engine's command-line flags and the `EngineConfig` they build.
+
+`pagoda serve`, `pagoda worker` and `pagoda bench offline` add these flags; the gateway and the
+tokenizer take them too (one flag set for every role of a deployment) but read only the model
+flags. Every default is read from the config dataclasses (`engine/config.py`), so a default is
+written once. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import typing
+from typing import Any
+
+from pagoda.engine.config import DTYPES, BatcherConfig, CacheConfig, EngineConfig, SchedulingPolicy
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "m": 1e6,
+    "g": 1e9,
+    "t": 1e12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MiB', '1g', '1073741824' -> bytes (an argparse `type`)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 2GiB, 512MiB or 1073741824")
+    unit = (m.group(2) or "").lower().removesuffix("b")
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"unknown size unit in {text!r}; use KiB, MiB, GiB or bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of field `name` of dataclass `cls`: argparse defaults are read from here, so the
+    dataclass holds the only copy. Raises KeyError for a field without a plain default."""
+    default = {f.name: f.default for f in dataclasses.fields(cls)}[name]
+    if default is dataclasses.MISSING:
+        raise KeyError(f"{cls.__name__}.{name} has no plain default")
+    return default
+
+
+def add_model_args(g: argparse._ArgumentGroup) -> None:
+    """The flags that name the model and its limits: all the gateway and tokenizer read."""
+    g.add_argument(
+        "--model",
+        default=field_default(EngineConfig, "model"),
+        help="GGUF file, HF model directory or Hub id (default: the demo SmolLM2 GGUF)",
+    )
+    g.add_argument(
+        "--served-model-name",
+        default=field_default(EngineConfig, "served_model_name"),
+        help="name clients use in the `model` field",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=field_default(EngineConfig, "max_model_len"),
+        help="context length (default: the model's)",
+    )
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The `engine` flag group: the model flags, then the engine's, KV cache's and batcher's."""
+    g = p.add_argument_group("engine")
+    add_model_args(g)
+    _add_runtime_args(g)
+    _add_cache_and_batcher_args(g)
+
+
+def _add_runtime_args(g: argparse._ArgumentGroup) -> None:
+    def default(name: str) -> Any:
+        return field_default(EngineConfig, name)
+
+    g.add_argument("--dtype", default=default("dtype"), choices=DTYPES)
+    g.add_argument("--device", default=default("device"), choices=["auto", "cpu", "cuda"])
+    g.add_argument("--seed", type=int, default=default("seed"))
+    g.add_argument(
+        "--quantization",
+        default=default("quantization"),
+        choices=["auto", "none", "int8", "int4"],
+        help="CPU only: int4 (weight-only, fast at small batch), int8 (dynamic, not batch-invariant)",
+    )
+    g.add_argument(
+        "--attention-backend",
+        default=default("attention_backend"),
+        choices=["auto", "torch", "triton"],
+        help="auto: Triton kernels on a GPU, torch on the CPU",
+    )
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="CPU: decode steps through torch.compile (first start compiles for minutes, then cached)",
+    )
+
+
+def _add_cache_and_batcher_args(g: argparse._ArgumentGroup) -> None:
+    def cache(name: str) -> Any:
+        return field_default(CacheConfig, name)
+
+    def batcher(name: str) -> Any:
+        return field_default(BatcherConfig, name)
+
+    g.add_argument("--block-size", type=int, default=cache("block_size"), help="tokens per KV block")
+    g.add_argument(
+        "--kv-cache-memory",
+        type=parse_size,
+        default=cache("kv_cache_memory"),
+        help="KV cache size, e.g. 2GiB (CPU default 1GiB)",
+    )
+    g.add_argument("--gpu-memory-utilization", type=float, default=cache("gpu_memory_utilization"))
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=cache("enable_prefix_caching"),
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=batcher("max_num_batched_tokens"),
+        help="token budget per step",
+    )
+    g.add_argument(
+        "--max-num-seqs", type=int, default=batcher("max_num_seqs"), help="most sequences running at once"
+    )
+    g.add_argument(
+        "--scheduling-policy",
+        default=batcher("scheduling_policy"),
+        choices=typing.get_args(SchedulingPolicy),
+    )
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The `EngineConfig` of the engine flags (`add_engine_args`); raises ValueError naming the
+    flag to change when a value is out of range."""
+    return EngineConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
+        quantization=args.quantization,
+        compile=args.compile,
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_memory=args.kv_cache_memory,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enable_prefix_caching=args.enable_prefix_caching,
+        ),
+        batcher=BatcherConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            scheduling_policy=args.scheduling_policy,
+        ),
+    )

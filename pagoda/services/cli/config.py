@@ -1,0 +1,207 @@
+"""Each role's configuration, built once from the command line.
+
+`pagoda serve` and `pagoda gateway|tokenizer|scheduler|worker` parse their flags (parser.py) and
+turn them into one frozen `LaunchConfig` here; the launcher reads nothing else. Every flag's
+default is the default of a field of these dataclasses (or of the engine's, gateway's and
+scheduler's configs they hold), read by the parser through `field_default`, so a default is
+written once. Values a user can get wrong raise ValueError naming the flag and the number.
+
+This module imports neither torch nor the engine's model code: the gateway, tokenizer and
+scheduler roles build their configs without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pagoda.engine import EngineConfig, engine_config_from_args
+from pagoda.services.gateway.limits import RequestLimits
+from pagoda.services.gateway.ratelimit import RateLimits
+from pagoda.services.scheduler.admission import AdmissionLimits
+
+if TYPE_CHECKING:
+    from pagoda.engine import SimConfig
+
+ROLES = ("gateway", "tokenizer", "scheduler", "worker")
+DEFAULT_LOG_LEVEL = "INFO"  # of the process (--log-level), and of uvicorn's log in the gateway
+_MODEL_ROLES = frozenset({"gateway", "tokenizer", "worker"})  # roles whose parser has --model
+_ADMISSION_ROLES = frozenset({"gateway", "scheduler", "worker"})  # roles whose parser has admission flags
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How this process joins a deployment. `bus`/`store` None: in-memory (only `pagoda serve`)."""
+
+    bus: str | None = None  # amqp://user:pass@host:5672/
+    store: str | None = None  # redis://host:6379/0
+    namespace: str = "pagoda"  # prefix of every queue name and store key of this deployment
+    router: str = "prefix"
+    heartbeat_s: float = 1.0  # seconds between worker heartbeats
+    otlp_endpoint: str | None = None
+    shutdown_timeout_s: float = 30.0  # on SIGTERM, seconds running requests get to finish
+    metrics_port: int | None = None  # Prometheus /metrics of a worker, tokenizer or scheduler
+
+    def __post_init__(self) -> None:
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {self.shutdown_timeout_s}")
+        if self.heartbeat_s <= 0:
+            raise ValueError(f"--heartbeat-interval must be > 0 seconds, got {self.heartbeat_s}")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ValueError(f"--metrics-port must be a TCP port (1-65535), got {self.metrics_port}")
+        if not self.namespace:
+            raise ValueError("--namespace must not be empty; it prefixes every queue and store key")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The model a gateway, tokenizer or worker serves, as the flags name it."""
+
+    model: str  # GGUF file, HF directory or Hub id; "" -> the demo model
+    served_model_name: str | None
+    max_model_len: int | None  # None: the model's context length
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The HTTP front end: where it listens, who may call it, and what one request may ask."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()  # from --api-key, --api-key-file and the environment
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    queue_timeout_s: float = 300.0  # seconds a request may wait to start (503 after); 0: no limit
+    log_level: str = DEFAULT_LOG_LEVEL
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port must be a TCP port (0-65535), got {self.port}")
+        if self.queue_timeout_s < 0:
+            raise ValueError(
+                f"--queue-timeout must be >= 0 seconds (0: no limit), got {self.queue_timeout_s}"
+            )
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The engine of a worker: the model (`engine`) or, with `sim`, simulated steps (no model)."""
+
+    engine: EngineConfig
+    sim: SimConfig | None = None  # set: the sim backend (control-plane benchmarks)
+    worker_id: str | None = None  # None: a random id
+    stall_timeout_s: float = 30.0  # requests wait but no step finished this long: reported stalled
+
+    def __post_init__(self) -> None:
+        if self.stall_timeout_s <= 0:
+            raise ValueError(f"--stall-timeout must be > 0 seconds, got {self.stall_timeout_s}")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Everything one `pagoda` process runs: which roles, and each role's configuration (None for
+    the roles it does not run)."""
+
+    roles: tuple[str, ...]
+    cluster: ClusterConfig
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    model: ModelSource | None = None  # set when a gateway, tokenizer or worker runs
+    gateway: GatewayConfig | None = None
+    worker: WorkerConfig | None = None
+
+    def __post_init__(self) -> None:
+        assert self.roles and set(self.roles) <= set(ROLES), self.roles
+        if len(self.roles) == 1 and (not self.cluster.bus or self.cluster.bus.startswith("memory")):
+            raise ValueError(
+                f"`pagoda {self.roles[0]}` runs alone: give it --bus amqp://... and --store redis://..."
+            )
+        assert ("gateway" in self.roles) == (self.gateway is not None), self.roles
+        assert ("worker" in self.roles) == (self.worker is not None), self.roles
+        assert (self.model is not None) == bool(_MODEL_ROLES & set(self.roles)), self.roles
+
+    @property
+    def service_name(self) -> str:
+        """The name tracing gives this process: `pagoda` embedded, `pagoda-<role>` alone."""
+        return "pagoda" if len(self.roles) > 1 else f"pagoda-{self.roles[0]}"
+
+
+def launch_config(args: argparse.Namespace, roles: tuple[str, ...]) -> LaunchConfig:
+    """The `LaunchConfig` of `pagoda serve` (all roles) or `pagoda <role>` from the parsed flags.
+    Raises ValueError naming the flag to change."""
+    has = set(roles)
+    return LaunchConfig(
+        roles=roles,
+        cluster=cluster_config(args),
+        admission=admission_limits(args) if has & _ADMISSION_ROLES else AdmissionLimits(),
+        model=ModelSource(args.model, args.served_model_name, args.max_model_len)
+        if has & _MODEL_ROLES
+        else None,
+        gateway=gateway_config(args) if "gateway" in has else None,
+        worker=worker_config(args) if "worker" in has else None,
+    )
+
+
+def cluster_config(args: argparse.Namespace) -> ClusterConfig:
+    return ClusterConfig(
+        bus=args.bus,
+        store=args.store,
+        namespace=args.namespace,
+        router=args.router,
+        heartbeat_s=args.heartbeat_interval,
+        otlp_endpoint=args.otlp_endpoint,
+        shutdown_timeout_s=args.shutdown_timeout,
+        metrics_port=args.metrics_port,
+    )
+
+
+def admission_limits(args: argparse.Namespace) -> AdmissionLimits:
+    """The `AdmissionLimits` of the admission flags (--max-waiting-requests -1: no cap)."""
+    waiting = args.max_waiting_requests
+    return AdmissionLimits(
+        max_waiting=None if waiting < 0 else waiting, priority_reserve=args.priority_reserve
+    )
+
+
+def request_limits(args: argparse.Namespace) -> RequestLimits:
+    """The `RequestLimits` of the request-limit flags."""
+    return RequestLimits(
+        max_body_bytes=args.max_request_body_bytes,
+        max_json_depth=args.max_json_depth,
+        max_n=args.max_n,
+        max_tokens=args.max_tokens_limit,
+        max_stop=args.max_stop_strings,
+        max_logit_bias=args.max_logit_bias,
+    )
+
+
+def gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    """Reads the key file and the PAGODA_API_KEY(S) environment (ValueError for an unreadable or
+    empty key file)."""
+    from pagoda.services.gateway.auth import load_api_keys
+
+    return GatewayConfig(
+        host=args.host,
+        port=args.port,
+        api_keys=tuple(load_api_keys(args.api_key, args.api_key_file)),
+        limits=request_limits(args),
+        rate_limits=RateLimits(args.rate_limit_requests, args.rate_limit_tokens),
+        queue_timeout_s=args.queue_timeout,
+        log_level=args.log_level,
+    )
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    """With `--backend sim` this imports the simulated core (and with it torch, as a worker may)."""
+    sim = None
+    if args.backend == "sim":
+        from pagoda.engine import SimConfig
+
+        flags = {"step_ms": args.sim_step_ms, "max_batch": args.sim_max_batch, "eos_prob": args.sim_eos_prob}
+        sim = SimConfig(seed=args.seed, **{k: v for k, v in flags.items() if v is not None})
+    return WorkerConfig(
+        engine=engine_config_from_args(args),
+        sim=sim,
+        worker_id=args.worker_id,
+        stall_timeout_s=args.stall_timeout,
+    )

@@ -1,0 +1,207 @@
+"""The HTTP routes of the OpenAI server (server.py builds the app and calls `register_routes`).
+
+One registration function per group: operations (health, readiness, metrics, version), the model
+list, tokenization, and generation (chat and text completions, streamed or whole). Routes hold no
+logic of their own beyond shaping responses: requests are validated, admitted and submitted by
+the `OpenAIServer`, and run and streamed by streams.py.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from pagoda.services.gateway.limits import check_request
+from pagoda.services.gateway.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeAPIRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeAPIRequest,
+    TokenizeResponse,
+)
+from pagoda.services.gateway.streams import Call, chat_stream, collect, completion_stream
+from pagoda.services.ops.metrics import CONTENT_TYPE_LATEST
+from pagoda.services.transport.errors import APIError
+from pagoda.services.transport.messages import PromptInput
+
+if TYPE_CHECKING:
+    from pagoda.services.gateway.server import OpenAIServer
+
+
+def register_routes(app: FastAPI, server: OpenAIServer) -> None:
+    """Every route of the API on `app`, served by `server`."""
+    _register_operations(app, server)
+    _register_models(app, server)
+    _register_tokenization(app, server)
+    _register_generation(app, server)
+
+
+def _register_operations(app: FastAPI, server: OpenAIServer) -> None:
+    """/health (the process answers), /health/ready (the engine can serve), /metrics, /version."""
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        if not server.frontend.is_ready():
+            raise APIError(503, "The engine is not ready.")
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": app.version})
+
+
+def _register_models(app: FastAPI, server: OpenAIServer) -> None:
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        root, max_model_len = server.served_model_names[0], server.frontend.max_model_len
+        cards = [
+            ModelCard(id=name, root=root, max_model_len=max_model_len) for name in server.served_model_names
+        ]
+        return ModelList(data=cards)
+
+
+def _register_tokenization(app: FastAPI, server: OpenAIServer) -> None:
+    """/tokenize and /detokenize, with the server's own tokenizer and chat template."""
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeAPIRequest) -> TokenizeResponse:
+        server.check_model(req.model)
+        tokenizer = server.frontend.tokenizer
+        if req.messages is not None:
+            messages = ChatCompletionRequest(messages=req.messages).template_messages()
+            text = server.processor.render_chat(messages, req.add_generation_prompt)
+            add_special = False if req.add_special_tokens is None else req.add_special_tokens
+        else:
+            assert req.prompt is not None
+            text = req.prompt
+            add_special = True if req.add_special_tokens is None else req.add_special_tokens
+        ids = tokenizer.encode(text, add_special_tokens=add_special)
+        strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return TokenizeResponse(
+            count=len(ids), max_model_len=server.frontend.max_model_len, tokens=ids, token_strs=strs
+        )
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeAPIRequest) -> DetokenizeResponse:
+        server.check_model(req.model)
+        server.processor.check_token_ids(req.tokens, "tokens")
+        return DetokenizeResponse(prompt=server.frontend.tokenizer.decode(req.tokens))
+
+
+def _register_generation(app: FastAPI, server: OpenAIServer) -> None:
+    """/v1/chat/completions and /v1/completions: a stream when asked, else one JSON body."""
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        call = server.call(req, f"chatcmpl-{uuid.uuid4().hex}")
+        prompt = PromptInput(
+            messages=req.template_messages(), add_generation_prompt=req.add_generation_prompt
+        )
+        await _start(server, call, request, [prompt])
+        if req.stream:
+            return chat_stream(call, req)
+        await collect(call, request)
+        return _json(_chat_response(call, req))
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        call = server.call(req, f"cmpl-{uuid.uuid4().hex}")
+        prompts = [
+            PromptInput(text=p, add_special_tokens=True) if isinstance(p, str) else PromptInput(token_ids=p)
+            for p in req.prompts()
+        ]
+        await _start(server, call, request, prompts)
+        if req.stream:
+            return completion_stream(call, req)
+        await collect(call, request)
+        return _json(_completion_response(call, req))
+
+
+def _session_id(request: Request, req: ChatCompletionRequest | CompletionRequest) -> str | None:
+    return request.headers.get("x-session-id") or req.user
+
+
+async def _start(
+    server: OpenAIServer,
+    call: Call,
+    request: Request,
+    prompts: list[PromptInput],
+) -> None:
+    """Validate the call, then submit its prompts; a refusal is logged and raised as it is."""
+    try:
+        call.model = server.check_model(call.req.model)
+        check_request(call.req, server.limits, server.frontend.max_model_len)
+        params = server.sampling_params(call.req)
+        await server.admit(call, request, prompts, params)
+        await server.submit(call, prompts, params, _session_id(request, call.req))
+    except APIError as err:
+        call.log(err.status)
+        raise
+    except Exception:
+        call.log(500)
+        raise
+    except BaseException:
+        call.log("disconnected")
+        raise
+
+
+def _chat_response(call: Call, req: ChatCompletionRequest) -> ChatCompletionResponse:
+    """The whole answer of a collected (non-streamed) chat call; logs it as a 200."""
+    k = req.top_logprobs or 0
+    choices = [
+        ChatCompletionChoice(
+            index=c.index,
+            message=ChatResponseMessage(content=c.text),
+            logprobs=call.chat_logprobs(c.logprobs, k) if req.logprobs else None,
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+        )
+        for c in call.subs[0].choices
+    ]
+    call.log(200)
+    return ChatCompletionResponse(id=call.request_id, model=call.model, choices=choices, usage=call.usage())
+
+
+def _completion_response(call: Call, req: CompletionRequest) -> CompletionResponse:
+    """The whole answer of a collected completion call (echoed prompts prefixed); logs a 200."""
+    choices = []
+    for sub in call.subs:
+        prefix = sub.prompt_text if req.echo else ""
+        for c in sub.choices:
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = call.completion_logprobs(c.logprobs, req.logprobs, len(prefix))
+            choices.append(
+                CompletionChoice(
+                    index=c.index,
+                    text=prefix + c.text,
+                    logprobs=logprobs,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
+    call.log(200)
+    return CompletionResponse(id=call.request_id, model=call.model, choices=choices, usage=call.usage())
+
+
+def _json(body: ChatCompletionResponse | CompletionResponse) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
