@@ -3,7 +3,7 @@
 One registration function per group: operations (health, readiness, metrics, version), the model
 list, tokenization, and generation (chat and text completions, streamed or whole). Routes hold no
 logic of their own beyond shaping responses: requests are validated, admitted and submitted by
-the `OpenAIServer`, and run and streamed by streams.py.
+the `OpenAIServer`, run by calls.py and streamed by streams.py.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from pagoda.services.gateway.calls import Call, collect
 from pagoda.services.gateway.limits import check_request
 from pagoda.services.gateway.protocol import (
     ChatCompletionChoice,
@@ -30,7 +31,7 @@ from pagoda.services.gateway.protocol import (
     TokenizeAPIRequest,
     TokenizeResponse,
 )
-from pagoda.services.gateway.streams import Call, chat_stream, collect, completion_stream
+from pagoda.services.gateway.streams import chat_stream, completion_stream
 from pagoda.services.ops.metrics import CONTENT_TYPE_LATEST
 from pagoda.services.transport.errors import APIError
 from pagoda.services.transport.messages import PromptInput

@@ -1,12 +1,11 @@
 """The OpenAI-compatible HTTP front end over a `Frontend` (pagoda/services/gateway/frontend.py).
 
-It owns what the client connection owns (see DESIGN.md, gateway): validation, auth, n choices,
+It owns what the client connection owns (docs/architecture.md, the gateway): validation, auth, n choices,
 incremental detokenization, stop strings, echo, usage, logprobs, SSE, and aborting a request when
 its output is no longer wanted (a stop string hit, or the client went away). Tokenization and the
 prompt checks belong to the frontend (`submit` answers the prompt ids or raises an APIError);
 /tokenize and /detokenize use the server's own tokenizer. The routes live in
-pagoda/services/gateway/routes.py; running the submitted requests and writing their streams in
-pagoda/services/gateway/streams.py.
+routes.py, running the submitted requests in calls.py and writing their SSE streams in streams.py.
 """
 
 from __future__ import annotations
@@ -20,12 +19,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagoda.engine import SamplingParams
 from pagoda.services.gateway.auth import OPEN_PATHS, BearerAuth, key_id
+from pagoda.services.gateway.calls import Call, SubRequest, logger
 from pagoda.services.gateway.frontend import Frontend, Submitted
 from pagoda.services.gateway.limits import BodyGuard, RequestLimits
 from pagoda.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagoda.services.gateway.ratelimit import RateLimiter, estimate_tokens
 from pagoda.services.gateway.routes import register_routes
-from pagoda.services.gateway.streams import Call, SubRequest, logger
 from pagoda.services.ops import tracing
 from pagoda.services.ops.metrics import GatewayMetrics, Metrics
 from pagoda.services.scheduler.admission import FleetAdmission
