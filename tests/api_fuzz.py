@@ -56,12 +56,15 @@ def check_response(case: Any, resp: httpx.Response) -> None:
                 _check_error(event["error"], f"{where} (stream)")
 
 
-def fuzz(strategy: Any, examples: int, send: Callable[[Any], httpx.Response]) -> None:
-    """Draws `examples` cases from `strategy`, sends each and checks its answer."""
+def fuzz(
+    strategy: Any, examples: int, send: Callable[[Any], httpx.Response], derandomize: bool = False
+) -> None:
+    """Draws `examples` cases from `strategy`, sends each and checks its answer. `derandomize`: the
+    same cases on every run (for a run that must also count what its valid cases did)."""
 
     @settings(
         max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
-        suppress_health_check=list(HealthCheck),
+        suppress_health_check=list(HealthCheck), derandomize=derandomize,
     )  # fmt: skip
     @given(case=strategy)
     def run(case: Any) -> None:
