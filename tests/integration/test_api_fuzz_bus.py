@@ -103,7 +103,8 @@ def test_no_request_over_the_bus_gets_a_5xx(
 
 
 def test_valid_cases_went_through_and_the_server_still_answers(server: Sender) -> None:
-    # many valid bodies still get a 400 (a negative penalty, a prompt over the context): enough not
+    # many valid bodies still get a 400 (a negative penalty, a prompt over the context); enough of
+    # them generated to show the fuzzing reached the worker
     assert server.generated.get("/v1/completions", 0) >= 2, server.generated
     assert server.generated.get("/v1/chat/completions", 0) >= 2, server.generated
     body = {"prompt": "The sky is", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
