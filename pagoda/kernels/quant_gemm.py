@@ -281,7 +281,7 @@ def _tiles(
     defaults for the others."""
     m, k = x2.shape[0], w.in_features
     # small batches (decode) are weight-bandwidth bound: thin M tiles, many N tiles. Defaults
-    # from `bench kernels --sweep int4` on an H200 at 4096 -> 14336 (docs/perf.md): one row runs
+    # from `bench kernels --sweep int4` on an H200 at 4096 -> 14336 (docs/perf-history.md): one row runs
     # the GEMV kernel in 4 K slices; up to 16 rows the conversion kernel; more, the bit-trick one.
     if not _int4_fast_path(x2, w):
         kernel = "convert"

@@ -90,7 +90,7 @@ def run_roles(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop when it is installed (`pip install pagoda[fast]`, which also brings
     httptools: uvicorn then parses HTTP with it by itself), else asyncio's. With both, the gateway
-    used ~10% less CPU per streamed token (docs/perf.md); PAGODA_EVENT_LOOP=asyncio opts out."""
+    used ~10% less CPU per streamed token (docs/perf-history.md); PAGODA_EVENT_LOOP=asyncio opts out."""
     if os.environ.get("PAGODA_EVENT_LOOP", "auto") == "asyncio":
         return None
     try:
