@@ -58,10 +58,9 @@ def test_generation_tokens_sums_labels() -> None:
         'vllm:generation_tokens_created{model_name="a"} 1.7e9\n'
     )
     assert generation_tokens(text) == 15
-    from pagoda.services.ops.metrics import Metrics
-    from pagoda.services.ops.metrics import RequestRecord as GatewayRecord
+    from pagoda.services.ops.metrics import Metrics, ServedRequest
 
     metrics = Metrics()
     for n in (7, 9):
-        metrics.gateway().observe("m", GatewayRecord(200, 1.0, 0.1, submitted=True, generation_tokens=n))
+        metrics.gateway().observe("m", ServedRequest(200, 1.0, 0.1, submitted=True, generation_tokens=n))
     assert generation_tokens(metrics.render().decode()) == 16  # prometheus_client's own output

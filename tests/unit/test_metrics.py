@@ -19,7 +19,7 @@ from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.scheduling.batcher import Batcher
 from pagoda.engine.scheduling.request import Request
 from pagoda.services.gateway.server import build_app
-from pagoda.services.ops.metrics import GatewayMetrics, Metrics, RequestRecord
+from pagoda.services.ops.metrics import GatewayMetrics, Metrics, ServedRequest
 from pagoda.services.scheduler.dispatcher import SchedulerService
 from pagoda.services.scheduler.registry import WorkerRegistry
 from pagoda.services.transport.bus_memory import InMemoryBus
@@ -125,8 +125,8 @@ def test_abandoned_choices_count_as_aborts() -> None:
     metrics = Metrics()
     gw = metrics.gateway()
     assert isinstance(gw, GatewayMetrics) and metrics.gateway() is gw
-    gw.observe("m", RequestRecord("disconnected", 1.0, 0.1, [0.01], 3, 2, ["stop", None], submitted=True))
-    gw.observe("m", RequestRecord(400, 0.01, None))  # refused: nothing reached the engine
+    gw.observe("m", ServedRequest("disconnected", 1.0, 0.1, [0.01], 3, 2, ["stop", None], submitted=True))
+    gw.observe("m", ServedRequest(400, 0.01, None))  # refused: nothing reached the engine
     s = _samples(metrics.render().decode())
     assert _get(s, "vllm:request_success_total", model_name="m", finished_reason="abort") == 1
     assert _get(s, "vllm:request_success_total", model_name="m", finished_reason="stop") == 1

@@ -35,7 +35,7 @@ from pagoda.services.gateway.protocol import (
     PromptTokensDetails,
     UsageInfo,
 )
-from pagoda.services.ops.metrics import GatewayMetrics, RequestRecord
+from pagoda.services.ops.metrics import GatewayMetrics, ServedRequest
 from pagoda.services.transport.errors import APIError
 
 # One logger for the server's request lines, whichever module writes them.
@@ -271,9 +271,9 @@ class Call:
         for hook in self.on_end:
             hook(prompt + completion)
 
-    def _record(self, status: int | str, prompt: int, completion: int) -> RequestRecord:
+    def _record(self, status: int | str, prompt: int, completion: int) -> ServedRequest:
         first = self.first_token_at
-        return RequestRecord(
+        return ServedRequest(
             status=status,
             e2e_s=time.monotonic() - self.start,
             ttft_s=None if first is None else first - self.start,

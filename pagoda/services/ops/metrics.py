@@ -78,7 +78,7 @@ def observe_all(hist: Histogram, values: Sequence[float]) -> None:
 
 
 @dataclass
-class RequestRecord:
+class ServedRequest:
     """What the gateway knows of one API call when it ends."""
 
     status: int | str  # an HTTP status, or "disconnected"
@@ -120,7 +120,7 @@ class GatewayMetrics:
             "pagoda:http_responses", "API responses by HTTP status.", [*m, "status"], registry=registry
         )
 
-    def observe(self, model_name: str, rec: RequestRecord) -> None:
+    def observe(self, model_name: str, rec: ServedRequest) -> None:
         """One API call ended: counters for anything that reached the engine; the latency and size
         histograms for completed calls; success by finish reason for completed or abandoned ones."""
         if rec.submitted:
