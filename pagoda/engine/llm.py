@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from pagoda.engine.config import BatcherConfig, CacheConfig, EngineConfig
 from pagoda.engine.core.engine_core import EngineCore
+from pagoda.engine.loader import Checkpoint
 from pagoda.engine.outputs import FinishReason, TokenLogprob
 from pagoda.engine.sampling.params import SamplingParams
 
@@ -44,12 +45,20 @@ class GenerationResult:
 
 
 class LLM:
-    def __init__(self, model: str = "", *, config: EngineConfig | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: str = "",
+        *,
+        config: EngineConfig | None = None,
+        checkpoint: Checkpoint | None = None,
+        **kwargs: Any,
+    ) -> None:
         """`LLM(model, dtype=..., ...)` (flat keywords, as on the command line) or
-        `LLM(config=EngineConfig(...))`, not both."""
+        `LLM(config=EngineConfig(...))`, not both; `checkpoint` serves an already opened one."""
         if config is not None and (model or kwargs):
             raise TypeError("pass either config= or the model and its keyword arguments, not both")
-        self.engine = EngineCore(config if config is not None else make_engine_config(model, **kwargs))
+        config = config if config is not None else make_engine_config(model, **kwargs)
+        self.engine = EngineCore(config, checkpoint)
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 

@@ -61,12 +61,34 @@ def quantize_weight(
         zero = (-lo / scale).round().clamp(0, qmax)
         zeros = zero.to(scale_dtype)
     codes = (w / scale[:, None, :]).round().add(zero[:, None, :]).clamp(0, qmax).to(torch.int64)
-    per_word = 32 // bits
-    codes = codes.reshape(k // per_word, per_word, n)
-    shifts = torch.arange(per_word, device=weight.device, dtype=torch.int64) * bits
-    packed = (codes << shifts[None, :, None]).sum(1)
-    packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+    packed = pack_codes(codes.reshape(k, n), bits)
     return QuantizedWeight(packed, scale.to(scale_dtype), zeros, bits, group_size)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [K, N] -> qweight [K * bits / 32, N] int32, code k in bits (k % per_word) * bits
+    of word k // per_word."""
+    k, n = codes.shape
+    per_word = 32 // bits
+    grouped = codes.to(torch.int64).reshape(k // per_word, per_word, n)
+    shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
+    packed = (grouped << shifts[None, :, None]).sum(1)
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+
+
+def dequantize_weight(w: QuantizedWeight) -> torch.Tensor:
+    """The [K, N] float32 matrix the kernels multiply by: (code - zero) * scale per group."""
+    per_word = 32 // w.bits
+    shifts = torch.arange(per_word, device=w.qweight.device, dtype=torch.int32) * w.bits
+    codes = (w.qweight[:, None, :] >> shifts[None, :, None]) & ((1 << w.bits) - 1)
+    codes = codes.reshape(w.in_features, w.out_features).float()
+    zero = (
+        w.zeros.float()
+        if w.zeros is not None
+        else torch.full_like(w.scales, 1 << (w.bits - 1), dtype=torch.float32)
+    )
+    scale = w.scales.float().repeat_interleave(w.group_size, 0)
+    return (codes - zero.repeat_interleave(w.group_size, 0)) * scale
 
 
 @triton.jit

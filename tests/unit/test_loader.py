@@ -30,7 +30,7 @@ def demo() -> Checkpoint:
 
 @pytest.fixture(scope="module")
 def demo_weights(demo: Checkpoint) -> dict[str, torch.Tensor]:
-    return dict(demo.weights())
+    return dict(demo.dense_weights())
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_qwen3_gguf(tmp_path: Path) -> None:
     assert (arch.architecture, arch.num_layers, arch.head_dim, arch.rope_theta) == ("qwen3", 1, 32, 1e6)
     assert arch.qk_norm and arch.attention_bias and not arch.tie_word_embeddings
     assert arch.eos_token_ids == (258,) and arch.vocab_size == VOCAB
-    got = dict(ckpt.weights())
+    got = dict(ckpt.dense_weights())
     assert torch.equal(
         got["model.layers.0.self_attn.q_proj.weight"], torch.from_numpy(arrays["blk.0.attn_q.weight"])
     )
@@ -214,7 +214,7 @@ def test_unsupported_quant_type(tmp_path: Path) -> None:
     _write_gguf(
         path, "llama", {"blk.0.attn_q.weight": (np.ones((2, 32), np.float32), GGMLQuantizationType.Q5_0)}
     )
-    with pytest.raises(ModelLoadError, match=r"Q5_0.*F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K"):
+    with pytest.raises(ModelLoadError, match=r"Q5_0.*F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K"):
         load_checkpoint(str(path))
 
 
@@ -278,7 +278,7 @@ def test_hf_dir(tmp_path: Path, kind: str) -> None:
         assert arch.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     elif kind == "qwen2":
         assert arch.rope_theta == 1e6 and arch.rope_scaling is None
-    got = dict(ckpt.weights())
+    got = dict(ckpt.dense_weights())
     assert set(got) == set(want)
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
@@ -287,7 +287,7 @@ def test_hf_dir(tmp_path: Path, kind: str) -> None:
 
 def test_hf_dir_keeps_dtype(tmp_path: Path) -> None:
     want = _tiny_model("qwen2", tmp_path, dtype=torch.bfloat16)
-    got = dict(load_checkpoint(str(tmp_path)).weights())
+    got = dict(load_checkpoint(str(tmp_path)).dense_weights())
     assert all(t.dtype == torch.bfloat16 for t in got.values())
     assert all(torch.equal(got[k], v) for k, v in want.items())
 

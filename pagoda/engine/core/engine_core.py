@@ -48,7 +48,9 @@ class EngineCore:
         self.default_sampling = generation_defaults(path) if path else {}
         arch = ckpt.arch
         self.device = config.resolved_device()
-        self.quantization = resolve_quantization(config.quantization, self.device)
+        self.quantization = resolve_quantization(
+            config.quantization, self.device, getattr(ckpt, "quantization", None)
+        )
         # int8 dynamic linears take and give float32 activations
         cpu_int8 = self.quantization == "int8" and self.device.type == "cpu"
         dtype_arg = "float32" if cpu_int8 and config.dtype == "auto" else config.dtype
@@ -92,13 +94,11 @@ class EngineCore:
         t0 = time.perf_counter()
         with torch.device("meta"):
             model = build_model(arch, self.max_model_len)
-        model = model.to_empty(device=self.device)
-        if arch.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        model.load_weights(ckpt.weights())
-        model = model.to(self.dtype).eval()
+        keep = self.quantization == getattr(ckpt, "quantization", None)  # the checkpoint's own, served packed
+        report = model.load_weights(ckpt.weights(), self.device, self.dtype, keep_quantized=keep)
+        model.eval()
         packed = 0
-        if self.quantization != "none":
+        if self.quantization in ("int8", "int4"):
             quantize_linears(model, self.quantization)
         elif self.device.type == "cpu" and self.dtype == torch.bfloat16 and onednn_bf16_available():
             packed = pack_linears(model)
@@ -108,7 +108,7 @@ class EngineCore:
             arch.architecture,
             arch.num_layers,
             self.dtype,
-            f" with {self.quantization} linears" if self.quantization != "none" else "",
+            f" with {self.quantization} linears ({report.summary()})" if self.quantization != "none" else "",
             f" ({packed} linears packed for oneDNN)" if packed else "",
             self.device,
             time.perf_counter() - t0,

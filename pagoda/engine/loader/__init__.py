@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from pagoda.engine.models.arch_config import ModelArchConfig
+    from pagoda.engine.quantization.weights import QuantizedWeight
     from pagoda.engine.tokenization.tokenizer import Tokenizer
 
 __all__ = [
@@ -52,15 +53,23 @@ class Checkpoint:
     arch: ModelArchConfig
     tokenizer: Tokenizer
     path: str  # the local file or directory the weights come from
-    _weights: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+    _weights: Callable[[], Iterator[tuple[str, torch.Tensor | QuantizedWeight]]] = field(repr=False)
+    # the checkpoint's own quantization ("gguf", "compressed-tensors", "gptq", "awq"), None if dense
+    quantization: str | None = None
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face name, tensor) pairs, one tensor in memory at a time.
-
-        GGUF tensors come dequantized to float32; safetensors tensors in their stored dtype.
-        `lm_head.weight` is absent when `arch.tie_word_embeddings`.
-        """
+    def weights(self) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+        """(Hugging Face name, tensor) pairs, one tensor in memory at a time: quantized linear and
+        embedding weights as QuantizedWeight (packed codes, never a dense copy), the rest as
+        tensors (GGUF: float32; safetensors: their stored dtype). `lm_head.weight` is absent
+        when `arch.tie_word_embeddings`."""
         return self._weights()
+
+    def dense_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """`weights()` with every QuantizedWeight dequantized to float32."""
+        import torch
+
+        for name, value in self._weights():
+            yield name, value if isinstance(value, torch.Tensor) else value.dequantize()
 
 
 def _find_demo_model() -> str | None:

@@ -1,4 +1,6 @@
-"""GGUF -> Checkpoint: hyperparameters from `{arch}.*` metadata, weights dequantized to float32.
+"""GGUF -> Checkpoint: hyperparameters from `{arch}.*` metadata; quantized weights (Q4_0, Q4_1, Q8_0,
+Q4_K, Q5_K, Q6_K) as QuantizedWeight, kept packed (pagoda/engine/quantization/gguf.py), the rest
+as float32.
 
 llama.cpp names tensors `blk.{i}.attn_q.weight` and, for Llama-family models, permutes the rows of
 attn_q/attn_k so its rotary embedding can rotate adjacent pairs; we undo that so weights match
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,11 @@ from pagoda.engine.loader import Checkpoint, ModelLoadError, gguf_model_name
 from pagoda.engine.loader.gguf_file import GgufFile, GgufTensor
 from pagoda.engine.loader.model_info import gguf_context_length, gguf_tokenizer, open_gguf
 from pagoda.engine.models.arch_config import ModelArchConfig
+from pagoda.engine.quantization.gguf import QUANTIZED_TYPES, gguf_quantized_weight
+from pagoda.engine.quantization.weights import QuantizedWeight
 from pagoda.engine.tokenization.tokenizer import Tokenizer
 
-SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+SUPPORTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 _SUPPORTED_QTYPES = frozenset(GGMLQuantizationType[name] for name in SUPPORTED_QUANT_TYPES)
 
 # general.architecture -> (ModelArchConfig.architecture, q/k rows permuted by llama.cpp)
@@ -77,6 +82,7 @@ def load_gguf(path: Path) -> Checkpoint:
         tokenizer=tokenizer,
         path=str(path),
         _weights=lambda: _iter_weights(reader, arch, permuted),
+        quantization="gguf" if any(t.tensor_type in QUANTIZED_TYPES for t in reader.tensors) else None,
     )
 
 
@@ -238,7 +244,7 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def _iter_weights(
     reader: GgufFile, arch: ModelArchConfig, permuted: bool
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     for t in reader.tensors:
         if t.name in _SKIPPED:
             continue
@@ -248,9 +254,24 @@ def _iter_weights(
                 f"GGUF tensor {t.name!r} has no place in a {arch.architecture} model; the file may be "
                 "a variant pagoda does not support"
             )
-        tensor = dequantize_tensor(t)
-        if permuted and ".self_attn.q_proj." in name:
-            tensor = unpermute_rope_rows(tensor, arch.num_heads)
-        elif permuted and ".self_attn.k_proj." in name:
-            tensor = unpermute_rope_rows(tensor, arch.num_kv_heads)
+        tensor: torch.Tensor | QuantizedWeight
+        if t.tensor_type in QUANTIZED_TYPES and len(t.shape) == 2:
+            tensor = gguf_quantized_weight(t.data, t.tensor_type, (t.shape[1], t.shape[0]))
+        else:
+            tensor = dequantize_tensor(t)
+        heads = arch.num_heads if ".self_attn.q_proj." in name else arch.num_kv_heads
+        if permuted and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+            tensor = _unpermuted(tensor, heads)
         yield name, tensor
+
+
+def _unpermuted(tensor: torch.Tensor | QuantizedWeight, heads: int) -> torch.Tensor | QuantizedWeight:
+    if isinstance(tensor, torch.Tensor):
+        return unpermute_rope_rows(tensor, heads)
+    offset = None if tensor.offset is None else unpermute_rope_rows(tensor.offset, heads)
+    return replace(
+        tensor,
+        codes=unpermute_rope_rows(tensor.codes, heads),
+        scale=unpermute_rope_rows(tensor.scale, heads),
+        offset=offset,
+    )

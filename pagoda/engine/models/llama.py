@@ -13,6 +13,7 @@ from torch import nn
 
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from pagoda.engine.models.weight_loading import LoadReport, ModelLoader, Weight, fused_parts
 from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 
 
@@ -126,49 +127,25 @@ class LlamaForCausalLM(nn.Module):
             logits = logits / self.cfg.logits_scaling
         return logits.float()  # type: ignore[no-any-return]
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named weights, merging q/k/v and gate/up into their fused matrices."""
-        params = dict(self.named_parameters(remove_duplicate=False))
+    def load_weights(
+        self,
+        weights: Iterable[tuple[str, Weight]],
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        keep_quantized: bool = True,
+    ) -> LoadReport:
+        """Load HF-named weights (tensors, or QuantizedWeights for quantized linears), merging q/k/v
+        and gate/up into their fused matrices. A model built on "meta" gets memory per parameter as
+        its tensor arrives (pagoda/engine/models/weight_loading.py); `device` and `dtype` default to
+        the model's own."""
         cfg = self.cfg
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        fused = {
-            "q_proj": ("qkv_proj", 0, q),
-            "k_proj": ("qkv_proj", q, kv),
-            "v_proj": ("qkv_proj", q + kv, kv),
-            "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
-            "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size),
-        }
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name.startswith("model."):
-                name = name[len("model.") :]
-            if "rotary_emb" in name:
-                continue
-            if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue
-            target, start, size = name, 0, -1
-            for part, (fused_name, offset, length) in fused.items():
-                if f".{part}." in name:
-                    target, start, size = name.replace(part, fused_name), offset, length
-                    break
-            if target not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in the {cfg.architecture} model")
-            param = params[target]
-            with torch.no_grad():
-                dest = param.data if size < 0 else param.data.narrow(0, start, size)
-                if dest.shape != tensor.shape:
-                    raise ValueError(
-                        f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                        f"the model expects {tuple(dest.shape)}"
-                    )
-                dest.copy_(tensor)
-            loaded.add(f"{target}:{start}")
-        expected = sum(
-            3 if "qkv_proj" in n else 2 if "gate_up_proj" in n else 1
-            for n in params
-            if not (n == "lm_head.weight" and cfg.tie_word_embeddings)
+        first = self.norm.weight
+        loader = ModelLoader(
+            self,
+            fused_parts(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size),
+            device or first.device,
+            dtype or first.dtype,
+            keep_quantized,
+            cfg.tie_word_embeddings,
         )
-        if len(loaded) != expected:
-            raise ValueError(
-                f"checkpoint is incomplete: loaded {len(loaded)} of {expected} tensors for the model"
-            )
+        return loader.load(weights)

@@ -19,6 +19,8 @@ from pagoda.engine.config import cpu_flags
 from pagoda.engine.models.layers import replace_linears
 
 METHODS = ("auto", "none", "int8", "int4")
+# a checkpoint's own quantization, served as it is (what `auto` picks for such a checkpoint)
+CHECKPOINT_FORMATS = ("gguf", "compressed-tensors", "gptq", "awq")
 INT4_GROUP = 32  # GGUF Q4_0/Q4_1 block size
 
 
@@ -27,10 +29,19 @@ def int8_supported(device: torch.device) -> bool:
     return device.type == "cpu" and ("x86" in engines or "fbgemm" in engines)
 
 
-def resolve_quantization(method: str, device: torch.device) -> str:
-    """`auto` is `none` for now (see the module docstring for why not int8)."""
-    if method not in METHODS:
-        raise ValueError(f"quantization must be one of {', '.join(METHODS)}, got {method!r}")
+def resolve_quantization(method: str, device: torch.device, checkpoint: str | None = None) -> str:
+    """What `--quantization` means for a checkpoint quantized as `checkpoint` (None: dense).
+    `auto`: the checkpoint's own quantization, served as it is (a GGUF stays packed), else `none`
+    (see the module docstring for why not int8). A format name must be the checkpoint's own;
+    `none` dequantizes; `int8`/`int4` quantize the (dequantized) weights at load."""
+    choices = (*METHODS, *CHECKPOINT_FORMATS)
+    if method not in choices:
+        raise ValueError(f"quantization must be one of {', '.join(choices)}, got {method!r}")
+    if method in CHECKPOINT_FORMATS and method != checkpoint:
+        raise ValueError(
+            f"--quantization {method} does not match the model, which is "
+            f"{checkpoint + '-quantized' if checkpoint else 'not quantized'}; use auto"
+        )
     if method in ("int8", "int4") and device.type == "cuda":
         from pagoda.kernels.runtime import triton_installed
 
@@ -38,7 +49,9 @@ def resolve_quantization(method: str, device: torch.device) -> str:
             raise ValueError(f"--quantization {method} on a GPU needs triton: pip install 'pagoda[triton]'")
     elif method in ("int8", "int4") and not int8_supported(device):
         raise ValueError(f"--quantization {method} is not available on {device.type}; use none")
-    return "none" if method == "auto" else method
+    if method == "auto":
+        return checkpoint or "none"
+    return method
 
 
 class Int8DynamicLinear(nn.Module):
@@ -53,13 +66,28 @@ class Int8DynamicLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         w = linear.weight.detach().float()  # [out, in]
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
         scales = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).double()
         zeros = torch.zeros(w.shape[0], dtype=torch.int64)
-        qweight = torch.quantize_per_channel(w, scales, zeros, 0, torch.qint8)
+        self._pack(torch.quantize_per_channel(w, scales, zeros, 0, torch.qint8), linear.bias)
+
+    @classmethod
+    def from_codes(
+        cls, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+    ) -> Int8DynamicLinear:
+        """From given int8 codes [out, in] and per-channel scales [out] (a W8A8 checkpoint's), as
+        they are: w = codes * scale."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        zeros = torch.zeros(codes.shape[0], dtype=torch.int64)
+        self._pack(
+            torch._make_per_channel_quantized_tensor(codes.to(torch.int8), scales.double(), zeros, 0), bias
+        )
+        return self
+
+    def _pack(self, qweight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.out_features, self.in_features = qweight.shape
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
         self._anchor = torch.zeros(1, self.in_features)
         self._anchor[0, :2] = torch.tensor([1.0, -1.0])
         # Without VNNI, fbgemm's u8*s8 pair-sums can saturate: use 7-bit activations there.

@@ -33,9 +33,13 @@ class QuantizedWeight:
     def __post_init__(self) -> None:
         out_f, in_f = self.codes.shape
         if self.scale.dim() != 2 or self.scale.shape[0] != out_f or in_f % self.scale.shape[1]:
-            raise ValueError(f"scale {tuple(self.scale.shape)} does not group codes {tuple(self.codes.shape)}")
+            raise ValueError(
+                f"scale {tuple(self.scale.shape)} does not group codes {tuple(self.codes.shape)}"
+            )
         if self.offset is not None and self.offset.shape != self.scale.shape:
-            raise ValueError(f"offset {tuple(self.offset.shape)} differs from scale {tuple(self.scale.shape)}")
+            raise ValueError(
+                f"offset {tuple(self.offset.shape)} differs from scale {tuple(self.scale.shape)}"
+            )
 
     @property
     def out_features(self) -> int:
