@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from pagoda.engine.models.arch_config import ModelArchConfig
+    from pagoda.engine.quantization.weights import QuantizedWeight
     from pagoda.engine.tokenization.tokenizer import Tokenizer
 
 __all__ = [
@@ -52,12 +53,18 @@ class Checkpoint:
     arch: ModelArchConfig
     tokenizer: Tokenizer
     path: str  # the local file or directory the weights come from
-    _weights: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+    _weights: Callable[[], Iterator[tuple[str, torch.Tensor | QuantizedWeight]]] = field(repr=False)
+    # quantization_config.quant_method of a quantized HF checkpoint ("compressed-tensors", "gptq",
+    # "awq"); None for plain weights (and GGUF, whose tensors come dequantized)
+    quantization: str | None = None
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """(Hugging Face name, tensor) pairs, one tensor in memory at a time.
 
-        GGUF tensors come dequantized to float32; safetensors tensors in their stored dtype.
+        GGUF tensors come dequantized to float32; safetensors tensors in their stored dtype. In a
+        quantized checkpoint (`quantization` set) each quantized linear comes as one
+        `<linear>.weight` QuantizedWeight instead of its stored parts (qweight/qzeros/scales,
+        weight_packed/weight_scale...; see pagoda/engine/quantization/formats.py).
         `lm_head.weight` is absent when `arch.tie_word_embeddings`.
         """
         return self._weights()

@@ -13,6 +13,7 @@ from torch import nn
 
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from pagoda.engine.quantization.weights import QuantizedWeight
 from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 
 
@@ -126,7 +127,7 @@ class LlamaForCausalLM(nn.Module):
             logits = logits / self.cfg.logits_scaling
         return logits.float()  # type: ignore[no-any-return]
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
         """Load HF-named weights, merging q/k/v and gate/up into their fused matrices."""
         params = dict(self.named_parameters(remove_duplicate=False))
         cfg = self.cfg
@@ -140,6 +141,10 @@ class LlamaForCausalLM(nn.Module):
         }
         loaded: set[str] = set()
         for name, tensor in weights:
+            if isinstance(tensor, QuantizedWeight):  # until the quantized linears take them
+                raise ValueError(
+                    f"checkpoint tensor {name!r} is quantized; this model loads plain weights only"
+                )
             if name.startswith("model."):
                 name = name[len("model.") :]
             if "rotary_emb" in name:
