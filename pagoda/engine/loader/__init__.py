@@ -54,14 +54,17 @@ class Checkpoint:
     tokenizer: Tokenizer
     path: str  # the local file or directory the weights come from
     _weights: Callable[[], Iterator[tuple[str, torch.Tensor | QuantizedWeight]]] = field(repr=False)
-    # the checkpoint's own quantization ("gguf", "compressed-tensors", "gptq", "awq"), None if dense
+    # the checkpoint's own quantization ("gguf", or a quantized HF checkpoint's quant_method:
+    # "compressed-tensors", "gptq", "awq"), None if dense
     quantization: str | None = None
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """(Hugging Face name, tensor) pairs, one tensor in memory at a time: quantized linear and
-        embedding weights as QuantizedWeight (packed codes, never a dense copy), the rest as
-        tensors (GGUF: float32; safetensors: their stored dtype). `lm_head.weight` is absent
-        when `arch.tie_word_embeddings`."""
+        embedding weights as one QuantizedWeight each (packed codes, never a dense copy; an HF
+        checkpoint's stored parts, qweight/qzeros/scales or weight_packed/weight_scale..., are
+        read by pagoda/engine/quantization/formats.py), the rest as tensors (GGUF: float32;
+        safetensors: their stored dtype). `lm_head.weight` is absent when
+        `arch.tie_word_embeddings`."""
         return self._weights()
 
     def dense_weights(self) -> Iterator[tuple[str, torch.Tensor]]:

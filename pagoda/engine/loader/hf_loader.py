@@ -1,22 +1,25 @@
 """Hugging Face directory -> Checkpoint: config.json + *.safetensors + tokenizer files.
 
 Weights keep their stored names and dtypes; config.json of transformers 4.x (rope_theta +
-rope_scaling) and 5.x (rope_parameters) both map onto ModelArchConfig.
+rope_scaling) and 5.x (rope_parameters) both map onto ModelArchConfig. A config.json with
+`quantization_config` selects a CheckpointFormat (pagoda/engine/quantization/formats.py) that turns
+each quantized linear's stored parts into one QuantizedWeight.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 
 from pagoda.engine.loader import Checkpoint, ModelLoadError
 from pagoda.engine.loader.model_info import hf_context_length, hf_tokenizer, read_hf_config
 from pagoda.engine.models.arch_config import ModelArchConfig
+from pagoda.engine.quantization.formats import CheckpointFormat, WeightTensor, checkpoint_format
 from pagoda.engine.tokenization.tokenizer import Tokenizer
 
 # config.json model_type -> ModelArchConfig.architecture
@@ -32,16 +35,19 @@ _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def load_hf_dir(path: Path, name: str) -> Checkpoint:
     config = read_hf_config(path)
+    quant = checkpoint_format(config)
     tokenizer = hf_tokenizer(path)
     files = _safetensors_files(path)
     stored = _stored_names(files)
-    arch = arch_from_hf_config(config, tokenizer, has_lm_head="lm_head.weight" in stored)
+    has_lm_head = any(n.startswith("lm_head.") for n in stored)  # lm_head.weight, or a quantized head's parts
+    arch = arch_from_hf_config(config, tokenizer, has_lm_head=has_lm_head)
     return Checkpoint(
         name=name,
         arch=arch,
         tokenizer=tokenizer,
         path=str(path),
-        _weights=lambda: _iter_weights(files, arch),
+        _weights=lambda: _iter_weights(files, arch, quant),
+        quantization=None if quant is None else quant.method,
     )
 
 
@@ -127,16 +133,31 @@ def _normalize(name: str) -> str:
     return "model." + name
 
 
-def _iter_weights(files: list[Path], arch: ModelArchConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
+def _iter_weights(
+    files: list[Path], arch: ModelArchConfig, quant: CheckpointFormat | None
+) -> Iterator[tuple[str, WeightTensor]]:
+    """Stored tensors in file order; a quantized linear's parts (which may sit in several shards)
+    become one QuantizedWeight, yielded where its first part is met."""
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
+        owner = {key: f for f, handle in handles.items() for key in handle.keys()}
+        linears = quant.linear_parts(owner) if quant is not None else {}
+        part_of = {stored: prefix for prefix, parts in linears.items() for stored in parts.values()}
+        for handle in handles.values():
             for key in handle.keys():
-                name = _normalize(key)
-                if name.endswith(_SKIPPED_SUFFIXES):
+                prefix = part_of.get(key)
+                name = _normalize(key if prefix is None else prefix + ".weight")
+                if name.endswith(_SKIPPED_SUFFIXES) or (
+                    arch.tie_word_embeddings and name == "lm_head.weight"
+                ):
                     continue
-                if arch.tie_word_embeddings and name == "lm_head.weight":
-                    continue
-                yield name, handle.get_tensor(key)
+                if prefix is None:
+                    yield name, handle.get_tensor(key)
+                elif quant is not None and (parts := linears.pop(prefix, None)) is not None:  # first part met
+                    yield (
+                        name,
+                        quant.read(prefix, {p: handles[owner[k]].get_tensor(k) for p, k in parts.items()}),
+                    )
 
 
 def _as_ids(value: Any) -> list[int]:
