@@ -16,16 +16,23 @@ class QuantizedEmbedding(nn.Module):
 
     def __init__(self, qw: QuantizedWeight, dtype: torch.dtype) -> None:
         super().__init__()
-        codes, offset = _unsigned(qw, 8)
         self.num_embeddings, self.embedding_dim = qw.out_features, qw.in_features
         self.group = qw.group_size
-        self.codes = codes.to(torch.uint8).contiguous()
+        signed = int(qw.codes.min()) < 0
+        if signed and int(qw.codes.min()) >= -128 and int(qw.codes.max()) <= 127:  # Q8_0: no offset
+            codes, offset = qw.codes.to(torch.int8), qw.offset
+        else:
+            codes, offset = _unsigned(qw, 8)
+            codes = codes.to(torch.uint8)
+        self.codes = codes.contiguous()
         self.scale = qw.scale.to(dtype).contiguous()
-        self.offset = offset.to(dtype).contiguous()
+        self.offset = None if offset is None else offset.to(dtype).contiguous()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.codes[ids].to(self.scale.dtype).view(*ids.shape, -1, self.group)
-        w = rows * self.scale[ids][..., None] + self.offset[ids][..., None]
+        w = rows * self.scale[ids][..., None]
+        if self.offset is not None:
+            w = w + self.offset[ids][..., None]
         return w.view(*ids.shape, self.embedding_dim)
 
     def dequantized_weight(self) -> torch.Tensor:  # [vocab, hidden] float32
