@@ -90,9 +90,11 @@ def _part(event: Any) -> str:
 
 
 def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Loads the demo model, starts `args.batch` random prompts, times `args.steps` decode steps
-    and profiles `args.profile_steps` more; prints and returns the figures."""
+    """Loads the model (the demo by default), starts `args.batch` random prompts, times
+    `args.steps` decode steps and profiles `args.profile_steps` more; prints and returns the
+    figures, with the bytes the loaded weights hold."""
     from pagoda.engine.core.engine_core import EngineCore
+    from pagoda.engine.quantization.memory import weight_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,6 +108,7 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
         "quantization": core.quantization,
         "threads": torch.get_num_threads(),
         "batch": args.batch,
+        "weights_mib": round(weight_bytes(core.model) / 2**20, 1),
         "load_s": round(load_s, 2),
         "prefill_and_warmup_s": round(warm_s, 2),
         "step_ms_p50": round(statistics.median(times) * 1e3, 2),
@@ -126,6 +129,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     from pagoda.engine.config import CacheConfig, EngineConfig
 
     return EngineConfig(
+        model=getattr(args, "model", ""),
         dtype=args.dtype,
         quantization=args.quantization,
         cache=CacheConfig(enable_prefix_caching=False, kv_cache_memory=1 << 28),

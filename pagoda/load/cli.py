@@ -45,7 +45,7 @@ def add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     add_step_args(
         bsub.add_parser(
-            "step", help="ms and aten calls per decode step of the demo model, split by engine function"
+            "step", help="ms and aten calls per decode step of a model (default: the demo), by function"
         )
     )
 
@@ -235,12 +235,13 @@ def add_kernels_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_step_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="", help="GGUF file, HF directory or Hub id (default: the demo model)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=40, help="decode steps timed")
     p.add_argument("--profile-steps", type=int, default=5, help="decode steps under the profiler")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default="none")
+    p.add_argument("--quantization", default="auto", help="as pagoda serve takes it")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--compile", action="store_true", help="decode steps through torch.compile")
     p.add_argument("--json", action="store_true")
