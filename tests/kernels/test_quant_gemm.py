@@ -90,3 +90,28 @@ def test_quant_linear_module() -> None:
     rel = (got.float() - lin(x).float()).norm() / lin(x).float().norm()
     assert rel < 0.1, f"int4 linear relative error {rel:.3f}"
     assert "int4 g128 sym" in repr(q)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "signed", "offset"), [(4, 32, False, True), (4, 128, True, False), (8, 64, True, False)]
+)
+def test_quantized_linear_on_the_triton_kernel(bits: int, group: int, signed: bool, offset: bool) -> None:
+    """The engine's Int4Linear/Int8Linear on their GPU path (here under the interpreter): the
+    QuantizedWeight -> kernel layout conversion (codes packed along K, zero points in code units)
+    multiplies by the same weight."""
+    from pagoda.engine.quantization.linear import Int4Linear, Int8Linear
+    from pagoda.engine.quantization.weights import QuantizedWeight
+
+    g = torch.Generator().manual_seed(bits + group)
+    lo, hi = (-(1 << (bits - 1)), 1 << (bits - 1)) if signed else (0, 1 << bits)
+    codes = torch.randint(lo, hi, (40, 256), generator=g, dtype=torch.int16)
+    scale = (torch.rand(40, 256 // group, generator=g) * 0.02 + 0.001).half().float()
+    off = (torch.randn(40, 256 // group, generator=g) * 0.05).half().float() if offset else None
+    qw = QuantizedWeight(codes, scale, off, bits)
+    cls = Int4Linear if bits == 4 else Int8Linear
+    layer = cls(qw, None, torch.device(DEV), torch.float32, triton=True)
+    w = layer.dequantized_weight().cpu()
+    torch.testing.assert_close(w, qw.dequantize(), atol=2e-3 * float(qw.dequantize().abs().max()), rtol=0)
+    x = torch.randn(3, 256, generator=g).to(DEV)
+    want = x.float().cpu() @ w.t()
+    torch.testing.assert_close(layer(x).float().cpu(), want, atol=1e-3 * float(want.abs().max()), rtol=0)

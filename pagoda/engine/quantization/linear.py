@@ -127,16 +127,21 @@ class Int4Linear(QuantizedLinear):
     kind = "int4"
 
     def __init__(
-        self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype
+        self,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        triton: bool | None = None,  # the Triton kernel (default: on a GPU)
     ) -> None:
         super().__init__(qw, bias)
-        group = _cpu_group(qw) if device.type == "cpu" else qw.group_size
+        self.on_cpu = device.type == "cpu" if triton is None else not triton
+        group = _cpu_group(qw) if self.on_cpu else qw.group_size
         if group is None:
             raise ValueError(f"int4 groups of {qw.group_size} do not fit the CPU kernel ({CPU_INT4_GROUPS})")
         qw = _regrouped(qw, group)
         codes, offset = _unsigned(qw, 4)
         self.kind = f"int4 g{group}"
-        self.on_cpu = device.type == "cpu"
         if self.on_cpu:
             self.mat = _Int4Pack(codes, qw.scale.float(), offset, group, dtype)
         else:
@@ -163,10 +168,15 @@ class Int8Linear(QuantizedLinear):
     kind = "int8"
 
     def __init__(
-        self, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype
+        self,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        triton: bool | None = None,  # the Triton kernel (default: on a GPU)
     ) -> None:
         super().__init__(qw, bias)
-        self.on_cpu = device.type == "cpu"
+        self.on_cpu = device.type == "cpu" if triton is None else not triton
         self.per_channel = (
             qw.group_size == qw.in_features
             and qw.offset is None
