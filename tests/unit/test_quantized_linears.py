@@ -92,16 +92,20 @@ def test_quantized_linear_multiplies_by_its_weight(case: str, dtype: torch.dtype
 
 
 def test_w8a8_and_fp8_layers() -> None:
+    from pagoda.engine.quantization.w8a8 import W8A8Linear
+
     int8 = _qw(32, 128, 8, 128, signed=True, offset=False)
-    w8a8 = make_linear(
-        QuantizedWeight(int8.codes, int8.scale, None, 8, act="int8"), None, torch.device("cpu"), torch.float32
-    )
-    assert w8a8.kind == "w8a8 int8"
-    assert torch.equal(w8a8.dequantized_weight(), int8.dequantize())
+    qw = QuantizedWeight(int8.codes, int8.scale, None, 8, act="int8")
+    assert make_linear(qw, None, torch.device("cpu"), torch.float32).kind == "w8a8 int8 (oneDNN)"
     x = torch.randn(4, 128)
     ref = x @ int8.dequantize().t()
-    err = (w8a8(x) - ref).abs().max() / ref.abs().max()
-    assert 0 < err < 0.02  # int8 activations: close, not exact
+    for kernel in ("onednn", "fbgemm"):
+        w8a8 = W8A8Linear(qw, None, kernel)
+        assert torch.equal(w8a8.dequantized_weight(), int8.dequantize())
+        y = w8a8(x)
+        err = (y - ref).abs().max() / ref.abs().max()
+        assert 0 < err < 0.02  # int8 activations: close, not exact
+        assert all(torch.equal(w8a8(x[i : i + 1])[0], y[i]) for i in range(4))  # per-row scales
 
     codes = (torch.randn(32, 128) * 100).to(torch.float8_e4m3fn)
     scale = torch.rand(32, 1) * 0.01

@@ -220,28 +220,6 @@ class Int8Linear(QuantizedLinear):
         return self.high.dequantized(self.in_features) + self.low.dequantized(self.in_features)
 
 
-class W8A8Linear(QuantizedLinear):
-    """int8 weights (symmetric, per channel) against int8 activations quantized per row at run
-    time: fbgemm's dynamic int8 GEMM, with the per-row scaling of models/quantization.py's
-    Int8DynamicLinear (a row's result does not depend on its batch)."""
-
-    kind = "w8a8 int8"
-
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
-        super().__init__(qw, bias)
-        if qw.group_size != qw.in_features or qw.offset is not None:
-            raise ValueError("W8A8 takes symmetric per-channel int8 weights")
-        from pagoda.engine.models.quantization import Int8DynamicLinear
-
-        self.impl = Int8DynamicLinear.from_codes(qw.codes.to(torch.int8), qw.scale[:, 0].double(), self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.impl(x)  # type: ignore[no-any-return]
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return self.impl.dequantized_weight()  # type: ignore[no-any-return]
-
-
 class Fp8Linear(QuantizedLinear):
     """float8_e4m3fn weights with per-tensor or per-channel scales, dequantized per call (CPUs have
     no fp8 math); with `act="fp8"`, activations are rounded through fp8 per token first, as
@@ -332,6 +310,8 @@ def make_linear(
         if qw.is_float:
             return Fp8Linear(qw, bias, dtype)
         if qw.act == "int8" and device.type == "cpu":
+            from pagoda.engine.quantization.w8a8 import W8A8Linear
+
             return W8A8Linear(qw, bias)
         if qw.bits <= 4:
             return Int4Linear(qw, bias, device, dtype)
