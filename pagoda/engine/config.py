@@ -64,7 +64,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"  # auto (Triton on a GPU) | torch | triton
     enforce_eager: bool = False  # no CUDA graphs for decode steps
-    quantization: str = "auto"  # auto | none | int8 (pagoda.engine.models.quantization)
+    quantization: str = "auto"  # see resolve_quantization (pagoda.engine.models.quantization)
     compile: bool = False  # CPU: decode-only steps through torch.compile (engine.compiled_decode)
     cache: CacheConfig = CacheConfig()
     batcher: BatcherConfig = BatcherConfig()

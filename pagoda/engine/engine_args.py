@@ -89,8 +89,10 @@ def _add_runtime_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--quantization",
         default=default("quantization"),
-        choices=["auto", "none", "int8", "int4"],
-        help="CPU only: int4 (weight-only, fast at small batch), int8 (dynamic, not batch-invariant)",
+        choices=["auto", "none", "int8", "int4", "gguf", "compressed-tensors", "gptq", "awq"],
+        help="auto: a quantized checkpoint's own quantization, served packed (GGUF, compressed-tensors, "
+        "GPTQ, AWQ), else none; none: dequantize; int4/int8: quantize at load (int4 weight-only; int8 "
+        "weights and activations); a format name must match the checkpoint (pagoda quantize writes one)",
     )
     g.add_argument(
         "--attention-backend",

@@ -96,3 +96,14 @@ def test_engine_on_int4_tracks_hf_and_is_batch_invariant(tmp_path: Path, kind: s
         # total variation of the first distribution: ~0.18 here (random weights are far from a 4-bit
         # grid), ~1 for a broken kernel
         assert (got.exp() - ref.exp()).abs().sum() < 0.3
+
+
+def test_auto_serves_the_checkpoints_own_quantization_and_names_must_match() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_quantization("auto", cpu, "gguf") == "gguf"
+    assert resolve_quantization("compressed-tensors", cpu, "compressed-tensors") == "compressed-tensors"
+    assert resolve_quantization("none", cpu, "awq") == "none"  # dequantized
+    with pytest.raises(ValueError, match="does not match the model, which is not quantized"):
+        resolve_quantization("gptq", cpu, None)
+    with pytest.raises(ValueError, match="which is gguf-quantized; use auto"):
+        resolve_quantization("awq", cpu, "gguf")
