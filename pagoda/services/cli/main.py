@@ -1,4 +1,4 @@
-"""The `pagoda` command: serve, the four roles, models, bench.
+"""The `pagoda` command: serve, the four roles, models, bench, quantize.
 
 Parsing and building a role's config import neither torch nor the benchmarks; each command
 imports what it runs."""
@@ -47,6 +47,10 @@ def _run(args: argparse.Namespace) -> int:
         from pagoda.load.cli import run_bench
 
         return run_bench(args)
+    if command == "quantize":
+        from pagoda.compress.cli import run_quantize
+
+        return run_quantize(args)
     from pagoda.services.cli.launch import run_roles
 
     assert command == "serve" or command in ROLES, command

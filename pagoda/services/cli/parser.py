@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from pagoda.compress.cli import add_quantize_parser
 from pagoda.engine import add_engine_args, field_default, parse_size
 from pagoda.load.cli import add_bench_parser
 from pagoda.services.cli.config import DEFAULT_LOG_LEVEL, ROLES, ClusterConfig, GatewayConfig, WorkerConfig
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_role_parser(sub.add_parser(role, help=f"run the {role} service alone: {text}"), role)
     sub.add_parser("models", help="list the demo catalog")
     add_bench_parser(sub)
+    add_quantize_parser(sub)
     return parser
 
 

@@ -1,0 +1,165 @@
+"""`quantize_model`: a checkpoint in, every linear quantized (or pruned) under its Hugging Face
+name out, ready for the writer (pagoda/compress/writer.py) and for tests to compare against.
+
+Order of work: the scheme/method pair and every layer's group size are checked first (from the
+architecture alone, before a weight is read); then the weights load in float32; the calibration
+pass runs when the method needs one (GPTQ, SparseGPT, SmoothQuant, AWQ; RTN, FP8 and magnitude
+pruning need none); then each decoder layer in turn is smoothed (SmoothQuant/AWQ factors folded,
+pagoda/compress/smoothing.py) and its seven linears quantized. Embeddings, norms and the LM head
+stay unquantized.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from pagoda.compress import algorithms
+from pagoda.compress.calibration import (
+    FUSED_PARTS,
+    InputStats,
+    Needs,
+    build_float_model,
+    calibration_samples,
+    calibration_text,
+    collect_stats,
+)
+from pagoda.compress.options import (
+    NEEDS_ABSMAX,
+    NEEDS_HESSIAN,
+    NEEDS_SAMPLES,
+    QuantizeOptions,
+    needs_calibration,
+    resolve_method,
+)
+from pagoda.compress.scheme import Scheme, check_group_size, parse_scheme
+from pagoda.compress.smoothing import fold, layer_smoothings, smoothed_hessian
+from pagoda.engine.loader import Checkpoint
+from pagoda.engine.models.arch_config import ModelArchConfig
+from pagoda.engine.quantization.weights import QuantizedWeight
+
+
+@dataclass
+class QuantizedModel:
+    """Every tensor of the quantized model under its Hugging Face name."""
+
+    arch: ModelArchConfig
+    scheme: Scheme
+    method: str
+    linears: dict[str, QuantizedWeight]  # "model.layers.0.self_attn.q_proj" -> its quantized weight
+    tensors: dict[str, torch.Tensor]  # every other tensor, float32 (2:4: the pruned linears too)
+    seconds: dict[str, float] = field(default_factory=dict)  # phase -> wall time
+
+
+def linear_names(arch: ModelArchConfig) -> list[tuple[str, int]]:
+    """(HF linear name, in_features) of every decoder linear, layer by layer."""
+    q_size = arch.num_heads * arch.head_dim
+    inputs = {"self_attn.o_proj": q_size, "mlp.down_proj": arch.intermediate_size}
+    return [
+        (f"model.layers.{i}.{part}", inputs.get(part, arch.hidden_size))
+        for i in range(arch.num_layers)
+        for parts in FUSED_PARTS.values()
+        for part in parts
+    ]
+
+
+def plan(options: QuantizeOptions, arch: ModelArchConfig) -> tuple[Scheme, str]:
+    """(scheme, method) for `options`; ValueError, naming what fits, when the scheme, the method
+    or the group size does not suit each other or this model."""
+    scheme = parse_scheme(options.scheme, options.group_size)
+    method = resolve_method(scheme.name, options.method)
+    for name, in_features in linear_names(arch):
+        check_group_size(scheme, in_features, name)
+    return scheme, method
+
+
+def quantize_model(ckpt: Checkpoint, options: QuantizeOptions, progress: bool = True) -> QuantizedModel:
+    scheme, method = plan(options, ckpt.arch)
+    t0 = time.perf_counter()
+    weights = {name: tensor.float() for name, tensor in ckpt.weights()}
+    seconds = {"load": time.perf_counter() - t0}
+    stats: dict[str, InputStats] = {}
+    if needs_calibration(method):
+        t0 = time.perf_counter()
+        stats = calibrate(ckpt, weights, options, method, progress)
+        seconds["calibrate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    linears: dict[str, QuantizedWeight] = {}
+    arch = ckpt.arch
+    for i in tqdm(range(arch.num_layers), desc=f"{scheme.name} {method}", unit="layer", disable=not progress):
+        if method in NEEDS_ABSMAX or method in NEEDS_SAMPLES:
+            smooth_layer(weights, stats, arch, i, scheme, method)
+        for site, parts in FUSED_PARTS.items():
+            record = stats.get(f"layers.{i}.{site}")
+            acc = record.hessian if record is not None else None
+            hessian = acc.hessian().float() if acc is not None else None
+            for part in parts:
+                name = f"model.layers.{i}.{part}"
+                result = quantize_linear(weights[name + ".weight"], scheme, method, hessian)
+                if isinstance(result, QuantizedWeight):
+                    del weights[name + ".weight"]
+                    linears[name] = result
+                else:
+                    weights[name + ".weight"] = result
+    seconds["quantize"] = time.perf_counter() - t0
+    return QuantizedModel(arch, scheme, method, linears, weights, seconds)
+
+
+def calibrate(
+    ckpt: Checkpoint, weights: dict[str, torch.Tensor], options: QuantizeOptions, method: str, progress: bool
+) -> dict[str, InputStats]:
+    """The calibration pass over the float32 engine model built from `weights`."""
+    samples = calibration_samples(
+        ckpt.tokenizer, calibration_text(options.calibration), options.num_samples, options.seq_len
+    )
+    total = options.num_samples * options.seq_len
+    needs = Needs(
+        hessian=method in NEEDS_HESSIAN,
+        absmax=method in NEEDS_ABSMAX,
+        sample_stride=-(-total // options.sample_rows) if method in NEEDS_SAMPLES else 0,
+    )
+    model = build_float_model(ckpt.arch, weights.items(), options.seq_len)
+    return collect_stats(model, samples, needs, progress)
+
+
+def smooth_layer(
+    weights: dict[str, torch.Tensor],
+    stats: dict[str, InputStats],
+    arch: ModelArchConfig,
+    i: int,
+    scheme: Scheme,
+    method: str,
+) -> None:
+    """SmoothQuant or AWQ on layer i: each factor found from the calibration stats, folded into
+    the weights, and the site's Hessian (if any) moved to the smoothed input."""
+    for smoothing in layer_smoothings(arch, i, with_v_to_o=method in NEEDS_SAMPLES):
+        record = stats[smoothing.site]
+        ws = [weights[name + ".weight"] for name in smoothing.linears]
+        if method in NEEDS_SAMPLES:
+            s = algorithms.awq_search(record.sample_matrix(), ws, scheme)
+        else:
+            assert record.absmax is not None, smoothing.site
+            s = algorithms.smoothquant_factors(record.absmax, ws)
+        fold(weights, smoothing, s)
+        if record.hessian is not None:  # the sum of x^T x moves with x like the Hessian
+            record.hessian.sum = smoothed_hessian(record.hessian.sum, s)
+
+
+def quantize_linear(
+    w: torch.Tensor, scheme: Scheme, method: str, hessian: torch.Tensor | None
+) -> QuantizedWeight | torch.Tensor:
+    """One linear's weight [out, in] float32 -> its QuantizedWeight, or the pruned weight (2:4)."""
+    if scheme.sparse_24:
+        if method == "sparsegpt":
+            assert hessian is not None, "sparsegpt needs the calibration Hessian"
+            return algorithms.sparsegpt_24(w, hessian)
+        return algorithms.magnitude_24(w)
+    if scheme.float_codes:
+        return algorithms.fp8(w, scheme)
+    if method in NEEDS_HESSIAN:  # gptq, smoothquant (+gptq)
+        assert hessian is not None, f"{method} needs the calibration Hessian"
+        return algorithms.gptq(w, hessian, scheme)
+    return algorithms.rtn(w, scheme)  # rtn, awq (on the scaled weight), smoothquant+rtn
