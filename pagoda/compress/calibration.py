@@ -1,9 +1,7 @@
-"""The calibration pass of `pagoda quantize`: text -> token sequences -> the float32 engine model,
-with a forward hook on every decoder linear that records what the methods need of its input.
-
-One pass over the float model (not sequential: later layers see the float model's activations,
-not those of already-quantized layers). The engine fuses q/k/v into `qkv_proj` and gate/up into
-`gate_up_proj`; their parts read the same input, so one record serves all of them.
+"""Calibration for `pagoda quantize`: text -> token sequences -> the float32 engine model, and
+the forward hook that records at a decoder linear's input what the methods need (the sequential
+pass that drives them is pagoda/compress/sequential.py). The engine fuses q/k/v into `qkv_proj`
+and gate/up into `gate_up_proj`; their parts read the same input, so one record serves all.
 
 The built-in text is the English help CPython ships in `pydoc_data/topics.py` (79 topics, 465k
 characters, 113k tokens with the demo model's tokenizer): offline, deterministic, always there.
@@ -19,13 +17,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pagoda.compress.algorithms import HessianAccumulator
 from pagoda.engine.models import build_model
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.models.llama import LlamaForCausalLM
-from pagoda.engine.runner.forward import forward_tokens
 from pagoda.engine.tokenization.tokenizer import Tokenizer
 
 # engine linear (under `layers.{i}.`) -> the Hugging Face linears (under `model.layers.{i}.`) it fuses
@@ -111,34 +107,12 @@ class Needs:
     sample_stride: int = 0  # keep every k-th row (0: keep none)
 
 
-def collect_stats(
-    model: LlamaForCausalLM, samples: list[list[int]], needs: Needs, progress: bool = True
-) -> dict[str, InputStats]:
-    """Run every sample through `model` with hooks on its decoder linears; returns the stats per
-    engine linear name ("layers.3.mlp.gate_up_proj")."""
-    stats: dict[str, InputStats] = {}
-    handles = []
-    for i, layer in enumerate(model.layers):
-        for suffix in FUSED_PARTS:
-            linear = layer.get_submodule(suffix)
-            assert isinstance(linear, nn.Linear), suffix
-            record = stats[f"layers.{i}.{suffix}"] = InputStats(linear.in_features)
-            if needs.hessian:
-                record.hessian = HessianAccumulator(linear.in_features, dtype=torch.float64)
-            handles.append(linear.register_forward_hook(_recorder(record, needs)))
-    try:
-        for ids in tqdm(samples, desc="calibration", unit="sample", disable=not progress):
-            forward_tokens(model, ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stats
-
-
 _Hook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]
 
 
-def _recorder(record: InputStats, needs: Needs) -> _Hook:
+def recorder(record: InputStats, needs: Needs) -> _Hook:
+    """A forward hook adding a linear's inputs to `record`."""
+
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         x = inputs[0].reshape(-1, record.in_features).float()  # [tokens, in]
         if record.hessian is not None:

@@ -2,10 +2,11 @@
 name out, ready for the writer (pagoda/compress/writer.py) and for tests to compare against.
 
 Order of work: the scheme/method pair and every layer's group size are checked first (from the
-architecture alone, before a weight is read); then the weights load in float32; the calibration
-pass runs when the method needs one (GPTQ, SparseGPT, SmoothQuant, AWQ; RTN, FP8 and magnitude
-pruning need none); then each decoder layer in turn is smoothed (SmoothQuant/AWQ factors folded,
-pagoda/compress/smoothing.py) and its seven linears quantized. Embeddings, norms and the LM head
+architecture alone, before a weight is read); then the weights load in float32; then each
+decoder layer in turn is calibrated when the method needs it (GPTQ, SparseGPT, SmoothQuant, AWQ;
+RTN, FP8 and magnitude pruning need none) on the outputs of the already-quantized layers before
+it (pagoda/compress/sequential.py), smoothed (SmoothQuant/AWQ factors folded,
+pagoda/compress/smoothing.py), and its seven linears quantized. Embeddings, norms and the LM head
 stay unquantized.
 """
 
@@ -25,7 +26,6 @@ from pagoda.compress.calibration import (
     build_float_model,
     calibration_samples,
     calibration_text,
-    collect_stats,
 )
 from pagoda.compress.options import (
     NEEDS_ABSMAX,
@@ -36,6 +36,7 @@ from pagoda.compress.options import (
     resolve_method,
 )
 from pagoda.compress.scheme import Scheme, check_group_size, parse_scheme
+from pagoda.compress.sequential import LayerRunner
 from pagoda.compress.smoothing import fold, layer_smoothings, smoothed_hessian
 from pagoda.engine.loader import Checkpoint
 from pagoda.engine.models.arch_config import ModelArchConfig
@@ -79,39 +80,71 @@ def plan(options: QuantizeOptions, arch: ModelArchConfig) -> tuple[Scheme, str]:
 def quantize_model(ckpt: Checkpoint, options: QuantizeOptions, progress: bool = True) -> QuantizedModel:
     scheme, method = plan(options, ckpt.arch)
     t0 = time.perf_counter()
-    weights = {name: tensor.float() for name, tensor in ckpt.weights()}
+    weights = {name: _as_float(tensor) for name, tensor in ckpt.weights()}
     seconds = {"load": time.perf_counter() - t0}
-    stats: dict[str, InputStats] = {}
-    if needs_calibration(method):
-        t0 = time.perf_counter()
-        stats = calibrate(ckpt, weights, options, method, progress)
-        seconds["calibrate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    runner = (
+        start_calibration(ckpt, weights, options, method, progress) if needs_calibration(method) else None
+    )
+    seconds["embed"] = time.perf_counter() - t0
     linears: dict[str, QuantizedWeight] = {}
-    arch = ckpt.arch
-    for i in tqdm(range(arch.num_layers), desc=f"{scheme.name} {method}", unit="layer", disable=not progress):
+    t0 = time.perf_counter()
+    for i in tqdm(
+        range(ckpt.arch.num_layers), desc=f"{scheme.name} {method}", unit="layer", disable=not progress
+    ):
+        stats = runner.collect(i) if runner is not None else {}
         if method in NEEDS_ABSMAX or method in NEEDS_SAMPLES:
-            smooth_layer(weights, stats, arch, i, scheme, method)
-        for site, parts in FUSED_PARTS.items():
-            record = stats.get(f"layers.{i}.{site}")
-            acc = record.hessian if record is not None else None
-            hessian = acc.hessian().float() if acc is not None else None
-            for part in parts:
-                name = f"model.layers.{i}.{part}"
-                result = quantize_linear(weights[name + ".weight"], scheme, method, hessian)
-                if isinstance(result, QuantizedWeight):
-                    del weights[name + ".weight"]
-                    linears[name] = result
-                else:
-                    weights[name + ".weight"] = result
-    seconds["quantize"] = time.perf_counter() - t0
-    return QuantizedModel(arch, scheme, method, linears, weights, seconds)
+            smooth_layer(weights, stats, ckpt.arch, i, scheme, method)
+        quantize_layer(weights, linears, stats, i, scheme, method)
+        if runner is not None:
+            runner.advance(i, layer_tensors(weights, linears, i))
+    seconds["layers"] = time.perf_counter() - t0
+    return QuantizedModel(ckpt.arch, scheme, method, linears, weights, seconds)
 
 
-def calibrate(
+def _as_float(tensor: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """A source tensor in float32 (a linear of an already-quantized checkpoint dequantized)."""
+    return tensor.dequantize() if isinstance(tensor, QuantizedWeight) else tensor.float()
+
+
+def quantize_layer(
+    weights: dict[str, torch.Tensor],
+    linears: dict[str, QuantizedWeight],
+    stats: dict[str, InputStats],
+    i: int,
+    scheme: Scheme,
+    method: str,
+) -> None:
+    """Layer i's seven linears: a QuantizedWeight moves from `weights` to `linears`; a pruned
+    weight (2:4) replaces its float one in `weights`."""
+    for site, parts in FUSED_PARTS.items():
+        record = stats.get(f"layers.{i}.{site}")
+        acc = record.hessian if record is not None else None
+        hessian = acc.hessian().float() if acc is not None else None
+        for part in parts:
+            name = f"model.layers.{i}.{part}"
+            result = quantize_linear(weights[name + ".weight"], scheme, method, hessian)
+            if isinstance(result, QuantizedWeight):
+                del weights[name + ".weight"]
+                linears[name] = result
+            else:
+                weights[name + ".weight"] = result
+
+
+def layer_tensors(
+    weights: dict[str, torch.Tensor], linears: dict[str, QuantizedWeight], i: int
+) -> dict[str, torch.Tensor]:
+    """Layer i's tensors as the quantized model holds them (linears dequantized), HF names."""
+    prefix = f"model.layers.{i}."
+    out = {name: t for name, t in weights.items() if name.startswith(prefix)}
+    out.update({f"{name}.weight": qw.dequantize() for name, qw in linears.items() if name.startswith(prefix)})
+    return out
+
+
+def start_calibration(
     ckpt: Checkpoint, weights: dict[str, torch.Tensor], options: QuantizeOptions, method: str, progress: bool
-) -> dict[str, InputStats]:
-    """The calibration pass over the float32 engine model built from `weights`."""
+) -> LayerRunner:
+    """The float32 engine model built from `weights`, the calibration sequences embedded."""
     samples = calibration_samples(
         ckpt.tokenizer, calibration_text(options.calibration), options.num_samples, options.seq_len
     )
@@ -122,7 +155,7 @@ def calibrate(
         sample_stride=-(-total // options.sample_rows) if method in NEEDS_SAMPLES else 0,
     )
     model = build_float_model(ckpt.arch, weights.items(), options.seq_len)
-    return collect_stats(model, samples, needs, progress)
+    return LayerRunner(model, samples, needs, progress)
 
 
 def smooth_layer(
