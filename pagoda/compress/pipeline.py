@@ -8,6 +8,12 @@ RTN, FP8 and magnitude pruning need none) on the outputs of the already-quantize
 it (pagoda/compress/sequential.py), smoothed (SmoothQuant/AWQ factors folded,
 pagoda/compress/smoothing.py), and its seven linears quantized. Embeddings, norms and the LM head
 stay unquantized.
+
+Measured on the demo (SmolLM2-135M from its Q4_1 GGUF), perplexity on 2048 held-out tokens of
+docs/*.md (float 53.2), 32 x 256 calibration tokens: W4A16 g64 RTN 75.7, GPTQ 63.2, AWQ 68.2;
+W8A8 RTN 53.55, SmoothQuant+GPTQ 53.26, SmoothQuant+RTN 53.40; FP8_DYNAMIC 54.2; 2:4 magnitude
+1817, SparseGPT 125. `pagoda quantize` W4A16 g64 GPTQ with the default 64 x 256 tokens: 121 s end
+to end on the quiet 2-core machine; RTN: 4.5 s.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def source(demo_gguf: str) -> Checkpoint:
 
 def test_demo_quantizes_in_reasonable_time(quantized: tuple[QuantizedModel, Written, Path, float]) -> None:
     result, written, _, seconds = quantized
-    assert seconds < 120, seconds  # measured 26-30 s on a busy 2-core machine (load, RTN, write)
+    assert seconds < 120, seconds  # 4.5 s on the quiet 2-core machine, 26-35 s with other jobs on it
     assert len(result.linears) == 30 * 7
     assert written.format == "pack-quantized"
     assert written.bytes < 120 * 2**20  # 4-bit linears + bf16 embeddings (57 MiB of it)
