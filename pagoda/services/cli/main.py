@@ -1,4 +1,4 @@
-"""The `pagoda` command: serve, the four roles, models, bench, eval.
+"""The `pagoda` command: serve, the four roles, models, bench, eval, quantize.
 
 Parsing and building a role's config import neither torch nor the benchmarks; each command
 imports what it runs."""
@@ -51,6 +51,10 @@ def _run(args: argparse.Namespace) -> int:
         from pagoda.load.perplexity import run_eval
 
         return run_eval(args)
+    if command == "quantize":
+        from pagoda.compress.cli import run_quantize
+
+        return run_quantize(args)
     from pagoda.services.cli.launch import run_roles
 
     assert command == "serve" or command in ROLES, command

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from pagoda.compress.cli import add_quantize_parser
 from pagoda.engine import add_engine_args, field_default, parse_size
 from pagoda.load.cli import add_bench_parser
 from pagoda.load.perplexity import add_eval_parser
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the demo catalog")
     add_bench_parser(sub)
     add_eval_parser(sub)
+    add_quantize_parser(sub)
     return parser
 
 
