@@ -100,8 +100,8 @@ class EngineCore:
         packed = 0
         if self.quantization in ("int8", "int4"):
             quantize_linears(model, self.quantization)
-        elif self.device.type == "cpu" and self.dtype == torch.bfloat16 and onednn_bf16_available():
-            packed = pack_linears(model)
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and onednn_bf16_available():
+            packed = pack_linears(model)  # the linears still dense, if any
         logger.info(
             "loaded %s (%s, %d layers) as %s%s%s on %s in %.1fs",
             self.model_name,

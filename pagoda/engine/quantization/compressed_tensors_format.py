@@ -183,8 +183,9 @@ class CompressedTensorsFormat(CheckpointFormat):
         sparse_format = sparsity.get("format", "dense")
         if sparse_format not in ("dense", "sparse-24-bitmask"):
             raise _unsupported(f"sparsity format {sparse_format!r}")
-        if not self.schemes and sparse_format == "dense":
+        if not self.schemes and not sparsity:
             raise _unsupported("quantization_config without config_groups or sparsity_config")
+        # a dense sparsity_config alone (pagoda quantize --scheme 2:4): pruned weights stored dense
 
     def scheme_for(self, name: str) -> _Scheme | None:
         """The config group quantizing linear `name` (most specific target wins), None if none does."""
