@@ -20,7 +20,7 @@ CASES = [
     ("W4A16", "rtn", 32, "int4 g32"),
     ("W4A16", "gptq", 32, "int4 g32"),
     ("W8A16", "rtn", None, "int8 per channel"),
-    ("W8A8", "smoothquant+rtn", None, "w8a8 int8 (oneDNN)"),
+    ("W8A8", "smoothquant+rtn", None, "w8a8 int8 (fbgemm)"),
     ("FP8_DYNAMIC", None, None, "fp8"),
     ("2:4", "magnitude", None, None),  # sparsity only: served dense
 ]

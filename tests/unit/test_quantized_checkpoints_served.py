@@ -72,7 +72,7 @@ def _assert_served_like_reference(path: str, fmt: str, kinds: set[str], expected
 SERVED_CT = {
     "w4a16_group32": ({"int4 g32"}, 1e-3),
     "w8a16_channel": ({"int8 per channel"}, 1e-3),
-    "w8a8_int8": ({"w8a8 int8 (oneDNN)"}, 0.05),
+    "w8a8_int8": ({"w8a8 int8 (fbgemm)"}, 0.05),
     "fp8_dynamic_channel": ({"fp8"}, 0.05),
 }
 
