@@ -23,7 +23,12 @@ def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
         description="Quantize (or 2:4-prune) a model's linears and write a Hugging Face directory in "
         f"the compressed-tensors format. Methods by scheme, default first: {pairs}.",
     )
-    p.add_argument("model", help="a Hugging Face directory, a Hub id or a GGUF file")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default="",
+        help="a Hugging Face directory, a Hub id or a GGUF file (default: the demo)",
+    )
     p.add_argument("--scheme", required=True, help=f"one of {', '.join(METHODS_BY_SCHEME)}")
     p.add_argument("--method", default=None, help=f"one of {', '.join(ALL_METHODS)} (default: the scheme's)")
     p.add_argument(
@@ -47,6 +52,10 @@ def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
 def run_quantize(args: argparse.Namespace) -> int:
     from pagoda.compress.writer import quantize_to_dir
 
+    if not args.model:
+        from pagoda.engine.loader import demo_model_path
+
+        args.model = demo_model_path()
     options = QuantizeOptions(
         model=args.model,
         scheme=args.scheme,
