@@ -170,8 +170,11 @@ def _time_steps(core: EngineCore, steps: int) -> tuple[list[float], list[float]]
 
 def _profiled_ops(core: EngineCore, n: int) -> dict[str, Any]:
     """`n` steps under the torch profiler: ops per step, and where their time goes, by engine
-    part (the innermost engine function above each top-level op) and by op."""
+    part (the innermost engine function above each top-level op) and by op; nothing for n = 0."""
     from torch.profiler import ProfilerActivity, profile
+
+    if n <= 0:
+        return {}
 
     with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
         for _ in range(n):
