@@ -26,9 +26,7 @@ def _engine(ckpt: Any, **kw: Any) -> LLM:
         **{k: kw.pop(k) for k in list(kw) if k in ("max_num_batched_tokens", "max_num_seqs")}
     )
     llm = LLM.__new__(LLM)
-    llm.engine = EngineCore(
-        EngineConfig(dtype="float32", cache=cache, batcher=sched, **kw), checkpoint=ckpt
-    )
+    llm.engine = EngineCore(EngineConfig(dtype="float32", cache=cache, batcher=sched, **kw), checkpoint=ckpt)
     llm.tokenizer = llm.engine.tokenizer
     llm._next_id = 0
     return llm

@@ -68,10 +68,11 @@ def _assert_served_like_reference(path: str, fmt: str, kinds: set[str], expected
 
 
 # variant -> (layer kind, total variation bound): weight-only layers multiply by the same weights
-# (~1e-6 apart); W8A8 and FP8 quantize activations per token (measured ~1e-2)
+# in bf16 activations (measured ~3e-3); W8A8 and FP8 quantize activations per token (~1e-2); a
+# wrong zero point gives ~0.8
 SERVED_CT = {
-    "w4a16_group32": ({"int4 g32"}, 1e-3),
-    "w8a16_channel": ({"int8 per channel"}, 1e-3),
+    "w4a16_group32": ({"int4 g32"}, 0.02),
+    "w8a16_channel": ({"int8 per channel"}, 0.02),
     "w8a8_int8": ({"w8a8 int8 (fbgemm)"}, 0.05),
     "fp8_dynamic_channel": ({"fp8"}, 0.05),
 }
@@ -95,9 +96,9 @@ def test_gptq_and_awq_served(tiny: tuple[Path, State], tmp_path: Path) -> None:
     cfg = dict(bits=4, group_size=32, sym=False, desc_act=False, checkpoint_format="gptq")
     stored, expected = quantized_state(state, lambda o, i, g: gptq_linear(o, i, cfg, g))
     path = write_checkpoint(tmp_path / "gptq", base, [stored], {"quant_method": "gptq", **cfg})
-    _assert_served_like_reference(path, "gptq", {"int4 g32"}, expected, 1e-3)
+    _assert_served_like_reference(path, "gptq", {"int4 g32"}, expected, 0.02)
     stored, expected = quantized_state(state, lambda o, i, g: awq_linear(o, i, 32, g))
     awq = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
     path = write_checkpoint(tmp_path / "awq", base, [stored], awq)
-    _assert_served_like_reference(path, "awq", {"int4 g32"}, expected, 1e-3)
+    _assert_served_like_reference(path, "awq", {"int4 g32"}, expected, 0.02)
     assert set(LINEARS) >= set(expected)
