@@ -25,15 +25,19 @@ class QuantizedEmbedding(nn.Module):
             codes, offset = _unsigned(qw, 8)
             codes = codes.to(torch.uint8)
         self.codes = codes.contiguous()
-        self.scale = qw.scale.to(dtype).contiguous()
-        self.offset = None if offset is None else offset.to(dtype).contiguous()
+        # float32 scales (GGUF's fp16 ones exactly) and float32 math, then the run dtype: each
+        # row comes out as the dense embedding's row would (bf16(d * q), not bf16(bf16(d) * q):
+        # that double rounding flipped the demo's greedy answer to its first chat question)
+        self.scale = qw.scale.float().contiguous()
+        self.offset = None if offset is None else offset.float().contiguous()
+        self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.codes[ids].to(self.scale.dtype).view(*ids.shape, -1, self.group)
+        rows = self.codes[ids].float().view(*ids.shape, -1, self.group)
         w = rows * self.scale[ids][..., None]
         if self.offset is not None:
             w = w + self.offset[ids][..., None]
-        return w.view(*ids.shape, self.embedding_dim)
+        return w.view(*ids.shape, self.embedding_dim).to(self.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:  # [vocab, hidden] float32
         return self(torch.arange(self.num_embeddings)).float()
