@@ -17,6 +17,8 @@ from torch import nn
 
 from pagoda.engine.config import cpu_flags
 from pagoda.engine.models.layers import replace_linears
+from pagoda.engine.quantization.linear import Int4Linear
+from pagoda.engine.quantization.weights import QuantizedWeight
 
 METHODS = ("auto", "none", "int8", "int4")
 # a checkpoint's own quantization, served as it is (what `auto` picks for such a checkpoint)
@@ -113,9 +115,11 @@ class Int8DynamicLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 dynamic"
 
 
-class Int4WeightOnlyLinear(nn.Module):
-    """Weight-only int4: groups of 32 input weights share a scale and a zero point (asymmetric,
-    the layout of GGUF's Q4_1), bf16 activations, `torch._weight_int4pack_mm_for_cpu`.
+class Int4WeightOnlyLinear(Int4Linear):
+    """Load-time int4 (`--quantization int4`): a dense linear rounded to 4 bits in groups of 32
+    inputs with a scale and a minimum each (asymmetric, the layout of GGUF's Q4_1), then run as
+    any int4 weight (pagoda/engine/quantization/linear.py: bf16 activations,
+    `_weight_int4pack_mm_for_cpu`).
 
     A decode step at small batch reads every weight once, so its time is the weight bytes over
     memory bandwidth: int4 reads a quarter of bf16's. Measured on 30 cold 576x3072 matrices: 0.056
@@ -124,60 +128,17 @@ class Int4WeightOnlyLinear(nn.Module):
     the weights do not depend on the batch."""
 
     def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP) -> None:
-        super().__init__()
         w = linear.weight.detach().float()  # [out, in]
         out_f, in_f = w.shape
         if in_f % group_size:
             raise ValueError(f"int4 needs in_features divisible by {group_size}, got {in_f}")
-        self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
         groups = w.view(out_f, in_f // group_size, group_size)
         lo, hi = groups.amin(-1), groups.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-8)
-        q = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
-        self._packed = torch._convert_weight_to_int4pack_for_cpu(q.view(out_f, in_f), 2)
-        # the kernel computes (q - 8) * scale + zero: [in / group, out, 2]
-        self._scales_zeros = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().bfloat16()
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().bfloat16(), False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = _as_bf16_rows(x, self.in_features)
-        y = torch._weight_int4pack_mm_for_cpu(x2, self._packed, self.group_size, self._scales_zeros)
-        if self.bias is not None:
-            y = y + self.bias
-        return _like_input(y, x)
-
-    def dequantized_weight(self) -> torch.Tensor:  # [out, in] float32
-        """The weights the int4 GEMM multiplies by, (q - 8) * scale + zero per group, in float32.
-        The 4-bit codes q are read back through the kernel itself with unit scales and zero
-        offsets (exact small integers): the packed layout is blocked per CPU ISA and not
-        documented. The scales and zeros applied here are this module's own, so a kernel that
-        applied them wrongly would disagree with F.linear on this matrix."""
-        unit = torch.zeros_like(self._scales_zeros, dtype=torch.float32)  # scale 1, zero 0
-        unit[..., 0] = 1.0
-        codes = torch._weight_int4pack_mm_for_cpu(  # [in, out]: q - 8
-            torch.eye(self.in_features), self._packed, self.group_size, unit
-        )
-        scale, zero = self._scales_zeros.float().unbind(-1)  # [in / group, out] each
-        groups = codes.t().view(self.out_features, -1, self.group_size)  # [out, in / group, group]
-        return (groups * scale.t()[..., None] + zero.t()[..., None]).view(self.out_features, -1)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{self.group_size}"
-
-
-def _as_bf16_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x as [rows, in_features] bfloat16; no op where it already is (the decode path: each call
-    saved is ~2 us of dispatch, 120 linears a step)."""
-    if x.dim() != 2:
-        x = x.reshape(-1, in_features)
-    return x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
-
-
-def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """y [rows, out] back in x's leading shape and dtype."""
-    if x.dim() != 2:
-        y = y.view(*x.shape[:-1], y.shape[-1])
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+        q = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15)
+        qw = QuantizedWeight(q.view(out_f, in_f).to(torch.int16), scale, lo, bits=4)
+        bias = None if linear.bias is None else linear.bias.detach().bfloat16()
+        super().__init__(qw, bias, linear.weight.device, torch.bfloat16)
 
 
 def quantize_linears(model: nn.Module, method: str = "int8") -> int:
