@@ -128,8 +128,11 @@ def _regrouped(qw: QuantizedWeight, group: int) -> QuantizedWeight:
     return qw if qw.group_size == group else qw.regroup(group)
 
 
-class Int4Linear(QuantizedLinear):
-    kind = "int4"
+class _WeightOnlyLinear(QuantizedLinear):
+    """Integer weights against float activations: the CPU kernels of a subclass, or on a GPU the
+    Triton GEMM (`triton=True` forces it, as the interpreter tests do)."""
+
+    bits = 4
 
     def __init__(
         self,
@@ -141,90 +144,97 @@ class Int4Linear(QuantizedLinear):
     ) -> None:
         super().__init__(qw, bias)
         self.on_cpu = device.type == "cpu" if triton is None else not triton
-        group = _cpu_group(qw) if self.on_cpu else qw.group_size
-        if group is None:
-            raise ValueError(f"int4 groups of {qw.group_size} do not fit the CPU kernel ({CPU_INT4_GROUPS})")
-        qw = _regrouped(qw, group)
-        codes, offset = _unsigned(qw, 4)
-        self.kind = f"int4 g{group}"
         if self.on_cpu:
-            self.mat = _Int4Pack(codes, qw.scale.float(), offset, group)
+            self._pack_cpu(qw)
         else:
-            self.gpu_weight = _triton_weight(codes, qw.scale.float(), offset, 4, group, dtype, device)
+            codes, offset = _unsigned(qw, self.bits)
+            scale = qw.scale.float()
+            self.gpu_weight = _triton_weight(codes, scale, offset, self.bits, qw.group_size, dtype, device)
+            self.kind = f"int{self.bits} g{qw.group_size} (Triton)"
+
+    def _pack_cpu(self, qw: QuantizedWeight) -> None:
+        raise NotImplementedError
+
+    def _cpu_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _cpu_weight(self) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.on_cpu:
-            return self._finish(self.mat(_rows(x, self.in_features)), x)
+            return self._finish(self._cpu_forward(_rows(x, self.in_features)), x)
         from pagoda.kernels.quant_gemm import quant_matmul
 
         return self._finish(quant_matmul(x, self.gpu_weight), x)
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.on_cpu:
-            return self.mat.dequantized(self.in_features)
-        return _triton_dequantized(self.gpu_weight)
+            return self._cpu_weight()
+        from pagoda.kernels.quant_gemm import dequantize_weight
+
+        return dequantize_weight(self.gpu_weight).t().float()
 
 
-class Int8Linear(QuantizedLinear):
+class Int4Linear(_WeightOnlyLinear):
+    kind = "int4"
+    bits = 4
+
+    def _pack_cpu(self, qw: QuantizedWeight) -> None:
+        group = _cpu_group(qw)
+        if group is None:
+            raise ValueError(f"int4 groups of {qw.group_size} do not fit the CPU kernel ({CPU_INT4_GROUPS})")
+        qw = _regrouped(qw, group)
+        codes, offset = _unsigned(qw, 4)
+        self.kind = f"int4 g{group}"
+        self.mat = _Int4Pack(codes, qw.scale.float(), offset, group)
+
+    def _cpu_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.mat(x2)  # type: ignore[no-any-return]
+
+    def _cpu_weight(self) -> torch.Tensor:
+        return self.mat.dequantized(self.in_features)
+
+
+class Int8Linear(_WeightOnlyLinear):
     """8-bit weight-only. Symmetric per-channel signed codes run `_weight_int8pack_mm`; any other
     8-bit form (groups, offsets: GGUF Q8_0, Q5_K/Q6_K codes) as two int4 passes over the high and
-    low nibbles of the unsigned code u = 16 h + l: exact, at the cost of two kernel calls."""
+    low nibbles of the code: exact, at the cost of two kernel calls."""
 
     kind = "int8"
+    bits = 8
 
-    def __init__(
-        self,
-        qw: QuantizedWeight,
-        bias: torch.Tensor | None,
-        device: torch.device,
-        dtype: torch.dtype,
-        triton: bool | None = None,  # the Triton kernel (default: on a GPU)
-    ) -> None:
-        super().__init__(qw, bias)
-        self.on_cpu = device.type == "cpu" if triton is None else not triton
-        self.per_channel = (
-            qw.group_size == qw.in_features
-            and qw.offset is None
-            and -128 <= int(qw.codes.min()) <= int(qw.codes.max()) <= 127
-        )
-        if not self.on_cpu:
-            codes, offset = _unsigned(qw, 8)
-            self.gpu_weight = _triton_weight(codes, qw.scale.float(), offset, 8, qw.group_size, dtype, device)
-        elif self.per_channel:
+    def _pack_cpu(self, qw: QuantizedWeight) -> None:
+        lo, hi = int(qw.codes.min()), int(qw.codes.max())
+        self.per_channel = qw.group_size == qw.in_features and qw.offset is None and -128 <= lo <= hi <= 127
+        if self.per_channel:
             self.codes = qw.codes.to(torch.int8).contiguous()
             self.scales = qw.scale[:, 0].to(torch.bfloat16).contiguous()  # bf16: see _Int4Pack
             self.kind = "int8 per channel"
-        else:
-            group = _cpu_group(qw)
-            if group is None:
-                raise ValueError(f"int8 groups of {qw.group_size} do not fit the CPU kernel")
-            qw = _regrouped(qw, group)
-            codes, scale = qw.codes.to(torch.int32), qw.scale.float()
-            offset = qw.offset.float() if qw.offset is not None else torch.zeros_like(scale)
-            # w = s * q + o = 16 s * h + s * l + o with h = q >> 4 (arithmetic: -8..7 for signed
-            # codes, 0..15 unsigned) and l = q & 15; the kernel computes (u - 8) * scale + zero, so
-            # signed high nibbles go in as h + 8 with zero 0, unsigned ones with zero 128 s: both
-            # exact in bf16, and signed codes without offsets (Q8_0, W8A16) stay exact throughout
-            high, low = codes >> 4, codes & 15
-            signed = int(codes.min()) < 0
-            high_zero = torch.zeros_like(scale) if signed else 128 * scale
-            self.high = _Int4Pack(high + 8 if signed else high, 16 * scale, high_zero - 8 * 16 * scale, group)
-            self.low = _Int4Pack(low, scale, offset, group)
-            self.kind = f"int8 g{group} (two int4 passes)"
+            return
+        group = _cpu_group(qw)
+        if group is None:
+            raise ValueError(f"int8 groups of {qw.group_size} do not fit the CPU kernel")
+        qw = _regrouped(qw, group)
+        codes, scale = qw.codes.to(torch.int32), qw.scale.float()
+        offset = qw.offset.float() if qw.offset is not None else torch.zeros_like(scale)
+        # w = s * q + o = 16 s * h + s * l + o with h = q >> 4 (arithmetic: -8..7 for signed
+        # codes, 0..15 unsigned) and l = q & 15; the kernel computes (u - 8) * scale + zero, so
+        # signed high nibbles go in as h + 8 with zero 0, unsigned ones with zero 128 s: both
+        # exact in bf16, and signed codes without offsets (Q8_0, W8A16) stay exact throughout
+        high, low = codes >> 4, codes & 15
+        signed = lo < 0
+        high_zero = torch.zeros_like(scale) if signed else 128 * scale
+        self.high = _Int4Pack(high + 8 if signed else high, 16 * scale, high_zero - 8 * 16 * scale, group)
+        self.low = _Int4Pack(low, scale, offset, group)
+        self.kind = f"int8 g{group} (two int4 passes)"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.on_cpu:
-            from pagoda.kernels.quant_gemm import quant_matmul
-
-            return self._finish(quant_matmul(x, self.gpu_weight), x)
-        x2 = _rows(x, self.in_features)
+    def _cpu_forward(self, x2: torch.Tensor) -> torch.Tensor:
         if self.per_channel:
-            return self._finish(torch._weight_int8pack_mm(_bf16(x2), self.codes, self.scales), x)
-        return self._finish(self.high(x2) + self.low(x2), x)
+            return torch._weight_int8pack_mm(_bf16(x2), self.codes, self.scales)
+        return self.high(x2) + self.low(x2)  # type: ignore[no-any-return]
 
-    def dequantized_weight(self) -> torch.Tensor:
-        if not self.on_cpu:
-            return _triton_dequantized(self.gpu_weight)
+    def _cpu_weight(self) -> torch.Tensor:
         if self.per_channel:
             return self.codes.float() * self.scales.float()[:, None]
         return self.high.dequantized(self.in_features) + self.low.dequantized(self.in_features)
@@ -304,12 +314,6 @@ def _triton_weight(
         bits,
         group,
     )
-
-
-def _triton_dequantized(w: TritonWeight) -> torch.Tensor:
-    from pagoda.kernels.quant_gemm import dequantize_weight
-
-    return dequantize_weight(w).t().float()
 
 
 def make_linear(
