@@ -124,6 +124,7 @@ def core_checkpoint(core: EngineCore) -> Any:
         name = core.model_name
         arch = core.model.cfg
         tokenizer = core.tokenizer
+        quantization = None
 
         def weights(self) -> Any:
             return iter(())

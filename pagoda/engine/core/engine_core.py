@@ -48,9 +48,7 @@ class EngineCore:
         self.default_sampling = generation_defaults(path) if path else {}
         arch = ckpt.arch
         self.device = config.resolved_device()
-        self.quantization = resolve_quantization(
-            config.quantization, self.device, getattr(ckpt, "quantization", None)
-        )
+        self.quantization = resolve_quantization(config.quantization, self.device, ckpt.quantization)
         # int8 dynamic linears take and give float32 activations
         cpu_int8 = self.quantization == "int8" and self.device.type == "cpu"
         dtype_arg = "float32" if cpu_int8 and config.dtype == "auto" else config.dtype
@@ -94,7 +92,7 @@ class EngineCore:
         t0 = time.perf_counter()
         with torch.device("meta"):
             model = build_model(arch, self.max_model_len)
-        keep = self.quantization == getattr(ckpt, "quantization", None)  # the checkpoint's own, served packed
+        keep = self.quantization == ckpt.quantization  # the checkpoint's own, served packed
         report = model.load_weights(ckpt.weights(), self.device, self.dtype, keep_quantized=keep)
         model.eval()
         packed = 0

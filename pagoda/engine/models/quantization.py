@@ -56,6 +56,14 @@ def resolve_quantization(method: str, device: torch.device, checkpoint: str | No
     return method
 
 
+def _per_channel_qint8(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] as qint8, symmetric, one scale per output channel."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).double()
+    zeros = torch.zeros(w.shape[0], dtype=torch.int64)
+    return torch.quantize_per_channel(w, scales, zeros, 0, torch.qint8)
+
+
 class Int8DynamicLinear(nn.Module):
     """int8 weights per output channel against int8 activations (fbgemm, int32 accumulation).
 
@@ -67,10 +75,16 @@ class Int8DynamicLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        w = linear.weight.detach().float()  # [out, in]
-        scales = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).double()
-        zeros = torch.zeros(w.shape[0], dtype=torch.int64)
-        self._pack(torch.quantize_per_channel(w, scales, zeros, 0, torch.qint8), linear.bias)
+        self._pack(_per_channel_qint8(linear.weight), linear.bias)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8DynamicLinear:
+        """From a dense weight [out, in] with no nn.Linear around it (a tied head built from a
+        quantized embedding: no 28M-parameter module to allocate and initialize first)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._pack(_per_channel_qint8(weight), bias)
+        return self
 
     @classmethod
     def from_codes(

@@ -55,8 +55,6 @@ def tied_head(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> 
     from pagoda.engine.models.quantization import Int8DynamicLinear, int8_supported
 
     if int8_supported(device):
-        dense = nn.Linear(qw.in_features, qw.out_features, bias=False)
-        dense.weight.data = qw.dequantize()
-        return Int8DynamicLinear(dense)
+        return Int8DynamicLinear.from_weight(qw.dequantize(), None)
     head: QuantizedLinear = make_linear(qw, None, device, dtype)
     return head

@@ -124,10 +124,6 @@ class _Int4Pack(nn.Module):
         return w.view(out_f, in_features)
 
 
-def _regrouped(qw: QuantizedWeight, group: int) -> QuantizedWeight:
-    return qw if qw.group_size == group else qw.regroup(group)
-
-
 class _WeightOnlyLinear(QuantizedLinear):
     """Integer weights against float activations: the CPU kernels of a subclass, or on a GPU the
     Triton GEMM (`triton=True` forces it, as the interpreter tests do)."""
@@ -184,7 +180,7 @@ class Int4Linear(_WeightOnlyLinear):
         group = _cpu_group(qw)
         if group is None:
             raise ValueError(f"int4 groups of {qw.group_size} do not fit the CPU kernel ({CPU_INT4_GROUPS})")
-        qw = _regrouped(qw, group)
+        qw = qw.regroup(group)
         codes, offset = _unsigned(qw, 4)
         self.kind = f"int4 g{group}"
         self.mat = _Int4Pack(codes, qw.scale.float(), offset, group)
@@ -215,7 +211,7 @@ class Int8Linear(_WeightOnlyLinear):
         group = _cpu_group(qw)
         if group is None:
             raise ValueError(f"int8 groups of {qw.group_size} do not fit the CPU kernel")
-        qw = _regrouped(qw, group)
+        qw = qw.regroup(group)
         codes, scale = qw.codes.to(torch.int32), qw.scale.float()
         offset = qw.offset.float() if qw.offset is not None else torch.zeros_like(scale)
         # w = s * q + o = 16 s * h + s * l + o with h = q >> 4 (arithmetic: -8..7 for signed

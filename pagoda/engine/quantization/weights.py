@@ -67,22 +67,14 @@ class QuantizedWeight:
 
     def regroup(self, group_size: int) -> QuantizedWeight:
         """The same weight with groups of `group_size` (a divisor of this one's): each scale and
-        offset repeated, so the values are unchanged."""
+        offset repeated, so the values are unchanged (this weight itself if its groups are those)."""
+        if group_size == self.group_size:
+            return self
         if self.group_size % group_size:
             raise ValueError(f"cannot regroup groups of {self.group_size} into groups of {group_size}")
         k = self.group_size // group_size
         offset = None if self.offset is None else self.offset.repeat_interleave(k, 1)
         return replace(self, scale=self.scale.repeat_interleave(k, 1), offset=offset)
-
-    def rows(self, start: int, length: int) -> QuantizedWeight:
-        """Output rows start .. start + length."""
-        offset = None if self.offset is None else self.offset[start : start + length]
-        return replace(
-            self,
-            codes=self.codes[start : start + length],
-            scale=self.scale[start : start + length],
-            offset=offset,
-        )
 
 
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
@@ -93,7 +85,7 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     if any(p.is_float != first.is_float or p.act != first.act for p in parts):
         raise ValueError("cannot fuse weights quantized with different schemes into one linear")
     group = min(p.group_size for p in parts)
-    parts = [p if p.group_size == group else p.regroup(group) for p in parts]
+    parts = [p.regroup(group) for p in parts]
     offsets = None
     if any(p.offset is not None for p in parts):
         offsets = torch.cat([p.offset if p.offset is not None else torch.zeros_like(p.scale) for p in parts])
