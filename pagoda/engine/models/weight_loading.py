@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pagoda.engine.quantization.embedding import QuantizedEmbedding, tied_head
+from pagoda.engine.quantization.embedding import QuantizedEmbedding, TiedEmbedding, tied_head
 from pagoda.engine.quantization.linear import make_linear
+from pagoda.engine.quantization.vnni import VnniLinear
 from pagoda.engine.quantization.weights import QuantizedWeight, concat_rows
 
 Weight = torch.Tensor | QuantizedWeight
@@ -131,7 +132,10 @@ class ModelLoader:
             if isinstance(module, nn.Embedding):
                 layer = QuantizedEmbedding(qw, self.dtype)
                 if self.tied:
-                    self._replace("lm_head", tied_head(qw, self.device, self.dtype))
+                    head = tied_head(qw, self.device, self.dtype)
+                    self._replace("lm_head", head)
+                    if isinstance(head, VnniLinear):
+                        layer = TiedEmbedding(head, self.dtype)
             else:
                 assert isinstance(module, nn.Linear), path
                 if qw.out_features != module.weight.shape[0]:

@@ -1,0 +1,119 @@
+"""pagoda's own CPU kernels (csrc/qgemm.cpp), built on first use with the machine's compiler for
+the machine's own instruction set (`-march=native`) and cached under ~/.cache/pagoda/kernels (or
+$PAGODA_KERNEL_CACHE), one build per source and CPU: the ops torch ships for quantized weights
+dequantize per row (int4pack) or requantize activations in several passes (fbgemm, oneDNN), which
+at 16 rows makes them slower than bf16 (docs/perf.md, issue 16).
+
+The kernels need AVX512-VNNI (Cascade Lake and newer Xeons, Zen 4 and newer EPYCs). Where the CPU
+lacks it, or the build fails (no g++), `available()` is False and the quantized layers keep torch's
+kernels; the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pagoda.engine.config import cpu_flags
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "qgemm.cpp"
+NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PAGODA_KERNEL_CACHE", Path.home() / ".cache" / "pagoda" / "kernels"))
+
+
+def missing_flags() -> list[str]:
+    """The CPU features the kernels need that this CPU lacks."""
+    flags = cpu_flags()
+    return [f for f in NEEDED_FLAGS if f not in flags]
+
+
+def build_name() -> str:
+    """A name unique to the source, the flags it is built with, torch and the CPU's features."""
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join([*CFLAGS, torch.__version__, *sorted(cpu_flags())]).encode())
+    return f"pagoda_cpu_{key.hexdigest()[:16]}"
+
+
+@functools.cache
+def available() -> bool:
+    """True once the kernels are built and loaded (`torch.ops.pagoda_cpu.qgemm` exists)."""
+    missing = missing_flags()
+    if missing:
+        logger.info("pagoda's CPU kernels are off: this CPU lacks %s", ", ".join(missing))
+        return False
+    try:
+        _load()
+    except Exception as e:  # a failed build must not stop serving: torch's kernels still work
+        logger.warning("pagoda's CPU kernels could not be built (%s); using torch's", e)
+        return False
+    return True
+
+
+def _load() -> None:
+    from torch.utils import cpp_extension
+
+    # the ninja that pip installed beside this interpreter, for a venv that is not activated
+    bin_dir = os.path.dirname(sys.executable)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    name = build_name()
+    directory = cache_dir() / name
+    directory.mkdir(parents=True, exist_ok=True)
+    fresh = not any(directory.glob("*.so"))
+    if fresh:
+        logger.info("building pagoda's CPU kernels for this CPU (once, about a minute) in %s", directory)
+    start = time.monotonic()
+    cpp_extension.load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
+    if fresh:
+        logger.info("built pagoda's CPU kernels in %.0f s", time.monotonic() - start)
+    _register_fake()
+
+
+def _register_fake() -> None:
+    """Shapes for torch.compile's tracing: y [m, tiles * 16] in x's dtype."""
+
+    @torch.library.register_fake("pagoda_cpu::qgemm")  # type: ignore[misc]
+    def _(
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        scale: torch.Tensor,
+        offset: torch.Tensor | None,
+        bits: int,
+        group: int,
+        zero_code: float,
+    ) -> torch.Tensor:
+        return x.new_empty(x.shape[0], packed.shape[0] * 16)
+
+
+def main() -> None:
+    """`python -m pagoda.engine.quantization.native`: build now (make install and the images do,
+    so the first request does not wait for the compiler)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ok = available()
+    print("pagoda CPU kernels:", "ready" if ok else "not available (torch's kernels are used)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""VnniLinear: 4- and 8-bit integer weights on pagoda's own CPU kernel (native.py, csrc/qgemm.cpp),
+which multiplies them against activations quantized to int8 per row and group (as llama.cpp runs
+its Q4/Q8 blocks against Q8 activations): one layer for GGUF Q4_0/Q4_1/Q8_0 and K-quant codes,
+compressed-tensors W4A16/W8A16 and W8A8, GPTQ and AWQ.
+
+The weight is packed once into tiles of 16 outputs (the kernel's layout, described in qgemm.cpp):
+unsigned codes u (signed ones shifted up by `zero_code`), w = scale * (u - zero_code) + offset.
+Scales and offsets are kept in the narrowest dtype that holds them exactly (GGUF's are float16,
+compressed-tensors' bfloat16), so resident memory is the file's.
+
+Activations are quantized in blocks of the weight's groups, capped at MAX_ACT_BLOCK inputs (a
+per-channel weight's scales are repeated to that block): finer than W8A8's per-token scale, so a
+W8A8 checkpoint runs at least as accurately as on servers with per-token int8 GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagoda.engine.quantization.linear import QuantizedLinear
+from pagoda.engine.quantization.weights import QuantizedWeight
+
+TILE = 16  # outputs per tile
+MAX_ACT_BLOCK = 128  # the most inputs that share one activation scale
+
+
+def act_block(qw: QuantizedWeight) -> int | None:
+    """The block the kernel runs `qw` in: the largest divisor of its group that is at most
+    MAX_ACT_BLOCK and a multiple of the inputs one 64-byte chunk holds (8 at 4 bits, 4 at 8),
+    or None when none is."""
+    chunk = 8 if qw.bits <= 4 else 4
+    g = qw.group_size
+    return next((b for b in range(min(g, MAX_ACT_BLOCK), 0, -1) if g % b == 0 and b % chunk == 0), None)
+
+
+def rounded_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """What the kernel multiplies `x` [..., in] by, in float32: each block of `block` inputs of a
+    row rounded to 255 levels of its peak (the reference its results are tested against)."""
+    v = x.float().reshape(*x.shape[:-1], -1, block)
+    step = v.abs().amax(-1, keepdim=True) / 127
+    safe = torch.where(step == 0, torch.ones_like(step), step)
+    return (torch.round(v / safe) * step).reshape(x.shape)
+
+
+def _exact_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float16 or bfloat16 where every value survives the round trip, else float32."""
+    for dtype in (torch.float16, torch.bfloat16):
+        if all(torch.equal(t.to(dtype).float(), t.float()) for t in tensors):
+            return dtype
+    return torch.float32
+
+
+def _tiles(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t` [out, ...] with its rows padded with zeros to `rows`."""
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [out, in] (out a multiple of 16) -> uint8 [out / 16, in / chunk, 64]."""
+    out_f, in_f = codes.shape
+    u = codes.to(torch.uint8)
+    if bits <= 4:
+        eights = u.view(out_f // TILE, TILE, in_f // 8, 8)
+        u = eights[..., :4] | (eights[..., 4:] << 4)  # [tiles, 16, in / 8, 4]
+    else:
+        u = u.view(out_f // TILE, TILE, in_f // 4, 4)
+    return u.permute(0, 2, 1, 3).reshape(out_f // TILE, -1, TILE * 4).contiguous()
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, rows: torch.Tensor) -> torch.Tensor:
+    """The unsigned codes of output rows `rows` [n] from `packed`: uint8 [n, in]."""
+    tiles = packed[rows // TILE].view(rows.shape[0], packed.shape[1], TILE, 4)  # [n, chunks, 16, 4]
+    lane = (rows % TILE)[:, None, None, None].expand(-1, packed.shape[1], 1, 4)
+    mine = tiles.gather(2, lane).squeeze(2)  # [n, chunks, 4]
+    if bits <= 4:
+        mine = torch.cat([mine & 15, mine >> 4], -1)  # [n, chunks, 8]
+    return mine.reshape(rows.shape[0], -1)
+
+
+def _per_tile(t: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """Scales or offsets [out, groups] -> [tiles, groups, 16] in `dtype`."""
+    padded = _tiles(t.float(), rows)
+    return padded.view(rows // TILE, TILE, -1).transpose(1, 2).contiguous().to(dtype)
+
+
+class VnniLinear(QuantizedLinear):
+    """y = x @ W^T through `torch.ops.pagoda_cpu.qgemm`; x float32 or bfloat16."""
+
+    kind = "vnni"
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
+        super().__init__(qw, bias)
+        block = act_block(qw)
+        if block is None or qw.is_float or qw.bits > 8:
+            raise ValueError(f"the CPU kernel does not take {qw.bits}-bit groups of {qw.group_size}")
+        self.bits = 4 if qw.bits <= 4 else 8
+        qw = qw.regroup(block)
+        lo, hi = int(qw.codes.min()), int(qw.codes.max())
+        self.zero_code = float(1 << (self.bits - 1)) if lo < 0 else 0.0
+        if not (0 <= lo + self.zero_code and hi + self.zero_code < 1 << self.bits):
+            raise ValueError(f"codes {lo}..{hi} do not fit {self.bits} bits")
+        rows = -(-qw.out_features // TILE) * TILE
+        codes = _tiles((qw.codes.to(torch.int32) + int(self.zero_code)), rows)
+        self.packed = pack_codes(codes, self.bits)
+        parts = (qw.scale,) if qw.offset is None else (qw.scale, qw.offset)
+        dtype = _exact_dtype(*parts)
+        self.scale = _per_tile(qw.scale, rows, dtype)
+        self.offset = None if qw.offset is None else _per_tile(qw.offset, rows, dtype)
+        self.group = block
+        self.kind = f"int{self.bits} g{block} (pagoda VNNI, int8 activations)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.dtype not in (torch.float32, torch.bfloat16):
+            rows = rows.float()
+        y = torch.ops.pagoda_cpu.qgemm(
+            rows.contiguous(), self.packed, self.scale, self.offset, self.bits, self.group, self.zero_code
+        )
+        if y.shape[1] != self.out_features:
+            y = y[:, : self.out_features]
+        return self._finish(y, x)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Output rows `ids` [n] of the weight, float32 [n, in]: what an embedding tied to this
+        layer looks up."""
+        flat = ids.reshape(-1)
+        u = unpack_rows(self.packed, self.bits, flat).float().view(flat.shape[0], -1, self.group)
+        tile, lane = flat // TILE, flat % TILE
+        scale = self.scale[tile, :, lane].float()  # [n, groups]
+        w = (u - self.zero_code) * scale[..., None]
+        if self.offset is not None:
+            w = w + self.offset[tile, :, lane].float()[..., None]
+        return w.view(*ids.shape, self.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.rows(torch.arange(self.out_features))

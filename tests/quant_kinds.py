@@ -1,0 +1,18 @@
+"""Which quantized layer kinds a test expects: torch's kernels name theirs by kernel ("int4 g32",
+"int8 per channel", "w8a8 int8 (fbgemm)"); pagoda's own CPU kernel runs every integer weight as a
+VnniLinear of the same width ("int4 g32 (pagoda VNNI, int8 activations)")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pagoda.engine.quantization.linear import QuantizedLinear, native_kernels
+
+
+def assert_kinds(layers: Iterable[QuantizedLinear], torch_kinds: set[str]) -> None:
+    kinds = {m.kind for m in layers}
+    if native_kernels() and torch_kinds != {"fp8"}:
+        width = {"int4" if k.startswith("int4") else "int8" for k in torch_kinds}
+        assert {k.split()[0] for k in kinds} == width and all("VNNI" in k for k in kinds), kinds
+    else:
+        assert kinds == torch_kinds

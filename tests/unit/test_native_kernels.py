@@ -1,0 +1,82 @@
+"""pagoda's own CPU kernel (pagoda/engine/quantization/csrc/qgemm.cpp): built on first use, exact
+against its own arithmetic, and off (torch's kernels instead) where the CPU or the build cannot
+run it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from pagoda.engine.quantization import native
+from pagoda.engine.quantization.vnni import VnniLinear, rounded_activations
+from pagoda.engine.quantization.weights import QuantizedWeight
+
+
+def _weight(
+    bits: int, out_f: int, in_f: int, group: int, scale_dtype: torch.dtype, offset: bool
+) -> QuantizedWeight:
+    g = torch.Generator().manual_seed(bits + out_f)
+    codes = torch.randint(0, 1 << bits, (out_f, in_f), generator=g, dtype=torch.int16)
+    scale = (torch.rand(out_f, in_f // group, generator=g) * 0.02 + 1e-3).to(scale_dtype).float()
+    off = (torch.randn(out_f, in_f // group, generator=g) * 0.05).to(scale_dtype).float() if offset else None
+    return QuantizedWeight(codes, scale, off, bits)
+
+
+@pytest.mark.parametrize(
+    ("bits", "scale_dtype", "offset"),
+    [
+        (4, torch.float16, True),
+        (8, torch.bfloat16, False),
+        (4, torch.float32, False),
+        (8, torch.float16, True),
+    ],
+)
+def test_kernel_computes_its_arithmetic_exactly(bits: int, scale_dtype: torch.dtype, offset: bool) -> None:
+    assert native.available()
+    qw = _weight(bits, 40, 192, 64, scale_dtype, offset)  # 40 outputs: a padded last tile
+    layer = VnniLinear(qw, None)
+    # scales in the narrowest dtype that holds them exactly (float16 takes these bfloat16 ones too)
+    assert layer.scale.element_size() == (4 if scale_dtype == torch.float32 else 2)
+    assert torch.equal(layer.dequantized_weight(), qw.dequantize())
+    for rows in (1, 7, 16, 19):  # every register block (8, 4, 2, 1) and their mixes
+        x = torch.randn(rows, 192)
+        want = rounded_activations(x, 64) @ qw.dequantize().t()
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert layer(torch.randn(0, 192)).shape == (0, 40)
+    # a wrong offset sign or nibble order is far outside that tolerance
+    wrong = QuantizedWeight(qw.codes.flip(1), qw.scale, qw.offset, bits)
+    x = torch.randn(4, 192)
+    assert (VnniLinear(wrong, None)(x) - layer(x)).abs().max() > 0.1 * layer(x).abs().max()
+
+
+def test_rows_look_up_the_packed_codes() -> None:
+    qw = _weight(8, 50, 64, 32, torch.float16, False)
+    layer = VnniLinear(qw, None)
+    ids = torch.tensor([[0, 49], [17, 16]])
+    assert torch.equal(layer.rows(ids), qw.dequantize()[ids])
+
+
+def test_kernels_are_off_without_vnni_or_a_compiler(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert native.missing_flags() == ["avx512f", "avx512bw", "avx512_vnni"]
+    native.available.cache_clear()
+    try:
+        assert not native.available()
+        monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(native.NEEDED_FLAGS))
+
+        def no_compiler() -> None:
+            raise RuntimeError("g++ not found")
+
+        monkeypatch.setattr(native, "_load", no_compiler)
+        native.available.cache_clear()
+        with caplog.at_level(logging.WARNING, logger=native.__name__):
+            assert not native.available()
+        assert "g++ not found" in caplog.text
+    finally:
+        native.available.cache_clear()
+        monkeypatch.undo()
+    assert native.available()
