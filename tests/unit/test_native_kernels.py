@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pagoda.engine.quantization import native
+from pagoda.engine.quantization.linear import make_linear
 from pagoda.engine.quantization.vnni import VnniLinear, rounded_activations
 from pagoda.engine.quantization.weights import QuantizedWeight
 
@@ -49,6 +50,19 @@ def test_kernel_computes_its_arithmetic_exactly(bits: int, scale_dtype: torch.dt
     wrong = QuantizedWeight(qw.codes.flip(1), qw.scale, qw.offset, bits)
     x = torch.randn(4, 192)
     assert (VnniLinear(wrong, None)(x) - layer(x)).abs().max() > 0.1 * layer(x).abs().max()
+
+
+def test_fp8_kernel_decodes_every_code(kernels: str) -> None:
+    """Every float8_e4m3fn byte but NaN (normals, subnormals, both zeros, both signs) decodes as
+    torch's cast does, a tile at a time on either path, into the product x @ W^T."""
+    bytes_ = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    codes = bytes_[torch.randperm(len(bytes_))].repeat(2)[:504].view(21, 24).view(torch.float8_e4m3fn)
+    scale = torch.rand(21, 1) + 0.5
+    layer = make_linear(QuantizedWeight(codes, scale, None, 8), None, torch.device("cpu"), torch.float32)
+    w = codes.float() * scale
+    assert torch.equal(layer.dequantized_weight(), w)
+    x = torch.randn(9, 24)
+    torch.testing.assert_close(layer(x), x @ w.t(), rtol=1e-5, atol=1e-5 * float((x @ w.t()).abs().max()))
 
 
 def test_rows_look_up_the_packed_codes() -> None:

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 CPU_INT4_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu takes
 FP8_MAX = 448.0
+FP8_TILE_ROWS = 1024  # outputs dequantized at a time without pagoda's kernel
 
 
 class QuantizedLinear(nn.Module):
@@ -238,9 +239,11 @@ class Int8Linear(_WeightOnlyLinear):
 
 
 class Fp8Linear(QuantizedLinear):
-    """float8_e4m3fn weights with per-tensor or per-channel scales, dequantized per call (CPUs have
-    no fp8 math); with `act="fp8"`, activations are rounded through fp8 per token first, as
-    FP8_DYNAMIC checkpoints are run by servers with fp8 GEMMs."""
+    """float8_e4m3fn weights with per-tensor or per-channel scales. CPUs have no fp8 math, so the
+    weight is dequantized a tile at a time and never whole: on pagoda's CPU kernel
+    (`pagoda_cpu::fp8_gemm`) 16 outputs at a time into a buffer the size of L1/L2, elsewhere
+    FP8_TILE_ROWS outputs at a time. With `act="fp8"`, activations are rounded through fp8 per
+    token first, as FP8_DYNAMIC checkpoints are run by servers with fp8 GEMMs."""
 
     kind = "fp8"
 
@@ -248,19 +251,45 @@ class Fp8Linear(QuantizedLinear):
         super().__init__(qw, bias)
         if qw.group_size != qw.in_features:
             raise ValueError("fp8 weights take per-tensor or per-channel scales")
-        self.codes = qw.codes.contiguous()
-        self.scales = qw.scale.to(dtype)  # [out, 1]
         self.act_fp8 = qw.act == "fp8"
+        self.native = qw.codes.device.type == "cpu" and native_kernels()
+        scale = qw.scale[:, 0].float()
+        if self.native:
+            rows = -(-qw.out_features // 16) * 16
+            codes = qw.codes.view(torch.uint8)
+            codes = torch.cat([codes, codes.new_zeros(rows - qw.out_features, qw.in_features)])
+            self.codes = codes.view(rows // 16, 16, -1).transpose(1, 2).contiguous()  # [tiles, in, 16]
+            self.scales = torch.cat([scale, scale.new_zeros(rows - qw.out_features)])
+            self.kind = "fp8 (pagoda, dequantized per tile)"
+        else:
+            self.codes = qw.codes.contiguous()
+            self.scales = scale.to(dtype)
+
+    def _codes(self) -> torch.Tensor:  # [out, in] float8_e4m3fn
+        if not self.native:
+            return self.codes
+        rows = self.codes.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]
+        return rows.contiguous().view(torch.float8_e4m3fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_fp8:
             peak = x.abs().amax(-1, keepdim=True).float().clamp_(min=1e-12) / FP8_MAX
             x = ((x.float() / peak).to(torch.float8_e4m3fn).float() * peak).to(x.dtype)
-        w = self.codes.to(x.dtype) * self.scales.to(x.dtype)
-        return self._finish(F.linear(x, w), x)
+        rows = _rows(x, self.in_features)
+        if self.native:
+            if rows.dtype not in (torch.float32, torch.bfloat16):
+                rows = rows.float()
+            y = torch.ops.pagoda_cpu.fp8_gemm(rows.contiguous(), self.codes, self.scales)
+            return self._finish(y[:, : self.out_features], x)
+        tiles = []
+        for start in range(0, self.out_features, FP8_TILE_ROWS):
+            part = slice(start, start + FP8_TILE_ROWS)
+            w = self.codes[part].to(x.dtype) * self.scales[part, None].to(x.dtype)
+            tiles.append(F.linear(rows, w))
+        return self._finish(torch.cat(tiles, -1), x)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.codes.float() * self.scales.float()
+        return self._codes().float() * self.scales[: self.out_features, None].float()
 
 
 class DequantLinear(QuantizedLinear):

@@ -106,6 +106,10 @@ def _register_fake() -> None:
     ) -> torch.Tensor:
         return x.new_empty(x.shape[0], packed.shape[0] * 16)
 
+    @torch.library.register_fake("pagoda_cpu::fp8_gemm")  # type: ignore[misc]
+    def _fp8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], codes.shape[0] * 16)
+
 
 def main() -> None:
     """`python -m pagoda.engine.quantization.native`: build now (make install and the images do,

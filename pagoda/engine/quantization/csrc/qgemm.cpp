@@ -36,35 +36,48 @@ struct QuantizedActs {
   std::vector<float> sum;    // [m, groups]
 };
 
+#ifdef PAGODA_VNNI
+
+inline __m512 load_row16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load_row16(const at::BFloat16* p, __mmask16 mask) {
+  const __m256i half = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// Vectorized, 16 inputs at a time (a masked tail for groups that are not multiples of 16):
+// the peak, then codes rounded to nearest even (the default MXCSR mode, as torch.round).
 template <typename T>
 QuantizedActs quantize_acts(const T* x, int64_t m, int64_t k, int64_t group) {
   const int64_t groups = k / group;
   QuantizedActs a{std::vector<int8_t>(m * k), std::vector<float>(m * groups), std::vector<float>(m * groups)};
-  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(k);
+  const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(x[r * k + i]);
       for (int64_t g = 0; g < groups; ++g) {
-        const float* v = row.data() + g * group;
-        float peak = 0.f;
-        for (int64_t i = 0; i < group; ++i) peak = std::max(peak, std::fabs(v[i]));
-        const float inv = peak > 0.f ? 127.f / peak : 0.f;
-        int8_t* q = a.q.data() + r * k + g * group;
-        int32_t total = 0;
-        for (int64_t i = 0; i < group; ++i) {
-          const int32_t c = static_cast<int32_t>(std::nearbyint(v[i] * inv));
-          q[i] = static_cast<int8_t>(c);
-          total += c;
+        const T* v = x + r * k + g * group;
+        __m512 peak = _mm512_setzero_ps();
+        for (int64_t i = 0; i < group; i += 16) {
+          const __mmask16 mask = group - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (group - i)) - 1);
+          peak = _mm512_max_ps(peak, _mm512_and_ps(load_row16(v + i, mask), sign_off));
         }
-        a.scale[r * groups + g] = peak / 127.f;
-        a.sum[r * groups + g] = static_cast<float>(total) * (peak / 127.f);
+        const float top = _mm512_reduce_max_ps(peak);
+        const __m512 inv = _mm512_set1_ps(top > 0.f ? 127.f / top : 0.f);
+        int8_t* q = a.q.data() + r * k + g * group;
+        __m512i total = _mm512_setzero_si512();
+        for (int64_t i = 0; i < group; i += 16) {
+          const __mmask16 mask = group - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (group - i)) - 1);
+          const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(load_row16(v + i, mask), inv));
+          _mm_mask_storeu_epi8(q + i, mask, _mm512_cvtsepi32_epi8(c));
+          total = _mm512_mask_add_epi32(total, mask, total, c);
+        }
+        a.scale[r * groups + g] = top / 127.f;
+        a.sum[r * groups + g] = static_cast<float>(_mm512_reduce_add_epi32(total)) * (top / 127.f);
       }
     }
   });
   return a;
 }
 
-#ifdef PAGODA_VNNI
 
 template <typename S>
 inline __m512 load16(const S* p);
@@ -183,6 +196,68 @@ void gemm_bits(const Problem& p, int64_t bits, int64_t m, at::Tensor& y) {
   }
 }
 
+
+// float8_e4m3fn bytes -> float32, 16 at a time: sign, 4 exponent bits (bias 7), 3 mantissa bits;
+// exponent 0 is subnormal (mantissa * 2^-9). 0x7F/0xFF (NaN) come out as +-480: checkpoints hold none.
+inline __m512 fp8_to_f32(__m128i bytes) {
+  const __m512i b = _mm512_cvtepu8_epi32(bytes);
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+  const __m512i exp = _mm512_and_si512(_mm512_srli_epi32(b, 3), _mm512_set1_epi32(0xF));
+  const __m512i man = _mm512_and_si512(b, _mm512_set1_epi32(0x7));
+  const __m512i normal = _mm512_or_si512(_mm512_slli_epi32(_mm512_add_epi32(exp, _mm512_set1_epi32(120)), 23),
+                                         _mm512_slli_epi32(man, 20));
+  const __m512 tiny = _mm512_mul_ps(_mm512_cvtepi32_ps(man), _mm512_set1_ps(1.0f / 512.0f));
+  const __mmask16 is_tiny = _mm512_cmpeq_epi32_mask(exp, _mm512_setzero_si512());
+  const __m512 mag = _mm512_mask_blend_ps(is_tiny, _mm512_castsi512_ps(normal), tiny);
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(mag), sign));
+}
+
+// R rows times one tile of 16 fp8 outputs whose weights were dequantized into wt[k][16] (float32).
+template <int R>
+inline void fp8_rows(const float* wt, const float* x, int64_t k, float* out) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; ++i) {
+    const __m512 w = _mm512_loadu_ps(wt + i * kTile);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * k + i]), w, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kTile, acc[r]);
+}
+
+// y = x @ (codes * scale)^T with codes float8 in tiles [tiles][k][16] (16 outputs' bytes of one
+// input side by side): each tile is dequantized once into a k x 16 float32 buffer (L1/L2-sized),
+// then every row of x multiplies it; no dequantized matrix is ever held.
+template <typename O>
+void fp8_gemm(const uint8_t* codes, const float* scale, const float* x, int64_t m, int64_t k, int64_t n, O* y) {
+  const int64_t tiles = n / kTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> wt(k * kTile);
+    float block[8 * kTile];
+    for (int64_t t = t0; t < t1; ++t) {
+      const __m512 sc = _mm512_loadu_ps(scale + t * kTile);
+      const uint8_t* c = codes + t * k * kTile;
+      for (int64_t i = 0; i < k; ++i) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i * kTile));
+        _mm512_storeu_ps(wt.data() + i * kTile, _mm512_mul_ps(fp8_to_f32(bytes), sc));
+      }
+      for (int64_t r0 = 0; r0 < m;) {
+        const int64_t left = m - r0;
+        const int rows = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        const float* xr = x + r0 * k;
+        switch (rows) {
+          case 8: fp8_rows<8>(wt.data(), xr, k, block); break;
+          case 4: fp8_rows<4>(wt.data(), xr, k, block); break;
+          case 2: fp8_rows<2>(wt.data(), xr, k, block); break;
+          default: fp8_rows<1>(wt.data(), xr, k, block); break;
+        }
+        for (int r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < kTile; ++j) y[(r0 + r) * n + t * kTile + j] = static_cast<O>(block[r * kTile + j]);
+        r0 += rows;
+      }
+    }
+  });
+}
+
 #endif  // PAGODA_VNNI
 
 // y[m, n] = x[m, k] @ W^T for the packed W (see the top of this file). x: float32 or bfloat16,
@@ -222,10 +297,39 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor
 #endif
 }
 
+// y[m, n] = x[m, k] @ (codes * scale)^T for float8_e4m3fn codes packed [n / 16, k, 16] (uint8) and
+// one float32 scale per output (padded to the tiles). x float32 or bfloat16; y has x's dtype.
+at::Tensor fp8_gemm_op(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale) {
+#ifdef PAGODA_VNNI
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "fp8_gemm: x must be a float32 or bfloat16 matrix");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 3 && codes.size(2) == kTile && codes.is_contiguous(),
+              "fp8_gemm: codes layout");
+  const int64_t m = x.size(0), k = x.size(1), n = codes.size(0) * kTile;
+  TORCH_CHECK(codes.size(1) == k, "fp8_gemm: codes take ", codes.size(1), " inputs, x has ", k);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == n && scale.is_contiguous(), "fp8_gemm: scale");
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0) return y;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  if (y.scalar_type() == at::kBFloat16) {
+    fp8_gemm(codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), xf.data_ptr<float>(), m, k, n, y.data_ptr<at::BFloat16>());
+  } else {
+    fp8_gemm(codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), xf.data_ptr<float>(), m, k, n, y.data_ptr<float>());
+  }
+  return y;
+#else
+  TORCH_CHECK(false, "fp8_gemm needs AVX-512, which this build does not have");
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pagoda_cpu, m) {
   m.def("qgemm(Tensor x, Tensor packed, Tensor scale, Tensor? offset, int bits, int group, float zero_code) -> Tensor");
+  m.def("fp8_gemm(Tensor x, Tensor codes, Tensor scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(pagoda_cpu, CPU, m) { m.impl("qgemm", &qgemm); }
+TORCH_LIBRARY_IMPL(pagoda_cpu, CPU, m) {
+  m.impl("qgemm", &qgemm);
+  m.impl("fp8_gemm", &fp8_gemm_op);
+}
