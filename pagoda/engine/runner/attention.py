@@ -151,31 +151,28 @@ class TorchAttention(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [nd, heads, head_dim]
-        """One SDPA over each sequence's gathered blocks. The gather ids and the mask are built
-        once per step (meta.step_cache); a single sequence needs no mask, its keys are cut to
-        its length instead."""
+        """One SDPA over each sequence's gathered blocks, keys past a sequence's length masked.
+        The gather ids and the mask are built once per step (meta.step_cache). A single sequence
+        is masked too rather than cut to its length: the masked form gives a sequence the same
+        result whatever else is in the batch (SDPA's unmasked path rounds differently), so a
+        greedy stream does not change with the load, alone at the end or in a crowd."""
         nd = q.shape[0]
         _num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
         cache = meta.step_cache
         if "decode_ids" not in cache:
             max_blocks = -(-meta.decode_max_seq_len // block_size)
             cache["decode_ids"] = meta.decode_block_tables[:, :max_blocks].reshape(-1)
-            mask = None
-            if nd > 1:
-                length = max_blocks * block_size
-                keep = torch.arange(length, device=q.device)[None, :] < meta.decode_seq_lens[:, None]
-                mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
-                mask.masked_fill_(~keep, float("-inf"))
-                mask = mask[:, None, None, :]  # [nd, 1, 1, L]
-            cache["decode_mask"] = mask
+            length = max_blocks * block_size
+            keep = torch.arange(length, device=q.device)[None, :] < meta.decode_seq_lens[:, None]
+            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(~keep, float("-inf"))
+            cache["decode_mask"] = bias[:, None, None, :]  # [nd, 1, 1, L]
         ids, mask = cache["decode_ids"], cache["decode_mask"]
-        assert ids is not None
+        assert ids is not None and mask is not None
         # [nd * max_blocks, block_size, kv_heads, head_dim] -> [nd, kv_heads, L, head_dim]
         # (index_select: ~5x faster than advanced indexing on CPU)
         kd = k_cache.index_select(0, ids).view(nd, -1, num_kv_heads, head_dim)
         vd = v_cache.index_select(0, ids).view(nd, -1, num_kv_heads, head_dim)
-        if mask is None:
-            kd, vd = kd[:, : meta.decode_max_seq_len], vd[:, : meta.decode_max_seq_len]
         # GQA without repeating K/V: the query heads sharing a KV head form its query rows
         qd = q.view(nd, num_kv_heads, -1, head_dim)
         od = F.scaled_dot_product_attention(

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -110,71 +111,117 @@ struct Problem {
   const QuantizedActs* acts;
 };
 
-// R rows (r0 ..) times one tile of 16 outputs, written as float32 to out[R][16].
-template <int BITS, int R, typename S>
+// R rows (r0 ..) times T adjacent tiles of 16 outputs, written as float32 to out[R][T * 16]. Each
+// activation broadcast feeds T tiles and each weight chunk R rows.
+template <int BITS, int R, int T, typename S>
 inline void tile_block(const Problem& p, int64_t tile, int64_t r0, float* out) {
   constexpr int64_t kChunk = BITS == 4 ? 8 : 4;  // inputs per 64-byte chunk
   const int64_t chunks = p.group / kChunk;
   const uint8_t* w = p.w + tile * p.chunks_per_tile * 64;
+  const int64_t w_stride = p.chunks_per_tile * 64;
   const S* scale = static_cast<const S*>(p.scale) + tile * p.groups * kTile;
   const S* offset = p.offset ? static_cast<const S*>(p.offset) + tile * p.groups * kTile : nullptr;
+  const int64_t s_stride = p.groups * kTile;
   const int8_t* xq = p.acts->q.data() + r0 * p.k;
   const float* xs = p.acts->scale.data() + r0 * p.groups;
   const float* xsum = p.acts->sum.data() + r0 * p.groups;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const __m512 zero_code = _mm512_set1_ps(p.zero_code);
-  __m512 total[R];
-  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  __m512 total[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) total[r][t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
-    __m512i acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+    __m512i acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
     const int64_t k0 = g * p.group;
     for (int64_t c = 0; c < chunks; ++c, w += 64) {
-      const __m512i v = _mm512_loadu_si512(w);
       const int64_t k = k0 + c * kChunk;
       if constexpr (BITS == 4) {
-        const __m512i lo = _mm512_and_si512(v, nibble);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        __m512i lo[T], hi[T];
+        for (int t = 0; t < T; ++t) {
+          const __m512i v = _mm512_loadu_si512(w + t * w_stride);
+          lo[t] = _mm512_and_si512(v, nibble);
+          hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        }
         for (int r = 0; r < R; ++r) {
-          acc[r] = _mm512_dpbusd_epi32(acc[r], lo, broadcast4(xq + r * p.k + k));
-          acc[r] = _mm512_dpbusd_epi32(acc[r], hi, broadcast4(xq + r * p.k + k + 4));
+          const __m512i a0 = broadcast4(xq + r * p.k + k), a1 = broadcast4(xq + r * p.k + k + 4);
+          for (int t = 0; t < T; ++t) {
+            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], lo[t], a0);
+            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], hi[t], a1);
+          }
         }
       } else {
-        for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], v, broadcast4(xq + r * p.k + k));
+        __m512i v[T];
+        for (int t = 0; t < T; ++t) v[t] = _mm512_loadu_si512(w + t * w_stride);
+        for (int r = 0; r < R; ++r) {
+          const __m512i a = broadcast4(xq + r * p.k + k);
+          for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], v[t], a);
+        }
       }
     }
-    const __m512 sc = load16<S>(scale + g * kTile);
-    __m512 off = offset ? load16<S>(offset + g * kTile) : _mm512_setzero_ps();
-    off = _mm512_fnmadd_ps(sc, zero_code, off);  // offset - zero_code * scale
+    __m512 sc[T], off[T];
+    for (int t = 0; t < T; ++t) {
+      sc[t] = load16<S>(scale + t * s_stride + g * kTile);
+      off[t] = offset ? load16<S>(offset + t * s_stride + g * kTile) : _mm512_setzero_ps();
+      off[t] = _mm512_fnmadd_ps(sc[t], zero_code, off[t]);  // offset - zero_code * scale
+    }
     for (int r = 0; r < R; ++r) {
-      const __m512 dot = _mm512_cvtepi32_ps(acc[r]);
-      total[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sc, _mm512_set1_ps(xs[r * p.groups + g])), total[r]);
-      total[r] = _mm512_fmadd_ps(off, _mm512_set1_ps(xsum[r * p.groups + g]), total[r]);
+      const __m512 a_scale = _mm512_set1_ps(xs[r * p.groups + g]);
+      const __m512 a_sum = _mm512_set1_ps(xsum[r * p.groups + g]);
+      for (int t = 0; t < T; ++t) {
+        const __m512 dot = _mm512_cvtepi32_ps(acc[r][t]);
+        total[r][t] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sc[t], a_scale), total[r][t]);
+        total[r][t] = _mm512_fmadd_ps(off[t], a_sum, total[r][t]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kTile, total[r]);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) _mm512_storeu_ps(out + (r * T + t) * kTile, total[r][t]);
+}
+
+// Rows r0 .. of T tiles from `tile` on: blocks of up to 8 rows (one tile) or 4 (two tiles).
+template <int BITS, int T, typename S, typename O>
+void tile_rows(const Problem& p, int64_t tile, int64_t m, O* y) {
+  float block[8 * 2 * kTile];
+  for (int64_t r0 = 0; r0 < m;) {
+    const int64_t left = m - r0;
+    const int rows = left >= 8 && T == 1 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    switch (rows) {
+      case 8: tile_block<BITS, 8, 1, S>(p, tile, r0, block); break;
+      case 4: tile_block<BITS, 4, T, S>(p, tile, r0, block); break;
+      case 2: tile_block<BITS, 2, T, S>(p, tile, r0, block); break;
+      default: tile_block<BITS, 1, T, S>(p, tile, r0, block); break;
+    }
+    for (int r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < T * kTile; ++j)
+        y[(r0 + r) * p.n + tile * kTile + j] = static_cast<O>(block[r * T * kTile + j]);
+    r0 += rows;
+  }
 }
 
 template <int BITS, typename S, typename O>
 void gemm(const Problem& p, int64_t m, O* y) {
   const int64_t tiles = p.n / kTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    float block[8 * kTile];
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t r0 = 0; r0 < m;) {
-        const int64_t left = m - r0;
-        const int rows = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-        switch (rows) {
-          case 8: tile_block<BITS, 8, S>(p, t, r0, block); break;
-          case 4: tile_block<BITS, 4, S>(p, t, r0, block); break;
-          case 2: tile_block<BITS, 2, S>(p, t, r0, block); break;
-          default: tile_block<BITS, 1, S>(p, t, r0, block); break;
+  // two tiles at a time when several rows share them (PAGODA_QGEMM_TILES=1 forces one)
+  static const bool pairs = [] {
+    const char* v = std::getenv("PAGODA_QGEMM_TILES");
+    return !(v && v[0] == '1');
+  }();
+  if (m >= 2 && pairs) {
+    at::parallel_for(0, (tiles + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        if (2 * q + 1 < tiles) {
+          tile_rows<BITS, 2, S>(p, 2 * q, m, y);
+        } else {
+          tile_rows<BITS, 1, S>(p, 2 * q, m, y);
         }
-        for (int r = 0; r < rows; ++r)
-          for (int64_t j = 0; j < kTile; ++j) y[(r0 + r) * p.n + t * kTile + j] = static_cast<O>(block[r * kTile + j]);
-        r0 += rows;
       }
-    }
+    });
+    return;
+  }
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) tile_rows<BITS, 1, S>(p, t, m, y);
   });
 }
 
