@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pagoda.engine.quantization.linear import QuantizedLinear, native_kernels
+from pagoda.engine.quantization.linear import QuantizedLinear, int8_activations, native_kernels
 
 
 def assert_kinds(layers: Iterable[QuantizedLinear], torch_kinds: set[str]) -> None:
     kinds = {m.kind for m in layers}
-    if native_kernels() and torch_kinds != {"fp8"}:
+    if torch_kinds == {"fp8"}:  # fp8 is dequantized per tile on either kernel
+        assert len(kinds) == 1 and kinds <= {"fp8", "fp8 (pagoda, dequantized per tile)"}, kinds
+    elif native_kernels() and (int8_activations() or torch_kinds == {"w8a8 int8 (fbgemm)"}):
         width = {"int4" if k.startswith("int4") else "int8" for k in torch_kinds}
         assert {k.split()[0] for k in kinds} == width and all("VNNI" in k for k in kinds), kinds
     else:

@@ -1,6 +1,11 @@
 """The quantized linear layers: each takes a QuantizedWeight once, packs it into its kernel's
 layout, and keeps nothing else (so resident weight memory is the packed codes plus scales).
 
+On CPUs with AVX512-VNNI, `make_linear` gives W8A8 weights (and, with PAGODA_INT8_ACTIVATIONS=1,
+every integer weight) to VnniLinear (vnni.py, pagoda's own kernel), and fp8 weights to its
+per-tile kernel; the tied LM head of a quantized embedding is a VnniLinear too. The layers below
+are what weight-only layers and other CPUs (and GPUs) run.
+
 - Int4Linear: 4-bit codes in groups of 32..256; CPU `_weight_int4pack_mm_for_cpu`, GPU Triton
   `quant_matmul`.
 - Int8Linear: 8-bit codes; CPU `_weight_int8pack_mm` (symmetric per channel) or two int4 passes
@@ -351,6 +356,15 @@ def native_kernels() -> bool:
     return native.available()
 
 
+def int8_activations() -> bool:
+    """Whether weight-only layers run pagoda's kernel too, with int8 activations per block as
+    llama.cpp runs its Q4/Q8 weights (PAGODA_INT8_ACTIVATIONS=1): faster at 16 rows (the demo's
+    step 48 -> 43 ms) but each layer's error grows from ~0.3% to ~1% on real activations, which
+    flips the demo's greedy answer to "What is the capital of France?". Off by default: weight-only
+    layers keep bf16 activations (torch's int4pack/int8pack)."""
+    return os.environ.get("PAGODA_INT8_ACTIVATIONS", "0") == "1"
+
+
 def make_linear(
     qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype
 ) -> QuantizedLinear:
@@ -358,7 +372,7 @@ def make_linear(
     try:
         if qw.is_float:
             return Fp8Linear(qw, bias, dtype)
-        if device.type == "cpu" and native_kernels():
+        if device.type == "cpu" and native_kernels() and (qw.act == "int8" or int8_activations()):
             from pagoda.engine.quantization.vnni import VnniLinear, act_block
 
             if act_block(qw) is not None:
