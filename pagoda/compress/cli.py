@@ -40,7 +40,8 @@ def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--calibration",
         default=_default("calibration"),
-        help="a text file, or 'builtin' (CPython's pydoc topics: English, offline)",
+        help="a text file, or 'builtin' (half of CPython's pydoc topics, the half `pagoda eval perplexity` "
+        "does not score: English, offline)",
     )
     p.add_argument("--num-samples", type=int, default=_default("num_samples"), help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=_default("seq_len"), help="tokens per calibration sequence")

@@ -56,7 +56,7 @@ class QuantizeOptions:
     output: str  # the directory to write
     method: str | None = None  # None: the scheme's default (METHODS_BY_SCHEME)
     group_size: int | None = None  # None: the scheme's default
-    calibration: str = "builtin"  # "builtin" (CPython's pydoc topics) or a text file
+    calibration: str = "builtin"  # "builtin" (half of the pydoc topics, see corpus.py) or a text file
     num_samples: int = 64  # calibration sequences
     seq_len: int = 256  # tokens per calibration sequence
     sample_rows: int = 4096  # AWQ: activation rows kept per linear input for the scale search
