@@ -7,7 +7,7 @@ import argparse
 import time
 from typing import Any
 
-from pagoda.compress.options import ALL_METHODS, METHODS_BY_SCHEME, QuantizeOptions
+from pagoda.compress.options import ALL_METHODS, METHODS_BY_SCHEME, OBSERVERS, QuantizeOptions
 from pagoda.engine import field_default
 
 
@@ -35,7 +35,8 @@ def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
         "--group-size",
         type=int,
         default=None,
-        help="inputs per scale for W4A16/W8A16 (default: 128 for W4A16, per channel for W8A16)",
+        help="inputs per scale for W4A16/W4A16_ASYM/W8A16 (default: 128 for W4A16 and W4A16_ASYM, "
+        "per channel for W8A16)",
     )
     p.add_argument(
         "--calibration",
@@ -45,6 +46,13 @@ def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--num-samples", type=int, default=_default("num_samples"), help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=_default("seq_len"), help="tokens per calibration sequence")
+    p.add_argument(
+        "--observer",
+        default=_default("observer"),
+        choices=OBSERVERS,
+        help="how scales are chosen: each group's own range (minmax), or the range shrunk by up to 20%% "
+        "that quantizes the group with the least squared error (mse)",
+    )
     p.add_argument("--output", required=True, help="the directory to write (new or empty)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -66,6 +74,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
+        observer=args.observer,
     )
     t0 = time.perf_counter()
     result, written = quantize_to_dir(options, progress=not args.no_progress)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from pagoda.compress.hessian import dead_inputs, inverse_cholesky
-from pagoda.compress.rtn import group_size_of, scales_for, to_codes
+from pagoda.compress.rtn import group_size_of, qparams, to_codes
 from pagoda.compress.scheme import Scheme
 from pagoda.engine.quantization.weights import QuantizedWeight
 
@@ -51,8 +51,10 @@ def obs_sweep(w: torch.Tensor, hinv: torch.Tensor, block: int, rule: ColumnRule)
 
 
 class _GptqRule:
-    """Quantizes a column with its group's scale, computed from the group's current (error-fed)
-    values when the sweep reaches its first column, and records codes and scales."""
+    """Quantizes a column with its group's scale and zero point, and records codes and qparams.
+
+    A group's qparams come from its current (error-fed) values when the sweep reaches its first
+    column, as the reference does; per-channel ones from the whole (dead-zeroed) row."""
 
     def __init__(self, w: torch.Tensor, scheme: Scheme, group: int) -> None:
         out_f, in_f = w.shape
@@ -61,31 +63,49 @@ class _GptqRule:
         code_dtype = torch.float8_e4m3fn if scheme.float_codes else torch.int16
         self.codes = torch.empty(out_f, in_f, dtype=code_dtype, device=w.device)
         self.scale = torch.empty(out_f, in_f // group, dtype=torch.float32, device=w.device)
-        self.current = torch.empty(out_f, 1, dtype=torch.float32, device=w.device)
-        self.per_channel = scheme.group_size is None
-        if self.per_channel:  # the reference's observer: one scale from the whole (dead-zeroed) row
-            self.current = scales_for(w, scheme)
-            self.scale[:] = self.current
+        self.zero = None if scheme.symmetric else torch.empty_like(self.scale)
+        self.static = scheme.group_size is None
+        if self.static:  # the reference's observer: one scale from the whole (dead-zeroed) row
+            scale, zero = qparams(w.reshape(out_f, in_f // group, group), scheme)  # [out, groups, 1]
+            self.scale[:] = scale[..., 0]
+            if self.zero is not None and zero is not None:
+                self.zero[:] = zero[..., 0]
+
+    def _qparams(self, w1: torch.Tensor, col: int, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The [out, 1] scale and zero point of weight column `col` (sweep column i of block w1)."""
+        k = col // self.group
+        if not self.static and col % self.group == 0:
+            scale, zero = qparams(w1[:, i : i + self.group], self.scheme)  # [out, 1]
+            self.scale[:, k] = scale[:, 0]
+            if self.zero is not None and zero is not None:
+                self.zero[:, k] = zero[:, 0]
+        zero = None if self.zero is None else self.zero[:, k : k + 1]
+        return self.scale[:, k : k + 1], zero
 
     def __call__(self, w1: torch.Tensor, i1: int, i: int, u1: torch.Tensor) -> torch.Tensor:
         col = i1 + i
-        if not self.per_channel and col % self.group == 0:
-            self.current = scales_for(w1[:, i : i + self.group], self.scheme)  # [out, 1]
-            self.scale[:, col // self.group] = self.current[:, 0]
-        codes = to_codes(w1[:, i : i + 1], self.current, self.scheme)  # [out, 1]
+        scale, zero = self._qparams(w1, col, i)
+        codes = to_codes(w1[:, i : i + 1], scale, zero, self.scheme)  # [out, 1]
         self.codes[:, col] = codes[:, 0]
-        return (codes.float() * self.current)[:, 0]
+        values = codes.float() if zero is None else codes.float() - zero
+        return (values * scale)[:, 0]
+
+    def result(self) -> QuantizedWeight:
+        offset = None if self.zero is None else -self.zero * self.scale
+        return QuantizedWeight(
+            codes=self.codes, scale=self.scale, offset=offset, bits=self.scheme.bits, act=self.scheme.act
+        )
 
 
 def gptq(
     w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, *, block: int = 128, damp: float = 0.01
 ) -> QuantizedWeight:
     """GPTQ-quantize `w` [out, in] against `hessian` [in, in] (see hessian.py). Dead inputs (zero
-    Hessian diagonal) get weight 0 first. Group scales are computed when the sweep reaches a
+    Hessian diagonal) get weight 0 first. Group qparams are computed when the sweep reaches a
     group's first column, from its values at that moment, as the reference does; the block is
     rounded to a multiple of the group size so a group never straddles two blocks (the
     reference reads a straddling group's later columns before their in-block updates).
-    Integer and float8 schemes alike; the codes and scales obey rtn.py's conventions."""
+    Integer and float8 schemes, symmetric or not; the codes and qparams obey rtn.py's conventions."""
     g = group_size_of(w, scheme)
     hinv = inverse_cholesky(hessian, damp)
     w = w.float().clone()
@@ -94,7 +114,7 @@ def gptq(
     if scheme.group_size is not None:
         block = max(g, block // g * g)
     obs_sweep(w, hinv, block, rule)
-    return QuantizedWeight(codes=rule.codes, scale=rule.scale, offset=None, bits=scheme.bits, act=scheme.act)
+    return rule.result()
 
 
 def _check_24(w: torch.Tensor) -> None:

@@ -2,7 +2,8 @@
 methods each scheme takes. Torch-free: the CLI parser reads its defaults from here.
 
 Methods per scheme (the first is the default), as LLM Compressor pairs them:
-    W4A16, W8A16   gptq | rtn | awq        weight-only integers
+    W4A16, W4A16_ASYM, W8A16
+                   gptq | rtn | awq        weight-only integers (W4A16_ASYM: with zero points)
     W8A8           smoothquant | smoothquant+rtn | gptq | rtn
                    (smoothquant moves activation outliers into the weights, then gptq or rtn
                    quantizes the weights)
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 
 METHODS_BY_SCHEME: dict[str, tuple[str, ...]] = {
     "W4A16": ("gptq", "rtn", "awq"),
+    "W4A16_ASYM": ("gptq", "rtn", "awq"),
     "W8A16": ("gptq", "rtn", "awq"),
     "W8A8": ("smoothquant", "smoothquant+rtn", "gptq", "rtn"),
     "FP8_DYNAMIC": ("rtn",),
     "2:4": ("sparsegpt", "magnitude"),
 }
+OBSERVERS = ("minmax", "mse")  # how a scale's range is chosen (pagoda/compress/rtn.py)
 ALL_METHODS = tuple(dict.fromkeys(m for methods in METHODS_BY_SCHEME.values() for m in methods))
 
 # what each method needs the calibration pass to collect at every linear's input
@@ -60,6 +63,7 @@ class QuantizeOptions:
     num_samples: int = 64  # calibration sequences
     seq_len: int = 256  # tokens per calibration sequence
     sample_rows: int = 4096  # AWQ: activation rows kept per linear input for the scale search
+    observer: str = "minmax"  # how scales are chosen: "minmax" or "mse" (pagoda/compress/rtn.py)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:

@@ -78,7 +78,7 @@ def linear_names(arch: ModelArchConfig) -> list[tuple[str, int]]:
 def plan(options: QuantizeOptions, arch: ModelArchConfig) -> tuple[Scheme, str]:
     """(scheme, method) for `options`; ValueError, naming what fits, when the scheme, the method
     or the group size does not suit each other or this model."""
-    scheme = parse_scheme(options.scheme, options.group_size)
+    scheme = parse_scheme(options.scheme, options.group_size, options.observer)
     method = resolve_method(scheme.name, options.method)
     for name, in_features in linear_names(arch):
         check_group_size(scheme, in_features, name)
