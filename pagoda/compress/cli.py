@@ -53,6 +53,18 @@ def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
         help="how scales are chosen: each group's own range (minmax), or the range shrunk by up to 20%% "
         "that quantizes the group with the least squared error (mse)",
     )
+    p.add_argument(
+        "--actorder",
+        action=argparse.BooleanOptionalAction,
+        default=_default("actorder"),
+        help="GPTQ: quantize inputs in decreasing activation (Hessian diagonal) order, groups unchanged",
+    )
+    p.add_argument(
+        "--dampening-frac",
+        type=float,
+        default=_default("dampening_frac"),
+        help="GPTQ, SparseGPT: damping added to the Hessian's diagonal, as a fraction of its mean",
+    )
     p.add_argument("--output", required=True, help="the directory to write (new or empty)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -75,6 +87,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         seq_len=args.seq_len,
         observer=args.observer,
+        actorder=args.actorder,
+        dampening_frac=args.dampening_frac,
     )
     t0 = time.perf_counter()
     result, written = quantize_to_dir(options, progress=not args.no_progress)

@@ -64,6 +64,8 @@ class QuantizeOptions:
     seq_len: int = 256  # tokens per calibration sequence
     sample_rows: int = 4096  # AWQ: activation rows kept per linear input for the scale search
     observer: str = "minmax"  # how scales are chosen: "minmax" or "mse" (pagoda/compress/rtn.py)
+    actorder: bool = False  # GPTQ: sweep inputs in decreasing Hessian diagonal, static groups
+    dampening_frac: float = 0.01  # GPTQ, SparseGPT: damping added to the Hessian, x its mean diagonal
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -72,3 +74,5 @@ class QuantizeOptions:
             raise ValueError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"--group-size must be positive, got {self.group_size}")
+        if not self.dampening_frac > 0:
+            raise ValueError(f"--dampening-frac must be positive, got {self.dampening_frac}")

@@ -1,6 +1,6 @@
-"""Scales and zero points (pagoda/compress/rtn.py): the "mse" observer against minmax on groups with
-an outlier, W4A16_ASYM's zero points against compressed-tensors' own arithmetic (and exact in bf16,
-where a kernel folds them)."""
+"""Scales and zero points (pagoda/compress/rtn.py) and GPTQ's activation order: the "mse" observer
+against minmax on groups with an outlier, W4A16_ASYM's zero points against compressed-tensors' own
+arithmetic (and exact in bf16, where a kernel folds them), actorder's sweep order."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.lifecycle.forward import quantize
 from compressed_tensors.quantization.utils import calculate_qparams
 
-from pagoda.compress.algorithms import rtn
+from pagoda.compress.algorithms import gptq, hessian_from, output_error, rtn
 from pagoda.compress.scheme import parse_scheme
 from pagoda.engine.quantization.weights import QuantizedWeight
 
@@ -110,3 +110,35 @@ def test_asymmetric_groups_fit_a_shifted_grid_better() -> None:
     sym = (rtn(w, parse_scheme("W4A16", 64)).dequantize() - w).norm()
     asym = (rtn(w, parse_scheme("W4A16_ASYM", 64)).dequantize() - w).norm()
     assert float(asym / sym) < 0.8, float(asym / sym)
+
+
+def correlated(n: int, gen: torch.Generator, mix: torch.Tensor, loud: torch.Tensor) -> torch.Tensor:
+    """[n, 128] rank-32 correlated inputs, the channels in `loud` x10."""
+    x = torch.randn(n, 32, generator=gen) @ mix + 0.1 * torch.randn(n, 128, generator=gen)
+    x[:, loud] *= 10.0
+    return x
+
+
+@pytest.mark.parametrize("name", ["W4A16", "W4A16_ASYM"])
+def test_actorder_on_uncorrelated_inputs_is_rtn(name: str) -> None:
+    """With a diagonal H no error crosses inputs: in any order GPTQ's codes are RTN's, so the sweep's
+    order is undone exactly (the Hessian's diagonal is shuffled, so the order is not the identity)."""
+    gen = torch.Generator().manual_seed(2)
+    w, scheme = outlier_weight(3), parse_scheme(name, 32)
+    h = torch.diag(torch.logspace(-1, 1, 128)[torch.randperm(128, generator=gen)])
+    ours, ref = gptq(w, h, scheme, actorder=True), rtn(w, scheme)
+    assert torch.equal(ours.codes, ref.codes) and torch.equal(ours.scale, ref.scale)
+    assert (ours.offset is None) == (ref.offset is None)
+
+
+def test_actorder_helps_when_the_loud_inputs_come_last() -> None:
+    """GPTQ spreads each column's error onto the columns after it: taking the inputs with the
+    largest activations first leaves them the most columns to absorb their error, which a
+    left-to-right sweep cannot when those inputs are the last ones (held-out error 0.21x)."""
+    gen = torch.Generator().manual_seed(4)
+    mix, loud = torch.randn(32, 128, generator=gen) / 32**0.5, torch.arange(112, 128)
+    xc, xt = correlated(2048, gen, mix, loud), correlated(2048, gen, mix, loud)
+    w, scheme, h = torch.randn(96, 128, generator=gen), parse_scheme("W4A16", 32), hessian_from(xc)
+    plain = output_error(xt, w, gptq(w, h, scheme).dequantize())
+    ordered = output_error(xt, w, gptq(w, h, scheme, actorder=True).dequantize())
+    assert ordered < 0.5 * plain, (ordered, plain)

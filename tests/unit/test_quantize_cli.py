@@ -188,13 +188,13 @@ def test_the_command_writes_what_the_api_writes(
 ) -> None:
     argv = ["quantize", str(sources["llama"]), "--scheme", "W4A16", "--group-size", "32",
             "--num-samples", str(SAMPLES), "--seq-len", str(SEQ_LEN), "--no-progress",
-            "--observer", "mse"]  # fmt: skip
+            "--observer", "mse", "--actorder", "--dampening-frac", "0.05"]  # fmt: skip
     assert main([*argv, "--output", str(tmp_path / "cli")]) == 0
     line = capsys.readouterr().out
     assert "W4A16 (group 32) by gptq, format pack-quantized, 14 linears" in line, line
     options = replace(
         _options(sources["llama"], tmp_path / "api", "W4A16", None, 32),
-        observer="mse",
+        observer="mse", actorder=True, dampening_frac=0.05,
     )  # fmt: skip
     quantize_to_dir(options, progress=False)
     cli, api = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cli", "api"))
@@ -213,6 +213,7 @@ def test_the_command_writes_what_the_api_writes(
         (["--scheme", "W5A16"], "valid schemes: W4A16, W4A16_ASYM, W8A16, W8A8, FP8_DYNAMIC, 2:4"),
         (["--scheme", "W4A16"], "group size 128 does not divide layer model.layers.0.self_attn.q_proj's 64"),
         (["--scheme", "W8A8", "--group-size", "32"], "takes no group size"),
+        (["--scheme", "W4A16", "--dampening-frac", "0"], "--dampening-frac must be positive, got 0.0"),
         (
             ["--scheme", "W8A8", "--calibration", "/no/such/file"],
             "calibration file '/no/such/file' does not exist",
