@@ -51,13 +51,15 @@ def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
         default=_default("observer"),
         choices=OBSERVERS,
         help="how scales are chosen: each group's own range (minmax), or the range shrunk by up to 20%% "
-        "that quantizes the group with the least squared error (mse)",
+        "that quantizes the group with the least squared error (mse); default: mse for gptq and "
+        "smoothquant (whose weights GPTQ quantizes), minmax otherwise",
     )
     p.add_argument(
         "--actorder",
         action=argparse.BooleanOptionalAction,
         default=_default("actorder"),
-        help="GPTQ: quantize inputs in decreasing activation (Hessian diagonal) order, groups unchanged",
+        help="GPTQ: quantize inputs in decreasing activation (Hessian diagonal) order, groups unchanged "
+        "(default: on)",
     )
     p.add_argument(
         "--dampening-frac",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -42,6 +42,7 @@ from pagoda.compress.options import (
     QuantizeOptions,
     needs_calibration,
     resolve_method,
+    resolve_observer,
 )
 from pagoda.compress.scheme import Scheme, check_group_size, parse_scheme
 from pagoda.compress.sequential import LayerRunner
@@ -78,8 +79,9 @@ def linear_names(arch: ModelArchConfig) -> list[tuple[str, int]]:
 def plan(options: QuantizeOptions, arch: ModelArchConfig) -> tuple[Scheme, str]:
     """(scheme, method) for `options`; ValueError, naming what fits, when the scheme, the method
     or the group size does not suit each other or this model."""
-    scheme = parse_scheme(options.scheme, options.group_size, options.observer)
+    scheme = parse_scheme(options.scheme, options.group_size)
     method = resolve_method(scheme.name, options.method)
+    scheme = replace(scheme, observer=resolve_observer(method, options.observer))
     for name, in_features in linear_names(arch):
         check_group_size(scheme, in_features, name)
     return scheme, method

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from pagoda.compress.calibration import build_float_model, calibration_samples, calibration_text
 from pagoda.compress.options import QuantizeOptions
-from pagoda.compress.pipeline import QuantizedModel
+from pagoda.compress.pipeline import QuantizedModel, plan
 from pagoda.compress.writer import quantize_to_dir
 from pagoda.engine.loader import load_checkpoint
 from pagoda.engine.runner.forward import forward_tokens
@@ -188,19 +188,32 @@ def test_the_command_writes_what_the_api_writes(
 ) -> None:
     argv = ["quantize", str(sources["llama"]), "--scheme", "W4A16", "--group-size", "32",
             "--num-samples", str(SAMPLES), "--seq-len", str(SEQ_LEN), "--no-progress",
-            "--observer", "mse", "--actorder", "--dampening-frac", "0.05"]  # fmt: skip
+            "--observer", "minmax", "--no-actorder", "--dampening-frac", "0.05"]  # fmt: skip
     assert main([*argv, "--output", str(tmp_path / "cli")]) == 0
     line = capsys.readouterr().out
     assert "W4A16 (group 32) by gptq, format pack-quantized, 14 linears" in line, line
     options = replace(
         _options(sources["llama"], tmp_path / "api", "W4A16", None, 32),
-        observer="mse", actorder=True, dampening_frac=0.05,
+        observer="minmax", actorder=False, dampening_frac=0.05,
     )  # fmt: skip
     quantize_to_dir(options, progress=False)
     cli, api = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cli", "api"))
     assert cli.keys() == api.keys() and all(torch.equal(cli[k], api[k]) for k in cli)
     assert main([*argv, "--output", str(tmp_path / "cli")]) == 2  # the directory now holds a model
     assert "already holds a model" in capsys.readouterr().err
+
+
+def test_gptq_defaults_to_mse_scales_and_activation_order(sources: dict[str, Path], tmp_path: Path) -> None:
+    """What docs/perf.md measured best on the demo: GPTQ (and SmoothQuant's GPTQ) with mse scales
+    and actorder; RTN, AWQ and FP8 keep each group's own range. A flag overrides either."""
+    arch = load_checkpoint(str(sources["llama"])).arch
+    for scheme, method, observer in [("W4A16", None, "mse"), ("W8A8", "smoothquant", "mse"),
+                                     ("W4A16", "rtn", "minmax"), ("W4A16", "awq", "minmax"),
+                                     ("FP8_DYNAMIC", None, "minmax")]:  # fmt: skip
+        options = _options(sources["llama"], tmp_path, scheme, method, 32 if scheme == "W4A16" else None)
+        assert options.actorder and plan(options, arch)[0].observer == observer, (scheme, method)
+    options = replace(_options(sources["llama"], tmp_path, "W4A16", "gptq", 32), observer="minmax")
+    assert plan(options, arch)[0].observer == "minmax"
 
 
 @pytest.mark.parametrize(
