@@ -5,7 +5,7 @@ float32 weights [out, in] and are device-agnostic (they run where their tensors 
 
 from pagoda.compress.gptq import gptq, magnitude_24, sparsegpt_24
 from pagoda.compress.hessian import HessianAccumulator, hessian_from, inverse_cholesky
-from pagoda.compress.rtn import fake_quantize, fp8, output_error, rtn, scales_for, to_codes
+from pagoda.compress.rtn import fake_quantize, fp8, output_error, qparams, rtn, to_codes
 from pagoda.compress.scaling import awq_search, smoothquant_factors
 
 __all__ = [
@@ -18,8 +18,8 @@ __all__ = [
     "inverse_cholesky",
     "magnitude_24",
     "output_error",
+    "qparams",
     "rtn",
-    "scales_for",
     "smoothquant_factors",
     "sparsegpt_24",
     "to_codes",

@@ -3,10 +3,12 @@ the forward hook that records at a decoder linear's input what the methods need 
 pass that drives them is pagoda/compress/sequential.py). The engine fuses q/k/v into `qkv_proj`
 and gate/up into `gate_up_proj`; their parts read the same input, so one record serves all.
 
-The built-in text is the English help CPython ships in `pydoc_data/topics.py` (79 topics, 465k
-characters, 113k tokens with the demo model's tokenizer): offline, deterministic, always there.
-Each sample starts one of `num_samples` equal shares of the text (so they spread over all of it),
-without a BOS token.
+The built-in text is the calibration half of the English help CPython ships in
+`pydoc_data/topics.py` (40 topics, "id-classes" .. "yield", less the paragraphs the other half
+holds: 211k characters, 51k tokens with the demo model's tokenizer): offline, deterministic,
+always there, and disjoint from the half `pagoda eval perplexity` scores
+(pagoda/compress/corpus.py). Each sample starts one of `num_samples` equal shares of the text (so
+they spread over all of it), without a BOS token.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pagoda.compress import corpus
 from pagoda.compress.algorithms import HessianAccumulator
 from pagoda.engine.models import build_model
 from pagoda.engine.models.arch_config import ModelArchConfig
@@ -34,11 +37,10 @@ FUSED_PARTS: dict[str, tuple[str, ...]] = {
 
 
 def calibration_text(source: str) -> str:
-    """The calibration text: CPython's pydoc topics for "builtin" (sorted keys, joined), else a file."""
+    """The calibration text: for "builtin" the calibration half of CPython's pydoc topics (never
+    the text `pagoda eval perplexity` scores), else a file."""
     if source == "builtin":
-        from pydoc_data.topics import topics
-
-        return "\n\n".join(topics[key] for key in sorted(topics))
+        return corpus.calibration_text()
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"calibration file {source!r} does not exist; pass a text file or 'builtin'")

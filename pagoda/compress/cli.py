@@ -7,7 +7,7 @@ import argparse
 import time
 from typing import Any
 
-from pagoda.compress.options import ALL_METHODS, METHODS_BY_SCHEME, QuantizeOptions
+from pagoda.compress.options import ALL_METHODS, METHODS_BY_SCHEME, OBSERVERS, QuantizeOptions
 from pagoda.engine import field_default
 
 
@@ -35,15 +35,38 @@ def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
         "--group-size",
         type=int,
         default=None,
-        help="inputs per scale for W4A16/W8A16 (default: 128 for W4A16, per channel for W8A16)",
+        help="inputs per scale for W4A16/W4A16_ASYM/W8A16 (default: 128 for W4A16 and W4A16_ASYM, "
+        "per channel for W8A16)",
     )
     p.add_argument(
         "--calibration",
         default=_default("calibration"),
-        help="a text file, or 'builtin' (CPython's pydoc topics: English, offline)",
+        help="a text file, or 'builtin' (half of CPython's pydoc topics, the half `pagoda eval perplexity` "
+        "does not score: English, offline)",
     )
     p.add_argument("--num-samples", type=int, default=_default("num_samples"), help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=_default("seq_len"), help="tokens per calibration sequence")
+    p.add_argument(
+        "--observer",
+        default=_default("observer"),
+        choices=OBSERVERS,
+        help="how scales are chosen: each group's own range (minmax), or the range shrunk by up to 20%% "
+        "that quantizes the group with the least squared error (mse); default: mse for gptq and "
+        "smoothquant (whose weights GPTQ quantizes), minmax otherwise",
+    )
+    p.add_argument(
+        "--actorder",
+        action=argparse.BooleanOptionalAction,
+        default=_default("actorder"),
+        help="GPTQ: quantize inputs in decreasing activation (Hessian diagonal) order, groups unchanged "
+        "(default: on)",
+    )
+    p.add_argument(
+        "--dampening-frac",
+        type=float,
+        default=_default("dampening_frac"),
+        help="GPTQ, SparseGPT: damping added to the Hessian's diagonal, as a fraction of its mean",
+    )
     p.add_argument("--output", required=True, help="the directory to write (new or empty)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -65,6 +88,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
+        observer=args.observer,
+        actorder=args.actorder,
+        dampening_frac=args.dampening_frac,
     )
     t0 = time.perf_counter()
     result, written = quantize_to_dir(options, progress=not args.no_progress)

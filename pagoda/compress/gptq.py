@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from pagoda.compress.hessian import dead_inputs, inverse_cholesky
-from pagoda.compress.rtn import group_size_of, scales_for, to_codes
+from pagoda.compress.rtn import group_size_of, qparams, to_codes
 from pagoda.compress.scheme import Scheme
 from pagoda.engine.quantization.weights import QuantizedWeight
 
@@ -51,50 +51,88 @@ def obs_sweep(w: torch.Tensor, hinv: torch.Tensor, block: int, rule: ColumnRule)
 
 
 class _GptqRule:
-    """Quantizes a column with its group's scale, computed from the group's current (error-fed)
-    values when the sweep reaches its first column, and records codes and scales."""
+    """Quantizes a column with its group's scale and zero point, and records codes and qparams.
 
-    def __init__(self, w: torch.Tensor, scheme: Scheme, group: int) -> None:
+    Dynamic groups (the reference's default): a group's qparams come from its current (error-fed)
+    values when the sweep reaches its first column. Static groups (with activation order, whose
+    sweep visits a group's columns out of order): every group's qparams come from the weight
+    before the sweep, as LLM Compressor computes them. `order[c]` is the weight column the sweep's
+    c-th column is (identity without activation order)."""
+
+    def __init__(self, w: torch.Tensor, scheme: Scheme, group: int, order: torch.Tensor | None) -> None:
         out_f, in_f = w.shape
         self.scheme = scheme
         self.group = group
+        self.order = None if order is None else [int(c) for c in order.tolist()]
         code_dtype = torch.float8_e4m3fn if scheme.float_codes else torch.int16
         self.codes = torch.empty(out_f, in_f, dtype=code_dtype, device=w.device)
         self.scale = torch.empty(out_f, in_f // group, dtype=torch.float32, device=w.device)
-        self.current = torch.empty(out_f, 1, dtype=torch.float32, device=w.device)
-        self.per_channel = scheme.group_size is None
-        if self.per_channel:  # the reference's observer: one scale from the whole (dead-zeroed) row
-            self.current = scales_for(w, scheme)
-            self.scale[:] = self.current
+        self.zero = None if scheme.symmetric else torch.empty_like(self.scale)
+        self.static = scheme.group_size is None or order is not None
+        if self.static:  # from the whole (dead-zeroed) weight, each group's own
+            scale, zero = qparams(w.reshape(out_f, in_f // group, group), scheme)  # [out, groups, 1]
+            self.scale[:] = scale[..., 0]
+            if self.zero is not None and zero is not None:
+                self.zero[:] = zero[..., 0]
+
+    def _qparams(self, w1: torch.Tensor, col: int, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The [out, 1] scale and zero point of weight column `col` (sweep column i of block w1)."""
+        k = col // self.group
+        if not self.static and col % self.group == 0:
+            scale, zero = qparams(w1[:, i : i + self.group], self.scheme)  # [out, 1]
+            self.scale[:, k] = scale[:, 0]
+            if self.zero is not None and zero is not None:
+                self.zero[:, k] = zero[:, 0]
+        zero = None if self.zero is None else self.zero[:, k : k + 1]
+        return self.scale[:, k : k + 1], zero
 
     def __call__(self, w1: torch.Tensor, i1: int, i: int, u1: torch.Tensor) -> torch.Tensor:
-        col = i1 + i
-        if not self.per_channel and col % self.group == 0:
-            self.current = scales_for(w1[:, i : i + self.group], self.scheme)  # [out, 1]
-            self.scale[:, col // self.group] = self.current[:, 0]
-        codes = to_codes(w1[:, i : i + 1], self.current, self.scheme)  # [out, 1]
+        col = i1 + i if self.order is None else self.order[i1 + i]
+        scale, zero = self._qparams(w1, col, i)
+        codes = to_codes(w1[:, i : i + 1], scale, zero, self.scheme)  # [out, 1]
         self.codes[:, col] = codes[:, 0]
-        return (codes.float() * self.current)[:, 0]
+        values = codes.float() if zero is None else codes.float() - zero
+        return (values * scale)[:, 0]
+
+    def result(self) -> QuantizedWeight:
+        offset = None if self.zero is None else -self.zero * self.scale
+        return QuantizedWeight(
+            codes=self.codes, scale=self.scale, offset=offset, bits=self.scheme.bits, act=self.scheme.act
+        )
 
 
 def gptq(
-    w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, *, block: int = 128, damp: float = 0.01
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: Scheme,
+    *,
+    block: int = 128,
+    damp: float = 0.01,
+    actorder: bool = False,
 ) -> QuantizedWeight:
     """GPTQ-quantize `w` [out, in] against `hessian` [in, in] (see hessian.py). Dead inputs (zero
-    Hessian diagonal) get weight 0 first. Group scales are computed when the sweep reaches a
-    group's first column, from its values at that moment, as the reference does; the block is
-    rounded to a multiple of the group size so a group never straddles two blocks (the
-    reference reads a straddling group's later columns before their in-block updates).
-    Integer and float8 schemes alike; the codes and scales obey rtn.py's conventions."""
+    Hessian diagonal) get weight 0 first; `damp` is the dampening fraction of the mean diagonal.
+
+    Without `actorder` the sweep runs left to right and group qparams are dynamic (see
+    _GptqRule), as the reference does; the block is rounded to a multiple of the group size so a
+    group never straddles two blocks (the reference reads a straddling group's later columns
+    before their in-block updates). With `actorder` the sweep takes the inputs in decreasing
+    Hessian diagonal (the most active first, while the most later columns remain to absorb its
+    error) and groups stay the weight's contiguous ones with static qparams: LLM Compressor's
+    actorder "weight", which keeps the checkpoint free of a g_idx. Integer and float8 schemes,
+    symmetric or not; the codes and qparams obey rtn.py's conventions."""
     g = group_size_of(w, scheme)
-    hinv = inverse_cholesky(hessian, damp)
     w = w.float().clone()
     w[:, dead_inputs(hessian)] = 0
-    rule = _GptqRule(w, scheme, g)
-    if scheme.group_size is not None:
+    order = None
+    if actorder:
+        order = torch.argsort(torch.diag(hessian), descending=True, stable=True)
+        hessian = hessian[order][:, order]
+    elif scheme.group_size is not None:
         block = max(g, block // g * g)
-    obs_sweep(w, hinv, block, rule)
-    return QuantizedWeight(codes=rule.codes, scale=rule.scale, offset=None, bits=scheme.bits, act=scheme.act)
+    rule = _GptqRule(w, scheme, g, order)
+    obs_sweep(w if order is None else w[:, order], inverse_cholesky(hessian, damp), block, rule)
+    return rule.result()
 
 
 def _check_24(w: torch.Tensor) -> None:

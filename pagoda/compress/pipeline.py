@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -42,6 +42,7 @@ from pagoda.compress.options import (
     QuantizeOptions,
     needs_calibration,
     resolve_method,
+    resolve_observer,
 )
 from pagoda.compress.scheme import Scheme, check_group_size, parse_scheme
 from pagoda.compress.sequential import LayerRunner
@@ -80,6 +81,7 @@ def plan(options: QuantizeOptions, arch: ModelArchConfig) -> tuple[Scheme, str]:
     or the group size does not suit each other or this model."""
     scheme = parse_scheme(options.scheme, options.group_size)
     method = resolve_method(scheme.name, options.method)
+    scheme = replace(scheme, observer=resolve_observer(method, options.observer))
     for name, in_features in linear_names(arch):
         check_group_size(scheme, in_features, name)
     return scheme, method
@@ -104,7 +106,7 @@ def quantize_model(ckpt: Checkpoint, options: QuantizeOptions, progress: bool = 
         if method in NEEDS_ABSMAX or method in NEEDS_SAMPLES:
             smooth_layer(weights, stats, ckpt.arch, i, scheme, method)
         with one_thread():
-            quantize_layer(weights, linears, stats, i, scheme, method)
+            quantize_layer(weights, linears, stats, i, scheme, method, options)
         if runner is not None:
             runner.advance(i, layer_tensors(weights, linears, i))
     seconds["layers"] = time.perf_counter() - t0
@@ -137,6 +139,7 @@ def quantize_layer(
     i: int,
     scheme: Scheme,
     method: str,
+    options: QuantizeOptions,
 ) -> None:
     """Layer i's seven linears: a QuantizedWeight moves from `weights` to `linears`; a pruned
     weight (2:4) replaces its float one in `weights`."""
@@ -146,7 +149,7 @@ def quantize_layer(
         hessian = acc.hessian().float() if acc is not None else None
         for part in parts:
             name = f"model.layers.{i}.{part}"
-            result = quantize_linear(weights[name + ".weight"], scheme, method, hessian)
+            result = quantize_linear(weights[name + ".weight"], scheme, method, hessian, options)
             if isinstance(result, QuantizedWeight):
                 del weights[name + ".weight"]
                 linears[name] = result
@@ -205,17 +208,18 @@ def smooth_layer(
 
 
 def quantize_linear(
-    w: torch.Tensor, scheme: Scheme, method: str, hessian: torch.Tensor | None
+    w: torch.Tensor, scheme: Scheme, method: str, hessian: torch.Tensor | None, options: QuantizeOptions
 ) -> QuantizedWeight | torch.Tensor:
     """One linear's weight [out, in] float32 -> its QuantizedWeight, or the pruned weight (2:4)."""
+    damp = options.dampening_frac
     if scheme.sparse_24:
         if method == "sparsegpt":
             assert hessian is not None, "sparsegpt needs the calibration Hessian"
-            return algorithms.sparsegpt_24(w, hessian)
+            return algorithms.sparsegpt_24(w, hessian, damp=damp)
         return algorithms.magnitude_24(w)
     if scheme.float_codes:
         return algorithms.fp8(w, scheme)
     if method in NEEDS_HESSIAN:  # gptq, smoothquant (+gptq)
         assert hessian is not None, f"{method} needs the calibration Hessian"
-        return algorithms.gptq(w, hessian, scheme)
+        return algorithms.gptq(w, hessian, scheme, damp=damp, actorder=options.actorder)
     return algorithms.rtn(w, scheme)  # rtn, awq (on the scaled weight), smoothquant+rtn

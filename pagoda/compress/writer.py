@@ -2,9 +2,10 @@
 the compressed-tensors library itself: its QuantizationScheme/QuantizationArgs describe each
 scheme, its format inference picks the compressor LLM Compressor would pick (W4A16 and W8A16:
 pack-quantized; W8A8: int-quantized; FP8_DYNAMIC: float-quantized), that compressor's `compress`
-produces the stored tensors (weight_packed + weight_scale + weight_shape, or an int8/float8
-weight + weight_scale), and `ModelCompressor.update_config` writes `quantization_config` into
-config.json as LLM Compressor does.
+produces the stored tensors (weight_packed + weight_scale + weight_shape, and for W4A16_ASYM
+weight_zero_point, the int8 zero points packed along the output dim; or an int8/float8 weight +
+weight_scale), and `ModelCompressor.update_config` writes `quantization_config` into config.json
+as LLM Compressor does.
 
 Scales are stored in bfloat16 (the algorithms keep them bfloat16-representable), so the library
 recomputes exactly the codes it was given: w = codes * scale is exact in float32 for 8-bit codes
@@ -64,6 +65,7 @@ def ct_scheme(scheme: Scheme) -> Any:
         group_size=scheme.group_size,
         symmetric=scheme.symmetric,
         dynamic=False,
+        observer=scheme.observer,
     )
     acts = None
     if scheme.act is not None:
@@ -84,12 +86,14 @@ def compress_linear(qw: QuantizedWeight, scheme: Any) -> dict[str, torch.Tensor]
     library's compressor for `scheme.format` writes them."""
     from compressed_tensors.compressors import BaseCompressor
 
-    if qw.offset is not None:
-        raise NotImplementedError("asymmetric weights (a zero point) are not written yet")
     scale = qw.scale.to(torch.bfloat16)
     assert torch.equal(scale.float(), qw.scale.float()), "scales must be bfloat16-representable"
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     state = {"weight": qw.dequantize(), "weight_scale": scale}
+    if qw.offset is not None:  # offset = -zero * scale, zero a whole number of steps
+        zero = (-qw.offset.float() / qw.scale.float()).round()
+        assert torch.equal(-zero * qw.scale.float(), qw.offset.float()), "offsets must be whole steps"
+        state["weight_zero_point"] = zero.to(torch.int8)  # [out, groups], as compressed-tensors keeps it
     return dict(compressor.compress(state, scheme))
 
 

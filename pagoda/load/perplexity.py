@@ -14,9 +14,11 @@ dropped). This is llama.cpp's `perplexity` without its half-window warm-up: numb
 between pagoda's own runs (dtype against dtype, quantized against not) at one window size, not to
 figures measured with a sliding window, which are lower.
 
-The built-in corpus is CPython's `pydoc_data.topics` (the help texts of `help('if')` etc., about
-465,000 characters of English prose with code), joined in sorted-key order, so every run on every
-machine with the same Python scores the same tokens.
+The built-in corpus is the first half of CPython's `pydoc_data.topics` (the help texts of
+`help('if')` etc., English prose with code: 39 topics, 205,000 characters, about 50,000 tokens),
+joined in sorted-key order, so every run on every machine with the same Python scores the same
+tokens. The other half is `pagoda quantize`'s built-in calibration text: no scored token was
+calibrated on (pagoda/compress/corpus.py).
 
 Measured (demo SmolLM2-135M, built-in corpus, 4,096 tokens, window 512, 2-core AVX512-BF16 CPU):
 float32 14.7045, bfloat16 14.7155, bfloat16 + int4 linears 14.8840, float32 + int8 15.3656; a
@@ -71,10 +73,10 @@ class PerplexityResult:
 
 
 def builtin_text() -> str:
-    """The built-in corpus: every pydoc help topic, in sorted-key order."""
-    from pydoc_data.topics import topics
+    """The built-in corpus: the evaluation half of the pydoc help topics, in sorted-key order."""
+    from pagoda.compress.corpus import evaluation_text
 
-    return "\n\n".join(topics[key] for key in sorted(topics))
+    return evaluation_text()
 
 
 def read_text(path: str | None) -> str:
@@ -210,7 +212,10 @@ def add_eval_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="GGUF file, HF directory or Hub id, as `pagoda serve --model` (default: the demo model)",
     )
     p.add_argument(
-        "--text", default=None, metavar="FILE", help="UTF-8 text to score (default: pydoc's topics)"
+        "--text",
+        default=None,
+        metavar="FILE",
+        help="UTF-8 text to score (default: the first half of pydoc's topics)",
     )
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument(

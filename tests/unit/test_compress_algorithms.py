@@ -25,8 +25,8 @@ from pagoda.compress.algorithms import (
     hessian_from,
     magnitude_24,
     output_error,
+    qparams,
     rtn,
-    scales_for,
     smoothquant_factors,
     sparsegpt_24,
 )
@@ -50,7 +50,9 @@ def layer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return activations(2048, gen, mix), activations(2048, gen, mix), torch.randn(OUT, IN, generator=gen)
 
 
-@pytest.mark.parametrize(("name", "group", "bound"), [("W4A16", 32, 0.4), ("W8A16", None, 0.4)])
+@pytest.mark.parametrize(
+    ("name", "group", "bound"), [("W4A16", 32, 0.4), ("W4A16_ASYM", 32, 0.4), ("W8A16", None, 0.4)]
+)
 def test_gptq_beats_rtn_on_held_out_inputs(layer: tuple, name: str, group: int | None, bound: float) -> None:
     xc, xt, w = layer
     scheme = parse_scheme(name, group)
@@ -67,11 +69,11 @@ def textbook_gptq(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, damp: float 
     g = scheme.group_size or w.shape[1]
     h = h.double() + torch.eye(h.shape[0], dtype=torch.float64) * damp * torch.diag(h).double().mean()
     hinv = torch.linalg.inv(h)
-    scale = torch.empty(0)
+    scale, zero = torch.empty(0), None
     for i in range(w.shape[1]):
         if i % g == 0:
-            scale = scales_for(w[:, i : i + g].float(), scheme)
-        q = fake_quantize(w[:, i : i + 1].float(), scale, scheme).double()[:, 0]
+            scale, zero = qparams(w[:, i : i + g].float(), scheme)
+        q = fake_quantize(w[:, i : i + 1].float(), scale, zero, scheme).double()[:, 0]
         err = (w[:, i] - q) / hinv[i, i]
         w[:, i + 1 :] -= err[:, None] * hinv[i, i + 1 :][None, :]
         w[:, i] = q
@@ -79,7 +81,7 @@ def textbook_gptq(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, damp: float 
     return w.float()
 
 
-@pytest.mark.parametrize(("name", "group"), [("W4A16", 32), ("W8A16", None)])
+@pytest.mark.parametrize(("name", "group"), [("W4A16", 32), ("W4A16_ASYM", 32), ("W8A16", None)])
 def test_gptq_matches_the_textbook_algorithm(layer: tuple, name: str, group: int | None) -> None:
     """Cholesky + lazy blocks of 64 give the same weights as the plain OBS sweep (a code may flip
     where a value sits on a rounding boundary and float32 and float64 disagree)."""

@@ -13,6 +13,12 @@ def test_schemes_as_named() -> None:
     assert (w8.bits, w8.group_size, w8.act) == (8, None, None)
     assert (w8a8.bits, w8a8.group_size, w8a8.act, w8a8.float_codes) == (8, None, "int8", False)
     assert (fp8.group_size, fp8.act, fp8.float_codes) == (None, "fp8", True)
+    asym = parse_scheme("w4a16_asym")  # LLM Compressor's preset: int4, group 128, zero points
+    assert (asym.bits, asym.group_size, asym.symmetric, asym.act) == (4, 128, False, None)
+    assert {parse_scheme(n).observer for n in SCHEMES} == {"minmax"}
+    assert parse_scheme("W4A16", 64, "mse").observer == "mse"
+    with pytest.raises(ValueError, match="unknown observer 'l2'; use one of minmax, mse"):
+        parse_scheme("W4A16", 64, "l2")
     sparse = parse_scheme("2:4")
     assert sparse.sparse_24 and not sparse.quantizes_weights
     assert not any(SCHEMES[n].sparse_24 for n in SCHEMES if n != "2:4")
@@ -21,6 +27,7 @@ def test_schemes_as_named() -> None:
 def test_group_size_replaces_the_default_where_groups_exist() -> None:
     assert parse_scheme("W4A16", 32).group_size == 32
     assert parse_scheme("W8A16", 64).group_size == 64
+    assert parse_scheme("W4A16_ASYM", 64).group_size == 64
     for name in ("W8A8", "FP8_DYNAMIC", "2:4"):
         with pytest.raises(ValueError, match=f"scheme {name} takes no group size"):
             parse_scheme(name, 128)
@@ -29,7 +36,9 @@ def test_group_size_replaces_the_default_where_groups_exist() -> None:
 
 
 def test_unknown_scheme_names_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="'W3A16'; valid schemes: W4A16, W8A16, W8A8, FP8_DYNAMIC, 2:4"):
+    with pytest.raises(
+        ValueError, match="'W3A16'; valid schemes: W4A16, W4A16_ASYM, W8A16, W8A8, FP8_DYNAMIC, 2:4"
+    ):
         parse_scheme("W3A16")
 
 

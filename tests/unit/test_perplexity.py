@@ -29,13 +29,13 @@ def builtin_ids(llm: LLM) -> list[int]:
     return llm.tokenizer.encode(builtin_text()[:4000], add_special_tokens=False)[:256]
 
 
-def test_builtin_text_is_every_pydoc_topic_in_key_order() -> None:
+def test_builtin_text_is_the_first_half_of_the_pydoc_topics_in_key_order() -> None:
     from pydoc_data.topics import topics
 
     text = builtin_text()
-    first, last = sorted(topics)[0], sorted(topics)[-1]
-    assert text.startswith(topics[first]) and text.endswith(topics[last])
-    assert len(text) == sum(map(len, topics.values())) + 2 * (len(topics) - 1)
+    keys = sorted(topics)[: len(topics) // 2]
+    assert text.startswith(topics[keys[0]]) and text.endswith(topics[keys[-1]])
+    assert len(text) == sum(len(topics[k]) for k in keys) + 2 * (len(keys) - 1)
 
 
 def test_text_perplexity_is_finite_and_far_below_shuffled(llm: LLM, builtin_ids: list[int]) -> None:

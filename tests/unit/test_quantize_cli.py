@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 from pagoda.compress.calibration import build_float_model, calibration_samples, calibration_text
 from pagoda.compress.options import QuantizeOptions
-from pagoda.compress.pipeline import QuantizedModel
+from pagoda.compress.pipeline import QuantizedModel, plan
 from pagoda.compress.writer import quantize_to_dir
 from pagoda.engine.loader import load_checkpoint
 from pagoda.engine.runner.forward import forward_tokens
@@ -29,6 +30,7 @@ from tests.tiny_models import make_tiny_model
 # FP8 0.07, 2:4 sparsegpt 0.45); a linear written under the wrong name gives ~1.
 CASES = [
     ("W4A16", "gptq", 32, 0.2),
+    ("W4A16_ASYM", "gptq", 32, 0.2),
     ("W4A16", "awq", 32, 0.45),  # measured 0.28-0.32 (random weights have no outlier channels)
     ("W8A16", "rtn", None, 0.03),
     ("W8A8", None, None, 0.03),  # the default: smoothquant, then gptq
@@ -124,6 +126,7 @@ def test_written_checkpoint_decompresses_to_the_quantized_weights(
             assert torch.equal(decompressed[name + ".f32"], exact), name
             assert decompressed[name].dtype == torch.bfloat16
             assert torch.equal(decompressed[name], exact.to(torch.bfloat16)), name
+            assert (f"{name}.weight_zero_point" in stored) == (qw.offset is not None), name
             dense = stored.get(f"{name}.weight")  # packed (absent), or 8-bit codes
             assert dense is None or dense.dtype in (torch.int8, torch.float8_e4m3fn), name
     else:
@@ -151,12 +154,17 @@ def test_config_states_the_scheme_as_llm_compressor_writes_it(
             {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32},
             None,
         ),
+        "W4A16_ASYM": (
+            "pack-quantized",
+            {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32, "symmetric": False},
+            None,
+        ),
         "W8A8": ("int-quantized", {"num_bits": 8, "type": "int", "strategy": "channel"}, "int"),
         "FP8_DYNAMIC": ("float-quantized", {"num_bits": 8, "type": "float", "strategy": "channel"}, "float"),
     }
     for scheme, (fmt, weights, act_type) in expected.items():
         out = tmp_path / scheme
-        group = 32 if scheme == "W4A16" else None
+        group = 32 if scheme.startswith("W4A16") else None
         quantize_to_dir(_options(sources["qwen3"], out, scheme, "rtn", group), progress=False)
         config = AutoConfig.from_pretrained(str(out))
         assert config.model_type == "qwen3"
@@ -165,7 +173,7 @@ def test_config_states_the_scheme_as_llm_compressor_writes_it(
         group0 = quant["config_groups"]["group_0"]
         assert group0["targets"] == ["Linear"] and group0["format"] == fmt
         assert {k: group0["weights"][k] for k in weights} == weights
-        assert group0["weights"]["symmetric"] is True
+        assert group0["weights"]["symmetric"] is (scheme != "W4A16_ASYM")
         acts = group0["input_activations"]
         if act_type is None:
             assert acts is None
@@ -179,15 +187,33 @@ def test_the_command_writes_what_the_api_writes(
     sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["quantize", str(sources["llama"]), "--scheme", "W4A16", "--group-size", "32",
-            "--num-samples", str(SAMPLES), "--seq-len", str(SEQ_LEN), "--no-progress"]  # fmt: skip
+            "--num-samples", str(SAMPLES), "--seq-len", str(SEQ_LEN), "--no-progress",
+            "--observer", "minmax", "--no-actorder", "--dampening-frac", "0.05"]  # fmt: skip
     assert main([*argv, "--output", str(tmp_path / "cli")]) == 0
     line = capsys.readouterr().out
     assert "W4A16 (group 32) by gptq, format pack-quantized, 14 linears" in line, line
-    quantize_to_dir(_options(sources["llama"], tmp_path / "api", "W4A16", None, 32), progress=False)
+    options = replace(
+        _options(sources["llama"], tmp_path / "api", "W4A16", None, 32),
+        observer="minmax", actorder=False, dampening_frac=0.05,
+    )  # fmt: skip
+    quantize_to_dir(options, progress=False)
     cli, api = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cli", "api"))
     assert cli.keys() == api.keys() and all(torch.equal(cli[k], api[k]) for k in cli)
     assert main([*argv, "--output", str(tmp_path / "cli")]) == 2  # the directory now holds a model
     assert "already holds a model" in capsys.readouterr().err
+
+
+def test_gptq_defaults_to_mse_scales_and_activation_order(sources: dict[str, Path], tmp_path: Path) -> None:
+    """What docs/perf.md measured best on the demo: GPTQ (and SmoothQuant's GPTQ) with mse scales
+    and actorder; RTN, AWQ and FP8 keep each group's own range. A flag overrides either."""
+    arch = load_checkpoint(str(sources["llama"])).arch
+    for scheme, method, observer in [("W4A16", None, "mse"), ("W8A8", "smoothquant", "mse"),
+                                     ("W4A16", "rtn", "minmax"), ("W4A16", "awq", "minmax"),
+                                     ("FP8_DYNAMIC", None, "minmax")]:  # fmt: skip
+        options = _options(sources["llama"], tmp_path, scheme, method, 32 if scheme == "W4A16" else None)
+        assert options.actorder and plan(options, arch)[0].observer == observer, (scheme, method)
+    options = replace(_options(sources["llama"], tmp_path, "W4A16", "gptq", 32), observer="minmax")
+    assert plan(options, arch)[0].observer == "minmax"
 
 
 @pytest.mark.parametrize(
@@ -197,9 +223,10 @@ def test_the_command_writes_what_the_api_writes(
         (["--scheme", "W8A16", "--method", "sparsegpt"], "W8A16 takes gptq, rtn, awq"),
         (["--scheme", "2:4", "--method", "gptq"], "2:4 takes sparsegpt, magnitude"),
         (["--scheme", "W4A16", "--method", "bogus"], "W4A16 takes gptq, rtn, awq"),
-        (["--scheme", "W5A16"], "valid schemes: W4A16, W8A16, W8A8, FP8_DYNAMIC, 2:4"),
+        (["--scheme", "W5A16"], "valid schemes: W4A16, W4A16_ASYM, W8A16, W8A8, FP8_DYNAMIC, 2:4"),
         (["--scheme", "W4A16"], "group size 128 does not divide layer model.layers.0.self_attn.q_proj's 64"),
         (["--scheme", "W8A8", "--group-size", "32"], "takes no group size"),
+        (["--scheme", "W4A16", "--dampening-frac", "0"], "--dampening-frac must be positive, got 0.0"),
         (
             ["--scheme", "W8A8", "--calibration", "/no/such/file"],
             "calibration file '/no/such/file' does not exist",

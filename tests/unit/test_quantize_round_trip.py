@@ -20,6 +20,7 @@ from tests.unit.test_quantize_cli import _decompressed, _options
 CASES = [
     ("W4A16", "rtn", 32, "int4 g32"),
     ("W4A16", "gptq", 32, "int4 g32"),
+    ("W4A16_ASYM", "gptq", 32, "int4 g32"),  # zero points: -z * scale is the kernel's bf16 zero, exactly
     ("W8A16", "rtn", None, "int8 per channel"),
     ("W8A8", "smoothquant+rtn", None, "w8a8 int8 (fbgemm)"),
     ("FP8_DYNAMIC", None, None, "fp8"),
