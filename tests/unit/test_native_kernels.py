@@ -13,16 +13,15 @@ from pagoda.engine.quantization import native
 from pagoda.engine.quantization.linear import make_linear
 from pagoda.engine.quantization.vnni import VnniLinear, rounded_activations
 from pagoda.engine.quantization.weights import QuantizedWeight
+from tests.unit.test_quantized_linears import _qw
 
 
 def _weight(
     bits: int, out_f: int, in_f: int, group: int, scale_dtype: torch.dtype, offset: bool
 ) -> QuantizedWeight:
-    g = torch.Generator().manual_seed(bits + out_f)
-    codes = torch.randint(0, 1 << bits, (out_f, in_f), generator=g, dtype=torch.int16)
-    scale = (torch.rand(out_f, in_f // group, generator=g) * 0.02 + 1e-3).to(scale_dtype).float()
-    off = (torch.randn(out_f, in_f // group, generator=g) * 0.05).to(scale_dtype).float() if offset else None
-    return QuantizedWeight(codes, scale, off, bits)
+    return _qw(
+        out_f, in_f, bits, group, signed=False, offset=offset, seed=bits + out_f, scale_dtype=scale_dtype
+    )
 
 
 @pytest.mark.parametrize(

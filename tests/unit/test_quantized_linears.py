@@ -43,14 +43,23 @@ def test_gguf_blocks_decode_to_gguf_values(qtype: GGMLQuantizationType) -> None:
 
 
 def _qw(
-    out_f: int, in_f: int, bits: int, group: int, *, signed: bool, offset: bool, seed: int = 0
+    out_f: int,
+    in_f: int,
+    bits: int,
+    group: int,
+    *,
+    signed: bool,
+    offset: bool,
+    seed: int = 0,
+    scale_dtype: torch.dtype = torch.bfloat16,
 ) -> QuantizedWeight:
     g = torch.Generator().manual_seed(seed)
     lo, hi = (-(1 << (bits - 1)), 1 << (bits - 1)) if signed else (0, 1 << bits)
     codes = torch.randint(lo, hi, (out_f, in_f), generator=g, dtype=torch.int16)
-    # scales that bfloat16 holds exactly, so both dtypes multiply by the same weight
-    scale = (torch.rand(out_f, in_f // group, generator=g) * 0.02 + 0.001).bfloat16().float()
-    off = (torch.randn(out_f, in_f // group, generator=g) * 0.05).bfloat16().float() if offset else None
+    # scales that `scale_dtype` (bfloat16: both run dtypes) holds exactly, so every path multiplies
+    # by the same weight
+    scale = (torch.rand(out_f, in_f // group, generator=g) * 0.02 + 0.001).to(scale_dtype).float()
+    off = (torch.randn(out_f, in_f // group, generator=g) * 0.05).to(scale_dtype).float() if offset else None
     return QuantizedWeight(codes, scale, off, bits)
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagoda.engine.quantization.linear import QuantizedLinear, _unsigned, make_linear, native_kernels
-from pagoda.engine.quantization.vnni import VnniLinear, act_block
+from pagoda.engine.quantization.linear import QuantizedLinear, _unsigned, make_linear, native_linear
+from pagoda.engine.quantization.vnni import VnniLinear
 from pagoda.engine.quantization.weights import QuantizedWeight
 
 
@@ -48,15 +48,18 @@ class QuantizedEmbedding(nn.Module):
 
 
 def tied_head(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The LM head of a model whose head is its quantized embedding matrix. On a CPU with fbgemm:
+    """The LM head of a model whose head is its quantized embedding matrix. On pagoda's CPU kernel
+    (native_linear) the embedding's own codes, which the embedding then reads (TiedEmbedding);
+    else on a CPU with fbgemm:
     int8 per channel against int8 activations per row (the demo's 576 -> 49,152 head in 0.5 ms at
     one row, where 8-bit weights against bf16 activations took 1.8-2.4 ms: the head is a tenth of
     a quantized decode step), re-quantized from the embedding's values; elsewhere the embedding's
     own codes through make_linear."""
     from pagoda.engine.models.quantization import Int8DynamicLinear, int8_supported
 
-    if device.type == "cpu" and native_kernels() and act_block(qw) is not None:
-        return VnniLinear(qw, None)
+    native = native_linear(qw, None, device)
+    if native is not None:
+        return native
     if int8_supported(device):
         return Int8DynamicLinear.from_weight(qw.dequantize(), None)
     head: QuantizedLinear = make_linear(qw, None, device, dtype)

@@ -260,11 +260,12 @@ class Fp8Linear(QuantizedLinear):
         self.native = qw.codes.device.type == "cpu" and native_kernels()
         scale = qw.scale[:, 0].float()
         if self.native:
-            rows = -(-qw.out_features // 16) * 16
-            codes = qw.codes.view(torch.uint8)
-            codes = torch.cat([codes, codes.new_zeros(rows - qw.out_features, qw.in_features)])
-            self.codes = codes.view(rows // 16, 16, -1).transpose(1, 2).contiguous()  # [tiles, in, 16]
-            self.scales = torch.cat([scale, scale.new_zeros(rows - qw.out_features)])
+            from pagoda.engine.quantization.vnni import TILE, pad_rows, tile_rows
+
+            rows = tile_rows(qw.out_features)
+            codes = pad_rows(qw.codes.view(torch.uint8), rows)
+            self.codes = codes.view(rows // TILE, TILE, -1).transpose(1, 2).contiguous()  # [tiles, in, 16]
+            self.scales = pad_rows(scale, rows)
             self.kind = "fp8 (pagoda, dequantized per tile)"
         else:
             self.codes = qw.codes.contiguous()
@@ -357,12 +358,22 @@ def native_kernels() -> bool:
 
 
 def int8_activations() -> bool:
-    """Whether weight-only layers run pagoda's kernel too, with int8 activations per block as
-    llama.cpp runs its Q4/Q8 weights (PAGODA_INT8_ACTIVATIONS=1): faster at 16 rows (the demo's
-    step 48 -> 43 ms) but each layer's error grows from ~0.3% to ~1% on real activations, which
-    flips the demo's greedy answer to "What is the capital of France?". Off by default: weight-only
-    layers keep bf16 activations (torch's int4pack/int8pack)."""
+    """Whether weight-only layers run pagoda's kernel too, with int8 activations as llama.cpp runs
+    Q4/Q8 (PAGODA_INT8_ACTIVATIONS=1): faster at 16 rows, but ~1% error per layer against ~0.3%,
+    which changes the demo's greedy answers (docs/perf.md); off by default."""
     return os.environ.get("PAGODA_INT8_ACTIVATIONS", "0") == "1"
+
+
+def native_linear(
+    qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device
+) -> QuantizedLinear | None:
+    """qw on pagoda's own kernel (a VnniLinear), or None where it cannot run: not on a CPU, the
+    kernel unavailable, or groups it does not take."""
+    if device.type != "cpu" or qw.is_float or not native_kernels():
+        return None
+    from pagoda.engine.quantization.vnni import VnniLinear, act_block
+
+    return VnniLinear(qw, bias) if act_block(qw) is not None else None
 
 
 def make_linear(
@@ -372,11 +383,10 @@ def make_linear(
     try:
         if qw.is_float:
             return Fp8Linear(qw, bias, dtype)
-        if device.type == "cpu" and native_kernels() and (qw.act == "int8" or int8_activations()):
-            from pagoda.engine.quantization.vnni import VnniLinear, act_block
-
-            if act_block(qw) is not None:
-                return VnniLinear(qw, bias)
+        if qw.act == "int8" or int8_activations():
+            native = native_linear(qw, bias, device)
+            if native is not None:
+                return native
         if qw.act == "int8" and device.type == "cpu":
             from pagoda.engine.quantization.w8a8 import W8A8Linear
 

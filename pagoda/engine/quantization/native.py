@@ -75,7 +75,7 @@ def _load() -> None:
     directory.mkdir(parents=True, exist_ok=True)
     fresh = not any(directory.glob("*.so"))
     if fresh:
-        logger.info("building pagoda's CPU kernels for this CPU (once, about a minute) in %s", directory)
+        logger.info("building pagoda's CPU kernels for this CPU (once, 15-40 s) in %s", directory)
     start = time.monotonic()
     cpp_extension.load(
         name=name,

@@ -50,7 +50,12 @@ def _exact_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def _tiles(t: torch.Tensor, rows: int) -> torch.Tensor:
+def tile_rows(out_features: int) -> int:
+    """`out_features` rounded up to whole tiles of 16 outputs."""
+    return -(-out_features // TILE) * TILE
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """`t` [out, ...] with its rows padded with zeros to `rows`."""
     if t.shape[0] == rows:
         return t
@@ -81,7 +86,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: torch.Tensor) -> torch.Te
 
 def _per_tile(t: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
     """Scales or offsets [out, groups] -> [tiles, groups, 16] in `dtype`."""
-    padded = _tiles(t.float(), rows)
+    padded = pad_rows(t.float(), rows)
     return padded.view(rows // TILE, TILE, -1).transpose(1, 2).contiguous().to(dtype)
 
 
@@ -101,8 +106,8 @@ class VnniLinear(QuantizedLinear):
         self.zero_code = float(1 << (self.bits - 1)) if lo < 0 else 0.0
         if not (0 <= lo + self.zero_code and hi + self.zero_code < 1 << self.bits):
             raise ValueError(f"codes {lo}..{hi} do not fit {self.bits} bits")
-        rows = -(-qw.out_features // TILE) * TILE
-        codes = _tiles((qw.codes.to(torch.int32) + int(self.zero_code)), rows)
+        rows = tile_rows(qw.out_features)
+        codes = pad_rows((qw.codes.to(torch.int32) + int(self.zero_code)), rows)
         self.packed = pack_codes(codes, self.bits)
         parts = (qw.scale,) if qw.offset is None else (qw.scale, qw.offset)
         dtype = _exact_dtype(*parts)

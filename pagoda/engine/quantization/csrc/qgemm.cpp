@@ -16,7 +16,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -78,7 +77,6 @@ QuantizedActs quantize_acts(const T* x, int64_t m, int64_t k, int64_t group) {
   });
   return a;
 }
-
 
 template <typename S>
 inline __m512 load16(const S* p);
@@ -203,12 +201,8 @@ void tile_rows(const Problem& p, int64_t tile, int64_t m, O* y) {
 template <int BITS, typename S, typename O>
 void gemm(const Problem& p, int64_t m, O* y) {
   const int64_t tiles = p.n / kTile;
-  // two tiles at a time when several rows share them (PAGODA_QGEMM_TILES=1 forces one)
-  static const bool pairs = [] {
-    const char* v = std::getenv("PAGODA_QGEMM_TILES");
-    return !(v && v[0] == '1');
-  }();
-  if (m >= 2 && pairs) {
+  // two tiles at a time when several rows share them (one activation broadcast feeds both)
+  if (m >= 2) {
     at::parallel_for(0, (tiles + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         if (2 * q + 1 < tiles) {
@@ -242,7 +236,6 @@ void gemm_bits(const Problem& p, int64_t bits, int64_t m, at::Tensor& y) {
     gemm_out<8, S>(p, m, y);
   }
 }
-
 
 // float8_e4m3fn bytes -> float32, 16 at a time: sign, 4 exponent bits (bias 7), 3 mantissa bits;
 // exponent 0 is subnormal (mantissa * 2^-9). 0x7F/0xFF (NaN) come out as +-480: checkpoints hold none.
