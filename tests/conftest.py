@@ -59,14 +59,14 @@ def hf_demo_model(demo_gguf: str) -> Any:
 
 @pytest.fixture(params=["native", "torch"])
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each case on pagoda's own CPU kernel for every integer layer (PAGODA_INT8_ACTIVATIONS=1;
-    this machine has AVX512-VNNI, as CI's does) and on torch's kernels (what a CPU without VNNI
+    """Each case on pagoda's own CPU kernel, as the defaults run it (every integer layer; this
+    machine has AVX512-VNNI, as CI's does), and on torch's kernels (what a CPU without VNNI
     runs)."""
     from pagoda.engine.quantization.linear import native_kernels
 
     if request.param == "native":
         assert native_kernels(), "pagoda's CPU kernels must build on the test machine"
-        monkeypatch.setenv("PAGODA_INT8_ACTIVATIONS", "1")
+        monkeypatch.delenv("PAGODA_INT8_ACTIVATIONS", raising=False)
     else:
         monkeypatch.setenv("PAGODA_NATIVE_KERNELS", "0")
     return str(request.param)

@@ -1,20 +1,22 @@
 """Which quantized layer kinds a test expects: torch's kernels name theirs by kernel ("int4 g32",
 "int8 per channel", "w8a8 int8 (fbgemm)"); pagoda's own CPU kernel runs every integer weight as a
-VnniLinear of the same width ("int4 g32 (pagoda VNNI, int8 activations)")."""
+VnniLinear of the same width ("int4 g32 (pagoda VNNI, int16 activations)"; int8 for W8A8)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pagoda.engine.quantization.linear import QuantizedLinear, int8_activations, native_kernels
+from pagoda.engine.quantization.linear import QuantizedLinear, native_kernels
 
 
 def assert_kinds(layers: Iterable[QuantizedLinear], torch_kinds: set[str]) -> None:
     kinds = {m.kind for m in layers}
     if torch_kinds == {"fp8"}:  # fp8 is dequantized per tile on either kernel
         assert len(kinds) == 1 and kinds <= {"fp8", "fp8 (pagoda, dequantized per tile)"}, kinds
-    elif native_kernels() and (int8_activations() or torch_kinds == {"w8a8 int8 (fbgemm)"}):
+    elif native_kernels():
         width = {"int4" if k.startswith("int4") else "int8" for k in torch_kinds}
-        assert {k.split()[0] for k in kinds} == width and all("VNNI" in k for k in kinds), kinds
+        acts = "int8" if torch_kinds == {"w8a8 int8 (fbgemm)"} else "int16"
+        assert {k.split()[0] for k in kinds} == width, kinds
+        assert all(k.endswith(f"(pagoda VNNI, {acts} activations)") for k in kinds), kinds
     else:
         assert kinds == torch_kinds

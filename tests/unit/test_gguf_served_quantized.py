@@ -24,7 +24,7 @@ Q = GGMLQuantizationType
 PROMPTS = [[256, *range(40, 70)], [256, 7, 8, 9]]
 
 
-NATIVE = "(pagoda VNNI, int8 activations)"
+NATIVE = "(pagoda VNNI, int16 activations)"
 
 
 @pytest.mark.parametrize(
@@ -66,9 +66,9 @@ def test_gguf_served_packed_matches_dequantized(
         first_p = torch.tensor([p.logprobs[0].top[t] for t in range(VOCAB)]).exp()
         first_d = torch.tensor([d.logprobs[0].top[t] for t in range(VOCAB)]).exp()
         # total variation of the first distribution: the linears multiply by the file's exact
-        # weights; the tied head runs int8 activations (~1e-2); a wrong code or scale gives ~1
-        # (measured: swapping Q4_0's nibble order gives 1.4)
-        assert (first_p - first_d).abs().sum() < 0.05
+        # weights; pagoda's kernel rounds activations to 16 bits (measured 2e-5..2e-4), torch's to
+        # bfloat16 (~1.6e-2); a wrong code or scale gives ~1 (swapping Q4_0's nibbles gives 1.4)
+        assert (first_p - first_d).abs().sum() < (1e-3 if kernels == "native" else 0.05)
 
 
 def _reference_llm(path: Path, config: EngineConfig) -> LLM:

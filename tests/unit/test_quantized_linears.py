@@ -86,7 +86,7 @@ def test_quantized_linear_multiplies_by_its_weight(case: str, dtype: torch.dtype
     block = act_block(qw)
     if kernels == "native":
         assert block is not None
-        kind = f"int{4 if qw.bits <= 4 else 8} g{block} (pagoda VNNI, int8 activations)"
+        kind = f"int{4 if qw.bits <= 4 else 8} g{block} (pagoda VNNI, int16 activations)"
     bias = torch.randn(qw.out_features)
     layer = make_linear(qw, bias.to(dtype), torch.device("cpu"), dtype)
     assert layer.kind == kind
@@ -99,9 +99,9 @@ def test_quantized_linear_multiplies_by_its_weight(case: str, dtype: torch.dtype
     x = torch.randn(5, qw.in_features).to(dtype)
     y = layer(x)
     assert y.dtype == dtype and y.shape == (5, qw.out_features)
-    if kernels == "native":  # int8 activations per block: the kernel's own rounding, emulated
+    if kernels == "native":  # 16-bit activations per block: the kernel's own rounding, emulated
         assert block is not None
-        rounded = rounded_activations(x, block)
+        rounded = rounded_activations(x, block, 16)
     else:
         rounded = x.to(torch.bfloat16).float() if kind != "dequantized per call" else x.float()
     want = rounded @ w.t() + bias.to(dtype).float()

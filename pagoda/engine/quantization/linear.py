@@ -1,10 +1,10 @@
 """The quantized linear layers: each takes a QuantizedWeight once, packs it into its kernel's
 layout, and keeps nothing else (so resident weight memory is the packed codes plus scales).
 
-On CPUs with AVX512-VNNI, `make_linear` gives W8A8 weights (and, with PAGODA_INT8_ACTIVATIONS=1,
-every integer weight) to VnniLinear (vnni.py, pagoda's own kernel), and fp8 weights to its
+On CPUs with AVX512-VNNI, `make_linear` gives every integer weight to VnniLinear (vnni.py, pagoda's
+own kernel: 8-bit activations for W8A8, 16-bit for weight-only layers), and fp8 weights to its
 per-tile kernel; the tied LM head of a quantized embedding is a VnniLinear too. The layers below
-are what weight-only layers and other CPUs (and GPUs) run.
+are what other CPUs (and GPUs) run.
 
 - Int4Linear: 4-bit codes in groups of 32..256; CPU `_weight_int4pack_mm_for_cpu`, GPU Triton
   `quant_matmul`.
@@ -16,10 +16,9 @@ are what weight-only layers and other CPUs (and GPUs) run.
   no fp8 math.
 - DequantLinear: anything no kernel takes (groups of 16: GGUF Q6_K), dequantized per call.
 
-Weight-only layers are batch-invariant: a row's result does not depend on the other rows.
-Measured on a 2-core AVX512-BF16 EPYC (hot weights, 576 -> 3072): bf16 oneDNN 0.052 ms at 1 row,
-0.156 ms at 16; int4 0.055 / 0.35; int8 per channel 0.064 / 0.44. In the whole demo model (cold
-weights) int4 halves the batch-1 decode step (23.7 -> 12.0 ms) and costs 11% at 16 rows.
+Weight-only layers are batch-invariant: a row's result does not depend on the other rows. Hot
+576 -> 1536 weights on a 2-core Xeon (docs/perf.md): bf16 oneDNN 0.069 ms at 1 row, 0.073 at 16;
+int4pack 0.031 / 0.193; pagoda's kernel 0.020 / 0.103 (16-bit activations), 0.017 / 0.062 (8).
 """
 
 from __future__ import annotations
@@ -358,22 +357,25 @@ def native_kernels() -> bool:
 
 
 def int8_activations() -> bool:
-    """Whether weight-only layers run pagoda's kernel too, with int8 activations as llama.cpp runs
-    Q4/Q8 (PAGODA_INT8_ACTIVATIONS=1): faster at 16 rows, but ~1% error per layer against ~0.3%,
-    which changes the demo's greedy answers (docs/perf.md); off by default."""
+    """Whether weight-only layers quantize activations to 8 bits, as llama.cpp runs Q4/Q8
+    (PAGODA_INT8_ACTIVATIONS=1): faster, but ~1% error per layer, which changes the demo's greedy
+    answers (docs/perf.md); by default they take 16 bits, finer than bfloat16."""
     return os.environ.get("PAGODA_INT8_ACTIVATIONS", "0") == "1"
 
 
 def native_linear(
     qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device
 ) -> QuantizedLinear | None:
-    """qw on pagoda's own kernel (a VnniLinear), or None where it cannot run: not on a CPU, the
-    kernel unavailable, or groups it does not take."""
+    """qw on pagoda's own kernel (a VnniLinear; 8-bit activations for W8A8, 16-bit for weight-only
+    layers), or None where it cannot run: not on a CPU, the kernel unavailable, or groups it does
+    not take."""
     if device.type != "cpu" or qw.is_float or not native_kernels():
         return None
     from pagoda.engine.quantization.vnni import VnniLinear, act_block
 
-    return VnniLinear(qw, bias) if act_block(qw) is not None else None
+    if act_block(qw) is None:
+        return None
+    return VnniLinear(qw, bias, 8 if qw.act == "int8" or int8_activations() else 16)
 
 
 def make_linear(
@@ -383,10 +385,9 @@ def make_linear(
     try:
         if qw.is_float:
             return Fp8Linear(qw, bias, dtype)
-        if qw.act == "int8" or int8_activations():
-            native = native_linear(qw, bias, device)
-            if native is not None:
-                return native
+        native = native_linear(qw, bias, device)
+        if native is not None:
+            return native
         if qw.act == "int8" and device.type == "cpu":
             from pagoda.engine.quantization.w8a8 import W8A8Linear
 

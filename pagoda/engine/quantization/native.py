@@ -1,4 +1,4 @@
-"""pagoda's own CPU kernels (csrc/qgemm.cpp), built on first use with the machine's compiler for
+"""pagoda's own CPU kernels (csrc/: qgemm.cpp, fp8.cpp), built on first use with the machine's compiler for
 the machine's own instruction set (`-march=native`) and cached under ~/.cache/pagoda/kernels (or
 $PAGODA_KERNEL_CACHE), one build per source and CPU: the ops torch ships for quantized weights
 dequantize per row (int4pack) or requantize activations in several passes (fbgemm, oneDNN), which
@@ -25,7 +25,8 @@ from pagoda.engine.config import cpu_flags
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "qgemm.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = sorted(CSRC.glob("*.cpp"))
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
 
@@ -43,7 +44,8 @@ def missing_flags() -> list[str]:
 def build_name() -> str:
     """A name unique to the source, the flags it is built with, torch and the CPU's features."""
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for path in sorted(CSRC.iterdir()):
+        key.update(path.read_bytes())
     key.update(" ".join([*CFLAGS, torch.__version__, *sorted(cpu_flags())]).encode())
     return f"pagoda_cpu_{key.hexdigest()[:16]}"
 
@@ -79,7 +81,7 @@ def _load() -> None:
     start = time.monotonic()
     cpp_extension.load(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(p) for p in SOURCES],
         extra_cflags=CFLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
@@ -103,6 +105,7 @@ def _register_fake() -> None:
         bits: int,
         group: int,
         zero_code: float,
+        act_bits: int,
     ) -> torch.Tensor:
         return x.new_empty(x.shape[0], packed.shape[0] * 16)
 

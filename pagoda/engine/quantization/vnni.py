@@ -1,7 +1,11 @@
 """VnniLinear: 4- and 8-bit integer weights on pagoda's own CPU kernel (native.py, csrc/qgemm.cpp),
-which multiplies them against activations quantized to int8 per row and group (as llama.cpp runs
-its Q4/Q8 blocks against Q8 activations): one layer for GGUF Q4_0/Q4_1/Q8_0 and K-quant codes,
-compressed-tensors W4A16/W8A16 and W8A8, GPTQ and AWQ.
+which multiplies them against activations quantized per row and group at call time: one layer for
+GGUF Q4_0/Q4_1/Q8_0 and K-quant codes, compressed-tensors W4A16/W8A16 and W8A8, GPTQ and AWQ.
+
+- W8A8 layers (and every layer with PAGODA_INT8_ACTIVATIONS=1) quantize activations to 8 bits, as
+  llama.cpp runs its Q4/Q8 blocks against Q8 activations: ~1% error per layer.
+- Weight-only layers quantize them to 16 bits (two int8 digits): finer than bfloat16 (1/32258 of
+  the block's peak against bfloat16's 1/256 of each value), at twice the integer products.
 
 The weight is packed once into tiles of 16 outputs (the kernel's layout, described in qgemm.cpp):
 unsigned codes u (signed ones shifted up by `zero_code`), w = scale * (u - zero_code) + offset.
@@ -33,11 +37,17 @@ def act_block(qw: QuantizedWeight) -> int | None:
     return next((b for b in range(min(g, MAX_ACT_BLOCK), 0, -1) if g % b == 0 and b % chunk == 0), None)
 
 
-def rounded_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+def act_levels(act_bits: int) -> int:
+    """Codes on each side of zero for activations of `act_bits` (8: 127; 16: two digits, 127 * 254)."""
+    return 127 if act_bits == 8 else 127 * 254
+
+
+def rounded_activations(x: torch.Tensor, block: int, act_bits: int = 8) -> torch.Tensor:
     """What the kernel multiplies `x` [..., in] by, in float32: each block of `block` inputs of a
-    row rounded to 255 levels of its peak (the reference its results are tested against)."""
+    row rounded to the levels of `act_bits` over its peak (the reference its results are tested
+    against)."""
     v = x.float().reshape(*x.shape[:-1], -1, block)
-    step = v.abs().amax(-1, keepdim=True) / 127
+    step = v.abs().amax(-1, keepdim=True) / act_levels(act_bits)
     safe = torch.where(step == 0, torch.ones_like(step), step)
     return (torch.round(v / safe) * step).reshape(x.shape)
 
@@ -95,8 +105,11 @@ class VnniLinear(QuantizedLinear):
 
     kind = "vnni"
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, act_bits: int = 8) -> None:
         super().__init__(qw, bias)
+        if act_bits not in (8, 16):
+            raise ValueError(f"activations of 8 or 16 bits, not {act_bits}")
+        self.act_bits = act_bits
         block = act_block(qw)
         if block is None or qw.is_float or qw.bits > 8:
             raise ValueError(f"the CPU kernel does not take {qw.bits}-bit groups of {qw.group_size}")
@@ -114,14 +127,21 @@ class VnniLinear(QuantizedLinear):
         self.scale = _per_tile(qw.scale, rows, dtype)
         self.offset = None if qw.offset is None else _per_tile(qw.offset, rows, dtype)
         self.group = block
-        self.kind = f"int{self.bits} g{block} (pagoda VNNI, int8 activations)"
+        self.kind = f"int{self.bits} g{block} (pagoda VNNI, int{act_bits} activations)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.dtype not in (torch.float32, torch.bfloat16):
             rows = rows.float()
         y = torch.ops.pagoda_cpu.qgemm(
-            rows.contiguous(), self.packed, self.scale, self.offset, self.bits, self.group, self.zero_code
+            rows.contiguous(),
+            self.packed,
+            self.scale,
+            self.offset,
+            self.bits,
+            self.group,
+            self.zero_code,
+            self.act_bits,
         )
         if y.shape[1] != self.out_features:
             y = y[:, : self.out_features]

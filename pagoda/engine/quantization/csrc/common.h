@@ -1,0 +1,96 @@
+// What pagoda's CPU kernels share: the tile of 16 outputs (one 512-bit register of float32) and
+// loads of 16 scales or offsets in any of the dtypes the packed weights keep them in.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define PAGODA_VNNI 1
+#include <immintrin.h>
+#endif
+
+namespace pagoda_cpu {
+
+constexpr int64_t kTile = 16;
+
+// The packed weight as the kernels read it (layout: the top of qgemm.cpp).
+struct PackedWeight {
+  const uint8_t* w;    // codes, [tiles][chunks][64]
+  const void* scale;   // [tiles][groups][16]
+  const void* offset;  // as scale; nullptr: none
+  float zero_code;
+  int64_t k, n, groups, group, chunks_per_tile;
+};
+
+// Checks the arguments every op on packed weights takes and describes the weight.
+inline PackedWeight packed_weight(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                                  const c10::optional<at::Tensor>& offset, int64_t bits, int64_t group,
+                                  double zero_code, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous matrix");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op, ": x float32 or bfloat16");
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(2) == 64 && packed.is_contiguous(),
+              op, ": packed layout");
+  TORCH_CHECK(scale.dim() == 3 && scale.size(2) == kTile && scale.is_contiguous(), op, ": scale layout");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf ||
+                  scale.scalar_type() == at::kBFloat16,
+              op, ": scales float32, float16 or bfloat16");
+  const int64_t k = x.size(1), tiles = packed.size(0), groups = scale.size(1);
+  const int64_t chunk = bits == 4 ? 8 : 4;
+  TORCH_CHECK(group % chunk == 0 && k == groups * group, op, ": groups do not tile the inputs");
+  TORCH_CHECK(packed.size(1) == k / chunk && scale.size(0) == tiles, op, ": packed shape mismatch");
+  const void* off = nullptr;
+  if (offset.has_value()) {
+    TORCH_CHECK(offset->sizes() == scale.sizes() && offset->scalar_type() == scale.scalar_type(), op, ": offset");
+    off = offset->data_ptr();
+  }
+  return {packed.data_ptr<uint8_t>(), scale.data_ptr(), off, static_cast<float>(zero_code), k, tiles * kTile,
+          groups, group, k / chunk};
+}
+
+// Calls fn(bits, scale) with bits a std::integral_constant (4 or 8) and scale a value of the
+// scales' element type, so that kernels are instantiated per combination.
+template <typename Fn>
+void dispatch_weight(at::ScalarType scale_type, int64_t bits, Fn&& fn) {
+  auto with_bits = [&](auto s) {
+    if (bits == 4) {
+      fn(std::integral_constant<int, 4>{}, s);
+    } else {
+      fn(std::integral_constant<int, 8>{}, s);
+    }
+  };
+  switch (scale_type) {
+    case at::kFloat: with_bits(float{}); break;
+    case at::kHalf: with_bits(at::Half{}); break;
+    default: with_bits(at::BFloat16{}); break;
+  }
+}
+
+#ifdef PAGODA_VNNI
+
+template <typename S>
+inline __m512 load16(const S* p);
+template <>
+inline __m512 load16<float>(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+template <>
+inline __m512 load16<at::Half>(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <>
+inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+#endif  // PAGODA_VNNI
+
+}  // namespace pagoda_cpu
