@@ -4,7 +4,7 @@ GGUF Q4_0/Q4_1/Q8_0 and K-quant codes, compressed-tensors W4A16/W8A16 and W8A8, 
 
 - W8A8 layers (and every layer with PAGODA_INT8_ACTIVATIONS=1) quantize activations to 8 bits, as
   llama.cpp runs its Q4/Q8 blocks against Q8 activations: ~1% error per layer.
-- Weight-only layers quantize them to 16 bits (two int8 digits): finer than bfloat16 (1/32258 of
+- Weight-only layers quantize them to 16 bits (two int8 digits): finer than bfloat16 (1/32639 of
   the block's peak against bfloat16's 1/256 of each value), at twice the integer products.
 
 The weight is packed once into tiles of 16 outputs (the kernel's layout, described in qgemm.cpp):
@@ -38,8 +38,9 @@ def act_block(qw: QuantizedWeight) -> int | None:
 
 
 def act_levels(act_bits: int) -> int:
-    """Codes on each side of zero for activations of `act_bits` (8: 127; 16: two digits, 127 * 254)."""
-    return 127 if act_bits == 8 else 127 * 254
+    """Codes on each side of zero for activations of `act_bits` (8: 127; 16: two int8 digits,
+    256 * high + low, with high within +-127)."""
+    return 127 if act_bits == 8 else 127 * 256 + 127
 
 
 def rounded_activations(x: torch.Tensor, block: int, act_bits: int = 8) -> torch.Tensor:

@@ -21,10 +21,12 @@ namespace {
 
 using namespace pagoda_cpu;
 
-constexpr int kBase = 254;  // a 16-bit code is kBase * high + low, both digits within +-127
+// A 16-bit code c is 256 * high + low with low in [-128, 127]; |c| <= kLevels16 keeps high within
+// +-127 (high = (c + 128) >> 8), so both digits are int8 and joining them is a shift.
+constexpr int kLevels16 = 127 * 256 + 127;
 
 // Activations [m, k] quantized per row and group: codes c = round(x / step) with step the peak
-// over 127 (8 bits) or over 127 * kBase (16 bits, stored as the digits of c). Per (row, group):
+// over 127 (8 bits) or over kLevels16 (16 bits, stored as the digits of c). Per (row, group):
 // the step, and the step times the group's code sum (the offset term's factor).
 struct QuantizedActs {
   int64_t rows, k;
@@ -47,7 +49,7 @@ inline __m512 load_row16(const at::BFloat16* p, __mmask16 mask) {
 template <int DIGITS, typename T>
 QuantizedActs quantize_acts(const T* x, int64_t m, int64_t k, int64_t group) {
   const int64_t groups = k / group, rows = m;
-  const float levels = DIGITS == 2 ? 127.f * kBase : 127.f;
+  const float levels = DIGITS == 2 ? static_cast<float>(kLevels16) : 127.f;
   QuantizedActs a{rows, k, std::vector<int8_t>(DIGITS * rows * k), std::vector<float>(m * groups),
                   std::vector<float>(m * groups)};
   const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
@@ -67,9 +69,9 @@ QuantizedActs quantize_acts(const T* x, int64_t m, int64_t k, int64_t group) {
         for (int64_t i = 0; i < group; i += 16) {
           const __mmask16 mask = group - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (group - i)) - 1);
           const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(load_row16(v + i, mask), inv));
-          if constexpr (DIGITS == 2) {  // c / kBase is never within float error of a half
-            const __m512i hi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(c), _mm512_set1_ps(1.f / kBase)));
-            const __m512i lo = _mm512_sub_epi32(c, _mm512_mullo_epi32(hi, _mm512_set1_epi32(kBase)));
+          if constexpr (DIGITS == 2) {
+            const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(c, _mm512_set1_epi32(128)), 8);
+            const __m512i lo = _mm512_sub_epi32(c, _mm512_slli_epi32(hi, 8));
             _mm_mask_storeu_epi8(q + i, mask, _mm512_cvtsepi32_epi8(hi));
             _mm_mask_storeu_epi8(q + rows * k + i, mask, _mm512_cvtsepi32_epi8(lo));
           } else {
@@ -99,7 +101,7 @@ struct Problem : PackedWeight {
 template <int DIGITS>
 inline __m512 add_group(const __m512i* dot, __m512 sc, __m512 off, float a_scale, float a_sum, __m512 total) {
   __m512i codes = dot[0];
-  if constexpr (DIGITS == 2) codes = _mm512_add_epi32(_mm512_mullo_epi32(dot[0], _mm512_set1_epi32(kBase)), dot[1]);
+  if constexpr (DIGITS == 2) codes = _mm512_add_epi32(_mm512_slli_epi32(dot[0], 8), dot[1]);
   total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(codes), _mm512_mul_ps(sc, _mm512_set1_ps(a_scale)), total);
   return _mm512_fmadd_ps(off, _mm512_set1_ps(a_sum), total);
 }
@@ -113,10 +115,10 @@ inline void group_scales(const Problem& p, int64_t tile, int64_t g, __m512& sc, 
   off = _mm512_fnmadd_ps(sc, _mm512_set1_ps(p.zero_code), off);
 }
 
-// R rows (r0 ..) times T adjacent tiles of 16 outputs, written as float32 to out[R][T * 16]. Each
+// R rows (r0 ..) times T adjacent tiles of 16 outputs, into those rows and outputs of y. Each
 // activation broadcast feeds T tiles and each weight chunk R rows.
-template <int BITS, int DIGITS, int R, int T, typename S>
-inline void tile_block(const Problem& p, int64_t tile, int64_t r0, float* out) {
+template <int BITS, int DIGITS, int R, int T, typename S, typename O>
+inline void tile_block(const Problem& p, int64_t tile, int64_t r0, O* y) {
   constexpr int64_t kChunk = BITS == 4 ? 8 : 4;  // inputs per 64-byte chunk
   const int64_t chunks = p.group / kChunk;
   const uint8_t* w = p.w + tile * p.chunks_per_tile * 64;
@@ -173,25 +175,21 @@ inline void tile_block(const Problem& p, int64_t tile, int64_t r0, float* out) {
                                         total[r][t]);
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) _mm512_storeu_ps(out + (r * T + t) * kTile, total[r][t]);
+    for (int t = 0; t < T; ++t) store16(y + (r0 + r) * p.n + (tile + t) * kTile, total[r][t]);
 }
 
 // Rows r0 .. of T tiles from `tile` on: blocks of up to 8 rows (one tile, one digit) or 4.
 template <int BITS, int DIGITS, int T, typename S, typename O>
 void tile_rows(const Problem& p, int64_t tile, int64_t m, O* y) {
-  float block[8 * 2 * kTile];
   for (int64_t r0 = 0; r0 < m;) {
     const int64_t left = m - r0;
     const int rows = left >= 8 && T == 1 && DIGITS == 1 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
     switch (rows) {
-      case 8: tile_block<BITS, DIGITS, 8, 1, S>(p, tile, r0, block); break;
-      case 4: tile_block<BITS, DIGITS, 4, T, S>(p, tile, r0, block); break;
-      case 2: tile_block<BITS, DIGITS, 2, T, S>(p, tile, r0, block); break;
-      default: tile_block<BITS, DIGITS, 1, T, S>(p, tile, r0, block); break;
+      case 8: tile_block<BITS, DIGITS, 8, 1, S>(p, tile, r0, y); break;
+      case 4: tile_block<BITS, DIGITS, 4, T, S>(p, tile, r0, y); break;
+      case 2: tile_block<BITS, DIGITS, 2, T, S>(p, tile, r0, y); break;
+      default: tile_block<BITS, DIGITS, 1, T, S>(p, tile, r0, y); break;
     }
-    for (int r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < T * kTile; ++j)
-        y[(r0 + r) * p.n + tile * kTile + j] = static_cast<O>(block[r * T * kTile + j]);
     r0 += rows;
   }
 }
