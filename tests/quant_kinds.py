@@ -1,6 +1,7 @@
 """Which quantized layer kinds a test expects: torch's kernels name theirs by kernel ("int4 g32",
 "int8 per channel", "w8a8 int8 (fbgemm)"); pagoda's own CPU kernel runs every integer weight as a
-VnniLinear of the same width ("int4 g32 (pagoda VNNI, int16 activations)"; int8 for W8A8)."""
+VnniLinear of the same width ("int4 g32 (pagoda VNNI, int16 activations)"; W8A8 as "int8 per
+channel (pagoda VNNI[, AMX], int8 activations per token)")."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ def assert_kinds(layers: Iterable[QuantizedLinear], torch_kinds: set[str]) -> No
         assert len(kinds) == 1 and kinds <= {"fp8", "fp8 (pagoda, dequantized per tile)"}, kinds
     elif native_kernels():
         width = {"int4" if k.startswith("int4") else "int8" for k in torch_kinds}
-        acts = "int8" if torch_kinds == {"w8a8 int8 (fbgemm)"} else "int16"
+        acts = "int8 activations per token" if torch_kinds == {"w8a8 int8 (fbgemm)"} else "int16 activations"
         assert {k.split()[0] for k in kinds} == width, kinds
-        assert all(k.endswith(f"(pagoda VNNI, {acts} activations)") for k in kinds), kinds
+        assert all(k.startswith(f"{w} ") and k.endswith(f"{acts})") for k in kinds for w in width), kinds
     else:
         assert kinds == torch_kinds

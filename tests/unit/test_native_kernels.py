@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from pagoda.engine.config import cpu_flags
 from pagoda.engine.quantization import native
 from pagoda.engine.quantization.linear import make_linear
 from pagoda.engine.quantization.vnni import VnniLinear, rounded_activations
@@ -75,6 +76,25 @@ def test_fp8_kernel_decodes_every_code(kernels: str) -> None:
     assert torch.equal(layer.dequantized_weight(), w)
     x = torch.randn(9, 24)
     torch.testing.assert_close(layer(x), x @ w.t(), rtol=1e-5, atol=1e-5 * float((x @ w.t()).abs().max()))
+
+
+def test_w8a8_takes_one_scale_per_token() -> None:
+    """A W8A8 layer (per-channel int8 weights) quantizes each row of activations with one scale, as
+    its checkpoint declares. On AMX CPUs 4 rows or more run on AMX tiles and fewer on VNNI: both
+    give the same bits for a row, since the integer sums are exact."""
+    assert torch.ops.pagoda_cpu.amx() == ("amx_int8" in cpu_flags() and "amx_tile" in cpu_flags())
+    base = _qw(40, 192, 8, 192, signed=True, offset=False, seed=5)
+    qw = QuantizedWeight(base.codes, base.scale, None, 8, act="int8")
+    layer = make_linear(qw, None, torch.device("cpu"), torch.float32)
+    assert isinstance(layer, VnniLinear) and layer.group == 192 and "per token" in layer.kind
+    x = torch.randn(21, 192)
+    y = layer(x)
+    want = rounded_activations(x, 192) @ qw.dequantize().t()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    for rows in (1, 3, 5, 16):  # VNNI, then AMX where the CPU has it
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(rows)])
+        assert torch.equal(layer(x[:rows]), alone)
+        assert torch.equal(layer(x[:rows]), y[:rows])
 
 
 def test_rows_look_up_the_packed_codes() -> None:

@@ -118,7 +118,8 @@ def test_w8a8_and_fp8_layers(kernels: str) -> None:
     int8 = _qw(32, 128, 8, 128, signed=True, offset=False)
     qw = QuantizedWeight(int8.codes, int8.scale, None, 8, act="int8")
     picked = make_linear(qw, None, torch.device("cpu"), torch.float32).kind
-    native = "int8 g128 (pagoda VNNI, int8 activations)"
+    isa = "VNNI, AMX" if torch.ops.pagoda_cpu.amx() else "VNNI"
+    native = f"int8 per channel (pagoda {isa}, int8 activations per token)"
     assert picked == (native if kernels == "native" else "w8a8 int8 (fbgemm)")
     x = torch.randn(4, 128)
     ref = x @ int8.dequantize().t()

@@ -2,19 +2,19 @@
 which multiplies them against activations quantized per row and group at call time: one layer for
 GGUF Q4_0/Q4_1/Q8_0 and K-quant codes, compressed-tensors W4A16/W8A16 and W8A8, GPTQ and AWQ.
 
-- W8A8 layers (and every layer with PAGODA_INT8_ACTIVATIONS=1) quantize activations to 8 bits, as
-  llama.cpp runs its Q4/Q8 blocks against Q8 activations: ~1% error per layer.
-- Weight-only layers quantize them to 16 bits (two int8 digits): finer than bfloat16 (1/32639 of
-  the block's peak against bfloat16's 1/256 of each value), at twice the integer products.
+- Weight-only layers quantize them to 16 bits (two int8 digits) in blocks of the weight's groups,
+  capped at MAX_ACT_BLOCK inputs: finer than bfloat16 (1/32639 of the block's peak against
+  bfloat16's 1/256 of each value), at twice the integer products.
+- W8A8 layers quantize them to 8 bits per token, the scheme the checkpoint declares (per-channel
+  weights; grouped ones take blocks as above). One integer sum then covers a whole row, which AMX
+  CPUs compute in tiles of 16 rows x 16 outputs x 64 inputs.
+- PAGODA_INT8_ACTIVATIONS=1 gives weight-only layers 8 bits in blocks, as llama.cpp runs its Q4/Q8
+  blocks against Q8 activations: ~1% error per layer.
 
 The weight is packed once into tiles of 16 outputs (the kernel's layout, described in qgemm.cpp):
 unsigned codes u (signed ones shifted up by `zero_code`), w = scale * (u - zero_code) + offset.
 Scales and offsets are kept in the narrowest dtype that holds them exactly (GGUF's are float16,
 compressed-tensors' bfloat16), so resident memory is the file's.
-
-Activations are quantized in blocks of the weight's groups, capped at MAX_ACT_BLOCK inputs (a
-per-channel weight's scales are repeated to that block): finer than W8A8's per-token scale, so a
-W8A8 checkpoint runs at least as accurately as on servers with per-token int8 GEMMs.
 """
 
 from __future__ import annotations
@@ -111,7 +111,9 @@ class VnniLinear(QuantizedLinear):
         if act_bits not in (8, 16):
             raise ValueError(f"activations of 8 or 16 bits, not {act_bits}")
         self.act_bits = act_bits
-        block = act_block(qw)
+        per_token = act_bits == 8 and qw.act == "int8" and qw.group_size == qw.in_features
+        per_token = per_token and qw.in_features % 4 == 0
+        block = qw.in_features if per_token else act_block(qw)
         if block is None or qw.is_float or qw.bits > 8:
             raise ValueError(f"the CPU kernel does not take {qw.bits}-bit groups of {qw.group_size}")
         self.bits = 4 if qw.bits <= 4 else 8
@@ -128,7 +130,11 @@ class VnniLinear(QuantizedLinear):
         self.scale = _per_tile(qw.scale, rows, dtype)
         self.offset = None if qw.offset is None else _per_tile(qw.offset, rows, dtype)
         self.group = block
-        self.kind = f"int{self.bits} g{block} (pagoda VNNI, int{act_bits} activations)"
+        if per_token:
+            isa = "VNNI, AMX" if self.bits == 8 and torch.ops.pagoda_cpu.amx() else "VNNI"
+            self.kind = f"int{self.bits} per channel (pagoda {isa}, int8 activations per token)"
+        else:
+            self.kind = f"int{self.bits} g{block} (pagoda VNNI, int{act_bits} activations)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

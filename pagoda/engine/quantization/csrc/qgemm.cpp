@@ -16,6 +16,13 @@
 // the weights twice from L1 instead of 16 times from memory.
 #include "common.h"
 
+#ifdef PAGODA_VNNI
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#if defined(PAGODA_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define PAGODA_AMX 1
+#endif
 
 namespace {
 
@@ -38,6 +45,19 @@ struct QuantizedActs {
 
 #ifdef PAGODA_VNNI
 
+// Whether this process may use AMX: Linux grants the tile state on request, once per process.
+bool amx_ready() {
+#ifdef PAGODA_AMX
+  static const bool ok = [] {
+    constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 inline __m512 load_row16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
 inline __m512 load_row16(const at::BFloat16* p, __mmask16 mask) {
   const __m256i half = _mm256_maskz_loadu_epi16(mask, p);
@@ -46,9 +66,10 @@ inline __m512 load_row16(const at::BFloat16* p, __mmask16 mask) {
 
 // Vectorized, 16 inputs at a time (a masked tail for groups that are not multiples of 16):
 // the peak, then codes rounded to nearest even (the default MXCSR mode, as torch.round).
+// `rows` >= m: AMX reads rows 16 at a time, and the rows past m stay zero.
 template <int DIGITS, typename T>
-QuantizedActs quantize_acts(const T* x, int64_t m, int64_t k, int64_t group) {
-  const int64_t groups = k / group, rows = m;
+QuantizedActs quantize_acts(const T* x, int64_t m, int64_t rows, int64_t k, int64_t group) {
+  const int64_t groups = k / group;
   const float levels = DIGITS == 2 ? static_cast<float>(kLevels16) : 127.f;
   QuantizedActs a{rows, k, std::vector<int8_t>(DIGITS * rows * k), std::vector<float>(m * groups),
                   std::vector<float>(m * groups)};
@@ -195,7 +216,7 @@ void tile_rows(const Problem& p, int64_t tile, int64_t m, O* y) {
 }
 
 template <int BITS, int DIGITS, typename S, typename O>
-void gemm(const Problem& p, int64_t m, O* y) {
+void vnni_gemm(const Problem& p, int64_t m, O* y) {
   const int64_t tiles = p.n / kTile;
   // two tiles at a time when several rows share them (one activation broadcast feeds both)
   if (m >= 2) {
@@ -215,6 +236,82 @@ void gemm(const Problem& p, int64_t m, O* y) {
   });
 }
 
+#ifdef PAGODA_AMX
+// AMX for 8-bit weights against activations with one scale per row (W8A8's per-token scheme, per
+// channel weights): one integer sum per output over all the inputs, so each 16 x 16 block of sums
+// leaves the tiles once (with a scale per group of inputs, the stores per group cost more than
+// VNNI's products: measured). 16 chunks of 8-bit codes are a B tile as they lie.
+constexpr int64_t kAmxMinRows = 4;  // fewer rows run on VNNI; both give the same bits
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tile 0: int32 sums [16 rows][16 outputs]; 1: 16 rows x 64 inputs of x; 2: the weights of those
+// inputs, 16 rows of [16 outputs][4 inputs].
+inline void configure_tiles() {
+  alignas(64) TileConfig cfg;
+  for (int t = 0; t < 3; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  // GCC does not see ldtilecfg read the struct and drops the stores above without this
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+template <typename S, typename O>
+void amx_gemm(const Problem& p, int64_t m, O* y) {
+  const QuantizedActs& a = *p.acts;
+  at::parallel_for(0, p.n / kTile, 1, [&](int64_t t0, int64_t t1) {
+    configure_tiles();
+    alignas(64) int32_t sums[16 * kTile];
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* w = p.w + t * p.chunks_per_tile * 64;
+      __m512 sc, off;
+      group_scales<S>(p, t, 0, sc, off);
+      for (int64_t r0 = 0; r0 < m; r0 += 16) {
+        _tile_zero(0);
+        for (int64_t i = 0; i < p.k; i += 64) {
+          _tile_loadd(1, a.digit(0) + r0 * p.k + i, p.k);
+          _tile_loadd(2, w + i * kTile, 64);
+          _tile_dpbsud(0, 1, 2);
+        }
+        _tile_stored(0, sums, 64);
+        for (int64_t r = 0; r < std::min<int64_t>(16, m - r0); ++r) {
+          const __m512i dot = _mm512_load_si512(sums + r * kTile);
+          const __m512 v = add_group<1>(&dot, sc, off, a.scale[r0 + r], a.sum[r0 + r], _mm512_setzero_ps());
+          store16(y + (r0 + r) * p.n + t * kTile, v);
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+// Whether qgemm takes the AMX path for these weights and rows.
+bool use_amx(int64_t bits, int64_t act_bits, int64_t groups, int64_t k, int64_t m) {
+  return bits == 8 && act_bits == 8 && groups == 1 && k % 64 == 0 && m >= kAmxMinRows && amx_ready();
+}
+#else
+bool use_amx(int64_t, int64_t, int64_t, int64_t, int64_t) { return false; }
+#endif  // PAGODA_AMX
+
+template <int BITS, int DIGITS, typename S, typename O>
+void gemm(const Problem& p, int64_t m, bool amx, O* y) {
+#ifdef PAGODA_AMX
+  if constexpr (BITS == 8 && DIGITS == 1) {
+    if (amx) {
+      amx_gemm<S>(p, m, y);
+      return;
+    }
+  }
+#endif
+  vnni_gemm<BITS, DIGITS, S>(p, m, y);
+}
+
 #endif  // PAGODA_VNNI
 
 // y[m, n] = x[m, k] @ W^T for the packed W (see the top of this file), with x quantized to
@@ -225,22 +322,24 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor
 #ifdef PAGODA_VNNI
   const PackedWeight w = packed_weight(x, packed, scale, offset, bits, group, zero_code, "qgemm");
   TORCH_CHECK(act_bits == 8 || act_bits == 16, "qgemm: act_bits must be 8 or 16");
-  TORCH_CHECK(group <= 128, "qgemm: activation groups of at most 128 (16-bit sums must fit int32)");
+  TORCH_CHECK(act_bits == 8 || group <= 128, "qgemm: 16-bit activations in groups of at most 128");
   const int64_t m = x.size(0), k = w.k;
   at::Tensor y = at::empty({m, w.n}, x.options());
   if (m == 0) return y;
+  const bool amx = use_amx(bits, act_bits, w.groups, k, m);
+  const int64_t rows = amx ? (m + 15) / 16 * 16 : m;
   auto run = [&](auto digits) {
     constexpr int kDigits = decltype(digits)::value;
     const QuantizedActs acts = x.scalar_type() == at::kFloat
-                                   ? quantize_acts<kDigits>(x.data_ptr<float>(), m, k, group)
-                                   : quantize_acts<kDigits>(x.data_ptr<at::BFloat16>(), m, k, group);
+                                   ? quantize_acts<kDigits>(x.data_ptr<float>(), m, rows, k, group)
+                                   : quantize_acts<kDigits>(x.data_ptr<at::BFloat16>(), m, rows, k, group);
     const Problem p{w, &acts};
     dispatch_weight(scale.scalar_type(), bits, [&](auto b, auto s) {
       constexpr int kBits = decltype(b)::value;
       if (y.scalar_type() == at::kBFloat16) {
-        gemm<kBits, kDigits, decltype(s)>(p, m, y.data_ptr<at::BFloat16>());
+        gemm<kBits, kDigits, decltype(s)>(p, m, amx, y.data_ptr<at::BFloat16>());
       } else {
-        gemm<kBits, kDigits, decltype(s)>(p, m, y.data_ptr<float>());
+        gemm<kBits, kDigits, decltype(s)>(p, m, amx, y.data_ptr<float>());
       }
     });
   };
@@ -255,12 +354,22 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor
 #endif
 }
 
+// Whether qgemm runs per-token 8-bit layers on AMX here (from 4 rows on).
+bool amx() {
+#ifdef PAGODA_VNNI
+  return amx_ready();
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pagoda_cpu, m) {
   m.def(
       "qgemm(Tensor x, Tensor packed, Tensor scale, Tensor? offset, int bits, int group, float zero_code, "
       "int act_bits) -> Tensor");
+  m.def("amx() -> bool", &amx);
 }
 
 TORCH_LIBRARY_IMPL(pagoda_cpu, CPU, m) { m.impl("qgemm", &qgemm); }
