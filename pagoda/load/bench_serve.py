@@ -153,6 +153,7 @@ def run_serve(args: argparse.Namespace) -> int:
             model_path=args.peer_model,
             n_ctx=args.peer_n_ctx,
             n_threads=args.peer_threads,
+            slots=cfg.concurrency or cfg.dataset.num_prompts,
             serve_args=launch or (),
         )
         peer.check()  # fail before the first run, not after it

@@ -156,6 +156,8 @@ def _add_serve_peer_args(peer: argparse._ArgumentGroup) -> None:
         choices=["none", *PEERS, "hf"],
         default="none",
         help="after the run, start this server on a free port, run the same requests, compare; "
+        "llamacpp is llama.cpp's llama-server with -np = --concurrency (make llama-server builds it); "
+        "llama-cpp-python is that package's server, one request at a time; "
         "pagoda-no-prefix-cache is pagoda (with the --launch args) without prefix caching; "
         "hf runs the prompts in-process through transformers' generate_batch and generate",
     )
@@ -166,7 +168,12 @@ def _add_serve_peer_args(peer: argparse._ArgumentGroup) -> None:
         "--hf-max-batch-tokens", type=int, default=512, help="--peer hf: generate_batch tokens per step"
     )
     peer.add_argument("--peer-model", default=None, help="GGUF file for the peer (default: the demo model)")
-    peer.add_argument("--peer-n-ctx", type=int, default=4096, help="peer context length")
+    peer.add_argument(
+        "--peer-n-ctx",
+        type=int,
+        default=4096,
+        help="peer context per stream (llama-server: -c is this times -np, the concurrency)",
+    )
     peer.add_argument("--peer-threads", type=int, default=2, help="peer CPU threads")
 
 

@@ -2,15 +2,20 @@
 the same model, on a free 127.0.0.1 port, so both are measured with the same requests in one run.
 
 A peer is a small object with `start()` (blocks until it answers), `stop()` and `base_url`; it is
-also a context manager. Peers: llama.cpp (through the `llama-cpp-python` package, an optional
-benchmark dependency) and pagoda itself with prefix caching off; HF transformers runs in-process
-instead (pagoda/load/hf_peer.py).
+also a context manager. Peers:
+- `llamacpp`: llama.cpp's own `llama-server`, continuous batching over as many slots as the run's
+  concurrency, the same thread count (`make llama-server` builds it; FACTS: ~20 min on 2 cores);
+- `llama-cpp-python`: the `llama-cpp-python` package's server, which runs one request at a time
+  (a queue at any concurrency: never "llama.cpp" in a comparison);
+- `pagoda-no-prefix-cache`: pagoda itself with prefix caching off.
+HF transformers runs in-process instead (pagoda/load/hf_peer.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,6 +54,32 @@ def free_port(host: str = "127.0.0.1") -> int:
 # Modules `python -m llama_cpp.server` imports beyond llama_cpp itself (the [server] extra).
 _LLAMACPP_MODULES = ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings")
 LLAMACPP_FIX = "pip install 'llama-cpp-python[server]'"
+LLAMA_SERVER_FIX = (
+    "run `make llama-server` (builds llama.cpp's server, about 20 minutes on 2 cores) "
+    "or set PAGODA_LLAMA_SERVER to a llama-server binary"
+)
+
+
+def llama_server_path() -> Path | None:
+    """llama.cpp's `llama-server`: $PAGODA_LLAMA_SERVER, else on PATH, else where `make
+    llama-server` puts it (~/.cache/pagoda/llama.cpp/llama-server)."""
+    if env := os.environ.get("PAGODA_LLAMA_SERVER"):
+        return Path(env)
+    found = shutil.which("llama-server")
+    if found:
+        return Path(found)
+    built = Path.home() / ".cache" / "pagoda" / "llama.cpp" / "llama-server"
+    return built if built.is_file() else None
+
+
+def _gguf_or_demo(model_path: str | None) -> str:
+    if model_path is None:
+        from pagoda.engine.loader import demo_model_path
+
+        model_path = demo_model_path()
+    if not Path(model_path).is_file():
+        raise PeerError(f"--peer-model {model_path!r} is not a file; pass a .gguf file")
+    return model_path
 
 
 class ServerProcess:
@@ -147,21 +178,65 @@ class ServerProcess:
         self.stop()
 
 
-class LlamaCppPeer(ServerProcess):
-    """llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) on a GGUF file.
-
-    The chat template comes from the GGUF's `tokenizer.chat_template` metadata (no --chat_format).
-    The server runs one request at a time (no batching across requests); others wait in line
-    (`--interrupt_requests False`: by default a new request would end the one streaming).
-    """
+class LlamaServerPeer(ServerProcess):
+    """llama.cpp's own server, `llama-server`, on a GGUF file at full strength: `-np` slots (one per
+    concurrent stream, batched continuously), `-c` their total context (llama-server divides it
+    among the slots), `-t`/`-tb` threads. The chat template comes from the GGUF's metadata."""
 
     name = "llama.cpp"
+    ready_path = "/health"
 
     def __init__(
         self,
         model_path: str | None = None,
         n_ctx: int = 4096,
         n_threads: int = 2,
+        slots: int = 1,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        startup_timeout_s: float = 300.0,
+        serve_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(host, port, startup_timeout_s)
+        self.model_path = model_path
+        self.n_ctx = n_ctx  # per slot
+        self.n_threads = n_threads
+        self.slots = max(1, slots)
+        self.binary: Path | None = None
+
+    def command(self) -> list[str]:
+        assert self.model_path and self.port is not None and self.binary is not None
+        return [
+            str(self.binary), "-m", self.model_path, "--host", self.host, "--port", str(self.port),
+            "-np", str(self.slots), "-c", str(self.slots * self.n_ctx),
+            "-t", str(self.n_threads), "-tb", str(self.n_threads),
+        ]  # fmt: skip
+
+    def check(self) -> None:
+        self.binary = llama_server_path()
+        if self.binary is None or not os.access(self.binary, os.X_OK):
+            where = f" ({self.binary} is not executable)" if self.binary else ""
+            raise PeerError(f"--peer llamacpp needs llama.cpp's llama-server{where}: {LLAMA_SERVER_FIX}")
+        self.model_path = _gguf_or_demo(self.model_path)
+
+
+class LlamaCppPythonPeer(ServerProcess):
+    """The `llama-cpp-python` package's OpenAI-compatible server (`python -m llama_cpp.server`) on
+    a GGUF file.
+
+    The chat template comes from the GGUF's `tokenizer.chat_template` metadata (no --chat_format).
+    The server runs one request at a time (no batching across requests); others wait in line
+    (`--interrupt_requests False`: by default a new request would end the one streaming).
+    """
+
+    name = "llama-cpp-python"
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        n_ctx: int = 4096,
+        n_threads: int = 2,
+        slots: int = 1,
         host: str = "127.0.0.1",
         port: int | None = None,
         startup_timeout_s: float = 300.0,
@@ -198,13 +273,8 @@ class LlamaCppPeer(ServerProcess):
     def check(self) -> None:
         missing = [m for m in _LLAMACPP_MODULES if importlib.util.find_spec(m) is None]
         if missing:
-            raise PeerError(f"--peer llamacpp needs llama-cpp-python's server; install it: {LLAMACPP_FIX}")
-        if self.model_path is None:
-            from pagoda.engine.loader import demo_model_path
-
-            self.model_path = demo_model_path()
-        if not Path(self.model_path).is_file():
-            raise PeerError(f"--peer-model {self.model_path!r} is not a file; pass a .gguf file")
+            raise PeerError(f"--peer llama-cpp-python needs its server; install it: {LLAMACPP_FIX}")
+        self.model_path = _gguf_or_demo(self.model_path)
 
 
 class PagodaServer(ServerProcess):
@@ -239,7 +309,11 @@ class PagodaServer(ServerProcess):
 
 
 def pagoda_no_prefix_cache(
-    model_path: str | None = None, n_ctx: int = 4096, n_threads: int = 2, serve_args: Sequence[str] = ()
+    model_path: str | None = None,
+    n_ctx: int = 4096,
+    n_threads: int = 2,
+    slots: int = 1,
+    serve_args: Sequence[str] = (),
 ) -> PagodaServer:
     """pagoda itself with prefix caching off: with --launch, the same server as the target but for
     that one setting, so the TTFT ratio is what prefix caching buys."""
@@ -247,7 +321,8 @@ def pagoda_no_prefix_cache(
 
 
 PEERS: dict[str, Callable[..., Peer]] = {
-    "llamacpp": LlamaCppPeer,
+    "llamacpp": LlamaServerPeer,
+    "llama-cpp-python": LlamaCppPythonPeer,
     "pagoda-no-prefix-cache": pagoda_no_prefix_cache,
 }
 
@@ -257,11 +332,14 @@ def make_peer(
     model_path: str | None = None,
     n_ctx: int = 4096,
     n_threads: int = 2,
+    slots: int = 1,
     serve_args: Sequence[str] = (),
 ) -> Peer:
+    """Peer `name`; `slots` is the run's concurrency (llama-server's -np), `n_ctx` each slot's
+    context."""
     try:
         cls = PEERS[name]
     except KeyError:
         raise PeerError(f"--peer {name!r}: choose one of {', '.join(PEERS)}") from None
     extra = {"serve_args": serve_args} if serve_args else {}  # only --launch gives any
-    return cls(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, **extra)
+    return cls(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, slots=slots, **extra)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -13,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import uvicorn
@@ -24,7 +27,7 @@ from starlette.routing import Route
 from pagoda.load import peers
 from pagoda.load.bench_serve import compare, format_comparison
 from pagoda.load.datasets import DatasetSpec, load_dataset
-from pagoda.load.peers import LlamaCppPeer, PeerError
+from pagoda.load.peers import LlamaCppPythonPeer, LlamaServerPeer, PeerError
 from pagoda.load.serve_runner import RequestRecord, ServeConfig, parse_slo, run_benchmark, summarize
 from pagoda.services.cli.main import main
 
@@ -348,10 +351,14 @@ def test_compare_ratios_and_table() -> None:
     assert line.split()[-1] == "-"
 
 
-def test_llamacpp_command_and_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_llama_cpp_python_command_and_missing_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    cmd = LlamaCppPeer(model_path=str(gguf), n_ctx=2048, n_threads=2, port=1234).command()
+    peer = LlamaCppPythonPeer(model_path=str(gguf), n_ctx=2048, n_threads=2, port=1234)
+    assert peer.name == "llama-cpp-python"  # one request at a time: never called llama.cpp
+    cmd = peer.command()
     assert cmd[1:3] == ["-m", "llama_cpp.server"]
     flags = dict(zip(cmd[3::2], cmd[4::2], strict=True))
     assert flags["--model"] == str(gguf) and flags["--port"] == "1234" and flags["--host"] == "127.0.0.1"
@@ -364,30 +371,94 @@ def test_llamacpp_command_and_missing_package(monkeypatch: pytest.MonkeyPatch, t
         peers.importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a)
     )
     with pytest.raises(PeerError, match=r"pip install 'llama-cpp-python\[server\]'"):
-        LlamaCppPeer(model_path=str(gguf)).start()
+        LlamaCppPythonPeer(model_path=str(gguf)).start()
+
+
+STUB_LLAMA_SERVER = """#!{python}
+# stands in for llama.cpp's llama-server: records its argv, answers /health, stops on SIGTERM
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+open({argv_file!r}, "w").write(json.dumps(sys.argv[1:]))
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Health(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+        self.wfile.write(b'{{"status": "ok"}}')
+    def log_message(self, *args):
+        pass
+HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+
+def test_llama_server_peer_runs_at_full_strength(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--peer llamacpp` is llama.cpp's own server: one slot per concurrent stream, their total
+    context, the same threads (a stub binary stands in: a real build takes ~20 minutes)."""
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    argv_file = tmp_path / "argv.json"
+    stub = tmp_path / "llama-server"
+    stub.write_text(STUB_LLAMA_SERVER.format(python=sys.executable, argv_file=str(argv_file)))
+    stub.chmod(0o755)
+    monkeypatch.setenv("PAGODA_LLAMA_SERVER", str(stub))
+    peer = peers.make_peer("llamacpp", model_path=str(gguf), n_ctx=1024, n_threads=2, slots=16)
+    assert isinstance(peer, LlamaServerPeer) and peer.name == "llama.cpp"
+    with peer:
+        assert httpx.get(peer.base_url + "/health").status_code == 200
+        proc = peer._proc
+        assert proc is not None
+    assert proc.poll() is not None  # stopped
+    got = json.loads(argv_file.read_text())
+    flags = dict(zip(got[::2], got[1::2], strict=True))
+    assert flags["-m"] == str(gguf) and flags["--port"] == peer.base_url.rsplit(":", 1)[1]
+    assert (flags["-np"], flags["-c"], flags["-t"], flags["-tb"]) == ("16", str(16 * 1024), "2", "2")
+
+
+def test_llama_server_missing_names_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("PAGODA_LLAMA_SERVER", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert peers.llama_server_path() is None
+    with pytest.raises(PeerError, match="make llama-server"):
+        LlamaServerPeer().check()
+    monkeypatch.setenv("PAGODA_LLAMA_SERVER", str(tmp_path / "nowhere"))
+    with pytest.raises(PeerError, match="is not executable"):
+        LlamaServerPeer().check()
+
+
+def test_make_llama_server_builds_for_this_cpu(tmp_path: Path) -> None:
+    """`make llama-server` (a dry run here) builds llama.cpp's server target, static, for this CPU,
+    where llama_server_path() finds it."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        ["make", "-n", "-C", str(root), "llama-server", f"HOME={tmp_path}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "--target llama-server" in out and "-DGGML_NATIVE=ON" in out and "-DBUILD_SHARED_LIBS=OFF" in out
+    assert f"{tmp_path}/.cache/pagoda/llama.cpp/llama-server" in out
 
 
 def test_cli_missing_peer_fails_before_running(
     fake: tuple[FakeOpenAI, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server, url = fake
-    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(peers, "llama_server_path", lambda: None)
     argv = ["bench", "serve", "--base-url", url, "--peer", "llamacpp", "--num-prompts", "2", "--json"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "pip install 'llama-cpp-python[server]'" in err
+    assert len(err.splitlines()) == 1 and "make llama-server" in err
     assert server.bodies == []  # nothing was sent
 
 
 class FakePeer:
-    """Stands in for LlamaCppPeer: "starts" by pointing at the test's fake server."""
+    """Stands in for a peer server: "starts" by pointing at the test's fake server."""
 
     name = "fakepeer"
     url = ""
     events: list[str] = []  # noqa: RUF012
 
-    def __init__(self, model_path: str | None, n_ctx: int, n_threads: int) -> None:
-        self.events.append(f"init n_ctx={n_ctx} n_threads={n_threads}")
+    def __init__(self, model_path: str | None, n_ctx: int, n_threads: int, slots: int) -> None:
+        self.events.append(f"init n_ctx={n_ctx} n_threads={n_threads} slots={slots}")
 
     @property
     def base_url(self) -> str:
@@ -434,7 +505,7 @@ def test_cli_with_fake_peer(
     ]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    assert FakePeer.events == ["init n_ctx=1024 n_threads=2", "check", "start", "stop"]
+    assert FakePeer.events == ["init n_ctx=1024 n_threads=2 slots=2", "check", "start", "stop"]
     assert out["pagoda"]["completed"] == 3 and out["peer"]["completed"] == 3
     assert out["peer"]["name"] == "fakepeer"
     assert out["comparison"]["Output token throughput (tok/s)"]["ratio"] > 0
