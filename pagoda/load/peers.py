@@ -178,13 +178,9 @@ class ServerProcess:
         self.stop()
 
 
-class LlamaServerPeer(ServerProcess):
-    """llama.cpp's own server, `llama-server`, on a GGUF file at full strength: `-np` slots (one per
-    concurrent stream, batched continuously), `-c` their total context (llama-server divides it
-    among the slots), `-t`/`-tb` threads. The chat template comes from the GGUF's metadata."""
-
-    name = "llama.cpp"
-    ready_path = "/health"
+class GgufServerPeer(ServerProcess):
+    """A server of llama.cpp's family on a GGUF file (the demo's by default): `n_ctx` tokens of
+    context per stream, `n_threads` CPU threads, `slots` concurrent streams."""
 
     def __init__(
         self,
@@ -199,10 +195,19 @@ class LlamaServerPeer(ServerProcess):
     ) -> None:
         super().__init__(host, port, startup_timeout_s)
         self.model_path = model_path
-        self.n_ctx = n_ctx  # per slot
+        self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.slots = max(1, slots)
-        self.binary: Path | None = None
+
+
+class LlamaServerPeer(GgufServerPeer):
+    """llama.cpp's own server, `llama-server`, on a GGUF file at full strength: `-np` slots (one per
+    concurrent stream, batched continuously), `-c` their total context (llama-server divides it
+    among the slots), `-t`/`-tb` threads. The chat template comes from the GGUF's metadata."""
+
+    name = "llama.cpp"
+    ready_path = "/health"
+    binary: Path | None = None  # found by check()
 
     def command(self) -> list[str]:
         assert self.model_path and self.port is not None and self.binary is not None
@@ -220,7 +225,7 @@ class LlamaServerPeer(ServerProcess):
         self.model_path = _gguf_or_demo(self.model_path)
 
 
-class LlamaCppPythonPeer(ServerProcess):
+class LlamaCppPythonPeer(GgufServerPeer):
     """The `llama-cpp-python` package's OpenAI-compatible server (`python -m llama_cpp.server`) on
     a GGUF file.
 
@@ -230,22 +235,6 @@ class LlamaCppPythonPeer(ServerProcess):
     """
 
     name = "llama-cpp-python"
-
-    def __init__(
-        self,
-        model_path: str | None = None,
-        n_ctx: int = 4096,
-        n_threads: int = 2,
-        slots: int = 1,
-        host: str = "127.0.0.1",
-        port: int | None = None,
-        startup_timeout_s: float = 300.0,
-        serve_args: Sequence[str] = (),
-    ) -> None:
-        super().__init__(host, port, startup_timeout_s)
-        self.model_path = model_path
-        self.n_ctx = n_ctx
-        self.n_threads = n_threads
 
     def command(self) -> list[str]:
         assert self.model_path and self.port is not None
