@@ -62,23 +62,22 @@ lock:
 
 # llama.cpp's own server, the peer of `pagoda bench serve --peer llamacpp` (a benchmark peer,
 # not part of pagoda): built for this CPU from the llama.cpp tree that the llama-cpp-python sdist
-# ships, into ~/.cache/pagoda/llama.cpp (about 20 minutes on 2 cores).
+# ships, in ~/.cache/pagoda/llama.cpp (about 20 minutes on 2 cores). The build tree stays there:
+# the binary finds its libraries in it.
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
-LLAMA_SERVER := $(HOME)/.cache/pagoda/llama.cpp/llama-server
-LLAMA_BUILD := .llama-build
+LLAMA_DIR := $(HOME)/.cache/pagoda/llama.cpp
+LLAMA_SERVER := $(LLAMA_DIR)/build/bin/llama-server
 
 llama-server: $(LLAMA_SERVER)
 
 $(LLAMA_SERVER):
-	rm -rf $(LLAMA_BUILD) && mkdir -p $(LLAMA_BUILD)
-	$(PYTHON) -m pip download -q --no-deps --no-binary :all: $(LLAMA_CPP_PYTHON) -d $(LLAMA_BUILD)
-	tar xzf $(LLAMA_BUILD)/*.tar.gz -C $(LLAMA_BUILD)
-	cmake -S $(LLAMA_BUILD)/llama_cpp_python-*/vendor/llama.cpp -B $(LLAMA_BUILD)/out \
-	  -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF \
+	rm -rf $(LLAMA_DIR) && mkdir -p $(LLAMA_DIR)
+	$(PYTHON) -m pip download -q --no-deps --no-binary :all: $(LLAMA_CPP_PYTHON) -d $(LLAMA_DIR)
+	tar xzf $(LLAMA_DIR)/*.tar.gz -C $(LLAMA_DIR) && rm $(LLAMA_DIR)/*.tar.gz
+	cmake -S $(LLAMA_DIR)/llama_cpp_python-*/vendor/llama.cpp -B $(LLAMA_DIR)/build \
+	  -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
 	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
-	cmake --build $(LLAMA_BUILD)/out --target llama-server -j $$(nproc)
-	mkdir -p $(dir $(LLAMA_SERVER)) && cp $(LLAMA_BUILD)/out/bin/llama-server $(LLAMA_SERVER)
-	rm -rf $(LLAMA_BUILD)
+	cmake --build $(LLAMA_DIR)/build --target llama-server -j $$(nproc)
 
 clean:
-	rm -rf $(VENV) .lock-venv .mypy_cache .ruff_cache .pytest_cache $(LLAMA_BUILD)
+	rm -rf $(VENV) .lock-venv .mypy_cache .ruff_cache .pytest_cache

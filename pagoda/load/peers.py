@@ -62,13 +62,13 @@ LLAMA_SERVER_FIX = (
 
 def llama_server_path() -> Path | None:
     """llama.cpp's `llama-server`: $PAGODA_LLAMA_SERVER, else on PATH, else where `make
-    llama-server` puts it (~/.cache/pagoda/llama.cpp/llama-server)."""
+    llama-server` builds it (~/.cache/pagoda/llama.cpp/build/bin/llama-server)."""
     if env := os.environ.get("PAGODA_LLAMA_SERVER"):
         return Path(env)
     found = shutil.which("llama-server")
     if found:
         return Path(found)
-    built = Path.home() / ".cache" / "pagoda" / "llama.cpp" / "llama-server"
+    built = Path.home() / ".cache" / "pagoda" / "llama.cpp" / "build" / "bin" / "llama-server"
     return built if built.is_file() else None
 
 

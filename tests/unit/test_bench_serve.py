@@ -427,15 +427,23 @@ def test_llama_server_missing_names_the_fix(monkeypatch: pytest.MonkeyPatch, tmp
 
 
 def test_make_llama_server_builds_for_this_cpu(tmp_path: Path) -> None:
-    """`make llama-server` (a dry run here) builds llama.cpp's server target, static, for this CPU,
-    where llama_server_path() finds it."""
+    """`make llama-server` (a dry run here) builds llama.cpp's server target for this CPU where
+    llama_server_path() finds it."""
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
         ["make", "-n", "-C", str(root), "llama-server", f"HOME={tmp_path}"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    assert "--target llama-server" in out and "-DGGML_NATIVE=ON" in out and "-DBUILD_SHARED_LIBS=OFF" in out
-    assert f"{tmp_path}/.cache/pagoda/llama.cpp/llama-server" in out
+    assert "--target llama-server" in out and "-DGGML_NATIVE=ON" in out
+    built = tmp_path / ".cache/pagoda/llama.cpp/build/bin/llama-server"
+    assert f"-B {tmp_path}/.cache/pagoda/llama.cpp/build" in out
+    built.parent.mkdir(parents=True)
+    built.write_text("#!/bin/sh\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("PAGODA_LLAMA_SERVER", raising=False)
+        mp.setenv("PATH", str(tmp_path))
+        mp.setenv("HOME", str(tmp_path))
+        assert peers.llama_server_path() == built
 
 
 def test_cli_missing_peer_fails_before_running(
