@@ -63,10 +63,13 @@ lock:
 # llama.cpp's own server, the peer of `pagoda bench serve --peer llamacpp` (a benchmark peer,
 # not part of pagoda): built for this CPU from the llama.cpp tree that the llama-cpp-python sdist
 # ships, in ~/.cache/pagoda/llama.cpp (about 20 minutes on 2 cores). The build tree stays there:
-# the binary finds its libraries in it.
+# the binary finds its libraries in it. Its AMX kernels are left out: built with GCC 12 they fault
+# in ldtilecfg (GCC drops the stores into the tile configuration it loads; seen in pagoda's own
+# kernel too, docs/perf.md), so on AMX CPUs llama-server crashes on its first matmul.
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 LLAMA_DIR := $(HOME)/.cache/pagoda/llama.cpp
 LLAMA_SERVER := $(LLAMA_DIR)/build/bin/llama-server
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 
 llama-server: $(LLAMA_SERVER)
 
@@ -76,7 +79,8 @@ $(LLAMA_SERVER):
 	tar xzf $(LLAMA_DIR)/*.tar.gz -C $(LLAMA_DIR) && rm $(LLAMA_DIR)/*.tar.gz
 	cmake -S $(LLAMA_DIR)/llama_cpp_python-*/vendor/llama.cpp -B $(LLAMA_DIR)/build \
 	  -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
+	  "-DCMAKE_C_FLAGS=$(NO_AMX)" "-DCMAKE_CXX_FLAGS=$(NO_AMX)"
 	cmake --build $(LLAMA_DIR)/build --target llama-server -j $$(nproc)
 
 clean:
