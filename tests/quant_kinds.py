@@ -10,14 +10,22 @@ from collections.abc import Iterable
 from pagoda.engine.quantization.linear import QuantizedLinear, native_kernels
 
 
+def weight_only_acts() -> str:
+    """How pagoda's kernel names the activations of a weight-only layer here (the kind's end)."""
+    import torch
+
+    amx = bool(torch.ops.pagoda_cpu.amx())
+    return "int16 activations" + (", prompts bf16 on AMX)" if amx else ")")
+
+
 def assert_kinds(layers: Iterable[QuantizedLinear], torch_kinds: set[str]) -> None:
     kinds = {m.kind for m in layers}
     if torch_kinds == {"fp8"}:  # fp8 is dequantized per tile on either kernel
         assert len(kinds) == 1 and kinds <= {"fp8", "fp8 (pagoda, dequantized per tile)"}, kinds
     elif native_kernels():
         width = {"int4" if k.startswith("int4") else "int8" for k in torch_kinds}
-        acts = "int8 activations per token" if torch_kinds == {"w8a8 int8 (fbgemm)"} else "int16 activations"
+        acts = "int8 activations per token)" if torch_kinds == {"w8a8 int8 (fbgemm)"} else weight_only_acts()
         assert {k.split()[0] for k in kinds} == width, kinds
-        assert all(k.startswith(f"{w} ") and k.endswith(f"{acts})") for k in kinds for w in width), kinds
+        assert all(k.startswith(f"{w} ") and k.endswith(acts) for k in kinds for w in width), kinds
     else:
         assert kinds == torch_kinds

@@ -17,14 +17,12 @@ from pagoda.engine.loader.gguf_file import GgufFile
 from pagoda.engine.loader.gguf_loader import dequantize_tensor, hf_name, unpermute_rope_rows
 from pagoda.engine.quantization.embedding import QuantizedEmbedding, TiedEmbedding
 from pagoda.engine.quantization.linear import QuantizedLinear
+from tests.quant_kinds import weight_only_acts
 from tests.tiny_gguf import write_tiny_llama_gguf
 from tests.tiny_models import VOCAB
 
 Q = GGMLQuantizationType
 PROMPTS = [[256, *range(40, 70)], [256, 7, 8, 9]]
-
-
-NATIVE = "(pagoda VNNI, int16 activations)"
 
 
 @pytest.mark.parametrize(
@@ -47,8 +45,9 @@ def test_gguf_served_packed_matches_dequantized(
     model = packed.engine.model
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     if kernels == "native":  # the tied head too, and the embedding reads the head's codes
-        kind = f"{kind.split()[0]} g32 {NATIVE}"
-        head = f"int8 g{16 if embedding == Q.Q6_K else 32} {NATIVE}"
+        native = f"(pagoda VNNI, {weight_only_acts()}"
+        kind = f"{kind.split()[0]} g32 {native}"
+        head = f"int8 g{16 if embedding == Q.Q6_K else 32} {native}"
         assert len(linears) == 2 * 4 + 1 and {m.kind for m in linears} == {kind, head}
         assert isinstance(model.embed_tokens, TiedEmbedding) and model.lm_head.kind == head
     else:

@@ -12,7 +12,7 @@ import torch
 from pagoda.engine.config import cpu_flags
 from pagoda.engine.quantization import native
 from pagoda.engine.quantization.linear import make_linear
-from pagoda.engine.quantization.vnni import VnniLinear, rounded_activations
+from pagoda.engine.quantization.vnni import VnniLinear, prompt_rows, rounded_activations
 from pagoda.engine.quantization.weights import QuantizedWeight
 from tests.unit.test_quantized_linears import _qw
 
@@ -95,6 +95,32 @@ def test_w8a8_takes_one_scale_per_token() -> None:
         alone = torch.cat([layer(x[i : i + 1]) for i in range(rows)])
         assert torch.equal(layer(x[:rows]), alone)
         assert torch.equal(layer(x[:rows]), y[:rows])
+
+
+def test_prompt_rows_run_in_bf16_on_amx() -> None:
+    """In a bf16 model on an AMX CPU, a weight-only layer computes the step's prompt rows as a dense
+    bf16 model would (the tile dequantized to bf16: csrc/wgemm.cpp) and the generated rows with
+    16-bit activations; elsewhere every row takes 16-bit activations."""
+    qw = _weight(4, 40, 192, 32, torch.float16, True)
+    layer = VnniLinear(qw, None, 16)
+    amx = bool(torch.ops.pagoda_cpu.amx())
+    assert layer.prompt_kernel == amx
+    assert layer.kind.endswith(", prompts bf16 on AMX)" if amx else "activations)")
+    x = torch.randn(21, 192).bfloat16()
+    with prompt_rows(5):
+        y = layer(x)
+    assert torch.equal(y[:5], layer(x[:5]))  # generated rows: 16-bit activations, as outside
+    if not amx:
+        assert torch.equal(y, layer(x))
+        return
+    dense = (x.float() @ qw.dequantize().bfloat16().float().t()).bfloat16()
+    torch.testing.assert_close(y[5:], dense[5:], rtol=0.01, atol=0.01 * float(dense.abs().max()))
+    assert not torch.equal(y[5:], layer(x)[5:])  # another kernel than the generated rows'
+    with prompt_rows(0):  # row by row, the same bits: batch-invariant
+        assert torch.equal(torch.cat([layer(x[i : i + 1]) for i in range(5, 21)]), y[5:])
+    with prompt_rows(0):  # a float32 model keeps 16-bit activations for its prompts
+        in_float = layer(x.float())
+    assert torch.equal(in_float, layer(x.float()))
 
 
 def test_rows_look_up_the_packed_codes() -> None:

@@ -13,6 +13,7 @@ from pagoda.engine.quantization.gguf import gguf_quantized_weight
 from pagoda.engine.quantization.linear import make_linear
 from pagoda.engine.quantization.vnni import act_block, rounded_activations
 from pagoda.engine.quantization.weights import QuantizedWeight, concat_rows
+from tests.quant_kinds import weight_only_acts
 
 Q = GGMLQuantizationType
 
@@ -86,7 +87,7 @@ def test_quantized_linear_multiplies_by_its_weight(case: str, dtype: torch.dtype
     block = act_block(qw)
     if kernels == "native":
         assert block is not None
-        kind = f"int{4 if qw.bits <= 4 else 8} g{block} (pagoda VNNI, int16 activations)"
+        kind = f"int{4 if qw.bits <= 4 else 8} g{block} (pagoda VNNI, {weight_only_acts()}"
     bias = torch.randn(qw.out_features)
     layer = make_linear(qw, bias.to(dtype), torch.device("cpu"), dtype)
     assert layer.kind == kind

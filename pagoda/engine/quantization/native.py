@@ -1,12 +1,13 @@
-"""pagoda's own CPU kernels (csrc/: qgemm.cpp, fp8.cpp), built on first use with the machine's compiler for
-the machine's own instruction set (`-march=native`) and cached under ~/.cache/pagoda/kernels (or
-$PAGODA_KERNEL_CACHE), one build per source and CPU: the ops torch ships for quantized weights
-dequantize per row (int4pack) or requantize activations in several passes (fbgemm, oneDNN), which
-at 16 rows makes them slower than bf16 (docs/perf.md, issue 16).
+"""pagoda's own CPU kernels (csrc/: qgemm.cpp, wgemm.cpp, fp8.cpp), built on first use with the
+machine's compiler for its own instruction set (`-march=native`) and cached under
+~/.cache/pagoda/kernels (or $PAGODA_KERNEL_CACHE), one build per source and CPU: the ops torch
+ships for quantized weights dequantize per row (int4pack) or requantize activations in several
+passes (fbgemm, oneDNN), which at 16 rows makes them slower than bf16 (docs/perf.md, issue 16).
 
-The kernels need AVX512-VNNI (Cascade Lake and newer Xeons, Zen 4 and newer EPYCs). Where the CPU
-lacks it, or the build fails (no g++), `available()` is False and the quantized layers keep torch's
-kernels; the reason is logged once.
+The kernels need AVX512-VNNI (Cascade Lake and newer Xeons, Zen 4 and newer EPYCs); the AMX paths
+(per-token W8A8, prompt rows of weight-only layers) need AMX too. Where the CPU lacks VNNI, or the
+build fails (no g++), `available()` is False and the quantized layers keep torch's kernels; the
+reason is logged once.
 """
 
 from __future__ import annotations
@@ -106,6 +107,18 @@ def _register_fake() -> None:
         group: int,
         zero_code: float,
         act_bits: int,
+    ) -> torch.Tensor:
+        return x.new_empty(x.shape[0], packed.shape[0] * 16)
+
+    @torch.library.register_fake("pagoda_cpu::wgemm")  # type: ignore[misc]
+    def _w(
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        scale: torch.Tensor,
+        offset: torch.Tensor | None,
+        bits: int,
+        group: int,
+        zero_code: float,
     ) -> torch.Tensor:
         return x.new_empty(x.shape[0], packed.shape[0] * 16)
 

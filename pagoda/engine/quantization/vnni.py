@@ -19,6 +19,9 @@ compressed-tensors' bfloat16), so resident memory is the file's.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from pagoda.engine.quantization.linear import QuantizedLinear
@@ -26,6 +29,23 @@ from pagoda.engine.quantization.weights import QuantizedWeight
 
 TILE = 16  # outputs per tile
 MAX_ACT_BLOCK = 128  # the most inputs that share one activation scale
+
+_prompt_start: int | None = None  # the step's first prompt row (prompt_rows); None: no prompt rows
+
+
+@contextlib.contextmanager
+def prompt_rows(start: int | None) -> Iterator[None]:
+    """Within this context the model's rows from `start` on are prompt tokens (the runner orders
+    generated tokens first). On AMX CPUs, in a bf16 model, weight-only layers compute those rows
+    as a dense bf16 model would, each weight tile dequantized to bf16 once (csrc/wgemm.cpp):
+    prompts of tens to thousands of rows run at AMX speed, and a row's arithmetic still depends
+    only on the row (whether it is a prompt token)."""
+    global _prompt_start
+    previous, _prompt_start = _prompt_start, start
+    try:
+        yield
+    finally:
+        _prompt_start = previous
 
 
 def act_block(qw: QuantizedWeight) -> int | None:
@@ -130,29 +150,39 @@ class VnniLinear(QuantizedLinear):
         self.scale = _per_tile(qw.scale, rows, dtype)
         self.offset = None if qw.offset is None else _per_tile(qw.offset, rows, dtype)
         self.group = block
+        # weight-only layers on AMX CPUs: prompt rows in bf16 on AMX tiles (prompt_rows)
+        self.prompt_kernel = act_bits == 16 and bool(torch.ops.pagoda_cpu.amx())
         if per_token:
             isa = "VNNI, AMX" if self.bits == 8 and torch.ops.pagoda_cpu.amx() else "VNNI"
             self.kind = f"int{self.bits} per channel (pagoda {isa}, int8 activations per token)"
         else:
-            self.kind = f"int{self.bits} g{block} (pagoda VNNI, int{act_bits} activations)"
+            prompts = ", prompts bf16 on AMX" if self.prompt_kernel else ""
+            self.kind = f"int{self.bits} g{block} (pagoda VNNI, int{act_bits} activations{prompts})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.dtype not in (torch.float32, torch.bfloat16):
             rows = rows.float()
-        y = torch.ops.pagoda_cpu.qgemm(
-            rows.contiguous(),
-            self.packed,
-            self.scale,
-            self.offset,
-            self.bits,
-            self.group,
-            self.zero_code,
-            self.act_bits,
-        )
+        rows = rows.contiguous()
+        # prompt rows in bf16 where the model runs in bf16 (float32 asks for 16-bit activations)
+        start = _prompt_start if self.prompt_kernel and rows.dtype == torch.bfloat16 else None
+        if start is None or start >= rows.shape[0]:
+            y = self._qgemm(rows)
+        elif start == 0:
+            y = self._wgemm(rows)
+        else:
+            y = torch.cat([self._qgemm(rows[:start]), self._wgemm(rows[start:])])
         if y.shape[1] != self.out_features:
             y = y[:, : self.out_features]
         return self._finish(y, x)
+
+    def _qgemm(self, rows: torch.Tensor) -> torch.Tensor:
+        args = (self.packed, self.scale, self.offset, self.bits, self.group, self.zero_code)
+        return torch.ops.pagoda_cpu.qgemm(rows, *args, self.act_bits)
+
+    def _wgemm(self, rows: torch.Tensor) -> torch.Tensor:
+        args = (self.packed, self.scale, self.offset, self.bits, self.group, self.zero_code)
+        return torch.ops.pagoda_cpu.wgemm(rows, *args)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Output rows `ids` [n] of the weight, float32 [n, in]: what an embedding tied to this

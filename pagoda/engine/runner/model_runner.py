@@ -13,6 +13,7 @@ import torch
 
 from pagoda.engine.models.layers import use_triton_layers
 from pagoda.engine.models.llama import LlamaForCausalLM
+from pagoda.engine.quantization.vnni import prompt_rows
 from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 from pagoda.engine.runner.compiled_decode import CompiledDecode
 from pagoda.engine.runner.cuda_graphs import DecodeGraphs
@@ -115,8 +116,16 @@ class ModelRunner:
         computed = {c.req_id: c.num_computed_tokens for c in out.cached_requests}
         computed.update({n.req_id: n.num_computed_tokens for n in out.new_requests})
         batch = _FlatBatch(self.block_size, self.device)
-        # decodes (one query token) first, then prefill chunks
-        for rid, n in sorted(out.num_scheduled_tokens.items(), key=lambda kv: kv[1] != 1):
+
+        # decodes (one query token) first, then prefill chunks; among decodes, generated tokens
+        # before one-token prompt chunks, so that prompt tokens are the rows from one index on
+        def order(item: tuple[str, int]) -> tuple[bool, bool]:
+            rid, n = item
+            return n != 1, computed[rid] < self.requests[rid].num_prompt_tokens
+
+        for rid, n in sorted(out.num_scheduled_tokens.items(), key=order):
+            if computed[rid] >= self.requests[rid].num_prompt_tokens:
+                batch.generated_rows += n
             batch.add(rid, self.requests[rid], computed[rid], n)
         return batch
 
@@ -131,7 +140,9 @@ class ModelRunner:
             return self.graphs.replay(input_ids, positions, meta)
         if self.compiled is not None and decode_only:
             return self.compiled(input_ids, positions, meta)
-        return self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        prompt_start = batch.generated_rows if batch.generated_rows < len(batch.ids) else None
+        with prompt_rows(prompt_start):
+            return self.model(input_ids, positions, self.kv_caches, meta, self.backend)
 
     def _sample(self, hidden: torch.Tensor, batch: _FlatBatch) -> RunnerOutput:
         dev = self.device
@@ -172,6 +183,7 @@ class _FlatBatch:
     all_tables: list[list[int]] = field(default_factory=list)
     decode_lens: list[int] = field(default_factory=list)
     decode_tables: list[list[int]] = field(default_factory=list)
+    generated_rows: int = 0  # the rows of generated tokens, which come first
     pf_starts: list[int] = field(default_factory=list)  # prefill chunks: first index in `ids`
     pf_lens: list[int] = field(default_factory=list)
     pf_ctx: list[int] = field(default_factory=list)

@@ -15,6 +15,13 @@
 #define PAGODA_VNNI 1
 #include <immintrin.h>
 #endif
+// AMX (Sapphire Rapids and newer) comes with all three tile extensions and AVX512-BF16.
+#if defined(PAGODA_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && \
+    defined(__AVX512BF16__)
+#define PAGODA_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace pagoda_cpu {
 
@@ -72,6 +79,33 @@ void dispatch_weight(at::ScalarType scale_type, int64_t bits, Fn&& fn) {
     default: with_bits(at::BFloat16{}); break;
   }
 }
+
+// Whether this process may use AMX: Linux grants the tile state on request, once per process.
+inline bool amx_ready() {
+#ifdef PAGODA_AMX
+  static const bool ok = [] {
+    constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#ifdef PAGODA_AMX
+// Tiles 0, 1 and 2 as 16 rows of 64 bytes (what both AMX kernels use).
+inline void configure_tiles() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {64, 64, 64};
+    uint8_t rows[16] = {16, 16, 16};
+  } cfg;
+  // GCC 12 does not see ldtilecfg read the struct and drops its stores without this
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+#endif
 
 #ifdef PAGODA_VNNI
 

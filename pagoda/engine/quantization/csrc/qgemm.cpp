@@ -16,14 +16,6 @@
 // the weights twice from L1 instead of 16 times from memory.
 #include "common.h"
 
-#ifdef PAGODA_VNNI
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-#if defined(PAGODA_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
-#define PAGODA_AMX 1
-#endif
-
 namespace {
 
 using namespace pagoda_cpu;
@@ -44,19 +36,6 @@ struct QuantizedActs {
 };
 
 #ifdef PAGODA_VNNI
-
-// Whether this process may use AMX: Linux grants the tile state on request, once per process.
-bool amx_ready() {
-#ifdef PAGODA_AMX
-  static const bool ok = [] {
-    constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
 
 inline __m512 load_row16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
 inline __m512 load_row16(const at::BFloat16* p, __mmask16 mask) {
@@ -243,30 +222,13 @@ void vnni_gemm(const Problem& p, int64_t m, O* y) {
 // VNNI's products: measured). 16 chunks of 8-bit codes are a B tile as they lie.
 constexpr int64_t kAmxMinRows = 4;  // fewer rows run on VNNI; both give the same bits
 
-struct TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
-// Tile 0: int32 sums [16 rows][16 outputs]; 1: 16 rows x 64 inputs of x; 2: the weights of those
-// inputs, 16 rows of [16 outputs][4 inputs].
-inline void configure_tiles() {
-  alignas(64) TileConfig cfg;
-  for (int t = 0; t < 3; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  // GCC does not see ldtilecfg read the struct and drops the stores above without this
-  asm volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-}
 
 template <typename S, typename O>
 void amx_gemm(const Problem& p, int64_t m, O* y) {
   const QuantizedActs& a = *p.acts;
   at::parallel_for(0, p.n / kTile, 1, [&](int64_t t0, int64_t t1) {
-    configure_tiles();
+    configure_tiles();  // 0: int32 sums [16 rows][16 outputs]; 1: 16 rows x 64 inputs; 2: weights
     alignas(64) int32_t sums[16 * kTile];
     for (int64_t t = t0; t < t1; ++t) {
       const uint8_t* w = p.w + t * p.chunks_per_tile * 64;
