@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from pagoda.engine.models.llama import LlamaForCausalLM
+from pagoda.engine.quantization.vnni import prompt_rows
 from pagoda.engine.runner.attention import AttentionMetadata, get_backend
 
 _BLOCK = 16
@@ -15,8 +16,8 @@ _BLOCK = 16
 @torch.no_grad()
 def forward_tokens(model: LlamaForCausalLM, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
     """Hidden states [len(token_ids), hidden] of one sequence run as a single prefill (causal
-    attention over the sequence itself) on the model's device and dtype; logits are
-    `model.compute_logits(hidden)`."""
+    attention over the sequence itself, the rows computed as prompt rows) on the model's device
+    and dtype; logits are `model.compute_logits(hidden)`."""
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):  # a quantized first parameter
@@ -50,4 +51,5 @@ def forward_tokens(model: LlamaForCausalLM, token_ids: list[int] | torch.Tensor)
     )
     positions = torch.arange(n, dtype=torch.int64, device=device)
     backend = get_backend("auto", device)
-    return model(ids, positions, caches, meta, backend)  # type: ignore[no-any-return]
+    with prompt_rows(0):  # every row is a prompt token, as in the server's prefill
+        return model(ids, positions, caches, meta, backend)  # type: ignore[no-any-return]
