@@ -39,6 +39,7 @@ _PARTS = (
     ("llama.py", "LlamaForCausalLM", "model (embed, final norm)"),
     ("attention.py", "", "attention backend (KV write, gather, mask, SDPA)"),
     ("quantization.py", "", "linears (quantized)"),
+    ("vnni.py", "VnniLinear._", "linears (quantized)"),
     ("vnni.py", "VnniLinear.forward", "linears (quantized)"),
     ("w8a8.py", "", "linears (quantized)"),
     ("quantization/linear.py", "", "linears (quantized)"),
