@@ -122,6 +122,8 @@ class LlamaForCausalLM(nn.Module):
         return self.norm.add_forward(x, residual)[0]  # type: ignore[no-any-return]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab] float32
+        if getattr(self.lm_head, "float_logits", False):  # a head whose kernel sums in float32 anyway
+            hidden = hidden.float()  # its logits stay float32, not rounded to bf16 (ties at 1/8)
         logits = self.lm_head(hidden)
         if self.cfg.logits_scaling != 1.0:
             logits = logits / self.cfg.logits_scaling

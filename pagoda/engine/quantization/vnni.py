@@ -125,6 +125,9 @@ class VnniLinear(QuantizedLinear):
     """y = x @ W^T through `torch.ops.pagoda_cpu.qgemm`; x float32 or bfloat16."""
 
     kind = "vnni"
+    # float32 x gives float32 y at no cost (the kernel quantizes bf16 and float32 rows alike), so a
+    # head's logits need not be rounded to bf16 (LlamaForCausalLM.compute_logits)
+    float_logits = True
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, act_bits: int = 8) -> None:
         super().__init__(qw, bias)
