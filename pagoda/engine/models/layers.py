@@ -14,6 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@torch.compiler.assume_constant_result  # type: ignore[misc]
+def _native_kernels() -> bool:
+    """Whether pagoda's CPU kernels run here (a constant to torch.compile, which would otherwise
+    trace the check's read of /proc/cpuinfo)."""
+    from pagoda.engine.quantization.linear import native_kernels
+
+    return native_kernels()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -21,8 +30,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.use_triton = False
 
+    def _native(self, x: torch.Tensor) -> bool:
+        """bf16 on a CPU with pagoda's kernels: one pass (csrc/norm.cpp), HF's numerics."""
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or self.weight.dtype != torch.bfloat16:
+            return False
+        return _native_kernels()
+
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add fused into the norm."""
+        if self._native(x) and residual.dtype == x.dtype:
+            out, res = torch.ops.pagoda_cpu.add_rms_norm(
+                x.contiguous(), residual.contiguous(), self.weight, self.eps
+            )
+            return out, res
         if self.use_triton:
             from pagoda.kernels.rms_norm import rms_norm
 
@@ -33,6 +53,8 @@ class RMSNorm(nn.Module):
         return self(s), s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native(x):
+            return torch.ops.pagoda_cpu.rms_norm(x.contiguous(), self.weight, self.eps)  # type: ignore[no-any-return]
         if self.use_triton:
             from pagoda.kernels.rms_norm import rms_norm
 

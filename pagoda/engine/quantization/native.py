@@ -1,4 +1,5 @@
-"""pagoda's own CPU kernels (csrc/: qgemm.cpp, wgemm.cpp, fp8.cpp), built on first use with the
+"""pagoda's own CPU kernels (csrc/: qgemm.cpp, wgemm.cpp, fp8.cpp,
+norm.cpp), built on first use with the
 machine's compiler for its own instruction set (`-march=native`) and cached under
 ~/.cache/pagoda/kernels (or $PAGODA_KERNEL_CACHE), one build per source and CPU: the ops torch
 ships for quantized weights dequantize per row (int4pack) or requantize activations in several
@@ -121,6 +122,16 @@ def _register_fake() -> None:
         zero_code: float,
     ) -> torch.Tensor:
         return x.new_empty(x.shape[0], packed.shape[0] * 16)
+
+    @torch.library.register_fake("pagoda_cpu::rms_norm")  # type: ignore[misc]
+    def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("pagoda_cpu::add_rms_norm")  # type: ignore[misc]
+    def _add_norm(
+        x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.empty_like(x), torch.empty_like(x)
 
     @torch.library.register_fake("pagoda_cpu::fp8_gemm")  # type: ignore[misc]
     def _fp8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
