@@ -96,32 +96,14 @@ def _load() -> None:
 
 
 def _register_fake() -> None:
-    """Shapes for torch.compile's tracing: y [m, tiles * 16] in x's dtype."""
+    """Shapes for torch.compile's tracing: the GEMMs give y [m, tiles * 16] in x's dtype, the
+    norms x's shape."""
 
-    @torch.library.register_fake("pagoda_cpu::qgemm")  # type: ignore[misc]
-    def _(
-        x: torch.Tensor,
-        packed: torch.Tensor,
-        scale: torch.Tensor,
-        offset: torch.Tensor | None,
-        bits: int,
-        group: int,
-        zero_code: float,
-        act_bits: int,
-    ) -> torch.Tensor:
+    def packed_gemm(x: torch.Tensor, packed: torch.Tensor, *weight_args: object) -> torch.Tensor:
         return x.new_empty(x.shape[0], packed.shape[0] * 16)
 
-    @torch.library.register_fake("pagoda_cpu::wgemm")  # type: ignore[misc]
-    def _w(
-        x: torch.Tensor,
-        packed: torch.Tensor,
-        scale: torch.Tensor,
-        offset: torch.Tensor | None,
-        bits: int,
-        group: int,
-        zero_code: float,
-    ) -> torch.Tensor:
-        return x.new_empty(x.shape[0], packed.shape[0] * 16)
+    for op in ("pagoda_cpu::qgemm", "pagoda_cpu::wgemm"):
+        torch.library.register_fake(op)(packed_gemm)
 
     @torch.library.register_fake("pagoda_cpu::rms_norm")  # type: ignore[misc]
     def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
