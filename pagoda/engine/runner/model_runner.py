@@ -119,12 +119,12 @@ class ModelRunner:
 
         # decodes (one query token) first, then prefill chunks; among decodes, generated tokens
         # before one-token prompt chunks, so that prompt tokens are the rows from one index on
-        def order(item: tuple[str, int]) -> tuple[bool, bool]:
-            rid, n = item
-            return n != 1, computed[rid] < self.requests[rid].num_prompt_tokens
-
-        for rid, n in sorted(out.num_scheduled_tokens.items(), key=order):
-            if computed[rid] >= self.requests[rid].num_prompt_tokens:
+        chunks = [
+            (n != 1, computed[rid] < self.requests[rid].num_prompt_tokens, rid, n)
+            for rid, n in out.num_scheduled_tokens.items()
+        ]
+        for _, prompt, rid, n in sorted(chunks, key=lambda c: c[:2]):
+            if not prompt:
                 batch.generated_rows += n
             batch.add(rid, self.requests[rid], computed[rid], n)
         return batch

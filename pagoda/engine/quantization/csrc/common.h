@@ -109,6 +109,19 @@ inline void configure_tiles() {
 
 #ifdef PAGODA_VNNI
 
+// The lanes of the next 16 values when `left` remain in a row (all 16, or a masked tail).
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// 16 (or the masked lanes of) float32 or bfloat16 values as float32.
+inline __m512 load_row16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load_row16(const at::BFloat16* p, __mmask16 mask) {
+  const __m256i half = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// 16 scales or offsets as float32.
 template <typename S>
 inline __m512 load16(const S* p);
 template <>
@@ -121,8 +134,20 @@ inline __m512 load16<at::Half>(const at::Half* p) {
 }
 template <>
 inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  return load_row16(p, 0xFFFF);
+}
+
+// float32 rounded to bfloat16 (nearest even), kept in float32.
+inline __m512 round_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// The masked lanes of 16 float32 already on bfloat16's grid (round_bf16) stored as bfloat16.
+inline void store_bf16(at::BFloat16* p, __m512 v, __mmask16 mask) {
+  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
 }
 
 // 16 float32 stored as they are, or rounded to nearest even as bfloat16.
@@ -131,10 +156,7 @@ inline void store16(at::BFloat16* p, __m512 v) {
 #ifdef __AVX512BF16__
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 #else
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  store_bf16(p, round_bf16(v), 0xFFFF);
 #endif
 }
 

@@ -10,33 +10,15 @@ using namespace pagoda_cpu;
 
 #ifdef PAGODA_VNNI
 
-inline __m512 bf16_to_f32(const at::BFloat16* p, __mmask16 mask) {
-  const __m256i half = _mm256_maskz_loadu_epi16(mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
-// float32 rounded to bfloat16 (nearest even), back in float32
-inline __m512 round_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-
-inline void store_bf16(at::BFloat16* p, __m512 v, __mmask16 mask) {
-  const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(v), 16);  // v is already on bf16's grid
-  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(bits));
-}
-
 // One row: s = x (+ r) into s_out (when r), y = weight * bf16(s / rms(s)).
 void norm_row(const at::BFloat16* x, const at::BFloat16* r, const at::BFloat16* w, float eps, int64_t h,
               at::BFloat16* y, at::BFloat16* s_out) {
   __m512 squares = _mm512_setzero_ps();
   for (int64_t i = 0; i < h; i += 16) {
-    const __mmask16 mask = h - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (h - i)) - 1);
-    __m512 s = bf16_to_f32(x + i, mask);
+    const __mmask16 mask = tail_mask(h - i);
+    __m512 s = load_row16(x + i, mask);
     if (r != nullptr) {
-      s = round_bf16(_mm512_add_ps(s, bf16_to_f32(r + i, mask)));
+      s = round_bf16(_mm512_add_ps(s, load_row16(r + i, mask)));
       store_bf16(s_out + i, s, mask);
     }
     squares = _mm512_fmadd_ps(s, s, squares);
@@ -45,9 +27,9 @@ void norm_row(const at::BFloat16* x, const at::BFloat16* r, const at::BFloat16* 
   const __m512 k = _mm512_set1_ps(scale);
   const at::BFloat16* src = r != nullptr ? s_out : x;
   for (int64_t i = 0; i < h; i += 16) {
-    const __mmask16 mask = h - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (h - i)) - 1);
-    const __m512 n = round_bf16(_mm512_mul_ps(bf16_to_f32(src + i, mask), k));
-    store_bf16(y + i, round_bf16(_mm512_mul_ps(bf16_to_f32(w + i, mask), n)), mask);
+    const __mmask16 mask = tail_mask(h - i);
+    const __m512 n = round_bf16(_mm512_mul_ps(load_row16(src + i, mask), k));
+    store_bf16(y + i, round_bf16(_mm512_mul_ps(load_row16(w + i, mask), n)), mask);
   }
 }
 

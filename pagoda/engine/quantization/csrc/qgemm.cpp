@@ -37,12 +37,6 @@ struct QuantizedActs {
 
 #ifdef PAGODA_VNNI
 
-inline __m512 load_row16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
-inline __m512 load_row16(const at::BFloat16* p, __mmask16 mask) {
-  const __m256i half = _mm256_maskz_loadu_epi16(mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
 // Vectorized, 16 inputs at a time (a masked tail for groups that are not multiples of 16):
 // the peak, then codes rounded to nearest even (the default MXCSR mode, as torch.round).
 // `rows` >= m: AMX reads rows 16 at a time, and the rows past m stay zero.
@@ -59,7 +53,7 @@ QuantizedActs quantize_acts(const T* x, int64_t m, int64_t rows, int64_t k, int6
         const T* v = x + r * k + g * group;
         __m512 peak = _mm512_setzero_ps();
         for (int64_t i = 0; i < group; i += 16) {
-          const __mmask16 mask = group - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (group - i)) - 1);
+          const __mmask16 mask = tail_mask(group - i);
           peak = _mm512_max_ps(peak, _mm512_and_ps(load_row16(v + i, mask), sign_off));
         }
         const float top = _mm512_reduce_max_ps(peak);
@@ -67,7 +61,7 @@ QuantizedActs quantize_acts(const T* x, int64_t m, int64_t rows, int64_t k, int6
         int8_t* q = a.q.data() + r * k + g * group;
         __m512i total = _mm512_setzero_si512();
         for (int64_t i = 0; i < group; i += 16) {
-          const __mmask16 mask = group - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (group - i)) - 1);
+          const __mmask16 mask = tail_mask(group - i);
           const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(load_row16(v + i, mask), inv));
           if constexpr (DIGITS == 2) {
             const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(c, _mm512_set1_epi32(128)), 8);
