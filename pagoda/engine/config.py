@@ -65,7 +65,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (Triton on a GPU) | torch | triton
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     quantization: str = "auto"  # see resolve_quantization (pagoda.engine.models.quantization)
-    compile: bool = False  # CPU: decode-only steps through torch.compile (engine.compiled_decode)
+    # CPU: decode-only steps through compiled graphs: auto | on | off (runner/compile_cache.py);
+    # the CLI's default is auto, the library's off (True / False: on / off)
+    compile: str = "off"
     cache: CacheConfig = CacheConfig()
     batcher: BatcherConfig = BatcherConfig()
 
@@ -80,12 +82,16 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
             )
-        if self.compile and (self.attention_backend == "triton" or self.device == "cuda"):
+        if isinstance(self.compile, bool):
+            object.__setattr__(self, "compile", "on" if self.compile else "off")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
+        if self.compile == "on" and (self.attention_backend == "triton" or self.device == "cuda"):
             raise ValueError(
                 "--compile runs on the CPU with the torch attention backend; on a GPU decode steps "
                 "run in CUDA graphs already (drop --compile)"
             )
-        if self.compile and self.quantization == "int8":
+        if self.compile == "on" and self.quantization == "int8":
             raise ValueError(
                 "--compile cannot trace --quantization int8 (its weights are packed for fbgemm, "
                 "opaque to torch.compile); drop one of them, or use --quantization int4 --compile"

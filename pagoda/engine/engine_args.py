@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import typing
 from typing import Any
@@ -100,11 +101,19 @@ def _add_runtime_args(g: argparse._ArgumentGroup) -> None:
         choices=["auto", "torch", "triton"],
         help="auto: Triton kernels on a GPU, torch on the CPU",
     )
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument(
+        "--enforce-eager", action="store_true", help="no CUDA graphs or compiled graphs for decode steps"
+    )
     g.add_argument(
         "--compile",
-        action="store_true",
-        help="CPU: decode steps through torch.compile (first start compiles for minutes, then cached)",
+        nargs="?",
+        const="on",
+        default=os.environ.get("PAGODA_COMPILE", "auto"),
+        choices=["auto", "on", "off"],
+        help="CPU decode steps through compiled graphs, saved for later starts "
+        "(~/.cache/pagoda/compiled). auto: load them, or serve eagerly while a background process "
+        "compiles them; on (bare --compile): load, or compile before serving; off: eager "
+        "(default: $PAGODA_COMPILE or auto)",
     )
 
 
@@ -157,7 +166,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
         quantization=args.quantization,
-        compile=args.compile,
+        compile="off" if args.enforce_eager else args.compile,
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,

@@ -250,5 +250,11 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default="auto", help="as pagoda serve takes it")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--compile", action="store_true", help="decode steps through torch.compile")
+    p.add_argument(
+        "--compile",
+        default="on",
+        choices=["on", "off"],
+        help="decode steps through compiled graphs (on: loaded from the cache or compiled first, "
+        "as `pagoda serve` runs once they are ready; off: eager)",
+    )
     p.add_argument("--json", action="store_true")

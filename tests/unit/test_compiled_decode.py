@@ -1,15 +1,18 @@
-"""`--compile`: decode-only steps through torch.compile give the eager engine's tokens, with two
-compiles (batch 1, larger batches) for every context length."""
+"""`--compile`: decode-only steps through two compiled graphs (batch 1, larger batches) for every
+context length and KV pool size give the eager engine's tokens, whether compiled in this process,
+loaded from the saved graphs or compiled in the background while the engine serves eagerly."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
-import torch
 
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.llm import LLM
+from pagoda.engine.outputs import RequestOutput
+from pagoda.engine.runner.compiled_decode import CompiledDecode
 from pagoda.engine.sampling.params import SamplingParams
 from tests.tiny_models import make_tiny_model
 
@@ -22,32 +25,73 @@ NEW = 16
 
 
 def _llm(path: Path, **kw: object) -> LLM:
-    return LLM(str(path), dtype="float32", kv_cache_memory=1 << 22, max_model_len=256, block_size=16, **kw)
+    kw = {"kv_cache_memory": 1 << 22, **kw}
+    return LLM(str(path), dtype="float32", max_model_len=256, block_size=16, **kw)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])  # rotary on q and k together / per-head q-k norms
-def test_compiled_decode_matches_eager(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # a fresh compile: cache entries of other runs may carry their own shape guards
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    make_tiny_model(kind, tmp_path)
-    params = SamplingParams(max_tokens=NEW, temperature=0.0, logprobs=3, ignore_eos=True)
-    eager = _llm(tmp_path).generate(PROMPTS, params, use_tqdm=False)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    llm = _llm(tmp_path, compile=True)
-    compiled = llm.engine.runner.compiled
-    assert compiled is not None and compiled.num_calls == 2  # warmed up: batch 1 and 2
-    got = llm.generate(PROMPTS[:1], params, use_tqdm=False)  # batch 1, one KV block
-    got += llm.generate(PROMPTS[1:], params, use_tqdm=False)  # batch 2, 2-3 blocks
-    assert compiled.num_calls >= 2 + 2 * NEW - 3
+def _matches(eager: list[RequestOutput], got: list[RequestOutput]) -> None:
     for e, g in zip(eager, got, strict=True):
         assert g.outputs[0].token_ids == e.outputs[0].token_ids
         assert e.outputs[0].logprobs is not None and g.outputs[0].logprobs is not None
         for le, lg in zip(e.outputs[0].logprobs, g.outputs[0].logprobs, strict=True):
             assert lg.logprob == pytest.approx(le.logprob, abs=1e-4)
-    # one graph for batch 1, one for larger batches (both from the warm-up), for every context
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])  # rotary on q and k together / per-head q-k norms
+def test_compiled_decode_matches_eager(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled (--compile on), then loaded from the saved graphs by a second engine with another
+    KV pool size: the eager engine's tokens and log-probs either way."""
+    monkeypatch.setenv("PAGODA_COMPILE_CACHE", str(tmp_path / "compiled"))
+    make_tiny_model(kind, tmp_path)
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, logprobs=3, ignore_eos=True)
+    eager = _llm(tmp_path).generate(PROMPTS, params, use_tqdm=False)
+    llm = _llm(tmp_path, compile="on")
+    compiled = llm.engine.runner.compiled
+    assert compiled is not None and compiled.ready and compiled.num_calls == 0
+    got = llm.generate(PROMPTS[:1], params, use_tqdm=False)  # batch 1, one KV block
+    got += llm.generate(PROMPTS[1:], params, use_tqdm=False)  # batch 2, 2-3 blocks
+    assert compiled.num_calls >= 2 * (NEW - 1)  # every decode step of both calls ran a graph
+    _matches(eager, got)
+    saved = list((tmp_path / "compiled").glob("*/decode-*.bin"))
+    assert len(saved) == 2, saved
+
+    def no_compile(self: CompiledDecode) -> float:
+        raise AssertionError("compiled again instead of loading the saved graphs")
+
+    monkeypatch.setattr(CompiledDecode, "compile", no_compile)
+    loaded = _llm(tmp_path, compile="on", kv_cache_memory=1 << 21)  # half the blocks
+    assert loaded.engine.runner.compiled is not None and loaded.engine.runner.compiled.ready
+    assert loaded.engine.num_blocks != llm.engine.num_blocks
+    _matches(eager, loaded.generate(PROMPTS, params, use_tqdm=False))
+    assert loaded.engine.runner.compiled.num_calls >= NEW - 1
+
+
+@pytest.mark.slow
+def test_auto_serves_eagerly_until_the_background_compile_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--compile auto with nothing saved: the first steps run eagerly at once while another
+    process compiles; its graphs are then adopted between steps, and give the eager tokens."""
+    monkeypatch.setenv("PAGODA_COMPILE_CACHE", str(tmp_path / "compiled"))
+    make_tiny_model("llama", tmp_path, num_layers=1)
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, logprobs=3, ignore_eos=True)
+    eager = _llm(tmp_path).generate(PROMPTS, params, use_tqdm=False)
+    with caplog.at_level(logging.INFO, logger="pagoda.engine.runner.compile_cache"):
+        llm = _llm(tmp_path, compile="auto")
+        runner = llm.engine.runner
+        assert runner.compiled is not None and runner.compiler is not None
+        first = llm.generate(PROMPTS, params, use_tqdm=False)  # ~0.1 s: long before the compile ends
+        assert not runner.compiled.ready and runner.compiled.num_calls == 0
+        _matches(eager, first)
+        job = runner.compiler._job
+        assert job is not None
+        assert job.proc.wait(timeout=240) == 0, job.log.read_text()
+        got = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert runner.compiled.ready and runner.compiled.num_calls >= NEW - 1
+    _matches(eager, got)
+    assert "eager until a background compile" in caplog.text
+    assert "compiled graphs now" in caplog.text
 
 
 def test_compile_needs_the_torch_backend() -> None:
@@ -61,10 +105,22 @@ def test_compile_with_int8_is_a_clear_error() -> None:
         EngineConfig(compile=True, quantization="int8")
 
 
-def test_compile_flag_reaches_the_config() -> None:
+def test_compile_flag_reaches_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI compiles by default (auto); bare --compile waits for it; --enforce-eager is off."""
     from pagoda.engine.engine_args import engine_config_from_args
     from pagoda.services.cli.parser import build_parser
 
-    args = build_parser().parse_args(["serve", "--compile", "--quantization", "int4"])
-    assert engine_config_from_args(args).compile
-    assert not engine_config_from_args(build_parser().parse_args(["serve"])).compile
+    monkeypatch.delenv("PAGODA_COMPILE", raising=False)
+
+    def mode(*argv: str) -> str:
+        return engine_config_from_args(build_parser().parse_args(["serve", *argv])).compile
+
+    assert mode() == "auto"
+    assert mode("--compile", "--quantization", "int4") == "on"
+    assert mode("--compile", "off") == "off"
+    assert mode("--enforce-eager") == "off"
+    monkeypatch.setenv("PAGODA_COMPILE", "off")
+    assert mode() == "off"
+    assert EngineConfig().compile == "off" and EngineConfig(compile=True).compile == "on"
+    with pytest.raises(ValueError, match="compile must be auto, on or off"):
+        EngineConfig(compile="sometimes")

@@ -64,6 +64,11 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.batcher = Batcher(config.batcher, self.kv, self.max_model_len, eos)
         backend = get_backend(config.attention_backend, self.device)
+        compile_mode = config.compile  # auto: where it runs (CPU, torch attention, traceable linears)
+        if compile_mode == "auto" and (
+            self.device.type != "cpu" or backend.name != "torch" or self.quantization == "int8"
+        ):
+            compile_mode = "off"
         self.runner = ModelRunner(
             self.model,
             backend,
@@ -74,7 +79,8 @@ class EngineCore:
             eos,
             capture_sizes(self.device, config.enforce_eager, backend, config.batcher.max_num_seqs),
             self.max_model_len,
-            compile_decode=config.compile,
+            compile_decode=compile_mode,
+            compile_config=config if checkpoint is None else None,  # another process can rebuild it
         )
         logger.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB)",

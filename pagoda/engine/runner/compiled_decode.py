@@ -1,23 +1,28 @@
-"""Decode-only steps through `torch.compile` (inductor) on the CPU: `--compile`.
+"""Decode-only steps through `torch.compile` (inductor) on the CPU, the default there (`--compile`).
 
 An eager decode step of the demo model runs ~1,400 small aten ops (norms, rotary, views, the KV
 write and gather); at batch 1 their dispatch costs about as much as the matmuls. Compiled, the
 model's forward becomes one graph whose elementwise work is fused into a few C++ loops.
 
-Two compiles cover every decode step: batch size and context length are dynamic dimensions
-(`mark_dynamic`), but dynamo specializes a size of 1, so a batch of one gets its own graph (the
-first call of each compiles; padding one row to two would cost ~40% more int4 matmul time, and
-unbacked sizes fail in inductor, torch 2.13). A one-block context runs with a second, masked-out
-block. Guards on the model's modules are skipped (the model does not change after loading).
-Inductor caches its output (FX graph and AOTAutograd caches under TORCHINDUCTOR_CACHE_DIR,
-/tmp/torchinductor_<user> by default), so a later start with the same model and dtype skips the
-C++ code generation of the first compile (dynamo still traces: ~1 min on 2 busy cores).
+Two graphs cover every decode step: batch size, context length and the KV pool's block count are
+dynamic dimensions, but dynamo specializes a size of 1, so a batch of one gets its own graph
+(padding one row to two would cost ~40% more int4 matmul time, and unbacked sizes fail in
+inductor, torch 2.13). A one-block context runs with a second, masked-out block.
+
+The graphs are compiled ahead of time (`aot_compile`, torch's precompile API) and saved: a later
+start loads them in ~1.5 s instead of tracing again (~1 min on 2 cores, even with inductor's
+caches warm). Guards are dropped: the runner picks the graph by batch size itself, and the
+model does not change after loading. compile_cache.py decides where the files live and when
+they are compiled.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -70,7 +75,13 @@ class _GraphDecodeAttention(AttentionBackend):
 
 
 class CompiledDecode:
-    """Runs decode-only steps of `model` through one compiled graph (CPU, torch attention)."""
+    """Decode-only steps of `model` through two compiled graphs (CPU, torch attention): compiled
+    here (`compile`) or loaded from files an earlier compile saved (`load`)."""
+
+    FILES: ClassVar[dict[int, str]] = {
+        1: "decode-batch1.bin",
+        2: "decode-batch2plus.bin",
+    }  # graph for 1 row / 2 or more
 
     def __init__(
         self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int
@@ -79,12 +90,15 @@ class CompiledDecode:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.backend = _GraphDecodeAttention(block_size)
-        self._fn = torch.compile(
-            self._forward,
-            fullgraph=True,
-            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
-        )
+        self.graphs: dict[int, Callable[..., torch.Tensor]] = {}
         self.num_calls = 0
+        for module in model.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.build_tables(torch.device("cpu"))
+
+    @property
+    def ready(self) -> bool:
+        return len(self.graphs) == len(self.FILES)
 
     def _forward(
         self,
@@ -110,33 +124,62 @@ class CompiledDecode:
         )
         return self.model(input_ids, positions, self.kv_caches, meta, self.backend)  # type: ignore[no-any-return]
 
-    @torch.inference_mode()  # as the runner's steps: grad mode is part of the graph's guards
-    def warm_up(self) -> float:
-        """Compile both graphs now rather than in the first requests' steps: decodes of one and
-        of two dummy sequences at position 0, writing slot 0 of block 0 (no request has filled
-        it yet). Returns the seconds it took."""
+    @staticmethod
+    def _example(n: int) -> tuple[torch.Tensor, ...]:
+        """Inputs of a decode of n dummy sequences at position 0 in two blocks, dimensions marked
+        dynamic as the graph takes them (new tensors each: aliased inputs would be guarded on)."""
+        ids, pos, slots, lens = (torch.zeros(n, dtype=torch.int64) for _ in range(4))
+        tables = torch.zeros((n, 2), dtype=torch.int64)
+        args = (ids, pos, slots, tables, lens)
+        if n > 1:
+            for t in args:
+                torch._dynamo.mark_dynamic(t, 0)
+        torch._dynamo.mark_dynamic(tables, 1)
+        return args
+
+    @torch.inference_mode()  # as the runner's steps: grad mode is part of the graph
+    def compile(self) -> float:
+        """Compile both graphs (minutes on 2 cores). Returns the seconds it took."""
         t0 = time.perf_counter()
-        for module in self.model.modules():
-            if isinstance(module, RotaryEmbedding):
-                module.build_tables(torch.device("cpu"))
-        for n in (1, 2):
-            # a new tensor each: aliased inputs would be guarded on
-            ids, pos, slots = (torch.zeros(n, dtype=torch.int64) for _ in range(3))
-            meta = AttentionMetadata(
-                slot_mapping=slots,
-                num_decode_tokens=n,
-                decode_seq_lens=torch.ones(n, dtype=torch.int64),
-                decode_block_tables=torch.zeros((n, 1), dtype=torch.int64),
-                decode_max_seq_len=1,
-                prefill_query_starts=[],
-                prefill_query_lens=[],
-                prefill_context_lens=[],
-                prefill_block_tables=[],
+        for k, v in self.kv_caches:  # any pool size
+            torch._dynamo.mark_dynamic(k, 0)
+            torch._dynamo.mark_dynamic(v, 0)
+        # floats as constants: a float that dynamo would turn into a tensor restarts its analysis,
+        # which aot_compile does not do (torch 2.13; the dense bf16 model hit it)
+        with torch._dynamo.config.patch(enable_aot_compile=True, specialize_float=True):
+            fn = torch.compile(
+                self._forward,
+                fullgraph=True,
+                options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
             )
-            self(ids, pos, meta)
+            for n in self.FILES:
+                graph = fn.aot_compile((self._example(n), {}))  # type: ignore[attr-defined]
+                graph.disable_guard_check()
+                self.graphs[n] = graph
         seconds = time.perf_counter() - t0
         logger.info("compiled the decode steps (batch 1 and larger) in %.1fs", seconds)
         return seconds
+
+    def save(self, directory: Path) -> None:
+        """Writes the compiled graphs into `directory` (each file atomically)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for n, name in self.FILES.items():
+            graph = self.graphs[n]
+            tmp = directory / f".{name}.{os.getpid()}"
+            graph.save_compiled_function(str(tmp))  # type: ignore[attr-defined]
+            tmp.replace(directory / name)
+
+    def load(self, directory: Path) -> bool:
+        """Loads the graphs that `save` wrote into `directory`; False if any file is missing."""
+        if not all((directory / name).is_file() for name in self.FILES.values()):
+            return False
+        with torch._dynamo.config.patch(enable_aot_compile=True):
+            for n, name in self.FILES.items():
+                with open(directory / name, "rb") as f:
+                    graph = torch.compiler.load_compiled_function(f, f_globals=globals())
+                graph.disable_guard_check()  # type: ignore[attr-defined]
+                self.graphs[n] = graph
+        return True
 
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -148,9 +191,6 @@ class CompiledDecode:
         tables = meta.decode_block_tables[:, :max_blocks]
         if max_blocks < 2:  # a second, masked-out column: a size of 1 would get its own graph
             tables = F.pad(tables, (0, 2 - max_blocks))
-        args = (input_ids, positions, meta.slot_mapping, tables, meta.decode_seq_lens)
-        for t in args:
-            torch._dynamo.mark_dynamic(t, 0)
-        torch._dynamo.mark_dynamic(tables, 1)
         self.num_calls += 1
-        return self._fn(*args)  # type: ignore[no-any-return]
+        graph = self.graphs[min(n, 2)]
+        return graph(self, input_ids, positions, meta.slot_mapping, tables, meta.decode_seq_lens)

@@ -7,6 +7,7 @@ the batcher's diffs, so a step sends only what changed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,12 +16,16 @@ from pagoda.engine.models.layers import use_triton_layers
 from pagoda.engine.models.llama import LlamaForCausalLM
 from pagoda.engine.quantization.vnni import prompt_rows
 from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
+from pagoda.engine.runner.compile_cache import DecodeCompiler
 from pagoda.engine.runner.compiled_decode import CompiledDecode
 from pagoda.engine.runner.cuda_graphs import DecodeGraphs
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.sampling.sampler import Sampler
 from pagoda.engine.sampling.sampling_metadata import SamplingMetadata
 from pagoda.engine.scheduling.batcher import BatchPlan, RunnerOutput
+
+if TYPE_CHECKING:
+    from pagoda.engine.config import EngineConfig
 
 
 @dataclass
@@ -58,7 +63,8 @@ class ModelRunner:
         eos_token_ids: tuple[int, ...],
         graph_sizes: list[int] | None = None,
         max_model_len: int = 0,
-        compile_decode: bool = False,
+        compile_decode: str = "off",
+        compile_config: EngineConfig | None = None,
     ) -> None:
         cfg = model.cfg
         self.model = model
@@ -83,10 +89,11 @@ class ModelRunner:
             )
             self.graphs.capture()
         self.compiled: CompiledDecode | None = None
-        if compile_decode:
+        self.compiler: DecodeCompiler | None = None
+        if compile_decode != "off":  # see compile_cache.py
             assert device.type == "cpu" and backend.name == "torch", (device, backend.name)
             self.compiled = CompiledDecode(model, self.kv_caches, block_size)
-            self.compiled.warm_up()
+            self.compiler = DecodeCompiler(self.compiled, compile_decode, compile_config)
 
     def _apply_diff(self, out: BatchPlan) -> None:
         for rid in out.finished_req_ids:
@@ -104,6 +111,8 @@ class ModelRunner:
         batch, no padding), and sample a token for each request whose scheduled tokens reach the
         end of its known tokens. Returns those tokens (and logprobs where asked)."""
         self._apply_diff(out)
+        if self.compiler is not None:
+            self.compiler.poll()
         if out.is_empty:
             return RunnerOutput()
         batch = self._flatten(out)
@@ -138,7 +147,7 @@ class ModelRunner:
         decode_only = not batch.pf_starts
         if self.graphs is not None and decode_only and len(batch.ids) <= self.graphs.max_batch:
             return self.graphs.replay(input_ids, positions, meta)
-        if self.compiled is not None and decode_only:
+        if self.compiled is not None and decode_only and self.compiled.ready:
             return self.compiled(input_ids, positions, meta)
         prompt_start = batch.generated_rows if batch.generated_rows < len(batch.ids) else None
         with prompt_rows(prompt_start):

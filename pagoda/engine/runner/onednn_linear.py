@@ -26,6 +26,13 @@ _LIVE: weakref.WeakValueDictionary[int, OneDnnLinear] = weakref.WeakValueDiction
 _HANDLES = itertools.count()
 
 
+def start_handles_at(first: int) -> None:
+    """The next linear packed gets handle `first` (a process that rebuilds another's model and
+    compiles its graphs numbers the linears as that process did)."""
+    global _HANDLES
+    _HANDLES = itertools.count(first)
+
+
 def onednn_bf16_supported() -> bool:
     """Whether OneDnnLinear can run here: oneDNN has a bf16 matmul on this CPU."""
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
