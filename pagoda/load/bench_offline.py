@@ -79,13 +79,15 @@ def _label(llm: Any) -> str:
     return f"pagoda-{str(core.dtype).removeprefix('torch.')}{quant}"
 
 
-def bench_hf(args: argparse.Namespace, prompts: list[list[int]], gguf_path: str) -> OfflineResult:
+def bench_hf(args: argparse.Namespace, prompts: list[list[int]], gguf_path: str, ours: str) -> OfflineResult:
+    """HF's static `generate` in --hf-dtype (auto: `ours`, the dtype pagoda ran in)."""
     from pagoda.load.hf_peer import load_hf_model, run_static
 
-    model = load_hf_model(gguf_path, args.hf_dtype)
+    dtype = ours if args.hf_dtype == "auto" else args.hf_dtype
+    model = load_hf_model(gguf_path, dtype)
     run = run_static(model, prompts, [args.output_len] * len(prompts), args.hf_batch_size or len(prompts))
     return OfflineResult(
-        f"hf-generate-{args.hf_dtype}", len(prompts), run.prompt_tokens, run.output_tokens, run.seconds
+        f"hf-generate-{dtype}", len(prompts), run.prompt_tokens, run.output_tokens, run.seconds
     )
 
 
@@ -100,7 +102,8 @@ def run_offline(args: argparse.Namespace) -> int:
     ]
     results = [bench_pagoda(args, prompts)]
     if args.peer == "hf":
-        results.append(bench_hf(args, prompts, info.path))
+        ours = results[0].system.split("-")[1]  # pagoda-<dtype>[-<quantization>]
+        results.append(bench_hf(args, prompts, info.path, ours))
     system = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}"

@@ -212,19 +212,28 @@ def run_hf_comparison(args: argparse.Namespace, cfg: ServeConfig, result: BenchR
     from pagoda.engine.loader import demo_model_path
     from pagoda.engine.loader.model_info import read_model_info
     from pagoda.load.datasets import load_dataset
-    from pagoda.load.hf_peer import format_hf_comparison, hf_comparison, load_hf_model, run_hf_peer, turn_ids
+    from pagoda.load.hf_peer import (
+        format_hf_comparison,
+        hf_comparison,
+        load_hf_model,
+        pagoda_dtype,
+        run_hf_peer,
+        turn_ids,
+    )
 
     if not args.json:
         print(format_result(result), flush=True)
     path = args.peer_model or demo_model_path()
-    model = load_hf_model(path, args.hf_dtype)
+    ours = pagoda_dtype(shlex.split(args.launch or ""))  # a --base-url server: as launched here
+    dtype = ours if args.hf_dtype == "auto" else args.hf_dtype
+    model = load_hf_model(path, dtype)
     tpw = float(result.meta.get("tokens_per_word") or cfg.dataset.tokens_per_word)
     turns = [t for conv in load_dataset(replace(cfg.dataset, tokens_per_word=tpw)) for t in conv]
     tok = read_model_info(path).tokenizer
     prompts = [turn_ids(tok, t, cfg.endpoint) for t in turns]
     runs = run_hf_peer(model, prompts, [t.output_len for t in turns], cfg.concurrency or len(turns),
                        args.hf_max_batch_tokens)  # fmt: skip
-    table = hf_comparison(result.output_throughput, runs)
+    table = hf_comparison(result.output_throughput, runs, (ours, dtype))
     if args.json:
         print(json.dumps({"pagoda": result.to_dict(), "hf": table}))
     else:

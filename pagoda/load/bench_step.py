@@ -137,9 +137,9 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         quantization=args.quantization,
         cache=CacheConfig(enable_prefix_caching=False, kv_cache_memory=1 << 28),
-        # as pagoda serve runs once its graphs are ready, where they run (not int8: fbgemm's packed
-        # weights are opaque to the compiler)
-        compile="on" if args.compile == "on" and args.quantization != "int8" else "off",
+        # as pagoda serve runs once its graphs are ready: compiled where they run (auto: an
+        # in-process engine loads or compiles them before its first step)
+        compile="auto" if args.compile == "on" else "off",
         # the model's own limit may not fit the KV budget (float32 under int8)
         max_model_len=args.input_len + args.steps + args.profile_steps + 64,
     )

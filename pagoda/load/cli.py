@@ -83,7 +83,10 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
         "--peer", choices=["none", "hf"], default="none", help="also measure this peer on the same prompts"
     )
     b.add_argument(
-        "--hf-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype HF generate runs in"
+        "--hf-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="dtype HF generate runs in (auto: the one pagoda ran in)",
     )
     b.add_argument(
         "--hf-batch-size", type=int, default=0, help="HF generate batch size (0: all prompts at once)"
@@ -162,7 +165,10 @@ def _add_serve_peer_args(peer: argparse._ArgumentGroup) -> None:
         "hf runs the prompts in-process through transformers' generate_batch and generate",
     )
     peer.add_argument(
-        "--hf-dtype", default="float32", choices=["float32", "bfloat16"], help="--peer hf dtype"
+        "--hf-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="--peer hf dtype (auto: the one pagoda serves in, from --launch's --dtype or this CPU)",
     )
     peer.add_argument(
         "--hf-max-batch-tokens", type=int, default=512, help="--peer hf: generate_batch tokens per step"

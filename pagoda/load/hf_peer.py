@@ -34,6 +34,19 @@ class HfRun:
         return self.output_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def pagoda_dtype(serve_args: Sequence[str] = ()) -> str:
+    """The dtype pagoda serves in with these `pagoda serve` arguments on this machine: their
+    --dtype, or what `auto` picks (bfloat16 where the CPU has native bf16, else float32)."""
+    from pagoda.engine.config import resolve_dtype
+
+    args = list(serve_args)
+    given = next((a.split("=", 1)[1] for a in args if a.startswith("--dtype=")), None)
+    if given is None and "--dtype" in args[:-1]:
+        given = args[args.index("--dtype") + 1]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return str(resolve_dtype(given or "auto", device, None)).removeprefix("torch.")
+
+
 def load_hf_model(gguf_path: str, dtype: str = "float32") -> Any:
     """The GGUF's model as a transformers model (weights dequantized to `dtype`)."""
     try:
@@ -145,11 +158,13 @@ def turn_ids(tokenizer: Any, turn: BenchTurn, endpoint: str) -> list[int]:
     return list(tokenizer.encode(turn.prompt()))
 
 
-def hf_comparison(pagoda_tok_s: float, runs: list[HfRun]) -> dict[str, dict[str, float | None]]:
-    """Pure: {system: {"output_tok_s", "seconds", "output_tokens", "ratio"}} with ratio = pagoda's
-    output tok/s / that system's."""
+def hf_comparison(
+    pagoda_tok_s: float, runs: list[HfRun], dtypes: tuple[str, str]
+) -> dict[str, dict[str, float | None]]:
+    """Pure: {system (with its dtype): {"output_tok_s", "seconds", "output_tokens", "ratio"}} with
+    ratio = pagoda's output tok/s / that system's; `dtypes` = (pagoda's, HF's)."""
     table: dict[str, dict[str, float | None]] = {
-        "pagoda (server)": {
+        f"pagoda (server, {dtypes[0]})": {
             "output_tok_s": pagoda_tok_s,
             "seconds": None,
             "output_tokens": None,
@@ -158,7 +173,7 @@ def hf_comparison(pagoda_tok_s: float, runs: list[HfRun]) -> dict[str, dict[str,
     }
     for r in runs:
         ratio = pagoda_tok_s / r.output_tok_s if r.output_tok_s else None
-        table[r.system] = {
+        table[f"{r.system} ({dtypes[1]})"] = {
             "output_tok_s": r.output_tok_s,
             "seconds": r.seconds,
             "output_tokens": float(r.output_tokens),
@@ -170,11 +185,11 @@ def hf_comparison(pagoda_tok_s: float, runs: list[HfRun]) -> dict[str, dict[str,
 def format_hf_comparison(table: dict[str, dict[str, float | None]]) -> str:
     width = 64
     lines = [" pagoda vs HF transformers (same prompts) ".center(width, "=")]
-    lines.append(f"{'system':<28}{'out tok/s':>12}{'seconds':>12}{'pagoda / it':>12}")
+    lines.append(f"{'system':<34}{'out tok/s':>10}{'seconds':>10}{'pagoda / it':>12}")
     for name, row in table.items():
         secs, ratio = row["seconds"], row["ratio"]
         lines.append(
-            f"{name:<28}{row['output_tok_s'] or 0.0:>12.2f}{'-' if secs is None else f'{secs:.2f}':>12}"
+            f"{name:<34}{row['output_tok_s'] or 0.0:>10.2f}{'-' if secs is None else f'{secs:.2f}':>10}"
             f"{'-' if ratio is None else f'{ratio:.2f}x':>12}"
         )
     lines.append("HF runs in-process (no HTTP); multi-turn turns run as independent prompts")

@@ -54,7 +54,8 @@ def test_hf_peer_tiny_run(
     from pagoda.engine import loader
     from pagoda.load import hf_peer
 
-    monkeypatch.setattr(hf_peer, "load_hf_model", lambda path, dtype: hf_demo_model)
+    asked: list[str] = []
+    monkeypatch.setattr(hf_peer, "load_hf_model", lambda path, dtype: asked.append(dtype) or hf_demo_model)
     monkeypatch.setattr(loader, "load_checkpoint", lambda path: demo_checkpoint)
     _, url = fake
     argv = ["bench", "serve", "--base-url", url, "--peer", "hf", "--num-prompts", "2", "--input-len", "8",
@@ -63,8 +64,10 @@ def test_hf_peer_tiny_run(
     out = json.loads(capsys.readouterr().out)
     assert out["pagoda"]["completed"] == 2
     hf = out["hf"]
-    assert list(hf) == ["pagoda (server)", "hf-generate_batch", "hf-generate"]
-    for name in ("hf-generate_batch", "hf-generate"):
+    ours = hf_peer.pagoda_dtype()  # --hf-dtype auto: HF in the dtype pagoda serves in here
+    assert asked == [ours]
+    assert list(hf) == [f"pagoda (server, {ours})", f"hf-generate_batch ({ours})", f"hf-generate ({ours})"]
+    for name in (f"hf-generate_batch ({ours})", f"hf-generate ({ours})"):
         assert hf[name]["output_tokens"] == 6 and hf[name]["seconds"] > 0
         assert hf[name]["ratio"] == pytest.approx(
             out["pagoda"]["output_throughput"] / hf[name]["output_tok_s"]
@@ -78,6 +81,14 @@ def test_turn_ids_and_table(demo_checkpoint: Any) -> None:
     assert tok.decode(chat).count("hello there") == 1 and len(chat) > len(tok.encode("hello there"))
     assert turn_ids(tok, turn, "completions") == tok.encode("hello there")
     runs = [HfRun("hf-generate", 2, 10, 8, 2.0)]
-    table = hf_comparison(8.0, runs)
-    assert table["hf-generate"]["ratio"] == 2.0  # 8 tok/s against 4
-    assert "2.00x" in format_hf_comparison(table)
+    table = hf_comparison(8.0, runs, ("bfloat16", "float32"))
+    assert table["hf-generate (float32)"]["ratio"] == 2.0  # 8 tok/s against 4
+    assert "2.00x" in format_hf_comparison(table) and "pagoda (server, bfloat16)" in table
+
+
+def test_pagoda_dtype_follows_the_launch_args() -> None:
+    from pagoda.engine.config import cpu_has_fast_bf16
+    from pagoda.load.hf_peer import pagoda_dtype
+
+    assert pagoda_dtype(["--dtype", "float32"]) == pagoda_dtype(["--dtype=float32"]) == "float32"
+    assert pagoda_dtype(["--port", "1"]) == ("bfloat16" if cpu_has_fast_bf16() else "float32")

@@ -4,12 +4,15 @@ loaded from the saved graphs or compiled in the background while the engine serv
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 import pytest
 
+from pagoda.engine import llm as llm_module
 from pagoda.engine.config import EngineConfig
+from pagoda.engine.core.engine_core import EngineCore
 from pagoda.engine.llm import LLM
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.runner.compiled_decode import CompiledDecode
@@ -77,6 +80,8 @@ def test_auto_serves_eagerly_until_the_background_compile_lands(
     make_tiny_model("llama", tmp_path, num_layers=1)
     params = SamplingParams(max_tokens=NEW, temperature=0.0, logprobs=3, ignore_eos=True)
     eager = _llm(tmp_path).generate(PROMPTS, params, use_tqdm=False)
+    # as the server builds its engine (AsyncEngine.from_config); an LLM would compile first
+    monkeypatch.setattr(llm_module, "EngineCore", functools.partial(EngineCore, background_compile=True))
     with caplog.at_level(logging.INFO, logger="pagoda.engine.runner.compile_cache"):
         llm = _llm(tmp_path, compile="auto")
         runner = llm.engine.runner

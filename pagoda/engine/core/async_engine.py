@@ -146,7 +146,7 @@ class AsyncEngine:
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
         from pagoda.engine.core.engine_core import EngineCore
 
-        return cls(build_off_main_thread(lambda: EngineCore(config)))
+        return cls(build_off_main_thread(lambda: EngineCore(config, background_compile=True)))
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:

@@ -38,7 +38,11 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, checkpoint: Checkpoint | None = None, *, background_compile: bool = False
+    ) -> None:
+        """`background_compile`: with `compile="auto"` and no saved graphs, step eagerly while
+        another process compiles them (a server); otherwise compile them here first."""
         self.config = config
         torch.manual_seed(config.seed)
         ckpt = checkpoint if checkpoint is not None else load_checkpoint(config.model or _demo())
@@ -80,7 +84,8 @@ class EngineCore:
             capture_sizes(self.device, config.enforce_eager, backend, config.batcher.max_num_seqs),
             self.max_model_len,
             compile_decode=compile_mode,
-            compile_config=config if checkpoint is None else None,  # another process can rebuild it
+            # another process can rebuild the model from the config alone
+            compile_config=config if background_compile and checkpoint is None else None,
         )
         logger.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB)",

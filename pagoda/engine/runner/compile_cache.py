@@ -2,9 +2,10 @@
 
 `--compile` takes three modes:
 - `auto` (what `pagoda serve` and `pagoda worker` do on a CPU): graphs saved by an earlier start
-  are loaded (~1.5 s); otherwise the server starts serving eagerly at once while a background
+  are loaded (~2-3 s); otherwise a server starts serving eagerly at once while a background
   process (niced) compiles the graphs and saves them, and decode steps switch to them when they
-  are ready. No request waits for a compile, and the next start loads them.
+  are ready. No request waits for a compile, and the next start loads them. In-process engines
+  (`LLM`, the benches) compile before their first step instead.
 - `on`: load, or compile before the first step (minutes on 2 cores) and save.
 - `off`: eager steps.
 
