@@ -56,6 +56,7 @@ class LevelResult:
     added_tpot: LatencyStats  # per request: (e2e - ttft) / (tokens - 1) - step time
     cpu: dict[str, float] = field(default_factory=dict)  # CPU% per process, 100 = one core
     first_error: str = ""
+    per_gateway_tokens: list[int] = field(default_factory=list)  # server_tokens by gateway process
 
     @property
     def cpu_ms_per_1k_tokens(self) -> dict[str, float]:
@@ -85,19 +86,30 @@ async def _probe(cfg: ControlPlaneConfig) -> None:
     await store.close()
 
 
-def start_stack(cfg: ControlPlaneConfig, ns: str, port: int) -> ProcessGroup:
+def start_stack(cfg: ControlPlaneConfig, ns: str, port: int) -> tuple[ProcessGroup, list[str]]:
+    """The stack's processes, and the /metrics URLs whose token counts add up to the gateways'
+    (several gateways share `port`: each serves its own metrics on a port of its own)."""
     common = ["--bus", cfg.bus, "--store", cfg.store, "--namespace", ns, "--router", cfg.router]
     model = ["--model", cfg.model] if cfg.model else []
     log = ["--log-level", cfg.service_log_level]
     group = ProcessGroup()
-    group.start("gateway", *log, "gateway", *model, *common, "--port", str(port))
+    metrics = [f"http://127.0.0.1:{port}/metrics"]
+    if cfg.gateways == 1:
+        group.start("gateway", *log, "gateway", *model, *common, "--port", str(port))
+    else:
+        metrics = []
+        for i in range(cfg.gateways):
+            own = free_port()
+            metrics.append(f"http://127.0.0.1:{own}/metrics")
+            shared = ["--port", str(port), "--reuse-port", "--metrics-port", str(own)]
+            group.start(f"gateway-{i}", *log, "gateway", *model, *common, *shared)
     for i in range(cfg.tokenizers):
         group.start(f"tokenizer-{i}", *log, "tokenizer", *model, *common)
     group.start("scheduler", *log, "scheduler", *common)
     sim = ["--backend", "sim", "--sim-step-ms", str(cfg.step_ms), "--sim-max-batch", str(cfg.max_batch)]
     for i in range(cfg.workers):
         group.start(f"worker-{i}", *log, "worker", *model, *common, *sim, "--worker-id", f"sim{i}")
-    return group
+    return group, metrics
 
 
 def wait_ready(cfg: ControlPlaneConfig, group: ProcessGroup, base: str, ns: str) -> None:
@@ -160,10 +172,14 @@ def generation_tokens(metrics_text: str) -> int:
     )
 
 
-async def _scrape_tokens(client: httpx.AsyncClient, base: str) -> int:
-    resp = await client.get(base + "/metrics", timeout=10.0)
-    resp.raise_for_status()
-    return generation_tokens(resp.text)
+async def _scrape_tokens(client: httpx.AsyncClient, urls: list[str]) -> list[int]:
+    """Each gateway's generation tokens so far."""
+    counts = []
+    for url in urls:
+        resp = await client.get(url, timeout=10.0)
+        resp.raise_for_status()
+        counts.append(generation_tokens(resp.text))
+    return counts
 
 
 async def send_lean(client: SSEClient, cfg: ServeConfig, model: str, turn: BenchTurn) -> RequestRecord:
@@ -186,7 +202,7 @@ async def send_lean(client: SSEClient, cfg: ServeConfig, model: str, turn: Bench
 
 
 async def run_level(
-    cfg: ControlPlaneConfig, group: ProcessGroup, base: str, model: str, m: int
+    cfg: ControlPlaneConfig, group: ProcessGroup, base: str, metrics: list[str], model: str, m: int
 ) -> LevelResult:
     url = urlparse(base)
     scfg = ServeConfig(
@@ -194,7 +210,7 @@ async def run_level(
         request_timeout_s=cfg.request_timeout_s,
     )  # fmt: skip
     async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout_s)) as client:
-        before = await _scrape_tokens(client, base)
+        before = await _scrape_tokens(client, metrics)
         records: list[RequestRecord] = []
         text = sample_text(cfg.prompt_words + 50).split()
 
@@ -216,13 +232,16 @@ async def run_level(
         await asyncio.gather(*(stream(i, start + cfg.duration_s) for i in range(m)))
         duration = time.perf_counter() - start
         cpu = window.end(group)
-        after = before
+        served = [0] * len(before)
         for _ in range(20):  # the gateway counts a request's tokens as it closes the stream
-            after = await _scrape_tokens(client, base)
-            if after - before >= sum(r.completion_tokens for r in records if r.ok):
+            after = await _scrape_tokens(client, metrics)
+            served = [a - b for a, b in zip(after, before, strict=True)]
+            if sum(served) >= sum(r.completion_tokens for r in records if r.ok):
                 break
             await asyncio.sleep(0.1)
-    return summarize_level(cfg, m, records, duration, cpu, after - before)
+    level = summarize_level(cfg, m, records, duration, cpu, sum(served))
+    level.per_gateway_tokens = served
+    return level
 
 
 def summarize_level(
@@ -266,7 +285,7 @@ def run_control_plane(cfg: ControlPlaneConfig) -> dict[str, Any]:
     ns = cfg.namespace or f"bench-cp-{uuid.uuid4().hex[:8]}"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    group = start_stack(cfg, ns, port)
+    group, metrics = start_stack(cfg, ns, port)
     levels: list[LevelResult] = []
     codes: dict[str, int] = {}
     try:
@@ -282,7 +301,7 @@ def run_control_plane(cfg: ControlPlaneConfig) -> dict[str, Any]:
         )
         model = str(httpx.get(base + "/v1/models", timeout=10.0).json()["data"][0]["id"])
         for m in cfg.streams:
-            level = asyncio.run(run_level(cfg, group, base, model, m))
+            level = asyncio.run(run_level(cfg, group, base, metrics, model, m))
             group.check_alive()
             levels.append(level)
             name, pct = level.busiest

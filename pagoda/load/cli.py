@@ -207,6 +207,9 @@ def add_control_plane_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--model", default="", help="whose tokenizer the services load (default: the demo model)")
     s.add_argument("--workers", type=int, default=d.workers, help="sim worker processes")
     s.add_argument("--tokenizers", type=int, default=d.tokenizers, help="tokenizer processes")
+    s.add_argument(
+        "--gateways", type=int, default=d.gateways, help="gateway processes sharing the port (--reuse-port)"
+    )
     s.add_argument("--router", default=d.router, choices=["prefix", "least-load", "round-robin"])
     s.add_argument("--sim-step-ms", type=float, default=d.step_ms, help="modeled engine step time")
     s.add_argument("--sim-max-batch", type=int, default=d.max_batch, help="sequences per sim step")

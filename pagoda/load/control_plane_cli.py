@@ -16,7 +16,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         " Control-plane benchmark (simulated workers) ".center(110, "="),
         f"{cfg['workers']} sim workers (step {cfg['step_ms']:g} ms, batch <= {cfg['max_batch']}), "
-        f"{cfg['tokenizers']} tokenizer(s), router {cfg['router']}, {cfg['output_len']} tokens per request",
+        f"{cfg['gateways']} gateway(s), {cfg['tokenizers']} tokenizer(s), router {cfg['router']}, "
+        f"{cfg['output_len']} tokens per request",
         f"{'streams':>8}{'req ok':>8}{'failed':>7}{'tok/s':>9}{'+TPOT p50':>10}{'+TPOT p99':>10}"
         f"{'+ITL p50':>9}{'+ITL p99':>9}{'TTFT p50':>10}{'TTFT p99':>10}  busiest (CPU%, 100 = a core)",
     ]
@@ -40,6 +41,9 @@ def format_report(report: dict[str, Any]) -> str:
         if per_1k:
             ms = ", ".join(f"{k} {v:.0f}" for k, v in sorted(per_1k.items(), key=lambda kv: -kv[1]))
             lines.append(f"  CPU ms per 1k tokens: {ms}")
+            lines.append(
+                f"  control plane (gateway, tokenizer, scheduler, broker): {control_plane_ms(per_1k):.0f} ms"
+            )
         if lv["first_error"]:
             lines.append(f"  first error: {lv['first_error']}")
         if lv["server_tokens"] != lv["tokens"]:
@@ -47,6 +51,15 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(saturation_line(report["levels"]))
     lines.append("=" * 110)
     return "\n".join(lines)
+
+
+CONTROL_PLANE = ("gateway", "tokenizer", "scheduler", "rabbitmq")
+
+
+def control_plane_ms(per_1k: dict[str, float]) -> float:
+    """CPU ms per 1,000 streamed tokens of the control plane's processes (every gateway and
+    tokenizer process, the scheduler, the broker; not the workers, Redis or the bench client)."""
+    return sum(v for k, v in per_1k.items() if k.startswith(CONTROL_PLANE))
 
 
 def saturation_line(levels: list[dict[str, Any]]) -> str:
@@ -71,7 +84,8 @@ def config_from_args(args: argparse.Namespace) -> ControlPlaneConfig:
         raise ValueError(f"--streams {args.streams!r}: give counts like 100,500,1000") from None
     return ControlPlaneConfig(
         bus=args.bus, store=args.store, namespace=args.namespace, model=args.model, workers=args.workers,
-        tokenizers=args.tokenizers, streams=streams, duration_s=args.duration, output_len=args.output_len,
+        tokenizers=args.tokenizers, gateways=args.gateways, streams=streams, duration_s=args.duration,
+        output_len=args.output_len,
         prompt_words=args.prompt_len, step_ms=args.sim_step_ms, max_batch=args.sim_max_batch,
         router=args.router, service_log_level=args.service_log_level,
         startup_timeout_s=args.startup_timeout, request_timeout_s=args.timeout, progress=not args.json,

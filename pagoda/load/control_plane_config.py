@@ -16,6 +16,7 @@ class ControlPlaneConfig:
     model: str = ""  # whose tokenizer the services use ("": the demo model)
     workers: int = 4
     tokenizers: int = 1
+    gateways: int = 1  # gateway processes sharing the port (--reuse-port)
     streams: tuple[int, ...] = (100,)
     duration_s: float = 10.0  # per level; streams then finish the request they are in
     output_len: int = 64
@@ -29,8 +30,8 @@ class ControlPlaneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.tokenizers < 1:
-            raise ValueError("--workers and --tokenizers must be at least 1")
+        if self.workers < 1 or self.tokenizers < 1 or self.gateways < 1:
+            raise ValueError("--workers, --tokenizers and --gateways must be at least 1")
         if not self.streams or min(self.streams) < 1:
             raise ValueError(f"--streams {self.streams}: give positive counts, e.g. 100,500,1000")
         if self.duration_s <= 0 or self.output_len < 2:

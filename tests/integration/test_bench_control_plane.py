@@ -16,13 +16,15 @@ pytestmark = pytest.mark.integration
 
 
 def test_tiny_control_plane_run() -> None:
+    """Two gateway processes share the port (--reuse-port): the kernel gives each connections,
+    and the gateways' own /metrics ports add up to the tokens the clients got."""
     cfg = ControlPlaneConfig(
-        bus=AMQP, store=REDIS, workers=2, streams=(20,), duration_s=3.0, output_len=8, step_ms=5.0,
-        progress=False, startup_timeout_s=240.0,
+        bus=AMQP, store=REDIS, workers=2, gateways=2, streams=(20,), duration_s=3.0, output_len=8,
+        step_ms=5.0, progress=False, startup_timeout_s=240.0,
     )  # fmt: skip
     report = run_control_plane(cfg)
     assert report["exit_codes"] == dict.fromkeys(
-        ["gateway", "tokenizer-0", "scheduler", "worker-0", "worker-1"], 0
+        ["gateway-0", "gateway-1", "tokenizer-0", "scheduler", "worker-0", "worker-1"], 0
     )
     (level,) = report["levels"]
     assert level["failed"] == 0, level["first_error"]
@@ -31,7 +33,10 @@ def test_tiny_control_plane_run() -> None:
     assert level["chunks"] == level["tokens"]  # one SSE chunk per token
     assert level["server_tokens"] == level["tokens"]
     assert level["itl"]["count"] == level["tokens"] - level["requests"]
-    assert {"gateway", "scheduler", "worker-0", "worker-1", "bench client"} <= set(level["cpu"])
+    assert {"gateway-0", "gateway-1", "scheduler", "worker-0", "worker-1", "bench client"} <= set(
+        level["cpu"]
+    )
+    assert level["per_gateway_tokens"] and min(level["per_gateway_tokens"]) > 0  # both served streams
     assert all(v >= 0 for v in level["cpu"].values())
     ns = report["config"]["namespace"]
     assert not list(redis.Redis.from_url(REDIS).scan_iter(f"{ns}:*"))  # cleaned up

@@ -9,7 +9,7 @@ from dataclasses import asdict
 import pytest
 
 from pagoda.load.bench_control_plane import ControlPlaneConfig, generation_tokens, summarize_level
-from pagoda.load.control_plane_cli import format_report, saturation_line
+from pagoda.load.control_plane_cli import control_plane_ms, format_report, saturation_line
 from pagoda.load.serve_runner import RequestRecord
 
 
@@ -48,6 +48,12 @@ def test_report_and_saturation() -> None:
     # 97% of a core at 10 tok/s: 97 ms of CPU per token
     assert "CPU ms per 1k tokens: gateway 97000, bench client 40000" in text
     assert hot.cpu_ms_per_1k_tokens == pytest.approx({"gateway": 97000.0, "bench client": 40000.0})
+    assert "control plane (gateway, tokenizer, scheduler, broker): 97000 ms" in text  # not the client
+
+
+def test_control_plane_sums_its_processes_only() -> None:
+    per_1k = {"gateway-0": 30.0, "gateway-1": 28.0, "tokenizer-0": 5.0, "scheduler": 7.0, "rabbitmq": 20.0}
+    assert control_plane_ms(per_1k | {"worker-0": 50.0, "redis": 3.0, "bench client": 90.0}) == 90.0
 
 
 def test_generation_tokens_sums_labels() -> None:

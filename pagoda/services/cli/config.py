@@ -74,6 +74,7 @@ class GatewayConfig:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     queue_timeout_s: float = 300.0  # seconds a request may wait to start (503 after); 0: no limit
     log_level: str = DEFAULT_LOG_LEVEL
+    reuse_port: bool = False  # SO_REUSEPORT: several gateway processes of a host share the port
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -188,6 +189,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         rate_limits=RateLimits(args.rate_limit_requests, args.rate_limit_tokens),
         queue_timeout_s=args.queue_timeout,
         log_level=args.log_level,
+        reuse_port=getattr(args, "reuse_port", False),
     )
 
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -277,7 +278,9 @@ class Process:
             "serving %s on http://%s:%d/v1 (%s)",
             self._frontend.model_name, gateway.host, gateway.port, ", ".join(self.config.roles),
         )  # fmt: skip
-        await self._server.serve()
+        await self._server.serve(
+            sockets=[_reuse_port_socket(gateway.host, gateway.port)] if gateway.reuse_port else None
+        )
 
     def _uvicorn_config(self) -> uvicorn.Config:
         gateway, frontend = self.config.gateway, self._frontend
@@ -306,6 +309,18 @@ class Process:
         await _bounded(self.store.close(), "closing the store connection")
         await asyncio.to_thread(tracing.shutdown)
         logger.info("stopped")
+
+
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port) that other processes may bind too (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def gateway_app(

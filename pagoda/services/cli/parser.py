@@ -2,7 +2,7 @@
 
 Every default is read from the config dataclass the flag feeds (`field_default`), never written
 here. A role's parser also carries, through `set_defaults`, the defaults of the config fields it
-has no flag for (a gateway has no --metrics-port, `pagoda serve` no --worker-id), so config.py
+has no flag for (`pagoda serve` has no --worker-id), so config.py
 reads every field as an attribute. Building the parser imports neither torch nor the benchmarks.
 """
 
@@ -57,7 +57,6 @@ def _add_role_parser(p: argparse.ArgumentParser, role: str) -> None:
         add_engine_args(p)
     if role == "gateway":
         add_server_args(p)
-        p.set_defaults(metrics_port=field_default(ClusterConfig, "metrics_port"))  # /metrics is on --port
     if role != "tokenizer":
         add_admission_args(p)
     add_cluster_args(p, bus_required=True, store_required=role != "tokenizer")
@@ -75,13 +74,13 @@ def _add_role_parser(p: argparse.ArgumentParser, role: str) -> None:
             help="report the worker stalled (no new traffic; its requests move) when requests wait "
             "but no engine step finished for this many seconds",
         )
-    if role != "gateway":
-        p.add_argument(
-            "--metrics-port",
-            type=int,
-            default=field_default(ClusterConfig, "metrics_port"),
-            help="serve Prometheus /metrics on this port (default: off)",
-        )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=field_default(ClusterConfig, "metrics_port"),
+        help="serve Prometheus /metrics on this port (default: off; a gateway serves it on --port "
+        "too, but gateways sharing a port with --reuse-port each need their own to be scraped)",
+    )
 
 
 def _unflagged_worker_defaults() -> dict[str, object]:
@@ -112,6 +111,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("server")
     s.add_argument("--host", default=gateway("host"))
     s.add_argument("--port", type=int, default=gateway("port"))
+    s.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT, so that several gateway processes on this host share --port "
+        "(the kernel spreads connections over them; each has its own reply queue)",
+    )
     s.add_argument(
         "--api-key",
         action="append",
