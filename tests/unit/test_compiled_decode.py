@@ -129,3 +129,46 @@ def test_compile_flag_reaches_the_config(monkeypatch: pytest.MonkeyPatch) -> Non
     assert EngineConfig().compile == "off" and EngineConfig(compile=True).compile == "on"
     with pytest.raises(ValueError, match="compile must be auto, on or off"):
         EngineConfig(compile="sometimes")
+
+
+@pytest.mark.slow
+def test_graphs_that_do_not_load_are_compiled_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A truncated saved graph (a full disk, a killed write by another tool) is deleted, compiled
+    again and saved, and the engine still gives the eager tokens."""
+    monkeypatch.setenv("PAGODA_COMPILE_CACHE", str(tmp_path / "compiled"))
+    make_tiny_model("llama", tmp_path, num_layers=1)
+    _llm(tmp_path, compile="on")
+    saved = sorted((tmp_path / "compiled").glob("*/decode-*.bin"))
+    assert len(saved) == 2
+    saved[0].write_bytes(saved[0].read_bytes()[:100])
+    compiles = []
+    real = CompiledDecode.compile
+    monkeypatch.setattr(CompiledDecode, "compile", lambda self: compiles.append(1) or real(self))
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, logprobs=3, ignore_eos=True)
+    eager = _llm(tmp_path).generate(PROMPTS, params, use_tqdm=False)
+    with caplog.at_level(logging.WARNING, logger="pagoda.engine.runner.compile_cache"):
+        llm = _llm(tmp_path, compile="on")
+    assert "do not load" in caplog.text and compiles == [1]
+    assert saved[0].stat().st_size > 100  # saved again
+    _matches(eager, llm.generate(PROMPTS, params, use_tqdm=False))
+
+
+def test_an_unwritable_cache_leaves_a_server_eager(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--compile auto where the cache cannot be written: a warning, eager steps, no failed start."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("PAGODA_COMPILE_CACHE", str(blocker / "compiled"))
+    make_tiny_model("llama", tmp_path, num_layers=1)
+    monkeypatch.setattr(llm_module, "EngineCore", functools.partial(EngineCore, background_compile=True))
+    with caplog.at_level(logging.WARNING, logger="pagoda.engine.runner.compile_cache"):
+        llm = _llm(tmp_path, compile="auto")
+    assert "decode steps stay eager: cannot compile into" in caplog.text
+    runner = llm.engine.runner
+    assert runner.compiled is not None and not runner.compiled.ready and runner.compiler is not None
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    (out,) = llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 4 and runner.compiled.num_calls == 0

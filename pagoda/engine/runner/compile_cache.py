@@ -19,6 +19,7 @@ them (`inductor/`, unless TORCHINDUCTOR_CACHE_DIR is set): without them a load r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -123,7 +124,9 @@ class _Background:
 
 class DecodeCompiler:
     """Brings a runner's CompiledDecode to the ready state as `mode` says (see the module text);
-    `poll()` (each step) adopts graphs a background compile has saved."""
+    `poll()` (each step) adopts graphs a background compile has saved. Saved graphs that do not
+    load are deleted and compiled again; a cache that cannot be written leaves a server eager
+    (with a warning), never unable to start."""
 
     def __init__(self, compiled: CompiledDecode, mode: str, config: EngineConfig | None) -> None:
         assert mode in ("auto", "on"), mode
@@ -133,7 +136,7 @@ class DecodeCompiler:
         key = graph_key(compiled.model, compiled.block_size)
         self.directory = cache_root() / key
         t0 = time.perf_counter()
-        if compiled.load(self.directory):
+        if self._load():
             logger.info(
                 "decode steps (batch 1; 2 and more): compiled graphs, loaded from %s in %.1fs; "
                 "prompt and mixed steps: eager",
@@ -148,19 +151,36 @@ class DecodeCompiler:
                 logger.warning("could not save the compiled decode graphs to %s: %s", self.directory, e)
         else:
             handles = [m.handle for m in compiled.model.modules() if isinstance(m, OneDnnLinear)]
-            self._job = _Background(config, self.directory, key, min(handles, default=0))
+            try:
+                self._job = _Background(config, self.directory, key, min(handles, default=0))
+            except OSError as e:
+                logger.warning("decode steps stay eager: cannot compile into %s: %s", self.directory, e)
+                return
             logger.info(
                 "decode steps: eager until a background compile (log: %s) saves the graphs; "
                 "later starts load them",
                 self._job.log,
             )
 
+    def _load(self) -> bool:
+        try:
+            return self.compiled.load(self.directory)
+        except Exception as e:  # a truncated file, another torch's pickle, an unwritable cache
+            self.compiled.graphs.clear()
+            logger.warning(
+                "the saved decode graphs in %s do not load (%s); compiling them again", self.directory, e
+            )
+            for name in CompiledDecode.FILES.values():
+                with contextlib.suppress(OSError):
+                    (self.directory / name).unlink()
+            return False
+
     def poll(self) -> None:
         job = self._job
         if job is None or (rc := job.finished()) is None:
             return
         self._job = None
-        if rc == 0 and self.compiled.load(self.directory):
+        if rc == 0 and self._load():
             logger.info(
                 "decode steps (batch 1; 2 and more): compiled graphs now (compiled in the background "
                 "in %.0fs)",
