@@ -153,3 +153,60 @@ def test_flags_build_the_limits() -> None:
         assert admission_limits(role_args).max_waiting == 3
     tokenizer = build_parser().parse_args(["tokenizer", "--bus", "amqp://x"])
     assert launch_config(tokenizer, ("tokenizer",)).admission == AdmissionLimits()  # it has no such flags
+
+
+_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value", "param"),
+    [
+        ("/v1/chat/completions", "response_format", {"type": "json_object"}, "response_format"),
+        (
+            "/v1/chat/completions",
+            "response_format",
+            {"type": "json_schema", "json_schema": {}},
+            "response_format",
+        ),
+        ("/v1/chat/completions", "tools", [_TOOL], "tools"),
+        ("/v1/chat/completions", "tool_choice", "required", "tool_choice"),
+        ("/v1/chat/completions", "functions", [_TOOL["function"]], "functions"),
+        ("/v1/chat/completions", "structured_outputs", {"choice": ["a", "b"]}, "structured_outputs"),
+        ("/v1/chat/completions", "guided_regex", "[a-z]+", "guided_regex"),
+        ("/v1/completions", "guided_json", {"type": "object"}, "guided_json"),
+        ("/v1/completions", "best_of", 3, "best_of"),
+        ("/v1/completions", "suffix", "tail", "suffix"),
+        ("/v1/completions", "prompt_logprobs", 1, "prompt_logprobs"),
+    ],
+)
+async def test_fields_pagoda_cannot_honour_are_refused_by_name(
+    client: httpx.AsyncClient, path: str, field: str, value: Any, param: str
+) -> None:
+    """Ignored, a client asking for JSON or a tool call would get prose: a 400 naming the field."""
+    base: dict[str, Any] = {"max_tokens": 2}
+    base |= {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+    msg = _error(await client.post(path, json=base | {field: value}), 400, param)
+    assert "not supported" in msg and f"remove {param}" in msg
+    # what changes nothing stays accepted: text format, no tools, tool_choice none, best_of = n
+    same = (
+        {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none"}
+        if "chat" in path
+        else {"best_of": 1, "suffix": ""}
+    )
+    assert (await client.post(path, json=base | same)).status_code == 200
+    await _still_serves(client)
+
+
+async def test_assistant_tool_calls_and_tool_results_are_refused(client: httpx.AsyncClient) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+    ]
+    body = {"messages": messages, "max_tokens": 2}
+    assert "tool_calls" in _error(await client.post("/v1/chat/completions", json=body), 400, "messages")
+    body = {
+        "messages": [*messages[:1], {"role": "tool", "tool_call_id": "c1", "content": "1"}],
+        "max_tokens": 2,
+    }
+    _error(await client.post("/v1/chat/completions", json=body), 400)

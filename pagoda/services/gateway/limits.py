@@ -18,6 +18,7 @@ import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagoda.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from pagoda.services.gateway.unsupported import refused_field
 from pagoda.services.transport.errors import APIError, bad_request
 
 
@@ -160,7 +161,12 @@ def check_unicode(text: str, param: str) -> None:
 def check_request(
     req: ChatCompletionRequest | CompletionRequest, limits: RequestLimits, max_model_len: int
 ) -> None:
-    """Raise APIError(400), naming the field and the limit, for a request over `limits`."""
+    """Raise APIError(400), naming the field and the limit, for a request over `limits` or a
+    field pagoda cannot honour yet."""
+    refused = refused_field(req)
+    if refused is not None:
+        param, why = refused
+        raise bad_request(f"{why}; remove {param} from the request.", param=param)
     if req.n > limits.max_n:
         raise bad_request(f"n {req.n} exceeds the server's limit of {limits.max_n}.", param="n")
     max_tokens = req.requested_max_tokens()

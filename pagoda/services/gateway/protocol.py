@@ -62,6 +62,19 @@ class _SamplingRequest(_Request):
     cache_salt: str | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # fields pagoda cannot honour yet: declared so that gateway/unsupported.py refuses them by name
+    # (ignored, a client that asked for JSON or a tool call would get prose)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    prompt_logprobs: int | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _SamplingRequest:
@@ -124,9 +137,10 @@ class _SamplingRequest(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer"]  # no "tool" results yet: a 400
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # refused when set (gateway/unsupported.py)
 
     @field_validator("content")
     @classmethod
@@ -185,6 +199,8 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod

@@ -1,0 +1,34 @@
+"""Request fields pagoda cannot honour yet. Each is refused with a 400 that names it: ignored, a
+client that asked for JSON or a tool call would get prose. Unknown fields that change nothing
+stay accepted, as OpenAI does."""
+
+from __future__ import annotations
+
+from pagoda.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
+
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")  # vLLM's older names
+
+
+def refused_field(req: ChatCompletionRequest | CompletionRequest) -> tuple[str, str] | None:
+    """(field, why) for the first field `req` sets that pagoda cannot honour yet, else None."""
+    if isinstance(req, ChatCompletionRequest) and any(m.tool_calls for m in req.messages):
+        return "messages", "assistant messages with tool_calls are not supported yet"
+    if isinstance(req, CompletionRequest):
+        if req.best_of is not None and req.best_of != req.n:
+            return "best_of", f"best_of {req.best_of} (other than n) is not supported yet"
+        if req.suffix:
+            return "suffix", "suffix (insertion) is not supported"
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type", "text") != "text":
+        return (
+            "response_format",
+            f"response_format type {fmt.get('type')!r} is not supported yet (only 'text')",
+        )
+    if req.tools:
+        return "tools", "tools (function calling) are not supported yet"
+    if req.tool_choice not in (None, "none"):
+        return "tool_choice", "tool_choice is not supported yet (only 'none')"
+    for name in ("functions", "function_call", "structured_outputs", *_GUIDED, "prompt_logprobs"):
+        if getattr(req, name) is not None:
+            return name, f"{name} is not supported yet"
+    return None
