@@ -42,8 +42,9 @@ def test_services_build_the_engine_core_off_the_main_thread(monkeypatch: pytest.
     built_in: list[str] = []
 
     class FakeCore:
-        def __init__(self, config: Any) -> None:
+        def __init__(self, config: Any, *, background_compile: bool = False) -> None:
             built_in.append(threading.current_thread().name)
+            assert background_compile  # a server serves while its decode graphs compile
 
     monkeypatch.setattr(engine_core, "EngineCore", FakeCore)
     monkeypatch.setattr("pagoda.services.ops.failpoints.install_failpoints", lambda core: None)

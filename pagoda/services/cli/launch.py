@@ -198,7 +198,9 @@ class Process:
             )
         else:
             engine = worker.engine
-            core = build_off_main_thread(lambda: EngineCore(engine))  # see its docstring: OpenMP pools
+            # off the main thread: see its docstring (OpenMP pools); a server compiles its decode
+            # graphs in the background while it serves (runner/compile_cache.py)
+            core = build_off_main_thread(lambda: EngineCore(engine, background_compile=True))
         install_failpoints(core)
         return WorkerService(
             AsyncEngine(core), self.bus, self.store, worker_id=worker.worker_id,

@@ -7,6 +7,9 @@ from __future__ import annotations
 from pagoda.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")  # vLLM's older names
+_OTHERS = ("functions", "function_call", "structured_outputs", *_GUIDED, "prompt_logprobs")
+# every top-level field that may be refused (with some values); messages may carry tool_calls
+FIELDS = ("response_format", "tools", "tool_choice", *_OTHERS, "best_of", "suffix")
 
 
 def refused_field(req: ChatCompletionRequest | CompletionRequest) -> tuple[str, str] | None:
@@ -28,7 +31,7 @@ def refused_field(req: ChatCompletionRequest | CompletionRequest) -> tuple[str, 
         return "tools", "tools (function calling) are not supported yet"
     if req.tool_choice not in (None, "none"):
         return "tool_choice", "tool_choice is not supported yet (only 'none')"
-    for name in ("functions", "function_call", "structured_outputs", *_GUIDED, "prompt_logprobs"):
+    for name in _OTHERS:
         if getattr(req, name) is not None:
             return name, f"{name} is not supported yet"
     return None
