@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from pagoda.services.cli.main import build_parser
+from tests.dockerfile import parse
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/pagoda.json"
@@ -50,6 +51,13 @@ def test_compose_services_health_and_order() -> None:
     assert "/health/ready" in " ".join(services["gateway"]["healthcheck"]["test"])
     # workers scale with --scale worker=N: no fixed name, no host port
     assert "container_name" not in services["worker"] and "ports" not in services["worker"]
+    # the compiled decode graphs and CPU kernels of a first start outlive the container, where the
+    # CPU image keeps them (its HOME's cache: PAGODA_COMPILE_CACHE, PAGODA_KERNEL_CACHE, inductor's)
+    mounts = {v["target"]: v for v in services["worker"]["volumes"]}
+    assert mounts["/home/pagoda/.cache"]["type"] == "volume" and "/models" in mounts
+    env = parse(ROOT / "Dockerfile")[-1].env()
+    caches = ("PAGODA_COMPILE_CACHE", "PAGODA_KERNEL_CACHE", "TORCHINDUCTOR_CACHE_DIR")
+    assert all(env[k].startswith("/home/pagoda/.cache/") for k in caches), env
 
 
 def test_compose_commands_parse_with_the_cli() -> None:

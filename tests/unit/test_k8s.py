@@ -157,7 +157,10 @@ def test_pods_run_as_any_uid_under_the_restricted_policy(overlay: str) -> None:
         writable = image.recursive_targets("chmod", {"g=u"})
         for mount in c.get("volumeMounts", []):
             assert is_under(mount["mountPath"], writable), (role, mount, writable)
-    assert pods["worker"]["containers"][0]["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
+    assert pods["worker"]["containers"][0]["volumeMounts"] == [
+        {"name": "models", "mountPath": "/models"},
+        {"name": "cache", "mountPath": "/home/pagoda/.cache"},  # kernels and compiled graphs
+    ]
 
 
 def _overlay_dir(tmp_path: Path, text: str) -> Path:
