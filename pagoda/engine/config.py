@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE_MODES = ("auto", "on", "off")  # EngineConfig.compile: see runner/compile_cache.py
 SchedulingPolicy = Literal["fcfs", "priority"]
 
 
@@ -84,7 +85,7 @@ class EngineConfig:
             )
         if isinstance(self.compile, bool):
             object.__setattr__(self, "compile", "on" if self.compile else "off")
-        if self.compile not in ("auto", "on", "off"):
+        if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
         if self.compile == "on" and (self.attention_backend == "triton" or self.device == "cuda"):
             raise ValueError(
@@ -127,6 +128,14 @@ def cpu_has_fast_bf16() -> bool:
     emulated: measured 1 GFLOP/s against fp32's 173 on an AVX2-only EPYC."""
     flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def engine_dtype(dtype: str, quantization: str, device: torch.device) -> torch.dtype:
+    """The dtype an engine runs in: `resolve_dtype`, except that CPU int8 dynamic linears take and
+    give float32 activations, so `auto` picks float32 under `--quantization int8`."""
+    if dtype == "auto" and quantization == "int8" and device.type == "cpu":
+        dtype = "float32"
+    return resolve_dtype(dtype, device, None)
 
 
 def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:

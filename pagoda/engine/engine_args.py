@@ -15,7 +15,14 @@ import re
 import typing
 from typing import Any
 
-from pagoda.engine.config import DTYPES, BatcherConfig, CacheConfig, EngineConfig, SchedulingPolicy
+from pagoda.engine.config import (
+    COMPILE_MODES,
+    DTYPES,
+    BatcherConfig,
+    CacheConfig,
+    EngineConfig,
+    SchedulingPolicy,
+)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -109,7 +116,7 @@ def _add_runtime_args(g: argparse._ArgumentGroup) -> None:
         nargs="?",
         const="on",
         default=os.environ.get("PAGODA_COMPILE", "auto"),
-        choices=["auto", "on", "off"],
+        choices=COMPILE_MODES,
         help="CPU decode steps through compiled graphs, saved for later starts "
         "(~/.cache/pagoda/compiled). auto: load them, or serve eagerly while a background process "
         "compiles them; on (bare --compile): load, or compile before serving; off: eager "

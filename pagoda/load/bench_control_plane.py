@@ -93,16 +93,15 @@ def start_stack(cfg: ControlPlaneConfig, ns: str, port: int) -> tuple[ProcessGro
     model = ["--model", cfg.model] if cfg.model else []
     log = ["--log-level", cfg.service_log_level]
     group = ProcessGroup()
-    metrics = [f"http://127.0.0.1:{port}/metrics"]
     if cfg.gateways == 1:
         group.start("gateway", *log, "gateway", *model, *common, "--port", str(port))
+        metrics = [f"http://127.0.0.1:{port}/metrics"]
     else:
-        metrics = []
-        for i in range(cfg.gateways):
-            own = free_port()
-            metrics.append(f"http://127.0.0.1:{own}/metrics")
-            shared = ["--port", str(port), "--reuse-port", "--metrics-port", str(own)]
+        own = [free_port() for _ in range(cfg.gateways)]
+        for i, mport in enumerate(own):
+            shared = ["--port", str(port), "--reuse-port", "--metrics-port", str(mport)]
             group.start(f"gateway-{i}", *log, "gateway", *model, *common, *shared)
+        metrics = [f"http://127.0.0.1:{mport}/metrics" for mport in own]
     for i in range(cfg.tokenizers):
         group.start(f"tokenizer-{i}", *log, "tokenizer", *model, *common)
     group.start("scheduler", *log, "scheduler", *common)

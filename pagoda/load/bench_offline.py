@@ -22,6 +22,7 @@ class OfflineResult:
     prompt_tokens: int
     output_tokens: int
     seconds: float
+    dtype: str  # float32 | bfloat16 | float16
 
     @property
     def output_tok_s(self) -> float:
@@ -46,7 +47,10 @@ def bench_pagoda(args: argparse.Namespace, prompts: list[list[int]]) -> OfflineR
     out_tokens = sum(len(c.token_ids) for r in results for c in r.outputs)
     if args.profile:
         profile_decode(llm, prompts)
-    return OfflineResult(_label(llm), len(prompts), sum(map(len, prompts)), out_tokens, seconds)
+    core = llm.engine
+    dtype = str(core.dtype).removeprefix("torch.")
+    label = f"pagoda-{dtype}" + (f"-{core.quantization}" if core.quantization != "none" else "")
+    return OfflineResult(label, len(prompts), sum(map(len, prompts)), out_tokens, seconds, dtype)
 
 
 def profile_decode(llm: Any, prompts: list[list[int]], steps: int = 5) -> None:
@@ -73,12 +77,6 @@ def profile_decode(llm: Any, prompts: list[list[int]], steps: int = 5) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
-def _label(llm: Any) -> str:
-    core = llm.engine
-    quant = f"-{core.quantization}" if core.quantization != "none" else ""
-    return f"pagoda-{str(core.dtype).removeprefix('torch.')}{quant}"
-
-
 def bench_hf(args: argparse.Namespace, prompts: list[list[int]], gguf_path: str, ours: str) -> OfflineResult:
     """HF's static `generate` in --hf-dtype (auto: `ours`, the dtype pagoda ran in)."""
     from pagoda.load.hf_peer import load_hf_model, run_static
@@ -87,7 +85,7 @@ def bench_hf(args: argparse.Namespace, prompts: list[list[int]], gguf_path: str,
     model = load_hf_model(gguf_path, dtype)
     run = run_static(model, prompts, [args.output_len] * len(prompts), args.hf_batch_size or len(prompts))
     return OfflineResult(
-        f"hf-generate-{dtype}", len(prompts), run.prompt_tokens, run.output_tokens, run.seconds
+        f"hf-generate-{dtype}", len(prompts), run.prompt_tokens, run.output_tokens, run.seconds, dtype
     )
 
 
@@ -102,8 +100,7 @@ def run_offline(args: argparse.Namespace) -> int:
     ]
     results = [bench_pagoda(args, prompts)]
     if args.peer == "hf":
-        ours = results[0].system.split("-")[1]  # pagoda-<dtype>[-<quantization>]
-        results.append(bench_hf(args, prompts, info.path, ours))
+        results.append(bench_hf(args, prompts, info.path, results[0].dtype))
     system = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}"

@@ -35,16 +35,17 @@ class HfRun:
 
 
 def pagoda_dtype(serve_args: Sequence[str] = ()) -> str:
-    """The dtype pagoda serves in with these `pagoda serve` arguments on this machine: their
-    --dtype, or what `auto` picks (bfloat16 where the CPU has native bf16, else float32)."""
-    from pagoda.engine.config import resolve_dtype
+    """The dtype pagoda serves in with these `pagoda serve` arguments on this machine, as the
+    engine picks it (`engine_dtype`: bfloat16 where the CPU has native bf16, else float32; float32
+    under CPU int8)."""
+    from pagoda.engine.config import engine_dtype
+    from pagoda.engine.engine_args import engine_config_from_args
+    from pagoda.services.cli.parser import build_parser
 
-    args = list(serve_args)
-    given = next((a.split("=", 1)[1] for a in args if a.startswith("--dtype=")), None)
-    if given is None and "--dtype" in args[:-1]:
-        given = args[args.index("--dtype") + 1]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return str(resolve_dtype(given or "auto", device, None)).removeprefix("torch.")
+    config = engine_config_from_args(build_parser().parse_args(["serve", *serve_args]))
+    return str(engine_dtype(config.dtype, config.quantization, config.resolved_device())).removeprefix(
+        "torch."
+    )
 
 
 def load_hf_model(gguf_path: str, dtype: str = "float32") -> Any:

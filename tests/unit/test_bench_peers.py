@@ -92,3 +92,4 @@ def test_pagoda_dtype_follows_the_launch_args() -> None:
 
     assert pagoda_dtype(["--dtype", "float32"]) == pagoda_dtype(["--dtype=float32"]) == "float32"
     assert pagoda_dtype(["--port", "1"]) == ("bfloat16" if cpu_has_fast_bf16() else "float32")
+    assert pagoda_dtype(["--quantization", "int8"]) == "float32"  # as the engine runs CPU int8

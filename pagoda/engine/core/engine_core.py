@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from pagoda.engine.config import EngineConfig, resolve_dtype, validate_max_model_len
+from pagoda.engine.config import EngineConfig, engine_dtype, validate_max_model_len
 from pagoda.engine.core.stats import CoreCounters, EngineCapacity, StepStats
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.loader import Checkpoint, load_checkpoint
@@ -53,10 +53,7 @@ class EngineCore:
         arch = ckpt.arch
         self.device = config.resolved_device()
         self.quantization = resolve_quantization(config.quantization, self.device, ckpt.quantization)
-        # int8 dynamic linears take and give float32 activations
-        cpu_int8 = self.quantization == "int8" and self.device.type == "cpu"
-        dtype_arg = "float32" if cpu_int8 and config.dtype == "auto" else config.dtype
-        self.dtype = resolve_dtype(dtype_arg, self.device, None)
+        self.dtype = engine_dtype(config.dtype, self.quantization, self.device)
         self.max_model_len = validate_max_model_len(config.max_model_len, arch.max_position_embeddings)
         self.model = self._load_model(ckpt)
         num_blocks, per_block = self._size_kv_cache(arch)

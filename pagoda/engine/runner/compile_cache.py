@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODES = ("auto", "on", "off")
 _ENGINE = Path(__file__).resolve().parents[1]  # pagoda/engine
 
 
