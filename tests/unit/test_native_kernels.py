@@ -5,12 +5,13 @@ run it."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
 
 from pagoda.engine.config import cpu_flags
-from pagoda.engine.quantization import native
+from pagoda.engine.quantization import native, vnni
 from pagoda.engine.quantization.linear import make_linear
 from pagoda.engine.quantization.vnni import VnniLinear, prompt_rows, rounded_activations
 from pagoda.engine.quantization.weights import QuantizedWeight
@@ -121,6 +122,32 @@ def test_prompt_rows_run_in_bf16_on_amx() -> None:
     with prompt_rows(0):  # a float32 model keeps 16-bit activations for its prompts
         in_float = layer(x.float())
     assert torch.equal(in_float, layer(x.float()))
+
+
+def test_prompt_rows_belong_to_their_thread() -> None:
+    """An engine thread's step marks prompt rows for its own layers only. A step entering before
+    another thread's and leaving first once left the other thread's start behind for good (CI ran
+    a layer's generated rows on the prompt kernel after a test's engine thread had stepped)."""
+    entered, leave, left = threading.Event(), threading.Event(), threading.Event()
+    seen: list[int | None] = []
+
+    def other_step() -> None:
+        with prompt_rows(3):
+            entered.set()
+            leave.wait(5)
+            seen.append(vnni._prompt.start)
+        left.set()
+
+    thread = threading.Thread(target=other_step)
+    thread.start()
+    assert entered.wait(5)
+    with prompt_rows(5):
+        assert vnni._prompt.start == 5
+        leave.set()
+        assert left.wait(5)
+        assert vnni._prompt.start == 5
+    thread.join(5)
+    assert seen == [3] and vnni._prompt.start is None
 
 
 def test_rows_look_up_the_packed_codes() -> None:

@@ -20,6 +20,7 @@ compressed-tensors' bfloat16), so resident memory is the file's.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -30,7 +31,15 @@ from pagoda.engine.quantization.weights import QuantizedWeight
 TILE = 16  # outputs per tile
 MAX_ACT_BLOCK = 128  # the most inputs that share one activation scale
 
-_prompt_start: int | None = None  # the step's first prompt row (prompt_rows); None: no prompt rows
+
+class _PromptRows(threading.local):
+    """The step's first prompt row (prompt_rows), per thread: an engine thread's step never
+    reaches another thread's layers. None: no prompt rows."""
+
+    start: int | None = None
+
+
+_prompt = _PromptRows()
 
 
 @contextlib.contextmanager
@@ -40,12 +49,11 @@ def prompt_rows(start: int | None) -> Iterator[None]:
     as a dense bf16 model would, each weight tile dequantized to bf16 once (csrc/wgemm.cpp):
     prompts of tens to thousands of rows run at AMX speed, and a row's arithmetic still depends
     only on the row (whether it is a prompt token)."""
-    global _prompt_start
-    previous, _prompt_start = _prompt_start, start
+    previous, _prompt.start = _prompt.start, start
     try:
         yield
     finally:
-        _prompt_start = previous
+        _prompt.start = previous
 
 
 def act_block(qw: QuantizedWeight) -> int | None:
@@ -66,11 +74,15 @@ def act_levels(act_bits: int) -> int:
 def rounded_activations(x: torch.Tensor, block: int, act_bits: int = 8) -> torch.Tensor:
     """What the kernel multiplies `x` [..., in] by, in float32: each block of `block` inputs of a
     row rounded to the levels of `act_bits` over its peak (the reference its results are tested
-    against)."""
+    against). As the kernel does, it multiplies by levels / peak: dividing by the step instead
+    rounds a value near a half level the other way now and then."""
     v = x.float().reshape(*x.shape[:-1], -1, block)
-    step = v.abs().amax(-1, keepdim=True) / act_levels(act_bits)
-    safe = torch.where(step == 0, torch.ones_like(step), step)
-    return (torch.round(v / safe) * step).reshape(x.shape)
+    peak = v.abs().amax(-1, keepdim=True)
+    levels = float(act_levels(act_bits))
+    # a tensor divided, not a Python number: torch turns `number / tensor` into a reciprocal
+    # times the number, which is not the kernel's division
+    inv = torch.where(peak > 0, torch.full_like(peak, levels) / peak, torch.zeros_like(peak))
+    return (torch.round(v * inv) * (peak / levels)).reshape(x.shape)
 
 
 def _exact_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -167,8 +179,10 @@ class VnniLinear(QuantizedLinear):
         if rows.dtype not in (torch.float32, torch.bfloat16):
             rows = rows.float()
         rows = rows.contiguous()
-        # prompt rows in bf16 where the model runs in bf16 (float32 asks for 16-bit activations)
-        start = _prompt_start if self.prompt_kernel and rows.dtype == torch.bfloat16 else None
+        # prompt rows in bf16 where the model runs in bf16 (float32 asks for 16-bit activations);
+        # compiled graphs are decode steps, which have none
+        in_bf16 = self.prompt_kernel and rows.dtype == torch.bfloat16
+        start = None if torch.compiler.is_compiling() or not in_bf16 else _prompt.start
         if start is None or start >= rows.shape[0]:
             y = self._qgemm(rows)
         elif start == 0:
