@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from pagoda.engine.core.stats import CoreCounters, EngineCapacity
 from pagoda.engine.outputs import RequestOutput, TokenLogprob
@@ -19,6 +22,31 @@ if TYPE_CHECKING:
 
 BOS, EOS, EOT = 256, 257, 258
 _SPECIAL = {BOS: "<s>", EOS: "</s>", EOT: "<|eot|>"}
+
+
+@functools.cache
+def _byte_backend() -> Tokenizer:
+    chars = pre_tokenizers.ByteLevel.alphabet()
+    table = {b: c for b, c in zip(range(256), sorted(chars, key=lambda c: _byte_of(c)), strict=True)}
+    backend = Tokenizer(models.BPE(vocab={table[b]: b for b in range(256)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([_SPECIAL[i] for i in sorted(_SPECIAL)])
+    return backend
+
+
+def _byte_of(char: str) -> int:
+    """The byte GPT-2's byte-level alphabet maps to `char`."""
+    n = ord(char)
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    if n in printable:
+        return n
+    others = [b for b in range(256) if b not in printable]
+    return others[n - 256]
 
 
 class FakeTokenizer:
@@ -52,6 +80,11 @@ class FakeTokenizer:
 
     def is_special(self, token_id: int) -> bool:
         return token_id in _SPECIAL
+
+    @property
+    def backend(self) -> Tokenizer:
+        """The same vocabulary as a `tokenizers` byte-level model (what llguidance reads)."""
+        return _byte_backend()
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if messages[0]["role"] == "assistant":

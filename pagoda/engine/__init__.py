@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     # requests and their outputs
     "SamplingParams": "pagoda.engine.sampling.params",
+    "StructuredOutputsParams": "pagoda.engine.structured.params",
+    "check_structured_outputs": "pagoda.engine.structured.grammar",
     "RequestOutput": "pagoda.engine.outputs",
     "TokenLogprob": "pagoda.engine.outputs",
     # text
@@ -72,6 +74,8 @@ if TYPE_CHECKING:  # re-exports (F401: ruff does not read a computed __all__)
     from pagoda.engine.loader.model_info import read_model_info  # noqa: F401
     from pagoda.engine.outputs import RequestOutput, TokenLogprob  # noqa: F401
     from pagoda.engine.sampling.params import SamplingParams  # noqa: F401
+    from pagoda.engine.structured.grammar import check_structured_outputs  # noqa: F401
+    from pagoda.engine.structured.params import StructuredOutputsParams  # noqa: F401
     from pagoda.engine.tokenization.detokenizer import IncrementalDetokenizer, StopChecker  # noqa: F401
     from pagoda.engine.tokenization.tokenizer import Tokenizer  # noqa: F401
 

@@ -157,6 +157,8 @@ def run_serve(args: argparse.Namespace) -> int:
             serve_args=launch or (),
         )
         peer.check()  # fail before the first run, not after it
+    if getattr(args, "structured", "none") == "json":
+        return _run_structured(args, cfg, launch)
     if launch is None:
         result = asyncio.run(run_benchmark(cfg))
     else:
@@ -192,6 +194,17 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"Prefix caching: TTFT p50 {gain:.2f}x lower with it than without")
     _plot(args, {"pagoda": result, peer.name: peer_result})
     return 0 if result.completed and peer_result.completed else 1
+
+
+def _run_structured(args: argparse.Namespace, cfg: ServeConfig, launch: list[str] | None) -> int:
+    from pagoda.load.structured_bench import report, run_structured
+
+    if args.peer != "none":
+        raise SystemExit("--structured json compares pagoda with itself: leave out --peer")
+    if launch is None:
+        return report(args, asyncio.run(run_structured(cfg)))
+    with peers.PagodaServer("pagoda", launch) as target:
+        return report(args, asyncio.run(run_structured(replace(cfg, base_url=target.base_url))))
 
 
 def _plot(args: argparse.Namespace, results: dict[str, BenchResult]) -> None:

@@ -147,6 +147,13 @@ def _add_serve_load_args(load: argparse._ArgumentGroup) -> None:
     load.add_argument("--sharegpt-path", default=None, help="local ShareGPT JSON file")
     load.add_argument("--seed", type=int, default=0)
     load.add_argument(
+        "--structured",
+        choices=["none", "json"],
+        default="none",
+        help="json: run the requests free, then constrained to a JSON schema (same lengths), and "
+        "report the throughput ratio and a new schema's grammar compile time",
+    )
+    load.add_argument(
         "--ignore-eos",
         action="store_true",
         help="send ignore_eos: true (pagoda, vLLM; a --peer gets min_tokens too)",

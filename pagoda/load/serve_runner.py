@@ -70,6 +70,7 @@ class ServeConfig:
     # /metrics URLs to sample the KV cache from while the run goes (() : the server's own /metrics)
     metrics_urls: tuple[str, ...] = ()
     kv_metrics: bool = True
+    extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every request (--structured)
 
     def __post_init__(self) -> None:
         if self.endpoint not in ("chat", "completions"):
@@ -205,7 +206,7 @@ def summarize(records: list[RequestRecord], duration: float, slo: dict[str, floa
     )
 
 
-def _headers(cfg: ServeConfig) -> dict[str, str]:
+def auth_headers(cfg: ServeConfig) -> dict[str, str]:
     return {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
 
 
@@ -226,7 +227,7 @@ def request_body(cfg: ServeConfig, model: str, turn: BenchTurn) -> dict[str, Any
         body["ignore_eos"] = True
         if cfg.min_tokens_for_eos:
             body["min_tokens"] = turn.output_len
-    return body
+    return body | cfg.extra_body
 
 
 async def _read_stream(resp: httpx.Response, timer: StreamTimer) -> None:
@@ -249,7 +250,7 @@ async def send_request(
     try:
         async with asyncio.timeout(cfg.request_timeout_s):
             body = request_body(cfg, model, turn)
-            async with client.stream("POST", cfg.root + path, json=body, headers=_headers(cfg)) as resp:
+            async with client.stream("POST", cfg.root + path, json=body, headers=auth_headers(cfg)) as resp:
                 if resp.status_code == 200:
                     await _read_stream(resp, timer)
                 else:
@@ -266,7 +267,7 @@ async def send_request(
 async def default_model(client: httpx.AsyncClient, cfg: ServeConfig) -> str:
     url = cfg.root + "/v1/models"
     try:
-        resp = await client.get(url, headers=_headers(cfg), timeout=30.0)
+        resp = await client.get(url, headers=auth_headers(cfg), timeout=30.0)
         resp.raise_for_status()
         return str(resp.json()["data"][0]["id"])
     except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
@@ -278,7 +279,7 @@ async def tokens_per_word(client: httpx.AsyncClient, cfg: ServeConfig, model: st
     text = sample_text()
     body = {"model": model, "prompt": text, "add_special_tokens": False}
     try:
-        resp = await client.post(cfg.root + "/tokenize", json=body, headers=_headers(cfg), timeout=30.0)
+        resp = await client.post(cfg.root + "/tokenize", json=body, headers=auth_headers(cfg), timeout=30.0)
         count = resp.json().get("count") if resp.status_code == 200 else None
     except (httpx.HTTPError, ValueError, AttributeError):
         return None

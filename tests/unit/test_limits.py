@@ -161,19 +161,9 @@ _TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "o
 @pytest.mark.parametrize(
     ("path", "field", "value", "param"),
     [
-        ("/v1/chat/completions", "response_format", {"type": "json_object"}, "response_format"),
-        (
-            "/v1/chat/completions",
-            "response_format",
-            {"type": "json_schema", "json_schema": {}},
-            "response_format",
-        ),
         ("/v1/chat/completions", "tools", [_TOOL], "tools"),
         ("/v1/chat/completions", "tool_choice", "required", "tool_choice"),
         ("/v1/chat/completions", "functions", [_TOOL["function"]], "functions"),
-        ("/v1/chat/completions", "structured_outputs", {"choice": ["a", "b"]}, "structured_outputs"),
-        ("/v1/chat/completions", "guided_regex", "[a-z]+", "guided_regex"),
-        ("/v1/completions", "guided_json", {"type": "object"}, "guided_json"),
         ("/v1/completions", "best_of", 3, "best_of"),
         ("/v1/completions", "suffix", "tail", "suffix"),
         ("/v1/completions", "prompt_logprobs", 1, "prompt_logprobs"),
@@ -182,7 +172,7 @@ _TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "o
 async def test_fields_pagoda_cannot_honour_are_refused_by_name(
     client: httpx.AsyncClient, path: str, field: str, value: Any, param: str
 ) -> None:
-    """Ignored, a client asking for JSON or a tool call would get prose: a 400 naming the field."""
+    """Ignored, a client asking for a tool call would get prose: a 400 naming the field."""
     base: dict[str, Any] = {"max_tokens": 2}
     base |= {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
     msg = _error(await client.post(path, json=base | {field: value}), 400, param)
@@ -210,3 +200,50 @@ async def test_assistant_tool_calls_and_tool_results_are_refused(client: httpx.A
         "max_tokens": 2,
     }
     _error(await client.post("/v1/chat/completions", json=body), 400)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param", "words"),
+    [
+        ("response_format", {"type": "xml"}, "response_format", "not supported"),
+        ("response_format", {"type": "json_schema"}, "response_format", "json_schema object"),
+        (
+            "response_format",
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}},
+            "response_format.json_schema.schema",
+            "not a valid JSON Schema",
+        ),
+        ("structured_outputs", {"regex": "a("}, "structured_outputs", "invalid regex"),
+        ("structured_outputs", {"grammar": "root ::= nowhere"}, "structured_outputs", "invalid grammar"),
+        ("structured_outputs", {"regex": "a", "choice": ["b"]}, "structured_outputs", "exactly one"),
+        (
+            "structured_outputs",
+            {"regex": "a", "whitespace_pattern": " "},
+            "structured_outputs.whitespace_pattern",
+            "not",
+        ),
+        ("guided_choice", [], "guided_choice", "non-empty list"),
+    ],
+)
+async def test_structured_output_mistakes_are_400s_naming_the_field(
+    client: httpx.AsyncClient, field: str, value: Any, param: str, words: str
+) -> None:
+    """Shapes and schemas are checked at the gateway (jsonschema); regexes and grammars against
+    the model's tokenizer (llguidance), still before any worker sees the request."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: value}
+    assert words in _error(await client.post("/v1/chat/completions", json=body), 400, param)
+    await _still_serves(client)
+
+
+async def test_one_structured_output_constraint_per_request(client: httpx.AsyncClient) -> None:
+    body = {
+        "prompt": "hi",
+        "max_tokens": 2,
+        "structured_outputs": {"json_object": True},
+        "response_format": {"type": "json_object"},
+    }
+    assert "sets response_format and structured_outputs" in _error(
+        await client.post("/v1/completions", json=body), 400, "structured_outputs"
+    )
+    ok = {"prompt": "hi", "max_tokens": 2, "structured_outputs": {"choice": ["yes", "no"]}}
+    assert (await client.post("/v1/completions", json=ok)).status_code == 200

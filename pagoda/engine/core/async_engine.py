@@ -73,6 +73,7 @@ class StepCore(Protocol):
         priority: int = 0,
         cache_salt: str | None = None,
         arrival_time: float | None = None,
+        resume_from: int = 0,
     ) -> None: ...
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]: ...
@@ -188,16 +189,18 @@ class AsyncEngine:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        resume_from: int = 0,
     ) -> None:
         """Add a request whose outputs go to the sink. Raises ValueError for a bad request,
-        EngineDeadError once the step thread died."""
+        EngineDeadError once the step thread died. `resume_from`: the prompt ends with this many
+        of the request's own output tokens (a re-run elsewhere)."""
         if self._sink is None:
             raise RuntimeError("set_sink (or use add_request) before submitting: the outputs would be lost")
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
         self.core.check_prompt(prompt_token_ids, params)
         self.start()
-        self._post("add", (request_id, prompt_token_ids, params, priority, cache_salt))
+        self._post("add", (request_id, prompt_token_ids, params, priority, cache_salt, resume_from))
 
     def add_request(
         self,
@@ -291,9 +294,11 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                rid, ids, params, priority, salt = arg
+                rid, ids, params, priority, salt, resumed = arg
                 try:
-                    self.core.add_request(rid, ids, params, priority=priority, cache_salt=salt)
+                    self.core.add_request(
+                        rid, ids, params, priority=priority, cache_salt=salt, resume_from=resumed
+                    )
                 except ValueError as exc:
                     self._refuse(rid, exc)
             else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import torch
 
@@ -29,7 +30,9 @@ from pagoda.engine.runner.onednn_linear import onednn_bf16_available, pack_linea
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.sampling.sampler import make_generator
 from pagoda.engine.scheduling.batcher import Batcher
-from pagoda.engine.scheduling.request import Request, check_prompt_ids
+from pagoda.engine.scheduling.request import Request, RequestStatus, check_prompt_ids
+from pagoda.engine.structured.compiler import GrammarCompiler, SequenceGrammar
+from pagoda.engine.structured.grammar import grammar_of
 from pagoda.engine.tokenization.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -91,6 +94,9 @@ class EngineCore:
             num_blocks * per_block / 2**20,
         )
         self._children: dict[str, list[str]] = {}  # parent id -> child sequence ids
+        self.grammars: GrammarCompiler | None = None  # made for the first structured request
+        # requests whose grammar is compiling: they join the batcher when it is ready
+        self._awaiting: dict[str, tuple[Future[list[SequenceGrammar]], list[Request]]] = {}
         self.last_stats = StepStats()
 
     def _load_model(self, ckpt: Checkpoint) -> LlamaForCausalLM:
@@ -166,11 +172,17 @@ class EngineCore:
         priority: int = 0,
         cache_salt: str | None = None,
         arrival_time: float | None = None,
+        resume_from: int = 0,
     ) -> None:
+        """`resume_from`: the prompt's last tokens are this request's output so far (a re-run
+        after its worker was lost); a grammar consumes them before it constrains the next."""
         self.check_prompt(prompt_token_ids, params)
         if request_id in self._children:
             raise ValueError(f"request id {request_id!r} is already running")
-        child_ids = []
+        so = params.structured_outputs
+        if so is not None:
+            grammar_of(so)  # a grammar that cannot compile is the caller's error, now
+        children = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             cid = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -185,19 +197,27 @@ class EngineCore:
                 arrival_time=arrival_time,
                 generator=make_generator(seed, self.device),
             )
-            self.batcher.add_request(req)
-            child_ids.append(cid)
-        self._children[request_id] = child_ids
+            children.append(req)
+        self._children[request_id] = [r.request_id for r in children]
+        if so is None:
+            for req in children:
+                self.batcher.add_request(req)
+            return
+        if self.grammars is None:
+            self.grammars = GrammarCompiler(self.tokenizer, self.model.cfg.vocab_size)
+        resumed = prompt_token_ids[len(prompt_token_ids) - resume_from :] if resume_from else []
+        self._awaiting[request_id] = (self.grammars.submit(so, len(children), resumed), children)
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        waiting = [self._awaiting.pop(rid) for rid in request_ids if rid in self._awaiting]
         seqs = [c for rid in request_ids for c in self._children.get(rid, [])]
-        reqs = self.batcher.finish_requests(seqs, "abort")
+        reqs = self.batcher.finish_requests(seqs, "abort") + _finished([r for _, rs in waiting for r in rs])
         outs = [self._output(r, []) for r in reqs]
         self._forget_finished(reqs)
         return outs
 
     def has_unfinished(self) -> bool:
-        return self.batcher.has_unfinished()
+        return self.batcher.has_unfinished() or bool(self._awaiting)
 
     def counters(self) -> CoreCounters:
         """Live figures for metrics; safe to read from another thread (plain ints and floats)."""
@@ -225,6 +245,7 @@ class EngineCore:
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failed = self._adopt_grammars() if self._awaiting else []
         out = self.batcher.schedule()
         res = self.runner.execute(out)
         changed = self.batcher.update(out, res)
@@ -237,7 +258,30 @@ class EngineCore:
         )
         outputs = [self._output(r, [r.output_token_ids[-1]], res.logprobs.get(r.request_id)) for r in changed]
         self._forget_finished([r for r in changed if r.is_finished])
-        return outputs
+        return failed + outputs
+
+    def _adopt_grammars(self) -> list[RequestOutput]:
+        """Requests whose grammar is ready join the batcher; those whose grammar failed finish
+        (aborted). With nothing else to run, wait a little for one instead of spinning."""
+        if not self.batcher.has_unfinished():
+            wait([f for f, _ in self._awaiting.values()], timeout=0.05, return_when=FIRST_COMPLETED)
+        failed: list[Request] = []
+        for rid, (future, reqs) in list(self._awaiting.items()):
+            if not future.done():
+                continue
+            del self._awaiting[rid]
+            try:
+                grammars = future.result()
+            except Exception as err:
+                logger.warning("request %s: its grammar could not be built: %s", rid, err)
+                failed += _finished(reqs)
+                continue
+            for req, grammar in zip(reqs, grammars, strict=True):
+                req.grammar = grammar
+                self.batcher.add_request(req)
+        outs = [self._output(r, []) for r in failed]
+        self._forget_finished(failed)
+        return outs
 
     def _output(self, req: Request, new_ids: list[int], logprob: TokenLogprob | None = None) -> RequestOutput:
         lps = [logprob] if logprob is not None else None
@@ -264,6 +308,14 @@ class EngineCore:
                 kids.remove(r.request_id)
             if not kids:
                 del self._children[r.parent_id]
+
+
+def _finished(reqs: list[Request]) -> list[Request]:
+    """`reqs`, which never reached the batcher, marked aborted."""
+    for req in reqs:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = "abort"
+    return reqs
 
 
 def _demo() -> str:

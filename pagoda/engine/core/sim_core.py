@@ -109,6 +109,7 @@ class SimCore:
         priority: int = 0,
         cache_salt: str | None = None,
         arrival_time: float | None = None,
+        resume_from: int = 0,
     ) -> None:
         self.check_prompt(prompt_token_ids, params)
         if request_id in self._children:

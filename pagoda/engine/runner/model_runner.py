@@ -23,6 +23,7 @@ from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.sampling.sampler import Sampler
 from pagoda.engine.sampling.sampling_metadata import SamplingMetadata
 from pagoda.engine.scheduling.batcher import BatchPlan, RunnerOutput
+from pagoda.engine.structured.compiler import SequenceGrammar, fill_bitmask
 
 if TYPE_CHECKING:
     from pagoda.engine.config import EngineConfig
@@ -35,6 +36,7 @@ class _ReqState:
     block_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None
+    grammar: SequenceGrammar | None = None
 
 
 def kv_bytes_per_block(
@@ -102,7 +104,7 @@ class ModelRunner:
             self.requests[c.req_id].block_ids.extend(c.new_block_ids)
         for n in out.new_requests:
             self.requests[n.req_id] = _ReqState(
-                list(n.token_ids), n.num_prompt_tokens, list(n.block_ids), n.params, n.generator
+                list(n.token_ids), n.num_prompt_tokens, list(n.block_ids), n.params, n.generator, n.grammar
             )
 
     @torch.inference_mode()
@@ -166,6 +168,12 @@ class ModelRunner:
             eos_token_ids=self.eos_token_ids,
             device=dev,
         )
+        constrained = [(i, s.grammar) for i, s in enumerate(states) if s.grammar is not None]
+        if constrained:
+            bitmask = torch.empty(len(constrained), -(-self.vocab_size // 32), dtype=torch.int32)
+            fill_bitmask([g for _, g in constrained], bitmask)
+            smeta.grammar_rows = torch.tensor([i for i, _ in constrained], device=dev)
+            smeta.grammar_bitmask = bitmask.to(dev)
         sampled = self.sampler(logits, smeta)
         res = RunnerOutput()
         rows = zip(batch.sample_rows, states, sampled.token_ids, sampled.logprobs, strict=True)

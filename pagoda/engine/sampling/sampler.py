@@ -1,7 +1,8 @@
 """Batched sampling: one call per engine step turns `[num_rows, vocab]` logits into one token per row.
 
 Stages, in vLLM's order, each skipped when no row of the step needs it:
-logit_bias -> min_tokens -> repetition penalty -> frequency/presence penalties -> greedy argmax;
+grammar masks (structured outputs) -> logit_bias -> min_tokens -> repetition penalty ->
+frequency/presence penalties -> greedy argmax;
 for the other rows: temperature -> top-k -> top-p -> min-p -> exponential race (probs / Exp(1), argmax).
 Rows with a seeded generator draw their noise from it alone, so their tokens do not depend on the batch.
 """
@@ -71,7 +72,12 @@ class Sampler:
 
 
 def _apply_processors(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """logit_bias, min_tokens and the penalties, in place on x ([num_rows, vocab])."""
+    """The grammars' masks, logit_bias, min_tokens and the penalties, in place on x ([num_rows,
+    vocab])."""
+    if meta.grammar_rows is not None:
+        assert meta.grammar_bitmask is not None
+        rows = meta.grammar_rows
+        x[rows] = x[rows].masked_fill_(~unpack_bitmask(meta.grammar_bitmask, x.shape[1]), _NEG_INF)
     if meta.bias_rows is not None:
         assert meta.bias_tokens is not None and meta.bias_values is not None
         x.index_put_((meta.bias_rows, meta.bias_tokens), meta.bias_values, accumulate=True)
@@ -91,6 +97,12 @@ def _apply_processors(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         penalty = meta.frequency_penalty * count + meta.presence_penalty * (count > 0)
         x.scatter_(1, meta.output_ids, x.gather(1, meta.output_ids) - penalty)
     return x
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [rows, vocab_size]: bit t % 32 of word t // 32 of each row of `bitmask` (int32)."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return ((bitmask.unsqueeze(-1) >> bits) & 1).view(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
 def _apply_filters(y: torch.Tensor, meta: SamplingMetadata, owned: bool) -> torch.Tensor:

@@ -57,11 +57,15 @@ class SamplingMetadata:
     logprob_k: list[int]
     logprob_greedy_rows: torch.Tensor | None  # [g] int64, row indices (into the logits)
     logprob_random_pos: torch.Tensor | None  # [r] int64, positions among the random rows
+    # structured outputs: the constrained rows and the tokens each may take (a bit per token)
+    grammar_rows: torch.Tensor | None = None  # [num_constrained] int64
+    grammar_bitmask: torch.Tensor | None = None  # [num_constrained, ceil(vocab / 32)] int32
 
     @property
     def needs_processing(self) -> bool:
         return (
-            self.bias_rows is not None
+            self.grammar_rows is not None
+            or self.bias_rows is not None
             or self.banned_rows is not None
             or self.seen_ids is not None
             or self.output_ids is not None

@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.outputs import FinishReason, TokenLogprob
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.scheduling.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from pagoda.engine.structured.compiler import SequenceGrammar
 
 
 @dataclass
@@ -34,6 +38,7 @@ class NewRequestData:
     num_computed_tokens: int
     params: SamplingParams
     generator: torch.Generator | None
+    grammar: SequenceGrammar | None = None
 
 
 @dataclass
@@ -198,6 +203,7 @@ class Batcher:
                     num_computed_tokens=num_cached,
                     params=req.params,
                     generator=req.generator,
+                    grammar=req.grammar,
                 )
             )
             step.budget -= n
@@ -226,6 +232,8 @@ class Batcher:
             if token is None:
                 continue
             req.append_output(token)
+            if req.grammar is not None:
+                req.grammar.accept(token)
             changed.append(req)
             reason = self._check_stop(req, token)
             if reason is not None:
@@ -243,6 +251,10 @@ class Batcher:
 
     def _check_stop(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
+        if req.grammar is not None and req.grammar.done:  # it took EOS or its text is complete
+            if token in self.eos_token_ids:
+                req.stop_token_id = token
+            return "stop"
         if req.num_output_tokens >= p.min_tokens:
             if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
                 req.stop_token_id = token

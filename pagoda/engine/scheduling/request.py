@@ -13,6 +13,8 @@ from pagoda.engine.sampling.params import SamplingParams
 if TYPE_CHECKING:  # check_prompt_ids serves engines without a model (SimCore): no torch at run time
     import torch
 
+    from pagoda.engine.structured.compiler import SequenceGrammar
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -58,6 +60,7 @@ class Request:
         self.block_hashes: list[BlockHash] = []
         self.finish_reason: FinishReason | None = None
         self.stop_token_id: int | None = None
+        self.grammar: SequenceGrammar | None = None  # structured output: what it may sample next
 
     @property
     def num_prompt_tokens(self) -> int:

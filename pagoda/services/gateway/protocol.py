@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pagoda.engine import SamplingParams
+from pagoda.engine import SamplingParams, StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 
@@ -62,18 +62,19 @@ class _SamplingRequest(_Request):
     cache_salt: str | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # fields pagoda cannot honour yet: declared so that gateway/unsupported.py refuses them by name
-    # (ignored, a client that asked for JSON or a tool call would get prose)
+    # structured outputs (gateway/structured.py)
     response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None  # vLLM's older names for structured_outputs' fields
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # fields pagoda cannot honour yet: declared so that gateway/unsupported.py refuses them by name
+    # (ignored, a client that asked for a tool call would get prose)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
-    structured_outputs: dict[str, Any] | None = None
-    guided_json: Any = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
     prompt_logprobs: int | None = None
 
     @model_validator(mode="after")
@@ -99,10 +100,15 @@ class _SamplingRequest(_Request):
     def requested_logprobs(self) -> int | None:
         return None
 
-    def to_sampling_params(self, defaults: Mapping[str, float] | None = None) -> SamplingParams:
+    def to_sampling_params(
+        self,
+        defaults: Mapping[str, float] | None = None,
+        structured: StructuredOutputsParams | None = None,
+    ) -> SamplingParams:
         """Raises ValueError (naming the field) on values the engine cannot honour. An omitted
         max_tokens stays None: the engine generates up to the context length. Sampling fields
-        the request leaves out take the model's `defaults`, then OpenAI's."""
+        the request leaves out take the model's `defaults`, then OpenAI's. `structured`: the
+        constraint gateway/structured.py read from the request."""
         d = {**_OPENAI_DEFAULTS, **(defaults or {})}
 
         def pick(name: str) -> Any:
@@ -133,6 +139,7 @@ class _SamplingRequest(_Request):
             logprobs=self.requested_logprobs(),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
+            structured_outputs=structured,
         )
 
 

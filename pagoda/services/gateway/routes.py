@@ -151,7 +151,7 @@ async def _start(
     try:
         call.model = server.check_model(call.req.model)
         check_request(call.req, server.limits, server.frontend.max_model_len)
-        params = server.sampling_params(call.req)
+        params = await server.sampling_params(call.req)
         await server.admit(call, request, prompts, params)
         await server.submit(call, prompts, params, _session_id(request, call.req))
     except APIError as err:

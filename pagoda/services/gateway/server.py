@@ -25,6 +25,8 @@ from pagoda.services.gateway.limits import BodyGuard, RequestLimits
 from pagoda.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagoda.services.gateway.ratelimit import RateLimiter, estimate_tokens
 from pagoda.services.gateway.routes import register_routes
+from pagoda.services.gateway.structured import check as check_structured
+from pagoda.services.gateway.structured import structured_outputs_of
 from pagoda.services.ops import tracing
 from pagoda.services.ops.metrics import GatewayMetrics, Metrics
 from pagoda.services.scheduler.admission import FleetAdmission
@@ -105,10 +107,14 @@ class OpenAIServer:
             raise model_not_found(model)
         return model
 
-    def sampling_params(self, req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
-        """Omitted max_tokens stays None: the engine stops at the model's context length."""
+    async def sampling_params(self, req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+        """Omitted max_tokens stays None: the engine stops at the model's context length. A
+        structured-output constraint is checked against the model's tokenizer first."""
+        asked = structured_outputs_of(req)
+        if asked is not None:
+            await check_structured(*asked, self.frontend.tokenizer)
         try:
-            return req.to_sampling_params(defaults=self.frontend.default_sampling)
+            return req.to_sampling_params(self.frontend.default_sampling, asked[0] if asked else None)
         except ValueError as err:
             raise from_value_error(err) from None
 

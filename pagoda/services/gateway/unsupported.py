@@ -1,15 +1,14 @@
 """Request fields pagoda cannot honour yet. Each is refused with a 400 that names it: ignored, a
-client that asked for JSON or a tool call would get prose. Unknown fields that change nothing
-stay accepted, as OpenAI does."""
+client that asked for a tool call would get prose. Unknown fields that change nothing stay
+accepted, as OpenAI does. (Structured outputs: gateway/structured.py.)"""
 
 from __future__ import annotations
 
 from pagoda.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 
-_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")  # vLLM's older names
-_OTHERS = ("functions", "function_call", "structured_outputs", *_GUIDED, "prompt_logprobs")
+_OTHERS = ("functions", "function_call", "prompt_logprobs")
 # every top-level field that may be refused (with some values); messages may carry tool_calls
-FIELDS = ("response_format", "tools", "tool_choice", *_OTHERS, "best_of", "suffix")
+FIELDS = ("tools", "tool_choice", *_OTHERS, "best_of", "suffix")
 
 
 def refused_field(req: ChatCompletionRequest | CompletionRequest) -> tuple[str, str] | None:
@@ -21,12 +20,6 @@ def refused_field(req: ChatCompletionRequest | CompletionRequest) -> tuple[str, 
             return "best_of", f"best_of {req.best_of} (other than n) is not supported yet"
         if req.suffix:
             return "suffix", "suffix (insertion) is not supported"
-    fmt = req.response_format
-    if fmt is not None and fmt.get("type", "text") != "text":
-        return (
-            "response_format",
-            f"response_format type {fmt.get('type')!r} is not supported yet (only 'text')",
-        )
     if req.tools:
         return "tools", "tools (function calling) are not supported yet"
     if req.tool_choice not in (None, "none"):

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pagoda.engine import RequestOutput, SamplingParams, TokenLogprob
+from pagoda.engine import RequestOutput, SamplingParams, StructuredOutputsParams, TokenLogprob
 
 WIRE_VERSION = 1
 
@@ -66,6 +66,7 @@ class SamplingSpec(_Msg):
     logprobs: int | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    structured_outputs: dict[str, str] | None = None  # StructuredOutputsParams.to_wire()
 
     @classmethod
     def of(cls, p: SamplingParams) -> SamplingSpec:
@@ -76,12 +77,15 @@ class SamplingSpec(_Msg):
             frequency_penalty=p.frequency_penalty,
             logit_bias={str(k): v for k, v in p.logit_bias.items()} if p.logit_bias else None,
             logprobs=p.logprobs, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+            structured_outputs=p.structured_outputs.to_wire() if p.structured_outputs else None,
         )  # fmt: skip
 
     def to_params(self) -> SamplingParams:
         data = self.model_dump()
         data["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
         data["stop_token_ids"] = tuple(self.stop_token_ids)
+        so = self.structured_outputs
+        data["structured_outputs"] = StructuredOutputsParams.from_wire(so) if so else None
         return SamplingParams(**data)
 
 

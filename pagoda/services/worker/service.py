@@ -238,8 +238,9 @@ class WorkerService:
         try:
             params = msg.sampling.to_params()
             self.engine.submit(
-                msg.request_id, msg.prompt_token_ids, params, priority=msg.priority, cache_salt=msg.cache_salt
-            )
+                msg.request_id, msg.prompt_token_ids, params, priority=msg.priority,
+                cache_salt=msg.cache_salt, resume_from=msg.resume_from,
+            )  # fmt: skip
         except ValueError as exc:
             self._send_rejected(msg.reply_to, msg.request_id, 400, str(exc))
             return
