@@ -21,7 +21,7 @@ from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.sampling.sampler import Sampler
 from pagoda.engine.sampling.sampling_metadata import SamplingMetadata
 from pagoda.engine.structured import compiler
-from pagoda.engine.structured.compiler import GrammarCompiler, fill_bitmask
+from pagoda.engine.structured.compiler import GrammarCompiler, fill_bitmask_async
 from pagoda.engine.structured.grammar import check_structured_outputs
 from pagoda.engine.structured.params import StructuredOutputsParams as S
 from tests.fakes import FakeTokenizer
@@ -147,8 +147,7 @@ def test_the_sampler_masks_the_constrained_rows_alone() -> None:
         [g] = grammars.submit(S(regex="[0-9]{2}"), 1).result()
         meta = _meta(params, 259)
         meta.grammar_rows = torch.tensor([1])
-        meta.grammar_bitmask = torch.empty(1, 9, dtype=torch.int32)
-        fill_bitmask([g], meta.grammar_bitmask)
+        meta.grammar_bitmask = fill_bitmask_async([g], 259).result()
         out = Sampler()(logits, meta).token_ids
         assert chr(out[1]).isdigit() and [out[0], out[2]] == [free[0], free[2]]
 

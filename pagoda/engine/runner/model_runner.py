@@ -6,6 +6,7 @@ the batcher's diffs, so a step sends only what changed.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.sampling.sampler import Sampler
 from pagoda.engine.sampling.sampling_metadata import SamplingMetadata
 from pagoda.engine.scheduling.batcher import BatchPlan, RunnerOutput
-from pagoda.engine.structured.compiler import SequenceGrammar, fill_bitmask
+from pagoda.engine.structured.compiler import SequenceGrammar, fill_bitmask_async
 
 if TYPE_CHECKING:
     from pagoda.engine.config import EngineConfig
@@ -118,10 +119,20 @@ class ModelRunner:
         if out.is_empty:
             return RunnerOutput()
         batch = self._flatten(out)
+        masks = self._grammar_masks(batch)  # filled while the model runs
         hidden = self._forward(batch)  # [num_tokens, hidden]
         if not batch.sample_rows:
             return RunnerOutput()
-        return self._sample(hidden, batch)
+        return self._sample(hidden, batch, masks)
+
+    def _grammar_masks(self, batch: _FlatBatch) -> tuple[list[int], Future[torch.Tensor]] | None:
+        """The rows to sample that follow a grammar, and their bitmask, being filled on another
+        thread (structured outputs)."""
+        rows = [i for i, rid in enumerate(batch.sample_rows) if self.requests[rid].grammar is not None]
+        if not rows:
+            return None
+        grammars = [self.requests[batch.sample_rows[i]].grammar for i in rows]
+        return rows, fill_bitmask_async(grammars, self.vocab_size)  # type: ignore[arg-type]
 
     def _flatten(self, out: BatchPlan) -> _FlatBatch:
         computed = {c.req_id: c.num_computed_tokens for c in out.cached_requests}
@@ -155,7 +166,9 @@ class ModelRunner:
         with prompt_rows(prompt_start):
             return self.model(input_ids, positions, self.kv_caches, meta, self.backend)
 
-    def _sample(self, hidden: torch.Tensor, batch: _FlatBatch) -> RunnerOutput:
+    def _sample(
+        self, hidden: torch.Tensor, batch: _FlatBatch, masks: tuple[list[int], Future[torch.Tensor]] | None
+    ) -> RunnerOutput:
         dev = self.device
         logits = self.model.compute_logits(hidden[torch.tensor(batch.logits_idx, device=dev)])
         states = [self.requests[r] for r in batch.sample_rows]
@@ -168,12 +181,9 @@ class ModelRunner:
             eos_token_ids=self.eos_token_ids,
             device=dev,
         )
-        constrained = [(i, s.grammar) for i, s in enumerate(states) if s.grammar is not None]
-        if constrained:
-            bitmask = torch.empty(len(constrained), -(-self.vocab_size // 32), dtype=torch.int32)
-            fill_bitmask([g for _, g in constrained], bitmask)
-            smeta.grammar_rows = torch.tensor([i for i, _ in constrained], device=dev)
-            smeta.grammar_bitmask = bitmask.to(dev)
+        if masks is not None:
+            smeta.grammar_rows = torch.tensor(masks[0], device=dev)
+            smeta.grammar_bitmask = masks[1].result().to(dev)
         sampled = self.sampler(logits, smeta)
         res = RunnerOutput()
         rows = zip(batch.sample_rows, states, sampled.token_ids, sampled.logprobs, strict=True)

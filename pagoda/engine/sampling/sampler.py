@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.engine.outputs import TokenLogprob
+from pagoda.engine.quantization import native
 from pagoda.engine.sampling.sampling_metadata import SamplingMetadata
 
 _NEG_INF = float("-inf")
@@ -76,8 +77,7 @@ def _apply_processors(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     vocab])."""
     if meta.grammar_rows is not None:
         assert meta.grammar_bitmask is not None
-        rows = meta.grammar_rows
-        x[rows] = x[rows].masked_fill_(~unpack_bitmask(meta.grammar_bitmask, x.shape[1]), _NEG_INF)
+        _apply_bitmask(x, meta.grammar_bitmask, meta.grammar_rows)
     if meta.bias_rows is not None:
         assert meta.bias_tokens is not None and meta.bias_values is not None
         x.index_put_((meta.bias_rows, meta.bias_tokens), meta.bias_values, accumulate=True)
@@ -99,10 +99,32 @@ def _apply_processors(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     return x
 
 
+_BYTE_BITS: dict[torch.device, torch.Tensor] = {}  # [256, 8] bool: the bits of each byte, low first
+
+
+def _apply_bitmask(x: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """-inf, in place, for the tokens rows' grammars ban (pagoda's CPU kernel where it is built:
+    csrc/bitmask.cpp)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and native.available():
+        torch.ops.pagoda_cpu.apply_token_bitmask_(x, bitmask, rows)
+        return
+    banned = ~unpack_bitmask(bitmask, x.shape[1])
+    if rows.shape[0] == x.shape[0]:  # every row constrained: rows are 0..n-1, in order
+        x.masked_fill_(banned, _NEG_INF)
+    else:
+        x[rows] = x[rows].masked_fill_(banned, _NEG_INF)
+
+
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """bool [rows, vocab_size]: bit t % 32 of word t // 32 of each row of `bitmask` (int32)."""
-    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    return ((bitmask.unsqueeze(-1) >> bits) & 1).view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    """bool [rows, vocab_size]: bit t % 32 of word t // 32 of each row of `bitmask` (int32), read
+    a byte at a time through a table (little-endian: bit t % 8 of byte t // 8), ~10x faster on a
+    CPU than shifting every word 32 times."""
+    table = _BYTE_BITS.get(bitmask.device)
+    if table is None:
+        table = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool().to(bitmask.device)
+        _BYTE_BITS[bitmask.device] = table
+    as_bytes = bitmask.contiguous().view(torch.uint8).long()  # [rows, 4 * words]
+    return table[as_bytes].view(bitmask.shape[0], -1)[:, :vocab_size]
 
 
 def _apply_filters(y: torch.Tensor, meta: SamplingMetadata, owned: bool) -> torch.Tensor:

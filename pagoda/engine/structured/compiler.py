@@ -17,14 +17,13 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import torch
 from llguidance import LLExecutor, LLMatcher
 
 from pagoda.engine.structured.grammar import grammar_of, lltokenizer
 from pagoda.engine.structured.params import StructuredOutputsParams
 
 if TYPE_CHECKING:
-    import torch
-
     from pagoda.engine.tokenization.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -97,13 +96,21 @@ class GrammarCompiler:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-_executor: list[LLExecutor] = []  # one, made on first use
+_pool: list[tuple[ThreadPoolExecutor, LLExecutor]] = []  # made on first use
 
 
-def fill_bitmask(grammars: Sequence[SequenceGrammar], bitmask: torch.Tensor) -> None:
-    """Row i of `bitmask` (int32 [len(grammars), words], contiguous, CPU): the tokens
-    grammars[i] allows next, a bit each (token t is bit t % 32 of word t // 32)."""
-    if not _executor:
-        _executor.append(LLExecutor(num_threads=1))  # on the step thread; torch has the cores
+def fill_bitmask_async(grammars: Sequence[SequenceGrammar], vocab_size: int) -> Future[torch.Tensor]:
+    """The tokens each of `grammars` allows next, as int32 [len(grammars), ceil(vocab_size / 32)]
+    (token t is bit t % 32 of word t // 32), filled on a thread of its own: the step runs the
+    model meanwhile. The grammars must not move until it is done."""
+    if not _pool:
+        _pool.append((ThreadPoolExecutor(1, thread_name_prefix="pagoda-masks"), LLExecutor(num_threads=1)))
+    threads, executor = _pool[0]
+    bitmask = torch.empty(len(grammars), -(-vocab_size // 32), dtype=torch.int32)
     pairs = [(g.matcher, i) for i, g in enumerate(grammars)]
-    _executor[0].unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), bitmask.shape[1] * 4, len(grammars))
+
+    def fill() -> torch.Tensor:
+        executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), bitmask.shape[1] * 4, len(pairs))
+        return bitmask
+
+    return threads.submit(fill)
