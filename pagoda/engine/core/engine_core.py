@@ -44,8 +44,9 @@ class EngineCore:
     def __init__(
         self, config: EngineConfig, checkpoint: Checkpoint | None = None, *, background_compile: bool = False
     ) -> None:
-        """`background_compile`: with `compile="auto"` and no saved graphs, step eagerly while
-        another process compiles them (a server); otherwise compile them here first."""
+        """`background_compile` (a server): with `compile="auto"` and no saved graphs, step eagerly
+        while another process compiles them, otherwise compile them here first; and build what
+        structured outputs need before the first such request."""
         self.config = config
         torch.manual_seed(config.seed)
         ckpt = checkpoint if checkpoint is not None else load_checkpoint(config.model or _demo())
@@ -95,6 +96,9 @@ class EngineCore:
         )
         self._children: dict[str, list[str]] = {}  # parent id -> child sequence ids
         self.grammars: GrammarCompiler | None = None  # made for the first structured request
+        if background_compile:  # a server: have the grammars' tokenizer ready before any request
+            self.grammars = GrammarCompiler(self.tokenizer, self.model.cfg.vocab_size)
+            self.grammars.warm()
         # requests whose grammar is compiling: they join the batcher when it is ready
         self._awaiting: dict[str, tuple[Future[list[SequenceGrammar]], list[Request]]] = {}
         self.last_stats = StepStats()
