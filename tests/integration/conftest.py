@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import redis
 
@@ -64,3 +65,11 @@ def embedded() -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         assert proc.stop() == 0, proc.output()
+
+
+@pytest.fixture(params=["embedded", "cluster"])
+def sdk(request: pytest.FixtureRequest) -> openai.OpenAI:
+    """The official openai client of each stack, unchanged (no retries: a failure shows)."""
+    stack = request.getfixturevalue(request.param)
+    base = stack if isinstance(stack, str) else str(stack["base"])
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)

@@ -95,13 +95,18 @@ class EngineCore:
             num_blocks * per_block / 2**20,
         )
         self._children: dict[str, list[str]] = {}  # parent id -> child sequence ids
-        self.grammars: GrammarCompiler | None = None  # made for the first structured request
-        if background_compile:  # a server: have the grammars' tokenizer ready before any request
+        self._init_grammars(warm=background_compile)
+        self.last_stats = StepStats()
+
+    def _init_grammars(self, warm: bool) -> None:
+        """Structured outputs: the compiler is made for the first such request, or now, with the
+        grammars' view of the tokenizer built at once, when `warm` (a server)."""
+        self.grammars: GrammarCompiler | None = None
+        if warm:
             self.grammars = GrammarCompiler(self.tokenizer, self.model.cfg.vocab_size)
             self.grammars.warm()
         # requests whose grammar is compiling: they join the batcher when it is ready
         self._awaiting: dict[str, tuple[Future[list[SequenceGrammar]], list[Request]]] = {}
-        self.last_stats = StepStats()
 
     def _load_model(self, ckpt: Checkpoint) -> LlamaForCausalLM:
         """The checkpoint's model on this core's device and dtype, quantized or packed for oneDNN

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from pagoda.engine import EngineConfig, engine_config_from_args
 from pagoda.services.gateway.limits import RequestLimits
 from pagoda.services.gateway.ratelimit import RateLimits
+from pagoda.services.gateway.tools import PARSERS as TOOL_CALL_PARSERS
 from pagoda.services.scheduler.admission import AdmissionLimits
 
 if TYPE_CHECKING:
@@ -75,8 +76,13 @@ class GatewayConfig:
     queue_timeout_s: float = 300.0  # seconds a request may wait to start (503 after); 0: no limit
     log_level: str = DEFAULT_LOG_LEVEL
     reuse_port: bool = False  # SO_REUSEPORT: several gateway processes of a host share the port
+    tool_call_parser: str | None = None  # --enable-auto-tool-choice --tool-call-parser: tool_choice auto
 
     def __post_init__(self) -> None:
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"--tool-call-parser {self.tool_call_parser!r}: choose one of {', '.join(TOOL_CALL_PARSERS)}"
+            )
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be a TCP port (0-65535), got {self.port}")
         if self.queue_timeout_s < 0:
@@ -190,7 +196,17 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         queue_timeout_s=args.queue_timeout,
         log_level=args.log_level,
         reuse_port=getattr(args, "reuse_port", False),
+        tool_call_parser=_tool_call_parser(args),
     )
+
+
+def _tool_call_parser(args: argparse.Namespace) -> str | None:
+    """vLLM's pair of flags: --enable-auto-tool-choice needs --tool-call-parser."""
+    if not getattr(args, "enable_auto_tool_choice", False):
+        return None
+    if not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes)")
+    return str(args.tool_call_parser)
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:

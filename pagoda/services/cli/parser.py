@@ -17,6 +17,7 @@ from pagoda.load.perplexity import add_eval_parser
 from pagoda.services.cli.config import DEFAULT_LOG_LEVEL, ROLES, ClusterConfig, GatewayConfig, WorkerConfig
 from pagoda.services.gateway.limits import RequestLimits
 from pagoda.services.gateway.ratelimit import RateLimits
+from pagoda.services.gateway.tools import PARSERS as TOOL_CALL_PARSERS
 from pagoda.services.scheduler.admission import AdmissionLimits
 
 _ROLE_HELP = {
@@ -124,6 +125,19 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         help="required bearer key (repeatable); also env PAGODA_API_KEYS (comma separated), PAGODA_API_KEY",
     )
     s.add_argument("--api-key-file", default=None, help="file of bearer keys, one a line (# comments)")
+    s.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="let tool_choice 'auto' (the default with tools) read the model's own tool calls; "
+        "needs --tool-call-parser",
+    )
+    s.add_argument(
+        "--tool-call-parser",
+        choices=list(TOOL_CALL_PARSERS),
+        default=None,
+        help="the syntax of the model's tool calls: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen "
+        "2.5/3, and what pagoda writes for templates without tools)",
+    )
     _add_request_limit_args(p)
 
 

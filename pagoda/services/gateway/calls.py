@@ -35,6 +35,7 @@ from pagoda.services.gateway.protocol import (
     PromptTokensDetails,
     UsageInfo,
 )
+from pagoda.services.gateway.tools import ToolPlan
 from pagoda.services.ops.metrics import GatewayMetrics, ServedRequest
 from pagoda.services.transport.errors import APIError
 
@@ -153,6 +154,7 @@ class Call:
     token_gaps: list[float] = field(default_factory=list)  # inter-token latencies of all choices
     # called once when the call ends (with its prompt + completion tokens): admission, rate limits
     on_end: list[Callable[[int], None]] = field(default_factory=list)
+    tools: ToolPlan | None = None  # how a chat call's answers become tool calls
 
     # ------------------------------------------------------------------------------- running
 

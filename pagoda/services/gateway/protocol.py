@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
 from pagoda.engine import SamplingParams, StructuredOutputsParams
 
@@ -69,10 +69,10 @@ class _SamplingRequest(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    # fields pagoda cannot honour yet: declared so that gateway/unsupported.py refuses them by name
-    # (ignored, a client that asked for a tool call would get prose)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # chat: gateway/tools.py; completions refuse them
     tool_choice: str | dict[str, Any] | None = None
+    # fields pagoda cannot honour yet: declared so that gateway/unsupported.py refuses them by name
+    # (ignored, a client that asked for a function call would get prose)
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     prompt_logprobs: int | None = None
@@ -144,10 +144,11 @@ class _SamplingRequest(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant", "developer"]  # no "tool" results yet: a 400
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # refused when set (gateway/unsupported.py)
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls (gateway/tools.py)
+    tool_call_id: str | None = None  # a tool result's call
 
     @field_validator("content")
     @classmethod
@@ -175,6 +176,7 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
@@ -192,13 +194,6 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def requested_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    def template_messages(self) -> list[dict[str, str]]:
-        # Chat templates rarely know "developer"; it is the newer name for "system".
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
 
 
 class CompletionRequest(_SamplingRequest):
@@ -275,9 +270,13 @@ class ChatResponseMessage(BaseModel):
     content: str | None = None
 
 
+class ToolCallsMessage(ChatResponseMessage):
+    tool_calls: list[dict[str, Any]]  # {"id", "type": "function", "function": {"name", "arguments"}}
+
+
 class ChatCompletionChoice(BaseModel):
     index: int
-    message: ChatResponseMessage
+    message: SerializeAsAny[ChatResponseMessage]  # a ToolCallsMessage keeps its tool_calls
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -297,9 +296,13 @@ class DeltaMessage(BaseModel):
     content: str | None = None
 
 
+class ToolCallsDelta(DeltaMessage):
+    tool_calls: list[dict[str, Any]]  # as in ToolCallsMessage, each with its "index"
+
+
 class ChatCompletionChunkChoice(BaseModel):
     index: int
-    delta: DeltaMessage
+    delta: SerializeAsAny[DeltaMessage]  # a ToolCallsDelta keeps its tool_calls
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -30,8 +30,10 @@ from pagoda.services.gateway.protocol import (
     ModelList,
     TokenizeAPIRequest,
     TokenizeResponse,
+    ToolCallsMessage,
 )
 from pagoda.services.gateway.streams import chat_stream, completion_stream
+from pagoda.services.gateway.tools import template_messages, tool_plan
 from pagoda.services.ops.metrics import CONTENT_TYPE_LATEST
 from pagoda.services.transport.errors import APIError
 from pagoda.services.transport.messages import PromptInput
@@ -88,7 +90,8 @@ def _register_tokenization(app: FastAPI, server: OpenAIServer) -> None:
         server.check_model(req.model)
         tokenizer = server.frontend.tokenizer
         if req.messages is not None:
-            messages = ChatCompletionRequest(messages=req.messages).template_messages()
+            chat = ChatCompletionRequest(messages=req.messages)
+            messages, _ = template_messages(chat, None, server.template_knows_tools)
             text = server.processor.render_chat(messages, req.add_generation_prompt)
             add_special = False if req.add_special_tokens is None else req.add_special_tokens
         else:
@@ -114,9 +117,13 @@ def _register_generation(app: FastAPI, server: OpenAIServer) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         call = server.call(req, f"chatcmpl-{uuid.uuid4().hex}")
-        prompt = PromptInput(
-            messages=req.template_messages(), add_generation_prompt=req.add_generation_prompt
-        )
+        try:
+            call.tools = tool_plan(req, server.tool_call_parser)
+        except APIError as err:
+            call.log(err.status)
+            raise
+        messages, tools = template_messages(req, call.tools, server.template_knows_tools)
+        prompt = PromptInput(messages=messages, tools=tools, add_generation_prompt=req.add_generation_prompt)
         await _start(server, call, request, [prompt])
         if req.stream:
             return chat_stream(call, req)
@@ -151,7 +158,7 @@ async def _start(
     try:
         call.model = server.check_model(call.req.model)
         check_request(call.req, server.limits, server.frontend.max_model_len)
-        params = await server.sampling_params(call.req)
+        params = await server.sampling_params(call.req, call.tools)
         await server.admit(call, request, prompts, params)
         await server.submit(call, prompts, params, _session_id(request, call.req))
     except APIError as err:
@@ -168,16 +175,24 @@ async def _start(
 def _chat_response(call: Call, req: ChatCompletionRequest) -> ChatCompletionResponse:
     """The whole answer of a collected (non-streamed) chat call; logs it as a 200."""
     k = req.top_logprobs or 0
-    choices = [
-        ChatCompletionChoice(
-            index=c.index,
-            message=ChatResponseMessage(content=c.text),
-            logprobs=call.chat_logprobs(c.logprobs, k) if req.logprobs else None,
-            finish_reason=c.finish_reason,
-            stop_reason=c.stop_reason,
+    choices = []
+    for c in call.subs[0].choices:
+        message, finish_reason = ChatResponseMessage(content=c.text), c.finish_reason
+        if call.tools is not None and c.finish_reason == "stop":
+            content, tool_calls = call.tools.answer(c.text)
+            if tool_calls is not None:
+                message = ToolCallsMessage(content=content, tool_calls=tool_calls)
+                finish_reason = call.tools.finish_reason
+        logprobs = call.chat_logprobs(c.logprobs, k) if req.logprobs else None
+        choices.append(
+            ChatCompletionChoice(
+                index=c.index,
+                message=message,
+                logprobs=logprobs,
+                finish_reason=finish_reason,
+                stop_reason=c.stop_reason,
+            )
         )
-        for c in call.subs[0].choices
-    ]
     call.log(200)
     return ChatCompletionResponse(id=call.request_id, model=call.model, choices=choices, usage=call.usage())
 

@@ -27,11 +27,13 @@ from pagoda.services.gateway.ratelimit import RateLimiter, estimate_tokens
 from pagoda.services.gateway.routes import register_routes
 from pagoda.services.gateway.structured import check as check_structured
 from pagoda.services.gateway.structured import structured_outputs_of
+from pagoda.services.gateway.tools import ToolPlan
 from pagoda.services.ops import tracing
 from pagoda.services.ops.metrics import GatewayMetrics, Metrics
 from pagoda.services.scheduler.admission import FleetAdmission
 from pagoda.services.tokenizer.prompts import PromptProcessor
 from pagoda.services.transport.errors import (
+    bad_request,
     from_value_error,
     install_error_handlers,
     model_not_found,
@@ -88,6 +90,7 @@ class OpenAIServer:
         limits: RequestLimits | None = None,
         rate_limiter: RateLimiter | None = None,
         admission: FleetAdmission | None = None,
+        tool_call_parser: str | None = None,
     ) -> None:
         self.frontend = frontend
         self.served_model_names = served_model_names
@@ -95,6 +98,7 @@ class OpenAIServer:
         self.limits = limits or RequestLimits()
         self.rate_limiter = rate_limiter
         self.admission = admission
+        self.tool_call_parser = tool_call_parser  # reads tool_choice auto's calls (gateway/tools.py)
         self._charges: set[asyncio.Task[None]] = set()  # rate-limit top-ups in flight
         self.gateway_metrics = metrics.gateway()
         # the gateway's own tokenizer: chat template for /tokenize, vocabulary for /detokenize
@@ -107,10 +111,23 @@ class OpenAIServer:
             raise model_not_found(model)
         return model
 
-    async def sampling_params(self, req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+    @property
+    def template_knows_tools(self) -> bool:
+        """Whether the model's chat template renders `tools` itself (gateway/tools.py)."""
+        return "tools" in (getattr(self.frontend.tokenizer, "chat_template", None) or "")
+
+    async def sampling_params(
+        self, req: ChatCompletionRequest | CompletionRequest, tools: ToolPlan | None = None
+    ) -> SamplingParams:
         """Omitted max_tokens stays None: the engine stops at the model's context length. A
-        structured-output constraint is checked against the model's tokenizer first."""
+        structured-output constraint (or the one tool calls need) is checked against the
+        model's tokenizer first."""
         asked = structured_outputs_of(req)
+        forced = tools.constraint() if tools is not None else None
+        if forced is not None:
+            if asked is not None:
+                raise bad_request("tool calls and a structured output cannot be combined.", asked[1])
+            asked = (forced, "tools")
         if asked is not None:
             await check_structured(*asked, self.frontend.tokenizer)
         try:
@@ -214,15 +231,17 @@ def build_app(
     limits: RequestLimits | None = None,
     rate_limiter: RateLimiter | None = None,
     admission: FleetAdmission | None = None,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
     """The FastAPI app over `frontend` (`LocalFrontend(engine)` serves an in-process engine);
     `served_model_names` defaults to the model's name. GET /metrics serves `metrics` (a fresh
     registry when omitted; pass the one the process's other services share). `limits` bound
-    each request (defaults: `RequestLimits()`); `rate_limiter` and `admission` are off unless given."""
+    each request (defaults: `RequestLimits()`); `rate_limiter` and `admission` are off unless given;
+    `tool_call_parser` (--tool-call-parser) lets tool_choice `auto` read the model's calls."""
     names = list(served_model_names or [frontend.model_name])
     server = OpenAIServer(
         frontend, names, metrics if metrics is not None else Metrics(),
-        limits=limits, rate_limiter=rate_limiter, admission=admission,
+        limits=limits, rate_limiter=rate_limiter, admission=admission, tool_call_parser=tool_call_parser,
     )  # fmt: skip
     app = FastAPI(title="pagoda", version=_version())
     app.state.openai_server = server

@@ -24,9 +24,11 @@ from pagoda.services.gateway.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    ToolCallsDelta,
     UsageInfo,
 )
 from pagoda.services.gateway.sse_chunks import DONE, ChunkTemplate, event, model_event
+from pagoda.services.gateway.tools import ToolPlan, held_from
 from pagoda.services.transport.errors import APIError
 
 
@@ -117,11 +119,14 @@ def chat_stream(call: Call, req: ChatCompletionRequest) -> SSEResponse:
                 [ChatCompletionChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))]
             )
         k = req.top_logprobs or 0
+        tool_calls = _ToolCallChunks(call.tools, template, chunk) if call.tools is not None else None
 
         def content(d: ChoiceDelta) -> bytes:
             if not d.text and not d.logprobs and d.finish_reason is None:
                 return b""
             stop_reason = d.choice.stop_reason if d.finish_reason else None
+            if tool_calls is not None:
+                return tool_calls(d, stop_reason)
             if not (req.logprobs and d.logprobs):
                 return template.content(d.choice.index, d.text, d.finish_reason, stop_reason)
             choice = ChatCompletionChunkChoice(
@@ -140,6 +145,41 @@ def chat_stream(call: Call, req: ChatCompletionRequest) -> SSEResponse:
         yield DONE
 
     return SSEResponse(_stream_errors(events(), call), call)
+
+
+class _ToolCallChunks:
+    """A chat stream's chunks when its answers are tool calls. Text is held: `auto` streams the
+    content before a call starts; the calls go out whole (id, name and arguments in one delta)
+    when the answer ends, then the finish. An answer that does not parse (cut by max_tokens) is
+    content."""
+
+    def __init__(
+        self,
+        plan: ToolPlan,
+        template: ChunkTemplate,
+        chunk: Callable[[list[ChatCompletionChunkChoice]], bytes],
+    ) -> None:
+        self.plan, self.template, self.chunk = plan, template, chunk
+        self.sent: dict[int, int] = {}  # auto: characters of each choice's text sent
+
+    def __call__(self, d: ChoiceDelta, stop_reason: int | str | None) -> bytes:
+        plan, i, text = self.plan, d.choice.index, d.choice.text
+        sent = self.sent.get(i, 0)
+        if d.finish_reason is None:
+            if plan.mode != "auto":
+                return b""
+            end = held_from(text)
+            self.sent[i] = max(sent, end)
+            return self.template.content(i, text[sent:end], None, None) if end > sent else b""
+        content, calls = plan.answer(text) if d.finish_reason == "stop" else (text, None)
+        if calls is None:
+            return self.template.content(i, text[sent:], d.finish_reason, stop_reason)
+        rest = (content or "")[sent:] if plan.mode == "auto" else ""
+        out = [self.template.content(i, rest, None, None)] if rest else []
+        indexed = [{"index": n, **c} for n, c in enumerate(calls)]
+        out.append(self.chunk([ChatCompletionChunkChoice(index=i, delta=ToolCallsDelta(tool_calls=indexed))]))
+        finish = ChatCompletionChunkChoice(index=i, delta=DeltaMessage(), finish_reason=plan.finish_reason)
+        return b"".join([*out, self.chunk([finish])])
 
 
 def completion_stream(call: Call, req: CompletionRequest) -> SSEResponse:

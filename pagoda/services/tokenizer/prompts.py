@@ -20,10 +20,19 @@ class PromptProcessor:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The chat template applied to `messages`; a template error is the user's (400)."""
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The chat template applied to `messages` (and `tools`, for a template that renders
+        them); a template error is the user's (400)."""
+        extra = {"tools": tools} if tools else {}
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, **extra
+            )
         except APIError:
             raise
         except Exception as err:  # a template's raise_exception() is about the user's messages
@@ -35,7 +44,7 @@ class PromptProcessor:
         if sum(given) != 1:
             raise bad_request("Give exactly one of messages, text or token_ids as the prompt.", "prompt")
         if prompt.messages is not None:
-            text = self.render_chat(prompt.messages, prompt.add_generation_prompt)
+            text = self.render_chat(prompt.messages, prompt.add_generation_prompt, prompt.tools)
             return self.tokenizer.encode(text, add_special_tokens=False)
         if prompt.text is not None:
             return self.tokenizer.encode(prompt.text, add_special_tokens=prompt.add_special_tokens)

@@ -97,6 +97,7 @@ class PromptInput(_Msg):
     token_ids: list[int] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None  # for a chat template that renders tools itself
 
 
 # -- to the tokenizer -------------------------------------------------------------------------
