@@ -97,9 +97,6 @@ class GrammarCompiler:
             out.append(SequenceGrammar(m))
         return out
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
 
 _pool: list[tuple[ThreadPoolExecutor, LLExecutor]] = []  # made on first use
 
