@@ -77,6 +77,7 @@ class GatewayConfig:
     log_level: str = DEFAULT_LOG_LEVEL
     reuse_port: bool = False  # SO_REUSEPORT: several gateway processes of a host share the port
     tool_call_parser: str | None = None  # --enable-auto-tool-choice --tool-call-parser: tool_choice auto
+    reasoning_parser: str | None = None  # --reasoning-parser: <think> text as reasoning_content
 
     def __post_init__(self) -> None:
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
@@ -197,6 +198,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         log_level=args.log_level,
         reuse_port=getattr(args, "reuse_port", False),
         tool_call_parser=_tool_call_parser(args),
+        reasoning_parser=getattr(args, "reasoning_parser", None),
     )
 
 

@@ -343,7 +343,7 @@ def gateway_app(
     return build_app(
         frontend, served_model_names=[frontend.model_name], api_keys=list(gateway.api_keys) or None,
         metrics=metrics, limits=gateway.limits, admission=fleet, rate_limiter=rate_limiter,
-        tool_call_parser=gateway.tool_call_parser,
+        tool_call_parser=gateway.tool_call_parser, reasoning_parser=gateway.reasoning_parser,
     )  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from pagoda.load.perplexity import add_eval_parser
 from pagoda.services.cli.config import DEFAULT_LOG_LEVEL, ROLES, ClusterConfig, GatewayConfig, WorkerConfig
 from pagoda.services.gateway.limits import RequestLimits
 from pagoda.services.gateway.ratelimit import RateLimits
+from pagoda.services.gateway.reasoning import PARSERS as REASONING_PARSERS
 from pagoda.services.gateway.tools import PARSERS as TOOL_CALL_PARSERS
 from pagoda.services.scheduler.admission import AdmissionLimits
 
@@ -137,6 +138,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the syntax of the model's tool calls: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen "
         "2.5/3, and what pagoda writes for templates without tools)",
+    )
+    s.add_argument(
+        "--reasoning-parser",
+        choices=list(REASONING_PARSERS),
+        default=None,
+        help="reasoning models: the answer's <think>...</think> text goes to reasoning_content, "
+        "streamed apart from content (deepseek_r1: the answer starts inside it; qwen3: when it opens it)",
     )
     _add_request_limit_args(p)
 

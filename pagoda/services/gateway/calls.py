@@ -155,6 +155,7 @@ class Call:
     # called once when the call ends (with its prompt + completion tokens): admission, rate limits
     on_end: list[Callable[[int], None]] = field(default_factory=list)
     tools: ToolPlan | None = None  # how a chat call's answers become tool calls
+    reasoning: str | None = None  # the server's --reasoning-parser, for a chat call
 
     # ------------------------------------------------------------------------------- running
 

@@ -270,7 +270,11 @@ class ChatResponseMessage(BaseModel):
     content: str | None = None
 
 
-class ToolCallsMessage(ChatResponseMessage):
+class ReasoningMessage(ChatResponseMessage):
+    reasoning_content: str | None = None  # --reasoning-parser (gateway/reasoning.py)
+
+
+class ToolCallsMessage(ReasoningMessage):
     tool_calls: list[dict[str, Any]]  # {"id", "type": "function", "function": {"name", "arguments"}}
 
 
@@ -294,6 +298,10 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+
+class ReasoningDelta(DeltaMessage):
+    reasoning_content: str | None = None
 
 
 class ToolCallsDelta(DeltaMessage):

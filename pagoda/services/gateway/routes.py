@@ -28,10 +28,12 @@ from pagoda.services.gateway.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    ReasoningMessage,
     TokenizeAPIRequest,
     TokenizeResponse,
     ToolCallsMessage,
 )
+from pagoda.services.gateway.reasoning import split_reasoning
 from pagoda.services.gateway.streams import chat_stream, completion_stream
 from pagoda.services.gateway.tools import template_messages, tool_plan
 from pagoda.services.ops.metrics import CONTENT_TYPE_LATEST
@@ -122,6 +124,7 @@ def _register_generation(app: FastAPI, server: OpenAIServer) -> None:
         except APIError as err:
             call.log(err.status)
             raise
+        call.reasoning = server.reasoning_parser
         messages, tools = template_messages(req, call.tools, server.template_knows_tools)
         prompt = PromptInput(messages=messages, tools=tools, add_generation_prompt=req.add_generation_prompt)
         await _start(server, call, request, [prompt])
@@ -177,11 +180,17 @@ def _chat_response(call: Call, req: ChatCompletionRequest) -> ChatCompletionResp
     k = req.top_logprobs or 0
     choices = []
     for c in call.subs[0].choices:
-        message, finish_reason = ChatResponseMessage(content=c.text), c.finish_reason
+        message, finish_reason, text = ChatResponseMessage(content=c.text), c.finish_reason, c.text
+        reasoning = None
+        if call.reasoning is not None:
+            reasoning, text = split_reasoning(c.text, call.reasoning)
+            message = ReasoningMessage(content=text or None, reasoning_content=reasoning or None)
         if call.tools is not None and c.finish_reason == "stop":
-            content, tool_calls = call.tools.answer(c.text)
+            content, tool_calls = call.tools.answer(text)
             if tool_calls is not None:
-                message = ToolCallsMessage(content=content, tool_calls=tool_calls)
+                message = ToolCallsMessage(
+                    content=content, tool_calls=tool_calls, reasoning_content=reasoning or None
+                )
                 finish_reason = call.tools.finish_reason
         logprobs = call.chat_logprobs(c.logprobs, k) if req.logprobs else None
         choices.append(

@@ -91,6 +91,7 @@ class OpenAIServer:
         rate_limiter: RateLimiter | None = None,
         admission: FleetAdmission | None = None,
         tool_call_parser: str | None = None,
+        reasoning_parser: str | None = None,
     ) -> None:
         self.frontend = frontend
         self.served_model_names = served_model_names
@@ -99,6 +100,7 @@ class OpenAIServer:
         self.rate_limiter = rate_limiter
         self.admission = admission
         self.tool_call_parser = tool_call_parser  # reads tool_choice auto's calls (gateway/tools.py)
+        self.reasoning_parser = reasoning_parser  # splits reasoning from content (gateway/reasoning.py)
         self._charges: set[asyncio.Task[None]] = set()  # rate-limit top-ups in flight
         self.gateway_metrics = metrics.gateway()
         # the gateway's own tokenizer: chat template for /tokenize, vocabulary for /detokenize
@@ -232,16 +234,19 @@ def build_app(
     rate_limiter: RateLimiter | None = None,
     admission: FleetAdmission | None = None,
     tool_call_parser: str | None = None,
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
     """The FastAPI app over `frontend` (`LocalFrontend(engine)` serves an in-process engine);
     `served_model_names` defaults to the model's name. GET /metrics serves `metrics` (a fresh
     registry when omitted; pass the one the process's other services share). `limits` bound
     each request (defaults: `RequestLimits()`); `rate_limiter` and `admission` are off unless given;
-    `tool_call_parser` (--tool-call-parser) lets tool_choice `auto` read the model's calls."""
+    `tool_call_parser` (--tool-call-parser) lets tool_choice `auto` read the model's calls;
+    `reasoning_parser` (--reasoning-parser) splits reasoning from content."""
     names = list(served_model_names or [frontend.model_name])
     server = OpenAIServer(
         frontend, names, metrics if metrics is not None else Metrics(),
         limits=limits, rate_limiter=rate_limiter, admission=admission, tool_call_parser=tool_call_parser,
+        reasoning_parser=reasoning_parser,
     )  # fmt: skip
     app = FastAPI(title="pagoda", version=_version())
     app.state.openai_server = server

@@ -20,13 +20,16 @@ from pagoda.services.gateway.protocol import (
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
     ChatCompletionRequest,
+    ChatLogprobs,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    ReasoningDelta,
     ToolCallsDelta,
     UsageInfo,
 )
+from pagoda.services.gateway.reasoning import split_reasoning
 from pagoda.services.gateway.sse_chunks import DONE, ChunkTemplate, event, model_event
 from pagoda.services.gateway.tools import ToolPlan, held_from
 from pagoda.services.transport.errors import APIError
@@ -120,11 +123,16 @@ def chat_stream(call: Call, req: ChatCompletionRequest) -> SSEResponse:
             )
         k = req.top_logprobs or 0
         tool_calls = _ToolCallChunks(call.tools, template, chunk) if call.tools is not None else None
+        reasoning = _ReasoningChunks(call.reasoning, template, chunk, tool_calls) if call.reasoning else None
 
         def content(d: ChoiceDelta) -> bytes:
             if not d.text and not d.logprobs and d.finish_reason is None:
                 return b""
             stop_reason = d.choice.stop_reason if d.finish_reason else None
+            if reasoning is not None:
+                return reasoning(
+                    d, stop_reason, call.chat_logprobs(d.logprobs, k) if req.logprobs and d.logprobs else None
+                )
             if tool_calls is not None:
                 return tool_calls(d, stop_reason)
             if not (req.logprobs and d.logprobs):
@@ -162,8 +170,10 @@ class _ToolCallChunks:
         self.plan, self.template, self.chunk = plan, template, chunk
         self.sent: dict[int, int] = {}  # auto: characters of each choice's text sent
 
-    def __call__(self, d: ChoiceDelta, stop_reason: int | str | None) -> bytes:
-        plan, i, text = self.plan, d.choice.index, d.choice.text
+    def __call__(self, d: ChoiceDelta, stop_reason: int | str | None, text: str | None = None) -> bytes:
+        """`text`: the answer so far (default: the choice's text; with reasoning, its content)."""
+        plan, i = self.plan, d.choice.index
+        text = d.choice.text if text is None else text
         sent = self.sent.get(i, 0)
         if d.finish_reason is None:
             if plan.mode != "auto":
@@ -180,6 +190,37 @@ class _ToolCallChunks:
         out.append(self.chunk([ChatCompletionChunkChoice(index=i, delta=ToolCallsDelta(tool_calls=indexed))]))
         finish = ChatCompletionChunkChoice(index=i, delta=DeltaMessage(), finish_reason=plan.finish_reason)
         return b"".join([*out, self.chunk([finish])])
+
+
+class _ReasoningChunks:
+    """A chat stream's chunks on a server with --reasoning-parser: each delta's reasoning goes out
+    as `reasoning_content`, its content as content (or to the tool calls' chunks). A tail that
+    may still become a tag waits for the next delta; logprobs ride on the delta's first chunk."""
+
+    def __init__(
+        self,
+        parser: str,
+        template: ChunkTemplate,
+        chunk: Callable[[list[ChatCompletionChunkChoice]], bytes],
+        tools: _ToolCallChunks | None,
+    ) -> None:
+        self.parser, self.template, self.chunk, self.tools = parser, template, chunk, tools
+        self.sent: dict[int, tuple[int, int]] = {}  # per choice: (reasoning, content) characters sent
+
+    def __call__(self, d: ChoiceDelta, stop_reason: int | str | None, logprobs: ChatLogprobs | None) -> bytes:
+        i, done = d.choice.index, d.finish_reason is not None
+        reasoning, content = split_reasoning(d.choice.text, self.parser, final=done)
+        sent_r, sent_c = self.sent.get(i, (0, 0))
+        self.sent[i] = (len(reasoning), len(content))
+        out = []
+        if len(reasoning) > sent_r or logprobs is not None:
+            delta = ReasoningDelta(reasoning_content=reasoning[sent_r:] or None)
+            out.append(self.chunk([ChatCompletionChunkChoice(index=i, delta=delta, logprobs=logprobs)]))
+        if self.tools is not None:
+            out.append(self.tools(d, stop_reason, content))
+        elif len(content) > sent_c or done:
+            out.append(self.template.content(i, content[sent_c:], d.finish_reason, stop_reason))
+        return b"".join(out)
 
 
 def completion_stream(call: Call, req: CompletionRequest) -> SSEResponse:
