@@ -128,11 +128,11 @@ class ModelRunner:
     def _grammar_masks(self, batch: _FlatBatch) -> tuple[list[int], Future[torch.Tensor]] | None:
         """The rows to sample that follow a grammar, and their bitmask, being filled on another
         thread (structured outputs)."""
-        rows = [i for i, rid in enumerate(batch.sample_rows) if self.requests[rid].grammar is not None]
-        if not rows:
+        grammars = [(i, self.requests[rid].grammar) for i, rid in enumerate(batch.sample_rows)]
+        constrained = [(i, g) for i, g in grammars if g is not None]
+        if not constrained:
             return None
-        grammars = [self.requests[batch.sample_rows[i]].grammar for i in rows]
-        return rows, fill_bitmask_async(grammars, self.vocab_size)  # type: ignore[arg-type]
+        return [i for i, _ in constrained], fill_bitmask_async([g for _, g in constrained], self.vocab_size)
 
     def _flatten(self, out: BatchPlan) -> _FlatBatch:
         computed = {c.req_id: c.num_computed_tokens for c in out.cached_requests}

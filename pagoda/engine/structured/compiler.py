@@ -10,6 +10,7 @@ token's logit to -inf.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -98,16 +99,17 @@ class GrammarCompiler:
         return out
 
 
-_pool: list[tuple[ThreadPoolExecutor, LLExecutor]] = []  # made on first use
+@functools.cache
+def _mask_threads() -> tuple[ThreadPoolExecutor, LLExecutor]:
+    """The thread that fills masks while the model runs, and llguidance's executor on it."""
+    return ThreadPoolExecutor(1, thread_name_prefix="pagoda-masks"), LLExecutor(num_threads=1)
 
 
 def fill_bitmask_async(grammars: Sequence[SequenceGrammar], vocab_size: int) -> Future[torch.Tensor]:
     """The tokens each of `grammars` allows next, as int32 [len(grammars), ceil(vocab_size / 32)]
     (token t is bit t % 32 of word t // 32), filled on a thread of its own: the step runs the
     model meanwhile. The grammars must not move until it is done."""
-    if not _pool:
-        _pool.append((ThreadPoolExecutor(1, thread_name_prefix="pagoda-masks"), LLExecutor(num_threads=1)))
-    threads, executor = _pool[0]
+    threads, executor = _mask_threads()
     bitmask = torch.empty(len(grammars), -(-vocab_size // 32), dtype=torch.int32)
     pairs = [(g.matcher, i) for i, g in enumerate(grammars)]
 

@@ -8,6 +8,7 @@ max_tokens on whitespace, and a valid answer is as short as it can be.
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -26,9 +27,11 @@ ANY_OBJECT = '{"type": "object"}'
 _tokenizers: weakref.WeakKeyDictionary[Tokenizer, dict[int, LLTokenizer]] = weakref.WeakKeyDictionary()
 
 
+@functools.lru_cache(maxsize=256)
 def grammar_of(so: StructuredOutputsParams) -> str:
     """The llguidance grammar for `so`; ValueError naming the problem where it has one that
-    shows without a tokenizer (a bad regex, schema type or grammar rule)."""
+    shows without a tokenizer (a bad regex, schema type or grammar rule). Memoized: the gateway's
+    check, the engine's check as a request arrives and its compile ask for the same one."""
     try:
         grammar = _grammar(so)
     except Exception as err:  # the converters raise bare Exceptions and asserts about the input

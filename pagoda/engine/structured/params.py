@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 Kind = Literal["json", "json_object", "regex", "choice", "grammar", "structural_tag"]
 KINDS: tuple[Kind, ...] = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
@@ -18,6 +18,8 @@ class StructuredOutputsParams:
     """Exactly one constraint. `json` takes a schema (a dict or its JSON text), `choice` a list of
     strings, `grammar` Lark or GBNF text, `structural_tag` vLLM's structural-tag JSON
     ({"structures": [{"begin", "schema", "end"}], "triggers": [...]})."""
+
+    KINDS: ClassVar[tuple[Kind, ...]] = KINDS  # the keyword arguments, one of which is given
 
     kind: Kind
     spec: str  # JSON text for json, choice and structural_tag; the text itself otherwise

@@ -280,7 +280,7 @@ class ToolCallsMessage(ReasoningMessage):
 
 class ChatCompletionChoice(BaseModel):
     index: int
-    message: SerializeAsAny[ChatResponseMessage]  # a ToolCallsMessage keeps its tool_calls
+    message: SerializeAsAny[ChatResponseMessage]  # subclasses keep their fields (tool_calls, ...)
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -310,7 +310,7 @@ class ToolCallsDelta(DeltaMessage):
 
 class ChatCompletionChunkChoice(BaseModel):
     index: int
-    delta: SerializeAsAny[DeltaMessage]  # a ToolCallsDelta keeps its tool_calls
+    delta: SerializeAsAny[DeltaMessage]  # subclasses keep their fields (tool_calls, ...)
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -12,6 +12,8 @@ Tool calls are read from the content (gateway/tools.py).
 
 from __future__ import annotations
 
+from pagoda.services.gateway.tools import partial_tag_at
+
 PARSERS = ("deepseek_r1", "qwen3")
 START, END = "<think>", "</think>"
 
@@ -30,12 +32,4 @@ def split_reasoning(text: str, parser: str, final: bool = True) -> tuple[str, st
     end = text.find(END, body)
     if end >= 0:
         return text[body:end], text[end + len(END) :]
-    return text[body : len(text) if final else _held(text, body)], ""
-
-
-def _held(text: str, start: int) -> int:
-    """Where reasoning must stop for now: before a tail of `text` that may be the start of `</think>`."""
-    for n in range(min(len(END) - 1, len(text) - start), 0, -1):
-        if END.startswith(text[-n:]):
-            return len(text) - n
-    return len(text)
+    return text[body : len(text) if final else partial_tag_at(text, END, body)], ""

@@ -101,6 +101,8 @@ class OpenAIServer:
         self.admission = admission
         self.tool_call_parser = tool_call_parser  # reads tool_choice auto's calls (gateway/tools.py)
         self.reasoning_parser = reasoning_parser  # splits reasoning from content (gateway/reasoning.py)
+        # whether the model's chat template renders `tools` itself (gateway/tools.py)
+        self.template_knows_tools = "tools" in (getattr(frontend.tokenizer, "chat_template", None) or "")
         self._charges: set[asyncio.Task[None]] = set()  # rate-limit top-ups in flight
         self.gateway_metrics = metrics.gateway()
         # the gateway's own tokenizer: chat template for /tokenize, vocabulary for /detokenize
@@ -112,11 +114,6 @@ class OpenAIServer:
         if model not in self.served_model_names:
             raise model_not_found(model)
         return model
-
-    @property
-    def template_knows_tools(self) -> bool:
-        """Whether the model's chat template renders `tools` itself (gateway/tools.py)."""
-        return "tools" in (getattr(self.frontend.tokenizer, "chat_template", None) or "")
 
     async def sampling_params(
         self, req: ChatCompletionRequest | CompletionRequest, tools: ToolPlan | None = None

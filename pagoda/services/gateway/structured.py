@@ -16,7 +16,6 @@ from pagoda.engine import StructuredOutputsParams, Tokenizer, check_structured_o
 from pagoda.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagoda.services.transport.errors import bad_request
 
-_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 _GUIDED = {  # vLLM's older fields
     "guided_json": "json",
     "guided_regex": "regex",
@@ -68,9 +67,10 @@ def _from_response_format(fmt: dict[str, Any]) -> StructuredOutputsParams:
 
 def _from_vllm(fields: dict[str, Any], param: str) -> StructuredOutputsParams:
     for key, value in fields.items():
-        if key not in _KINDS and value not in _HONOURED.get(key, (None,)):
+        if key not in StructuredOutputsParams.KINDS and value not in _HONOURED.get(key, (None,)):
             raise bad_request(f"{param}.{key} {value!r} is not supported.", f"{param}.{key}")
-    kinds = {k: v for k, v in fields.items() if k in _KINDS and v is not None and v is not False}
+    given = {k: v for k, v in fields.items() if v is not None and v is not False}
+    kinds: dict[str, Any] = {k: v for k, v in given.items() if k in StructuredOutputsParams.KINDS}
     if "json" in kinds and isinstance(kinds["json"], dict):
         _check_schema(kinds["json"], f"{param}.json")
     return _params(kinds, param)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pagoda.engine import StructuredOutputsParams
-from pagoda.services.gateway.protocol import ChatCompletionRequest
+from pagoda.services.gateway.protocol import ChatCompletionRequest, ChatMessage
 from pagoda.services.transport.errors import bad_request
 
 TOOLS_PROMPT = (
@@ -128,10 +128,14 @@ def held_from(text: str) -> int:
     """Where streamed content must stop for now: at the first `<tool_call>`, or at a tail of the
     text that may be the start of one."""
     start = text.find("<tool_call>")
-    if start >= 0:
-        return start
-    for n in range(min(len("<tool_call>") - 1, len(text)), 0, -1):
-        if "<tool_call>".startswith(text[-n:]):
+    return start if start >= 0 else partial_tag_at(text, "<tool_call>")
+
+
+def partial_tag_at(text: str, tag: str, start: int = 0) -> int:
+    """Where a tail of `text[start:]` that may still grow into `tag` begins; len(text) if none does
+    (a stream holds such a tail back until more text comes)."""
+    for n in range(min(len(tag) - 1, len(text) - start), 0, -1):
+        if tag.startswith(text[-n:]):
             return len(text) - n
     return len(text)
 
@@ -221,7 +225,7 @@ def _role(role: str) -> str:
     return "system" if role == "developer" else role  # templates rarely know "developer"
 
 
-def _as_is(m: Any) -> dict[str, Any]:
+def _as_is(m: ChatMessage) -> dict[str, Any]:
     out: dict[str, Any] = {"role": _role(m.role), "content": m.text()}
     if m.tool_calls:
         out["tool_calls"] = m.tool_calls
@@ -230,7 +234,7 @@ def _as_is(m: Any) -> dict[str, Any]:
     return out
 
 
-def _written(m: Any) -> dict[str, Any]:
+def _written(m: ChatMessage) -> dict[str, Any]:
     """A message of a tool round trip in the default format, for a template without tools."""
     if m.role == "tool":
         return {"role": "user", "content": f"<tool_response>\n{m.text()}\n</tool_response>"}
