@@ -3,6 +3,7 @@ router keeps multi-turn conversations on the worker that cached them; round-robi
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -42,6 +43,10 @@ async def _hit_rate(ckpt: Any, router: str) -> tuple[float, dict[str, int]]:
         await s.start()
     prompt_tokens = cached_tokens = 0
     try:
+        for _ in range(100):  # the first heartbeats land within a beat or two of start (0.1 s each)
+            if gateway.is_ready():
+                break
+            await asyncio.sleep(0.05)
         assert gateway.is_ready()
         params = SamplingParams(max_tokens=6, temperature=0.0)
         for c, topic in enumerate(TOPICS):
