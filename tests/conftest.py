@@ -39,6 +39,7 @@ class CachedCheckpoint:
         self.name = ckpt.name
         self.arch = ckpt.arch
         self.tokenizer = ckpt.tokenizer
+        self.pooler = ckpt.pooler
         self._weights = list(ckpt.dense_weights())
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:

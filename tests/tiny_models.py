@@ -128,3 +128,65 @@ def hf_state_dict(model: Any) -> dict[str, torch.Tensor]:
         for part, piece in zip(sizes, tensor.split(list(sizes.values())), strict=True):
             state[name.replace(fused_name, part)] = piece
     return {(n if n.startswith("lm_head.") else f"model.{n}"): t for n, t in state.items()}
+
+
+def save_tiny_wordpiece(path: Path) -> int:
+    """A BERT-style tokenizer (lowercased words of letters, [CLS] text [SEP]); returns its vocab size."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, normalizers, pre_tokenizers, processors
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz.,!?"]
+    words += ["the", "cat", "sat", "on", "mat", "dog", "runs", "##s", "##ed"]
+    vocab = {w: i for i, w in enumerate(words)}
+    backend = Backend(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    backend.save(str(path / "tokenizer.json"))
+    config = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return len(vocab)
+
+
+def make_tiny_embedder(kind: str, path: Path) -> Any:
+    """A tiny random embedding model saved as its bare architecture (what embedding checkpoints
+    ship): `qwen3` (Qwen3Model, a decoder) or `bert` (BertModel, an encoder). Returns the HF model."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model: Any
+    if kind == "qwen3":
+        model = tf.Qwen3Model(
+            tf.Qwen3Config(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=32,
+                max_position_embeddings=512,
+                eos_token_id=257,
+            )
+        )
+        save_tiny_tokenizer(path)
+    elif kind == "bert":
+        vocab = save_tiny_wordpiece(path)
+        config = tf.BertConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+        )
+        model = tf.BertModel(config, add_pooling_layer=True)
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():  # norms start at 1.0 and biases at 0: randomize so a mixup would show
+        for tensor in model.parameters():
+            tensor.add_(torch.randn_like(tensor) * 0.1)
+    model.save_pretrained(str(path))
+    return model.eval()

@@ -80,6 +80,7 @@ def build_float_model(
     """The engine's model in float32 on the CPU, unquantized (as EngineCore._load_model builds it)."""
     with torch.device("meta"):
         model = build_model(arch, max_position)
+    assert isinstance(model, LlamaForCausalLM), "pagoda quantize takes decoders"
     model = model.to_empty(device="cpu")
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

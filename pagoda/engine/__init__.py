@@ -18,6 +18,9 @@ _EXPORTS = {
     "SamplingParams": "pagoda.engine.sampling.params",
     "StructuredOutputsParams": "pagoda.engine.structured.params",
     "check_structured_outputs": "pagoda.engine.structured.grammar",
+    "PoolingParams": "pagoda.engine.pooling.params",
+    "PoolerConfig": "pagoda.engine.pooling.params",
+    "resolve_pooler": "pagoda.engine.pooling.params",
     "RequestOutput": "pagoda.engine.outputs",
     "TokenLogprob": "pagoda.engine.outputs",
     # text
@@ -73,6 +76,7 @@ if TYPE_CHECKING:  # re-exports (F401: ruff does not read a computed __all__)
     from pagoda.engine.loader.catalog import format_catalog, generation_defaults  # noqa: F401
     from pagoda.engine.loader.model_info import read_model_info  # noqa: F401
     from pagoda.engine.outputs import RequestOutput, TokenLogprob  # noqa: F401
+    from pagoda.engine.pooling.params import PoolerConfig, PoolingParams, resolve_pooler  # noqa: F401
     from pagoda.engine.sampling.params import SamplingParams  # noqa: F401
     from pagoda.engine.structured.grammar import check_structured_outputs  # noqa: F401
     from pagoda.engine.structured.params import StructuredOutputsParams  # noqa: F401

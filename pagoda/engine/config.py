@@ -69,6 +69,8 @@ class EngineConfig:
     # CPU: decode-only steps through compiled graphs: auto | on | off (runner/compile_cache.py);
     # the CLI's default is auto, the library's off (True / False: on / off)
     compile: str = "off"
+    task: str = "auto"  # auto | generate | embed: see pagoda/engine/pooling/params.py
+    pooling_type: str | None = None  # embeddings: last | mean | cls (None: the checkpoint's)
     cache: CacheConfig = CacheConfig()
     batcher: BatcherConfig = BatcherConfig()
 

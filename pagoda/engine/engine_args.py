@@ -23,6 +23,7 @@ from pagoda.engine.config import (
     EngineConfig,
     SchedulingPolicy,
 )
+from pagoda.engine.pooling.params import POOLING_TYPES, TASKS
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -76,6 +77,21 @@ def add_model_args(g: argparse._ArgumentGroup) -> None:
         type=int,
         default=field_default(EngineConfig, "max_model_len"),
         help="context length (default: the model's)",
+    )
+    g.add_argument(
+        "--task",
+        default=field_default(EngineConfig, "task"),
+        choices=TASKS,
+        help="generate: text (chat and completions); embed: /v1/embeddings (a pooling model); auto: "
+        "embed for embedding checkpoints (sentence-transformers, bare ...Model architectures, BERT), "
+        "else generate",
+    )
+    g.add_argument(
+        "--pooling-type",
+        default=field_default(EngineConfig, "pooling_type"),
+        choices=POOLING_TYPES,
+        help="embeddings: the last token's hidden state, the mean over the prompt, or the first "
+        "(CLS) token's (default: what the checkpoint states, else cls for encoders and last otherwise)",
     )
 
 
@@ -174,6 +190,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         quantization=args.quantization,
         compile="off" if args.enforce_eager else args.compile,
+        task=args.task,
+        pooling_type=args.pooling_type,
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,

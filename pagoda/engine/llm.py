@@ -1,4 +1,5 @@
-"""Offline batch generation: `LLM(model).generate(prompts, SamplingParams(...))`."""
+"""Offline batch generation, `LLM(model).generate(prompts, SamplingParams(...))`, and embeddings,
+`LLM(model, task="embed").embed(prompts)` (vLLM's shapes: `result.outputs.embedding`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pagoda.engine.config import BatcherConfig, CacheConfig, EngineConfig
 from pagoda.engine.core.engine_core import EngineCore
 from pagoda.engine.loader import Checkpoint
 from pagoda.engine.outputs import FinishReason, TokenLogprob
+from pagoda.engine.pooling.params import PoolingParams
 from pagoda.engine.sampling.params import SamplingParams
 
 _CACHE_KEYS = {"block_size", "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching"}
@@ -42,6 +44,18 @@ class GenerationResult:
     prompt_token_ids: list[int]
     num_cached_tokens: int = 0
     outputs: list[CompletionOutput] = field(default_factory=list)
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
 
 
 class LLM:
@@ -107,6 +121,29 @@ class LLM:
             for comp in res.outputs:
                 comp.text = self.tokenizer.decode(comp.token_ids)
         return list(results.values())
+
+    def embed(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        pooling_params: PoolingParams | None = None,
+    ) -> list[EmbeddingResult]:
+        """Each prompt's embedding, in order (the engine must pool: `task="embed"`, or an embedding
+        checkpoint). All prompts run in shared steps, as the server batches them."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        params = SamplingParams(max_tokens=1, pooling=pooling_params or PoolingParams())
+        ids = {}
+        for p in prompts:
+            rid = str(self._next_id)
+            self._next_id += 1
+            ids[rid] = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            self.engine.add_request(rid, ids[rid], params)
+        vectors: dict[str, list[float]] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.embedding is not None:
+                    vectors[out.request_id] = out.embedding
+        return [EmbeddingResult(rid, ids[rid], EmbeddingOutput(vectors[rid])) for rid in ids]
 
     def chat(
         self,

@@ -32,3 +32,4 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None  # the stop/eos token that finished it, if any
     queue_time_s: float | None = None  # arrival to first schedule on the engine (None: not scheduled)
+    embedding: list[float] | None = None  # a pooling request's result (with finished=True)

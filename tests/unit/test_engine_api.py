@@ -125,6 +125,7 @@ def core_checkpoint(core: EngineCore) -> Any:
         arch = core.model.cfg
         tokenizer = core.tokenizer
         quantization = None
+        pooler = None
 
         def weights(self) -> Any:
             return iter(())

@@ -602,6 +602,7 @@ class FakeFrontend:
 
     model_name = MODEL
     max_model_len = 256
+    pooler = None  # it generates
 
     def __init__(self, prompt_ids: list[int] | None = None, reject: Any = None) -> None:
         self.tokenizer = FakeTokenizer()

@@ -55,6 +55,12 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
             "response_format",
             "cannot be combined",
         ),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": True}}, "tool_choice", "'none'"),
+        (  # the fuzzer's find: a call whose function is not an object was a 500
+            {"messages": [*ASK, {"role": "assistant", "tool_calls": [{"function": True}]}]},
+            "messages[1].tool_calls",
+            '"function" object',
+        ),
     ],
 )
 async def test_tool_mistakes_are_400s_naming_the_field(

@@ -26,6 +26,7 @@ from pagoda.engine.tokenization.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # the model code (torch) loads only when a real core is built
     from pagoda.engine.config import EngineConfig
+    from pagoda.engine.pooling.params import PoolerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class AsyncEngine:
         self.max_model_len = core.max_model_len
         self.tokenizer = core.tokenizer
         self.default_sampling = core.default_sampling
+        # an embedding model's pooling (EngineCore's; simulated and test cores generate)
+        self.pooler: PoolerConfig | None = getattr(core, "pooler", None)
         self.capacity = core.capacity
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()

@@ -7,22 +7,23 @@ KV blocks through the prefix cache.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import torch
 
-from pagoda.engine.config import EngineConfig, engine_dtype, validate_max_model_len
+from pagoda.engine.config import BatcherConfig, EngineConfig, engine_dtype, validate_max_model_len
 from pagoda.engine.core.stats import CoreCounters, EngineCapacity, StepStats
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.loader import Checkpoint, load_checkpoint
 from pagoda.engine.loader.catalog import generation_defaults
-from pagoda.engine.models import build_model
+from pagoda.engine.models import Model, build_model
 from pagoda.engine.models.arch_config import ModelArchConfig
-from pagoda.engine.models.llama import LlamaForCausalLM
 from pagoda.engine.models.quantization import quantize_linears, resolve_quantization
 from pagoda.engine.outputs import RequestOutput, TokenLogprob
+from pagoda.engine.pooling.params import resolve_pooler
 from pagoda.engine.runner.attention import get_backend
 from pagoda.engine.runner.cuda_graphs import capture_sizes
 from pagoda.engine.runner.model_runner import ModelRunner, kv_bytes_per_block
@@ -55,6 +56,8 @@ class EngineCore:
         path = getattr(ckpt, "path", "")
         self.default_sampling = generation_defaults(path) if path else {}
         arch = ckpt.arch
+        # an embedding model: prompts are pooled, nothing generated (pagoda/engine/pooling)
+        self.pooler = resolve_pooler(config.task, config.pooling_type, ckpt.pooler, arch.is_encoder)
         self.device = config.resolved_device()
         self.quantization = resolve_quantization(config.quantization, self.device, ckpt.quantization)
         self.dtype = engine_dtype(config.dtype, self.quantization, self.device)
@@ -67,27 +70,9 @@ class EngineCore:
         eos = tuple(arch.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
         self.eos_token_ids = eos
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.batcher = Batcher(config.batcher, self.kv, self.max_model_len, eos)
-        backend = get_backend(config.attention_backend, self.device)
-        compile_mode = config.compile  # auto: where it runs (CPU, torch attention, traceable linears)
-        if compile_mode == "auto" and (
-            self.device.type != "cpu" or backend.name != "torch" or self.quantization == "int8"
-        ):
-            compile_mode = "off"
-        self.runner = ModelRunner(
-            self.model,
-            backend,
-            num_blocks,
-            cache.block_size,
-            self.dtype,
-            self.device,
-            eos,
-            capture_sizes(self.device, config.enforce_eager, backend, config.batcher.max_num_seqs),
-            self.max_model_len,
-            compile_decode=compile_mode,
-            # another process can rebuild the model from the config alone
-            compile_config=config if background_compile and checkpoint is None else None,
-        )
+        self.batcher = Batcher(self._batcher_config(arch), self.kv, self.max_model_len, eos)
+        rebuildable = background_compile and checkpoint is None  # another process can rebuild the model
+        self.runner = self._build_runner(num_blocks, config if rebuildable else None)
         logger.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB)",
             num_blocks,
@@ -108,7 +93,45 @@ class EngineCore:
         # requests whose grammar is compiling: they join the batcher when it is ready
         self._awaiting: dict[str, tuple[Future[list[SequenceGrammar]], list[Request]]] = {}
 
-    def _load_model(self, ckpt: Checkpoint) -> LlamaForCausalLM:
+    def _build_runner(self, num_blocks: int, compile_config: EngineConfig | None) -> ModelRunner:
+        """The model runner, with compiled decode graphs (CPU) or CUDA graphs where they run;
+        `compile_config`: the config a background compile rebuilds the model from."""
+        config = self.config
+        backend = get_backend(config.attention_backend, self.device)
+        compile_mode = config.compile  # auto: where it runs (CPU, torch attention, traceable linears)
+        if compile_mode == "auto" and (
+            self.device.type != "cpu"
+            or backend.name != "torch"
+            or self.quantization == "int8"
+            or self.pooler is not None  # no decode steps to compile
+        ):
+            compile_mode = "off"
+        eager = config.enforce_eager or self.pooler is not None  # a pooler has no decode steps to capture
+        return ModelRunner(
+            self.model,
+            backend,
+            num_blocks,
+            config.cache.block_size,
+            self.dtype,
+            self.device,
+            self.eos_token_ids,
+            capture_sizes(self.device, eager, backend, config.batcher.max_num_seqs),
+            self.max_model_len,
+            compile_decode=compile_mode,
+            compile_config=compile_config,
+            pooler=self.pooler,
+        )
+
+    def _batcher_config(self, arch: ModelArchConfig) -> BatcherConfig:
+        """The configured batcher, except that an encoder's prompts run whole (each token attends
+        to all of its prompt): no chunks, and a step holds the longest prompt."""
+        batcher = self.config.batcher
+        if not arch.is_encoder:
+            return batcher
+        budget = max(batcher.max_num_batched_tokens, self.max_model_len)
+        return dataclasses.replace(batcher, max_num_batched_tokens=budget, enable_chunked_prefill=False)
+
+    def _load_model(self, ckpt: Checkpoint) -> Model:
         """The checkpoint's model on this core's device and dtype, quantized or packed for oneDNN
         as configured."""
         arch = ckpt.arch
@@ -140,6 +163,9 @@ class EngineCore:
         """(KV blocks, bytes per block): what the memory budget holds, or the override. Raises
         ValueError, saying what to change, when not one block fits or a whole context does not."""
         cache = self.config.cache
+        if arch.is_encoder:  # no KV kept: blocks are bookkeeping, enough for every sequence
+            blocks = self.config.batcher.max_num_seqs * -(-self.max_model_len // cache.block_size)
+            return cache.num_blocks_override or blocks, 0
         per_block = kv_bytes_per_block(
             arch.num_layers, cache.block_size, arch.num_kv_heads, arch.head_dim, self.dtype
         )
@@ -170,7 +196,19 @@ class EngineCore:
     # -- requests ------------------------------------------------------------------------------
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (a user error) when the request cannot run."""
-        check_prompt_ids(prompt_token_ids, self.max_model_len, self.model.cfg.vocab_size)
+        if (params.pooling is None) != (self.pooler is None):
+            raise ValueError(
+                "this model serves embeddings (--task embed), not text generation"
+                if self.pooler is not None
+                else "this model generates text; it serves embeddings when started with --task embed"
+            )
+        dims = params.pooling.dimensions if params.pooling is not None else None
+        if dims is not None and dims > self.model.cfg.hidden_size:
+            raise ValueError(
+                f"dimensions must be at most the model's {self.model.cfg.hidden_size}, got {dims}"
+            )
+        room = 0 if params.pooling is not None else 1  # a pooled prompt needs no room for output
+        check_prompt_ids(prompt_token_ids, self.max_model_len, self.model.cfg.vocab_size, room)
 
     def add_request(
         self,
@@ -265,7 +303,7 @@ class EngineCore:
             self.kv.usage(),
             out.num_preempted,
         )
-        outputs = [self._output(r, [r.output_token_ids[-1]], res.logprobs.get(r.request_id)) for r in changed]
+        outputs = [self._output(r, r.output_token_ids[-1:], res.logprobs.get(r.request_id)) for r in changed]
         self._forget_finished([r for r in changed if r.is_finished])
         return failed + outputs
 
@@ -306,6 +344,7 @@ class EngineCore:
             finish_reason=req.finish_reason if req.is_finished else None,
             stop_token_id=req.stop_token_id,
             queue_time_s=req.queue_time_s,
+            embedding=req.embedding,
         )
 
     def _forget_finished(self, reqs: list[Request]) -> None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from pagoda.engine.models.arch_config import ModelArchConfig
+    from pagoda.engine.pooling.params import PoolerConfig
     from pagoda.engine.quantization.weights import QuantizedWeight
     from pagoda.engine.tokenization.tokenizer import Tokenizer
 
@@ -57,6 +58,7 @@ class Checkpoint:
     # the checkpoint's own quantization ("gguf", or a quantized HF checkpoint's quant_method:
     # "compressed-tensors", "gptq", "awq"), None if dense
     quantization: str | None = None
+    pooler: PoolerConfig | None = None  # what it states of pooling (an embedding checkpoint)
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """(Hugging Face name, tensor) pairs, one tensor in memory at a time: quantized linear and

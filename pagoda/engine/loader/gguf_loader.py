@@ -25,6 +25,7 @@ from gguf.quants import dequantize
 from pagoda.engine.loader import Checkpoint, ModelLoadError, gguf_model_name
 from pagoda.engine.loader.gguf_file import GgufFile, GgufTensor
 from pagoda.engine.loader.model_info import gguf_context_length, gguf_tokenizer, open_gguf
+from pagoda.engine.loader.pooling_info import gguf_pooler
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.quantization.gguf import QUANTIZED_TYPES, gguf_quantized_weight
 from pagoda.engine.quantization.weights import QuantizedWeight
@@ -83,6 +84,7 @@ def load_gguf(path: Path) -> Checkpoint:
         path=str(path),
         _weights=lambda: _iter_weights(reader, arch, permuted),
         quantization="gguf" if any(t.tensor_type in QUANTIZED_TYPES for t in reader.tensors) else None,
+        pooler=gguf_pooler(reader.get(f"{reader.get('general.architecture')}.pooling_type")),
     )
 
 

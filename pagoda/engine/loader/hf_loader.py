@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from pagoda.engine.loader import Checkpoint, ModelLoadError
 from pagoda.engine.loader.model_info import hf_context_length, hf_tokenizer, read_hf_config
+from pagoda.engine.loader.pooling_info import hf_pooler
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.quantization.formats import CheckpointFormat, WeightTensor, checkpoint_format
 from pagoda.engine.tokenization.tokenizer import Tokenizer
@@ -29,6 +30,7 @@ _MODEL_TYPES = {
     "granite": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "bert": "bert",
 }
 _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -48,6 +50,7 @@ def load_hf_dir(path: Path, name: str) -> Checkpoint:
         path=str(path),
         _weights=lambda: _iter_weights(files, arch, quant),
         quantization=None if quant is None else quant.method,
+        pooler=hf_pooler(path, config),
     )
 
 
@@ -60,6 +63,8 @@ def arch_from_hf_config(
             f"model_type {model_type!r} (architectures {config.get('architectures')}) is not supported; "
             f"pagoda loads {', '.join(_MODEL_TYPES)} checkpoints"
         )
+    if model_type == "bert":
+        return _bert_arch(config)
     if config.get("mlp_bias"):
         raise ModelLoadError("checkpoints with mlp_bias=true are not supported; pagoda's MLP has no bias")
     architecture = _MODEL_TYPES[model_type]
@@ -103,6 +108,29 @@ def arch_from_hf_config(
         logits_scaling=float(config.get("logits_scaling", 1.0)),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=tuple(eos),
+    )
+
+
+def _bert_arch(config: dict[str, Any]) -> ModelArchConfig:
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise ModelLoadError(
+            f"BERT position_embedding_type {config['position_embedding_type']!r} is not supported; "
+            "pagoda runs absolute position embeddings"
+        )
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    return ModelArchConfig(
+        architecture="bert",
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(config["intermediate_size"]),
+        num_layers=int(config["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        rms_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+        max_position_embeddings=hf_context_length(config),
+        type_vocab_size=int(config.get("type_vocab_size", 2)),
+        hidden_act=str(config.get("hidden_act", "gelu")),
     )
 
 

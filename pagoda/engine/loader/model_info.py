@@ -16,6 +16,8 @@ from typing import Any
 from pagoda.engine.loader import ModelLoadError, demo_model_path, locate
 from pagoda.engine.loader.catalog import generation_defaults
 from pagoda.engine.loader.gguf_file import GgufFile
+from pagoda.engine.loader.pooling_info import gguf_pooler, hf_pooler, is_encoder
+from pagoda.engine.pooling.params import PoolerConfig
 from pagoda.engine.tokenization.tokenizer import Tokenizer
 
 DEFAULT_CONTEXT_LENGTH = 4096  # what a checkpoint that states none is taken to support
@@ -30,6 +32,8 @@ class ModelInfo:
     tokenizer: Tokenizer
     context_length: int  # the model's maximum context (max_position_embeddings)
     default_sampling: dict[str, float] = field(default_factory=dict)  # generation_config.json
+    pooler: PoolerConfig | None = None  # what the checkpoint says of pooling (None: generative)
+    encoder: bool = False  # bidirectional attention (BERT): embeddings only
 
 
 def read_model_info(source: str) -> ModelInfo:
@@ -38,15 +42,21 @@ def read_model_info(source: str) -> ModelInfo:
     files = locate(source or demo_model_path())
     if files.kind == "gguf":
         reader = open_gguf(files.path)
+        arch = reader.get("general.architecture")
         tokenizer, context = gguf_tokenizer(reader), gguf_context_length(reader)
+        pooler, encoder = gguf_pooler(reader.get(f"{arch}.pooling_type")), False
     else:
-        tokenizer, context = hf_tokenizer(files.path), hf_context_length(read_hf_config(files.path))
+        config = read_hf_config(files.path)
+        tokenizer, context = hf_tokenizer(files.path), hf_context_length(config)
+        pooler, encoder = hf_pooler(files.path, config), is_encoder(config)
     return ModelInfo(
         name=files.name,
         path=str(files.path),
         tokenizer=tokenizer,
         context_length=context,
         default_sampling=generation_defaults(str(files.path)),
+        pooler=pooler,
+        encoder=encoder,
     )
 
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 from torch import nn
 
 from pagoda.engine.models.arch_config import ModelArchConfig
+from pagoda.engine.models.bert import BertModel
 from pagoda.engine.models.llama import LlamaForCausalLM
 
-_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+Model = LlamaForCausalLM | BertModel
+
+_REGISTRY: dict[str, type[LlamaForCausalLM] | type[BertModel]] = {
     "llama": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
+    "bert": BertModel,
 }
 
 
-def build_model(cfg: ModelArchConfig, max_position: int) -> LlamaForCausalLM:
+def build_model(cfg: ModelArchConfig, max_position: int) -> Model:
     cls = _REGISTRY[cfg.architecture]
     model = cls(cfg, max_position)
     assert isinstance(model, nn.Module)

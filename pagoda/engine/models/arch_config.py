@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "bert")
+ENCODER_ARCHITECTURES = frozenset({"bert"})
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class ModelArchConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # the norms' epsilon (BERT: its LayerNorm's)
     rope_theta: float = 10000.0
     # HF-style rope_scaling dict, e.g. {"rope_type": "llama3", "factor": 8.0, ...}; None for plain RoPE.
     rope_scaling: dict[str, Any] | None = None
@@ -37,6 +38,9 @@ class ModelArchConfig:
     logits_scaling: float = 1.0  # logits are divided by this
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # encoders (BERT): token type embeddings (every token is of type 0) and the MLP's activation
+    type_vocab_size: int = 0
+    hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -48,6 +52,11 @@ class ModelArchConfig:
             raise ValueError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
             )
+
+    @property
+    def is_encoder(self) -> bool:
+        """Bidirectional attention over the whole prompt at once: embeddings only, no KV cache."""
+        return self.architecture in ENCODER_ARCHITECTURES
 
     @property
     def softmax_scale(self) -> float:

@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from pagoda.engine.models import Model
 from pagoda.engine.models.layers import use_triton_layers
 from pagoda.engine.models.llama import LlamaForCausalLM
+from pagoda.engine.pooling.params import PoolerConfig
+from pagoda.engine.pooling.pooler import PoolState
 from pagoda.engine.quantization.vnni import prompt_rows
 from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 from pagoda.engine.runner.compile_cache import DecodeCompiler
@@ -38,6 +41,7 @@ class _ReqState:
     params: SamplingParams
     generator: torch.Generator | None
     grammar: SequenceGrammar | None = None
+    pool: PoolState | None = None  # a pooling request's embedding, folded in chunk by chunk
 
 
 def kv_bytes_per_block(
@@ -57,7 +61,7 @@ def _padded(rows: list[list[int]], dtype: type) -> np.ndarray:
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: Model,
         backend: AttentionBackend,
         num_blocks: int,
         block_size: int,
@@ -68,7 +72,9 @@ class ModelRunner:
         max_model_len: int = 0,
         compile_decode: str = "off",
         compile_config: EngineConfig | None = None,
+        pooler: PoolerConfig | None = None,
     ) -> None:
+        """`pooler`: an embedding model's pooling (requests with `params.pooling` are pooled)."""
         cfg = model.cfg
         self.model = model
         self.backend = backend
@@ -77,7 +83,13 @@ class ModelRunner:
         self.device = device
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = eos_token_ids
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.pooler = pooler
+        # an encoder attends within each step's sequences: it keeps no KV
+        shape = (
+            (0, block_size, 0, 0)
+            if cfg.is_encoder
+            else (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        )
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_layers)
@@ -87,6 +99,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if graph_sizes:  # CUDA only (engine.cuda_graphs.capture_sizes)
             max_blocks = -(-max_model_len // block_size)
+            assert isinstance(model, LlamaForCausalLM), "decode graphs are for decoders"
             self.graphs = DecodeGraphs(
                 model, backend, self.kv_caches, graph_sizes, max_blocks, max_model_len, device
             )
@@ -95,6 +108,7 @@ class ModelRunner:
         self.compiler: DecodeCompiler | None = None
         if compile_decode != "off":  # see compile_cache.py
             assert device.type == "cpu" and backend.name == "torch", (device, backend.name)
+            assert isinstance(model, LlamaForCausalLM), "decode graphs are for decoders"
             self.compiled = CompiledDecode(model, self.kv_caches, block_size)
             self.compiler = DecodeCompiler(self.compiled, compile_decode, compile_config)
 
@@ -104,8 +118,18 @@ class ModelRunner:
         for c in out.cached_requests:
             self.requests[c.req_id].block_ids.extend(c.new_block_ids)
         for n in out.new_requests:
+            pooling = n.params.pooling
+            pool = (
+                PoolState(self.pooler, pooling) if pooling is not None and self.pooler is not None else None
+            )
             self.requests[n.req_id] = _ReqState(
-                list(n.token_ids), n.num_prompt_tokens, list(n.block_ids), n.params, n.generator, n.grammar
+                list(n.token_ids),
+                n.num_prompt_tokens,
+                list(n.block_ids),
+                n.params,
+                n.generator,
+                n.grammar,
+                pool,
             )
 
     @torch.inference_mode()
@@ -121,9 +145,24 @@ class ModelRunner:
         batch = self._flatten(out)
         masks = self._grammar_masks(batch)  # filled while the model runs
         hidden = self._forward(batch)  # [num_tokens, hidden]
+        pooled = self._pool(hidden, batch)
         if not batch.sample_rows:
-            return RunnerOutput()
-        return self._sample(hidden, batch, masks)
+            return RunnerOutput(pooled=pooled)
+        res = self._sample(hidden, batch, masks)
+        res.pooled = pooled
+        return res
+
+    def _pool(self, hidden: torch.Tensor, batch: _FlatBatch) -> dict[str, list[float]]:
+        """Fold each pooling request's rows of this step into its pool; the embeddings of those
+        whose prompt is now complete."""
+        done: dict[str, list[float]] = {}
+        for rid, first, n, start in batch.pool_spans:
+            st = self.requests[rid]
+            assert st.pool is not None
+            st.pool.add(hidden[first : first + n], start)
+            if start + n == st.num_prompt_tokens:
+                done[rid] = st.pool.result()
+        return done
 
     def _grammar_masks(self, batch: _FlatBatch) -> tuple[list[int], Future[torch.Tensor]] | None:
         """The rows to sample that follow a grammar, and their bitmask, being filled on another
@@ -217,6 +256,7 @@ class _FlatBatch:
     pf_tables: list[torch.Tensor] = field(default_factory=list)
     sample_rows: list[str] = field(default_factory=list)  # requests sampled this step
     logits_idx: list[int] = field(default_factory=list)  # their last token's index in `ids`
+    pool_spans: list[tuple[str, int, int, int]] = field(default_factory=list)  # (req, first row, n, position)
 
     def add(self, rid: str, st: _ReqState, start: int, n: int) -> None:
         """Request `rid`'s tokens [start, start + n); n == 1 is a decode, else a prefill chunk."""
@@ -237,7 +277,9 @@ class _FlatBatch:
             self.pf_lens.append(n)
             self.pf_ctx.append(start)
             self.pf_tables.append(torch.from_numpy(blocks[: -(-(start + n) // bs)]).to(self.device))
-        if start + n == len(st.token_ids):
+        if st.pool is not None:  # pooled, never sampled
+            self.pool_spans.append((rid, len(self.ids) - n, n, start))
+        elif start + n == len(st.token_ids):
             self.sample_rows.append(rid)
             self.logits_idx.append(len(self.ids) - 1)
 

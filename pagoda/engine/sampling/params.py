@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagoda.engine.pooling.params import PoolingParams
 from pagoda.engine.structured.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
@@ -27,8 +28,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     structured_outputs: StructuredOutputsParams | None = None  # what the output must match
+    pooling: PoolingParams | None = None  # an embedding: the prompt is pooled, nothing sampled
 
     def __post_init__(self) -> None:
+        if self.pooling is not None and (self.n != 1 or self.structured_outputs is not None):
+            raise ValueError("a pooling request takes n=1 and no structured outputs")
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -68,6 +68,7 @@ class BatchPlan:
 class RunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    pooled: dict[str, list[float]] = field(default_factory=dict)  # embeddings of completed prompts
 
 
 @dataclass
@@ -184,7 +185,9 @@ class Batcher:
     def _schedule_waiting(self, step: _StepPlan) -> None:
         while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self._peek_waiting()
-            hits = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+            # a pooling request computes every row itself (mean and cls pool over the whole prompt)
+            fresh = req.num_computed_tokens == 0 and req.params.pooling is None
+            hits = self.kv.find_cached_prefix(req) if fresh else []
             num_cached = len(hits) * self.kv.block_size
             remaining = req.num_tokens - num_cached
             if not self.config.enable_chunked_prefill and remaining > step.budget:
@@ -228,6 +231,12 @@ class Batcher:
             if req is None or req.is_finished:
                 continue
             req.num_computed_tokens += n
+            embedding = res.pooled.get(rid)
+            if embedding is not None:  # a pooling request ends with its prompt
+                req.embedding, req.finish_reason = embedding, "stop"
+                changed.append(req)
+                stopped.append(req)
+                continue
             token = res.sampled_token_ids.get(rid)
             if token is None:
                 continue

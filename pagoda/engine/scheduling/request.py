@@ -61,6 +61,7 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.stop_token_id: int | None = None
         self.grammar: SequenceGrammar | None = None  # structured output: what it may sample next
+        self.embedding: list[float] | None = None  # a pooling request's result
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -89,15 +90,18 @@ class Request:
         )
 
 
-def check_prompt_ids(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
-    """Raise ValueError (a user error, naming the value) when a prompt cannot run on an engine."""
+def check_prompt_ids(
+    prompt_token_ids: list[int], max_model_len: int, vocab_size: int, output_room: int = 1
+) -> None:
+    """Raise ValueError (a user error, naming the value) when a prompt cannot run on an engine;
+    `output_room`: the tokens it must leave for output (0: a pooling request, which has none)."""
     if not prompt_token_ids:
         raise ValueError("the prompt is empty; send at least one token")
     n = len(prompt_token_ids)
-    if n >= max_model_len:
+    if n > max_model_len - output_room:
         raise ValueError(
             f"the prompt has {n} tokens but max_model_len is {max_model_len}; "
-            f"shorten the prompt to at most {max_model_len - 1} tokens"
+            f"shorten the prompt to at most {max_model_len - output_room} tokens"
         )
     bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
     if bad:

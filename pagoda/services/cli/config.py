@@ -62,6 +62,8 @@ class ModelSource:
     model: str  # GGUF file, HF directory or Hub id; "" -> the demo model
     served_model_name: str | None
     max_model_len: int | None  # None: the model's context length
+    task: str = "auto"  # --task: generate or embed (auto: what the checkpoint is made for)
+    pooling_type: str | None = None  # --pooling-type
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,9 @@ def launch_config(args: argparse.Namespace, roles: tuple[str, ...]) -> LaunchCon
         roles=roles,
         cluster=cluster_config(args),
         admission=admission_limits(args) if has & _ADMISSION_ROLES else AdmissionLimits(),
-        model=ModelSource(args.model, args.served_model_name, args.max_model_len)
+        model=ModelSource(
+            args.model, args.served_model_name, args.max_model_len, args.task, args.pooling_type
+        )
         if has & _MODEL_ROLES
         else None,
         gateway=gateway_config(args) if "gateway" in has else None,

@@ -34,7 +34,7 @@ from pagoda.services.transport.store import InMemoryStore, Store, make_store
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from pagoda.engine import Tokenizer
+    from pagoda.engine import PoolerConfig, Tokenizer
     from pagoda.services.gateway.bus_frontend import BusFrontend
     from pagoda.services.scheduler.admission import FleetAdmission
 
@@ -65,12 +65,13 @@ class ServedModel:
     tokenizer: Tokenizer
     max_model_len: int
     default_sampling: dict[str, float]
+    pooler: PoolerConfig | None = None  # an embedding model's pooling; None: it generates
 
 
 def read_served_model(source: ModelSource) -> ServedModel:
     """The tokenizer, name, context length and sampling defaults of `source`; reads no weights and
     imports no torch. Raises ValueError when --max-model-len exceeds the model's context."""
-    from pagoda.engine import read_model_info, validate_max_model_len
+    from pagoda.engine import read_model_info, resolve_pooler, validate_max_model_len
 
     info = read_model_info(source.model)
     return ServedModel(
@@ -78,6 +79,7 @@ def read_served_model(source: ModelSource) -> ServedModel:
         tokenizer=info.tokenizer,
         max_model_len=validate_max_model_len(source.max_model_len, info.context_length),
         default_sampling=info.default_sampling,
+        pooler=resolve_pooler(source.task, source.pooling_type, info.pooler, info.encoder),
     )
 
 
@@ -233,6 +235,7 @@ class Process:
         self._frontend = BusFrontend(
             self.bus, model.tokenizer, model_name=model.name, max_model_len=model.max_model_len,
             default_sampling=model.default_sampling, registry=WorkerRegistry(self.store, heartbeat),
+            pooler=model.pooler,
             queues=self.queues, queue_timeout_s=gateway.queue_timeout_s or None,
         )  # fmt: skip
         self._fleet = FleetAdmission(WorkerRegistry(self.store, heartbeat), self.config.admission)

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from pagoda.engine import RequestOutput, SamplingParams, Tokenizer
+from pagoda.engine import PoolerConfig, RequestOutput, SamplingParams, Tokenizer
 from pagoda.services.gateway.failover import RequestTrack, WorkerWatch
 from pagoda.services.gateway.frontend import Submitted
 from pagoda.services.ops import tracing
@@ -64,6 +64,7 @@ class BusFrontend:
         model_name: str,
         max_model_len: int,
         default_sampling: dict[str, float] | None = None,
+        pooler: PoolerConfig | None = None,
         gateway_id: str | None = None,
         accept_timeout_s: float = 30.0,
         queues: Queues | None = None,
@@ -75,6 +76,7 @@ class BusFrontend:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.default_sampling = dict(default_sampling or {})
+        self.pooler = pooler  # an embedding model's pooling (--task embed); None: it generates
         self.gateway_id = gateway_id or uuid.uuid4().hex[:12]
         self.queues = queues or Queues()
         self.reply_queue = self.queues.reply(self.gateway_id)

@@ -24,6 +24,7 @@ import anyio
 from fastapi import Request
 
 from pagoda.engine import IncrementalDetokenizer, RequestOutput, StopChecker, Tokenizer, TokenLogprob
+from pagoda.services.gateway.embeddings import EmbeddingRequest
 from pagoda.services.gateway.frontend import Frontend, Submitted, close_quietly
 from pagoda.services.gateway.protocol import (
     ChatCompletionRequest,
@@ -46,6 +47,8 @@ MIN_LOGPROB = -9999.0  # what vLLM writes for -inf (JSON has no infinity)
 
 _PUMPS: set[asyncio.Task[None]] = set()  # strong references to running pump tasks
 
+APIRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest  # what a Call serves
+
 
 def clamp_logprob(value: float) -> float:
     return MIN_LOGPROB if math.isnan(value) or value < MIN_LOGPROB else value
@@ -65,6 +68,7 @@ class Choice:
     stop_reason: int | str | None = None
     engine_finished: bool = False
     last_token_at: float | None = None  # monotonic time of its latest token, for metrics
+    embedding: list[float] | None = None  # a pooling request's result
 
     @property
     def done(self) -> bool:
@@ -98,7 +102,7 @@ class SubRequest:
         request_id: str,
         submitted: Submitted,
         prompt_text: str,
-        req: ChatCompletionRequest | CompletionRequest,
+        req: APIRequest,
         tokenizer: Tokenizer,
         first_index: int,
     ) -> SubRequest:
@@ -120,6 +124,8 @@ class SubRequest:
             return None  # already finished by a stop string; the engine has not noticed yet
         choice.num_output_tokens = out.num_output_tokens
         choice.engine_finished = out.finished
+        if out.embedding is not None:
+            choice.embedding = out.embedding
         new_logprobs = list(out.new_logprobs or [])
         choice.logprobs.extend(new_logprobs)
         text, hit = choice.stop.add(choice.detokenizer.add(out.new_token_ids))
@@ -142,7 +148,7 @@ class Call:
     """One API call in flight: its sub-requests and what its responses need."""
 
     frontend: Frontend
-    req: ChatCompletionRequest | CompletionRequest
+    req: APIRequest
     request_id: str
     model: str
     start: float = field(default_factory=time.monotonic)

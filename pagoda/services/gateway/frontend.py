@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from pagoda.engine import RequestOutput, SamplingParams, Tokenizer
+from pagoda.engine import PoolerConfig, RequestOutput, SamplingParams, Tokenizer
 from pagoda.services.tokenizer.prompts import PromptProcessor
 from pagoda.services.transport.errors import APIError, from_value_error
 from pagoda.services.transport.messages import PromptInput
@@ -45,6 +45,7 @@ class Frontend(Protocol):
     max_model_len: int
     tokenizer: Tokenizer  # the gateway's own, for detokenization and /tokenize
     default_sampling: dict[str, float]  # model generation defaults for fields a request omits
+    pooler: PoolerConfig | None  # an embedding model's pooling (--task embed); None: it generates
 
     async def submit(
         self,
@@ -82,6 +83,7 @@ class LocalFrontend:
         self.max_model_len: int = engine.max_model_len
         self.tokenizer: Tokenizer = engine.tokenizer
         self.default_sampling: dict[str, float] = dict(engine.default_sampling)
+        self.pooler: PoolerConfig | None = getattr(engine, "pooler", None)  # test engines generate
         self.processor = PromptProcessor(engine.tokenizer, engine.max_model_len)
 
     async def submit(

@@ -15,6 +15,13 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from pagoda.services.gateway.calls import Call, collect
+from pagoda.services.gateway.embeddings import (
+    EmbeddingRequest,
+    embedding_params,
+    embedding_prompts,
+    embedding_response,
+)
+from pagoda.services.gateway.embeddings import new_id as new_embedding_id
 from pagoda.services.gateway.limits import check_request
 from pagoda.services.gateway.protocol import (
     ChatCompletionChoice,
@@ -37,7 +44,7 @@ from pagoda.services.gateway.reasoning import split_reasoning
 from pagoda.services.gateway.streams import chat_stream, completion_stream
 from pagoda.services.gateway.tools import template_messages, tool_plan
 from pagoda.services.ops.metrics import CONTENT_TYPE_LATEST
-from pagoda.services.transport.errors import APIError
+from pagoda.services.transport.errors import APIError, bad_request
 from pagoda.services.transport.messages import PromptInput
 
 if TYPE_CHECKING:
@@ -50,6 +57,7 @@ def register_routes(app: FastAPI, server: OpenAIServer) -> None:
     _register_models(app, server)
     _register_tokenization(app, server)
     _register_generation(app, server)
+    _register_embeddings(app, server)
 
 
 def _register_operations(app: FastAPI, server: OpenAIServer) -> None:
@@ -158,12 +166,16 @@ async def _start(
     prompts: list[PromptInput],
 ) -> None:
     """Validate the call, then submit its prompts; a refusal is logged and raised as it is."""
+    req = call.req
+    assert not isinstance(req, EmbeddingRequest)
     try:
-        call.model = server.check_model(call.req.model)
-        check_request(call.req, server.limits, server.frontend.max_model_len)
-        params = await server.sampling_params(call.req, call.tools)
+        call.model = server.check_model(req.model)
+        if server.pooler is not None:
+            raise bad_request("The model serves embeddings (--task embed): use /v1/embeddings.", "model")
+        check_request(req, server.limits, server.frontend.max_model_len)
+        params = await server.sampling_params(req, call.tools)
         await server.admit(call, request, prompts, params)
-        await server.submit(call, prompts, params, _session_id(request, call.req))
+        await server.submit(call, prompts, params, _session_id(request, req))
     except APIError as err:
         call.log(err.status)
         raise
@@ -173,6 +185,23 @@ async def _start(
     except BaseException:
         call.log("disconnected")
         raise
+
+
+def _register_embeddings(app: FastAPI, server: OpenAIServer) -> None:
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
+        call = server.call(req, new_embedding_id())
+        try:
+            call.model = server.check_model(req.model)
+            params = embedding_params(req, server)
+            prompts = embedding_prompts(req, server)
+            await server.admit(call, request, prompts, params)
+            await server.submit(call, prompts, params, request.headers.get("x-session-id") or req.user)
+        except APIError as err:
+            call.log(err.status)
+            raise
+        await collect(call, request)
+        return Response(embedding_response(call, req).model_dump_json(), media_type="application/json")
 
 
 def _chat_response(call: Call, req: ChatCompletionRequest) -> ChatCompletionResponse:

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagoda.engine import SamplingParams
 from pagoda.services.gateway.auth import OPEN_PATHS, BearerAuth, key_id
-from pagoda.services.gateway.calls import Call, SubRequest, logger
+from pagoda.services.gateway.calls import APIRequest, Call, SubRequest, logger
 from pagoda.services.gateway.frontend import Frontend, Submitted
 from pagoda.services.gateway.limits import BodyGuard, RequestLimits
 from pagoda.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
@@ -107,6 +107,7 @@ class OpenAIServer:
         self.gateway_metrics = metrics.gateway()
         # the gateway's own tokenizer: chat template for /tokenize, vocabulary for /detokenize
         self.processor = PromptProcessor(frontend.tokenizer, frontend.max_model_len)
+        self.pooler = frontend.pooler  # an embedding model: /v1/embeddings only (gateway/embeddings.py)
 
     def check_model(self, model: str | None) -> str:
         if model is None or model == "":
@@ -214,7 +215,7 @@ class OpenAIServer:
     def _sub_id(call: Call, i: int, count: int) -> str:
         return call.request_id if count == 1 else f"{call.request_id}-{i}"
 
-    def call(self, req: ChatCompletionRequest | CompletionRequest, request_id: str) -> Call:
+    def call(self, req: APIRequest, request_id: str) -> Call:
         return Call(
             self.frontend, req, request_id, model="",
             metrics=self.gateway_metrics, metrics_model=self.served_model_names[0],

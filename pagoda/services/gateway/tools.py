@@ -169,7 +169,8 @@ def tool_plan(req: ChatCompletionRequest, parser: str | None = None) -> ToolPlan
         return ToolPlan("auto", functions, tools, parallel=parallel)
     if choice == "required":
         return ToolPlan("required", functions, tools, parallel=parallel)
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
         raise bad_request(
             "tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", "
@@ -207,6 +208,7 @@ def template_messages(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """The messages for the chat template, and the `tools` it is given (None: written into the
     messages, or no tools)."""
+    _check_calls(req)
     if template_knows_tools:
         messages = [_as_is(m) for m in req.messages]
         return messages, (plan.tools if plan else None)
@@ -219,6 +221,18 @@ def template_messages(
         else:
             messages.insert(0, {"role": "system", "content": prompt})
     return messages, None
+
+
+def _check_calls(req: ChatCompletionRequest) -> None:
+    """An assistant message's `tool_calls` are OpenAI-shaped: each a `function` with a string name."""
+    for i, m in enumerate(req.messages):
+        for call in m.tool_calls or []:
+            fn = call.get("function")
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise bad_request(
+                    'each tool call needs a "function" object with a "name" string and "arguments".',
+                    f"messages[{i}].tool_calls",
+                )
 
 
 def _role(role: str) -> str:
@@ -240,7 +254,7 @@ def _written(m: ChatMessage) -> dict[str, Any]:
         return {"role": "user", "content": f"<tool_response>\n{m.text()}\n</tool_response>"}
     text = m.text()
     for call in m.tool_calls or []:
-        fn = call.get("function", {})
+        fn = call["function"]  # checked by _check_calls
         args = fn.get("arguments", "{}")
         try:
             args = json.loads(args) if isinstance(args, str) else args

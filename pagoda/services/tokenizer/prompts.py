@@ -39,7 +39,15 @@ class PromptProcessor:
             raise bad_request(f"Could not apply the chat template: {err}", param="messages") from None
 
     def tokenize(self, prompt: PromptInput) -> list[int]:
-        """The prompt's token ids, unchecked (but for template errors)."""
+        """The prompt's token ids, unchecked (but for template errors), truncated to the last
+        `truncate_prompt_tokens` where asked."""
+        ids = self._tokenize(prompt)
+        keep = prompt.truncate_prompt_tokens
+        if keep is not None:
+            ids = ids[-(self.max_model_len if keep == -1 else keep) :]
+        return ids
+
+    def _tokenize(self, prompt: PromptInput) -> list[int]:
         given = [x is not None for x in (prompt.messages, prompt.text, prompt.token_ids)]
         if sum(given) != 1:
             raise bad_request("Give exactly one of messages, text or token_ids as the prompt.", "prompt")
@@ -64,6 +72,15 @@ class PromptProcessor:
         if n_prompt == 0:
             raise bad_request("The prompt is empty; give at least one token.", param="prompt")
         self.check_token_ids(prompt_ids, "prompt")
+        if params.pooling is not None:  # an embedding: the whole context is the prompt's
+            if n_prompt > max_len:
+                raise bad_request(
+                    f"This model's maximum context length is {max_len} tokens. However, you requested "
+                    f"{n_prompt} tokens in the input for embedding generation. Please reduce the length "
+                    "of the input, or set truncate_prompt_tokens.",
+                    param="input",
+                )
+            return
         if n_prompt >= max_len:
             raise bad_request(
                 f"This model's maximum context length is {max_len} tokens. However, your request has "

@@ -7,13 +7,14 @@ message raises `MessageError`, which consumers log and drop: it never kills a se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pagoda.engine import RequestOutput, SamplingParams, StructuredOutputsParams, TokenLogprob
+from pagoda.engine import PoolingParams, RequestOutput, SamplingParams, StructuredOutputsParams, TokenLogprob
 
 WIRE_VERSION = 1
 
@@ -67,6 +68,7 @@ class SamplingSpec(_Msg):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     structured_outputs: dict[str, str] | None = None  # StructuredOutputsParams.to_wire()
+    pooling: dict[str, Any] | None = None  # PoolingParams' fields: an embedding request
 
     @classmethod
     def of(cls, p: SamplingParams) -> SamplingSpec:
@@ -78,6 +80,7 @@ class SamplingSpec(_Msg):
             logit_bias={str(k): v for k, v in p.logit_bias.items()} if p.logit_bias else None,
             logprobs=p.logprobs, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
             structured_outputs=p.structured_outputs.to_wire() if p.structured_outputs else None,
+            pooling=dataclasses.asdict(p.pooling) if p.pooling else None,
         )  # fmt: skip
 
     def to_params(self) -> SamplingParams:
@@ -86,6 +89,7 @@ class SamplingSpec(_Msg):
         data["stop_token_ids"] = tuple(self.stop_token_ids)
         so = self.structured_outputs
         data["structured_outputs"] = StructuredOutputsParams.from_wire(so) if so else None
+        data["pooling"] = PoolingParams(**self.pooling) if self.pooling is not None else None
         return SamplingParams(**data)
 
 
@@ -98,6 +102,7 @@ class PromptInput(_Msg):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None  # for a chat template that renders tools itself
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last N tokens (-1: max_model_len)
 
 
 # -- to the tokenizer -------------------------------------------------------------------------
@@ -193,6 +198,7 @@ class TokenDelta(_Msg):
     finished: bool = False
     finish_reason: Literal["stop", "length", "abort"] | None = None
     stop_token_id: int | None = None
+    embedding: list[float] | None = None  # a pooling request's result
 
     @classmethod
     def of(cls, out: RequestOutput) -> TokenDelta:
@@ -205,7 +211,7 @@ class TokenDelta(_Msg):
             request_id=out.request_id, index=out.index, new_token_ids=out.new_token_ids,
             num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
             num_output_tokens=out.num_output_tokens, logprobs=lps, finished=out.finished,
-            finish_reason=out.finish_reason, stop_token_id=out.stop_token_id,
+            finish_reason=out.finish_reason, stop_token_id=out.stop_token_id, embedding=out.embedding,
         )  # fmt: skip
 
     def to_output(self) -> RequestOutput:
@@ -216,7 +222,7 @@ class TokenDelta(_Msg):
             request_id=self.request_id, new_token_ids=self.new_token_ids, index=self.index,
             num_prompt_tokens=self.num_prompt_tokens, num_cached_tokens=self.num_cached_tokens,
             num_output_tokens=self.num_output_tokens, new_logprobs=lps, finished=self.finished,
-            finish_reason=self.finish_reason, stop_token_id=self.stop_token_id,
+            finish_reason=self.finish_reason, stop_token_id=self.stop_token_id, embedding=self.embedding,
         )  # fmt: skip
 
 
