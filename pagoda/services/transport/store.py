@@ -1,7 +1,9 @@
 """The metadata store: keys with TTLs, hashes, sets and counters, in Redis or in memory.
 
 Redis holds only metadata (worker registry and load, the prefix-block index, sessions, rate-limit
-counters); nothing here is needed to finish a request already running on a worker. `make_store(url)`
+counters), with one stated exception: stored Responses API responses and their conversations
+(gateway/responses_output.py, docs/architecture.md). Nothing here is needed to finish a request
+already running on a worker. `make_store(url)`
 picks the implementation: `memory://` (or None) for one process, `redis://host:6379/0` for Redis.
 """
 
