@@ -6,6 +6,7 @@ included), and stored responses (GET, DELETE, previous_response_id, store: false
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -14,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from pagoda.engine.outputs import RequestOutput
 from pagoda.services.gateway.responses_input import chat_request, input_messages
 from pagoda.services.gateway.responses_output import Answer, ItemIds
 from pagoda.services.gateway.responses_protocol import ResponsesRequest
@@ -180,11 +182,9 @@ async def test_create_stream_get_delete(sdk: openai.AsyncOpenAI, engine: FakeEng
     assert final.status == "incomplete" and final.incomplete_details is not None
     assert final.incomplete_details.reason == "max_output_tokens"
 
-    got = await sdk.responses.retrieve(final.id)
-    assert (
-        got.output_text == SCRIPT[:5]
-        and got.to_dict()["output"][0]["id"] == final.to_dict()["output"][0]["id"]
-    )
+    got: Any = await sdk.responses.retrieve(final.id)
+    streamed: Any = final.output[0]
+    assert got.output_text == SCRIPT[:5] and got.output[0].id == streamed.id and got.status == "incomplete"
     await sdk.responses.delete(final.id)
     with pytest.raises(openai.NotFoundError):
         await sdk.responses.retrieve(final.id)
@@ -213,6 +213,28 @@ async def test_previous_response_id_continues_and_store_false_keeps_nothing(
         await sdk.responses.create(model=MODEL, input="Four", previous_response_id=unstored.id)
     body: Any = gone.value.body
     assert body["param"] == "previous_response_id" and body["code"] == "previous_response_not_found"
+
+
+async def test_engine_error_is_a_500_whole_and_an_error_event_streamed(
+    client: httpx.AsyncClient, engine: FakeEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def boom(*args: Any, **kwargs: Any) -> AsyncIterator[RequestOutput]:
+        raise RuntimeError("engine fell over")
+        yield  # pragma: no cover
+
+    engine.add_request = boom  # type: ignore[method-assign]
+    with caplog.at_level(logging.INFO, logger="pagoda.services.gateway.server"):
+        whole = await client.post("/v1/responses", json={"model": MODEL, "input": "Hi"})
+        streamed = await client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "stream": True})
+    assert whole.status_code == 500 and whole.json()["error"]["code"] == 500
+    blocks = [b for b in streamed.text.split("\n\n") if b]
+    events = [json.loads(b.split("data: ", 1)[1]) for b in blocks]
+    assert [e["type"] for e in events] == ["response.created", "response.in_progress", "error"]
+    assert events[-1]["sequence_number"] == 2 and blocks[-1].startswith("event: error\n")
+    lines = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "resp_" in r.getMessage()
+    ]
+    assert len(lines) == 2 and all("status=500" in line for line in lines), lines
 
 
 # ------------------------------------------------------------------------------ item streams

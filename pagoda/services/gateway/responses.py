@@ -120,7 +120,7 @@ def _head(server: OpenAIServer, call: Call, req: ResponsesRequest) -> ResponseOb
         model=server.check_model(req.model),
         instructions=req.instructions,
         tools=list(req.tools or []),
-        tool_choice=req.tool_choice or ("auto" if req.tools else "none"),
+        tool_choice=req.tool_choice or "auto",
         parallel_tool_calls=req.parallel_tool_calls is not False,
         text=req.text or {"format": {"type": "text"}},
         temperature=req.temperature if req.temperature is not None else defaults["temperature"],

@@ -179,18 +179,19 @@ def response_stream(pending: Pending) -> SSEResponse:
         head = pending.head.model_dump(mode="json")
         yield emit("response.created", response=head) + emit("response.in_progress", response=head)
         items = ItemStream(pending, emit)
-        finished: list[Answer] = []
+        answer: Answer | None = None
 
         def content(d: ChoiceDelta) -> bytes:
+            nonlocal answer
             if d.finish_reason is None:
                 return items.delta(d.choice.text) if d.text else b""
-            finished.append(Answer.of(call))
-            return items.finish(finished[-1])
+            answer = Answer.of(call)
+            return items.finish(answer)
 
         async for data in _coalesced(call, content):
             yield data
-        answer = finished[-1] if finished else Answer.of(call)
-        if not finished:
+        if answer is None:  # not expected: a call's deltas end with a finished one
+            answer = Answer.of(call)
             yield items.finish(answer)
         response = await pending.finish(answer)
         yield emit("response.completed", response=response.model_dump(mode="json"))
