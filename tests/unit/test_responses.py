@@ -129,7 +129,8 @@ def test_request_becomes_a_chat_request() -> None:
             "text.format",
             "Schema",
         ),
-        ({"max_output_tokens": 100000}, "max_output_tokens", "limit"),
+        ({"max_output_tokens": 100000}, "max_output_tokens", "max_output_tokens 100000 exceeds"),
+        ({"max_output_tokens": 0}, "max_output_tokens", "max_output_tokens must be at least 1"),
         ({"temperature": -1}, "temperature", "temperature"),
         ({"model": "other"}, "model", "other"),
         (
@@ -212,7 +213,7 @@ async def test_previous_response_id_continues_and_store_false_keeps_nothing(
     with pytest.raises(openai.BadRequestError) as gone:
         await sdk.responses.create(model=MODEL, input="Four", previous_response_id=unstored.id)
     body: Any = gone.value.body
-    assert body["param"] == "previous_response_id" and body["code"] == "previous_response_not_found"
+    assert body["param"] == "previous_response_id" and "Previous response with id" in body["message"]
 
 
 async def test_engine_error_is_a_500_whole_and_an_error_event_streamed(

@@ -8,8 +8,10 @@ or a stream of typed events (responses_stream.py). Errors keep the OpenAI error 
 naming the Responses request's field (`max_output_tokens`, `text.format`, `input`).
 
 `previous_response_id` continues a stored response's conversation; one that is unknown or
-expired is a 400 with code `previous_response_not_found`, as OpenAI's API answers (vLLM answers
-404); an unknown id on GET or DELETE is a 404.
+expired is a 400 naming `previous_response_id` with OpenAI's message ("Previous response with id
+'...' not found."), as OpenAI's API answers (vLLM answers 404; pagoda's `code` repeats the status
+everywhere, so OpenAI's `previous_response_not_found` code is not sent); an unknown id on GET or
+DELETE is a 404.
 """
 
 from __future__ import annotations
@@ -100,7 +102,6 @@ def _previous_not_found(response_id: str) -> APIError:
         f"Previous response with id '{response_id}' not found (unknown, deleted, stored with store: "
         "false, or past the server's --responses-ttl).",
         param="previous_response_id",
-        code="previous_response_not_found",
     )
 
 

@@ -96,6 +96,8 @@ def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any
 def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     """`text.format` as the chat API's `response_format` (None: free text)."""
     fmt = (text or {}).get("format")
+    if fmt is not None and not isinstance(fmt, dict):
+        raise bad_request("text.format must be an object with a type.", "text.format")
     if fmt is None or fmt.get("type") == "text":
         return None
     if fmt.get("type") == "json_object":
@@ -214,11 +216,24 @@ def renamed(param: str | None) -> str | None:
     if param is None:
         return None
     head = param.split(".", 1)[0]
-    return PARAMS.get(head, param) if head in PARAMS else param
+    return PARAMS.get(head, param)
+
+
+# chat fields a 400's message may name, as the Responses request names them (longest first)
+_IN_MESSAGES = {
+    "response_format.json_schema.schema": "text.format.schema",
+    "response_format": "text.format",
+    "max_completion_tokens": "max_output_tokens",
+    "max_tokens": "max_output_tokens",
+}
 
 
 def rename_param(err: APIError) -> APIError:
-    err.param = renamed(err.param)
+    """`err` naming the Responses request's field, in `param` and in its message."""
+    if err.param is not None and err.param.split(".", 1)[0] in PARAMS:
+        for chat, ours in _IN_MESSAGES.items():
+            err.message = err.message.replace(chat, ours)
+        err.param = renamed(err.param)
     return err
 
 

@@ -35,7 +35,7 @@ class ResponsesRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    text: dict[str, Any] | None = None
+    text: dict[str, Any] | None = None  # {"format": {...}, "verbosity": ...}
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = None
