@@ -1,5 +1,5 @@
 """Fuzzing the HTTP API from its own OpenAPI schema (schemathesis, tests/api_fuzz.py) against a
-fake engine: valid and invalid requests of every operation, about 2,400 in all. None may get a 5xx
+fake engine: valid and invalid requests of every operation, about 2,650 in all. None may get a 5xx
 or a non-OpenAI error body, and the server must still answer normally afterwards. (The same over
 the real bus with the demo model, fewer cases: tests/integration/test_api_fuzz_bus.py.)
 
@@ -27,17 +27,21 @@ from tests.fakes import FakeEngine, local_frontend
 APP = build_app(local_frontend(FakeEngine(script="Hi. ")), limits=RequestLimits(max_n=4, max_tokens=8))
 SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", APP)
 SCALE = float(os.environ.get("PAGODA_FUZZ_SCALE", "1"))
-# (path, method, mode, examples): about 2,400 cases, 33 s of CPU for the file (16 s for the 1,200
-# of before). Where a case's time goes (cProfile, 2026-11-25): ~60% is hypothesis drawing the
-# request body from the schema (a chat body costs ~4x a completions body, ~8x a detokenize one),
-# ~20% the app answering, the rest hypothesis' engine; so the cheap bodies get the most cases.
-# The GET operations take no input: hypothesis stops after their one case.
-# PAGODA_FUZZ_SCALE=3 runs three times as many.
+# (path, method, mode, examples): about 2,650 cases; 33 s of CPU for the file with the 2,400
+# before the Responses API's 240 (16 s for the 1,200 of before). Where a case's time goes
+# (cProfile, 2026-11-25): ~60% is hypothesis drawing the request body from the schema (a chat
+# body costs ~4x a completions body, ~8x a detokenize one), ~20% the app answering, the rest
+# hypothesis' engine; so the cheap bodies get the most cases. The GET operations take no input:
+# hypothesis stops after their one case. PAGODA_FUZZ_SCALE=3 runs three times as many.
 OPERATIONS = [
     ("/v1/completions", "POST", VALID, 700),
     ("/v1/completions", "POST", INVALID, 450),
     ("/v1/chat/completions", "POST", VALID, 100),
     ("/v1/chat/completions", "POST", INVALID, 100),
+    ("/v1/responses", "POST", VALID, 100),
+    ("/v1/responses", "POST", INVALID, 100),
+    ("/v1/responses/{response_id}", "GET", VALID, 20),
+    ("/v1/responses/{response_id}", "DELETE", VALID, 20),
     ("/tokenize", "POST", VALID, 250),
     ("/tokenize", "POST", INVALID, 100),
     ("/detokenize", "POST", VALID, 350),

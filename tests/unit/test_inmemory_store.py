@@ -110,6 +110,19 @@ async def test_inmemory_ttl_follows_the_injected_clock() -> None:
     assert await store.get("k") is None and await store.scan_prefix("") == []
 
 
+async def test_inmemory_expired_keys_never_read_are_swept() -> None:
+    """Keys written once with a TTL and never read (stored responses) leave memory anyway."""
+    now = [0.0]
+    store = InMemoryStore(clock=lambda: now[0])
+    for i in range(3000):
+        await store.set(f"old:{i}", b"x", ttl_s=1)
+    now[0] = 5.0
+    for i in range(3000):
+        await store.set(f"new:{i}", b"y", ttl_s=60)
+    assert len(store._data) < 3000 + 1024
+    assert await store.get("new:0") == b"y" and await store.get("new:2999") == b"y"
+
+
 async def test_inmemory_store_wrong_type(store: Store) -> None:
     await store.sadd("s", "m")
     await store.set("text", b"abc")

@@ -45,6 +45,11 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
             "JSON Schema",
         ),
         (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": 5}}]},
+            "tools",
+            "JSON Schema object",
+        ),
+        (
             {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
             "tool_choice",
             "'nope'",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from pagoda.engine import EngineConfig, engine_config_from_args
 from pagoda.services.gateway.limits import RequestLimits
 from pagoda.services.gateway.ratelimit import RateLimits
+from pagoda.services.gateway.responses_protocol import RESPONSES_TTL_S
 from pagoda.services.gateway.tools import PARSERS as TOOL_CALL_PARSERS
 from pagoda.services.scheduler.admission import AdmissionLimits
 
@@ -80,8 +81,11 @@ class GatewayConfig:
     reuse_port: bool = False  # SO_REUSEPORT: several gateway processes of a host share the port
     tool_call_parser: str | None = None  # --enable-auto-tool-choice --tool-call-parser: tool_choice auto
     reasoning_parser: str | None = None  # --reasoning-parser: <think> text as reasoning_content
+    responses_ttl_s: float = RESPONSES_TTL_S  # --responses-ttl: how long a stored response lives
 
     def __post_init__(self) -> None:
+        if self.responses_ttl_s <= 0:
+            raise ValueError(f"--responses-ttl must be > 0 seconds, got {self.responses_ttl_s}")
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(
                 f"--tool-call-parser {self.tool_call_parser!r}: choose one of {', '.join(TOOL_CALL_PARSERS)}"
@@ -203,6 +207,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         reuse_port=getattr(args, "reuse_port", False),
         tool_call_parser=_tool_call_parser(args),
         reasoning_parser=getattr(args, "reasoning_parser", None),
+        responses_ttl_s=getattr(args, "responses_ttl", RESPONSES_TTL_S),
     )
 
 

@@ -336,7 +336,8 @@ def gateway_app(
     store: Store,
 ) -> FastAPI:
     """The gateway's HTTP app over `frontend`, with `gateway`'s keys, limits and rate limits (their
-    counters in `store`). Logs how many API keys are required, never the keys."""
+    counters in `store`, as are stored Responses API responses). Logs how many API keys are
+    required, never the keys."""
     from pagoda.services.gateway.ratelimit import RateLimiter
     from pagoda.services.gateway.server import build_app
 
@@ -347,6 +348,7 @@ def gateway_app(
         frontend, served_model_names=[frontend.model_name], api_keys=list(gateway.api_keys) or None,
         metrics=metrics, limits=gateway.limits, admission=fleet, rate_limiter=rate_limiter,
         tool_call_parser=gateway.tool_call_parser, reasoning_parser=gateway.reasoning_parser,
+        store=store, responses_ttl_s=gateway.responses_ttl_s,
     )  # fmt: skip
 
 

@@ -146,6 +146,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         help="reasoning models: the answer's <think>...</think> text goes to reasoning_content, "
         "streamed apart from content (deepseek_r1: the answer starts inside it; qwen3: when it opens it)",
     )
+    s.add_argument(
+        "--responses-ttl",
+        type=float,
+        default=gateway("responses_ttl_s"),
+        help="seconds a stored Responses API response (store: true, the default) and its conversation "
+        "are kept for GET /v1/responses/{id} and previous_response_id (in --store: Redis, or memory)",
+    )
     _add_request_limit_args(p)
 
 

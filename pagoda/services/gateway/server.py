@@ -24,6 +24,9 @@ from pagoda.services.gateway.frontend import Frontend, Submitted
 from pagoda.services.gateway.limits import BodyGuard, RequestLimits
 from pagoda.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagoda.services.gateway.ratelimit import RateLimiter, estimate_tokens
+from pagoda.services.gateway.responses import register_responses
+from pagoda.services.gateway.responses_output import ResponseStore
+from pagoda.services.gateway.responses_protocol import RESPONSES_TTL_S
 from pagoda.services.gateway.routes import register_routes
 from pagoda.services.gateway.structured import check as check_structured
 from pagoda.services.gateway.structured import structured_outputs_of
@@ -39,6 +42,7 @@ from pagoda.services.transport.errors import (
     model_not_found,
 )
 from pagoda.services.transport.messages import PromptInput
+from pagoda.services.transport.store import InMemoryStore, Store
 
 __all__ = ["OpenAIServer", "build_app", "logger"]
 
@@ -92,6 +96,7 @@ class OpenAIServer:
         admission: FleetAdmission | None = None,
         tool_call_parser: str | None = None,
         reasoning_parser: str | None = None,
+        responses: ResponseStore | None = None,
     ) -> None:
         self.frontend = frontend
         self.served_model_names = served_model_names
@@ -101,6 +106,8 @@ class OpenAIServer:
         self.admission = admission
         self.tool_call_parser = tool_call_parser  # reads tool_choice auto's calls (gateway/tools.py)
         self.reasoning_parser = reasoning_parser  # splits reasoning from content (gateway/reasoning.py)
+        # stored Responses API responses (gateway/responses_output.py)
+        self.responses = responses or ResponseStore(InMemoryStore())
         # whether the model's chat template renders `tools` itself (gateway/tools.py)
         self.template_knows_tools = "tools" in (getattr(frontend.tokenizer, "chat_template", None) or "")
         self._charges: set[asyncio.Task[None]] = set()  # rate-limit top-ups in flight
@@ -233,18 +240,22 @@ def build_app(
     admission: FleetAdmission | None = None,
     tool_call_parser: str | None = None,
     reasoning_parser: str | None = None,
+    store: Store | None = None,
+    responses_ttl_s: float = RESPONSES_TTL_S,
 ) -> FastAPI:
     """The FastAPI app over `frontend` (`LocalFrontend(engine)` serves an in-process engine);
     `served_model_names` defaults to the model's name. GET /metrics serves `metrics` (a fresh
     registry when omitted; pass the one the process's other services share). `limits` bound
     each request (defaults: `RequestLimits()`); `rate_limiter` and `admission` are off unless given;
     `tool_call_parser` (--tool-call-parser) lets tool_choice `auto` read the model's calls;
-    `reasoning_parser` (--reasoning-parser) splits reasoning from content."""
+    `reasoning_parser` (--reasoning-parser) splits reasoning from content. Stored responses of
+    the Responses API live in `store` (the deployment's; a private in-memory one when omitted)
+    for `responses_ttl_s` seconds (--responses-ttl)."""
     names = list(served_model_names or [frontend.model_name])
     server = OpenAIServer(
         frontend, names, metrics if metrics is not None else Metrics(),
         limits=limits, rate_limiter=rate_limiter, admission=admission, tool_call_parser=tool_call_parser,
-        reasoning_parser=reasoning_parser,
+        reasoning_parser=reasoning_parser, responses=ResponseStore(store or InMemoryStore(), responses_ttl_s),
     )  # fmt: skip
     app = FastAPI(title="pagoda", version=_version())
     app.state.openai_server = server
@@ -256,4 +267,5 @@ def build_app(
     if tracing.enabled():
         app.add_middleware(tracing.TraceMiddleware)  # outermost
     register_routes(app, server)
+    register_responses(app, server)
     return app

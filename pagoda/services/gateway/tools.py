@@ -194,6 +194,8 @@ def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}.", "tools"
             )
         params = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise bad_request(f"tools[{i}].function.parameters must be a JSON Schema object.", "tools")
         try:
             jsonschema.validators.validator_for(params).check_schema(params)
         except SchemaError as err:

@@ -1,7 +1,9 @@
 """The metadata store: keys with TTLs, hashes, sets and counters, in Redis or in memory.
 
 Redis holds only metadata (worker registry and load, the prefix-block index, sessions, rate-limit
-counters); nothing here is needed to finish a request already running on a worker. `make_store(url)`
+counters), with one stated exception: stored Responses API responses and their conversations
+(gateway/responses_output.py, docs/architecture.md). Nothing here is needed to finish a request
+already running on a worker. `make_store(url)`
 picks the implementation: `memory://` (or None) for one process, `redis://host:6379/0` for Redis.
 """
 
@@ -104,6 +106,8 @@ class Store(ABC):
 
 # --- in memory -----------------------------------------------------------------------------------
 
+_SWEEP_MIN = 1024  # keys with a TTL before the first sweep
+
 
 class InMemoryStore(Store):
     """A dict with TTLs checked on read against a monotonic clock; share one instance per process."""
@@ -113,6 +117,7 @@ class InMemoryStore(Store):
         self._clock = clock
         self._data: dict[str, Value] = {}
         self._expiry: dict[str, float] = {}  # key -> deadline on `clock`
+        self._sweep_at = _SWEEP_MIN  # sweep expired keys once this many keys have a TTL
 
     async def connect(self) -> None:
         pass
@@ -125,6 +130,20 @@ class InMemoryStore(Store):
         if deadline is not None and self._clock() >= deadline:
             del self._data[key], self._expiry[key]
         return self._data.get(key)
+
+    def _expire_at(self, full: str, ttl_s: float) -> None:
+        self._expiry[full] = self._clock() + _ms(ttl_s) / 1000
+        if len(self._expiry) >= self._sweep_at:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Drop every expired key. Reads drop the expired keys they meet, but a key written and
+        never read again (a stored response) would stay in memory past its TTL; a sweep runs each
+        time the keys with a TTL double, so a write costs O(1) on average."""
+        now = self._clock()
+        for key in [k for k, deadline in self._expiry.items() if now >= deadline]:
+            del self._data[key], self._expiry[key]
+        self._sweep_at = max(_SWEEP_MIN, 2 * len(self._expiry))
 
     def _typed(self, key: str, kind: type) -> Any:
         value = self._live(self.prefix + key)
@@ -142,7 +161,7 @@ class InMemoryStore(Store):
         self._data[full] = value.encode() if isinstance(value, str) else bytes(value)
         self._expiry.pop(full, None)
         if ttl_s is not None:
-            self._expiry[full] = self._clock() + _ms(ttl_s) / 1000
+            self._expire_at(full, ttl_s)
 
     async def get(self, key: str) -> bytes | None:
         value: bytes | None = self._typed(key, bytes)
@@ -158,7 +177,7 @@ class InMemoryStore(Store):
     async def expire(self, key: str, ttl_s: float) -> bool:
         if self._live(self.prefix + key) is None:
             return False
-        self._expiry[self.prefix + key] = self._clock() + _ms(ttl_s) / 1000
+        self._expire_at(self.prefix + key, ttl_s)
         return True
 
     async def hset(self, key: str, mapping: dict[str, str]) -> None:
