@@ -31,7 +31,7 @@ from pagoda.services.gateway.responses_protocol import (
     new_id,
 )
 from pagoda.services.gateway.responses_stream import response_stream
-from pagoda.services.gateway.routes import _start
+from pagoda.services.gateway.routes import start_call
 from pagoda.services.gateway.tools import template_messages, tool_plan
 from pagoda.services.transport.errors import APIError
 from pagoda.services.transport.messages import PromptInput
@@ -51,7 +51,7 @@ def register_responses(app: FastAPI, server: OpenAIServer) -> None:
         call = server.call(_UNTRANSLATED, new_id("resp"))
         pending = await _prepare(server, call, req)
         try:
-            await _start(server, call, request, [_prompt(server, call)])
+            await start_call(server, call, request, [_prompt(server, call)])
         except APIError as err:
             raise rename_param(err) from None
         if req.stream:

@@ -37,7 +37,7 @@ from pagoda.services.gateway.responses_protocol import (
     ReasoningItem,
     ReasoningText,
 )
-from pagoda.services.gateway.streams import SSEResponse, _coalesced
+from pagoda.services.gateway.streams import SSEResponse, coalesced
 from pagoda.services.gateway.tools import held_from
 from pagoda.services.transport.errors import APIError
 
@@ -188,7 +188,7 @@ def response_stream(pending: Pending) -> SSEResponse:
             answer = Answer.of(call)
             return items.finish(answer)
 
-        async for data in _coalesced(call, content):
+        async for data in coalesced(call, content):
             yield data
         if answer is None:  # not expected: a call's deltas end with a finished one
             answer = Answer.of(call)

@@ -135,7 +135,7 @@ def _register_generation(app: FastAPI, server: OpenAIServer) -> None:
         call.reasoning = server.reasoning_parser
         messages, tools = template_messages(req, call.tools, server.template_knows_tools)
         prompt = PromptInput(messages=messages, tools=tools, add_generation_prompt=req.add_generation_prompt)
-        await _start(server, call, request, [prompt])
+        await start_call(server, call, request, [prompt])
         if req.stream:
             return chat_stream(call, req)
         await collect(call, request)
@@ -148,7 +148,7 @@ def _register_generation(app: FastAPI, server: OpenAIServer) -> None:
             PromptInput(text=p, add_special_tokens=True) if isinstance(p, str) else PromptInput(token_ids=p)
             for p in req.prompts()
         ]
-        await _start(server, call, request, prompts)
+        await start_call(server, call, request, prompts)
         if req.stream:
             return completion_stream(call, req)
         await collect(call, request)
@@ -159,7 +159,7 @@ def _session_id(request: Request, req: ChatCompletionRequest | CompletionRequest
     return request.headers.get("x-session-id") or req.user
 
 
-async def _start(
+async def start_call(
     server: OpenAIServer,
     call: Call,
     request: Request,

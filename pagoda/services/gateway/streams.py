@@ -82,7 +82,7 @@ async def _stream_errors(events: AsyncGenerator[bytes, None], call: Call) -> Asy
         call.log(status)
 
 
-async def _coalesced(call: Call, content: Callable[[ChoiceDelta], bytes]) -> AsyncGenerator[bytes, None]:
+async def coalesced(call: Call, content: Callable[[ChoiceDelta], bytes]) -> AsyncGenerator[bytes, None]:
     """The call's chunks (`content` of each delta; b"": none), one SSE event per delta as before,
     but the events of deltas that were already waiting go out in one write: a gateway that fell
     behind catches up with one send per stream instead of one per token. An error still sends
@@ -146,7 +146,7 @@ def chat_stream(call: Call, req: ChatCompletionRequest) -> SSEResponse:
             )
             return chunk([choice])
 
-        async for data in _coalesced(call, content):
+        async for data in coalesced(call, content):
             yield data
         if req.include_usage_in_stream:
             yield chunk([], usage=call.usage())
@@ -259,7 +259,7 @@ def completion_stream(call: Call, req: CompletionRequest) -> SSEResponse:
             )
             return chunk([choice])
 
-        async for data in _coalesced(call, content):
+        async for data in coalesced(call, content):
             yield data
         if req.include_usage_in_stream:
             yield chunk([], usage=call.usage())
