@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -86,10 +87,17 @@ class FakeTokenizer:
         """The same vocabulary as a `tokenizers` byte-level model (what llguidance reads)."""
         return _byte_backend()
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """Plain text; `tools` (for a test that sets a `chat_template` naming them) as JSON first."""
         if messages[0]["role"] == "assistant":
             raise ValueError("Conversation must not start with an assistant message")
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        text = f"<tools>{json.dumps(tools)}\n" if tools else ""
+        text += "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
         return text + ("<assistant>" if add_generation_prompt else "")
 
 

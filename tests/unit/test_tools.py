@@ -14,7 +14,7 @@ import pytest
 
 from pagoda.services.gateway.protocol import ChatCompletionRequest
 from pagoda.services.gateway.server import build_app
-from pagoda.services.gateway.tools import held_from, hermes_calls, template_messages, tool_plan
+from pagoda.services.gateway.tools import template_messages, tool_plan
 from tests.fakes import FakeEngine, local_frontend
 
 PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -146,18 +146,6 @@ def test_a_round_trip_reaches_the_template_as_it_can_take_it() -> None:
 
 
 CALL_TEXT = '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
-
-
-def test_hermes_calls_are_read_out_of_free_text() -> None:
-    content, calls = hermes_calls(f"Let me look.\n{CALL_TEXT}\n{CALL_TEXT.replace('Oslo', 'Rome')}")
-    assert content == "Let me look." and calls == [
-        ("weather", {"city": "Oslo"}),
-        ("weather", {"city": "Rome"}),
-    ]
-    broken = "<tool_call>{not json}</tool_call>"
-    assert hermes_calls(broken) == (broken, [])
-    assert held_from("abc<tool_call>x") == 3 and held_from("abc<tool_") == 3 and held_from("abc <") == 4
-    assert held_from("a < b") == 5
 
 
 def _events(body: str) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from pagoda.engine import EngineConfig, engine_config_from_args
 from pagoda.services.gateway.limits import RequestLimits
 from pagoda.services.gateway.ratelimit import RateLimits
 from pagoda.services.gateway.responses_protocol import RESPONSES_TTL_S
-from pagoda.services.gateway.tools import PARSERS as TOOL_CALL_PARSERS
+from pagoda.services.gateway.tool_parsers import PARSERS as TOOL_CALL_PARSERS
 from pagoda.services.scheduler.admission import AdmissionLimits
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from pagoda.services.cli.config import DEFAULT_LOG_LEVEL, ROLES, ClusterConfig, 
 from pagoda.services.gateway.limits import RequestLimits
 from pagoda.services.gateway.ratelimit import RateLimits
 from pagoda.services.gateway.reasoning import PARSERS as REASONING_PARSERS
-from pagoda.services.gateway.tools import PARSERS as TOOL_CALL_PARSERS
+from pagoda.services.gateway.tool_parsers import PARSERS as TOOL_CALL_PARSERS
 from pagoda.services.scheduler.admission import AdmissionLimits
 
 _ROLE_HELP = {

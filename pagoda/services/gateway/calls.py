@@ -95,6 +95,7 @@ class SubRequest:
     num_cached_tokens: int = 0
     released: bool = False
     backlog: Callable[[], bool] | None = None  # Submitted.backlog
+    include_stop: bool = False  # include_stop_str_in_output: a stop token's text stays in the text
 
     @classmethod
     def of(
@@ -115,7 +116,15 @@ class SubRequest:
             )
             for i in range(req.n)
         ]
-        return cls(request_id, list(ids), prompt_text, choices, submitted.outputs, backlog=submitted.backlog)
+        return cls(
+            request_id,
+            list(ids),
+            prompt_text,
+            choices,
+            submitted.outputs,
+            backlog=submitted.backlog,
+            include_stop=req.include_stop_str_in_output,
+        )
 
     def process(self, out: RequestOutput) -> ChoiceDelta | None:
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
@@ -128,7 +137,10 @@ class SubRequest:
             choice.embedding = out.embedding
         new_logprobs = list(out.new_logprobs or [])
         choice.logprobs.extend(new_logprobs)
-        text, hit = choice.stop.add(choice.detokenizer.add(out.new_token_ids))
+        ids = out.new_token_ids
+        if out.stop_token_id is not None and ids[-1:] == [out.stop_token_id] and not self.include_stop:
+            ids = ids[:-1]  # a stop token is not text (vLLM's rule), with skip_special_tokens off too
+        text, hit = choice.stop.add(choice.detokenizer.add(ids))
         if hit is not None:
             choice.finish_reason, choice.stop_reason = "stop", hit
         elif out.finished:

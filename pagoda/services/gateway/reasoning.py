@@ -12,7 +12,7 @@ Tool calls are read from the content (gateway/tools.py).
 
 from __future__ import annotations
 
-from pagoda.services.gateway.tools import partial_tag_at
+from pagoda.services.gateway.tool_parsers import partial_tag_at
 
 PARSERS = ("deepseek_r1", "qwen3")
 START, END = "<think>", "</think>"

@@ -87,7 +87,7 @@ async def _prepare(server: OpenAIServer, call: Call, req: ResponsesRequest) -> P
             history = previous.conversation
         given = input_messages(req.input)
         call.req = chat_request(req, [*history, *given])
-        call.tools = tool_plan(call.req, server.tool_call_parser)
+        call.tools = tool_plan(call.req, server.tool_parser)
         head = _head(server, call, req)
     except APIError as err:
         call.log(err.status)

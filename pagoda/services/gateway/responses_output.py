@@ -115,7 +115,7 @@ class Answer:
         content: str | None = text
         calls = None
         if call.tools is not None and choice.finish_reason == "stop":
-            content, calls = call.tools.answer(text)
+            content, calls = call.tools.answer(text, reasoning)
         return cls(reasoning, content, calls or [], choice.finish_reason or "stop")
 
     @property

@@ -38,7 +38,6 @@ from pagoda.services.gateway.responses_protocol import (
     ReasoningText,
 )
 from pagoda.services.gateway.streams import SSEResponse, coalesced
-from pagoda.services.gateway.tools import held_from
 from pagoda.services.transport.errors import APIError
 
 
@@ -71,7 +70,7 @@ class ItemStream:
     def delta(self, text: str) -> bytes:
         reasoning, content = split_reasoning(text, self.parser, final=False) if self.parser else ("", text)
         if self.plan is not None:  # calls go out at the end; `auto` streams the text before one
-            content = content[: held_from(content)].rstrip() if self.plan.mode == "auto" else ""
+            content = content[: self.plan.held_from(content)].rstrip() if self.plan.mode == "auto" else ""
         out = [self._text("reasoning", reasoning)]
         if len(content) > self.sent["message"]:
             if "reasoning" in self.opened and "reasoning" not in self.closed:

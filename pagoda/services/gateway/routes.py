@@ -128,7 +128,7 @@ def _register_generation(app: FastAPI, server: OpenAIServer) -> None:
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         call = server.call(req, f"chatcmpl-{uuid.uuid4().hex}")
         try:
-            call.tools = tool_plan(req, server.tool_call_parser)
+            call.tools = tool_plan(req, server.tool_parser)
         except APIError as err:
             call.log(err.status)
             raise
@@ -215,7 +215,7 @@ def _chat_response(call: Call, req: ChatCompletionRequest) -> ChatCompletionResp
             reasoning, text = split_reasoning(c.text, call.reasoning)
             message = ReasoningMessage(content=text or None, reasoning_content=reasoning or None)
         if call.tools is not None and c.finish_reason == "stop":
-            content, tool_calls = call.tools.answer(text)
+            content, tool_calls = call.tools.answer(text, reasoning or "")
             if tool_calls is not None:
                 message = ToolCallsMessage(
                     content=content, tool_calls=tool_calls, reasoning_content=reasoning or None

@@ -104,12 +104,17 @@ class OpenAIServer:
         self.limits = limits or RequestLimits()
         self.rate_limiter = rate_limiter
         self.admission = admission
-        self.tool_call_parser = tool_call_parser  # reads tool_choice auto's calls (gateway/tools.py)
         self.reasoning_parser = reasoning_parser  # splits reasoning from content (gateway/reasoning.py)
         # stored Responses API responses (gateway/responses_output.py)
         self.responses = responses or ResponseStore(InMemoryStore())
         # whether the model's chat template renders `tools` itself (gateway/tools.py)
         self.template_knows_tools = "tools" in (getattr(frontend.tokenizer, "chat_template", None) or "")
+        # how tool_choice auto reads calls (--tool-call-parser, gateway/tool_parsers.py): in the
+        # model's own format where its template renders tools, else in the Hermes format pagoda
+        # writes into the prompt for it
+        self.tool_parser = (
+            tool_call_parser if tool_call_parser is None or self.template_knows_tools else "hermes"
+        )
         self._charges: set[asyncio.Task[None]] = set()  # rate-limit top-ups in flight
         self.gateway_metrics = metrics.gateway()
         # the gateway's own tokenizer: chat template for /tokenize, vocabulary for /detokenize

@@ -31,7 +31,7 @@ from pagoda.services.gateway.protocol import (
 )
 from pagoda.services.gateway.reasoning import split_reasoning
 from pagoda.services.gateway.sse_chunks import DONE, ChunkTemplate, event, model_event
-from pagoda.services.gateway.tools import ToolPlan, held_from
+from pagoda.services.gateway.tools import ToolPlan
 from pagoda.services.transport.errors import APIError
 
 
@@ -170,18 +170,21 @@ class _ToolCallChunks:
         self.plan, self.template, self.chunk = plan, template, chunk
         self.sent: dict[int, int] = {}  # auto: characters of each choice's text sent
 
-    def __call__(self, d: ChoiceDelta, stop_reason: int | str | None, text: str | None = None) -> bytes:
-        """`text`: the answer so far (default: the choice's text; with reasoning, its content)."""
+    def __call__(
+        self, d: ChoiceDelta, stop_reason: int | str | None, text: str | None = None, reasoning: str = ""
+    ) -> bytes:
+        """`text`: the answer so far (default: the choice's text; with reasoning, its content, and
+        `reasoning` its reasoning, whose calls count when the content has none)."""
         plan, i = self.plan, d.choice.index
         text = d.choice.text if text is None else text
         sent = self.sent.get(i, 0)
         if d.finish_reason is None:
             if plan.mode != "auto":
                 return b""
-            end = held_from(text)
+            end = plan.held_from(text)
             self.sent[i] = max(sent, end)
             return self.template.content(i, text[sent:end], None, None) if end > sent else b""
-        content, calls = plan.answer(text) if d.finish_reason == "stop" else (text, None)
+        content, calls = plan.answer(text, reasoning) if d.finish_reason == "stop" else (text, None)
         if calls is None:
             return self.template.content(i, text[sent:], d.finish_reason, stop_reason)
         rest = (content or "")[sent:] if plan.mode == "auto" else ""
@@ -217,7 +220,7 @@ class _ReasoningChunks:
             delta = ReasoningDelta(reasoning_content=reasoning[sent_r:] or None)
             out.append(self.chunk([ChatCompletionChunkChoice(index=i, delta=delta, logprobs=logprobs)]))
         if self.tools is not None:
-            out.append(self.tools(d, stop_reason, content))
+            out.append(self.tools(d, stop_reason, content, reasoning))
         elif len(content) > sent_c or done:
             out.append(self.template.content(i, content[sent_c:], d.finish_reason, stop_reason))
         return b"".join(out)

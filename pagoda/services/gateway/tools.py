@@ -20,13 +20,13 @@ Hermes format, which `auto` then reads back.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pagoda.engine import StructuredOutputsParams
 from pagoda.services.gateway.protocol import ChatCompletionRequest, ChatMessage
+from pagoda.services.gateway.tool_parsers import get_parser
 from pagoda.services.transport.errors import bad_request
 
 TOOLS_PROMPT = (
@@ -45,10 +45,15 @@ class ToolPlan:
     tools: list[dict[str, Any]]  # the request's tool definitions, as sent
     name: str | None = None  # the named function
     parallel: bool = True
+    parser: str = "hermes"  # auto: how the model writes its calls (gateway/tool_parsers.py)
 
     @property
     def finish_reason(self) -> str:
         return "stop" if self.mode == "named" else "tool_calls"
+
+    def held_from(self, text: str) -> int:
+        """Where streamed content must stop for now (auto): where a call starts or may start."""
+        return get_parser(self.parser).held_from(text)
 
     def constraint(self) -> StructuredOutputsParams | None:
         """What the answer must match (None for auto: free text the parser reads)."""
@@ -71,11 +76,17 @@ class ToolPlan:
             schema["maxItems"] = 1
         return StructuredOutputsParams(json=schema)
 
-    def answer(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+    def answer(self, text: str, reasoning: str = "") -> tuple[str | None, list[dict[str, Any]] | None]:
         """(content, OpenAI's `tool_calls`) of a finished answer. An answer that does not parse
-        (cut short by max_tokens or a stop string; for auto, one without calls) is content."""
+        (cut short by max_tokens or a stop string; for auto, one without calls) is content.
+        `reasoning`: the answer's reasoning (--reasoning-parser), whose calls are taken when the
+        content has none (a model that calls from inside its thinking), so none is lost."""
         if self.mode == "auto":
-            content, pairs = hermes_calls(text)
+            parser = get_parser(self.parser)
+            content, pairs = parser.calls(text, self.functions)
+            if not pairs and reasoning:
+                pairs = parser.calls(reasoning, self.functions)[1]
+                content = text
             return (content or None, _openai_calls(pairs)) if pairs else (text, None)
         try:
             value = json.loads(text)
@@ -102,50 +113,10 @@ def _openai_calls(pairs: list[tuple[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-
-
-def hermes_calls(text: str) -> tuple[str, list[tuple[str, Any]]]:
-    """The text without its `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks (the
-    Hermes format: Hermes, Qwen 2.5 and 3, and pagoda's default), and the calls in them. A block
-    whose JSON does not parse stays in the text."""
-    calls: list[tuple[str, Any]] = []
-
-    def take(match: re.Match[str]) -> str:
-        try:
-            value = json.loads(match.group(1))
-        except ValueError:
-            return match.group(0)
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-            return match.group(0)
-        calls.append((value["name"], value.get("arguments", {})))
-        return ""
-
-    return _CALL.sub(take, text).rstrip(), calls  # the start kept: what streamed of it stays a prefix
-
-
-def held_from(text: str) -> int:
-    """Where streamed content must stop for now: at the first `<tool_call>`, or at a tail of the
-    text that may be the start of one."""
-    start = text.find("<tool_call>")
-    return start if start >= 0 else partial_tag_at(text, "<tool_call>")
-
-
-def partial_tag_at(text: str, tag: str, start: int = 0) -> int:
-    """Where a tail of `text[start:]` that may still grow into `tag` begins; len(text) if none does
-    (a stream holds such a tail back until more text comes)."""
-    for n in range(min(len(tag) - 1, len(text) - start), 0, -1):
-        if tag.startswith(text[-n:]):
-            return len(text) - n
-    return len(text)
-
-
-PARSERS = ("hermes",)  # --tool-call-parser
-
-
 def tool_plan(req: ChatCompletionRequest, parser: str | None = None) -> ToolPlan | None:
     """The request's plan for tool calls (None: a free answer); 400s naming the field. `parser`:
-    the server's --tool-call-parser (with --enable-auto-tool-choice), which `auto` needs."""
+    the server's --tool-call-parser (with --enable-auto-tool-choice), which `auto` needs; one whose
+    markers are special tokens turns the request's `skip_special_tokens` off (as vLLM does)."""
     functions = _functions(req.tools or [])
     choice = req.tool_choice
     if not functions:
@@ -166,7 +137,9 @@ def tool_plan(req: ChatCompletionRequest, parser: str | None = None) -> ToolPlan
                 "name a function, or 'none'.",
                 "tool_choice",
             )
-        return ToolPlan("auto", functions, tools, parallel=parallel)
+        if get_parser(parser).keeps_special_tokens:
+            req.skip_special_tokens = False
+        return ToolPlan("auto", functions, tools, parallel=parallel, parser=parser)
     if choice == "required":
         return ToolPlan("required", functions, tools, parallel=parallel)
     fn = choice.get("function") if isinstance(choice, dict) else None
@@ -183,7 +156,7 @@ def tool_plan(req: ChatCompletionRequest, parser: str | None = None) -> ToolPlan
 
 
 def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    import jsonschema  # here: the CLI imports this module for PARSERS, and --help stays fast
+    import jsonschema  # here: a gateway needs it only once tools come (startup and --help stay fast)
     from jsonschema.exceptions import SchemaError
 
     functions: dict[str, dict[str, Any]] = {}
