@@ -181,7 +181,10 @@ async def test_answers_become_tool_calls_streamed_and_not(
     text = "".join(d["delta"].get("content") or "" for d in deltas)
     calls = [t for d in deltas for t in d["delta"].get("tool_calls") or []]
     assert text == (content or "") and "<tool" not in text
-    assert [t["function"] for t in calls] == [call["function"]] and calls[0]["index"] == 0
+    head, *fragments = calls  # OpenAI's shape: id and name first, then argument fragments that join
+    assert head["id"].startswith("call_") and head["function"] == {"name": "weather", "arguments": ""}
+    assert all(t["index"] == 0 and set(t) == {"index", "function"} for t in fragments)
+    assert "".join(t["function"]["arguments"] for t in fragments) == call["function"]["arguments"]
     assert deltas[-1]["finish_reason"] == finish
 
 

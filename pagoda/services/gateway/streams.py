@@ -31,7 +31,7 @@ from pagoda.services.gateway.protocol import (
 )
 from pagoda.services.gateway.reasoning import split_reasoning
 from pagoda.services.gateway.sse_chunks import DONE, ChunkTemplate, event, model_event
-from pagoda.services.gateway.tools import ToolPlan
+from pagoda.services.gateway.tools import ToolPlan, new_call_id
 from pagoda.services.transport.errors import APIError
 
 
@@ -156,10 +156,11 @@ def chat_stream(call: Call, req: ChatCompletionRequest) -> SSEResponse:
 
 
 class _ToolCallChunks:
-    """A chat stream's chunks when its answers are tool calls. Text is held: `auto` streams the
-    content before a call starts; the calls go out whole (id, name and arguments in one delta)
-    when the answer ends, then the finish. An answer that does not parse (cut by max_tokens) is
-    content."""
+    """A chat stream's chunks when its answers are tool calls, in OpenAI's shape: a call's id and
+    name first (arguments ""), then its arguments as fragments that join into its JSON. A named
+    function's arguments stream as they are generated (the answer is them); `required` and `auto`
+    calls go out when the answer ends (`auto` streams the content before a call starts), then the
+    finish. An answer of those that does not parse (cut by max_tokens) is content."""
 
     def __init__(
         self,
@@ -178,6 +179,8 @@ class _ToolCallChunks:
         plan, i = self.plan, d.choice.index
         text = d.choice.text if text is None else text
         sent = self.sent.get(i, 0)
+        if plan.mode == "named":
+            return self._named(i, text, sent, d.finish_reason)
         if d.finish_reason is None:
             if plan.mode != "auto":
                 return b""
@@ -189,10 +192,33 @@ class _ToolCallChunks:
             return self.template.content(i, text[sent:], d.finish_reason, stop_reason)
         rest = (content or "")[sent:] if plan.mode == "auto" else ""
         out = [self.template.content(i, rest, None, None)] if rest else []
-        indexed = [{"index": n, **c} for n, c in enumerate(calls)]
-        out.append(self.chunk([ChatCompletionChunkChoice(index=i, delta=ToolCallsDelta(tool_calls=indexed))]))
+        for n, c in enumerate(calls):
+            out.append(self._head(i, n, c["id"], c["function"]["name"]))
+            out.append(self._arguments(i, n, c["function"]["arguments"]))
         finish = ChatCompletionChunkChoice(index=i, delta=DeltaMessage(), finish_reason=plan.finish_reason)
         return b"".join([*out, self.chunk([finish])])
+
+    def _named(self, i: int, text: str, sent: int, finish: str | None) -> bytes:
+        """A named function's call: its head on the first text, then each delta's arguments (a
+        call cut by max_tokens ends with what it has, and finish_reason "length")."""
+        out = []
+        if text and i not in self.sent:
+            out.append(self._head(i, 0, new_call_id(), self.plan.name or ""))
+        if len(text) > sent:
+            out.append(self._arguments(i, 0, text[sent:]))
+        self.sent[i] = len(text)
+        if finish is not None:
+            done = ChatCompletionChunkChoice(index=i, delta=DeltaMessage(), finish_reason=finish)
+            out.append(self.chunk([done]))
+        return b"".join(out)
+
+    def _head(self, i: int, n: int, call_id: str, name: str) -> bytes:
+        call = {"index": n, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        return self.chunk([ChatCompletionChunkChoice(index=i, delta=ToolCallsDelta(tool_calls=[call]))])
+
+    def _arguments(self, i: int, n: int, fragment: str) -> bytes:
+        call = {"index": n, "function": {"arguments": fragment}}
+        return self.chunk([ChatCompletionChunkChoice(index=i, delta=ToolCallsDelta(tool_calls=[call]))])
 
 
 class _ReasoningChunks:

@@ -99,10 +99,14 @@ class ToolPlan:
         return text, None
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def _openai_calls(pairs: list[tuple[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
-            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "id": new_call_id(),
             "type": "function",
             "function": {
                 "name": name,
