@@ -152,6 +152,25 @@ def test_the_sampler_masks_the_constrained_rows_alone() -> None:
         assert chr(out[1]).isdigit() and [out[0], out[2]] == [free[0], free[2]]
 
 
+def test_draft_tokens_get_a_mask_per_position_and_the_grammar_does_not_move() -> None:
+    """Speculative decoding's side: for proposed tokens, the mask after each one (as if each had
+    been taken in turn), how many of them the grammar admits, and the matcher left where it was."""
+    grammars = GrammarCompiler(FakeTokenizer(), 259)  # type: ignore[arg-type]
+    g, plain = grammars.submit(S(regex="[0-9]{2}x"), 2).result()
+    drafts = [ord("4"), ord("2"), ord("7")]  # "42" fits, then only "x" may come: "7" is refused
+    assert g.admits(drafts) == 2 and g.admits([ord("a")]) == 0
+
+    def allowed(mask: torch.Tensor) -> set[str]:
+        return {chr(t) for t in range(256) if int(mask[t // 32]) >> (t % 32) & 1}
+
+    masks = fill_bitmask_async([g, plain], 259, drafts=[drafts, []]).result()
+    assert masks.shape[0] == 5  # 1 + 3 rows for g, 1 for plain
+    digits = set("0123456789")
+    assert allowed(masks[0]) == digits and allowed(masks[1]) == digits and allowed(masks[2]) == {"x"}
+    assert allowed(masks[4]) == digits  # plain: its own first row
+    assert g.admits(drafts) == 2 and allowed(fill_bitmask_async([g], 259).result()[0]) == digits
+
+
 @pytest.fixture(scope="module")
 def core(demo_checkpoint: Any) -> EngineCore:
     config = EngineConfig(dtype="float32", max_model_len=1024, cache=CacheConfig(kv_cache_memory=96 << 20))

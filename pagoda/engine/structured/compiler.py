@@ -44,6 +44,11 @@ class SequenceGrammar:
         if not self.matcher.consume_token(token):
             logger.warning("token %d broke its grammar: %s", token, self.matcher.get_error())
 
+    def admits(self, drafts: Sequence[int]) -> int:
+        """How many of `drafts` (speculative tokens after the output so far) the grammar admits in
+        a row; the matcher does not move."""
+        return int(self.matcher.validate_tokens(list(drafts)))
+
     @property
     def done(self) -> bool:
         """Whether the grammar admits no further token (it consumed EOS, or its text is complete
@@ -105,16 +110,31 @@ def _mask_threads() -> tuple[ThreadPoolExecutor, LLExecutor]:
     return ThreadPoolExecutor(1, thread_name_prefix="pagoda-masks"), LLExecutor(num_threads=1)
 
 
-def fill_bitmask_async(grammars: Sequence[SequenceGrammar], vocab_size: int) -> Future[torch.Tensor]:
-    """The tokens each of `grammars` allows next, as int32 [len(grammars), ceil(vocab_size / 32)]
-    (token t is bit t % 32 of word t // 32), filled on a thread of its own: the step runs the
-    model meanwhile. The grammars must not move until it is done."""
+def fill_bitmask_async(
+    grammars: Sequence[SequenceGrammar], vocab_size: int, drafts: Sequence[Sequence[int]] | None = None
+) -> Future[torch.Tensor]:
+    """The tokens each of `grammars` allows next, as int32 [rows, ceil(vocab_size / 32)] (token t
+    is bit t % 32 of word t // 32), filled on a thread of its own: the step runs the model
+    meanwhile. One row per grammar; with `drafts` (speculative decoding: each sequence's proposed
+    tokens), 1 + len(drafts[i]) rows for grammar i, in order: what may follow its output, then
+    what may follow each of its drafts in turn (rows after a draft the grammar refuses are not
+    meaningful: verification stops there, `SequenceGrammar.admits`). The grammars must not move
+    until it is done; they end where they began."""
     threads, executor = _mask_threads()
-    bitmask = torch.empty(len(grammars), -(-vocab_size // 32), dtype=torch.int32)
-    pairs = [(g.matcher, i) for i, g in enumerate(grammars)]
+    counts = [1 + len(d) for d in drafts] if drafts is not None else [1] * len(grammars)
+    bitmask = torch.zeros(sum(counts), -(-vocab_size // 32), dtype=torch.int32)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
 
     def fill() -> torch.Tensor:
-        executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), bitmask.shape[1] * 4, len(pairs))
+        ptr, row_bytes, rows = bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0]
+        proposed = drafts or [()] * len(grammars)
+        rows_of = list(zip(grammars, starts, proposed, strict=True))
+        pairs = [(g.matcher, s) for g, s, d in rows_of if not d]
+        triples = [(g.matcher, s, list(d)) for g, s, d in rows_of if d]  # llguidance: never empty
+        if pairs:
+            executor.unsafe_compute_mask_ptr(pairs, ptr, row_bytes, rows)
+        if triples:
+            executor.unsafe_compute_mask_ptr_with_draft_token(triples, ptr, row_bytes, rows)
         return bitmask
 
     return threads.submit(fill)
