@@ -44,6 +44,7 @@ class RandomCheckpoint:
     """A checkpoint of N(0, 0.02) weights made on `device`, one tensor at a time, HF-named."""
 
     quantization: str | None = None  # dense
+    pooler: None = None  # a generative model
 
     def __init__(self, arch: ModelArchConfig, device: torch.device) -> None:
         self.name = f"random-llama-{arch.num_layers}x{arch.hidden_size}"
