@@ -61,7 +61,7 @@ def tied_head(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> 
     if native is not None:
         return native
     if int8_supported(device):
-        return Int8DynamicLinear.from_weight(qw.dequantize(), None)
+        return Int8DynamicLinear.from_weight(qw.dequantize(), None, digits=2)
     head: QuantizedLinear = make_linear(qw, None, device, dtype)
     return head
 
