@@ -227,3 +227,15 @@ def test_random_text_matches_both_references(ours: Tokenizer, reference: Any, sp
         plain = not text[:1].isspace() and not any(s in text for s in ("<s>", "</s>", "<unk>"))
         if plain and not text.startswith("<|im_start|>"):
             assert ids == [1, *spm.encode(text)], text
+
+
+def test_structured_outputs_see_each_tokens_bytes(ours: Tokenizer) -> None:
+    """llguidance reads the rebuilt backend's tokenizer.json: `▁` is a space, byte tokens are
+    their byte, so grammars constrain a SentencePiece model's output by its real text."""
+    from pagoda.engine.structured.grammar import lltokenizer
+
+    llt = lltokenizer(ours)
+    text = "a\nb 🤖 café"
+    ids = ours.encode(text, add_special_tokens=False)
+    assert llt.decode_bytes(ids) == b" " + text.encode()
+    assert [llt.decode_bytes([i]) for i in ours.encode("a\n", add_special_tokens=False)] == [b" a", b"\n"]
