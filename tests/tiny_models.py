@@ -16,9 +16,9 @@ def save_tiny_tokenizer(path: Path) -> None:
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
-    from pagoda.engine.tokenization.tokenizer import _bytes_to_unicode
+    from pagoda.engine.tokenization.gguf_vocab import bytes_to_unicode
 
-    vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode().values())}
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
     backend = Backend(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

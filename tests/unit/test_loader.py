@@ -137,7 +137,7 @@ def test_dequantize_tensor_types(tmp_path: Path, qtype: GGMLQuantizationType, at
 
 def test_qwen3_gguf(tmp_path: Path) -> None:
     """A synthetic qwen3 GGUF: metadata keys, bias/qk-norm detection, no q/k un-permutation."""
-    from pagoda.engine.tokenization.tokenizer import _bytes_to_unicode
+    from pagoda.engine.tokenization.gguf_vocab import bytes_to_unicode
 
     rng = np.random.default_rng(1)
     hidden, heads, kv, head_dim, ffn = 64, 4, 2, 32, 96
@@ -171,7 +171,7 @@ def test_qwen3_gguf(tmp_path: Path) -> None:
     writer.add_value_length(head_dim)
     writer.add_rope_freq_base(1e6)
     writer.add_layer_norm_rms_eps(1e-6)
-    tokens = [*_bytes_to_unicode().values(), "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>"]
+    tokens = [*bytes_to_unicode().values(), "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>"]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(tokens)

@@ -1,9 +1,10 @@
 """The tokenizer: text <-> token ids, plus the model's chat template.
 
-Built on the `tokenizers` library (never `transformers`), from either a GGUF file's metadata or a
-Hugging Face directory (tokenizer.json + tokenizer_config.json + generation_config.json). Chat
-templates render in a sandboxed jinja2 environment configured like Hugging Face's, so a template
-written for `transformers` renders the same string here.
+Built on the `tokenizers` library (never `transformers`), from either a GGUF file's metadata
+(byte-level or SentencePiece BPE, rebuilt by `gguf_vocab.py`) or a Hugging Face directory
+(tokenizer.json + tokenizer_config.json + generation_config.json). Chat templates render in a
+sandboxed jinja2 environment configured like Hugging Face's, so a template written for
+`transformers` renders the same string here.
 """
 
 from __future__ import annotations
@@ -18,34 +19,13 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
+from tokenizers import processors
+
+from pagoda.engine.tokenization.gguf_vocab import default_add_bos, gguf_backend
 
 if TYPE_CHECKING:
     from pagoda.engine.loader.gguf_file import GgufFile
-
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
-
-# Split regexes for llama.cpp's `tokenizer.ggml.pre` values (each a copy of its model's tokenizer.json).
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_SPLIT_BY_PRE = {
-    "llama-bpe": _LLAMA3_SPLIT,
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
-    "deepseek-r1-qwen": _QWEN2_SPLIT,
-}
-# plain GPT-2 byte-level splitting (+ individual digits where the model was trained that way)
-_GPT2_PRE = ("default", "gpt2", "gpt-2", "smollm", "starcoder", "refact", "olmo", "", None)
-_DIGIT_PRE = ("smollm", "starcoder", "refact")
 
 
 class Tokenizer:
@@ -140,24 +120,16 @@ class Tokenizer:
         from pagoda.engine.loader.gguf_file import GgufFile
 
         meta = file_or_path if isinstance(file_or_path, GgufFile) else GgufFile(file_or_path)
-        model_type = meta.get("tokenizer.ggml.model")
-        if model_type != "gpt2":
-            raise ValueError(
-                f"GGUF tokenizer model {model_type!r} is not supported (pagoda builds byte-level BPE "
-                "'gpt2' tokenizers from GGUF); load the model from its Hugging Face directory instead"
-            )
+        backend = gguf_backend(meta)  # ModelLoadError for a tokenizer model pagoda cannot build
         tokens: list[str] = meta.get("tokenizer.ggml.tokens")
-        types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges: list[str] = meta.get("tokenizer.ggml.merges") or []
-        pre = meta.get("tokenizer.ggml.pre")
-        backend = _byte_level_bpe(tokens, types, merges, pre)
 
         def token(key: str) -> str | None:
             idx = meta.get(f"tokenizer.ggml.{key}")
             return tokens[idx] if idx is not None and 0 <= idx < len(tokens) else None
 
         bos, eos = token("bos_token_id"), token("eos_token_id")
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+        model = meta.get("tokenizer.ggml.model")
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_add_bos(model))) and bos is not None
         add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
         _set_template_processor(backend, bos if add_bos else None, eos if add_eos else None)
         extra_eos = [meta.get(f"tokenizer.ggml.{k}") for k in ("eot_token_id", "eom_token_id")]
@@ -201,77 +173,10 @@ class Tokenizer:
         )
 
 
-@lru_cache(maxsize=1)
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable spelling of each byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
-
-
-def _byte_level_bpe(tokens: list[str], types: list[int], merges: list[str], pre: str | None) -> _Backend:
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-    vocab: dict[str, int] = {}
-    for i, (tok, kind) in enumerate(zip(tokens, types, strict=True)):
-        if kind not in (_CONTROL, _USER_DEFINED) and not set(tok) <= alphabet:
-            tok = "".join(spelling[b] for b in tok.encode("utf-8"))  # mislabelled raw text
-        vocab.setdefault(tok, i)
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    bpe = models.BPE(
-        vocab=vocab,
-        merges=[(a, b) for a, b in pairs],
-        ignore_merges=pre in ("llama-bpe", "llama3", "llama-v3"),
-    )
-    backend = _Backend(bpe)
-    if pre in _SPLIT_BY_PRE:
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(_SPLIT_BY_PRE[pre]), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-        if pre in ("qwen2", "deepseek-r1-qwen"):
-            backend.normalizer = normalizers.NFC()
-    elif pre in _GPT2_PRE:
-        steps: list[pre_tokenizers.PreTokenizer] = []
-        if pre in _DIGIT_PRE:
-            steps.append(pre_tokenizers.Digits(individual_digits=True))
-        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
-        backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    else:
-        raise ValueError(
-            f"GGUF pre-tokenizer {pre!r} is not supported; known: "
-            f"{', '.join(sorted(str(p) for p in set(_SPLIT_BY_PRE) | set(_GPT2_PRE) if p))}"
-        )
-    backend.decoder = decoders.ByteLevel()
-    special = [
-        AddedToken(tok, special=True, normalized=False)
-        for tok, kind in zip(tokens, types, strict=True)
-        if kind == _CONTROL
-    ]
-    user = [
-        AddedToken(tok, special=False, normalized=False)
-        for tok, kind in zip(tokens, types, strict=True)
-        if kind == _USER_DEFINED
-    ]
-    backend.add_special_tokens(special)
-    backend.add_tokens(user)
-    return backend
-
-
 def _set_template_processor(backend: _Backend, bos: str | None, eos: str | None) -> None:
     """Make `encode(..., add_special_tokens=True)` add `bos` before and/or `eos` after the text."""
     if bos is None and eos is None:
-        backend.post_processor = processors.ByteLevel(trim_offsets=False)
-        return
+        return  # the backend's own post-processor (byte-level offsets, or none) adds nothing
     pre = f"{bos}:0 " if bos else ""
     post = f" {eos}:0" if eos else ""
     pre_b = f" {bos}:1" if bos else ""
