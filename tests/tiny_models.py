@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 VOCAB = 260  # 256 byte tokens + 4 specials in the tiny tokenizer below
-KINDS = ("llama", "llama3", "qwen2", "qwen3", "granite", "mistral")
+KINDS = ("llama", "llama3", "qwen2", "qwen3", "granite", "mistral", "phi3", "gemma2", "gemma3", "qwen2-yarn")
+WINDOW = 8  # the sliding window of the tiny Gemmas' local layers: prompts of the parity tests outgrow it
 
 
 def save_tiny_tokenizer(path: Path) -> None:
@@ -88,6 +89,8 @@ def make_tiny_model(
         model = tf.MistralForCausalLM(
             tf.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
         )
+    elif kind in ("phi3", "gemma2", "gemma3", "qwen2-yarn"):
+        model = _newer_kind(kind, common)
     else:
         raise ValueError(kind)
     model = model.to(dtype)
@@ -100,6 +103,61 @@ def make_tiny_model(
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return model.eval(), state
+
+
+def _newer_kind(kind: str, common: dict[str, Any]) -> Any:
+    """phi3: Phi-4-mini's partial rotary (3/4 of each head) with LongRoPE (its short factors:
+    the parity tests' max_model_len 256 is the original context); gemma2: local layers (even ones)
+    of WINDOW tokens, attention and final soft-caps small enough to bite, a softmax scale that is
+    not head_dim's; gemma3: q/k norms, a linear-scaled RoPE on the full layers and another base on
+    the local ones; qwen2-yarn: YaRN x8 over an original 64 positions."""
+    import transformers as tf
+
+    n = common["num_hidden_layers"]
+    if kind == "phi3":
+        rope = {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+            "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0],
+            "partial_rotary_factor": 0.75,
+        }
+        config = tf.Phi3Config(
+            **common,
+            rope_parameters=rope,
+            original_max_position_embeddings=256,
+            tie_word_embeddings=True,
+            pad_token_id=None,
+        )
+        return tf.Phi3ForCausalLM(config)
+    if kind == "gemma2":
+        config = tf.Gemma2Config(
+            **common,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=WINDOW,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+        )
+        return tf.Gemma2ForCausalLM(config)
+    if kind == "gemma3":
+        rope = {
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        }
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+        config = tf.Gemma3TextConfig(
+            **common,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=WINDOW,
+            layer_types=types,
+            rope_parameters=rope,
+        )
+        return tf.Gemma3ForCausalLM(config)
+    assert kind == "qwen2-yarn", kind
+    rope = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, rope_parameters=rope, tie_word_embeddings=True))
 
 
 def hf_state_dict(model: Any) -> dict[str, torch.Tensor]:

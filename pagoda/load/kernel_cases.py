@@ -254,7 +254,7 @@ def _kv_write_case(s: Shapes, kc: torch.Tensor, vc: torch.Tensor) -> Case:
 
 def _pointwise_cases(s: Shapes) -> list[Case]:
     """rms_norm + residual, rotary embedding, silu_and_mul."""
-    from pagoda.engine.models.layers import rope_inv_freq
+    from pagoda.engine.models.rope_scaling import rope_inv_freq
     from pagoda.kernels.activation import silu_and_mul
     from pagoda.kernels.reference import rms_norm_ref, rotary_ref, silu_and_mul_ref
     from pagoda.kernels.rms_norm import rms_norm

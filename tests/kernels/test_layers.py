@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagoda.engine.models.layers import rope_inv_freq
+from pagoda.engine.models.rope_scaling import rope_inv_freq
 from pagoda.kernels.activation import silu_and_mul
 from pagoda.kernels.reference import rms_norm_ref, rotary_ref, silu_and_mul_ref
 from pagoda.kernels.rms_norm import rms_norm

@@ -41,7 +41,8 @@ def _matches(eager: list[RequestOutput], got: list[RequestOutput]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])  # rotary on q and k together / per-head q-k norms
+# rotary on q and k together / per-head q-k norms / Gemma 2's sliding window and soft-caps
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma2"])
 def test_compiled_decode_matches_eager(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Compiled (--compile on), then loaded from the saved graphs by a second engine with another
     KV pool size: the eager engine's tokens and log-probs either way."""

@@ -97,7 +97,7 @@ class EngineCore:
         """The model runner, with compiled decode graphs (CPU) or CUDA graphs where they run;
         `compile_config`: the config a background compile rebuilds the model from."""
         config = self.config
-        backend = get_backend(config.attention_backend, self.device)
+        backend = get_backend(config.attention_backend, self.device, self.model.attention_needs)
         compile_mode = config.compile  # auto: where it runs (CPU, torch attention, traceable linears)
         if compile_mode == "auto" and (
             self.device.type != "cpu"

@@ -20,6 +20,7 @@ from pagoda.engine.loader import Checkpoint, ModelLoadError
 from pagoda.engine.loader.model_info import hf_context_length, hf_tokenizer, read_hf_config
 from pagoda.engine.loader.pooling_info import hf_pooler
 from pagoda.engine.models.arch_config import ModelArchConfig
+from pagoda.engine.models.rope_scaling import SCALING_TYPES
 from pagoda.engine.quantization.formats import CheckpointFormat, WeightTensor, checkpoint_format
 from pagoda.engine.tokenization.tokenizer import Tokenizer
 
@@ -30,8 +31,15 @@ _MODEL_TYPES = {
     "granite": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
     "bert": "bert",
 }
+# Gemma's local layers when config.json lists no layer_types: Gemma 2 alternates (even layers
+# local), Gemma 3 makes five of each six local (sliding_window_pattern)
+_GEMMA_PATTERN = {"gemma2": 2, "gemma3_text": 6}
+_SCALED_ROPE = ("llama3", "yarn", "longrope")  # rope types that read original_max_position_embeddings
 _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -70,14 +78,7 @@ def arch_from_hf_config(
     architecture = _MODEL_TYPES[model_type]
     hidden = int(config["hidden_size"])
     num_heads = int(config["num_attention_heads"])
-    num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
-    head_dim = int(config.get("head_dim") or hidden // num_heads)
-    rope = dict(config.get("rope_parameters") or {})  # transformers 5
-    rope_theta = float(rope.pop("rope_theta", config.get("rope_theta", 10000.0)))
-    scaling = rope or dict(config.get("rope_scaling") or {})
-    if "type" in scaling and "rope_type" not in scaling:
-        scaling["rope_type"] = scaling.pop("type")
-    rope_scaling = None if scaling.get("rope_type", "default") == "default" else scaling
+    rope_theta, rope_scaling, partial_rotary = _rope(config)
     tie = bool(config.get("tie_word_embeddings", False)) or not has_lm_head
     eos = _as_ids(config.get("eos_token_id"))
     if tokenizer is not None:
@@ -86,29 +87,98 @@ def arch_from_hf_config(
     if bos is None and tokenizer is not None:
         bos = tokenizer.bos_token_id
     attention_multiplier = config.get("attention_multiplier") if model_type == "granite" else None
-    return ModelArchConfig(
+    window = config.get("sliding_window") if model_type in ("mistral", "phi3") else None
+    fields: dict[str, Any] = dict(
         architecture=architecture,
         vocab_size=int(config["vocab_size"]),
         hidden_size=hidden,
         intermediate_size=int(config["intermediate_size"]),
         num_layers=int(config["num_hidden_layers"]),
         num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
+        num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
+        head_dim=int(config.get("head_dim") or hidden // num_heads),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         max_position_embeddings=hf_context_length(config),
         tie_word_embeddings=tie,
         attention_bias=architecture == "qwen2" or bool(config.get("attention_bias", False)),
-        qk_norm=architecture == "qwen3",
+        qk_norm=architecture in ("qwen3", "gemma3"),
         embedding_multiplier=float(config.get("embedding_multiplier", 1.0)),
         residual_multiplier=float(config.get("residual_multiplier", 1.0)),
         attention_multiplier=None if attention_multiplier is None else float(attention_multiplier),
         logits_scaling=float(config.get("logits_scaling", 1.0)),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=tuple(eos),
+        partial_rotary_factor=partial_rotary,
+        sliding_window=None if window is None else int(window),
     )
+    if model_type in _GEMMA_PATTERN:
+        fields.update(_gemma_fields(config))
+    return ModelArchConfig(**fields)
+
+
+def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
+    """(rope_theta, rope_scaling or None for plain RoPE, partial_rotary_factor) from a config.json
+    of transformers 4 (rope_theta + rope_scaling) or 5 (rope_parameters, per layer type for
+    Gemma 3: its full-attention layers' here, the sliding layers' in _gemma_fields)."""
+    rope = dict(config.get("rope_parameters") or {})  # transformers 5
+    rope = dict(rope.get("full_attention") or {}) if "full_attention" in rope else rope
+    rope_theta = float(rope.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    partial = float(rope.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+    scaling = rope or dict(config.get("rope_scaling") or {})
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    rope_type = scaling.get("rope_type", "default")
+    if config.get("model_type") == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's old names for LongRoPE
+        rope_type = scaling["rope_type"] = "longrope"
+    if rope_type in _SCALED_ROPE:  # as transformers fills them in
+        if "original_max_position_embeddings" in config:  # Phi-3 keeps it outside rope_scaling
+            scaling["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+        scaling.setdefault("original_max_position_embeddings", config.get("max_position_embeddings"))
+    if rope_type in ("yarn", "longrope") and scaling.get("factor") is None:
+        scaling["factor"] = int(config["max_position_embeddings"]) / int(
+            scaling["original_max_position_embeddings"]
+        )
+    if rope_type not in SCALING_TYPES:
+        raise ModelLoadError(
+            f"rope_scaling type {rope_type!r} is not supported; pagoda runs {', '.join(SCALING_TYPES)}"
+        )
+    return rope_theta, None if rope_type == "default" else scaling, partial
+
+
+def _gemma_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """ModelArchConfig fields of Gemma 2 / Gemma 3 (text): local layers, soft-caps, the softmax
+    scale, the activation, and Gemma 3's RoPE base for local layers."""
+    model_type = str(config["model_type"])
+    if config.get("use_bidirectional_attention"):
+        raise ModelLoadError("Gemma with use_bidirectional_attention (an embedding model) is not supported")
+    n = int(config["num_hidden_layers"])
+    pattern = int(config.get("sliding_window_pattern") or _GEMMA_PATTERN[model_type])
+    layer_types = config.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)
+    ]
+    act = str(config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh")
+    if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"):
+        raise ModelLoadError(f"Gemma hidden_activation {act!r} is not supported (gelu_pytorch_tanh, gelu)")
+    local_theta = None
+    if model_type == "gemma3_text":
+        local = dict((config.get("rope_parameters") or {}).get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            raise ModelLoadError(f"Gemma 3 local-layer rope type {local['rope_type']!r} is not supported")
+        local_theta = float(local.get("rope_theta", config.get("rope_local_base_freq", 10000.0)))
+    attn_cap, final_cap = config.get("attn_logit_softcapping"), config.get("final_logit_softcapping")
+    window = config.get("sliding_window")
+    return {
+        "sliding_window": None if window is None else int(window),
+        "layer_types": tuple(str(t) for t in layer_types),
+        "local_rope_theta": local_theta,
+        # Gemma 3 keeps attn_logit_softcapping in its config but does not apply it (as HF)
+        "attn_logit_softcap": float(attn_cap) if attn_cap is not None and model_type == "gemma2" else None,
+        "final_logit_softcap": None if final_cap is None else float(final_cap),
+        "attention_multiplier": float(config.get("query_pre_attn_scalar", 256)) ** -0.5,
+        "hidden_act": act,
+    }
 
 
 def _bert_arch(config: dict[str, Any]) -> ModelArchConfig:

@@ -6,14 +6,20 @@ from torch import nn
 
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.models.bert import BertModel
+from pagoda.engine.models.gemma import GemmaForCausalLM
 from pagoda.engine.models.llama import LlamaForCausalLM
 
-Model = LlamaForCausalLM | BertModel
+# the decoders: a causal forward over the paged KV cache, logits, decode steps (graphs, compiled)
+DecoderModel = LlamaForCausalLM | GemmaForCausalLM
+Model = DecoderModel | BertModel
 
-_REGISTRY: dict[str, type[LlamaForCausalLM] | type[BertModel]] = {
+_REGISTRY: dict[str, type[LlamaForCausalLM] | type[GemmaForCausalLM] | type[BertModel]] = {
     "llama": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
+    "phi3": LlamaForCausalLM,
+    "gemma2": GemmaForCausalLM,
+    "gemma3": GemmaForCausalLM,
     "bert": BertModel,
 }
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "bert")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "bert")
 ENCODER_ARCHITECTURES = frozenset({"bert"})
+# what a model may ask of its attention backend beyond causal attention (AttentionBackend.features)
+SLIDING_WINDOW = "sliding_window"
+SOFTCAP = "softcap"
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,26 @@ class ModelArchConfig:
     # encoders (BERT): token type embeddings (every token is of type 0) and the MLP's activation
     type_vocab_size: int = 0
     hidden_act: str = "silu"
+    # RoPE on the first partial_rotary_factor * head_dim dims of each head only (Phi-4-mini)
+    partial_rotary_factor: float = 1.0
+    # local attention: a query at position p sees keys at positions > p - sliding_window, on the
+    # layers that layer_types names "sliding_attention" (every layer when layer_types is empty)
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3); None: rope_theta
+    # Gemma 2: attention scores become cap * tanh(scores / cap) (attention), and so do the logits (final)
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"architecture {self.architecture!r} is not supported; pagoda runs "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)} (and Mistral/Granite/SmolLM2 as llama)"
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} (Mistral/Granite/SmolLM2 as llama)"
+            )
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(
+                f"layer_types names {len(self.layer_types)} layers, the model has {self.num_layers}"
             )
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(
@@ -57,6 +74,33 @@ class ModelArchConfig:
     def is_encoder(self) -> bool:
         """Bidirectional attention over the whole prompt at once: embeddings only, no KV cache."""
         return self.architecture in ENCODER_ARCHITECTURES
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer `layer` attends within the sliding window (Gemma's local layers)."""
+        if self.sliding_window is None:
+            return False
+        return not self.layer_types or self.layer_types[layer] == "sliding_attention"
+
+    def layer_window(self, layer: int, max_model_len: int) -> int | None:
+        """The sliding window of layer `layer`, or None where it sees every earlier key: a full
+        layer, or a window that no sequence of max_model_len tokens outgrows."""
+        if not self.is_sliding(layer) or self.sliding_window is None or self.sliding_window >= max_model_len:
+            return None
+        return self.sliding_window
+
+    def attention_needs(self, max_model_len: int) -> frozenset[str]:
+        """The attention features (SLIDING_WINDOW, SOFTCAP) this model needs of a backend when
+        serving sequences of up to max_model_len tokens."""
+        needs = set()
+        if any(self.layer_window(i, max_model_len) is not None for i in range(self.num_layers)):
+            needs.add(SLIDING_WINDOW)
+        if self.attn_logit_softcap is not None:
+            needs.add(SOFTCAP)
+        return frozenset(needs)
 
     @property
     def softmax_scale(self) -> float:

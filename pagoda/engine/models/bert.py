@@ -68,6 +68,7 @@ class BertModel(nn.Module):
                 f"BERT hidden_act {cfg.hidden_act!r} is not supported; pagoda runs " + ", ".join(_ACTIVATIONS)
             )
         self.cfg = cfg
+        self.attention_needs: frozenset[str] = frozenset()  # attends on its own, with no backend
         h = cfg.hidden_size
         self.word_embeddings = nn.Embedding(cfg.vocab_size, h)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, h)

@@ -5,13 +5,14 @@ on: the engine does so alongside a Triton attention backend (on a GPU by default
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagoda.engine.models.rope_scaling import rope_parameters
 
 
 @torch.compiler.assume_constant_result  # type: ignore[misc]
@@ -64,50 +65,40 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
-def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
-    factor = float(scaling["factor"])
-    low = float(scaling.get("low_freq_factor", 1.0))
-    high = float(scaling.get("high_freq_factor", 4.0))
-    old_len = float(scaling.get("original_max_position_embeddings", 8192))
-    low_wavelen = old_len / low
-    high_wavelen = old_len / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] on the CPU, as HF computes them."""
-    inv_freq = 1.0 / (
-        base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim)
-    )
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if rope_type == "llama3":
-        assert scaling is not None
-        return _llama3_inv_freq(inv_freq, scaling)
-    if rope_type == "linear":
-        assert scaling is not None
-        return inv_freq / float(scaling["factor"])
-    if rope_type not in ("default", None):
-        raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3)")
-    return inv_freq
-
-
 class RotaryEmbedding(nn.Module):
     """Neox-style RoPE (HF's rotate_half layout) with a cos/sin table indexed by position. The
-    table is built on the device of first use, so the module can be constructed on "meta"."""
+    table is built on the device of first use, so the module can be constructed on "meta".
 
-    def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict[str, Any] | None) -> None:
+    `rotary_dim` < head_dim (partial rotary, Phi-4-mini): only the first rotary_dim dims of each
+    head turn, the rest pass through. YaRN and LongRoPE scale cos and sin by an attention factor,
+    folded into the tables."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_position: int,
+        base: float,
+        scaling: dict[str, Any] | None,
+        rotary_dim: int | None = None,
+    ) -> None:
         super().__init__()
-        self.inv_freq = rope_inv_freq(head_dim, base, scaling)
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim or head_dim
+        self.inv_freq, self.attention_factor = rope_parameters(self.rotary_dim, base, scaling, max_position)
         self.max_position = max_position
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.use_triton = False
+        self._use_triton = False
         self._cos_sin_table: torch.Tensor | None = None  # [max_position, head_dim] for the kernel
+
+    @property
+    def use_triton(self) -> bool:
+        return self._use_triton
+
+    @use_triton.setter
+    def use_triton(self, enabled: bool) -> None:
+        """The kernel turns whole heads: a partial rotary stays in PyTorch."""
+        self._use_triton = enabled and self.rotary_dim == self.head_dim
 
     def build_tables(self, device: torch.device) -> None:
         """Build the cos/sin tables on `device` now (a compiled graph reads them as constants)."""
@@ -120,7 +111,10 @@ class RotaryEmbedding(nn.Module):
             emb = torch.cat((freqs, freqs), dim=-1)
             # rotate_half(x) * sin == swap_halves(x) * cat(-sin, sin), bitwise (negation is exact)
             sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
-            self._tables = (emb.cos().to(device), sin.to(device))
+            cos = emb.cos()
+            if self.attention_factor != 1.0:  # as HF: cos(emb) * factor, in float32
+                cos, sin = cos * self.attention_factor, sin * self.attention_factor
+            self._tables = (cos.to(device), sin.to(device))
         return self._tables
 
     def forward(
@@ -130,13 +124,22 @@ class RotaryEmbedding(nn.Module):
         if self.use_triton:
             return self._forward_triton(positions, q, k)
         _, cos, sin = self._step_cos_sin(positions, q.dtype)
+        if self.rotary_dim != self.head_dim:
+            return self._partial(q, cos, sin), self._partial(k, cos, sin)
         return q * cos + _swap_halves(q) * sin, k * cos + _swap_halves(k) * sin
 
     def forward_qk(self, positions: torch.Tensor, qk: torch.Tensor) -> torch.Tensor:
         """RoPE on the query and key heads together: qk [tokens, heads + kv_heads, head_dim], a
         view of the fused qkv output. Returns a new tensor of that shape."""
         _, cos, sin = self._step_cos_sin(positions, qk.dtype)
+        if self.rotary_dim != self.head_dim:
+            return self._partial(qk, cos, sin)
         return qk * cos + _swap_halves(qk) * sin
+
+    def _partial(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on the first rotary_dim dims of x [tokens, heads, head_dim], the rest unchanged."""
+        rot = x[..., : self.rotary_dim]
+        return torch.cat((rot * cos + _swap_halves(rot) * sin, x[..., self.rotary_dim :]), dim=-1)
 
     def _step_cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
@@ -164,7 +167,10 @@ class RotaryEmbedding(nn.Module):
 
         table = self._cos_sin_table
         if table is None or table.device != q.device:
-            table = self._cos_sin_table = cos_sin_table(self.inv_freq, self.max_position, q.device)
+            table = cos_sin_table(self.inv_freq, self.max_position, q.device)
+            if self.attention_factor != 1.0:
+                table = table * self.attention_factor
+            self._cos_sin_table = table
         rotary_embedding(positions, q, k, table, neox=True)  # in place
         return q, k
 

@@ -1,5 +1,6 @@
-"""The Llama family: Llama 2/3, SmolLM2, Mistral, Granite (scaling multipliers), Qwen2 (qkv bias)
-and Qwen3 (per-head q/k RMSNorm). One definition; the differences are flags in ModelArchConfig.
+"""The Llama family: Llama 2/3, SmolLM2, Mistral, Granite (scaling multipliers), Qwen2 (qkv bias),
+Qwen3 (per-head q/k RMSNorm) and Phi-3/Phi-4-mini (q/k/v and gate/up stored fused, partial
+rotary, LongRoPE). One definition; the differences are flags in ModelArchConfig.
 
 Tokens come flattened: input_ids and positions are [num_tokens]; hidden states [num_tokens, hidden].
 """
@@ -18,8 +19,11 @@ from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, rope: RotaryEmbedding) -> None:
+    def __init__(
+        self, cfg: ModelArchConfig, rope: RotaryEmbedding, sliding_window: int | None = None
+    ) -> None:
         super().__init__()
+        self.sliding_window = sliding_window  # Mistral's and Phi-3's window, where it binds
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
@@ -54,14 +58,16 @@ class Attention(nn.Module):
                 q = self.q_norm(q)
                 k = self.k_norm(k)
             q, k = self.rope(positions, q, k)
-        o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, rope: RotaryEmbedding) -> None:
+    def __init__(
+        self, cfg: ModelArchConfig, rope: RotaryEmbedding, sliding_window: int | None = None
+    ) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, rope)
+        self.self_attn = Attention(cfg, rope, sliding_window)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -95,9 +101,12 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelArchConfig, max_position: int) -> None:
         super().__init__()
         self.cfg = cfg
-        rope = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
+        self.attention_needs = cfg.attention_needs(max_position)  # what the attention backend must do
+        rope = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling, cfg.rotary_dim)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rope) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, rope, cfg.layer_window(i, max_position)) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -142,9 +151,15 @@ class LlamaForCausalLM(nn.Module):
         the model's own."""
         cfg = self.cfg
         first = self.norm.weight
+        # Phi-3 checkpoints store qkv_proj and gate_up_proj fused already, under this model's names
+        fused = (
+            {}
+            if cfg.architecture == "phi3"
+            else fused_parts(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size)
+        )
         loader = ModelLoader(
             self,
-            fused_parts(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size),
+            fused,
             device or first.device,
             dtype or first.dtype,
             keep_quantized,

@@ -3,6 +3,10 @@
 The KV cache of one layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim].
 A step's tokens arrive flattened (varlen, no padding); `AttentionMetadata` says which slice of
 the batch belongs to which sequence and where each token's K/V goes (slot = block * size + offset).
+
+Beyond causal attention a layer may ask for a sliding window (Gemma's local layers, Phi-3's
+window) and for logit soft-capping (Gemma 2); a backend lists what it does in `features`, and
+`get_backend` gives a model only a backend that has what it needs.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class AttentionBackend(abc.ABC):
     # Decode steps may be captured in CUDA graphs: forward() launches depend only on tensor shapes
     # and decode_max_seq_len, and a negative slot or a zero decode_seq_len marks a padding row.
     supports_cuda_graphs: ClassVar[bool] = False
+    # what forward() does beyond causal attention: "sliding_window", "softcap" (the names of
+    # arch_config.SLIDING_WINDOW and SOFTCAP; not imported: the models package imports this one)
+    features: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -68,7 +75,12 @@ class AttentionBackend(abc.ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """`sliding_window`: a query at position p sees only keys at positions > p - window (HF's
+        sliding-window mask); `softcap`: scores become softcap * tanh(scores / softcap) before
+        the mask and softmax. Both None (plain causal attention) unless `features` has them."""
         ...
 
 
@@ -80,13 +92,22 @@ def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
     return cls
 
 
-def get_backend(name: str, device: torch.device) -> AttentionBackend:
-    """`auto`: Triton on a GPU where triton is installed, else the torch reference."""
+def get_backend(name: str, device: torch.device, needs: frozenset[str] = frozenset()) -> AttentionBackend:
+    """`auto`: Triton on a GPU where triton is installed and has every feature in `needs` (what
+    the model asks of attention: ModelArchConfig.attention_needs), else the torch reference.
+    A named backend without one of them is a ValueError that says which backend has it."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" and triton_installed() else "torch"
+        triton_fits = needs <= _BACKENDS["triton"].features
+        name = "triton" if device.type == "cuda" and triton_installed() and triton_fits else "torch"
     if name not in _BACKENDS:
         raise ValueError(
             f"attention backend {name!r} is not available; choose one of {', '.join(sorted(_BACKENDS))}"
+        )
+    missing = needs - _BACKENDS[name].features
+    if missing:
+        raise ValueError(
+            f"attention backend {name!r} has no {' or '.join(sorted(missing))} attention, which this "
+            "model needs; use --attention-backend torch (or auto)"
         )
     return _BACKENDS[name](device)
 
@@ -94,9 +115,11 @@ def get_backend(name: str, device: torch.device) -> AttentionBackend:
 @register_backend
 class TorchAttention(AttentionBackend):
     """PyTorch reference: SDPA per prefill chunk, one batched SDPA over gathered blocks for all
-    decodes."""
+    decodes. A sliding window is a mask over the same keys (blocks out of the window are still
+    gathered: the cache keeps them); soft-capping runs HF's eager attention instead of SDPA."""
 
     name = "torch"
+    features = frozenset({"sliding_window", "softcap"})
 
     def forward(
         self,
@@ -107,6 +130,8 @@ class TorchAttention(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         _num_blocks, _block_size, num_kv_heads, head_dim = k_cache.shape
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)
@@ -115,11 +140,12 @@ class TorchAttention(AttentionBackend):
         v_flat.index_copy_(0, meta.slot_mapping, v)
         nd = meta.num_decode_tokens
         if nd == q.shape[0]:  # decode only: no output buffer to fill
-            return self._decode(q, k_cache, v_cache, meta, scale)
+            return self._decode(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
         out = torch.empty_like(q)
         gqa = q.shape[1] != num_kv_heads
         if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale, sliding_window, softcap)
+        plain = sliding_window is None and softcap is None
         for start, qlen, ctx, table in zip(
             meta.prefill_query_starts,
             meta.prefill_query_lens,
@@ -131,17 +157,42 @@ class TorchAttention(AttentionBackend):
             if ctx == 0:
                 ks = k[start : start + qlen].transpose(0, 1)
                 vs = v[start : start + qlen].transpose(0, 1)
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
             else:
                 total = ctx + qlen
                 ks = k_cache.index_select(0, table).view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
                 vs = v_cache.index_select(0, table).view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
-                # query i sits at position ctx + i and sees keys 0..ctx + i
-                rows = torch.arange(qlen, device=q.device)[:, None] + ctx
-                mask = torch.arange(total, device=q.device)[None, :] <= rows
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            if ctx == 0 and plain:
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            else:
+                o = self._masked_chunk(qs, ks, vs, ctx, scale, sliding_window, softcap)
             out[start : start + qlen] = o.transpose(0, 1)
         return out
+
+    @staticmethod
+    def _masked_chunk(
+        qs: torch.Tensor,  # [heads, qlen, head_dim]
+        ks: torch.Tensor,  # [kv_heads, ctx + qlen, head_dim]
+        vs: torch.Tensor,
+        ctx: int,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None,
+    ) -> torch.Tensor:  # [heads, qlen, head_dim]
+        """A prefill chunk after `ctx` cached tokens, or any chunk with a window or a soft-cap:
+        query i sits at position ctx + i and sees keys 0..ctx + i (the last `window` of them)."""
+        qlen = qs.shape[1]
+        rows = torch.arange(qlen, device=qs.device)[:, None] + ctx
+        cols = torch.arange(ctx + qlen, device=qs.device)[None, :]
+        mask = cols <= rows
+        if sliding_window is not None:
+            mask &= cols > rows - sliding_window
+        if softcap is None:
+            gqa = qs.shape[0] != ks.shape[0]
+            return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        rep = qs.shape[0] // ks.shape[0]  # HF's repeat_kv: query head h reads KV head h // rep
+        return eager_attention(
+            qs, ks.repeat_interleave(rep, dim=0), vs.repeat_interleave(rep, dim=0), mask, scale, softcap
+        )
 
     @staticmethod
     def _decode(
@@ -150,42 +201,80 @@ class TorchAttention(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [nd, heads, head_dim]
         """One SDPA over each sequence's gathered blocks, keys past a sequence's length masked.
-        The gather ids and the mask are built once per step (meta.step_cache). A single sequence
-        is masked too rather than cut to its length: the masked form gives a sequence the same
-        result whatever else is in the batch (SDPA's unmasked path rounds differently), so a
-        greedy stream does not change with the load, alone at the end or in a crowd."""
+        The gather ids and the mask are built once per step (meta.step_cache; one mask per window
+        size). A single sequence is masked too rather than cut to its length: the masked form
+        gives a sequence the same result whatever else is in the batch (SDPA's unmasked path
+        rounds differently), so a greedy stream does not change with the load, alone at the end
+        or in a crowd."""
         nd = q.shape[0]
         _num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
         cache = meta.step_cache
         if "decode_ids" not in cache:
             max_blocks = -(-meta.decode_max_seq_len // block_size)
             cache["decode_ids"] = meta.decode_block_tables[:, :max_blocks].reshape(-1)
-            length = max_blocks * block_size
-            keep = torch.arange(length, device=q.device)[None, :] < meta.decode_seq_lens[:, None]
-            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
-            bias.masked_fill_(~keep, float("-inf"))
-            cache["decode_mask"] = bias[:, None, None, :]  # [nd, 1, 1, L]
-        ids, mask = cache["decode_ids"], cache["decode_mask"]
+        mask_key = "decode_mask" if sliding_window is None else f"decode_mask_{sliding_window}"
+        if mask_key not in cache:
+            cache[mask_key] = _decode_bias(meta, block_size, q.dtype, sliding_window)
+        ids, mask = cache["decode_ids"], cache[mask_key]
         assert ids is not None and mask is not None
         # [nd * max_blocks, block_size, kv_heads, head_dim] -> [nd, kv_heads, L, head_dim]
         # (index_select: ~5x faster than advanced indexing on CPU)
-        kd = k_cache.index_select(0, ids).view(nd, -1, num_kv_heads, head_dim)
-        vd = v_cache.index_select(0, ids).view(nd, -1, num_kv_heads, head_dim)
+        kd = k_cache.index_select(0, ids).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+        vd = v_cache.index_select(0, ids).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
         # GQA without repeating K/V: the query heads sharing a KV head form its query rows
         qd = q.view(nd, num_kv_heads, -1, head_dim)
-        od = F.scaled_dot_product_attention(
-            qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=mask, scale=scale
-        )
+        if softcap is None:
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
+        else:
+            od = eager_attention(qd, kd, vd, mask, scale, softcap)
         return od.reshape(nd, -1, head_dim)
+
+
+def _decode_bias(
+    meta: AttentionMetadata, block_size: int, dtype: torch.dtype, sliding_window: int | None
+) -> torch.Tensor:  # [nd, 1, 1, L]
+    """The additive mask of a decode batch: 0 on each sequence's keys (the last `sliding_window`
+    of them), -inf elsewhere."""
+    length = -(-meta.decode_max_seq_len // block_size) * block_size
+    lens = meta.decode_seq_lens[:, None]
+    cols = torch.arange(length, device=lens.device)[None, :]
+    keep = cols < lens
+    if sliding_window is not None:
+        keep &= cols >= lens - sliding_window
+    bias = torch.zeros(keep.shape, dtype=dtype, device=lens.device)
+    bias.masked_fill_(~keep, float("-inf"))
+    return bias[:, None, None, :]
+
+
+def eager_attention(
+    q: torch.Tensor,  # [..., n, head_dim]
+    k: torch.Tensor,  # [..., L, head_dim], as many heads as q (or broadcastable)
+    v: torch.Tensor,
+    mask: torch.Tensor,  # bool (True: attend) or additive float, broadcastable to [..., n, L]
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:  # [..., n, head_dim]
+    """Attention written out as HF's eager path computes it (SDPA cannot soft-cap): scores,
+    softcap * tanh(scores / softcap), the mask, a float32 softmax cast back, then the values."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)
 
 
 @register_backend
 class TritonAttention(AttentionBackend):
     """Triton kernels (kernels/): the KV write by slot mapping, then split-K paged decode for
     decode-only steps and one unified varlen kernel for steps with prefill chunks (decodes in the
-    same launch). Needs a GPU, or TRITON_INTERPRET=1 on the CPU (tests)."""
+    same launch). Needs a GPU, or TRITON_INTERPRET=1 on the CPU (tests). No sliding window and no
+    soft-capping yet (no `features`): `get_backend` refuses models that need them (Gemma 2/3,
+    Phi-3 with a window), and `auto` gives those the torch backend."""
 
     name = "triton"
     triton_layers = True
@@ -213,7 +302,10 @@ class TritonAttention(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
+        assert sliding_window is None and softcap is None, "no window or soft-cap in the Triton kernels"
         self._write(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens

@@ -211,14 +211,14 @@ def main(argv: list[str]) -> int:
         if all((directory / name).is_file() for name in CompiledDecode.FILES.values()):
             return 0  # another process compiled them meanwhile
         from pagoda.engine.core.engine_core import EngineCore
-        from pagoda.engine.models.llama import LlamaForCausalLM
+        from pagoda.engine.models import DecoderModel
 
         small = dataclasses.replace(config.cache, num_blocks_override=4, enable_prefix_caching=False)
         core = EngineCore(dataclasses.replace(config, compile="off", cache=small))
         if graph_key(core.model, config.cache.block_size) != key:
             print("this process builds a different model than the server's: not compiled", file=sys.stderr)
             return 3
-        assert isinstance(core.model, LlamaForCausalLM), "decode graphs are for decoders"
+        assert isinstance(core.model, DecoderModel), "decode graphs are for decoders"
         compiled = CompiledDecode(core.model, core.runner.kv_caches, config.cache.block_size)
         compiled.compile()
         compiled.save(directory)

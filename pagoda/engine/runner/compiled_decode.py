@@ -28,8 +28,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from pagoda.engine.models import DecoderModel
 from pagoda.engine.models.layers import RotaryEmbedding
-from pagoda.engine.models.llama import LlamaForCausalLM
 from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class _GraphDecodeAttention(AttentionBackend):
     keeps it in place on the cache), the gather and the mask from the step's block tables."""
 
     name: ClassVar[str] = "compiled-decode"
+    features: ClassVar[frozenset[str]] = frozenset({"sliding_window", "softcap"})
 
     def __init__(self, block_size: int) -> None:
         super().__init__(torch.device("cpu"))
@@ -54,6 +55,8 @@ class _GraphDecodeAttention(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [n, heads, head_dim]
         n = q.shape[0]
         _, bs, kvh, hd = k_cache.shape
@@ -68,7 +71,12 @@ class _GraphDecodeAttention(AttentionBackend):
         vd = v_cache[tables].view(n, length, kvh, hd).permute(0, 2, 1, 3)
         qd = q.view(n, kvh, -1, hd).float()  # the query heads sharing a KV head form its rows
         s = (qd[:, :, :, None, :] * kd[:, :, None].float()).sum(-1) * scale  # [n, kvh, rows, L]
-        keep = torch.arange(length, device=q.device)[None, :] < meta.decode_seq_lens[:, None]
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        cols = torch.arange(length, device=q.device)[None, :]
+        keep = cols < meta.decode_seq_lens[:, None]
+        if sliding_window is not None:  # the last `sliding_window` keys
+            keep = keep & (cols >= meta.decode_seq_lens[:, None] - sliding_window)
         p = torch.softmax(s.masked_fill(~keep[:, None, None, :], float("-inf")), -1)
         o = (p[..., None] * vd[:, :, None].float()).sum(3)  # [n, kvh, rows, head_dim]
         return o.to(q.dtype).flatten(1, 2)  # [n, heads, head_dim]
@@ -84,7 +92,7 @@ class CompiledDecode:
     }  # graph for 1 row / 2 or more
 
     def __init__(
-        self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int
+        self, model: DecoderModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from pagoda.engine.models.llama import LlamaForCausalLM
+from pagoda.engine.models import DecoderModel
 from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: DecoderModel,
         backend: AttentionBackend,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         sizes: list[int],

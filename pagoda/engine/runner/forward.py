@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.engine.models.llama import LlamaForCausalLM
+from pagoda.engine.models import DecoderModel
 from pagoda.engine.quantization.vnni import prompt_rows
 from pagoda.engine.runner.attention import AttentionMetadata, get_backend
 
@@ -14,7 +14,7 @@ _BLOCK = 16
 
 
 @torch.no_grad()
-def forward_tokens(model: LlamaForCausalLM, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+def forward_tokens(model: DecoderModel, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
     """Hidden states [len(token_ids), hidden] of one sequence run as a single prefill (causal
     attention over the sequence itself, the rows computed as prompt rows) on the model's device
     and dtype; logits are `model.compute_logits(hidden)`."""
@@ -50,6 +50,6 @@ def forward_tokens(model: LlamaForCausalLM, token_ids: list[int] | torch.Tensor)
         max_query_len=n,
     )
     positions = torch.arange(n, dtype=torch.int64, device=device)
-    backend = get_backend("auto", device)
+    backend = get_backend("auto", device, model.attention_needs)
     with prompt_rows(0):  # every row is a prompt token, as in the server's prefill
         return model(ids, positions, caches, meta, backend)  # type: ignore[no-any-return]

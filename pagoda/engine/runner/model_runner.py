@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pagoda.engine.models import Model
+from pagoda.engine.models import DecoderModel, Model
 from pagoda.engine.models.layers import use_triton_layers
-from pagoda.engine.models.llama import LlamaForCausalLM
 from pagoda.engine.pooling.params import PoolerConfig
 from pagoda.engine.pooling.pooler import PoolState
 from pagoda.engine.quantization.vnni import prompt_rows
@@ -99,7 +98,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if graph_sizes:  # CUDA only (engine.cuda_graphs.capture_sizes)
             max_blocks = -(-max_model_len // block_size)
-            assert isinstance(model, LlamaForCausalLM), "decode graphs are for decoders"
+            assert isinstance(model, DecoderModel), "decode graphs are for decoders"
             self.graphs = DecodeGraphs(
                 model, backend, self.kv_caches, graph_sizes, max_blocks, max_model_len, device
             )
@@ -108,7 +107,7 @@ class ModelRunner:
         self.compiler: DecodeCompiler | None = None
         if compile_decode != "off":  # see compile_cache.py
             assert device.type == "cpu" and backend.name == "torch", (device, backend.name)
-            assert isinstance(model, LlamaForCausalLM), "decode graphs are for decoders"
+            assert isinstance(model, DecoderModel), "decode graphs are for decoders"
             self.compiled = CompiledDecode(model, self.kv_caches, block_size)
             self.compiler = DecodeCompiler(self.compiled, compile_decode, compile_config)
 
