@@ -19,14 +19,13 @@ a response cut short by max_output_tokens (its `status` is "incomplete"): the op
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from pydantic import BaseModel
 
-from pagoda.services.gateway.calls import Call, ChoiceDelta, logger
+from pagoda.services.gateway.calls import ChoiceDelta
 from pagoda.services.gateway.reasoning import split_reasoning
 from pagoda.services.gateway.responses_output import Answer, Pending, output_items
 from pagoda.services.gateway.responses_protocol import (
@@ -37,7 +36,7 @@ from pagoda.services.gateway.responses_protocol import (
     ReasoningItem,
     ReasoningText,
 )
-from pagoda.services.gateway.streams import SSEResponse, coalesced
+from pagoda.services.gateway.streams import SSEResponse, coalesced, stream_errors
 from pagoda.services.transport.errors import APIError
 
 
@@ -195,28 +194,8 @@ def response_stream(pending: Pending) -> SSEResponse:
         response = await pending.finish(answer)
         yield emit("response.completed", response=response.model_dump(mode="json"))
 
-    return SSEResponse(_stream_errors(events(), call, emit), call)
+    def error_event(err: APIError) -> bytes:
+        code = "server_error" if err.status == 500 else str(err.code)
+        return emit("error", code=code, message=err.message, param=err.param)
 
-
-async def _stream_errors(
-    events: AsyncGenerator[bytes, None], call: Call, emit: Events
-) -> AsyncIterator[bytes]:
-    """Wraps a stream: an error mid-stream becomes an `error` event; logs one line at the end."""
-    status: int | str = "disconnected"
-    try:
-        async for data in events:
-            yield data
-        status = 200
-    except APIError as err:
-        status = err.status
-        yield emit("error", code=str(err.code), message=err.message, param=err.param)
-    except Exception as err:
-        logger.exception("request %s failed while streaming", call.request_id)
-        status = 500
-        yield emit(
-            "error", code="server_error", message=f"Internal server error ({type(err).__name__}).", param=None
-        )
-    finally:
-        with contextlib.suppress(Exception):
-            await events.aclose()
-        call.log(status)
+    return SSEResponse(stream_errors(events(), call, error_event), call)

@@ -62,8 +62,16 @@ class SSEResponse(StreamingResponse):
                     await aclose()
 
 
-async def _stream_errors(events: AsyncGenerator[bytes, None], call: Call) -> AsyncIterator[bytes]:
-    """Wraps a stream: an error mid-stream becomes an error event; logs one line at the end."""
+def _error_chunk(err: APIError) -> bytes:
+    return event(json.dumps(err.body())) + DONE
+
+
+async def stream_errors(
+    events: AsyncGenerator[bytes, None], call: Call, error_event: Callable[[APIError], bytes] = _error_chunk
+) -> AsyncIterator[bytes]:
+    """Wraps a stream: an error mid-stream becomes `error_event(err)` (a chat or completion
+    stream's error chunk and [DONE] by default; any other failure as a 500); logs one line at
+    the end."""
     status: int | str = "disconnected"
     try:
         async for data in events:
@@ -71,11 +79,11 @@ async def _stream_errors(events: AsyncGenerator[bytes, None], call: Call) -> Asy
         status = 200
     except APIError as err:
         status = err.status
-        yield event(json.dumps(err.body())) + DONE
+        yield error_event(err)
     except Exception as err:
         logger.exception("request %s failed while streaming", call.request_id)
         status = 500
-        yield event(json.dumps(APIError(500, f"Internal server error ({type(err).__name__}).").body())) + DONE
+        yield error_event(APIError(500, f"Internal server error ({type(err).__name__})."))
     finally:
         with contextlib.suppress(Exception):
             await events.aclose()
@@ -152,7 +160,7 @@ def chat_stream(call: Call, req: ChatCompletionRequest) -> SSEResponse:
             yield chunk([], usage=call.usage())
         yield DONE
 
-    return SSEResponse(_stream_errors(events(), call), call)
+    return SSEResponse(stream_errors(events(), call), call)
 
 
 class _ToolCallChunks:
@@ -294,4 +302,4 @@ def completion_stream(call: Call, req: CompletionRequest) -> SSEResponse:
             yield chunk([], usage=call.usage())
         yield DONE
 
-    return SSEResponse(_stream_errors(events(), call), call)
+    return SSEResponse(stream_errors(events(), call), call)
