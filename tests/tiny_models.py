@@ -31,14 +31,9 @@ def save_tiny_tokenizer(path: Path) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def make_tiny_model(
-    kind: str, path: Path, dtype: torch.dtype = torch.float32, num_layers: int = 2
-) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Build, randomize and save a tiny model of `kind` with `num_layers` decoder layers; returns
-    (hf_model, state_dict without a tied lm_head)."""
-    import transformers as tf
-
-    common: dict[str, Any] = dict(
+def tiny_config(num_layers: int = 2) -> dict[str, Any]:
+    """The sizes every tiny decoder shares (the tiny tokenizer's vocabulary and special ids)."""
+    return dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=96,
@@ -49,6 +44,16 @@ def make_tiny_model(
         bos_token_id=256,
         eos_token_id=257,
     )
+
+
+def make_tiny_model(
+    kind: str, path: Path, dtype: torch.dtype = torch.float32, num_layers: int = 2
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Build, randomize and save a tiny model of `kind` with `num_layers` decoder layers; returns
+    (hf_model, state_dict without a tied lm_head)."""
+    import transformers as tf
+
+    common = tiny_config(num_layers)
     torch.manual_seed(0)
     model: Any
     if kind == "llama":
@@ -216,19 +221,7 @@ def make_tiny_embedder(kind: str, path: Path) -> Any:
     torch.manual_seed(0)
     model: Any
     if kind == "qwen3":
-        model = tf.Qwen3Model(
-            tf.Qwen3Config(
-                vocab_size=VOCAB,
-                hidden_size=64,
-                intermediate_size=96,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=32,
-                max_position_embeddings=512,
-                eos_token_id=257,
-            )
-        )
+        model = tf.Qwen3Model(tf.Qwen3Config(**tiny_config(), head_dim=32))
         save_tiny_tokenizer(path)
     elif kind == "bert":
         vocab = save_tiny_wordpiece(path)
