@@ -22,6 +22,7 @@ from torch import nn
 
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.models.layers import RotaryEmbedding
+from pagoda.engine.models.llama import Attention
 from pagoda.engine.models.weight_loading import LoadReport, ModelLoader, Weight, fused_parts
 from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 
@@ -58,20 +59,13 @@ class GeGLU(nn.Module):
         return self.down_proj(F.gelu(gate, approximate=self.approximate) * up)  # type: ignore[no-any-return]
 
 
-class GemmaAttention(nn.Module):
+class GemmaAttention(Attention):
+    """Llama's attention with Gemma's q/k norms and soft-capped scores; q and k are always rotated
+    apart (no fused rotary path to keep in step with)."""
+
     def __init__(self, cfg: ModelArchConfig, rope: RotaryEmbedding, sliding_window: int | None) -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.scale = cfg.softmax_scale
-        self.sliding_window = sliding_window
+        super().__init__(cfg, rope, sliding_window, norm=GemmaRMSNorm)
         self.softcap = cfg.attn_logit_softcap
-        kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.rope = rope
 
     def forward(
         self,

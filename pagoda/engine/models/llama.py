@@ -20,7 +20,11 @@ from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 
 class Attention(nn.Module):
     def __init__(
-        self, cfg: ModelArchConfig, rope: RotaryEmbedding, sliding_window: int | None = None
+        self,
+        cfg: ModelArchConfig,
+        rope: RotaryEmbedding,
+        sliding_window: int | None = None,
+        norm: type[nn.Module] = RMSNorm,  # of the per-head q/k norms (Gemma's scales by 1 + weight)
     ) -> None:
         super().__init__()
         self.sliding_window = sliding_window  # Mistral's and Phi-3's window, where it binds
@@ -32,8 +36,8 @@ class Attention(nn.Module):
         self.scale = cfg.softmax_scale
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = norm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = norm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rope = rope
 
     def forward(
