@@ -101,3 +101,19 @@ def quant_matmul_ref(
     group_size: int,
 ) -> torch.Tensor:
     return (x.float() @ dequantize_ref(qweight, scales, zeros, bits, group_size)).to(x.dtype)
+
+
+def sgmv_ref(
+    a: torch.Tensor,  # [T, K]
+    w: torch.Tensor,  # [slots, K, N]
+    out: torch.Tensor,  # [T, N]
+    seg_start: torch.Tensor,
+    seg_len: torch.Tensor,
+    seg_slot: torch.Tensor,
+    accumulate: bool,
+) -> None:
+    """pagoda/kernels/lora.py's segmented GEMM: out[seg] (+)= a[seg] @ w[slot], per segment."""
+    for start, n, slot in zip(seg_start.tolist(), seg_len.tolist(), seg_slot.tolist(), strict=True):
+        rows = slice(start, start + n)
+        y = a[rows].float() @ w[slot].float()
+        out[rows] = (out[rows].float() + y if accumulate else y).to(out.dtype)
