@@ -23,7 +23,7 @@ from pagoda.kernels.runtime import dot_upcast, next_pow2
 
 
 @triton.jit
-def _sgmv_kernel(
+def _sgmv_kernel(  # type: ignore[no-untyped-def]
     a_ptr,  # [T, K]
     w_ptr,  # [slots] x [K, N] through strides
     out_ptr,  # [T, N]
