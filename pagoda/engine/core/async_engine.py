@@ -278,10 +278,12 @@ class AsyncEngine:
 
         def run() -> None:
             try:
-                done.set_result(call())
+                result = call()
             except Exception as exc:  # the caller's error (ValueError): raised in the caller
                 done.set_exception(exc)
-            self._loras = self.core.list_loras()
+                return
+            self._loras = self.core.list_loras()  # before the caller resumes
+            done.set_result(result)
 
         self.start()
         self._post("call", run)
