@@ -256,16 +256,13 @@ class AsyncEngine:
 
     # -- LoRA adapters -------------------------------------------------------------------------
     async def load_lora(self, name: str, path: str) -> LoRARequest:
-        """Load the PEFT adapter directory `path` as `name` on the step thread, between steps
-        (running requests are not disturbed). Raises ValueError saying what is wrong with it."""
-        lora: LoRARequest = await self._on_step_thread(lambda: self.core.load_lora(name, path))
-        return lora
+        """Load PEFT adapter dir `path` as `name` between steps (ValueError: what is wrong with it)."""
+        return await self._on_step_thread(lambda: self.core.load_lora(name, path))  # type: ignore[no-any-return]
 
     async def unload_lora(self, name: str) -> bool:
-        """Unload adapter `name` (False: it was not loaded). Requests naming it are refused from
-        now on; requests already holding it finish with it (vLLM's behaviour)."""
-        removed: bool = await self._on_step_thread(lambda: self.core.remove_lora(name))
-        return removed
+        """Unload adapter `name` (False: not loaded): requests naming it are refused from now on;
+        those holding it finish with it (vLLM's behaviour)."""
+        return await self._on_step_thread(lambda: self.core.remove_lora(name))  # type: ignore[no-any-return]
 
     def list_loras(self) -> list[str]:
         """The loaded adapters' names (what a worker announces with its model)."""
@@ -279,11 +276,10 @@ class AsyncEngine:
         def run() -> None:
             try:
                 result = call()
+                self._loras = self.core.list_loras()  # before the caller resumes
+                done.set_result(result)
             except Exception as exc:  # the caller's error (ValueError): raised in the caller
                 done.set_exception(exc)
-                return
-            self._loras = self.core.list_loras()  # before the caller resumes
-            done.set_result(result)
 
         self.start()
         self._post("call", run)
