@@ -55,11 +55,23 @@ def _generate(llm: LLM, adapters: dict[str, Path], mix: list[str | None] = MIX) 
     return [r.outputs[0] for r in res]
 
 
-@pytest.mark.parametrize(("max_loras", "budget"), [(4, 2048), (2, 8)], ids=["4-slots", "2-slots-chunked"])
-def test_mixed_adapters_match_peft(tiny: Any, max_loras: int, budget: int) -> None:
+@pytest.mark.parametrize(
+    ("max_loras", "budget", "path"),
+    [(4, 2048, "masked"), (4, 2048, "segments"), (2, 8, "masked"), (4, 2048, "sgmv")],
+    ids=["4-slots", "4-slots-per-segment", "2-slots-chunked", "4-slots-triton"],
+)
+def test_mixed_adapters_match_peft(
+    tiny: Any, max_loras: int, budget: int, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Greedy tokens equal and log-probs within 1e-4 of HF + PEFT, per sequence, twice (the second
-    time from the prefix cache); with 2 slots for 4 adapters, sequences wait for a slot (never more
-    than 2 adapters in a step) and adapters are evicted and loaded again."""
+    time from the prefix cache); on the CPU's masked path, its per-segment path and the GPU's
+    Triton kernels (under the interpreter on a CPU-only machine); with 2 slots for
+    4 adapters, sequences wait for a slot (never more than 2 adapters in a step) and adapters are
+    evicted and loaded again."""
+    if path == "segments":
+        monkeypatch.setattr("pagoda.engine.lora.layers.DENSE_MAX_MEAN_SEGMENT", 0)
+    if path == "sgmv":
+        monkeypatch.setattr("pagoda.engine.lora.layers.use_sgmv", lambda device: True)
     model, adapters, refs = tiny
     llm = _llm(model, max_loras=max_loras, max_cpu_loras=4, max_num_batched_tokens=budget)
     manager = llm.engine.lora

@@ -5,7 +5,7 @@ int8/int4 quantized, oneDNN-packed).
 Each wrapped projection holds `max_loras` slots of stacked weights in the run dtype, B scaled by
 alpha / r already (zeros past an adapter's rank, and for sub-projections it does not target):
 
-  lora_a [slots, subs, max_rank, in]      subs: q, k, v of qkv_proj; gate, up of gate_up_proj
+  lora_a [subs, slots, max_rank, in]      subs: q, k, v of qkv_proj; gate, up of gate_up_proj
   lora_b [slots, max_rank, out]           sub i's B writes its own columns of the fused output
 
 The runner sets one `LoRAStep` per step on the model's `LoRAContext` (None: no token has an
@@ -15,7 +15,8 @@ below is over segments or sub-projections, never over tokens:
 
 - GPU: the SGMV kernels (pagoda/kernels/lora.py), one shrink and one expand per sub-projection.
 - CPU, short segments (decode steps): every used slot at once, `x @ A_all^T`, rows masked to
-  their own slot's rank columns, then `@ B_all`: four ops per projection however many adapters.
+  their own slot's rank columns, then `@ B_all`: 2 + sub-projections ops per projection however
+  many adapters.
 - CPU, long segments (prefill chunks): a shrink and an expand per segment.
 """
 
@@ -39,13 +40,16 @@ TARGET_SLICES = {
     "up_proj": ("gate_up_proj", 1),
     "down_proj": ("down_proj", 0),
 }
-DENSE_MAX_MEAN_SEGMENT = 16  # CPU: segments shorter than this on average take the masked path
+# CPU: segments shorter than this on average take the masked path, whose extra flops (every used
+# slot's rank for every row) cost less than a per-segment loop's ops up to prompt-sized segments
+DENSE_MAX_MEAN_SEGMENT = 64
 
 
 @dataclass
 class LoRAStep:
     """One step's adapter rows: segments (first row, rows, slot) in row order; base rows are in
-    none. `mask` [tokens, used slots] (CPU masked path): 1 where the row's slot is the column."""
+    none. `mask` [tokens, used slots x max_rank] (CPU masked path): 1 in the row's own slot's
+    rank columns, 0 elsewhere."""
 
     num_tokens: int
     segments: list[tuple[int, int, int]]
@@ -55,20 +59,30 @@ class LoRAStep:
 
     @classmethod
     def build(
-        cls, segments: list[tuple[int, int, int]], num_tokens: int, device: torch.device, dtype: torch.dtype
+        cls,
+        segments: list[tuple[int, int, int]],
+        num_tokens: int,
+        max_rank: int,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> LoRAStep:
         step = cls(num_tokens, segments, max_len=max(n for _, n, _ in segments))
-        if device.type == "cuda":
+        if use_sgmv(device):
             cols = [torch.tensor(c, dtype=torch.int32) for c in zip(*segments, strict=True)]
             starts, lengths, slots = (c.to(device, non_blocking=True) for c in cols)
             step.seg_tensors = (starts, lengths, slots)
         elif num_tokens < DENSE_MAX_MEAN_SEGMENT * len(segments):
             used = max(s for _, _, s in segments) + 1
-            mask = torch.zeros(num_tokens, used, dtype=dtype)
+            mask = torch.zeros(num_tokens, used, max_rank, dtype=dtype)
             for first, n, slot in segments:
                 mask[first : first + n, slot] = 1
-            step.mask = mask.to(device)
+            step.mask = mask.view(num_tokens, used * max_rank).to(device)
         return step
+
+
+def use_sgmv(device: torch.device) -> bool:
+    """The Triton kernels run on CUDA only (tests run them under the interpreter too)."""
+    return device.type == "cuda"
 
 
 class LoRAContext:
@@ -99,17 +113,17 @@ class LoRALinear(nn.Module):
         offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
         self.slices = list(zip(offsets, out_sizes, strict=True))  # (first column, width) per sub
         subs, out = len(out_sizes), sum(out_sizes)
-        self.lora_a = torch.zeros(max_loras, subs, max_rank, fan_in, dtype=dtype, device=device)
+        self.lora_a = torch.zeros(subs, max_loras, max_rank, fan_in, dtype=dtype, device=device)
         self.lora_b = torch.zeros(max_loras, max_rank, out, dtype=dtype, device=device)
 
     def set_slot(self, slot: int, sub: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Put sub-projection `sub`'s A [r, in] and scaled B [out, r] in `slot` (None: zeros)."""
         first, width = self.slices[sub]
-        self.lora_a[slot, sub].zero_()
+        self.lora_a[sub, slot].zero_()
         self.lora_b[slot, :, first : first + width].zero_()
         if a is not None and b is not None:
             r = a.shape[0]
-            self.lora_a[slot, sub, :r] = a.to(self.lora_a.dtype)
+            self.lora_a[sub, slot, :r] = a.to(self.lora_a.dtype)
             self.lora_b[slot, :r, first : first + width] = b.t().to(self.lora_b.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, in] -> [T, out]
@@ -126,28 +140,25 @@ class LoRALinear(nn.Module):
         return y
 
     def _masked(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> None:
-        """Every used slot's shrink at once, each row keeping its own slot's columns."""
-        t, used = mask.shape
-        subs, rank = len(self.slices), self.max_rank
-        a = self.lora_a[:used].view(used * subs * rank, self.fan_in)
-        h = (x @ a.t()).view(t, used, subs, rank) * mask.view(t, used, 1, 1)  # [T, used, subs, rank]
-        b = self.lora_b[:used].view(used * rank, -1)
+        """Every used slot's shrink at once, each row keeping its own slot's rank columns: one
+        batched matmul over the sub-projections, one multiply, one addmm per sub-projection."""
+        cols = mask.shape[1]  # used slots x max_rank
+        used, subs = cols // self.max_rank, len(self.slices)
+        a = self.lora_a[:, :used].view(subs, cols, self.fan_in)
+        h = torch.matmul(x, a.transpose(1, 2)).mul_(mask)  # [subs, T, used * rank]
+        b = self.lora_b[:used].view(cols, -1)
         if subs == 1:
-            y.addmm_(h.view(t, used * rank), b)
+            y.addmm_(h[0], b)
             return
         for i, (first, width) in enumerate(self.slices):
-            y[:, first : first + width].addmm_(
-                h[:, :, i].reshape(t, used * rank), b[:, first : first + width]
-            )
+            y[:, first : first + width].addmm_(h[i], b[:, first : first + width])
 
     def _segments(self, x: torch.Tensor, y: torch.Tensor, segments: list[tuple[int, int, int]]) -> None:
-        rank = self.max_rank
         for first_row, n, slot in segments:
             rows = slice(first_row, first_row + n)
-            h = x[rows] @ self.lora_a[slot].view(-1, self.fan_in).t()  # [n, subs * rank]
             for i, (first, width) in enumerate(self.slices):
                 cols = slice(first, first + width)
-                y[rows, cols].addmm_(h[:, i * rank : (i + 1) * rank], self.lora_b[slot, :, cols])
+                y[rows, cols].addmm_(x[rows] @ self.lora_a[i, slot].t(), self.lora_b[slot, :, cols])
 
     def _sgmv(self, x: torch.Tensor, y: torch.Tensor, step: LoRAStep) -> None:
         from pagoda.kernels.lora import lora_expand, lora_shrink
@@ -158,12 +169,12 @@ class LoRALinear(nn.Module):
         h = torch.empty(x.shape[0], len(self.slices) * rank, dtype=x.dtype, device=x.device)
         for i, (first, width) in enumerate(self.slices):
             hi = h[:, i * rank : (i + 1) * rank]
-            lora_shrink(x, self.lora_a[:, i], hi, start, length, slot, step.max_len)
+            lora_shrink(x, self.lora_a[i], hi, start, length, slot, step.max_len)
             cols = slice(first, first + width)
             lora_expand(hi, self.lora_b[:, :, cols], y[:, cols], start, length, slot, step.max_len)
 
     def extra_repr(self) -> str:
-        slots, subs, rank, _ = self.lora_a.shape
+        subs, slots, rank, _ = self.lora_a.shape
         return f"slots={slots}, max_rank={rank}, sub_projections={subs}"
 
 

@@ -151,7 +151,11 @@ class LoRAManager:
                 else:
                     segments.append((row, n, slot))
             row += n
-        step = LoRAStep.build(segments, row, self.device, self.dtype) if segments else None
+        step = (
+            LoRAStep.build(segments, row, self.config.max_lora_rank, self.device, self.dtype)
+            if segments
+            else None
+        )
         self.ctx.step = step
         return step
 
