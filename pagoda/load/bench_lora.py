@@ -2,8 +2,9 @@
 against the base model alone, in one engine, in alternating rounds (base, adapters, base, ...), so
 that both see the same machine state; the median and the spread of each.
 
-The adapters are random PEFT directories (rank `--lora-rank` on every attention and MLP
-projection) written for the model, or the given `--lora-paths`."""
+The adapters are random PEFT directories (rank `--lora-rank` on the `--lora-targets` projections)
+written for the model, or the given `--lora-paths`. Steps with adapter rows run eagerly, so the
+engine runs without compiled decode graphs (`--compile off`) for both systems."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ import torch
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def write_random_adapters(cfg: Any, count: int, rank: int, root: Path) -> list[Path]:
-    """`count` random PEFT LoRA adapters for a model of ModelArchConfig `cfg` under `root`."""
+def write_random_adapters(
+    cfg: Any, count: int, rank: int, root: Path, targets: tuple[str, ...] = TARGETS
+) -> list[Path]:
+    """`count` random PEFT LoRA adapters on `targets` for a model of ModelArchConfig `cfg`."""
     from safetensors.torch import save_file
 
     from pagoda.engine.lora.peft_adapter import projection_shapes
@@ -34,11 +37,12 @@ def write_random_adapters(cfg: Any, count: int, rank: int, root: Path) -> list[P
     for i in range(count):
         path = root / f"adapter-{i}"
         path.mkdir(parents=True)
-        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS)}
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets)}
         (path / "adapter_config.json").write_text(json.dumps(config))
         tensors = {}
         for layer in range(cfg.num_layers):
-            for module, (fan_in, fan_out) in shapes.items():
+            for module in targets:
+                fan_in, fan_out = shapes[module]
                 parent = "self_attn" if module in TARGETS[:4] else "mlp"
                 key = f"base_model.model.model.layers.{layer}.{parent}.{module}.lora_"
                 tensors[key + "A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
@@ -68,9 +72,8 @@ def bench_lora(args: argparse.Namespace, prompts: list[list[int]]) -> list[dict[
     )
     llm = LLM(config=dataclasses.replace(config, lora=lora, compile="off"))
     with tempfile.TemporaryDirectory() as tmp:
-        paths = args.lora_paths or write_random_adapters(
-            llm.engine.model.cfg, count, args.lora_rank, Path(tmp)
-        )
+        cfg, targets = llm.engine.model.cfg, tuple(args.lora_targets)
+        paths = args.lora_paths or write_random_adapters(cfg, count, args.lora_rank, Path(tmp), targets)
         loras = [llm.engine.load_lora(f"adapter-{i}", str(p)) for i, p in enumerate(paths)]
     spread = [loras[i % count] for i in range(len(prompts))]
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)

@@ -100,6 +100,12 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
         "in alternating rounds (pagoda/load/bench_lora.py)",
     )
     b.add_argument("--lora-rank", type=int, default=8, help="rank of the random adapters")
+    b.add_argument(
+        "--lora-targets",
+        nargs="+",
+        default=["q_proj", "v_proj"],
+        help="projections the random adapters adapt (default: PEFT's for Llama models)",
+    )
     b.add_argument("--lora-paths", nargs="+", default=[], help="PEFT adapter directories to use instead")
     b.add_argument("--rounds", type=int, default=3, help="rounds of each system (--lora-adapters)")
     b.add_argument(

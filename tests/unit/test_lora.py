@@ -69,7 +69,7 @@ def test_mixed_adapters_match_peft(
     4 adapters, sequences wait for a slot (never more than 2 adapters in a step) and adapters are
     evicted and loaded again."""
     if path == "segments":
-        monkeypatch.setattr("pagoda.engine.lora.layers.DENSE_MAX_MEAN_SEGMENT", 0)
+        monkeypatch.setattr("pagoda.engine.lora.layers.MASKED_MAX_ROW_SLOTS", 0)
     if path == "sgmv":
         monkeypatch.setattr("pagoda.engine.lora.layers.use_sgmv", lambda device: True)
     model, adapters, refs = tiny

@@ -152,7 +152,9 @@ class LoRAManager:
                     segments.append((row, n, slot))
             row += n
         step = (
-            LoRAStep.build(segments, row, self.config.max_lora_rank, self.device, self.dtype)
+            LoRAStep.build(
+                segments, row, self.config.max_loras, self.config.max_lora_rank, self.device, self.dtype
+            )
             if segments
             else None
         )
