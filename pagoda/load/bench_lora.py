@@ -80,25 +80,43 @@ def bench_lora(args: argparse.Namespace, prompts: list[list[int]]) -> list[dict[
     warm = SamplingParams(max_tokens=4, temperature=0.0)
     llm.generate(prompts[: 2 * count], warm, use_tqdm=False, lora_request=spread[: 2 * count])
     rates: dict[str, list[float]] = {"base": [], f"{count} adapters": []}
+    cpu: dict[str, list[float]] = {name: [] for name in rates}  # output tokens per CPU second
     for _ in range(args.rounds):
         for name, adapters in zip(rates, (None, spread), strict=True):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             results = llm.generate(prompts, params, use_tqdm=False, lora_request=adapters)
             tokens = sum(len(c.token_ids) for r in results for c in r.outputs)
             rates[name].append(tokens / (time.perf_counter() - t0))
+            cpu[name].append(tokens / (time.process_time() - c0))
     return [
-        {"system": name, "output_tok_s": r, "median": statistics.median(r), "spread": max(r) - min(r)}
+        {
+            "system": name,
+            "output_tok_s": r,
+            "median": statistics.median(r),
+            "spread": [min(r), max(r)],
+            "output_tok_per_cpu_s": cpu[name],
+        }
         for name, r in rates.items()
     ]
 
 
 def print_lora(summaries: list[dict[str, Any]], as_json: bool) -> None:
+    """Each system's rounds, and the adapters' throughput over the base's: the ratio of the
+    medians, and the median [range] of the ratios of rounds run back to back (steadier where
+    other processes share the machine), by wall time and by the process's CPU time."""
     if as_json:
         print(json.dumps(summaries, indent=2))
         return
-    print(f"{'system':<14} {'median out tok/s':>17} {'spread':>8}   rounds")
+    print(f"{'system':<14} {'median out tok/s':>17} {'range':>16}   rounds")
     for s in summaries:
         rounds = ", ".join(f"{r:.1f}" for r in s["output_tok_s"])
-        print(f"{s['system']:<14} {s['median']:>17.1f} {s['spread']:>8.1f}   {rounds}")
+        lo, hi = s["spread"]
+        print(f"{s['system']:<14} {s['median']:>17.1f} {f'[{lo:.1f}-{hi:.1f}]':>16}   {rounds}")
     base, lora = summaries
     print(f"\n{lora['system']} / base: {lora['median'] / base['median']:.2f}x output throughput (medians)")
+    for key, what in (("output_tok_s", "wall time"), ("output_tok_per_cpu_s", "CPU time")):
+        ratios = [b / a for a, b in zip(base[key], lora[key], strict=True)]
+        print(
+            f"per round ({what}): {statistics.median(ratios):.2f}x "
+            f"[{min(ratios):.2f}-{max(ratios):.2f}]: " + ", ".join(f"{r:.2f}" for r in ratios)
+        )
