@@ -66,6 +66,11 @@ class ModelSource:
     task: str = "auto"  # --task: generate or embed (auto: what the checkpoint is made for)
     pooling_type: str | None = None  # --pooling-type
 
+    @property
+    def name_hint(self) -> str:
+        """What tells this model apart on the command line (its served name or its path)."""
+        return self.served_model_name or self.model
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -120,7 +125,7 @@ class LaunchConfig:
     roles: tuple[str, ...]
     cluster: ClusterConfig
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
-    model: ModelSource | None = None  # set when a gateway, tokenizer or worker runs
+    models: tuple[ModelSource, ...] = ()  # set when a gateway, tokenizer or worker runs
     gateway: GatewayConfig | None = None
     worker: WorkerConfig | None = None
 
@@ -132,7 +137,20 @@ class LaunchConfig:
             )
         assert ("gateway" in self.roles) == (self.gateway is not None), self.roles
         assert ("worker" in self.roles) == (self.worker is not None), self.roles
-        assert (self.model is not None) == bool(_MODEL_ROLES & set(self.roles)), self.roles
+        assert bool(self.models) == bool(_MODEL_ROLES & set(self.roles)), self.roles
+        if self.roles == ("worker",) and len(self.models) > 1:
+            raise ValueError(
+                f"a worker serves one model (--model given {len(self.models)} times): run one "
+                "`pagoda worker` per model"
+            )
+        names = [m.name_hint for m in self.models]
+        if len(set(names)) < len(names):
+            raise ValueError(f"--model names the same model twice ({', '.join(names)})")
+
+    @property
+    def model(self) -> ModelSource | None:
+        """The first (or only) model; None for a process without a model role."""
+        return self.models[0] if self.models else None
 
     @property
     def service_name(self) -> str:
@@ -148,13 +166,26 @@ def launch_config(args: argparse.Namespace, roles: tuple[str, ...]) -> LaunchCon
         roles=roles,
         cluster=cluster_config(args),
         admission=admission_limits(args) if has & _ADMISSION_ROLES else AdmissionLimits(),
-        model=ModelSource(
-            args.model, args.served_model_name, args.max_model_len, args.task, args.pooling_type
-        )
-        if has & _MODEL_ROLES
-        else None,
+        models=model_sources(args) if has & _MODEL_ROLES else (),
         gateway=gateway_config(args) if "gateway" in has else None,
         worker=worker_config(args) if "worker" in has else None,
+    )
+
+
+def model_sources(args: argparse.Namespace) -> tuple[ModelSource, ...]:
+    """One `ModelSource` per --model (the demo model when none is given), each with its
+    --served-model-name (given once per model, or not at all)."""
+    paths = getattr(args, "models", None) or [args.model]
+    given = getattr(args, "served_model_names", None)
+    if given and len(given) != len(paths):
+        raise ValueError(
+            f"--served-model-name was given {len(given)} times for {len(paths)} --model: give it "
+            "once per model, in the same order, or leave it out"
+        )
+    names = given or [args.served_model_name] * len(paths)
+    return tuple(
+        ModelSource(path, name, args.max_model_len, args.task, args.pooling_type)
+        for path, name in zip(paths, names, strict=True)
     )
 
 

@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import uvicorn
@@ -35,8 +35,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from pagoda.engine import PoolerConfig, Tokenizer
-    from pagoda.services.gateway.bus_frontend import BusFrontend
-    from pagoda.services.scheduler.admission import FleetAdmission
+    from pagoda.services.gateway.server import ModelEndpoint
 
 logger = logging.getLogger("pagoda")
 
@@ -116,8 +115,7 @@ class Process:
         self.failed: list[str] = []  # services that failed for good
         self.bus: Bus = InMemoryBus()
         self.store: Store = InMemoryStore()
-        self._frontend: BusFrontend | None = None
-        self._fleet: FleetAdmission | None = None
+        self._endpoints: list[ModelEndpoint] = []  # the gateway's models
         self._server: _Server | None = None
         self._failure_watch: asyncio.Task[None] | None = None
         self._metrics_server: Any = None
@@ -165,47 +163,45 @@ class Process:
         """Builds the services of `config.roles` (started later by `run`); the gateway and
         tokenizer read the model's tokenizer here, a worker loads its engine."""
         roles = set(self.config.roles)
-        model = None
+        models: list[ServedModel] = []
         if roles & {"gateway", "tokenizer"}:
-            assert self.config.model is not None
             # off the event loop, so the broker connection keeps its heartbeats meanwhile
-            model = await asyncio.to_thread(read_served_model, self.config.model)
+            models = [await asyncio.to_thread(read_served_model, m) for m in self.config.models]
         if "worker" in roles:
-            self.services.append(await asyncio.to_thread(self.build_worker))
+            for i in range(len(self.config.models)):  # `pagoda serve`: one engine per model
+                self.services.append(await asyncio.to_thread(self.build_worker, i))
         if "scheduler" in roles:
             self.services.append(self._build_scheduler())
         if "tokenizer" in roles:
-            assert model is not None
-            self.services.append(self._build_tokenizer(model))
+            self.services += [self._build_tokenizer(model) for model in models]
         if "gateway" in roles:
-            assert model is not None
-            self._build_gateway(model)
+            self._build_gateway(models)
 
-    def build_worker(self) -> _Service:
-        """The worker service and its engine core (run in a thread: loading takes seconds)."""
+    def build_worker(self, index: int = 0) -> _Service:
+        """The worker service and its engine core for the `index`-th model (run in a thread:
+        loading takes seconds)."""
         from pagoda.engine import AsyncEngine, EngineCore, StepCore, build_off_main_thread
         from pagoda.services.ops.failpoints import install_failpoints
         from pagoda.services.worker.service import WorkerService
 
-        worker = self.config.worker
+        worker, source = self.config.worker, self.config.models[index]
         assert worker is not None
         core: StepCore
         if worker.sim is not None:
             from pagoda.engine import SimCore
 
-            assert self.config.model is not None
-            model = read_served_model(self.config.model)
+            model = read_served_model(source)
             core = SimCore(
                 model.tokenizer, model.name, model.max_model_len, worker.sim, model.default_sampling
             )
         else:
-            engine = worker.engine
+            engine = replace(worker.engine, model=source.model, served_model_name=source.served_model_name)
             # off the main thread: see its docstring (OpenMP pools); a server compiles its decode
             # graphs in the background while it serves (runner/compile_cache.py)
             core = build_off_main_thread(lambda: EngineCore(engine, background_compile=True))
         install_failpoints(core)
         return WorkerService(
-            AsyncEngine(core), self.bus, self.store, worker_id=worker.worker_id,
+            AsyncEngine(core), self.bus, self.store, worker_id=_nth_id(worker.worker_id, index),
             heartbeat_s=self.config.cluster.heartbeat_s, stall_timeout_s=worker.stall_timeout_s,
             queues=self.queues, metrics=self.metrics, admission=self.config.admission,
         )  # fmt: skip
@@ -223,23 +219,27 @@ class Process:
         from pagoda.services.tokenizer.prompts import PromptProcessor
         from pagoda.services.tokenizer.service import TokenizerService
 
-        return TokenizerService(self.bus, PromptProcessor(model.tokenizer, model.max_model_len), self.queues)
+        processor = PromptProcessor(model.tokenizer, model.max_model_len)
+        return TokenizerService(self.bus, processor, model.name, self.queues)
 
-    def _build_gateway(self, model: ServedModel) -> None:
+    def _build_gateway(self, models: list[ServedModel]) -> None:
+        """One frontend (and admission) per model, behind one HTTP app."""
         from pagoda.services.gateway.bus_frontend import BusFrontend
+        from pagoda.services.gateway.server import ModelEndpoint
         from pagoda.services.scheduler.admission import FleetAdmission
 
         gateway = self.config.gateway
         assert gateway is not None
-        heartbeat = self.config.cluster.heartbeat_s
-        self._frontend = BusFrontend(
-            self.bus, model.tokenizer, model_name=model.name, max_model_len=model.max_model_len,
-            default_sampling=model.default_sampling, registry=WorkerRegistry(self.store, heartbeat),
-            pooler=model.pooler,
-            queues=self.queues, queue_timeout_s=gateway.queue_timeout_s or None,
-        )  # fmt: skip
-        self._fleet = FleetAdmission(WorkerRegistry(self.store, heartbeat), self.config.admission)
-        self.services += [self._frontend, self._fleet]
+        registry = WorkerRegistry(self.store, self.config.cluster.heartbeat_s)
+        for model in models:
+            frontend = BusFrontend(
+                self.bus, model.tokenizer, model_name=model.name, max_model_len=model.max_model_len,
+                default_sampling=model.default_sampling, registry=registry, pooler=model.pooler,
+                queues=self.queues, queue_timeout_s=gateway.queue_timeout_s or None,
+            )  # fmt: skip
+            fleet = FleetAdmission(registry, self.config.admission, model.name)
+            self._endpoints.append(ModelEndpoint(frontend, admission=fleet))
+            self.services += [frontend, fleet]
 
     async def _start_services(self) -> None:
         for svc in self.services:
@@ -272,7 +272,7 @@ class Process:
 
     async def _serve(self) -> None:
         """Serves HTTP until told to stop when this process runs the gateway, else waits for a stop."""
-        if self._frontend is None:
+        if not self._endpoints:
             logger.info("running %s", ", ".join(self.config.roles))
             await self.stop.wait()
             return
@@ -281,16 +281,17 @@ class Process:
         assert gateway is not None
         logger.info(
             "serving %s on http://%s:%d/v1 (%s)",
-            self._frontend.model_name, gateway.host, gateway.port, ", ".join(self.config.roles),
+            ", ".join(e.frontend.model_name for e in self._endpoints), gateway.host, gateway.port,
+            ", ".join(self.config.roles),
         )  # fmt: skip
         await self._server.serve(
             sockets=[_reuse_port_socket(gateway.host, gateway.port)] if gateway.reuse_port else None
         )
 
     def _uvicorn_config(self) -> uvicorn.Config:
-        gateway, frontend = self.config.gateway, self._frontend
-        assert gateway is not None and frontend is not None
-        app = gateway_app(gateway, frontend, self.metrics, self._fleet, self.store)
+        gateway = self.config.gateway
+        assert gateway is not None
+        app = gateway_app(gateway, self._endpoints, self.metrics, self.store)
         return uvicorn.Config(
             app, host=gateway.host, port=gateway.port, log_level=gateway.log_level.lower(), access_log=False,
             timeout_graceful_shutdown=max(1, round(self.config.cluster.shutdown_timeout_s)),
@@ -316,6 +317,11 @@ class Process:
         logger.info("stopped")
 
 
+def _nth_id(worker_id: str | None, index: int) -> str | None:
+    """The id of a process's `index`-th worker (`pagoda serve` runs one per model)."""
+    return worker_id if index == 0 or worker_id is None else f"{worker_id}-{index}"
+
+
 def _reuse_port_socket(host: str, port: int) -> socket.socket:
     """A listening socket on (host, port) that other processes may bind too (SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -329,15 +335,11 @@ def _reuse_port_socket(host: str, port: int) -> socket.socket:
 
 
 def gateway_app(
-    gateway: GatewayConfig,
-    frontend: BusFrontend,
-    metrics: Metrics,
-    fleet: FleetAdmission | None,
-    store: Store,
+    gateway: GatewayConfig, endpoints: list[ModelEndpoint], metrics: Metrics, store: Store
 ) -> FastAPI:
-    """The gateway's HTTP app over `frontend`, with `gateway`'s keys, limits and rate limits (their
-    counters in `store`, as are stored Responses API responses). Logs how many API keys are
-    required, never the keys."""
+    """The gateway's HTTP app over its models' `endpoints`, with `gateway`'s keys, limits and rate
+    limits (their counters in `store`, as are stored Responses API responses). Logs how many API
+    keys are required, never the keys."""
     from pagoda.services.gateway.ratelimit import RateLimiter
     from pagoda.services.gateway.server import build_app
 
@@ -345,8 +347,8 @@ def gateway_app(
         logger.info("API keys required: %d configured", len(gateway.api_keys))
     rate_limiter = RateLimiter(store, gateway.rate_limits) if gateway.rate_limits.enabled else None
     return build_app(
-        frontend, served_model_names=[frontend.model_name], api_keys=list(gateway.api_keys) or None,
-        metrics=metrics, limits=gateway.limits, admission=fleet, rate_limiter=rate_limiter,
+        endpoints, api_keys=list(gateway.api_keys) or None,
+        metrics=metrics, limits=gateway.limits, rate_limiter=rate_limiter,
         tool_call_parser=gateway.tool_call_parser, reasoning_parser=gateway.reasoning_parser,
         store=store, responses_ttl_s=gateway.responses_ttl_s,
     )  # fmt: skip

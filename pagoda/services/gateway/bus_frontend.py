@@ -22,7 +22,7 @@ from pagoda.engine import PoolerConfig, RequestOutput, SamplingParams, Tokenizer
 from pagoda.services.gateway.failover import RequestTrack, WorkerWatch
 from pagoda.services.gateway.frontend import Submitted
 from pagoda.services.ops import tracing
-from pagoda.services.scheduler.admission import first_output, first_output_wait
+from pagoda.services.scheduler.admission import RETRY_AFTER_S, first_output, first_output_wait
 from pagoda.services.scheduler.registry import WorkerRegistry, routable
 from pagoda.services.transport.bus import Bus, Delivery, Subscription
 from pagoda.services.transport.errors import APIError
@@ -80,6 +80,7 @@ class BusFrontend:
         self.gateway_id = gateway_id or uuid.uuid4().hex[:12]
         self.queues = queues or Queues()
         self.reply_queue = self.queues.reply(self.gateway_id)
+        self.tokenize_queue = self.queues.tokenize(model_name)
         self.accept_timeout_s = accept_timeout_s
         self.queue_timeout_s = queue_timeout_s  # workers fail a request not started by then
         self._pending: dict[str, _Pending] = {}
@@ -91,7 +92,7 @@ class BusFrontend:
         self._lost = WorkerWatch(grace_s=2 * (registry.heartbeat_s if registry is not None else 1.0))
 
     async def start(self) -> None:
-        await self.bus.declare_work_queue(self.queues.tokenize)
+        await self.bus.declare_work_queue(self.tokenize_queue)
         await self.bus.declare_reply_queue(self.reply_queue)
         self._sub = await self.bus.consume(self.reply_queue, self._on_reply, prefetch=512)
         self.bus.on_connection_lost(self._on_bus_lost)
@@ -113,7 +114,7 @@ class BusFrontend:
             p.outputs.put_nowait(APIError(503, "The gateway is shutting down."))
 
     def is_ready(self) -> bool:
-        """Started, and at least one worker heartbeating (when a registry is given)."""
+        """Started, and at least one worker of this model heartbeating (when a registry is given)."""
         return self._ready and self._workers_alive
 
     async def _check_workers(self) -> None:
@@ -123,7 +124,7 @@ class BusFrontend:
         except Exception as exc:  # the store is down: requests keep running; keep the last verdict
             logger.warning("gateway: cannot read the worker registry: %s", exc)
             return
-        self._workers_alive = bool(routable(workers))
+        self._workers_alive = any(w.model == self.model_name for w in routable(workers))
         states: dict[str, str] = {w.worker_id: w.state for w in workers}
         watched = {
             p.track.worker_id for p in self._pending.values() if p.track.worker_id and not p.track.awaiting
@@ -189,8 +190,14 @@ class BusFrontend:
     ) -> Submitted:
         if request_id in self._pending:
             raise APIError(400, f"request id {request_id!r} is already running")
+        if not self._workers_alive:  # the scheduler would say so too, a few hops later
+            raise APIError(
+                503, f"No worker serves model {self.model_name!r} now; retry shortly.",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )  # fmt: skip
         msg = TokenizeRequest(
-            request_id=request_id, reply_to=self.reply_queue, prompt=prompt, sampling=SamplingSpec.of(params),
+            request_id=request_id, reply_to=self.reply_queue, model=self.model_name, prompt=prompt,
+            sampling=SamplingSpec.of(params),
             priority=priority, cache_salt=cache_salt, session_id=session_id, arrival_time=time.time(),
             queue_timeout_s=self.queue_timeout_s,
         )  # fmt: skip
@@ -200,7 +207,7 @@ class BusFrontend:
         self._pending[request_id] = pending
         try:
             try:
-                await self.bus.publish(self.queues.tokenize, encode(msg), pending.trace.headers())
+                await self.bus.publish(self.tokenize_queue, encode(msg), pending.trace.headers())
             except Exception as exc:  # the broker is unreachable (or restarting)
                 logger.warning("gateway: could not send %s to the tokenizer: %s", request_id, exc)
                 raise APIError(503, "The message broker is unavailable; retry shortly.") from None

@@ -280,8 +280,9 @@ class Call:
         prompt = sum(len(s.prompt_ids) for s in self.subs)
         completion = sum(c.num_output_tokens for s in self.subs for c in s.choices)
         logger.info(
-            "request %s status=%s prompt_tokens=%d completion_tokens=%d latency=%.3fs",
+            "request %s model=%s status=%s prompt_tokens=%d completion_tokens=%d latency=%.3fs",
             self.request_id,
+            self.model or self.metrics_model,
             status,
             prompt,
             completion,

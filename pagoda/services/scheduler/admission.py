@@ -88,13 +88,14 @@ def has_room(
 
 
 class FleetAdmission:
-    """The gateway's view: sequences it has in flight, against the fleet's slots plus queue caps
-    (from the registry, refreshed every half heartbeat). With no worker known it admits: the
-    scheduler answers 503 "no worker" on its own."""
+    """The gateway's view of one model: sequences it has in flight for it, against the slots plus
+    queue caps of that model's workers (from the registry, refreshed every half heartbeat). With no
+    worker known it admits: the frontend or the scheduler answers 503 "no worker" on its own."""
 
-    def __init__(self, registry: WorkerRegistry, limits: AdmissionLimits) -> None:
+    def __init__(self, registry: WorkerRegistry, limits: AdmissionLimits, model: str) -> None:
         self.registry = registry
         self.limits = limits
+        self.model = model
         self.in_flight = 0
         self._workers: list[WorkerState] = []
         self._task: asyncio.Task[None] | None = None
@@ -130,7 +131,8 @@ class FleetAdmission:
 
     async def refresh(self) -> None:
         try:
-            self._workers = [load_of(beat) for beat in await self.registry.alive()]
+            alive = await self.registry.alive()
+            self._workers = [load_of(beat) for beat in alive if beat.model == self.model]
         except Exception as exc:  # keep the last view; the gateway's readiness says the rest
             logger.debug("admission: cannot read the worker registry: %s", exc)
 

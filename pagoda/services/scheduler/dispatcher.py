@@ -1,6 +1,7 @@
 """The scheduler service (cluster dispatcher): picks a worker for each tokenized request.
 
-It reads live workers from the registry (heartbeats), looks up how much of the prompt each worker
+It reads live workers from the registry (heartbeats), keeps those serving the request's model
+(one scheduler routes for every model of the deployment), looks up how much of the prompt each worker
 has cached (the block hashes workers publish, computed with the engine's own hash function), asks
 the router, and forwards the request to that worker's queue. Between heartbeats it counts the
 requests it has sent each worker, so a burst does not all land on one worker.
@@ -156,7 +157,8 @@ class SchedulerService:
                 return
             if decision is None:
                 span.fail("no worker")
-                await self._reject(msg, 503, "no worker is available; try again shortly", "no_worker")
+                serving = f" serves model {msg.model!r}" if msg.model else " is available"
+                await self._reject(msg, 503, f"no worker{serving}; try again shortly", "no_worker")
                 return
             try:
                 if not await self._forward(msg, decision, span):
@@ -235,7 +237,12 @@ class SchedulerService:
             logger.warning("scheduler: store unavailable after routing %s: %s", msg.request_id, exc)
 
     async def _decide(self, msg: ScheduleRequest, gone: set[str] | None = None) -> Decision | None:
-        alive = [w for w in await self._workers() if w.worker_id not in (gone or ())]
+        """The router's choice among the live workers of the request's model (None: there are none)."""
+        alive = [
+            w
+            for w in await self._workers()
+            if w.worker_id not in (gone or ()) and (not msg.model or w.model == msg.model)
+        ]
         if not alive:
             return None
         block_size = alive[0].block_size

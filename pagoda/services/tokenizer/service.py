@@ -1,6 +1,7 @@
 """The tokenizer service: chat template, tokenization and prompt checks, off the gateway's loop.
 
-Stateless: run as many as the load needs; they share the `pagoda.tokenize` queue. For each request
+Stateless: run as many as the load needs; those of one model share its `pagoda.tokenize.<model>`
+queue (a process serving several models runs one service per model). For each request
 it either answers the gateway with `Rejected` (a 400 the client sees, with the lengths) or sends
 `Accepted` (the prompt ids) to the gateway and the request on to the scheduler.
 """
@@ -31,21 +32,25 @@ CONCURRENCY = 64  # requests tokenized and forwarded at once per tokenizer proce
 
 
 class TokenizerService:
-    def __init__(self, bus: Bus, processor: PromptProcessor, queues: Queues | None = None) -> None:
+    def __init__(
+        self, bus: Bus, processor: PromptProcessor, model: str, queues: Queues | None = None
+    ) -> None:
         self.bus = bus
         self.queues = queues or Queues()
         self.processor = processor
+        self.model = model  # the served model name: this tokenizer reads that model's queue
+        self.queue = self.queues.tokenize(model)
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
-        await self.bus.declare_work_queue(self.queues.tokenize)
+        await self.bus.declare_work_queue(self.queue)
         await self.bus.declare_work_queue(self.queues.schedule)
         # Each request waits on two confirmed publishes (a durable one is fsynced): handle many at
         # once, or the round trips cap the whole cluster at a few dozen requests a second.
         self._sub = await self.bus.consume(
-            self.queues.tokenize, self._on_message, prefetch=CONCURRENCY * 2, concurrency=CONCURRENCY
+            self.queue, self._on_message, prefetch=CONCURRENCY * 2, concurrency=CONCURRENCY
         )
-        logger.info("tokenizer ready on %s", self.queues.tokenize)
+        logger.info("tokenizer ready on %s", self.queue)
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -83,7 +88,8 @@ class TokenizerService:
             return
         await self._answer(msg.reply_to, Accepted(request_id=msg.request_id, prompt_token_ids=ids))
         forward = ScheduleRequest(
-            request_id=msg.request_id, reply_to=msg.reply_to, prompt_token_ids=ids, sampling=msg.sampling,
+            request_id=msg.request_id, reply_to=msg.reply_to, model=msg.model, prompt_token_ids=ids,
+            sampling=msg.sampling,
             priority=msg.priority, cache_salt=msg.cache_salt, session_id=msg.session_id,
             arrival_time=msg.arrival_time, queue_timeout_s=msg.queue_timeout_s,
         )  # fmt: skip

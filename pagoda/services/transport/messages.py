@@ -26,9 +26,9 @@ class Queues:
 
     namespace: str = "pagoda"
 
-    @property
-    def tokenize(self) -> str:
-        return f"{self.namespace}.tokenize"
+    def tokenize(self, model: str) -> str:
+        """The tokenizers of one served model share a queue (each knows one model's tokenizer)."""
+        return f"{self.namespace}.tokenize.{model}"
 
     @property
     def schedule(self) -> str:
@@ -110,6 +110,7 @@ class TokenizeRequest(_Msg):
     type: Literal["tokenize"] = "tokenize"
     request_id: str
     reply_to: str  # the gateway's reply queue
+    model: str = ""  # the served model name; the scheduler routes to its workers ("": any worker)
     prompt: PromptInput
     sampling: SamplingSpec
     priority: int = 0
@@ -124,6 +125,7 @@ class ScheduleRequest(_Msg):
     type: Literal["schedule"] = "schedule"
     request_id: str
     reply_to: str
+    model: str = ""  # the served model name: only its workers may run it ("": any worker)
     prompt_token_ids: list[int]
     sampling: SamplingSpec
     priority: int = 0
