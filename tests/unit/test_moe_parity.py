@@ -4,6 +4,7 @@ of whole and chunked prefills and decodes, greedy generation, and the checkpoint
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,8 @@ import torch
 from pagoda.engine.llm import LLM
 from pagoda.engine.loader.hf_loader import arch_from_hf_config
 from pagoda.engine.models import build_model
-from pagoda.engine.models.moe import MoeForCausalLM, SparseMoeBlock
-from pagoda.engine.models.moe_experts import StackedExperts
+from pagoda.engine.models.moe import MoeForCausalLM, Router, SparseMoeBlock
+from pagoda.engine.models.moe_experts import Int8Experts, StackedExperts
 from pagoda.engine.sampling.params import SamplingParams
 from tests.tiny_moe_models import MOE_KINDS, make_tiny_moe
 from tests.unit.test_model_parity import PROMPTS, _assert_matches_hf
@@ -96,3 +97,62 @@ def test_incomplete_experts_are_refused(tmp_path: Path) -> None:
     del state["model.layers.0.mlp.experts.3.up_proj.weight"]
     with pytest.raises(ValueError, match="7 of 8 expert tensors"):
         _engine_model(tmp_path, state)
+
+
+def test_int8_quantizes_the_experts(tmp_path: Path) -> None:
+    """`--quantization int8`: stacked experts become Int8Experts (the router stays dense), and the
+    log-probs stay near float32's."""
+    make_tiny_moe("qwen2_moe", tmp_path)
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, ignore_eos=True)
+    runs = {}
+    for method in ("none", "int8"):
+        llm = LLM(
+            str(tmp_path), dtype="float32", kv_cache_memory=1 << 22, max_model_len=256, quantization=method
+        )
+        runs[method] = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0]
+    block = llm.engine.model.layers[0].mlp
+    assert isinstance(block, SparseMoeBlock) and isinstance(block.experts, Int8Experts)
+    assert isinstance(block.gate, Router)
+    dense, int8 = runs["none"], runs["int8"]
+    assert int8.token_ids[0] == dense.token_ids[0]
+    assert dense.logprobs is not None and int8.logprobs is not None
+    assert abs(int8.logprobs[0].logprob - dense.logprobs[0].logprob) < 0.05
+
+
+def test_int4_refuses_experts(tmp_path: Path) -> None:
+    make_tiny_moe("mixtral", tmp_path)
+    with pytest.raises(ValueError, match="--quantization int4 does not cover mixture-of-experts"):
+        LLM(str(tmp_path), dtype="bfloat16", kv_cache_memory=1 << 22, max_model_len=256, quantization="int4")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3moe"])
+def test_moe_gguf_is_refused(tmp_path: Path, arch: str) -> None:
+    """Mixtral GGUFs are "llama" with an expert count; Qwen's MoE GGUFs have their own names."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from pagoda.engine.loader import ModelLoadError
+    from pagoda.engine.loader.gguf_loader import load_gguf
+
+    path = tmp_path / "moe.gguf"
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_expert_count(4)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="mixture-of-experts GGUF"):
+        load_gguf(path)
+
+
+def test_moe_decode_steps_run_eagerly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`--compile on` is turned off for an MoE model, with the reason logged (docs/moe.md)."""
+    make_tiny_moe("granitemoe", tmp_path)
+    with caplog.at_level(logging.INFO, logger="pagoda.engine.core.engine_core"):
+        llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory=1 << 22, max_model_len=256, compile="on")
+    assert llm.engine.runner.compiled is None
+    assert "mixture-of-experts model run eagerly" in caplog.text
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    assert len(llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids) == 3
