@@ -4,12 +4,13 @@ expert-parallel split is a slice along the first dimension.
 
 A step's rows are sorted by expert once (`sort_by_expert`); each expert then runs its contiguous
 slice of rows. On the CPU the slices run as one `F.grouped_mm` where torch has it (2.8+; rows
-aligned to 16 bytes), else one matmul per expert present: never a loop over tokens. Measured
+aligned to 16 bytes), else one matmul per expert present: never a loop over tokens. grouped_mm
 against the per-expert loop on this repository's 2-core EPYC (hidden 1024, inter 512, best of 9,
-ms; docs/moe.md): bf16, 32 experts top-4: 0.80 vs 0.85 at 1 token, 5.05 vs 5.78 at 8, 10.85 vs
-11.73 at 64, 17.75 vs 19.38 at 256; 64 experts top-8: 1.61 vs 1.73, 10.78 vs 11.98, 21.13 vs
-23.95, 36.05 vs 38.69. float32 ties (both bound by reading the weights). Both give bitwise the
-same rows. On a GPU with Triton the experts run as pagoda/kernels/fused_moe.py.
+ms; docs/moe.md, pagoda/load/bench_moe_cpu.py): bf16, 32 experts top-4: 0.80 vs 0.85 at 1 token,
+5.05 vs 5.78 at 8, 10.85 vs 11.73 at 64, 17.75 vs 19.38 at 256; 64 experts top-8: 1.61 vs 1.73,
+10.78 vs 11.98, 21.13 vs 23.95, 36.05 vs 38.69. float32 ties (both bound by reading the
+weights). Both give bitwise the same rows. On a GPU with Triton the experts run as
+pagoda/kernels/fused_moe.py.
 
 `--quantization int8` turns the experts into Int8Experts: int8 codes stacked as the dense weights,
 one float32 scale per expert and output channel (weight-only); the CPU runs each expert's slice
