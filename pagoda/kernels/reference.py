@@ -101,3 +101,20 @@ def quant_matmul_ref(
     group_size: int,
 ) -> torch.Tensor:
     return (x.float() @ dequantize_ref(qweight, scales, zeros, bits, group_size)).to(x.dtype)
+
+
+def fused_moe_ref(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    w13: torch.Tensor,  # [num_experts, 2 * inter, hidden]: gate rows, then up rows
+    w2: torch.Tensor,  # [num_experts, hidden, inter]
+    topk_weights: torch.Tensor,  # [num_tokens, top_k]
+    topk_ids: torch.Tensor,  # [num_tokens, top_k]
+) -> torch.Tensor:  # [num_tokens, hidden]
+    """Each token through each of its experts' gated MLPs, one at a time, weighted and summed in
+    float32."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for t in range(x.shape[0]):
+        for weight, e in zip(topk_weights[t].tolist(), topk_ids[t].tolist(), strict=True):
+            gate, up = (w13[e].float() @ x[t].float()).chunk(2)
+            out[t] += weight * (w2[e].float() @ (F.silu(gate) * up))
+    return out.to(x.dtype)

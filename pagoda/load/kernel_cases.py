@@ -146,6 +146,8 @@ class Shapes:
 
 
 def all_cases(device: torch.device, dtype: torch.dtype, big: bool) -> list[Case]:
+    from pagoda.load.kernel_cases_moe import moe_cases
+
     s = Shapes(device, dtype, big)
     heads, kv_heads, hd, bs = s.heads
     batch, ctx = s.batch_ctx
@@ -156,6 +158,7 @@ def all_cases(device: torch.device, dtype: torch.dtype, big: bool) -> list[Case]
         _kv_write_case(s, kv[0], kv[1]),
         *_pointwise_cases(s),
         *_gemm_cases(s),
+        *moe_cases(s),
     ]
 
 
