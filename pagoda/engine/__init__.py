@@ -30,6 +30,10 @@ _EXPORTS = {
     # the prefix cache's block hashes (the cluster router computes the same)
     "BlockHash": "pagoda.engine.kv.block_hash",
     "hash_full_blocks": "pagoda.engine.kv.block_hash",
+    # LoRA adapters: what a request names, and checking an adapter directory (no torch)
+    "LoRARequest": "pagoda.engine.lora.request",
+    "AdapterConfig": "pagoda.engine.lora.peft_adapter",
+    "read_adapter_config": "pagoda.engine.lora.peft_adapter",
     # serving: the async engine over a core, and what it reports
     "AsyncEngine": "pagoda.engine.core.async_engine",
     "EngineDeadError": "pagoda.engine.core.async_engine",
@@ -46,6 +50,7 @@ _EXPORTS = {
     "CacheConfig": "pagoda.engine.config",
     "EngineConfig": "pagoda.engine.config",
     "BatcherConfig": "pagoda.engine.config",
+    "LoRAConfig": "pagoda.engine.config",
     "validate_max_model_len": "pagoda.engine.config",
     "add_engine_args": "pagoda.engine.engine_args",
     "engine_config_from_args": "pagoda.engine.engine_args",
@@ -59,7 +64,13 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # re-exports (F401: ruff does not read a computed __all__)
-    from pagoda.engine.config import BatcherConfig, CacheConfig, EngineConfig, validate_max_model_len  # noqa: F401
+    from pagoda.engine.config import (  # noqa: F401
+        BatcherConfig,
+        CacheConfig,
+        EngineConfig,
+        LoRAConfig,
+        validate_max_model_len,
+    )
     from pagoda.engine.core.async_engine import AsyncEngine, EngineDeadError, StepCore, build_off_main_thread  # noqa: F401
     from pagoda.engine.core.engine_core import EngineCore  # noqa: F401
     from pagoda.engine.core.sim_core import SimConfig, SimCore  # noqa: F401
@@ -75,6 +86,8 @@ if TYPE_CHECKING:  # re-exports (F401: ruff does not read a computed __all__)
     from pagoda.engine.loader import demo_model_path, load_checkpoint  # noqa: F401
     from pagoda.engine.loader.catalog import format_catalog, generation_defaults  # noqa: F401
     from pagoda.engine.loader.model_info import read_model_info  # noqa: F401
+    from pagoda.engine.lora.peft_adapter import AdapterConfig, read_adapter_config  # noqa: F401
+    from pagoda.engine.lora.request import LoRARequest  # noqa: F401
     from pagoda.engine.outputs import RequestOutput, TokenLogprob  # noqa: F401
     from pagoda.engine.pooling.params import PoolerConfig, PoolingParams, resolve_pooler  # noqa: F401
     from pagoda.engine.sampling.params import SamplingParams  # noqa: F401

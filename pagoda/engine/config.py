@@ -43,6 +43,7 @@ class BatcherConfig:
     max_num_seqs: int = 256
     scheduling_policy: SchedulingPolicy = "fcfs"
     enable_chunked_prefill: bool = True
+    max_loras: int = 0  # distinct LoRA adapters running at once (0: no limit; the engine sets it)
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -53,6 +54,31 @@ class BatcherConfig:
             raise ValueError(
                 f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
             )
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA (pagoda/engine/lora): adapters held in `max_loras` slots of rank up to
+    `max_lora_rank`, filled from a CPU cache of `max_cpu_loras` adapters (None: max_loras)."""
+
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
+        if not 1 <= self.max_lora_rank <= 512:
+            raise ValueError(f"max_lora_rank must be in [1, 512], got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras {self.max_cpu_loras} must be at least max_loras {self.max_loras}"
+            )
+
+    @property
+    def cpu_loras(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
 
 
 @dataclass(frozen=True)
@@ -73,6 +99,7 @@ class EngineConfig:
     pooling_type: str | None = None  # embeddings: last | mean | cls (None: the checkpoint's)
     cache: CacheConfig = CacheConfig()
     batcher: BatcherConfig = BatcherConfig()
+    lora: LoRAConfig = LoRAConfig()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -98,6 +125,11 @@ class EngineConfig:
             raise ValueError(
                 "--compile cannot trace --quantization int8 (its weights are packed for fbgemm, "
                 "opaque to torch.compile); drop one of them, or use --quantization int4 --compile"
+            )
+        if self.compile == "on" and self.lora.enable_lora:
+            raise ValueError(
+                "--compile traces the base model only: with --enable-lora decode steps run eagerly; "
+                "drop --compile"
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")

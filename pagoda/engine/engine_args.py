@@ -21,6 +21,7 @@ from pagoda.engine.config import (
     BatcherConfig,
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     SchedulingPolicy,
 )
 from pagoda.engine.pooling.params import POOLING_TYPES, TASKS
@@ -118,6 +119,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_model_args(g)
     _add_runtime_args(g)
     _add_cache_and_batcher_args(g)
+    _add_lora_args(g)
 
 
 def _add_runtime_args(g: argparse._ArgumentGroup) -> None:
@@ -193,6 +195,30 @@ def _add_cache_and_batcher_args(g: argparse._ArgumentGroup) -> None:
     )
 
 
+def _add_lora_args(g: argparse._ArgumentGroup) -> None:
+    def lora(name: str) -> Any:
+        return field_default(LoRAConfig, name)
+
+    g.add_argument(
+        "--enable-lora",
+        action="store_true",
+        default=lora("enable_lora"),
+        help="serve PEFT LoRA adapters over the model (loaded at run time), several in one step",
+    )
+    g.add_argument(
+        "--max-loras", type=int, default=lora("max_loras"), help="adapters in one step (slots held at once)"
+    )
+    g.add_argument(
+        "--max-lora-rank", type=int, default=lora("max_lora_rank"), help="the highest adapter rank served"
+    )
+    g.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=lora("max_cpu_loras"),
+        help="adapters kept in CPU memory, least recently used dropped first (default: --max-loras)",
+    )
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The `EngineConfig` of the engine flags (`add_engine_args`); raises ValueError naming the
     flag to change when a value is out of range."""
@@ -219,5 +245,11 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
             scheduling_policy=args.scheduling_policy,
+        ),
+        lora=LoRAConfig(
+            enable_lora=args.enable_lora,
+            max_loras=args.max_loras,
+            max_lora_rank=args.max_lora_rank,
+            max_cpu_loras=args.max_cpu_loras,
         ),
     )

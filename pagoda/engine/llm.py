@@ -9,15 +9,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pagoda.engine.config import BatcherConfig, CacheConfig, EngineConfig
+from pagoda.engine.config import BatcherConfig, CacheConfig, EngineConfig, LoRAConfig
 from pagoda.engine.core.engine_core import EngineCore
 from pagoda.engine.loader import Checkpoint
+from pagoda.engine.lora.request import LoRARequest
 from pagoda.engine.outputs import FinishReason, TokenLogprob
 from pagoda.engine.pooling.params import PoolingParams
 from pagoda.engine.sampling.params import SamplingParams
 
 _CACHE_KEYS = {"block_size", "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching"}
 _SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs", "scheduling_policy", "enable_chunked_prefill"}
+_LORA_KEYS = {"enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"}
 
 
 def make_engine_config(model: str = "", **kwargs: Any) -> EngineConfig:
@@ -26,7 +28,10 @@ def make_engine_config(model: str = "", **kwargs: Any) -> EngineConfig:
     if "num_blocks" in kwargs:
         cache["num_blocks_override"] = kwargs.pop("num_blocks")
     sched = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCHED_KEYS}
-    return EngineConfig(model=model, cache=CacheConfig(**cache), batcher=BatcherConfig(**sched), **kwargs)
+    lora = LoRAConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in _LORA_KEYS})
+    return EngineConfig(
+        model=model, cache=CacheConfig(**cache), batcher=BatcherConfig(**sched), lora=lora, **kwargs
+    )
 
 
 @dataclass
@@ -82,7 +87,10 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[GenerationResult]:
+        """`lora_request`: the LoRA adapter of every prompt, or one per prompt (None: the base
+        model); an adapter not loaded yet is loaded (the engine needs `enable_lora=True`)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         token_prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -95,11 +103,16 @@ class LLM:
         )
         if len(params) != len(token_prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(token_prompts)} prompts")
+        loras = (
+            list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * len(token_prompts)
+        )
+        if len(loras) != len(token_prompts):
+            raise ValueError(f"got {len(loras)} LoRA requests for {len(token_prompts)} prompts")
         results: dict[str, GenerationResult] = {}
-        for ids, p in zip(token_prompts, params, strict=True):
+        for ids, p, lora in zip(token_prompts, params, loras, strict=True):
             rid = str(self._next_id)
             self._next_id += 1
-            self.engine.add_request(rid, ids, p)
+            self.engine.add_request(rid, ids, p, lora_request=lora)
             results[rid] = GenerationResult(
                 rid, ids, outputs=[CompletionOutput(i, "", [], None) for i in range(p.n)]
             )

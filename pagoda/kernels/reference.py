@@ -118,3 +118,19 @@ def fused_moe_ref(
             gate, up = (w13[e].float() @ x[t].float()).chunk(2)
             out[t] += weight * (w2[e].float() @ (F.silu(gate) * up))
     return out.to(x.dtype)
+
+
+def sgmv_ref(
+    a: torch.Tensor,  # [T, K]
+    w: torch.Tensor,  # [slots, K, N]
+    out: torch.Tensor,  # [T, N]
+    seg_start: torch.Tensor,
+    seg_len: torch.Tensor,
+    seg_slot: torch.Tensor,
+    accumulate: bool,
+) -> None:
+    """pagoda/kernels/lora.py's segmented GEMM: out[seg] (+)= a[seg] @ w[slot], per segment."""
+    for start, n, slot in zip(seg_start.tolist(), seg_len.tolist(), seg_slot.tolist(), strict=True):
+        rows = slice(start, start + n)
+        y = a[rows].float() @ w[slot].float()
+        out[rows] = (out[rows].float() + y if accumulate else y).to(out.dtype)

@@ -98,6 +98,11 @@ def run_offline(args: argparse.Namespace) -> int:
         tok.encode(tok.apply_chat_template(m), add_special_tokens=False)
         for m in chat_prompts(args.num_prompts)
     ]
+    if args.lora_adapters or args.lora_paths:
+        from pagoda.load.bench_lora import bench_lora, print_lora
+
+        print_lora(bench_lora(args, prompts), args.json)
+        return 0
     results = [bench_pagoda(args, prompts)]
     if args.peer == "hf":
         results.append(bench_hf(args, prompts, info.path, results[0].dtype))

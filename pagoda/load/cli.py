@@ -93,6 +93,16 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     )
     b.add_argument("--json", action="store_true", help="print results as JSON")
     b.add_argument(
+        "--lora-adapters",
+        type=int,
+        default=0,
+        help="spread the prompts over this many random LoRA adapters and compare with the base model "
+        "in alternating rounds (pagoda/load/bench_lora.py)",
+    )
+    b.add_argument("--lora-rank", type=int, default=8, help="rank of the random adapters")
+    b.add_argument("--lora-paths", nargs="+", default=[], help="PEFT adapter directories to use instead")
+    b.add_argument("--rounds", type=int, default=3, help="rounds of each system (--lora-adapters)")
+    b.add_argument(
         "--profile",
         action="store_true",
         help="also profile 5 decode steps (torch profiler) and print the top ops",

@@ -10,6 +10,7 @@ early aborts the request; its blocks are freed next step).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import sys
@@ -26,6 +27,7 @@ from pagoda.engine.tokenization.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # the model code (torch) loads only when a real core is built
     from pagoda.engine.config import EngineConfig
+    from pagoda.engine.lora.request import LoRARequest
     from pagoda.engine.pooling.params import PoolerConfig
 
 logger = logging.getLogger(__name__)
@@ -75,9 +77,16 @@ class StepCore(Protocol):
         cache_salt: str | None = None,
         arrival_time: float | None = None,
         resume_from: int = 0,
+        lora_request: str | None = None,
     ) -> None: ...
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]: ...
+
+    def load_lora(self, name: str, path: str) -> LoRARequest: ...
+
+    def remove_lora(self, name: str) -> bool: ...
+
+    def list_loras(self) -> list[str]: ...
 
     def has_unfinished(self) -> bool: ...
 
@@ -145,6 +154,7 @@ class AsyncEngine:
         self._sink_failed = False
         self._streams: RequestStreams | None = None  # the sink, once add_request was called
         self.steps = 0
+        self._loras: list[str] = core.list_loras()  # a snapshot, renewed by load_lora/unload_lora
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
@@ -193,17 +203,21 @@ class AsyncEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         resume_from: int = 0,
+        lora_name: str | None = None,
     ) -> None:
         """Add a request whose outputs go to the sink. Raises ValueError for a bad request,
         EngineDeadError once the step thread died. `resume_from`: the prompt ends with this many
-        of the request's own output tokens (a re-run elsewhere)."""
+        of the request's own output tokens (a re-run elsewhere). `lora_name`: the loaded LoRA
+        adapter it runs with (None: the base model); an unknown one is refused (`on_reject`)."""
         if self._sink is None:
             raise RuntimeError("set_sink (or use add_request) before submitting: the outputs would be lost")
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
         self.core.check_prompt(prompt_token_ids, params)
         self.start()
-        self._post("add", (request_id, prompt_token_ids, params, priority, cache_salt, resume_from))
+        self._post(
+            "add", (request_id, prompt_token_ids, params, priority, cache_salt, resume_from, lora_name)
+        )
 
     def add_request(
         self,
@@ -213,6 +227,7 @@ class AsyncEngine:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_name: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """`submit`, with the outputs as an async iterator of this request's deltas (each of the
         `params.n` choices ends with a finished one). Closing it early aborts the request."""
@@ -225,12 +240,50 @@ class AsyncEngine:
             )
             self._streams = streams
         self._streams.reserve(request_id)
-        self.submit(request_id, prompt_token_ids, params, priority=priority, cache_salt=cache_salt)
+        self.submit(
+            request_id,
+            prompt_token_ids,
+            params,
+            priority=priority,
+            cache_salt=cache_salt,
+            lora_name=lora_name,
+        )
         return self._streams.open(request_id, params.n)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request (unknown ids are ignored); its KV blocks are freed within one step."""
         self._post("abort", request_id)
+
+    # -- LoRA adapters -------------------------------------------------------------------------
+    async def load_lora(self, name: str, path: str) -> LoRARequest:
+        """Load PEFT adapter dir `path` as `name` between steps (ValueError: what is wrong with it)."""
+        return await self._on_step_thread(lambda: self.core.load_lora(name, path))  # type: ignore[no-any-return]
+
+    async def unload_lora(self, name: str) -> bool:
+        """Unload adapter `name` (False: not loaded): requests naming it are refused from now on;
+        those holding it finish with it (vLLM's behaviour)."""
+        return await self._on_step_thread(lambda: self.core.remove_lora(name))  # type: ignore[no-any-return]
+
+    def list_loras(self) -> list[str]:
+        """The loaded adapters' names (what a worker announces with its model)."""
+        return list(self._loras)
+
+    async def _on_step_thread(self, call: Callable[[], Any]) -> Any:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                result = call()
+                self._loras = self.core.list_loras()  # before the caller resumes
+                done.set_result(result)
+            except Exception as exc:  # the caller's error (ValueError): raised in the caller
+                done.set_exception(exc)
+
+        self.start()
+        self._post("call", run)
+        return await asyncio.wrap_future(done)
 
     def _post(self, kind: str, arg: Any) -> None:
         self._inbox.put((kind, arg))
@@ -297,13 +350,21 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                rid, ids, params, priority, salt, resumed = arg
+                rid, ids, params, priority, salt, resumed, lora = arg
                 try:
                     self.core.add_request(
-                        rid, ids, params, priority=priority, cache_salt=salt, resume_from=resumed
+                        rid,
+                        ids,
+                        params,
+                        priority=priority,
+                        cache_salt=salt,
+                        resume_from=resumed,
+                        lora_request=lora,
                     )
                 except ValueError as exc:
                     self._refuse(rid, exc)
+            elif kind == "call":
+                arg()
             else:
                 aborted = self.core.abort([arg])
                 if aborted:

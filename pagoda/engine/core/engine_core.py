@@ -19,6 +19,9 @@ from pagoda.engine.core.stats import CoreCounters, EngineCapacity, StepStats
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.loader import Checkpoint, load_checkpoint
 from pagoda.engine.loader.catalog import generation_defaults
+from pagoda.engine.lora.engine_api import LoRAEngineMixin
+from pagoda.engine.lora.manager import LoRAManager
+from pagoda.engine.lora.request import LoRARequest
 from pagoda.engine.models import Model, build_model
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.models.quantization import quantize_linears, resolve_quantization
@@ -41,7 +44,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
-class EngineCore:
+class EngineCore(LoRAEngineMixin):
     def __init__(
         self, config: EngineConfig, checkpoint: Checkpoint | None = None, *, background_compile: bool = False
     ) -> None:
@@ -63,6 +66,9 @@ class EngineCore:
         self.dtype = engine_dtype(config.dtype, self.quantization, self.device)
         self.max_model_len = validate_max_model_len(config.max_model_len, arch.max_position_embeddings)
         self.model = self._load_model(ckpt)
+        self.lora = (
+            LoRAManager(self.model, config.lora, self.dtype, self.device) if config.lora.enable_lora else None
+        )
         num_blocks, per_block = self._size_kv_cache(arch)
         cache = config.cache
         self.num_blocks = num_blocks
@@ -104,6 +110,7 @@ class EngineCore:
             or backend.name != "torch"
             or self.quantization == "int8"
             or self.pooler is not None  # no decode steps to compile
+            or self.lora is not None  # the graphs would hold the base model only
         ):
             compile_mode = "off"
         eager = config.enforce_eager or self.pooler is not None  # a pooler has no decode steps to capture
@@ -126,12 +133,15 @@ class EngineCore:
             compile_decode=compile_mode,
             compile_config=compile_config,
             pooler=self.pooler,
+            lora=self.lora,
         )
 
     def _batcher_config(self, arch: ModelArchConfig) -> BatcherConfig:
         """The configured batcher, except that an encoder's prompts run whole (each token attends
         to all of its prompt): no chunks, and a step holds the longest prompt."""
         batcher = self.config.batcher
+        if self.config.lora.enable_lora:  # no more adapters at once than slots
+            batcher = dataclasses.replace(batcher, max_loras=self.config.lora.max_loras)
         if not arch.is_encoder:
             return batcher
         budget = max(batcher.max_num_batched_tokens, self.max_model_len)
@@ -226,10 +236,14 @@ class EngineCore:
         cache_salt: str | None = None,
         arrival_time: float | None = None,
         resume_from: int = 0,
+        lora_request: str | LoRARequest | None = None,
     ) -> None:
         """`resume_from`: the prompt's last tokens are this request's output so far (a re-run
-        after its worker was lost); a grammar consumes them before it constrains the next."""
+        after its worker was lost); a grammar consumes them before it constrains the next.
+        `lora_request`: the LoRA adapter to run with, by name (loaded with `load_lora`) or as a
+        LoRARequest (loaded now if new); None: the base model."""
         self.check_prompt(prompt_token_ids, params)
+        lora = self._lora_of(lora_request)
         if request_id in self._children:
             raise ValueError(f"request id {request_id!r} is already running")
         so = params.structured_outputs
@@ -249,9 +263,14 @@ class EngineCore:
                 cache_salt=cache_salt,
                 arrival_time=arrival_time,
                 generator=make_generator(seed, self.device),
+                lora_request=lora,
+                lora_key=self.lora.cache_key(lora) if self.lora is not None and lora is not None else None,
             )
             children.append(req)
         self._children[request_id] = [r.request_id for r in children]
+        if self.lora is not None and lora is not None:
+            for _ in children:
+                self.lora.acquire(lora)
         if so is None:
             for req in children:
                 self.batcher.add_request(req)
@@ -355,6 +374,8 @@ class EngineCore:
 
     def _forget_finished(self, reqs: list[Request]) -> None:
         for r in reqs:
+            if self.lora is not None and r.lora_request is not None:
+                self.lora.release(r.lora_request)
             kids = self._children.get(r.parent_id)
             if kids is None:
                 continue

@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pagoda.engine.core.stats import CoreCounters, EngineCapacity, StepStats
+from pagoda.engine.lora.request import LoRARequest
 from pagoda.engine.outputs import FinishReason, RequestOutput
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.scheduling.request import check_prompt_ids
@@ -95,6 +96,7 @@ class SimCore:
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._children: dict[str, list[_Seq]] = {}
+        self._loras: dict[str, LoRARequest] = {}
 
     # -- requests ------------------------------------------------------------------------------
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -110,8 +112,11 @@ class SimCore:
         cache_salt: str | None = None,
         arrival_time: float | None = None,
         resume_from: int = 0,
+        lora_request: str | None = None,
     ) -> None:
         self.check_prompt(prompt_token_ids, params)
+        if lora_request is not None and lora_request not in self._loras:
+            raise ValueError(f"unknown LoRA adapter {lora_request!r}; load it first")
         if request_id in self._children:
             raise ValueError(f"request id {request_id!r} is already running")
         digest = zlib.crc32(b",".join(str(t).encode() for t in prompt_token_ids))
@@ -135,6 +140,19 @@ class SimCore:
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
+
+    # -- LoRA adapters: names only (nothing is computed with them) -----------------------------
+    def load_lora(self, name: str, path: str) -> LoRARequest:
+        lora = self._loras.setdefault(name, LoRARequest(name, len(self._loras) + 1, path))
+        if lora.lora_path != path:
+            raise ValueError(f"a LoRA adapter named {name!r} is loaded already; unload it first")
+        return lora
+
+    def remove_lora(self, name: str) -> bool:
+        return self._loras.pop(name, None) is not None
+
+    def list_loras(self) -> list[str]:
+        return sorted(self._loras)
 
     def counters(self) -> CoreCounters:
         return CoreCounters(len(self._running), len(self._waiting), 0.0, 0, 0, 0)

@@ -105,7 +105,12 @@ class KVCacheManager:
             parent = request.block_hashes[-1] if have else None
             request.block_hashes.extend(
                 hash_full_blocks(
-                    request.all_token_ids, self.block_size, request.extra_keys, start=have, parent=parent
+                    request.all_token_ids,
+                    self.block_size,
+                    request.extra_keys,
+                    start=have,
+                    parent=parent,
+                    lora_name=request.lora_key,
                 )
             )
 

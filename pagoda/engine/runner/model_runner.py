@@ -30,6 +30,8 @@ from pagoda.engine.structured.compiler import SequenceGrammar, fill_bitmask_asyn
 
 if TYPE_CHECKING:
     from pagoda.engine.config import EngineConfig
+    from pagoda.engine.lora.manager import LoRAManager
+    from pagoda.engine.lora.request import LoRARequest
 
 
 @dataclass
@@ -41,6 +43,7 @@ class _ReqState:
     generator: torch.Generator | None
     grammar: SequenceGrammar | None = None
     pool: PoolState | None = None  # a pooling request's embedding, folded in chunk by chunk
+    lora: LoRARequest | None = None  # its LoRA adapter (None: the base model)
 
 
 def kv_bytes_per_block(
@@ -72,8 +75,10 @@ class ModelRunner:
         compile_decode: str = "off",
         compile_config: EngineConfig | None = None,
         pooler: PoolerConfig | None = None,
+        lora: LoRAManager | None = None,
     ) -> None:
-        """`pooler`: an embedding model's pooling (requests with `params.pooling` are pooled)."""
+        """`pooler`: an embedding model's pooling (requests with `params.pooling` are pooled);
+        `lora`: the adapters' slots (the model's projections wrapped already), set each step."""
         cfg = model.cfg
         self.model = model
         self.backend = backend
@@ -83,6 +88,7 @@ class ModelRunner:
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = eos_token_ids
         self.pooler = pooler
+        self.lora = lora
         # an encoder attends within each step's sequences: it keeps no KV
         shape = (
             (0, block_size, 0, 0)
@@ -129,6 +135,7 @@ class ModelRunner:
                 n.generator,
                 n.grammar,
                 pool,
+                n.lora_request,
             )
 
     @torch.inference_mode()
@@ -179,11 +186,18 @@ class ModelRunner:
 
         # decodes (one query token) first, then prefill chunks; among decodes, generated tokens
         # before one-token prompt chunks, so that prompt tokens are the rows from one index on
+        # (and sequences of one LoRA adapter side by side: one segment for its rows)
         chunks = [
-            (n != 1, computed[rid] < self.requests[rid].num_prompt_tokens, rid, n)
+            (
+                n != 1,
+                computed[rid] < self.requests[rid].num_prompt_tokens,
+                _lora_id(self.requests[rid]),
+                rid,
+                n,
+            )
             for rid, n in out.num_scheduled_tokens.items()
         ]
-        for _, prompt, rid, n in sorted(chunks, key=lambda c: c[:2]):
+        for _, prompt, _, rid, n in sorted(chunks, key=lambda c: c[:3]):
             if not prompt:
                 batch.generated_rows += n
             batch.add(rid, self.requests[rid], computed[rid], n)
@@ -195,7 +209,9 @@ class ModelRunner:
         meta = batch.attention_metadata()
         input_ids = torch.tensor(batch.ids, dtype=torch.int64, device=self.device)
         positions = torch.from_numpy(np.concatenate(batch.pos_chunks)).to(self.device)
-        decode_only = not batch.pf_starts
+        # steps with adapter rows run eagerly: graphs and compiled decode hold the base model only
+        adapters = self._lora_step(batch) is not None
+        decode_only = not batch.pf_starts and not adapters
         if self.graphs is not None and decode_only and len(batch.ids) <= self.graphs.max_batch:
             return self.graphs.replay(input_ids, positions, meta)
         if self.compiled is not None and decode_only and self.compiled.ready:
@@ -203,6 +219,13 @@ class ModelRunner:
         prompt_start = batch.generated_rows if batch.generated_rows < len(batch.ids) else None
         with prompt_rows(prompt_start):
             return self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+
+    def _lora_step(self, batch: _FlatBatch) -> object | None:
+        """Slot this step's adapters and set their rows on the model (None: no adapter rows)."""
+        if self.lora is None:
+            return None
+        running = {st.lora.lora_int_id for st in self.requests.values() if st.lora is not None}
+        return self.lora.prepare_step(batch.loras, batch.query_lens, running)
 
     def _sample(
         self, hidden: torch.Tensor, batch: _FlatBatch, masks: tuple[list[int], Future[torch.Tensor]] | None
@@ -233,6 +256,10 @@ class ModelRunner:
         return res
 
 
+def _lora_id(st: _ReqState) -> int:
+    return st.lora.lora_int_id if st.lora is not None else 0
+
+
 @dataclass
 class _FlatBatch:
     """One step's scheduled tokens as one flat sequence, request after request, with what the
@@ -256,6 +283,7 @@ class _FlatBatch:
     sample_rows: list[str] = field(default_factory=list)  # requests sampled this step
     logits_idx: list[int] = field(default_factory=list)  # their last token's index in `ids`
     pool_spans: list[tuple[str, int, int, int]] = field(default_factory=list)  # (req, first row, n, position)
+    loras: list[LoRARequest | None] = field(default_factory=list)  # per request, as query_lens
 
     def add(self, rid: str, st: _ReqState, start: int, n: int) -> None:
         """Request `rid`'s tokens [start, start + n); n == 1 is a decode, else a prefill chunk."""
@@ -266,6 +294,7 @@ class _FlatBatch:
         self.pos_chunks.append(pos)
         self.slot_chunks.append(blocks[pos // bs] * bs + pos % bs)
         self.query_lens.append(n)
+        self.loras.append(st.lora)
         self.all_lens.append(start + n)
         self.all_tables.append(st.block_ids)
         if n == 1:

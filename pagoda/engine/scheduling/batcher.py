@@ -24,6 +24,7 @@ from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.scheduling.request import Request, RequestStatus
 
 if TYPE_CHECKING:
+    from pagoda.engine.lora.request import LoRARequest
     from pagoda.engine.structured.compiler import SequenceGrammar
 
 
@@ -39,6 +40,7 @@ class NewRequestData:
     params: SamplingParams
     generator: torch.Generator | None
     grammar: SequenceGrammar | None = None
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
@@ -183,8 +185,20 @@ class Batcher:
             i += 1
 
     def _schedule_waiting(self, step: _StepPlan) -> None:
+        """Waiting requests in order while budget, sequence slots and blocks last; one whose LoRA
+        adapter would be one more than `max_loras` running at once is passed over (it keeps its
+        place in the queue)."""
+        passed: list[Request] = []
+        adapters = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
         while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self._peek_waiting()
+            lora = req.lora_request
+            if lora is not None and self.config.max_loras and lora.lora_int_id not in adapters:
+                if len(adapters) >= self.config.max_loras:
+                    self._remove_waiting(req)
+                    passed.append(req)
+                    continue
+                adapters.add(lora.lora_int_id)
             # a pooling request computes every row itself (mean and cls pool over the whole prompt)
             fresh = req.num_computed_tokens == 0 and req.params.pooling is None
             hits = self.kv.find_cached_prefix(req) if fresh else []
@@ -207,9 +221,11 @@ class Batcher:
                     params=req.params,
                     generator=req.generator,
                     grammar=req.grammar,
+                    lora_request=req.lora_request,
                 )
             )
             step.budget -= n
+        self.waiting.extendleft(reversed(passed))
 
     def _start(self, req: Request, num_cached: int) -> None:
         """Move `req` from waiting to running, its first `num_cached` tokens found in the cache."""

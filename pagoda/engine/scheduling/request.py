@@ -13,6 +13,7 @@ from pagoda.engine.sampling.params import SamplingParams
 if TYPE_CHECKING:  # check_prompt_ids serves engines without a model (SimCore): no torch at run time
     import torch
 
+    from pagoda.engine.lora.request import LoRARequest
     from pagoda.engine.structured.compiler import SequenceGrammar
 
 
@@ -39,8 +40,13 @@ class Request:
         cache_salt: str | None = None,
         arrival_time: float | None = None,
         generator: torch.Generator | None = None,
+        lora_request: LoRARequest | None = None,
+        lora_key: str | None = None,
     ) -> None:
+        """`lora_request`: the adapter it runs with (None: the base model); `lora_key`: that
+        adapter's prefix-cache key (LoRAManager.cache_key), which its block hashes take."""
         assert prompt_token_ids, "empty prompt"
+        assert (lora_request is None) == (lora_key is None), (lora_request, lora_key)
         self.request_id = request_id
         self.parent_id = parent_id if parent_id is not None else request_id
         self.index = index
@@ -50,6 +56,8 @@ class Request:
         self.params = params
         self.priority = priority
         self.extra_keys: tuple[str, ...] = (cache_salt,) if cache_salt else ()
+        self.lora_request = lora_request
+        self.lora_key = lora_key
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.generator = generator
         self.status = RequestStatus.WAITING

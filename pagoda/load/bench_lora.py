@@ -1,0 +1,101 @@
+"""`pagoda bench offline --lora-adapters K`: throughput of the prompts spread over K LoRA adapters
+against the base model alone, in one engine, in alternating rounds (base, adapters, base, ...), so
+that both see the same machine state; the median and the spread of each.
+
+The adapters are random PEFT directories (rank `--lora-rank` on every attention and MLP
+projection) written for the model, or the given `--lora-paths`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_random_adapters(cfg: Any, count: int, rank: int, root: Path) -> list[Path]:
+    """`count` random PEFT LoRA adapters for a model of ModelArchConfig `cfg` under `root`."""
+    from safetensors.torch import save_file
+
+    from pagoda.engine.lora.peft_adapter import projection_shapes
+
+    shapes = projection_shapes(
+        cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    )
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(count):
+        path = root / f"adapter-{i}"
+        path.mkdir(parents=True)
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS)}
+        (path / "adapter_config.json").write_text(json.dumps(config))
+        tensors = {}
+        for layer in range(cfg.num_layers):
+            for module, (fan_in, fan_out) in shapes.items():
+                parent = "self_attn" if module in TARGETS[:4] else "mlp"
+                key = f"base_model.model.model.layers.{layer}.{parent}.{module}.lora_"
+                tensors[key + "A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
+                tensors[key + "B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.01
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        paths.append(path)
+    return paths
+
+
+def bench_lora(args: argparse.Namespace, prompts: list[list[int]]) -> list[dict[str, Any]]:
+    """Alternating rounds of the prompts on the base model and spread over the adapters; one
+    summary per system: output tok/s of each round, their median and spread."""
+    import dataclasses
+
+    from pagoda.engine.engine_args import engine_config_from_args
+    from pagoda.engine.llm import LLM
+    from pagoda.engine.sampling.params import SamplingParams
+
+    config = engine_config_from_args(args)
+    count = len(args.lora_paths) if args.lora_paths else args.lora_adapters
+    lora = dataclasses.replace(
+        config.lora,
+        enable_lora=True,
+        max_loras=max(config.lora.max_loras, count),
+        max_cpu_loras=max(config.lora.max_cpu_loras or 0, count),
+        max_lora_rank=max(config.lora.max_lora_rank, args.lora_rank),
+    )
+    llm = LLM(config=dataclasses.replace(config, lora=lora, compile="off"))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = args.lora_paths or write_random_adapters(
+            llm.engine.model.cfg, count, args.lora_rank, Path(tmp)
+        )
+        loras = [llm.engine.load_lora(f"adapter-{i}", str(p)) for i, p in enumerate(paths)]
+    spread = [loras[i % count] for i in range(len(prompts))]
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    warm = SamplingParams(max_tokens=4, temperature=0.0)
+    llm.generate(prompts[: 2 * count], warm, use_tqdm=False, lora_request=spread[: 2 * count])
+    rates: dict[str, list[float]] = {"base": [], f"{count} adapters": []}
+    for _ in range(args.rounds):
+        for name, adapters in zip(rates, (None, spread), strict=True):
+            t0 = time.perf_counter()
+            results = llm.generate(prompts, params, use_tqdm=False, lora_request=adapters)
+            tokens = sum(len(c.token_ids) for r in results for c in r.outputs)
+            rates[name].append(tokens / (time.perf_counter() - t0))
+    return [
+        {"system": name, "output_tok_s": r, "median": statistics.median(r), "spread": max(r) - min(r)}
+        for name, r in rates.items()
+    ]
+
+
+def print_lora(summaries: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summaries, indent=2))
+        return
+    print(f"{'system':<14} {'median out tok/s':>17} {'spread':>8}   rounds")
+    for s in summaries:
+        rounds = ", ".join(f"{r:.1f}" for r in s["output_tok_s"])
+        print(f"{s['system']:<14} {s['median']:>17.1f} {s['spread']:>8.1f}   {rounds}")
+    base, lora = summaries
+    print(f"\n{lora['system']} / base: {lora['median'] / base['median']:.2f}x output throughput (medians)")
