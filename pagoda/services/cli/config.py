@@ -13,6 +13,7 @@ scheduler roles build their configs without them.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -87,8 +88,14 @@ class GatewayConfig:
     tool_call_parser: str | None = None  # --enable-auto-tool-choice --tool-call-parser: tool_choice auto
     reasoning_parser: str | None = None  # --reasoning-parser: <think> text as reasoning_content
     responses_ttl_s: float = RESPONSES_TTL_S  # --responses-ttl: how long a stored response lives
+    enable_lora: bool = False  # --enable-lora: LoRA adapters over the models, loadable at run time
+    max_lora_rank: int = 16  # --max-lora-rank: adapters of a higher rank are refused
+    # --lora-modules: (name, path, base model's served name or None: the first model)
+    lora_modules: tuple[tuple[str, str, str | None], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
         if self.responses_ttl_s <= 0:
             raise ValueError(f"--responses-ttl must be > 0 seconds, got {self.responses_ttl_s}")
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
@@ -239,7 +246,26 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         tool_call_parser=_tool_call_parser(args),
         reasoning_parser=getattr(args, "reasoning_parser", None),
         responses_ttl_s=getattr(args, "responses_ttl", RESPONSES_TTL_S),
+        enable_lora=args.enable_lora,
+        max_lora_rank=args.max_lora_rank,
+        lora_modules=tuple(lora_module(text) for text in getattr(args, "lora_modules", [])),
     )
+
+
+def lora_module(text: str) -> tuple[str, str, str | None]:
+    """One --lora-modules entry: `name=path`, or vLLM's JSON `{"name", "path", "base_model_name"}`."""
+    if text.lstrip().startswith("{"):
+        try:
+            entry = json.loads(text)
+            return str(entry["name"]), str(entry["path"]), entry.get("base_model_name")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"--lora-modules {text!r}: not a JSON object with name and path ({exc})"
+            ) from None
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--lora-modules {text!r}: write it as name=path")
+    return name, path, None
 
 
 def _tool_call_parser(args: argparse.Namespace) -> str | None:

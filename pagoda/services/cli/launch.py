@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from pagoda.engine import PoolerConfig, Tokenizer
+    from pagoda.services.gateway.adapters import AdapterDirectory
     from pagoda.services.gateway.server import ModelEndpoint
 
 logger = logging.getLogger("pagoda")
@@ -116,6 +117,7 @@ class Process:
         self.bus: Bus = InMemoryBus()
         self.store: Store = InMemoryStore()
         self._endpoints: list[ModelEndpoint] = []  # the gateway's models
+        self._adapters: AdapterDirectory | None = None  # their LoRA adapters (--enable-lora)
         self._server: _Server | None = None
         self._failure_watch: asyncio.Task[None] | None = None
         self._metrics_server: Any = None
@@ -175,7 +177,8 @@ class Process:
         if "tokenizer" in roles:
             self.services += [self._build_tokenizer(model) for model in models]
         if "gateway" in roles:
-            self._build_gateway(models)
+            adapters = await asyncio.to_thread(self._lora_modules, models)
+            self._build_gateway(models, adapters)
 
     def build_worker(self, index: int = 0) -> _Service:
         """The worker service and its engine core for the `index`-th model (run in a thread:
@@ -222,7 +225,18 @@ class Process:
         processor = PromptProcessor(model.tokenizer, model.max_model_len)
         return TokenizerService(self.bus, processor, model.name, self.queues)
 
-    def _build_gateway(self, models: list[ServedModel]) -> None:
+    def _lora_modules(self, models: list[ServedModel]) -> AdapterDirectory | None:
+        """The gateway's LoRA adapter directory (--enable-lora), --lora-modules checked."""
+        from pagoda.services.gateway.adapters import AdapterDirectory, checked_modules
+
+        gateway = self.config.gateway
+        assert gateway is not None
+        if not gateway.enable_lora:
+            return None
+        initial = checked_modules(gateway.lora_modules, [m.name for m in models], gateway.max_lora_rank)
+        return AdapterDirectory(self.store, gateway.max_lora_rank, self.config.cluster.heartbeat_s, initial)
+
+    def _build_gateway(self, models: list[ServedModel], adapters: AdapterDirectory | None) -> None:
         """One frontend (and admission) per model, behind one HTTP app."""
         from pagoda.services.gateway.bus_frontend import BusFrontend
         from pagoda.services.gateway.server import ModelEndpoint
@@ -240,6 +254,9 @@ class Process:
             fleet = FleetAdmission(registry, self.config.admission, model.name)
             self._endpoints.append(ModelEndpoint(frontend, admission=fleet))
             self.services += [frontend, fleet]
+        self._adapters = adapters
+        if adapters is not None:
+            self.services.append(adapters)
 
     async def _start_services(self) -> None:
         for svc in self.services:
@@ -291,7 +308,7 @@ class Process:
     def _uvicorn_config(self) -> uvicorn.Config:
         gateway = self.config.gateway
         assert gateway is not None
-        app = gateway_app(gateway, self._endpoints, self.metrics, self.store)
+        app = gateway_app(gateway, self._endpoints, self.metrics, self.store, self._adapters)
         return uvicorn.Config(
             app, host=gateway.host, port=gateway.port, log_level=gateway.log_level.lower(), access_log=False,
             timeout_graceful_shutdown=max(1, round(self.config.cluster.shutdown_timeout_s)),
@@ -335,7 +352,11 @@ def _reuse_port_socket(host: str, port: int) -> socket.socket:
 
 
 def gateway_app(
-    gateway: GatewayConfig, endpoints: list[ModelEndpoint], metrics: Metrics, store: Store
+    gateway: GatewayConfig,
+    endpoints: list[ModelEndpoint],
+    metrics: Metrics,
+    store: Store,
+    adapters: AdapterDirectory | None = None,
 ) -> FastAPI:
     """The gateway's HTTP app over its models' `endpoints`, with `gateway`'s keys, limits and rate
     limits (their counters in `store`, as are stored Responses API responses). Logs how many API
@@ -350,7 +371,7 @@ def gateway_app(
         endpoints, api_keys=list(gateway.api_keys) or None,
         metrics=metrics, limits=gateway.limits, rate_limiter=rate_limiter,
         tool_call_parser=gateway.tool_call_parser, reasoning_parser=gateway.reasoning_parser,
-        store=store, responses_ttl_s=gateway.responses_ttl_s,
+        store=store, responses_ttl_s=gateway.responses_ttl_s, adapters=adapters,
     )  # fmt: skip
 
 

@@ -19,10 +19,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from pagoda.engine import PoolerConfig, RequestOutput, SamplingParams, Tokenizer
+from pagoda.services.gateway.adapters import Adapter
 from pagoda.services.gateway.failover import RequestTrack, WorkerWatch
 from pagoda.services.gateway.frontend import Submitted
 from pagoda.services.ops import tracing
-from pagoda.services.scheduler.admission import RETRY_AFTER_S, first_output, first_output_wait
+from pagoda.services.scheduler.admission import first_output, first_output_wait
 from pagoda.services.scheduler.registry import WorkerRegistry, routable
 from pagoda.services.transport.bus import Bus, Delivery, Subscription
 from pagoda.services.transport.errors import APIError
@@ -187,16 +188,13 @@ class BusFrontend:
         priority: int = 0,
         cache_salt: str | None = None,
         session_id: str | None = None,
+        lora: Adapter | None = None,
     ) -> Submitted:
         if request_id in self._pending:
             raise APIError(400, f"request id {request_id!r} is already running")
-        if not self._workers_alive:  # the scheduler would say so too, a few hops later
-            raise APIError(
-                503, f"No worker serves model {self.model_name!r} now; retry shortly.",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )  # fmt: skip
         msg = TokenizeRequest(
             request_id=request_id, reply_to=self.reply_queue, model=self.model_name, prompt=prompt,
+            lora_name=None if lora is None else lora.name, lora_path=None if lora is None else lora.path,
             sampling=SamplingSpec.of(params),
             priority=priority, cache_salt=cache_salt, session_id=session_id, arrival_time=time.time(),
             queue_timeout_s=self.queue_timeout_s,

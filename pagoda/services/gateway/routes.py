@@ -90,6 +90,12 @@ def _register_models(app: FastAPI, models: ServedModels) -> None:
             root, max_model_len = server.served_model_names[0], server.frontend.max_model_len
             names = server.served_model_names
             cards += [ModelCard(id=name, root=root, max_model_len=max_model_len) for name in names]
+            if models.adapters is not None:  # LoRA adapters over it, as vLLM lists them
+                adapters = models.adapters.of(root)
+                cards += [
+                    ModelCard(id=a.name, root=a.path, parent=root, max_model_len=max_model_len)
+                    for a in adapters
+                ]
         return ModelList(data=cards)
 
 

@@ -20,6 +20,8 @@ from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagoda.engine import SamplingParams
+from pagoda.services.gateway.adapter_routes import register_adapter_routes
+from pagoda.services.gateway.adapters import Adapter, AdapterDirectory
 from pagoda.services.gateway.auth import OPEN_PATHS, BearerAuth, key_id
 from pagoda.services.gateway.calls import APIRequest, Call, SubRequest, logger
 from pagoda.services.gateway.frontend import Frontend, Submitted
@@ -106,8 +108,10 @@ class OpenAIServer:
         tool_call_parser: str | None = None,
         reasoning_parser: str | None = None,
         responses: ResponseStore | None = None,
+        adapters: AdapterDirectory | None = None,
     ) -> None:
         self.frontend = frontend
+        self.adapters = adapters  # LoRA adapters (--enable-lora); those over this model are served here
         self.served_model_names = served_model_names
         self.metrics = metrics
         self.limits = limits or RequestLimits()
@@ -133,9 +137,14 @@ class OpenAIServer:
     def check_model(self, model: str | None) -> str:
         if model is None or model == "":
             return self.served_model_names[0]
-        if model not in self.served_model_names:
+        if model not in self.served_model_names and self.lora_of(model) is None:
             raise model_not_found(model)
         return model
+
+    def lora_of(self, model: str) -> Adapter | None:
+        """The LoRA adapter over this model that `model` names (None: it names no adapter)."""
+        adapter = self.adapters.get(model) if self.adapters is not None else None
+        return adapter if adapter is not None and adapter.parent in self.served_model_names else None
 
     async def sampling_params(
         self, req: ChatCompletionRequest | CompletionRequest, tools: ToolPlan | None = None
@@ -196,6 +205,7 @@ class OpenAIServer:
                 priority=req.priority,
                 cache_salt=req.cache_salt,
                 session_id=session_id,
+                lora=self.lora_of(call.model),
             )
 
         tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
@@ -258,10 +268,11 @@ class ServedModels:
     `model` (the first serves a request that names none). An unknown name picks the first too,
     whose `check_model` then answers the 404 in the request's usual error path."""
 
-    def __init__(self, servers: list[OpenAIServer]) -> None:
+    def __init__(self, servers: list[OpenAIServer], adapters: AdapterDirectory | None = None) -> None:
         assert servers, "a gateway serves at least one model"
         self.servers = servers
         self.default = servers[0]
+        self.adapters = adapters
         self._by_name: dict[str, OpenAIServer] = {}
         for server in servers:
             for name in server.served_model_names:
@@ -270,7 +281,9 @@ class ServedModels:
                 self._by_name[name] = server
 
     def pick(self, model: str | None, request: Request | None = None) -> OpenAIServer:
-        server = self._by_name.get(model or "", self.default)
+        """The server of the model `model` names (a LoRA adapter's: its base model's)."""
+        adapter = self.adapters.get(model) if self.adapters is not None else None
+        server = self._by_name.get(adapter.parent if adapter is not None else model or "", self.default)
         if request is not None:  # for the response counter's model label
             request.scope.setdefault("state", {})[PICKED_MODEL] = server.served_model_names[0]
         return server
@@ -293,6 +306,7 @@ def build_app(
     reasoning_parser: str | None = None,
     store: Store | None = None,
     responses_ttl_s: float = RESPONSES_TTL_S,
+    adapters: AdapterDirectory | None = None,
 ) -> FastAPI:
     """The FastAPI app over `frontend` (`LocalFrontend(engine)` serves an in-process engine), or
     over several models (`ModelEndpoint`s: the first is the default); `served_model_names` and
@@ -302,7 +316,8 @@ def build_app(
     `tool_call_parser` (--tool-call-parser) lets tool_choice `auto` read the model's calls;
     `reasoning_parser` (--reasoning-parser) splits reasoning from content. Stored responses of
     the Responses API live in `store` (the deployment's; a private in-memory one when omitted)
-    for `responses_ttl_s` seconds (--responses-ttl)."""
+    for `responses_ttl_s` seconds (--responses-ttl). `adapters`: the LoRA adapters served over
+    the models (--enable-lora: with /v1/load_lora_adapter and /v1/unload_lora_adapter)."""
     if isinstance(frontend, Sequence):
         endpoints = list(frontend)
     else:
@@ -313,10 +328,10 @@ def build_app(
         OpenAIServer(
             e.frontend, list(e.names or [e.frontend.model_name]), metrics, limits=limits,
             rate_limiter=rate_limiter, admission=e.admission, tool_call_parser=tool_call_parser,
-            reasoning_parser=reasoning_parser, responses=responses,
+            reasoning_parser=reasoning_parser, responses=responses, adapters=adapters,
         )
         for e in endpoints
-    ])  # fmt: skip
+    ], adapters)  # fmt: skip
     server = models.default
     app = FastAPI(title="pagoda", version=_version())
     app.state.openai_server = server
@@ -331,4 +346,6 @@ def build_app(
         app.add_middleware(tracing.TraceMiddleware)  # outermost
     register_routes(app, models)
     register_responses(app, models)
+    if adapters is not None:
+        register_adapter_routes(app, models, adapters)
     return app

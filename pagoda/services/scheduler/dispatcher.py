@@ -158,7 +158,8 @@ class SchedulerService:
             if decision is None:
                 span.fail("no worker")
                 serving = f" serves model {msg.model!r}" if msg.model else " is available"
-                await self._reject(msg, 503, f"no worker{serving}; try again shortly", "no_worker")
+                text = f"no worker{serving}; try again shortly"
+                await self._reject(msg, 503, text, "no_worker", RETRY_AFTER_S)
                 return
             try:
                 if not await self._forward(msg, decision, span):
@@ -247,7 +248,7 @@ class SchedulerService:
             return None
         block_size = alive[0].block_size
         extra = (msg.cache_salt,) if msg.cache_salt else ()
-        hashes = hash_full_blocks(msg.prompt_token_ids, block_size, extra)
+        hashes = hash_full_blocks(msg.prompt_token_ids, block_size, extra, lora_name=msg.lora_name)
         try:
             overlap = leading_overlap(await self.prefix_index.owners(hashes))
             session_worker = await self.sessions.get(msg.session_id) if msg.session_id else None
@@ -262,7 +263,11 @@ class SchedulerService:
         # Workers with room by this view. It lags (a request finished since a heartbeat still
         # counts), so when none seems to have room the least loaded decides for itself, exactly.
         roomy = [w for w in workers if has_room(w, self.admission, msg.priority, seqs=msg.sampling.n)]
-        return self.router.choose(roomy or workers, overlap, session_worker)
+        pool = roomy or workers
+        if msg.lora_name is not None:  # prefer the workers that hold its adapter loaded
+            holding = {w.worker_id for w in alive if msg.lora_name in w.loras}
+            pool = [w for w in pool if w.worker_id in holding] or pool
+        return self.router.choose(pool, overlap, session_worker)
 
     async def _reject(
         self, msg: ScheduleRequest, status: int, text: str, reason: str, retry_after_s: int | None = None

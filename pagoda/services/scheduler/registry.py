@@ -2,8 +2,9 @@
 
 Keys (under the store's prefix): `workers` (set of ids), `worker:<id>` (a `WorkerHeartbeat`, one
 hash field per figure, with a TTL of a few heartbeats), `blk:<hash hex>` (set of worker ids caching
-that block), `session:<id>` (worker id, with a TTL). Nothing here is needed to finish a running
-request.
+that block), `session:<id>` (worker id, with a TTL), `loras` (the LoRA adapters the deployment
+serves: name -> JSON `{"path", "parent"}`, see gateway/adapters.py). Nothing here is needed to
+finish a running request.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pagoda.services.transport.store import Store
 logger = logging.getLogger(__name__)
 
 WORKERS = "workers"
+ADAPTERS = "loras"
 
 
 def _worker_key(worker_id: str) -> str:

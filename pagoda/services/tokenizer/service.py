@@ -88,7 +88,8 @@ class TokenizerService:
             return
         await self._answer(msg.reply_to, Accepted(request_id=msg.request_id, prompt_token_ids=ids))
         forward = ScheduleRequest(
-            request_id=msg.request_id, reply_to=msg.reply_to, model=msg.model, prompt_token_ids=ids,
+            request_id=msg.request_id, reply_to=msg.reply_to, model=msg.model, lora_name=msg.lora_name,
+            lora_path=msg.lora_path, prompt_token_ids=ids,
             sampling=msg.sampling,
             priority=msg.priority, cache_salt=msg.cache_salt, session_id=msg.session_id,
             arrival_time=msg.arrival_time, queue_timeout_s=msg.queue_timeout_s,

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pagoda.engine import PoolingParams, RequestOutput, SamplingParams, StructuredOutputsParams, TokenLogprob
 
@@ -111,6 +111,8 @@ class TokenizeRequest(_Msg):
     request_id: str
     reply_to: str  # the gateway's reply queue
     model: str = ""  # the served model name; the scheduler routes to its workers ("": any worker)
+    lora_name: str | None = None  # a LoRA adapter over the model (gateway/adapters.py)
+    lora_path: str | None = None  # where its worker loads it from, on first use
     prompt: PromptInput
     sampling: SamplingSpec
     priority: int = 0
@@ -126,6 +128,8 @@ class ScheduleRequest(_Msg):
     request_id: str
     reply_to: str
     model: str = ""  # the served model name: only its workers may run it ("": any worker)
+    lora_name: str | None = None  # a LoRA adapter over the model: workers holding it are preferred
+    lora_path: str | None = None  # where a worker loads it from, on first use
     prompt_token_ids: list[int]
     sampling: SamplingSpec
     priority: int = 0
@@ -266,9 +270,16 @@ class WorkerHeartbeat(_Msg):
     num_free_blocks: int = Field(ge=0)
     steps: int = Field(ge=0)  # engine steps that made progress
     last_seen: float = 0.0  # wall-clock time of the write, stamped by the registry
+    loras: tuple[str, ...] = ()  # the LoRA adapters it holds loaded (one field, a name per line)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _lines(cls, value: Any) -> Any:
+        return tuple(n for n in value.split("\n") if n) if isinstance(value, str) else value
 
     def to_fields(self) -> dict[str, str]:
-        return {k: str(v) for k, v in self.model_dump(mode="json", exclude={"worker_id"}).items()}
+        fields = self.model_dump(mode="json", exclude={"worker_id", "loras"})
+        return {**{k: str(v) for k, v in fields.items()}, "loras": "\n".join(self.loras)}
 
     @classmethod
     def from_fields(cls, worker_id: str, fields: dict[str, str]) -> WorkerHeartbeat:
