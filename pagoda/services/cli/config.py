@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pagoda.engine import EngineConfig, engine_config_from_args
+from pagoda.engine import EngineConfig, LoRAConfig, engine_config_from_args
 from pagoda.services.gateway.limits import RequestLimits
 from pagoda.services.gateway.ratelimit import RateLimits
 from pagoda.services.gateway.responses_protocol import RESPONSES_TTL_S
@@ -89,7 +89,7 @@ class GatewayConfig:
     reasoning_parser: str | None = None  # --reasoning-parser: <think> text as reasoning_content
     responses_ttl_s: float = RESPONSES_TTL_S  # --responses-ttl: how long a stored response lives
     enable_lora: bool = False  # --enable-lora: LoRA adapters over the models, loadable at run time
-    max_lora_rank: int = 16  # --max-lora-rank: adapters of a higher rank are refused
+    max_lora_rank: int = LoRAConfig.max_lora_rank  # --max-lora-rank: higher ranks are refused
     # --lora-modules: (name, path, base model's served name or None: the first model)
     lora_modules: tuple[tuple[str, str, str | None], ...] = ()
 
