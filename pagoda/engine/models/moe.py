@@ -13,8 +13,6 @@ Tokens come flattened: hidden states [num_tokens, hidden].
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +22,7 @@ from pagoda.engine.models.layers import GatedMLP
 from pagoda.engine.models.llama import LlamaForCausalLM
 from pagoda.engine.models.moe_experts import StackedExperts
 from pagoda.engine.models.moe_weights import MoeLoader
-from pagoda.engine.models.weight_loading import LoadReport, Weight
+from pagoda.engine.models.weight_loading import ModelLoader
 
 
 class Router(nn.Module):
@@ -75,15 +73,7 @@ class MoeForCausalLM(LlamaForCausalLM):
             if cfg.is_moe_layer(i):
                 layer.mlp = SparseMoeBlock(cfg)
 
-    def load_weights(
-        self,
-        weights: Iterable[tuple[str, Weight]],
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        keep_quantized: bool = True,
-    ) -> LoadReport:
-        """Load HF-named weights: the Llama family's, plus the experts' (per-expert tensors
-        stacked into place, or stacked already) under any family's names (moe_weights.py)."""
-        first = self.norm.weight
-        loader = MoeLoader(self, device or first.device, dtype or first.dtype, keep_quantized)
-        return loader.load(weights)
+    def weight_loader(self, device: torch.device, dtype: torch.dtype, keep_quantized: bool) -> ModelLoader:
+        """The Llama family's names, plus the experts' (per-expert tensors stacked into place, or
+        stacked already) under any family's names (moe_weights.py)."""
+        return MoeLoader(self, device, dtype, keep_quantized)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pagoda.engine.models.weight_loading import ModelLoader, Weight, fused_parts
+from pagoda.engine.models.weight_loading import ModelLoader, Weight, copy_checked, fused_parts
 from pagoda.engine.quantization.weights import QuantizedWeight
 
 if TYPE_CHECKING:
@@ -87,13 +87,7 @@ class MoeLoader(ModelLoader):
         dest = param.data[expert]
         if part < 2:
             dest = dest.narrow(0, part * self.inter, self.inter)
-        if dest.shape != value.shape:
-            raise ValueError(
-                f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, "
-                f"the model expects {tuple(dest.shape)}"
-            )
-        with torch.no_grad():
-            dest.copy_(value)
+        copy_checked(name, dest, value)
         self.loaded.add(f"{target}:{expert}:{part}")
         self.expert_parts[target] += 1
         self.report.dense += 1

@@ -11,13 +11,12 @@ must be readable there: a shared volume or the same host).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
 
 from pagoda.services.scheduler.registry import ADAPTERS as KEY
+from pagoda.services.scheduler.registry import Refreshed
 from pagoda.services.transport.store import Store
 
 logger = logging.getLogger("pagoda.gateway")
@@ -30,7 +29,7 @@ class Adapter:
     parent: str  # the base model's served name
 
 
-class AdapterDirectory:
+class AdapterDirectory(Refreshed):
     """The deployment's adapters (see the module docstring). `get` never awaits."""
 
     def __init__(
@@ -41,7 +40,10 @@ class AdapterDirectory:
         self.max_lora_rank = max_lora_rank  # --max-lora-rank: adapters of a higher rank are refused
         self.refresh_s = refresh_s
         self._adapters: dict[str, Adapter] = {}
-        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def refresh_interval_s(self) -> float:
+        return self.refresh_s
 
     def get(self, name: str | None) -> Adapter | None:
         return self._adapters.get(name or "")
@@ -73,19 +75,7 @@ class AdapterDirectory:
     async def start(self) -> None:
         for adapter in self.initial:
             await self.register(adapter)
-        await self.refresh()
-        self._task = asyncio.create_task(self._watch(), name="gateway-adapters")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh_s)
-            await self.refresh()
+        await super().start()
 
 
 def _decoded(fields: dict[str, str]) -> list[tuple[str, Adapter]]:

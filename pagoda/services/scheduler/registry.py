@@ -9,8 +9,11 @@ finish a running request.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
+from abc import ABC, abstractmethod
 
 from pagoda.engine import BlockHash
 from pagoda.services.scheduler.router import WorkerState
@@ -81,6 +84,36 @@ class WorkerRegistry:
                 continue
             result.append(beat)
         return result
+
+
+class Refreshed(ABC):
+    """A service's copy of store state, refreshed when it starts and then every
+    `refresh_interval_s` by a task it owns (cancelled by `stop`)."""
+
+    _task: asyncio.Task[None] | None = None
+
+    @property
+    @abstractmethod
+    def refresh_interval_s(self) -> float: ...
+
+    @abstractmethod
+    async def refresh(self) -> None:
+        """Read the store again; must not raise for a store that is down (keep the last copy)."""
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._watch(), name=f"refresh-{type(self).__name__}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_interval_s)
+            await self.refresh()
 
 
 def _stamped(heartbeat: WorkerHeartbeat) -> WorkerHeartbeat:
