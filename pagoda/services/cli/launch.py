@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -100,6 +101,16 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         return None
     return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
+def settle_heap() -> None:
+    """Once a process has started: move what it holds for good (tokenizer, app, schemas) out of
+    the cyclic garbage collector's scans, and collect the young generation 14x less often. The
+    streaming path allocates a few objects per token; with the default thresholds the collector
+    took ~10% of the gateway's CPU under load, most of it rescanning objects that live forever."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 class Process:
@@ -274,6 +285,7 @@ class Process:
         """Serves HTTP until told to stop when this process runs the gateway, else waits for a stop."""
         if not self._endpoints:
             logger.info("running %s", ", ".join(self.config.roles))
+            settle_heap()
             await self.stop.wait()
             return
         self._server = _Server(self._uvicorn_config())
@@ -284,6 +296,9 @@ class Process:
             ", ".join(e.frontend.model_name for e in self._endpoints), gateway.host, gateway.port,
             ", ".join(self.config.roles),
         )  # fmt: skip
+        config = self._server.config
+        config.load()  # builds the app now (serve() skips it once loaded), so settle_heap covers it
+        settle_heap()
         await self._server.serve(
             sockets=[_reuse_port_socket(gateway.host, gateway.port)] if gateway.reuse_port else None
         )
