@@ -13,16 +13,16 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import uvicorn
 
 from pagoda.services.cli.config import GatewayConfig, LaunchConfig, ModelSource, launch_config
+from pagoda.services.cli.interpreter import event_loop_factory, settle_heap
 from pagoda.services.ops import tracing
 from pagoda.services.ops.metrics import Metrics
 from pagoda.services.scheduler.registry import WorkerRegistry
@@ -88,19 +88,6 @@ def run_roles(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
     config = launch_config(args, roles)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         return runner.run(Process(config).run())
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when it is installed (`pip install pagoda[fast]`, which also brings
-    httptools: uvicorn then parses HTTP with it by itself), else asyncio's. With both, the gateway
-    used ~10% less CPU per streamed token (docs/perf-history.md); PAGODA_EVENT_LOOP=asyncio opts out."""
-    if os.environ.get("PAGODA_EVENT_LOOP", "auto") == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
 class Process:
@@ -291,6 +278,7 @@ class Process:
         """Serves HTTP until told to stop when this process runs the gateway, else waits for a stop."""
         if not self._endpoints:
             logger.info("running %s", ", ".join(self.config.roles))
+            settle_heap()
             await self.stop.wait()
             return
         self._server = _Server(self._uvicorn_config())
@@ -301,6 +289,9 @@ class Process:
             ", ".join(e.frontend.model_name for e in self._endpoints), gateway.host, gateway.port,
             ", ".join(self.config.roles),
         )  # fmt: skip
+        config = self._server.config
+        config.load()  # builds the app now (serve() skips it once loaded), so settle_heap covers it
+        settle_heap()
         await self._server.serve(
             sockets=[_reuse_port_socket(gateway.host, gateway.port)] if gateway.reuse_port else None
         )

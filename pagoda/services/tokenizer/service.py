@@ -18,6 +18,7 @@ from pagoda.services.transport.errors import APIError
 from pagoda.services.transport.messages import (
     Accepted,
     MessageError,
+    PromptInput,
     Queues,
     Rejected,
     ScheduleRequest,
@@ -29,6 +30,19 @@ from pagoda.services.transport.messages import (
 logger = logging.getLogger("pagoda.tokenizer")
 
 CONCURRENCY = 64  # requests tokenized and forwarded at once per tokenizer process
+# A prompt shorter than this (characters, no tools) is tokenized on the event loop: ~0.1 ms for a
+# short chat, where the hop to a thread and back cost ~0.06 ms of CPU more per request.
+INLINE_CHARS = 2048
+
+
+def _short(prompt: PromptInput) -> bool:
+    if prompt.tools:
+        return False
+    if prompt.messages is not None:
+        size = sum(len(str(m.get("content") or "")) for m in prompt.messages)
+    else:
+        size = len(prompt.text or "") + len(prompt.token_ids or ())
+    return size < INLINE_CHARS
 
 
 class TokenizerService:
@@ -71,8 +85,11 @@ class TokenizerService:
     async def _tokenize(self, msg: TokenizeRequest, span: tracing.TraceHandle) -> None:
         try:
             params = msg.sampling.to_params()
-            # long prompts take a while to tokenize: keep the event loop free meanwhile
-            ids = await asyncio.to_thread(self.processor.process, msg.prompt, params)
+            process = self.processor.process
+            if _short(msg.prompt):
+                ids = process(msg.prompt, params)
+            else:  # long prompts take a while to tokenize: keep the event loop free meanwhile
+                ids = await asyncio.to_thread(process, msg.prompt, params)
         except APIError as err:
             span.fail(err.message)
             await self._answer(msg.reply_to, Rejected(

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
 
 from pagoda.engine import PoolingParams, RequestOutput, SamplingParams, StructuredOutputsParams, TokenLogprob
 
@@ -46,7 +46,8 @@ class MessageError(ValueError):
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # inf/nan as JSON's Infinity/NaN (what json.dumps wrote before), not null
+    model_config = ConfigDict(extra="ignore", frozen=True, ser_json_inf_nan="constants")
 
 
 class SamplingSpec(_Msg):
@@ -318,14 +319,40 @@ _TYPES: dict[str, type[BaseModel]] = {
 }
 
 
+# What `encode` writes before a message's type: `decode` parses such an envelope straight into
+# its model (one pass in pydantic-core, no dicts in between), ~2.4x faster for a StepOutputs.
+_PREFIX = b'{"v":%d,"type":"' % WIRE_VERSION
+
+
+def _envelope(name: str, cls: type[BaseModel]) -> TypeAdapter[Any]:
+    fields: dict[str, Any] = {"v": (Literal[WIRE_VERSION], ...), "type": (Literal[name], ...)}
+    fields["body"] = (cls, ...)
+    return TypeAdapter(create_model(f"{cls.__name__}Envelope", **fields))
+
+
+_ENVELOPES = {name.encode(): _envelope(name, cls) for name, cls in _TYPES.items()}
+
+
 def encode(msg: ServiceMessage) -> bytes:
-    return json.dumps(
-        {"v": WIRE_VERSION, "type": msg.type, "body": msg.model_dump(mode="json", exclude={"type"})},
-        separators=(",", ":"),
-    ).encode()
+    """The envelope of `msg`. A StepOutputs leaves out its deltas' fields that hold their default
+    (no logprobs, not finished, ...): a third fewer bytes per token, the same message decoded."""
+    body = msg.model_dump_json(exclude={"type"}, exclude_defaults=isinstance(msg, StepOutputs))
+    return b"".join((_PREFIX, msg.type.encode(), b'","body":', body.encode(), b"}"))
 
 
 def decode(data: bytes) -> ServiceMessage:
+    if data.startswith(_PREFIX):  # the usual case: one of ours
+        end = data.find(b'"', len(_PREFIX))
+        envelope = _ENVELOPES.get(data[len(_PREFIX) : end])
+        if envelope is not None:
+            try:
+                return envelope.validate_json(data).body  # type: ignore[no-any-return]
+            except ValidationError:
+                pass  # let the checks below say what is wrong (or accept what they accept)
+    return _decode_checked(data)
+
+
+def _decode_checked(data: bytes) -> ServiceMessage:
     try:
         env = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
