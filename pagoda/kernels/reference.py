@@ -23,8 +23,12 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,  # [num_seqs]
     query_start_loc: torch.Tensor,  # [num_seqs + 1]
     scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's queries (the last q_len positions of its seq_len)."""
+    """Causal attention of each sequence's queries (the last q_len positions of its seq_len); a
+    query at position p sees only keys > p - sliding_window, and scores s become
+    softcap * tanh(s / softcap) before the mask."""
     out = torch.empty_like(q)
     _, block_size, kv_heads, head_dim = k_cache.shape
     group = q.shape[1] // kv_heads
@@ -38,8 +42,14 @@ def paged_attention_ref(
         vals = vals.repeat_interleave(group, dim=1).transpose(0, 1)
         qs = q[start:end].float().transpose(0, 1)  # [heads, q_len, head_dim]
         scores = qs @ keys.transpose(1, 2) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         pos = torch.arange(q_len, device=q.device)[:, None] + seq_len - q_len
-        scores = scores.masked_fill(torch.arange(seq_len, device=q.device)[None, :] > pos, float("-inf"))
+        cols = torch.arange(seq_len, device=q.device)[None, :]
+        hidden = cols > pos
+        if sliding_window is not None:
+            hidden |= cols <= pos - sliding_window
+        scores = scores.masked_fill(hidden, float("-inf"))
         out[start:end] = (scores.softmax(-1) @ vals).transpose(0, 1).to(q.dtype)
     return out
 
