@@ -41,11 +41,14 @@ from pagoda.engine.spec_decode.config import SpeculativeConfig
 from pagoda.engine.spec_decode.metrics import SpecDecodeMetrics
 from pagoda.engine.spec_decode.ngram import NgramProposer, ngram_draft
 from pagoda.engine.spec_decode.proposer import Proposal, Proposer, make_proposer
+from pagoda.engine.spec_decode.rejection_sampler import RejectionOutput, RejectionSampler
 
 __all__ = [
     "NgramProposer",
     "Proposal",
     "Proposer",
+    "RejectionOutput",
+    "RejectionSampler",
     "SpecDecodeMetrics",
     "SpeculativeConfig",
     "make_proposer",
