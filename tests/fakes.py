@@ -113,6 +113,9 @@ class FakeEngine:
     model_name = MODEL
     max_model_len = 256
 
+    def list_loras(self) -> list[str]:
+        return []
+
     def __init__(self, step_delay: float = 0.0, script: str = SCRIPT) -> None:
         self.tokenizer = FakeTokenizer()
         self.default_sampling: dict[str, float] = {}
@@ -138,7 +141,9 @@ class FakeEngine:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_name: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
+        assert lora_name is None, "the fake engine serves no adapters"
         self.requests.append((request_id, list(prompt_token_ids), params, priority, cache_salt))
         return self._generate(request_id, list(prompt_token_ids), params)
 
@@ -213,6 +218,9 @@ class SlotEngine:
     the clock)."""
 
     model_name = "fake-model"
+
+    def list_loras(self) -> list[str]:
+        return []
 
     def __init__(self, slots: int) -> None:
         self.slots = slots

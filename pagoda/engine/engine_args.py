@@ -61,17 +61,34 @@ def field_default(cls: type, name: str) -> Any:
     return default
 
 
+class _Repeatable(argparse.Action):
+    """A flag that may be given more than once: `dest` holds the first value (what one engine
+    reads), `<dest>s` every value in order (a gateway or `pagoda serve` serving several models)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        given = list(getattr(namespace, self.dest + "s", None) or [])
+        if not given:
+            setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest + "s", [*given, values])
+
+
 def add_model_args(g: argparse._ArgumentGroup) -> None:
     """The flags that name the model and its limits: all the gateway and tokenizer read."""
     g.add_argument(
         "--model",
+        action=_Repeatable,
         default=field_default(EngineConfig, "model"),
-        help="GGUF file, HF model directory or Hub id (default: the demo SmolLM2 GGUF)",
+        help="GGUF file, HF model directory or Hub id (default: the demo SmolLM2 GGUF); `pagoda "
+        "serve`, the gateway and the tokenizer take it more than once to serve several models (each "
+        "its own engine; other engine flags apply to each)",
     )
     g.add_argument(
         "--served-model-name",
+        action=_Repeatable,
         default=field_default(EngineConfig, "served_model_name"),
-        help="name clients use in the `model` field",
+        help="name clients use in the `model` field (with several --model: once per model, in order)",
     )
     g.add_argument(
         "--max-model-len",

@@ -7,6 +7,7 @@ CPU-only machines):
 - kv_cache.py: the KV-cache write by slot mapping (reshape_and_cache)
 - rms_norm.py, rotary.py, activation.py: RMSNorm (+ residual), RoPE (neox/gptj), SiLU-and-mul
 - quant_gemm.py: weight-only int4/int8 GEMM with the dequantization in the K loop
+- fused_moe.py: the experts of a mixture-of-experts layer, a grouped GEMM over rows sorted by expert
 - lora.py: multi-LoRA shrink and expand as segmented GEMMs (SGMV)
 
 Importing a kernel module imports triton; import them lazily from code that must run without it

@@ -23,8 +23,12 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,  # [num_seqs]
     query_start_loc: torch.Tensor,  # [num_seqs + 1]
     scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's queries (the last q_len positions of its seq_len)."""
+    """Causal attention of each sequence's queries (the last q_len positions of its seq_len); a
+    query at position p sees only keys > p - sliding_window, and scores s become
+    softcap * tanh(s / softcap) before the mask."""
     out = torch.empty_like(q)
     _, block_size, kv_heads, head_dim = k_cache.shape
     group = q.shape[1] // kv_heads
@@ -38,8 +42,14 @@ def paged_attention_ref(
         vals = vals.repeat_interleave(group, dim=1).transpose(0, 1)
         qs = q[start:end].float().transpose(0, 1)  # [heads, q_len, head_dim]
         scores = qs @ keys.transpose(1, 2) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         pos = torch.arange(q_len, device=q.device)[:, None] + seq_len - q_len
-        scores = scores.masked_fill(torch.arange(seq_len, device=q.device)[None, :] > pos, float("-inf"))
+        cols = torch.arange(seq_len, device=q.device)[None, :]
+        hidden = cols > pos
+        if sliding_window is not None:
+            hidden |= cols <= pos - sliding_window
+        scores = scores.masked_fill(hidden, float("-inf"))
         out[start:end] = (scores.softmax(-1) @ vals).transpose(0, 1).to(q.dtype)
     return out
 
@@ -101,6 +111,23 @@ def quant_matmul_ref(
     group_size: int,
 ) -> torch.Tensor:
     return (x.float() @ dequantize_ref(qweight, scales, zeros, bits, group_size)).to(x.dtype)
+
+
+def fused_moe_ref(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    w13: torch.Tensor,  # [num_experts, 2 * inter, hidden]: gate rows, then up rows
+    w2: torch.Tensor,  # [num_experts, hidden, inter]
+    topk_weights: torch.Tensor,  # [num_tokens, top_k]
+    topk_ids: torch.Tensor,  # [num_tokens, top_k]
+) -> torch.Tensor:  # [num_tokens, hidden]
+    """Each token through each of its experts' gated MLPs, one at a time, weighted and summed in
+    float32."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for t in range(x.shape[0]):
+        for weight, e in zip(topk_weights[t].tolist(), topk_ids[t].tolist(), strict=True):
+            gate, up = (w13[e].float() @ x[t].float()).chunk(2)
+            out[t] += weight * (w2[e].float() @ (F.silu(gate) * up))
+    return out.to(x.dtype)
 
 
 def sgmv_ref(

@@ -31,6 +31,7 @@ from pagoda.load.peers import free_port
 from pagoda.load.proc_group import CpuWindow, ProcessGroup
 from pagoda.load.serve_runner import LatencyStats, RequestRecord, ServeConfig, request_body
 from pagoda.load.sse_client import HTTPError, SSEClient, StreamTimer
+from pagoda.services.transport.messages import Queues
 
 
 def cpu_ms_per_1k(cpu_pct: dict[str, float], tokens_per_s: float) -> dict[str, float]:
@@ -129,8 +130,9 @@ def wait_ready(cfg: ControlPlaneConfig, group: ProcessGroup, base: str, ns: str)
     raise RuntimeError(f"the stack was not ready within --startup-timeout {cfg.startup_timeout_s:g}s")
 
 
-def cleanup(cfg: ControlPlaneConfig, ns: str) -> None:
-    """Delete the run's store keys and durable queues (the broker and store are shared)."""
+def cleanup(cfg: ControlPlaneConfig, ns: str, model: str | None) -> None:
+    """Delete the run's store keys and durable queues (the broker and store are shared); `model`:
+    the served model's name (its tokenize queue), None when the stack never answered."""
     import redis
 
     r = redis.Redis.from_url(cfg.store)
@@ -138,7 +140,9 @@ def cleanup(cfg: ControlPlaneConfig, ns: str) -> None:
         for key in r.scan_iter(f"{ns}:*"):
             r.delete(key)
     r.close()
-    names = [f"{ns}.tokenize", f"{ns}.schedule", *(f"{ns}.worker.sim{i}" for i in range(cfg.workers))]
+    queues = Queues(ns)
+    names = [queues.schedule, *(queues.worker(f"sim{i}") for i in range(cfg.workers))]
+    names += [queues.tokenize(model)] if model is not None else []
     with contextlib.suppress(Exception):
         asyncio.run(_delete_queues(cfg.bus, names))
 
@@ -286,6 +290,7 @@ def run_control_plane(cfg: ControlPlaneConfig) -> dict[str, Any]:
     base = f"http://127.0.0.1:{port}"
     group, metrics = start_stack(cfg, ns, port)
     levels: list[LevelResult] = []
+    served: str | None = None
     codes: dict[str, int] = {}
     try:
         for name, url in (("rabbitmq", cfg.bus), ("redis", cfg.store)):
@@ -299,6 +304,7 @@ def run_control_plane(cfg: ControlPlaneConfig) -> dict[str, Any]:
             cfg, f"stack ready in {time.perf_counter() - t0:.1f}s: namespace {ns}, {cfg.workers} sim workers"
         )
         model = str(httpx.get(base + "/v1/models", timeout=10.0).json()["data"][0]["id"])
+        served = model
         for m in cfg.streams:
             level = asyncio.run(run_level(cfg, group, base, metrics, model, m))
             group.check_alive()
@@ -308,7 +314,7 @@ def run_control_plane(cfg: ControlPlaneConfig) -> dict[str, Any]:
                       f"{level.added_itl.p99:.2f} ms, busiest {name} {pct:.0f}%")  # fmt: skip
     finally:
         codes = group.stop()
-        cleanup(cfg, ns)
+        cleanup(cfg, ns, served)
     meta = {k: v for k, v in asdict(cfg).items() if k not in ("progress",)}
     return {
         "config": meta | {"namespace": ns},

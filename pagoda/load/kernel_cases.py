@@ -146,45 +146,56 @@ class Shapes:
 
 
 def all_cases(device: torch.device, dtype: torch.dtype, big: bool) -> list[Case]:
+    from pagoda.load.kernel_cases_moe import moe_cases
+
     s = Shapes(device, dtype, big)
     heads, kv_heads, hd, bs = s.heads
     batch, ctx = s.batch_ctx
     kv = paged_decode_inputs(device, dtype, batch, ctx, heads, kv_heads, hd, bs)
     return [
         _decode_case(s, kv),
+        _decode_case(s, kv, window=s.batch_ctx[1] // 4),
         _prefill_case(s, kv[0], kv[1]),
         _kv_write_case(s, kv[0], kv[1]),
         *_pointwise_cases(s),
         *_gemm_cases(s),
+        *moe_cases(s),
     ]
 
 
-def _decode_case(s: Shapes, kv: tuple[torch.Tensor, ...]) -> Case:
+def _decode_case(s: Shapes, kv: tuple[torch.Tensor, ...], window: int | None = None) -> Case:
+    """Decode attention; with a sliding `window` only the last `window` keys are read (and
+    counted), the peer attends to just those."""
     from pagoda.kernels.paged_attention import decode_num_splits, paged_decode
 
     kc, vc, tables, seq_lens, q = kv
     heads, kv_heads, hd, _ = s.heads
     batch, ctx = s.batch_ctx
+    keys = ctx if window is None else window
     out = torch.empty_like(q)
     device = s.device
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    splits = decode_num_splits(batch, kv_heads, ctx, sms)
+    splits = decode_num_splits(batch, kv_heads, keys, sms)
     # the peer reads K/V gathered in block-table order (contiguous; the gather is not timed)
-    kd = kc[tables.long()].view(batch, ctx, kv_heads, hd).transpose(1, 2).contiguous()  # [b, kv, ctx, hd]
-    vd = vc[tables.long()].view(batch, ctx, kv_heads, hd).transpose(1, 2).contiguous()
-    qd = q.view(batch, kv_heads, heads // kv_heads, hd)
+    kd = kc[tables.long()].view(batch, ctx, kv_heads, hd)[:, ctx - keys :].transpose(1, 2).contiguous()
+    vd = vc[tables.long()].view(batch, ctx, kv_heads, hd)[:, ctx - keys :].transpose(1, 2).contiguous()
+    qd = q.view(batch, kv_heads, heads // kv_heads, hd)  # kd, vd: [b, kv, keys, hd]
+
+    def run() -> None:
+        paged_decode(out, q, kc, vc, tables, seq_lens, ctx, hd**-0.5, splits, sliding_window=window)
 
     def check_decode() -> float:
-        paged_decode(out, q, kc, vc, tables, seq_lens, ctx, hd**-0.5, splits)
+        run()
         want = F.scaled_dot_product_attention(qd.float(), kd.float(), vd.float(), scale=hd**-0.5)
         return rel_err(out, want.reshape(batch, heads, hd))
 
     return Case(
-        "paged_decode",
-        f"b{batch} ctx{ctx} h{heads}/{kv_heads}x{hd} splits{splits}",
-        2 * batch * ctx * kv_heads * hd * s.el,
-        4 * batch * heads * ctx * hd,
-        lambda: paged_decode(out, q, kc, vc, tables, seq_lens, ctx, hd**-0.5, splits),
+        "paged_decode" if window is None else "paged_decode (window)",
+        f"b{batch} ctx{ctx}{'' if window is None else f' window{window}'} h{heads}/{kv_heads}x{hd} "
+        f"splits{splits}",
+        2 * batch * keys * kv_heads * hd * s.el,
+        4 * batch * heads * keys * hd,
+        run,
         lambda: F.scaled_dot_product_attention(qd, kd, vd, scale=hd**-0.5),
         "SDPA (contiguous K/V)",
         check_decode,

@@ -96,7 +96,7 @@ def test_scheduler_and_tokenizer_sigkill_lose_nothing(fault_cluster: dict[str, A
     other tokenizer and scheduler, and every request completes as an undisturbed run does."""
     c = fault_cluster
     _baseline(c)
-    queues = {"tokenizer": f"{c['ns']}.tokenize", "scheduler": f"{c['ns']}.schedule"}
+    queues = {"tokenizer": f"{c['ns']}.tokenize.tiny", "scheduler": f"{c['ns']}.schedule"}
     before = {f"{role}2": redelivered(c, f"{role}2", queue) for role, queue in queues.items()}
     holding: dict[str, int] = {}
 

@@ -137,7 +137,7 @@ def test_broker_restart_running_requests_end_cleanly_and_new_ones_succeed(
     messages, published before the stop, are delivered again after the start."""
     c = restart_cluster
     _baseline(c)
-    rabbit, hold_file, tokenize = c["rabbit"], c["hold_file"], f"{c['ns']}.tokenize"
+    rabbit, hold_file, tokenize = c["rabbit"], c["hold_file"], f"{c['ns']}.tokenize.tiny"
     during: list[Outcome] = []
     took: dict[str, float] = {}
     counts: dict[str, int] = {"held": held(c, "tokenizer", tokenize)}

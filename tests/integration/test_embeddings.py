@@ -40,7 +40,9 @@ def _stack(procs: list[Proc], port: int) -> Iterator[str]:
 
 @pytest.fixture(scope="module", params=["embedded", "cluster"])
 def base(request: pytest.FixtureRequest, bert: tuple[Path, Any]) -> Iterator[str]:
-    model, port = ["--model", str(bert[0]), "--served-model-name", "bert"], free_port()
+    # float32 as HF's reference: `--dtype auto` is bf16 on CPUs with avx512_bf16
+    model = ["--model", str(bert[0]), "--served-model-name", "bert", "--dtype", "float32"]
+    port = free_port()
     if request.param == "embedded":
         yield from _stack([Proc("serve", *model, "--port", str(port))], port)
         return

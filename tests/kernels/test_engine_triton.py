@@ -1,8 +1,11 @@
 """The engine with `--attention-backend triton` (kernels under the interpreter on CPU) gives the
-torch backend's greedy tokens on a 2-layer model, with chunked prefill and prefix-cache hits."""
+torch backend's greedy tokens on a 2-layer model, with chunked prefill and prefix-cache hits; and
+so on models with sliding windows (Mistral) and soft-capped, alternating local/global attention
+(Gemma 2), on prompts that outgrow the window."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +13,11 @@ import pytest
 import torch
 
 from pagoda.engine.llm import LLM
+from pagoda.engine.loader import load_checkpoint
 from pagoda.engine.runner.attention import TritonAttention, get_backend
 from pagoda.engine.sampling.params import SamplingParams
 from tests.kernels import DEV
-from tests.tiny_models import VOCAB, make_tiny_model
+from tests.tiny_models import VOCAB, WINDOW, make_tiny_model
 
 BASE = [256, *range(40, 75)]  # 36 tokens: two full blocks of 16 and a partial one
 PROMPTS = [
@@ -45,11 +49,9 @@ def _run(path: Path, backend: str, budget: int) -> tuple[list[list[int]], list[A
     )
 
 
-@pytest.mark.slow
-def test_triton_backend_greedy_equals_torch(tmp_path: Path) -> None:
-    make_tiny_model("llama3", tmp_path)  # GQA ratio 2, head_dim 16, Llama-3 rope scaling
-    want, want_lp, _ = _run(tmp_path, "torch", 2048)
-    got, got_lp, cached = _run(tmp_path, "triton", 8)  # chunks of at most 8 tokens
+def _check_equal(path: Path) -> None:
+    want, want_lp, _ = _run(path, "torch", 2048)
+    got, got_lp, cached = _run(path, "triton", 8)  # chunks of at most 8 tokens
     assert got == want
     assert cached[0] >= 32 and cached[3] >= 32, f"expected prefix-cache hits, got {cached}"
     for g, w in zip(got_lp, want_lp, strict=True):
@@ -58,6 +60,29 @@ def test_triton_backend_greedy_equals_torch(tmp_path: Path) -> None:
             for tok in a.top:
                 assert abs(a.top[tok] - b.top[tok]) < 1e-4
     assert all(0 <= t < VOCAB for seq in got for t in seq)
+
+
+@pytest.mark.slow
+def test_triton_backend_greedy_equals_torch(tmp_path: Path) -> None:
+    make_tiny_model("llama3", tmp_path)  # GQA ratio 2, head_dim 16, Llama-3 rope scaling
+    _check_equal(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mistral", "gemma2"])
+def test_triton_local_attention_equals_torch(kind: str, tmp_path: Path) -> None:
+    """Mistral with a window of WINDOW tokens on every layer; Gemma 2 with WINDOW on its even
+    layers, full attention on the odd ones, attention scores soft-capped at 2.0. The prompts (up to
+    36 tokens, prefill chunks of 8) outgrow the window; decodes read past it."""
+    make_tiny_model(kind, tmp_path)
+    if kind == "mistral":  # the tiny Mistral has no window: give it one
+        config = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": WINDOW}))
+    arch = load_checkpoint(str(tmp_path)).arch
+    windows = [arch.layer_window(i, 128) for i in range(arch.num_layers)]
+    assert windows == ([WINDOW, WINDOW] if kind == "mistral" else [WINDOW, None]), windows
+    assert (arch.attn_logit_softcap is not None) == (kind == "gemma2")
+    _check_equal(tmp_path)
 
 
 def test_triton_layers_are_switched_on(tmp_path: Path) -> None:

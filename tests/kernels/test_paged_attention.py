@@ -119,3 +119,95 @@ def test_reshape_and_cache_from_fused_qkv() -> None:
     kc, vc = torch.zeros(2, 4, 2, 16, device=DEV), torch.zeros(2, 4, 2, 16, device=DEV)
     reshape_and_cache(k, v, kc, vc, torch.tensor([7, 0, 3, 4, 1], device=DEV))
     assert torch.equal(kc.view(-1, 2, 16)[7], k[0]) and torch.equal(vc.view(-1, 2, 16)[4], v[3])
+
+
+def _poisoned(
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    tables: torch.Tensor,
+    q_lens: list[int],
+    seq_lens: list[int],
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of the caches with NaN at every key no query of its sequence sees (before the window
+    of the sequence's first query): a kernel that reads one, even masked out, returns NaN."""
+    kc, vc = kc.clone(), vc.clone()
+    block_size = kc.shape[1]
+    for i, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens, strict=True)):
+        for pos in range(max(0, seq_len - q_len - window + 1)):
+            blk, off = int(tables[i, pos // block_size]), pos % block_size
+            kc[blk, off] = vc[blk, off] = float("nan")
+    return kc, vc
+
+
+# a decode, a chunk crossing the window's edge behind a cached prefix, a fresh prompt longer than
+# most windows, chunks ending on block boundaries (16), a one-token prompt
+WINDOW_Q_LENS = [1, 7, 20, 16, 1, 5]
+WINDOW_SEQ_LENS = [40, 23, 20, 48, 1, 33]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "group", "window", "softcap"),
+    [
+        (F32, 3, None, 0.8),  # soft-cap alone; 3 query heads per KV head (padded rows)
+        (F32, 4, 1, None),  # each query sees itself only
+        (F32, 4, 8, None),
+        (F32, 1, 16, 0.8),  # a block
+        (F32, 4, 17, None),  # a block and one
+        (F32, 3, 23, 2.0),  # some sequences' whole context
+        (F32, 4, 200, None),  # longer than every context: plain causal
+        (BF16, 8, 8, 2.0),
+    ],
+)
+def test_unified_window_and_softcap(
+    dtype: torch.dtype, group: int, window: int | None, softcap: float | None
+) -> None:
+    q, kc, vc, tables, sl, qsl = _setup(WINDOW_Q_LENS, WINDOW_SEQ_LENS, 2, group, 64, 16, dtype)
+    want = paged_attention_ref(q, kc, vc, tables, sl, qsl, 0.125, window, softcap)
+    if window is not None:
+        kc, vc = _poisoned(kc, vc, tables, WINDOW_Q_LENS, WINDOW_SEQ_LENS, window)
+    out = torch.empty_like(q)
+    unified_attention(out, q, kc, vc, tables, sl, qsl, max(WINDOW_Q_LENS), 0.125, window, softcap)
+    _close(out, want, dtype)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "window", "softcap", "num_splits"),
+    [
+        (F32, None, 0.8, 1),
+        (F32, None, 0.8, 3),
+        (F32, 1, None, 1),
+        (F32, 16, None, 1),  # a block: the window starts mid-block for 17 and 70
+        (F32, 17, 2.0, 2),
+        (F32, 33, None, 4),  # splits of a window longer than some contexts
+        (F32, 100, None, 3),  # longer than every context
+        (F16, 20, 0.8, 3),
+    ],
+)
+def test_decode_window_and_softcap(
+    dtype: torch.dtype, window: int | None, softcap: float | None, num_splits: int
+) -> None:
+    """Keys before the window are never read (NaN there leaves the result alone), nor visited:
+    the launch covers only `window` keys a query (tiles of 16, each split one tile here)."""
+    seq_lens = [1, 16, 17, 33, 70]
+    q, kc, vc, tables, sl, qsl = _setup([1] * 5, seq_lens, 2, 4, 64, 16, dtype)
+    want = paged_attention_ref(q, kc, vc, tables, sl, qsl, 0.125, window, softcap)
+    if window is not None:
+        kc, vc = _poisoned(kc, vc, tables, [1] * 5, seq_lens, window)
+    out = torch.empty_like(q)
+    paged_decode(
+        out, q, kc, vc, tables, sl, 70, 0.125, num_splits, 16, sliding_window=window, softcap=softcap
+    )
+    _close(out, want, dtype)
+
+
+def test_decode_window_padding_row() -> None:
+    """A CUDA-graph padding row (seq_len 0) with a window: zeros, and the other row as without one
+    when the window covers it."""
+    q, kc, vc, tables, sl, qsl = _setup([1, 1], [40, 40], 2, 4, 64, 16, torch.float32)
+    sl[0] = 0
+    out = torch.full_like(q, float("nan"))
+    paged_decode(out, q, kc, vc, tables, sl, 256, 0.125, num_splits=4, sliding_window=40, softcap=1.5)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    want = paged_attention_ref(q[1:], kc, vc, tables[1:], sl[1:], qsl[:2], 0.125, None, 1.5)
+    _close(out[1:], want, torch.float32)

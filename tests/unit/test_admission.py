@@ -55,9 +55,11 @@ class Stack:
             bus, cast(Any, tok), model_name="fake-model", max_model_len=256,
             registry=WorkerRegistry(store, hb), queue_timeout_s=queue_timeout_s,
         )  # fmt: skip
-        self.fleet = FleetAdmission(WorkerRegistry(store, hb), limits)
+        self.fleet = FleetAdmission(WorkerRegistry(store, hb), limits, "fake-model")
         self.services: list[Any] = [
-            self.worker, self.scheduler, TokenizerService(bus, PromptProcessor(cast(Any, tok), 256)),
+            self.worker, self.scheduler, TokenizerService(
+                bus, PromptProcessor(cast(Any, tok), 256), "fake-model"
+            ),
             self.gateway, self.fleet,
         ]  # fmt: skip
         self.app = build_app(self.gateway, admission=self.fleet)

@@ -64,6 +64,7 @@ def test_launch_logs_the_count_not_the_keys(
     from pagoda.services.cli.config import ROLES, launch_config
     from pagoda.services.cli.launch import gateway_app
     from pagoda.services.cli.parser import build_parser
+    from pagoda.services.gateway.server import ModelEndpoint
     from pagoda.services.ops.metrics import Metrics
     from pagoda.services.transport.store import InMemoryStore
 
@@ -75,5 +76,6 @@ def test_launch_logs_the_count_not_the_keys(
     caplog.set_level(logging.DEBUG)
     gateway = launch_config(args, ROLES).gateway
     assert gateway is not None and gateway.api_keys == ("flag-secret-2", "file-secret-1")
-    gateway_app(gateway, cast(Any, local_frontend(FakeEngine())), Metrics(), None, InMemoryStore())
+    endpoint = ModelEndpoint(cast(Any, local_frontend(FakeEngine())))
+    gateway_app(gateway, [endpoint], Metrics(), InMemoryStore())
     assert "2 configured" in caplog.text and "secret" not in caplog.text

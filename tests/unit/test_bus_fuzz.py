@@ -65,8 +65,9 @@ class Services:
             cast(Any, self.engine), self.bus, store, worker_id="w0", queues=self.queues
         )
         self.scheduler = SchedulerService(self.bus, store, queues=self.queues)
-        self.tokenizer = TokenizerService(self.bus, PromptProcessor(tok, 256), self.queues)
-        self.gateway = BusFrontend(self.bus, tok, model_name="m", max_model_len=256, queues=self.queues)
+        name = self.engine.model_name
+        self.tokenizer = TokenizerService(self.bus, PromptProcessor(tok, 256), name, self.queues)
+        self.gateway = BusFrontend(self.bus, tok, model_name=name, max_model_len=256, queues=self.queues)
         self.all = [self.worker, self.scheduler, self.tokenizer, self.gateway]
         self.run(self._start())
 

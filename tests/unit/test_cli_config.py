@@ -65,6 +65,21 @@ def test_flags_reach_the_configs() -> None:
     assert not engine.cache.enable_prefix_caching
 
 
+def test_model_is_repeatable_for_the_roles_that_serve_several() -> None:
+    """`--model` and `--served-model-name` pair up in order; the first model is what one engine
+    reads (`config.model`, and the engine flags' `--model`)."""
+    args = build_parser().parse_args(
+        ["serve", "--model", "a", "--served-model-name", "x", "--model", "b", "--served-model-name", "y"]
+    )
+    config = launch_config(args, ROLES)
+    assert config.models == (ModelSource("a", "x", None), ModelSource("b", "y", None))
+    assert config.model == config.models[0] and engine_config_from_args(args).model == "a"
+    two = launch_config(
+        build_parser().parse_args(["gateway", *CLUSTER, "--model", "a", "--model", "b"]), ("gateway",)
+    )
+    assert two.models == (ModelSource("a", None, None), ModelSource("b", None, None))
+
+
 def test_the_sim_backend_fills_in_its_own_defaults() -> None:
     from pagoda.engine.core.sim_core import SimConfig
 
@@ -87,6 +102,10 @@ BAD_VALUES = {  # command line (a role alone gets CLUSTER too) -> what the error
     "serve --priority-reserve -3": "--priority-reserve must be >= 0, got -3",
     "serve --max-model-len 0": "max_model_len must be at least 1, got 0",
     "scheduler --bus memory://": "`pagoda scheduler` runs alone: give it --bus amqp://... and --store redis://...",
+    "worker --model a --model b": "a worker serves one model (--model given 2 times): run one",
+    "serve --model a --model b --served-model-name x": "--served-model-name was given 1 times for 2 --model",
+    "serve --served-model-name x --served-model-name y": "--served-model-name was given 2 times for 1",
+    "gateway --model a --model a": "--model names the same model twice (a, a)",
 }
 
 

@@ -17,7 +17,7 @@ from pagoda.services.transport.messages import (
     encode,
 )
 from pagoda.services.transport.store import InMemoryStore
-from tests.fakes import heartbeat
+from tests.fakes import MODEL, heartbeat
 
 
 class SlowStore(InMemoryStore):
@@ -58,3 +58,28 @@ async def test_a_burst_of_requests_spreads_over_idle_workers() -> None:
     await scheduler.stop()
     await bus.close()
     assert sorted(len(v) for v in got.values()) == [4, 4], got
+
+
+async def test_routing_keeps_to_the_model_and_prefers_workers_holding_the_adapter() -> None:
+    """A request goes only to its model's workers (none: a 503 naming the model); one for a LoRA
+    adapter goes to a worker that holds it loaded, even a busier one; the adapter list survives
+    the registry's round trip through the store (one hash field)."""
+    store = InMemoryStore()
+    registry = WorkerRegistry(store, heartbeat_s=10.0)
+    await registry.beat(heartbeat("idle", num_running=0))
+    await registry.beat(heartbeat("holder", num_running=3, loras=("fr", "de")))
+    await registry.beat(heartbeat("other-model", model="another"))
+    scheduler = SchedulerService(InMemoryBus(), store, router="least-load", heartbeat_s=10.0)
+    spec = SamplingSpec.of(SamplingParams())
+
+    def req(**kw: object) -> ScheduleRequest:
+        return ScheduleRequest(request_id="r", reply_to="q", prompt_token_ids=[1] * 40, sampling=spec, **kw)
+
+    assert {w.worker_id: w.loras for w in await registry.alive()}["holder"] == ("fr", "de")
+    plain = await scheduler._decide(req(model=MODEL))
+    assert plain is not None and plain.worker_id == "idle"  # least loaded of its model
+    adapted = await scheduler._decide(req(model=MODEL, lora_name="de"))
+    assert adapted is not None and adapted.worker_id == "holder"
+    unheld = await scheduler._decide(req(model=MODEL, lora_name="it"))
+    assert unheld is not None and unheld.worker_id == "idle"  # nobody holds it: load decides
+    assert await scheduler._decide(req(model="missing")) is None

@@ -36,8 +36,9 @@ async def _hit_rate(ckpt: Any, router: str) -> tuple[float, dict[str, int]]:
     ]
     scheduler = SchedulerService(bus, store, router=router, heartbeat_s=0.1)
     tok = ckpt.tokenizer
-    services = [*workers, scheduler, TokenizerService(bus, PromptProcessor(tok, 1024))]
-    gateway = BusFrontend(bus, tok, model_name="m", max_model_len=1024, registry=WorkerRegistry(store, 0.1))
+    name = workers[0].engine.model_name
+    services = [*workers, scheduler, TokenizerService(bus, PromptProcessor(tok, 1024), name)]
+    gateway = BusFrontend(bus, tok, model_name=name, max_model_len=1024, registry=WorkerRegistry(store, 0.1))
     services.append(gateway)
     for s in services:
         await s.start()

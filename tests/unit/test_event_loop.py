@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from pagoda.services.cli.launch import event_loop_factory
+from pagoda.services.cli.interpreter import event_loop_factory
 
 
 def test_asyncio_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -62,9 +62,10 @@ class Stack:
         ]
         tok = self.workers[0].engine.tokenizer
         self.scheduler = SchedulerService(self.bus, self.store, router="least-load", heartbeat_s=HB)
-        self.tokenizer = TokenizerService(self.bus, PromptProcessor(tok, 512))
+        name = self.workers[0].engine.model_name
+        self.tokenizer = TokenizerService(self.bus, PromptProcessor(tok, 512), name)
         self.gateway = BusFrontend(
-            self.bus, tok, model_name="m", max_model_len=512, registry=WorkerRegistry(self.store, HB)
+            self.bus, tok, model_name=name, max_model_len=512, registry=WorkerRegistry(self.store, HB)
         )
         self.services: list[Any] = [*self.workers, self.scheduler, self.tokenizer, self.gateway]
 

@@ -56,6 +56,12 @@ async def test_store_hashes(store: Store) -> None:
     await store.hset("worker:1", {"waiting": "5", "kv_usage": "0.25"})
     await store.hset("worker:1", {})
     assert await store.hgetall("worker:1") == {"running": "2", "waiting": "5", "kv_usage": "0.25"}
+    assert await store.hdel("worker:1", "running", "nope") == 1
+    assert await store.hdel("worker:1") == 0
+    assert await store.hgetall("worker:1") == {"waiting": "5", "kv_usage": "0.25"}
+    assert await store.hdel("worker:1", "waiting", "kv_usage") == 2
+    assert await store.hgetall("worker:1") == {} and await store.scan_prefix("worker") == []
+    assert await store.hdel("never", "x") == 0
 
 
 async def test_store_sets(store: Store) -> None:

@@ -1,16 +1,20 @@
 """Sliding-window and soft-capped attention (Gemma 2/3, Phi-3) in the backends that have them
-(torch; the compiled CPU decode's), beside a dense reference written from the definition; and
-`get_backend` never handing such a model to the Triton backend."""
+(torch; the compiled CPU decode's; Triton's, tested in tests/kernels), beside a dense reference
+written from the definition; and `get_backend` handing such a model only to a backend with them."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
 from pagoda.engine.models.arch_config import SLIDING_WINDOW, SOFTCAP, ModelArchConfig
-from pagoda.engine.runner.attention import AttentionMetadata, TorchAttention, TritonAttention, get_backend
+from pagoda.engine.runner.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    TorchAttention,
+    TritonAttention,
+    get_backend,
+)
 from pagoda.engine.runner.compiled_decode import _GraphDecodeAttention
 
 BLOCK, HEADS, KV_HEADS, DIM = 4, 4, 2, 8
@@ -143,21 +147,16 @@ def test_windows_and_needs() -> None:
         _arch(sliding_window=16, layer_types=types[:2])
 
 
-def test_triton_is_refused_for_windows_and_softcaps() -> None:
-    assert TorchAttention.features == {SLIDING_WINDOW, SOFTCAP} == _GraphDecodeAttention.features
-    assert not TritonAttention.features
+def test_backends_with_windows_and_softcaps(monkeypatch: pytest.MonkeyPatch) -> None:
+    both = {SLIDING_WINDOW, SOFTCAP}
+    assert TorchAttention.features == TritonAttention.features == _GraphDecodeAttention.features == both
+    # auto: Triton on a GPU for a model that needs both (built here without a GPU)
+    monkeypatch.setattr(TritonAttention, "__init__", AttentionBackend.__init__)
+    assert isinstance(get_backend("auto", torch.device("cuda"), frozenset(both)), TritonAttention)
+    # a backend without a feature: refused by name, passed over by auto
+    monkeypatch.setattr(TritonAttention, "features", frozenset({SOFTCAP}))
     with pytest.raises(
         ValueError, match=r"'triton' has no sliding_window attention.*--attention-backend torch"
     ):
         get_backend("triton", torch.device("cpu"), frozenset({SLIDING_WINDOW}))
-    # auto: the torch backend, even on a GPU
-    assert isinstance(get_backend("auto", torch.device("cuda"), frozenset({SOFTCAP})), TorchAttention)
-
-
-def test_an_engine_refuses_triton_for_gemma(tmp_path: Path) -> None:
-    from pagoda.engine.llm import LLM
-    from tests.tiny_models import make_tiny_model
-
-    make_tiny_model("gemma2", tmp_path)
-    with pytest.raises(ValueError, match="'triton' has no sliding_window or softcap attention"):
-        LLM(str(tmp_path), dtype="float32", kv_cache_memory=1 << 20, attention_backend="triton")
+    assert isinstance(get_backend("auto", torch.device("cuda"), frozenset(both)), TorchAttention)

@@ -54,8 +54,8 @@ def test_round_trips_keep_every_field() -> None:
 
 def test_queue_names_are_namespaced() -> None:
     q = Queues("test-1")
-    assert (q.tokenize, q.schedule, q.worker("w"), q.reply("g")) == (
-        "test-1.tokenize", "test-1.schedule", "test-1.worker.w", "test-1.reply.g",
+    assert (q.tokenize("m"), q.schedule, q.worker("w"), q.reply("g")) == (
+        "test-1.tokenize.m", "test-1.schedule", "test-1.worker.w", "test-1.reply.g",
     )  # fmt: skip
 
 

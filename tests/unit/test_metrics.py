@@ -173,6 +173,9 @@ class _FakeAsyncEngine:
     def counters(self) -> CoreCounters:
         return self.core.counters()
 
+    def list_loras(self) -> list[str]:
+        return []
+
     def cached_block_hashes(self) -> list[bytes]:
         return self.core.cached_block_hashes()
 

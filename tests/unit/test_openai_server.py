@@ -622,8 +622,10 @@ class FakeFrontend:
         priority: int = 0,
         cache_salt: str | None = None,
         session_id: str | None = None,
+        lora: object = None,
     ) -> Submitted:
         await asyncio.sleep(0)
+        assert lora is None, "no adapters here"
         extra = {"priority": priority, "cache_salt": cache_salt, "session_id": session_id}
         self.submits.append((request_id, prompt, params, extra))
         error = self.reject(prompt) if self.reject else None

@@ -77,14 +77,15 @@ async def test_one_trace_through_all_four_services(
     bus, store = InMemoryBus(), InMemoryStore()
     cfg = EngineConfig(dtype="float32", max_model_len=512, cache=CacheConfig(kv_cache_memory=32 << 20))
     tok = demo_checkpoint.tokenizer
-    gateway = BusFrontend(bus, tok, model_name="m", max_model_len=512, registry=WorkerRegistry(store, 0.1))
     engine = AsyncEngine(EngineCore(cfg, checkpoint=demo_checkpoint))
+    model = engine.model_name
+    gateway = BusFrontend(bus, tok, model_name=model, max_model_len=512, registry=WorkerRegistry(store, 0.1))
     services = [
         # the same heartbeat as the readers': at the default 1 s the gateway, reading the registry
         # with 0.1 s, saw w0 missing between beats and, on a loaded machine, moved the request
         WorkerService(engine, bus, store, worker_id="w0", heartbeat_s=0.1),
         SchedulerService(bus, store, heartbeat_s=0.1),
-        TokenizerService(bus, PromptProcessor(tok, 512)),
+        TokenizerService(bus, PromptProcessor(tok, 512), model),
         gateway,
     ]
     for s in services:
@@ -121,7 +122,7 @@ async def test_one_trace_through_all_four_services(
     assert ends == sorted(ends)
     g, r = spans["gateway.request"].attributes, spans["scheduler.route"].attributes
     assert g is not None and r is not None
-    assert g["gen_ai.request.model"] == "m" and g["gen_ai.operation.name"] == "chat"
+    assert g["gen_ai.request.model"] == model and g["gen_ai.operation.name"] == "chat"
     assert g["gen_ai.request.temperature"] == 0.5 and g["gen_ai.request.max_tokens"] == 4
     assert g["gen_ai.usage.output_tokens"] == 4 and g["gen_ai.usage.input_tokens"] > 0
     assert tuple(g["gen_ai.response.finish_reasons"]) == ("length",)  # type: ignore[arg-type]

@@ -114,6 +114,12 @@ class EngineCore(LoRAEngineMixin):
         ):
             compile_mode = "off"
         eager = config.enforce_eager or self.pooler is not None  # a pooler has no decode steps to capture
+        if self.model.cfg.num_experts and (
+            compile_mode != "off" or (not eager and self.device.type == "cuda")
+        ):
+            # the experts' dispatch: data-dependent shapes on the CPU; on a GPU, not yet captured on one
+            logger.info("decode steps of a mixture-of-experts model run eagerly (no compiled or CUDA graphs)")
+            compile_mode, eager = "off", True
         return ModelRunner(
             self.model,
             backend,

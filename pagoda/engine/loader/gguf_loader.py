@@ -68,6 +68,11 @@ _SKIPPED = ("rope_freqs.weight",)  # folded into arch.rope_scaling
 def load_gguf(path: Path) -> Checkpoint:
     reader = open_gguf(path)
     gguf_arch = reader.get("general.architecture")
+    if reader.get(f"{gguf_arch}.expert_count") or "moe" in str(gguf_arch):
+        raise ModelLoadError(
+            f"{path.name} is a mixture-of-experts GGUF ({gguf_arch}); pagoda runs MoE models "
+            "(Mixtral, Qwen2-MoE, Qwen3-MoE, Granite-MoE) from Hugging Face safetensors only"
+        )
     if gguf_arch not in _ARCHITECTURES:
         raise ModelLoadError(
             f"GGUF architecture {gguf_arch!r} in {path.name} is not supported; pagoda loads "

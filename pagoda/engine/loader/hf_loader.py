@@ -17,6 +17,7 @@ from typing import Any
 from safetensors import safe_open
 
 from pagoda.engine.loader import Checkpoint, ModelLoadError
+from pagoda.engine.loader.hf_moe import moe_fields
 from pagoda.engine.loader.model_info import hf_context_length, hf_tokenizer, read_hf_config
 from pagoda.engine.loader.pooling_info import hf_pooler
 from pagoda.engine.models.arch_config import ModelArchConfig
@@ -35,6 +36,10 @@ _MODEL_TYPES = {
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "bert": "bert",
+    "mixtral": "mixtral",
+    "qwen2_moe": "qwen2_moe",
+    "qwen3_moe": "qwen3_moe",
+    "granitemoe": "granitemoe",
 }
 # Gemma's local layers when config.json lists no layer_types: Gemma 2 alternates (even layers
 # local), Gemma 3 makes five of each six local (sliding_window_pattern)
@@ -86,8 +91,9 @@ def arch_from_hf_config(
     bos = config.get("bos_token_id")
     if bos is None and tokenizer is not None:
         bos = tokenizer.bos_token_id
-    attention_multiplier = config.get("attention_multiplier") if model_type == "granite" else None
-    window = config.get("sliding_window") if model_type in ("mistral", "phi3") else None
+    granite = model_type in ("granite", "granitemoe")
+    attention_multiplier = config.get("attention_multiplier") if granite else None
+    window = config.get("sliding_window") if model_type in ("mistral", "phi3", "mixtral") else None
     fields: dict[str, Any] = dict(
         architecture=architecture,
         vocab_size=int(config["vocab_size"]),
@@ -103,7 +109,7 @@ def arch_from_hf_config(
         max_position_embeddings=hf_context_length(config),
         tie_word_embeddings=tie,
         attention_bias=architecture == "qwen2" or bool(config.get("attention_bias", False)),
-        qk_norm=architecture in ("qwen3", "gemma3"),
+        qk_norm=architecture in ("qwen3", "gemma3", "qwen3_moe"),
         embedding_multiplier=float(config.get("embedding_multiplier", 1.0)),
         residual_multiplier=float(config.get("residual_multiplier", 1.0)),
         attention_multiplier=None if attention_multiplier is None else float(attention_multiplier),
@@ -115,6 +121,7 @@ def arch_from_hf_config(
     )
     if model_type in _GEMMA_PATTERN:
         fields.update(_gemma_fields(config))
+    fields.update(moe_fields(config))
     return ModelArchConfig(**fields)
 
 

@@ -8,6 +8,7 @@ from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.models.bert import BertModel
 from pagoda.engine.models.gemma import GemmaForCausalLM
 from pagoda.engine.models.llama import LlamaForCausalLM
+from pagoda.engine.models.moe import MoeForCausalLM
 
 # the decoders: a causal forward over the paged KV cache, logits, decode steps (graphs, compiled)
 DecoderModel = LlamaForCausalLM | GemmaForCausalLM
@@ -21,6 +22,10 @@ _REGISTRY: dict[str, type[LlamaForCausalLM] | type[GemmaForCausalLM] | type[Bert
     "gemma2": GemmaForCausalLM,
     "gemma3": GemmaForCausalLM,
     "bert": BertModel,
+    "mixtral": MoeForCausalLM,
+    "qwen2_moe": MoeForCausalLM,
+    "qwen3_moe": MoeForCausalLM,
+    "granitemoe": MoeForCausalLM,
 }
 
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "bert")
+SUPPORTED_ARCHITECTURES = (
+    "llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "bert",
+    "mixtral", "qwen2_moe", "qwen3_moe", "granitemoe",
+)  # fmt: skip
+MOE_ARCHITECTURES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "granitemoe"})
 ENCODER_ARCHITECTURES = frozenset({"bert"})
 # what a model may ask of its attention backend beyond causal attention (AttentionBackend.features)
 SLIDING_WINDOW = "sliding_window"
@@ -54,6 +58,17 @@ class ModelArchConfig:
     # Gemma 2: attention scores become cap * tanh(scores / cap) (attention), and so do the logits (final)
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    # mixture of experts (MOE_ARCHITECTURES): each token runs the top num_experts_per_tok of
+    # num_experts gated MLPs of moe_intermediate_size, weighted by the router's softmax, the top-k
+    # weights renormalised to sum to 1 where norm_topk_prob; Qwen2-MoE adds a shared expert (a
+    # dense MLP every token takes, gated by a sigmoid). Layers in dense_mlp_layers keep the dense
+    # MLP of intermediate_size (Qwen's mlp_only_layers / decoder_sparse_step).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0
+    dense_mlp_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -69,6 +84,13 @@ class ModelArchConfig:
             raise ValueError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
             )
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok {self.num_experts_per_tok} must be within 1..{self.num_experts} experts"
+            )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_mlp_layers
 
     @property
     def is_encoder(self) -> bool:

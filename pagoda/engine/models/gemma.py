@@ -14,8 +14,6 @@ Tokens come flattened: input_ids and positions are [num_tokens]; hidden states [
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +21,7 @@ from torch import nn
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.models.layers import RotaryEmbedding
 from pagoda.engine.models.llama import Attention
-from pagoda.engine.models.weight_loading import LoadReport, ModelLoader, Weight, fused_parts
+from pagoda.engine.models.weight_loading import FusedHFWeights
 from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 
 # HF hidden_activation -> F.gelu's `approximate`
@@ -112,7 +110,7 @@ class GemmaDecoderLayer(nn.Module):
         return x + self.post_feedforward_layernorm(h)  # type: ignore[no-any-return]
 
 
-class GemmaForCausalLM(nn.Module):
+class GemmaForCausalLM(FusedHFWeights, nn.Module):
     def __init__(self, cfg: ModelArchConfig, max_position: int) -> None:
         super().__init__()
         if cfg.hidden_act not in _GELU:
@@ -158,23 +156,3 @@ class GemmaForCausalLM(nn.Module):
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits  # type: ignore[no-any-return]
-
-    def load_weights(
-        self,
-        weights: Iterable[tuple[str, Weight]],
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        keep_quantized: bool = True,
-    ) -> LoadReport:
-        """Load HF-named weights, merging q/k/v and gate/up as the Llama family does."""
-        cfg = self.cfg
-        first = self.norm.weight
-        loader = ModelLoader(
-            self,
-            fused_parts(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size),
-            device or first.device,
-            dtype or first.dtype,
-            keep_quantized,
-            cfg.tie_word_embeddings,
-        )
-        return loader.load(weights)

@@ -7,14 +7,12 @@ Tokens come flattened: input_ids and positions are [num_tokens]; hidden states [
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
-from pagoda.engine.models.weight_loading import LoadReport, ModelLoader, Weight, fused_parts
+from pagoda.engine.models.weight_loading import FusedHFWeights
 from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 
 
@@ -101,7 +99,7 @@ class DecoderLayer(nn.Module):
         return h, residual
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(FusedHFWeights, nn.Module):
     def __init__(self, cfg: ModelArchConfig, max_position: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -141,32 +139,3 @@ class LlamaForCausalLM(nn.Module):
         if self.cfg.logits_scaling != 1.0:
             logits = logits / self.cfg.logits_scaling
         return logits.float()  # type: ignore[no-any-return]
-
-    def load_weights(
-        self,
-        weights: Iterable[tuple[str, Weight]],
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        keep_quantized: bool = True,
-    ) -> LoadReport:
-        """Load HF-named weights (tensors, or QuantizedWeights for quantized linears), merging q/k/v
-        and gate/up into their fused matrices. A model built on "meta" gets memory per parameter as
-        its tensor arrives (pagoda/engine/models/weight_loading.py); `device` and `dtype` default to
-        the model's own."""
-        cfg = self.cfg
-        first = self.norm.weight
-        # Phi-3 checkpoints store qkv_proj and gate_up_proj fused already, under this model's names
-        fused = (
-            {}
-            if cfg.architecture == "phi3"
-            else fused_parts(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size)
-        )
-        loader = ModelLoader(
-            self,
-            fused,
-            device or first.device,
-            dtype or first.dtype,
-            keep_quantized,
-            cfg.tie_word_embeddings,
-        )
-        return loader.load(weights)

@@ -184,7 +184,9 @@ def quantize_linears(model: nn.Module, method: str = "int8") -> int:
     at 8 bits, and 4-bit logits visibly hurt the demo model's answers), with int8 activations:
     at 1 row fbgemm's int8 GEMM takes the demo's head in 0.75 ms, where bf16 activations against
     int8 weights (`_weight_int8pack_mm`) took 2.3 ms. On a GPU every linear becomes a Triton
-    weight-only GEMM (pagoda/kernels/quant_gemm.py: groups of 128, symmetric) of that many bits."""
+    weight-only GEMM (pagoda/kernels/quant_gemm.py: groups of 128, symmetric) of that many bits.
+    A mixture-of-experts model's stacked experts become Int8Experts under int8 (weight-only, per
+    expert and channel; moe_experts.py); int4 refuses them, before any linear is replaced."""
 
     def twin(name: str, linear: nn.Linear) -> nn.Module:
         if linear.weight.device.type == "cuda":
@@ -198,4 +200,6 @@ def quantize_linears(model: nn.Module, method: str = "int8") -> int:
             return Int8DynamicLinear(linear, digits=2)
         return Int4WeightOnlyLinear(linear)
 
-    return replace_linears(model, twin)
+    from pagoda.engine.models.moe_experts import quantize_experts  # MoE experts: int8, or refused
+
+    return quantize_experts(model, method) + replace_linears(model, twin)

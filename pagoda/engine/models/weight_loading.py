@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.quantization.embedding import QuantizedEmbedding, TiedEmbedding, tied_head
 from pagoda.engine.quantization.linear import make_linear
 from pagoda.engine.quantization.vnni import VnniLinear
@@ -47,6 +48,17 @@ def fused_parts(
         "gate_proj": ("gate_up_proj", 0, intermediate),
         "up_proj": ("gate_up_proj", intermediate, intermediate),
     }
+
+
+def copy_checked(name: str, dest: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy checkpoint tensor `name` into `dest`, refusing another shape with both shapes."""
+    if dest.shape != value.shape:
+        raise ValueError(
+            f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, "
+            f"the model expects {tuple(dest.shape)}"
+        )
+    with torch.no_grad():
+        dest.copy_(value)
 
 
 class ModelLoader:
@@ -97,14 +109,7 @@ class ModelLoader:
                 return
             value = value.dequantize()
         param = self._materialized(target)
-        dest = param.data if size < 0 else param.data.narrow(0, start, size)
-        if dest.shape != value.shape:
-            raise ValueError(
-                f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, "
-                f"the model expects {tuple(dest.shape)}"
-            )
-        with torch.no_grad():
-            dest.copy_(value)
+        copy_checked(name, param.data if size < 0 else param.data.narrow(0, start, size), value)
         self.report.dense += 1
 
     def _materialized(self, target: str) -> nn.Parameter:
@@ -170,3 +175,34 @@ class ModelLoader:
             fused = next((f for f in parts_of if f".{f}." in target), None)
             if fused is not None and got != parts_of[fused]:
                 raise ValueError(f"checkpoint is incomplete: {got} of {parts_of[fused]} parts of {target}")
+
+
+class FusedHFWeights:
+    """`load_weights` of the decoders whose checkpoints use HF's Llama names (q/k/v and gate/up
+    merged into this model's fused matrices; Phi-3 stores them fused already). A model holds
+    `cfg` and a final `norm`; a family with more tensors gives its own `weight_loader`."""
+
+    cfg: ModelArchConfig
+
+    def load_weights(
+        self,
+        weights: Iterable[tuple[str, Weight]],
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        keep_quantized: bool = True,
+    ) -> LoadReport:
+        """Load HF-named weights (tensors, or QuantizedWeights for quantized linears). A model
+        built on "meta" gets memory per parameter as its tensor arrives; `device` and `dtype`
+        default to the model's own."""
+        first: torch.Tensor = self.norm.weight  # type: ignore[attr-defined]  # the final norm: never quantized
+        return self.weight_loader(device or first.device, dtype or first.dtype, keep_quantized).load(weights)
+
+    def weight_loader(self, device: torch.device, dtype: torch.dtype, keep_quantized: bool) -> ModelLoader:
+        cfg = self.cfg
+        fused = (
+            {}
+            if cfg.architecture == "phi3"
+            else fused_parts(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size)
+        )
+        assert isinstance(self, nn.Module)
+        return ModelLoader(self, fused, device, dtype, keep_quantized, cfg.tie_word_embeddings)

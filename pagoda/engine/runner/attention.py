@@ -272,13 +272,15 @@ def eager_attention(
 class TritonAttention(AttentionBackend):
     """Triton kernels (kernels/): the KV write by slot mapping, then split-K paged decode for
     decode-only steps and one unified varlen kernel for steps with prefill chunks (decodes in the
-    same launch). Needs a GPU, or TRITON_INTERPRET=1 on the CPU (tests). No sliding window and no
-    soft-capping yet (no `features`): `get_backend` refuses models that need them (Gemma 2/3,
-    Phi-3 with a window), and `auto` gives those the torch backend."""
+    same launch). Needs a GPU, or TRITON_INTERPRET=1 on the CPU (tests). A layer's sliding window
+    and soft-cap are switches of the kernels (compiled once per combination); with a window, a
+    decode reads only its sequence's last `sliding_window` keys, and the split-K decode splits
+    those."""
 
     name = "triton"
     triton_layers = True
     supports_cuda_graphs = True
+    features = frozenset({"sliding_window", "softcap"})
 
     def __init__(self, device: torch.device) -> None:
         check_triton(device)
@@ -305,12 +307,14 @@ class TritonAttention(AttentionBackend):
         sliding_window: int | None = None,
         softcap: float | None = None,
     ) -> torch.Tensor:
-        assert sliding_window is None and softcap is None, "no window or soft-cap in the Triton kernels"
         self._write(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
         if nd == q.shape[0]:  # decode only
-            splits = self._num_splits(nd, k_cache.shape[2], meta.decode_max_seq_len, self.num_sms)
+            span = meta.decode_max_seq_len  # the most keys a query reads
+            if sliding_window is not None:
+                span = min(span, sliding_window)
+            splits = self._num_splits(nd, k_cache.shape[2], span, self.num_sms)
             self._decode(
                 out,
                 q,
@@ -321,6 +325,8 @@ class TritonAttention(AttentionBackend):
                 meta.decode_max_seq_len,
                 scale,
                 num_splits=splits,
+                sliding_window=sliding_window,
+                softcap=softcap,
             )
             return out
         qsl, seq_lens, tables = meta.query_start_loc, meta.seq_lens, meta.block_tables
@@ -335,5 +341,7 @@ class TritonAttention(AttentionBackend):
             qsl,
             meta.max_query_len,
             scale,
+            sliding_window,
+            softcap,
         )
         return out

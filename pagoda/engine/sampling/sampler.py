@@ -49,18 +49,9 @@ class Sampler:
         assert logits.shape[1] == meta.vocab_size, (logits.shape[1], meta.vocab_size)
         if meta.num_rows == 0:
             return SamplerOutput([], [])
-        x = logits.float()
-        if meta.needs_processing:
-            x = x.clone() if x is logits else x
-            x = _apply_processors(x, meta)
-
+        x, y = process_logits(logits, meta)
         tokens = None if meta.all_random else x.argmax(dim=-1)  # [num_rows]
-        y = None  # [num_random, vocab]: the processed logits of the random rows
-        if not meta.all_greedy:
-            if meta.random_rows is not None:
-                y = _apply_filters(x[meta.random_rows], meta, owned=True)
-            else:
-                y = _apply_filters(x, meta, owned=x is not logits)
+        if y is not None:
             sampled = _sample(y, meta.generators)
             if tokens is None:
                 tokens = sampled
@@ -69,7 +60,26 @@ class Sampler:
                 tokens = tokens.index_copy(0, meta.random_rows, sampled)
         assert tokens is not None
         token_ids: list[int] = tokens.tolist()
-        return SamplerOutput(token_ids, _logprobs(x, y, tokens, token_ids, meta))
+        return SamplerOutput(token_ids, token_logprobs(x, y, tokens, token_ids, meta))
+
+
+def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, y): x [num_rows, vocab] float32, the logits after the processors (grammar masks, logit_bias,
+    min_tokens, penalties), what greedy rows take the argmax of; y [num_random, vocab], the random
+    rows' logits after temperature, top-k, top-p and min-p (softmax(y) is what they sample from), None
+    when every row is greedy. `logits` is not written; x may be `logits.float()` itself when nothing
+    processes it."""
+    x = logits.float()
+    if meta.needs_processing:
+        x = x.clone() if x is logits else x
+        x = _apply_processors(x, meta)
+    y = None
+    if not meta.all_greedy:
+        if meta.random_rows is not None:
+            y = _apply_filters(x[meta.random_rows], meta, owned=True)
+        else:
+            y = _apply_filters(x, meta, owned=x is not logits)
+    return x, y
 
 
 def _apply_processors(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -184,12 +194,18 @@ def _nucleus_threshold(
 
 
 def _sample(y: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """argmax(probs / q) with q ~ Exp(1): the same law as sampling from probs. [rows]
+    """One token per row of the processed logits y ([rows, vocab]). [rows]"""
+    return sample_from_probs(y.softmax(dim=-1), generators)
+
+
+def sample_from_probs(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """argmax(probs / q) with q ~ Exp(1): the same law as sampling from probs normalised (rows need
+    not sum to 1; `probs` [rows, vocab] is overwritten). [rows] int64
 
     q = -log(U), U ~ Uniform[0, 1), so q is in (0, inf] and a filtered token (prob 0) never wins.
     argmax(probs / -log U) is computed as argmin(probs / log U), saving a pass over [rows, vocab].
+    Row r draws its vocab uniforms from generators[r] alone where it has one.
     """
-    probs = y.softmax(dim=-1)
     u = torch.empty_like(probs)
     if len(generators) < u.shape[0]:
         u.uniform_()
@@ -198,7 +214,7 @@ def _sample(y: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Te
     return probs.div_(u.log_()).argmin(dim=-1)
 
 
-def _logprobs(
+def token_logprobs(
     x: torch.Tensor,
     y: torch.Tensor | None,
     tokens: torch.Tensor,

@@ -13,10 +13,11 @@ scheduler roles build their configs without them.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pagoda.engine import EngineConfig, engine_config_from_args
+from pagoda.engine import EngineConfig, LoRAConfig, engine_config_from_args
 from pagoda.services.gateway.limits import RequestLimits
 from pagoda.services.gateway.ratelimit import RateLimits
 from pagoda.services.gateway.responses_protocol import RESPONSES_TTL_S
@@ -66,6 +67,11 @@ class ModelSource:
     task: str = "auto"  # --task: generate or embed (auto: what the checkpoint is made for)
     pooling_type: str | None = None  # --pooling-type
 
+    @property
+    def name_hint(self) -> str:
+        """What tells this model apart on the command line (its served name or its path)."""
+        return self.served_model_name or self.model
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -82,8 +88,14 @@ class GatewayConfig:
     tool_call_parser: str | None = None  # --enable-auto-tool-choice --tool-call-parser: tool_choice auto
     reasoning_parser: str | None = None  # --reasoning-parser: <think> text as reasoning_content
     responses_ttl_s: float = RESPONSES_TTL_S  # --responses-ttl: how long a stored response lives
+    enable_lora: bool = False  # --enable-lora: LoRA adapters over the models, loadable at run time
+    max_lora_rank: int = LoRAConfig.max_lora_rank  # --max-lora-rank: higher ranks are refused
+    # --lora-modules: (name, path, base model's served name or None: the first model)
+    lora_modules: tuple[tuple[str, str, str | None], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
         if self.responses_ttl_s <= 0:
             raise ValueError(f"--responses-ttl must be > 0 seconds, got {self.responses_ttl_s}")
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
@@ -120,7 +132,7 @@ class LaunchConfig:
     roles: tuple[str, ...]
     cluster: ClusterConfig
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
-    model: ModelSource | None = None  # set when a gateway, tokenizer or worker runs
+    models: tuple[ModelSource, ...] = ()  # set when a gateway, tokenizer or worker runs
     gateway: GatewayConfig | None = None
     worker: WorkerConfig | None = None
 
@@ -132,7 +144,20 @@ class LaunchConfig:
             )
         assert ("gateway" in self.roles) == (self.gateway is not None), self.roles
         assert ("worker" in self.roles) == (self.worker is not None), self.roles
-        assert (self.model is not None) == bool(_MODEL_ROLES & set(self.roles)), self.roles
+        assert bool(self.models) == bool(_MODEL_ROLES & set(self.roles)), self.roles
+        if self.roles == ("worker",) and len(self.models) > 1:
+            raise ValueError(
+                f"a worker serves one model (--model given {len(self.models)} times): run one "
+                "`pagoda worker` per model"
+            )
+        names = [m.name_hint for m in self.models]
+        if len(set(names)) < len(names):
+            raise ValueError(f"--model names the same model twice ({', '.join(names)})")
+
+    @property
+    def model(self) -> ModelSource | None:
+        """The first (or only) model; None for a process without a model role."""
+        return self.models[0] if self.models else None
 
     @property
     def service_name(self) -> str:
@@ -148,13 +173,26 @@ def launch_config(args: argparse.Namespace, roles: tuple[str, ...]) -> LaunchCon
         roles=roles,
         cluster=cluster_config(args),
         admission=admission_limits(args) if has & _ADMISSION_ROLES else AdmissionLimits(),
-        model=ModelSource(
-            args.model, args.served_model_name, args.max_model_len, args.task, args.pooling_type
-        )
-        if has & _MODEL_ROLES
-        else None,
+        models=model_sources(args) if has & _MODEL_ROLES else (),
         gateway=gateway_config(args) if "gateway" in has else None,
         worker=worker_config(args) if "worker" in has else None,
+    )
+
+
+def model_sources(args: argparse.Namespace) -> tuple[ModelSource, ...]:
+    """One `ModelSource` per --model (the demo model when none is given), each with its
+    --served-model-name (given once per model, or not at all)."""
+    paths = getattr(args, "models", None) or [args.model]
+    given = getattr(args, "served_model_names", None)
+    if given and len(given) != len(paths):
+        raise ValueError(
+            f"--served-model-name was given {len(given)} times for {len(paths)} --model: give it "
+            "once per model, in the same order, or leave it out"
+        )
+    names = given or [args.served_model_name] * len(paths)
+    return tuple(
+        ModelSource(path, name, args.max_model_len, args.task, args.pooling_type)
+        for path, name in zip(paths, names, strict=True)
     )
 
 
@@ -208,7 +246,26 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         tool_call_parser=_tool_call_parser(args),
         reasoning_parser=getattr(args, "reasoning_parser", None),
         responses_ttl_s=getattr(args, "responses_ttl", RESPONSES_TTL_S),
+        enable_lora=args.enable_lora,
+        max_lora_rank=args.max_lora_rank,
+        lora_modules=tuple(lora_module(text) for text in getattr(args, "lora_modules", [])),
     )
+
+
+def lora_module(text: str) -> tuple[str, str, str | None]:
+    """One --lora-modules entry: `name=path`, or vLLM's JSON `{"name", "path", "base_model_name"}`."""
+    if text.lstrip().startswith("{"):
+        try:
+            entry = json.loads(text)
+            return str(entry["name"]), str(entry["path"]), entry.get("base_model_name")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"--lora-modules {text!r}: not a JSON object with name and path ({exc})"
+            ) from None
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--lora-modules {text!r}: write it as name=path")
+    return name, path, None
 
 
 def _tool_call_parser(args: argparse.Namespace) -> str | None:

@@ -13,16 +13,16 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import uvicorn
 
 from pagoda.services.cli.config import GatewayConfig, LaunchConfig, ModelSource, launch_config
+from pagoda.services.cli.interpreter import event_loop_factory, settle_heap
 from pagoda.services.ops import tracing
 from pagoda.services.ops.metrics import Metrics
 from pagoda.services.scheduler.registry import WorkerRegistry
@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from pagoda.engine import PoolerConfig, Tokenizer
-    from pagoda.services.gateway.bus_frontend import BusFrontend
-    from pagoda.services.scheduler.admission import FleetAdmission
+    from pagoda.services.gateway.adapters import AdapterDirectory
+    from pagoda.services.gateway.server import ModelEndpoint
 
 logger = logging.getLogger("pagoda")
 
@@ -90,19 +90,6 @@ def run_roles(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
         return runner.run(Process(config).run())
 
 
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when it is installed (`pip install pagoda[fast]`, which also brings
-    httptools: uvicorn then parses HTTP with it by itself), else asyncio's. With both, the gateway
-    used ~10% less CPU per streamed token (docs/perf-history.md); PAGODA_EVENT_LOOP=asyncio opts out."""
-    if os.environ.get("PAGODA_EVENT_LOOP", "auto") == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
-
-
 class Process:
     """The services of one process, from the broker connection to the last close. It owns every
     service it builds, the HTTP server and the tasks it starts, and stops them all on the way out."""
@@ -116,8 +103,8 @@ class Process:
         self.failed: list[str] = []  # services that failed for good
         self.bus: Bus = InMemoryBus()
         self.store: Store = InMemoryStore()
-        self._frontend: BusFrontend | None = None
-        self._fleet: FleetAdmission | None = None
+        self._endpoints: list[ModelEndpoint] = []  # the gateway's models
+        self._adapters: AdapterDirectory | None = None  # their LoRA adapters (--enable-lora)
         self._server: _Server | None = None
         self._failure_watch: asyncio.Task[None] | None = None
         self._metrics_server: Any = None
@@ -165,47 +152,46 @@ class Process:
         """Builds the services of `config.roles` (started later by `run`); the gateway and
         tokenizer read the model's tokenizer here, a worker loads its engine."""
         roles = set(self.config.roles)
-        model = None
+        models: list[ServedModel] = []
         if roles & {"gateway", "tokenizer"}:
-            assert self.config.model is not None
             # off the event loop, so the broker connection keeps its heartbeats meanwhile
-            model = await asyncio.to_thread(read_served_model, self.config.model)
+            models = [await asyncio.to_thread(read_served_model, m) for m in self.config.models]
         if "worker" in roles:
-            self.services.append(await asyncio.to_thread(self.build_worker))
+            for i in range(len(self.config.models)):  # `pagoda serve`: one engine per model
+                self.services.append(await asyncio.to_thread(self.build_worker, i))
         if "scheduler" in roles:
             self.services.append(self._build_scheduler())
         if "tokenizer" in roles:
-            assert model is not None
-            self.services.append(self._build_tokenizer(model))
+            self.services += [self._build_tokenizer(model) for model in models]
         if "gateway" in roles:
-            assert model is not None
-            self._build_gateway(model)
+            adapters = await asyncio.to_thread(self._lora_modules, models)
+            self._build_gateway(models, adapters)
 
-    def build_worker(self) -> _Service:
-        """The worker service and its engine core (run in a thread: loading takes seconds)."""
+    def build_worker(self, index: int = 0) -> _Service:
+        """The worker service and its engine core for the `index`-th model (run in a thread:
+        loading takes seconds)."""
         from pagoda.engine import AsyncEngine, EngineCore, StepCore, build_off_main_thread
         from pagoda.services.ops.failpoints import install_failpoints
         from pagoda.services.worker.service import WorkerService
 
-        worker = self.config.worker
+        worker, source = self.config.worker, self.config.models[index]
         assert worker is not None
         core: StepCore
         if worker.sim is not None:
             from pagoda.engine import SimCore
 
-            assert self.config.model is not None
-            model = read_served_model(self.config.model)
+            model = read_served_model(source)
             core = SimCore(
                 model.tokenizer, model.name, model.max_model_len, worker.sim, model.default_sampling
             )
         else:
-            engine = worker.engine
+            engine = replace(worker.engine, model=source.model, served_model_name=source.served_model_name)
             # off the main thread: see its docstring (OpenMP pools); a server compiles its decode
             # graphs in the background while it serves (runner/compile_cache.py)
             core = build_off_main_thread(lambda: EngineCore(engine, background_compile=True))
         install_failpoints(core)
         return WorkerService(
-            AsyncEngine(core), self.bus, self.store, worker_id=worker.worker_id,
+            AsyncEngine(core), self.bus, self.store, worker_id=_nth_id(worker.worker_id, index),
             heartbeat_s=self.config.cluster.heartbeat_s, stall_timeout_s=worker.stall_timeout_s,
             queues=self.queues, metrics=self.metrics, admission=self.config.admission,
         )  # fmt: skip
@@ -223,23 +209,41 @@ class Process:
         from pagoda.services.tokenizer.prompts import PromptProcessor
         from pagoda.services.tokenizer.service import TokenizerService
 
-        return TokenizerService(self.bus, PromptProcessor(model.tokenizer, model.max_model_len), self.queues)
+        processor = PromptProcessor(model.tokenizer, model.max_model_len)
+        return TokenizerService(self.bus, processor, model.name, self.queues)
 
-    def _build_gateway(self, model: ServedModel) -> None:
+    def _lora_modules(self, models: list[ServedModel]) -> AdapterDirectory | None:
+        """The gateway's LoRA adapter directory (--enable-lora), --lora-modules checked."""
+        from pagoda.services.gateway.adapters import AdapterDirectory, checked_modules
+
+        gateway = self.config.gateway
+        assert gateway is not None
+        if not gateway.enable_lora:
+            return None
+        initial = checked_modules(gateway.lora_modules, [m.name for m in models], gateway.max_lora_rank)
+        return AdapterDirectory(self.store, gateway.max_lora_rank, self.config.cluster.heartbeat_s, initial)
+
+    def _build_gateway(self, models: list[ServedModel], adapters: AdapterDirectory | None) -> None:
+        """One frontend (and admission) per model, behind one HTTP app."""
         from pagoda.services.gateway.bus_frontend import BusFrontend
+        from pagoda.services.gateway.server import ModelEndpoint
         from pagoda.services.scheduler.admission import FleetAdmission
 
         gateway = self.config.gateway
         assert gateway is not None
-        heartbeat = self.config.cluster.heartbeat_s
-        self._frontend = BusFrontend(
-            self.bus, model.tokenizer, model_name=model.name, max_model_len=model.max_model_len,
-            default_sampling=model.default_sampling, registry=WorkerRegistry(self.store, heartbeat),
-            pooler=model.pooler,
-            queues=self.queues, queue_timeout_s=gateway.queue_timeout_s or None,
-        )  # fmt: skip
-        self._fleet = FleetAdmission(WorkerRegistry(self.store, heartbeat), self.config.admission)
-        self.services += [self._frontend, self._fleet]
+        registry = WorkerRegistry(self.store, self.config.cluster.heartbeat_s)
+        for model in models:
+            frontend = BusFrontend(
+                self.bus, model.tokenizer, model_name=model.name, max_model_len=model.max_model_len,
+                default_sampling=model.default_sampling, registry=registry, pooler=model.pooler,
+                queues=self.queues, queue_timeout_s=gateway.queue_timeout_s or None,
+            )  # fmt: skip
+            fleet = FleetAdmission(registry, self.config.admission, model.name)
+            self._endpoints.append(ModelEndpoint(frontend, admission=fleet))
+            self.services += [frontend, fleet]
+        self._adapters = adapters
+        if adapters is not None:
+            self.services.append(adapters)
 
     async def _start_services(self) -> None:
         for svc in self.services:
@@ -272,8 +276,9 @@ class Process:
 
     async def _serve(self) -> None:
         """Serves HTTP until told to stop when this process runs the gateway, else waits for a stop."""
-        if self._frontend is None:
+        if not self._endpoints:
             logger.info("running %s", ", ".join(self.config.roles))
+            settle_heap()
             await self.stop.wait()
             return
         self._server = _Server(self._uvicorn_config())
@@ -281,16 +286,20 @@ class Process:
         assert gateway is not None
         logger.info(
             "serving %s on http://%s:%d/v1 (%s)",
-            self._frontend.model_name, gateway.host, gateway.port, ", ".join(self.config.roles),
+            ", ".join(e.frontend.model_name for e in self._endpoints), gateway.host, gateway.port,
+            ", ".join(self.config.roles),
         )  # fmt: skip
+        config = self._server.config
+        config.load()  # builds the app now (serve() skips it once loaded), so settle_heap covers it
+        settle_heap()
         await self._server.serve(
             sockets=[_reuse_port_socket(gateway.host, gateway.port)] if gateway.reuse_port else None
         )
 
     def _uvicorn_config(self) -> uvicorn.Config:
-        gateway, frontend = self.config.gateway, self._frontend
-        assert gateway is not None and frontend is not None
-        app = gateway_app(gateway, frontend, self.metrics, self._fleet, self.store)
+        gateway = self.config.gateway
+        assert gateway is not None
+        app = gateway_app(gateway, self._endpoints, self.metrics, self.store, self._adapters)
         return uvicorn.Config(
             app, host=gateway.host, port=gateway.port, log_level=gateway.log_level.lower(), access_log=False,
             timeout_graceful_shutdown=max(1, round(self.config.cluster.shutdown_timeout_s)),
@@ -316,6 +325,11 @@ class Process:
         logger.info("stopped")
 
 
+def _nth_id(worker_id: str | None, index: int) -> str | None:
+    """The id of a process's `index`-th worker (`pagoda serve` runs one per model)."""
+    return worker_id if index == 0 or worker_id is None else f"{worker_id}-{index}"
+
+
 def _reuse_port_socket(host: str, port: int) -> socket.socket:
     """A listening socket on (host, port) that other processes may bind too (SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -330,14 +344,14 @@ def _reuse_port_socket(host: str, port: int) -> socket.socket:
 
 def gateway_app(
     gateway: GatewayConfig,
-    frontend: BusFrontend,
+    endpoints: list[ModelEndpoint],
     metrics: Metrics,
-    fleet: FleetAdmission | None,
     store: Store,
+    adapters: AdapterDirectory | None = None,
 ) -> FastAPI:
-    """The gateway's HTTP app over `frontend`, with `gateway`'s keys, limits and rate limits (their
-    counters in `store`, as are stored Responses API responses). Logs how many API keys are
-    required, never the keys."""
+    """The gateway's HTTP app over its models' `endpoints`, with `gateway`'s keys, limits and rate
+    limits (their counters in `store`, as are stored Responses API responses). Logs how many API
+    keys are required, never the keys."""
     from pagoda.services.gateway.ratelimit import RateLimiter
     from pagoda.services.gateway.server import build_app
 
@@ -345,10 +359,10 @@ def gateway_app(
         logger.info("API keys required: %d configured", len(gateway.api_keys))
     rate_limiter = RateLimiter(store, gateway.rate_limits) if gateway.rate_limits.enabled else None
     return build_app(
-        frontend, served_model_names=[frontend.model_name], api_keys=list(gateway.api_keys) or None,
-        metrics=metrics, limits=gateway.limits, admission=fleet, rate_limiter=rate_limiter,
+        endpoints, api_keys=list(gateway.api_keys) or None,
+        metrics=metrics, limits=gateway.limits, rate_limiter=rate_limiter,
         tool_call_parser=gateway.tool_call_parser, reasoning_parser=gateway.reasoning_parser,
-        store=store, responses_ttl_s=gateway.responses_ttl_s,
+        store=store, responses_ttl_s=gateway.responses_ttl_s, adapters=adapters,
     )  # fmt: skip
 
 

@@ -153,6 +153,15 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         help="seconds a stored Responses API response (store: true, the default) and its conversation "
         "are kept for GET /v1/responses/{id} and previous_response_id (in --store: Redis, or memory)",
     )
+    s.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="with --enable-lora: PEFT adapter directories served as model NAME (each a name=path, "
+        'or vLLM\'s JSON {"name", "path", "base_model_name"}); more load at run time '
+        "(POST /v1/load_lora_adapter)",
+    )
     _add_request_limit_args(p)
 
 

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from pagoda.engine import PoolerConfig, RequestOutput, SamplingParams, Tokenizer
+from pagoda.services.gateway.adapters import Adapter
 from pagoda.services.gateway.failover import RequestTrack, WorkerWatch
 from pagoda.services.gateway.frontend import Submitted
 from pagoda.services.ops import tracing
@@ -80,6 +81,7 @@ class BusFrontend:
         self.gateway_id = gateway_id or uuid.uuid4().hex[:12]
         self.queues = queues or Queues()
         self.reply_queue = self.queues.reply(self.gateway_id)
+        self.tokenize_queue = self.queues.tokenize(model_name)
         self.accept_timeout_s = accept_timeout_s
         self.queue_timeout_s = queue_timeout_s  # workers fail a request not started by then
         self._pending: dict[str, _Pending] = {}
@@ -91,7 +93,7 @@ class BusFrontend:
         self._lost = WorkerWatch(grace_s=2 * (registry.heartbeat_s if registry is not None else 1.0))
 
     async def start(self) -> None:
-        await self.bus.declare_work_queue(self.queues.tokenize)
+        await self.bus.declare_work_queue(self.tokenize_queue)
         await self.bus.declare_reply_queue(self.reply_queue)
         self._sub = await self.bus.consume(self.reply_queue, self._on_reply, prefetch=512)
         self.bus.on_connection_lost(self._on_bus_lost)
@@ -113,7 +115,7 @@ class BusFrontend:
             p.outputs.put_nowait(APIError(503, "The gateway is shutting down."))
 
     def is_ready(self) -> bool:
-        """Started, and at least one worker heartbeating (when a registry is given)."""
+        """Started, and at least one worker of this model heartbeating (when a registry is given)."""
         return self._ready and self._workers_alive
 
     async def _check_workers(self) -> None:
@@ -123,7 +125,7 @@ class BusFrontend:
         except Exception as exc:  # the store is down: requests keep running; keep the last verdict
             logger.warning("gateway: cannot read the worker registry: %s", exc)
             return
-        self._workers_alive = bool(routable(workers))
+        self._workers_alive = any(w.model == self.model_name for w in routable(workers))
         states: dict[str, str] = {w.worker_id: w.state for w in workers}
         watched = {
             p.track.worker_id for p in self._pending.values() if p.track.worker_id and not p.track.awaiting
@@ -186,11 +188,14 @@ class BusFrontend:
         priority: int = 0,
         cache_salt: str | None = None,
         session_id: str | None = None,
+        lora: Adapter | None = None,
     ) -> Submitted:
         if request_id in self._pending:
             raise APIError(400, f"request id {request_id!r} is already running")
         msg = TokenizeRequest(
-            request_id=request_id, reply_to=self.reply_queue, prompt=prompt, sampling=SamplingSpec.of(params),
+            request_id=request_id, reply_to=self.reply_queue, model=self.model_name, prompt=prompt,
+            lora_name=None if lora is None else lora.name, lora_path=None if lora is None else lora.path,
+            sampling=SamplingSpec.of(params),
             priority=priority, cache_salt=cache_salt, session_id=session_id, arrival_time=time.time(),
             queue_timeout_s=self.queue_timeout_s,
         )  # fmt: skip
@@ -200,7 +205,7 @@ class BusFrontend:
         self._pending[request_id] = pending
         try:
             try:
-                await self.bus.publish(self.queues.tokenize, encode(msg), pending.trace.headers())
+                await self.bus.publish(self.tokenize_queue, encode(msg), pending.trace.headers())
             except Exception as exc:  # the broker is unreachable (or restarting)
                 logger.warning("gateway: could not send %s to the tokenizer: %s", request_id, exc)
                 raise APIError(503, "The message broker is unavailable; retry shortly.") from None

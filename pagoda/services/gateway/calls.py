@@ -201,7 +201,8 @@ class Call:
                     if out.new_token_ids:
                         self._token_seen(delta.choice)
                     yield delta
-                if all(c.done for c in sub.choices):
+                # a delta that did not finish its choice cannot have finished them all
+                if (delta is None or delta.finish_reason is not None) and all(c.done for c in sub.choices):
                     break
             for choice in sub.choices:  # the engine stopped without finishing a choice
                 if not choice.done:
@@ -228,6 +229,11 @@ class Call:
         if choice.last_token_at is not None:
             self.token_gaps.append(now - choice.last_token_at)
         choice.last_token_at = now
+
+    @property
+    def finished(self) -> bool:
+        """Every choice of every sub-request is done: no delta follows."""
+        return all(c.done for s in self.subs for c in s.choices)
 
     def backlog(self) -> bool:
         """More output of this call has arrived and waits to be read (known for one prompt only)."""
@@ -280,8 +286,9 @@ class Call:
         prompt = sum(len(s.prompt_ids) for s in self.subs)
         completion = sum(c.num_output_tokens for s in self.subs for c in s.choices)
         logger.info(
-            "request %s status=%s prompt_tokens=%d completion_tokens=%d latency=%.3fs",
+            "request %s model=%s status=%s prompt_tokens=%d completion_tokens=%d latency=%.3fs",
             self.request_id,
+            self.model or self.metrics_model,
             status,
             prompt,
             completion,

@@ -104,7 +104,8 @@ class RequestTrack:
         self.awaiting = True
         req = self.request
         return ScheduleRequest(
-            request_id=req.request_id, reply_to=req.reply_to,
+            request_id=req.request_id, reply_to=req.reply_to, model=req.model, lora_name=req.lora_name,
+            lora_path=req.lora_path,
             prompt_token_ids=self.prompt_token_ids + self.generated,
             sampling=spec.model_copy(update=update), priority=req.priority, cache_salt=req.cache_salt,
             session_id=req.session_id, arrival_time=req.arrival_time, attempt=self.attempt, resume_from=done,

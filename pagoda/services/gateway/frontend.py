@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from pagoda.engine import PoolerConfig, RequestOutput, SamplingParams, Tokenizer
+from pagoda.services.gateway.adapters import Adapter
 from pagoda.services.tokenizer.prompts import PromptProcessor
 from pagoda.services.transport.errors import APIError, from_value_error
 from pagoda.services.transport.messages import PromptInput
@@ -56,9 +57,11 @@ class Frontend(Protocol):
         priority: int = 0,
         cache_salt: str | None = None,
         session_id: str | None = None,
+        lora: Adapter | None = None,
     ) -> Submitted:
-        """Tokenize, check and start a request; its outputs are deltas for each of `params.n`
-        choices (tagged by `index`), each choice ending with one whose `finished` is True.
+        """Tokenize, check and start a request (with the LoRA adapter `lora` over the model, when
+        given); its outputs are deltas for each of `params.n` choices (tagged by `index`), each
+        choice ending with one whose `finished` is True.
         Closing them early (or cancelling the task reading them) aborts the request. Raises
         `APIError`: 400 for a prompt the model cannot take, 503 when nothing can serve it (429
         when overloaded)."""
@@ -95,13 +98,17 @@ class LocalFrontend:
         priority: int = 0,
         cache_salt: str | None = None,
         session_id: str | None = None,
+        lora: Adapter | None = None,
     ) -> Submitted:
         ids = self.processor.process(prompt, params)
         try:
+            if lora is not None and lora.name not in self.engine.list_loras():
+                await self.engine.load_lora(lora.name, lora.path)
             outputs = self.engine.add_request(
-                request_id, ids, params, priority=priority, cache_salt=cache_salt
-            )
-        except ValueError as err:  # the engine's own prompt checks
+                request_id, ids, params, priority=priority, cache_salt=cache_salt,
+                lora_name=lora.name if lora is not None else None,
+            )  # fmt: skip
+        except ValueError as err:  # the engine's own prompt (and adapter) checks
             raise from_value_error(err) from None
         except RuntimeError as err:  # e.g. AsyncEngine's EngineDeadError
             if self.engine.is_ready():

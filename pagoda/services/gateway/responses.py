@@ -37,17 +37,20 @@ from pagoda.services.transport.errors import APIError
 from pagoda.services.transport.messages import PromptInput
 
 if TYPE_CHECKING:
-    from pagoda.services.gateway.server import OpenAIServer
+    from pagoda.services.gateway.server import OpenAIServer, ServedModels
 
 # A call's request until its Responses request is translated (a refusal is logged on the call)
 _UNTRANSLATED = ChatCompletionRequest(messages=[ChatMessage(role="user", content="")])
 
 
-def register_responses(app: FastAPI, server: OpenAIServer) -> None:
-    """The Responses API's routes on `app`, served by `server` (its `responses` store)."""
+def register_responses(app: FastAPI, models: ServedModels) -> None:
+    """The Responses API's routes on `app`, each request served by the model it names (stored
+    responses live in the store the models share)."""
+    store = models.default.responses
 
     @app.post("/v1/responses")
     async def create_response(req: ResponsesRequest, request: Request) -> Response:
+        server = models.pick(req.model, request)
         call = server.call(_UNTRANSLATED, new_id("resp"))
         pending = await _prepare(server, call, req)
         try:
@@ -63,14 +66,14 @@ def register_responses(app: FastAPI, server: OpenAIServer) -> None:
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str) -> Response:
-        stored = await server.responses.get(response_id)
+        stored = await store.get(response_id)
         if stored is None:
             raise not_found(response_id, "response_id")
         return _json(stored.response)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> Response:
-        if not await server.responses.delete(response_id):
+        if not await store.delete(response_id):
             raise not_found(response_id, "response_id")
         return _json(DeletedResponse(id=response_id))
 

@@ -48,20 +48,20 @@ from pagoda.services.transport.errors import APIError, bad_request
 from pagoda.services.transport.messages import PromptInput
 
 if TYPE_CHECKING:
-    from pagoda.services.gateway.server import OpenAIServer
+    from pagoda.services.gateway.server import OpenAIServer, ServedModels
 
 
-def register_routes(app: FastAPI, server: OpenAIServer) -> None:
-    """Every route of the API on `app`, served by `server`."""
-    _register_operations(app, server)
-    _register_models(app, server)
-    _register_tokenization(app, server)
-    _register_generation(app, server)
-    _register_embeddings(app, server)
+def register_routes(app: FastAPI, models: ServedModels) -> None:
+    """Every route of the API on `app`; each request is served by the model it names."""
+    _register_operations(app, models)
+    _register_models(app, models)
+    _register_tokenization(app, models)
+    _register_generation(app, models)
+    _register_embeddings(app, models)
 
 
-def _register_operations(app: FastAPI, server: OpenAIServer) -> None:
-    """/health (the process answers), /health/ready (the engine can serve), /metrics, /version."""
+def _register_operations(app: FastAPI, models: ServedModels) -> None:
+    """/health (the process answers), /health/ready (some model can serve), /metrics, /version."""
 
     @app.get("/health")
     async def health() -> Response:
@@ -69,34 +69,42 @@ def _register_operations(app: FastAPI, server: OpenAIServer) -> None:
 
     @app.get("/health/ready")
     async def ready() -> JSONResponse:
-        if not server.frontend.is_ready():
+        if not models.is_ready():
             raise APIError(503, "The engine is not ready.")
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(models.default.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/version")
     async def version() -> JSONResponse:
         return JSONResponse({"version": app.version})
 
 
-def _register_models(app: FastAPI, server: OpenAIServer) -> None:
+def _register_models(app: FastAPI, models: ServedModels) -> None:
     @app.get("/v1/models")
-    async def models() -> ModelList:
-        root, max_model_len = server.served_model_names[0], server.frontend.max_model_len
-        cards = [
-            ModelCard(id=name, root=root, max_model_len=max_model_len) for name in server.served_model_names
-        ]
+    async def model_list() -> ModelList:
+        cards = []
+        for server in models.servers:
+            root, max_model_len = server.served_model_names[0], server.frontend.max_model_len
+            names = server.served_model_names
+            cards += [ModelCard(id=name, root=root, max_model_len=max_model_len) for name in names]
+            if models.adapters is not None:  # LoRA adapters over it, as vLLM lists them
+                adapters = models.adapters.of(root)
+                cards += [
+                    ModelCard(id=a.name, root=a.path, parent=root, max_model_len=max_model_len)
+                    for a in adapters
+                ]
         return ModelList(data=cards)
 
 
-def _register_tokenization(app: FastAPI, server: OpenAIServer) -> None:
-    """/tokenize and /detokenize, with the server's own tokenizer and chat template."""
+def _register_tokenization(app: FastAPI, models: ServedModels) -> None:
+    """/tokenize and /detokenize, with the model's own tokenizer and chat template."""
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeAPIRequest) -> TokenizeResponse:
+    async def tokenize(req: TokenizeAPIRequest, request: Request) -> TokenizeResponse:
+        server = models.pick(req.model, request)
         server.check_model(req.model)
         tokenizer = server.frontend.tokenizer
         if req.messages is not None:
@@ -115,17 +123,19 @@ def _register_tokenization(app: FastAPI, server: OpenAIServer) -> None:
         )
 
     @app.post("/detokenize")
-    async def detokenize(req: DetokenizeAPIRequest) -> DetokenizeResponse:
+    async def detokenize(req: DetokenizeAPIRequest, request: Request) -> DetokenizeResponse:
+        server = models.pick(req.model, request)
         server.check_model(req.model)
         server.processor.check_token_ids(req.tokens, "tokens")
         return DetokenizeResponse(prompt=server.frontend.tokenizer.decode(req.tokens))
 
 
-def _register_generation(app: FastAPI, server: OpenAIServer) -> None:
+def _register_generation(app: FastAPI, models: ServedModels) -> None:
     """/v1/chat/completions and /v1/completions: a stream when asked, else one JSON body."""
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        server = models.pick(req.model, request)
         call = server.call(req, f"chatcmpl-{uuid.uuid4().hex}")
         try:
             call.tools = tool_plan(req, server.tool_parser)
@@ -143,6 +153,7 @@ def _register_generation(app: FastAPI, server: OpenAIServer) -> None:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
+        server = models.pick(req.model, request)
         call = server.call(req, f"cmpl-{uuid.uuid4().hex}")
         prompts = [
             PromptInput(text=p, add_special_tokens=True) if isinstance(p, str) else PromptInput(token_ids=p)
@@ -187,9 +198,10 @@ async def start_call(
         raise
 
 
-def _register_embeddings(app: FastAPI, server: OpenAIServer) -> None:
+def _register_embeddings(app: FastAPI, models: ServedModels) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
+        server = models.pick(req.model, request)
         call = server.call(req, new_embedding_id())
         try:
             call.model = server.check_model(req.model)

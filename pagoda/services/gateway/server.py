@@ -11,6 +11,8 @@ routes.py, running the submitted requests in calls.py and writing their SSE stre
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
 
 import anyio
@@ -18,6 +20,8 @@ from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagoda.engine import SamplingParams
+from pagoda.services.gateway.adapter_routes import register_adapter_routes
+from pagoda.services.gateway.adapters import Adapter, AdapterDirectory
 from pagoda.services.gateway.auth import OPEN_PATHS, BearerAuth, key_id
 from pagoda.services.gateway.calls import APIRequest, Call, SubRequest, logger
 from pagoda.services.gateway.frontend import Frontend, Submitted
@@ -44,7 +48,9 @@ from pagoda.services.transport.errors import (
 from pagoda.services.transport.messages import PromptInput
 from pagoda.services.transport.store import InMemoryStore, Store
 
-__all__ = ["OpenAIServer", "build_app", "logger"]
+__all__ = ["ModelEndpoint", "OpenAIServer", "ServedModels", "build_app", "logger"]
+
+PICKED_MODEL = "pagoda_model"  # the request state's key for the model a route picked
 
 
 def _version() -> str:
@@ -55,7 +61,9 @@ def _version() -> str:
 
 
 class _ResponseCounter:
-    """ASGI middleware: counts the API's responses by status (not health, version or metrics)."""
+    """ASGI middleware: counts the API's responses by status (not health, version or metrics),
+    labelled with the model a route picked (`ServedModels.pick` notes it in the request's state),
+    else with the default model's name."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics, model_name: str) -> None:
         self.app = app
@@ -77,9 +85,12 @@ class _ResponseCounter:
         try:
             await self.app(scope, receive, counting_send)
         except BaseException:
-            self.metrics.response(self.model_name, 500 if status == 499 else status)
+            self.metrics.response(self._model(scope), 500 if status == 499 else status)
             raise
-        self.metrics.response(self.model_name, status)
+        self.metrics.response(self._model(scope), status)
+
+    def _model(self, scope: Scope) -> str:
+        return str(scope.get("state", {}).get(PICKED_MODEL, self.model_name))
 
 
 class OpenAIServer:
@@ -97,8 +108,10 @@ class OpenAIServer:
         tool_call_parser: str | None = None,
         reasoning_parser: str | None = None,
         responses: ResponseStore | None = None,
+        adapters: AdapterDirectory | None = None,
     ) -> None:
         self.frontend = frontend
+        self.adapters = adapters  # LoRA adapters (--enable-lora); those over this model are served here
         self.served_model_names = served_model_names
         self.metrics = metrics
         self.limits = limits or RequestLimits()
@@ -124,9 +137,14 @@ class OpenAIServer:
     def check_model(self, model: str | None) -> str:
         if model is None or model == "":
             return self.served_model_names[0]
-        if model not in self.served_model_names:
+        if model not in self.served_model_names and self.lora_of(model) is None:
             raise model_not_found(model)
         return model
+
+    def lora_of(self, model: str) -> Adapter | None:
+        """The LoRA adapter over this model that `model` names (None: it names no adapter)."""
+        adapter = self.adapters.get(model) if self.adapters is not None else None
+        return adapter if adapter is not None and adapter.parent in self.served_model_names else None
 
     async def sampling_params(
         self, req: ChatCompletionRequest | CompletionRequest, tools: ToolPlan | None = None
@@ -187,6 +205,7 @@ class OpenAIServer:
                 priority=req.priority,
                 cache_salt=req.cache_salt,
                 session_id=session_id,
+                lora=self.lora_of(call.model),
             )
 
         tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
@@ -234,8 +253,48 @@ class OpenAIServer:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class ModelEndpoint:
+    """One model a gateway serves: its frontend, the names clients use for it (default: the
+    model's own) and the gateway's admission for it (None: off)."""
+
+    frontend: Frontend
+    names: tuple[str, ...] = ()
+    admission: FleetAdmission | None = None
+
+
+class ServedModels:
+    """The models of one gateway, each an `OpenAIServer`; routes pick one by the request's
+    `model` (the first serves a request that names none). An unknown name picks the first too,
+    whose `check_model` then answers the 404 in the request's usual error path."""
+
+    def __init__(self, servers: list[OpenAIServer], adapters: AdapterDirectory | None = None) -> None:
+        assert servers, "a gateway serves at least one model"
+        self.servers = servers
+        self.default = servers[0]
+        self.adapters = adapters
+        self._by_name: dict[str, OpenAIServer] = {}
+        for server in servers:
+            for name in server.served_model_names:
+                if name in self._by_name:
+                    raise ValueError(f"two models are served as {name!r}; give each its own name")
+                self._by_name[name] = server
+
+    def pick(self, model: str | None, request: Request | None = None) -> OpenAIServer:
+        """The server of the model `model` names (a LoRA adapter's: its base model's)."""
+        adapter = self.adapters.get(model) if self.adapters is not None else None
+        server = self._by_name.get(adapter.parent if adapter is not None else model or "", self.default)
+        if request is not None:  # for the response counter's model label
+            request.scope.setdefault("state", {})[PICKED_MODEL] = server.served_model_names[0]
+        return server
+
+    def is_ready(self) -> bool:
+        """Some model can serve requests (one without live workers answers 503s of its own)."""
+        return any(s.frontend.is_ready() for s in self.servers)
+
+
 def build_app(
-    frontend: Frontend,
+    frontend: Frontend | Sequence[ModelEndpoint],
     *,
     served_model_names: list[str] | None = None,
     api_keys: list[str] | None = None,
@@ -247,30 +306,46 @@ def build_app(
     reasoning_parser: str | None = None,
     store: Store | None = None,
     responses_ttl_s: float = RESPONSES_TTL_S,
+    adapters: AdapterDirectory | None = None,
 ) -> FastAPI:
-    """The FastAPI app over `frontend` (`LocalFrontend(engine)` serves an in-process engine);
-    `served_model_names` defaults to the model's name. GET /metrics serves `metrics` (a fresh
-    registry when omitted; pass the one the process's other services share). `limits` bound
-    each request (defaults: `RequestLimits()`); `rate_limiter` and `admission` are off unless given;
+    """The FastAPI app over `frontend` (`LocalFrontend(engine)` serves an in-process engine), or
+    over several models (`ModelEndpoint`s: the first is the default); `served_model_names` and
+    `admission` are the one frontend's. GET /metrics serves `metrics` (a fresh registry when
+    omitted; pass the one the process's other services share). `limits` bound each request
+    (defaults: `RequestLimits()`); `rate_limiter` and `admission` are off unless given;
     `tool_call_parser` (--tool-call-parser) lets tool_choice `auto` read the model's calls;
     `reasoning_parser` (--reasoning-parser) splits reasoning from content. Stored responses of
     the Responses API live in `store` (the deployment's; a private in-memory one when omitted)
-    for `responses_ttl_s` seconds (--responses-ttl)."""
-    names = list(served_model_names or [frontend.model_name])
-    server = OpenAIServer(
-        frontend, names, metrics if metrics is not None else Metrics(),
-        limits=limits, rate_limiter=rate_limiter, admission=admission, tool_call_parser=tool_call_parser,
-        reasoning_parser=reasoning_parser, responses=ResponseStore(store or InMemoryStore(), responses_ttl_s),
-    )  # fmt: skip
+    for `responses_ttl_s` seconds (--responses-ttl). `adapters`: the LoRA adapters served over
+    the models (--enable-lora: with /v1/load_lora_adapter and /v1/unload_lora_adapter)."""
+    if isinstance(frontend, Sequence):
+        endpoints = list(frontend)
+    else:
+        endpoints = [ModelEndpoint(frontend, tuple(served_model_names or ()), admission)]
+    metrics = metrics if metrics is not None else Metrics()
+    responses = ResponseStore(store or InMemoryStore(), responses_ttl_s)
+    models = ServedModels([
+        OpenAIServer(
+            e.frontend, list(e.names or [e.frontend.model_name]), metrics, limits=limits,
+            rate_limiter=rate_limiter, admission=e.admission, tool_call_parser=tool_call_parser,
+            reasoning_parser=reasoning_parser, responses=responses, adapters=adapters,
+        )
+        for e in endpoints
+    ], adapters)  # fmt: skip
+    server = models.default
     app = FastAPI(title="pagoda", version=_version())
     app.state.openai_server = server
+    app.state.served_models = models
     install_error_handlers(app)
     app.add_middleware(BodyGuard, limits=server.limits)  # innermost: only authorized bodies are read
     if api_keys:
         app.add_middleware(BearerAuth, api_keys=list(api_keys))
-    app.add_middleware(_ResponseCounter, metrics=server.gateway_metrics, model_name=names[0])
+    default_name = server.served_model_names[0]
+    app.add_middleware(_ResponseCounter, metrics=server.gateway_metrics, model_name=default_name)
     if tracing.enabled():
         app.add_middleware(tracing.TraceMiddleware)  # outermost
-    register_routes(app, server)
-    register_responses(app, server)
+    register_routes(app, models)
+    register_responses(app, models)
+    if adapters is not None:
+        register_adapter_routes(app, models, adapters)
     return app

@@ -53,8 +53,18 @@ class SSEResponse(StreamingResponse):
             self.call.log("disconnected")  # only if the stream never got to log its end
 
     async def stream_response(self, send: Send) -> None:
+        """Starlette's loop, except that a body ending with the stream's last event ([DONE])
+        closes the response in the same write (uvicorn appends the chunked terminator to it)."""
         try:
-            await super().stream_response(send)
+            start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            await send(start)
+            ended = False
+            async for chunk in self.body_iterator:
+                data = chunk if isinstance(chunk, bytes | memoryview) else chunk.encode(self.charset)
+                ended = data[-len(DONE) :] == DONE
+                await send({"type": "http.response.body", "body": data, "more_body": not ended})
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
@@ -90,11 +100,14 @@ async def stream_errors(
         call.log(status)
 
 
-async def coalesced(call: Call, content: Callable[[ChoiceDelta], bytes]) -> AsyncGenerator[bytes, None]:
+async def coalesced(
+    call: Call, content: Callable[[ChoiceDelta], bytes], end: Callable[[], bytes] | None = None
+) -> AsyncGenerator[bytes, None]:
     """The call's chunks (`content` of each delta; b"": none), one SSE event per delta as before,
     but the events of deltas that were already waiting go out in one write: a gateway that fell
-    behind catches up with one send per stream instead of one per token. An error still sends
-    the events before it."""
+    behind catches up with one send per stream instead of one per token. `end()`: the events
+    after the last delta (usage, [DONE]), written with it. An error still sends the events
+    before it (and not `end`)."""
     held: list[bytes] = []
     try:
         async with contextlib.aclosing(call.deltas()) as deltas:
@@ -102,13 +115,18 @@ async def coalesced(call: Call, content: Callable[[ChoiceDelta], bytes]) -> Asyn
                 data = content(d)
                 if data:
                     held.append(data)
-                if held and not call.backlog():
-                    yield held[0] if len(held) == 1 else b"".join(held)
-                    held.clear()
+                if not held or call.backlog():
+                    continue
+                if end is not None and d.finish_reason is not None and call.finished:
+                    continue  # the last delta: it goes out with the end
+                yield held[0] if len(held) == 1 else b"".join(held)
+                held.clear()
     except Exception:
         if held:
             yield b"".join(held)
         raise
+    if end is not None:
+        held.append(end())
     if held:
         yield b"".join(held)
 
@@ -154,11 +172,11 @@ def chat_stream(call: Call, req: ChatCompletionRequest) -> SSEResponse:
             )
             return chunk([choice])
 
-        async for data in coalesced(call, content):
+        def end() -> bytes:
+            return chunk([], usage=call.usage()) + DONE if req.include_usage_in_stream else DONE
+
+        async for data in coalesced(call, content, end):
             yield data
-        if req.include_usage_in_stream:
-            yield chunk([], usage=call.usage())
-        yield DONE
 
     return SSEResponse(stream_errors(events(), call), call)
 
@@ -296,10 +314,10 @@ def completion_stream(call: Call, req: CompletionRequest) -> SSEResponse:
             )
             return chunk([choice])
 
-        async for data in coalesced(call, content):
+        def end() -> bytes:
+            return chunk([], usage=call.usage()) + DONE if req.include_usage_in_stream else DONE
+
+        async for data in coalesced(call, content, end):
             yield data
-        if req.include_usage_in_stream:
-            yield chunk([], usage=call.usage())
-        yield DONE
 
     return SSEResponse(stream_errors(events(), call), call)

@@ -27,12 +27,11 @@ for.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pagoda.services.scheduler.registry import WorkerRegistry, load_of
+from pagoda.services.scheduler.registry import Refreshed, WorkerRegistry, load_of
 from pagoda.services.scheduler.router import WorkerState
 from pagoda.services.transport.errors import APIError, bad_request
 
@@ -87,17 +86,21 @@ def has_room(
     return cap is None or queued(state, extra + seqs) <= cap
 
 
-class FleetAdmission:
-    """The gateway's view: sequences it has in flight, against the fleet's slots plus queue caps
-    (from the registry, refreshed every half heartbeat). With no worker known it admits: the
-    scheduler answers 503 "no worker" on its own."""
+class FleetAdmission(Refreshed):
+    """The gateway's view of one model: sequences it has in flight for it, against the slots plus
+    queue caps of that model's workers (from the registry, refreshed every half heartbeat). With no
+    worker known it admits: the frontend or the scheduler answers 503 "no worker" on its own."""
 
-    def __init__(self, registry: WorkerRegistry, limits: AdmissionLimits) -> None:
+    def __init__(self, registry: WorkerRegistry, limits: AdmissionLimits, model: str) -> None:
         self.registry = registry
         self.limits = limits
+        self.model = model
         self.in_flight = 0
         self._workers: list[WorkerState] = []
-        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def refresh_interval_s(self) -> float:
+        return self.registry.heartbeat_s / 2
 
     def capacity(self, priority: int) -> int | None:
         cap = self.limits.queue_cap(priority)
@@ -130,24 +133,10 @@ class FleetAdmission:
 
     async def refresh(self) -> None:
         try:
-            self._workers = [load_of(beat) for beat in await self.registry.alive()]
+            alive = await self.registry.alive()
+            self._workers = [load_of(beat) for beat in alive if beat.model == self.model]
         except Exception as exc:  # keep the last view; the gateway's readiness says the rest
             logger.debug("admission: cannot read the worker registry: %s", exc)
-
-    async def start(self) -> None:
-        await self.refresh()
-        self._task = asyncio.create_task(self._watch(), name="gateway-admission")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.registry.heartbeat_s / 2)
-            await self.refresh()
 
 
 # -------------------------------------------------------------------------------- queue timeout

@@ -1,6 +1,7 @@
 """The scheduler service (cluster dispatcher): picks a worker for each tokenized request.
 
-It reads live workers from the registry (heartbeats), looks up how much of the prompt each worker
+It reads live workers from the registry (heartbeats), keeps those serving the request's model
+(one scheduler routes for every model of the deployment), looks up how much of the prompt each worker
 has cached (the block hashes workers publish, computed with the engine's own hash function), asks
 the router, and forwards the request to that worker's queue. Between heartbeats it counts the
 requests it has sent each worker, so a burst does not all land on one worker.
@@ -156,7 +157,9 @@ class SchedulerService:
                 return
             if decision is None:
                 span.fail("no worker")
-                await self._reject(msg, 503, "no worker is available; try again shortly", "no_worker")
+                serving = f" serves model {msg.model!r}" if msg.model else " is available"
+                text = f"no worker{serving}; try again shortly"
+                await self._reject(msg, 503, text, "no_worker", RETRY_AFTER_S)
                 return
             try:
                 if not await self._forward(msg, decision, span):
@@ -235,12 +238,17 @@ class SchedulerService:
             logger.warning("scheduler: store unavailable after routing %s: %s", msg.request_id, exc)
 
     async def _decide(self, msg: ScheduleRequest, gone: set[str] | None = None) -> Decision | None:
-        alive = [w for w in await self._workers() if w.worker_id not in (gone or ())]
+        """The router's choice among the live workers of the request's model (None: there are none)."""
+        alive = [
+            w
+            for w in await self._workers()
+            if w.worker_id not in (gone or ()) and (not msg.model or w.model == msg.model)
+        ]
         if not alive:
             return None
         block_size = alive[0].block_size
         extra = (msg.cache_salt,) if msg.cache_salt else ()
-        hashes = hash_full_blocks(msg.prompt_token_ids, block_size, extra)
+        hashes = hash_full_blocks(msg.prompt_token_ids, block_size, extra, lora_name=msg.lora_name)
         try:
             overlap = leading_overlap(await self.prefix_index.owners(hashes))
             session_worker = await self.sessions.get(msg.session_id) if msg.session_id else None
@@ -255,7 +263,11 @@ class SchedulerService:
         # Workers with room by this view. It lags (a request finished since a heartbeat still
         # counts), so when none seems to have room the least loaded decides for itself, exactly.
         roomy = [w for w in workers if has_room(w, self.admission, msg.priority, seqs=msg.sampling.n)]
-        return self.router.choose(roomy or workers, overlap, session_worker)
+        pool = roomy or workers
+        if msg.lora_name is not None:  # prefer the workers that hold its adapter loaded
+            holding = {w.worker_id for w in alive if msg.lora_name in w.loras}
+            pool = [w for w in pool if w.worker_id in holding] or pool
+        return self.router.choose(pool, overlap, session_worker)
 
     async def _reject(
         self, msg: ScheduleRequest, status: int, text: str, reason: str, retry_after_s: int | None = None

@@ -2,14 +2,18 @@
 
 Keys (under the store's prefix): `workers` (set of ids), `worker:<id>` (a `WorkerHeartbeat`, one
 hash field per figure, with a TTL of a few heartbeats), `blk:<hash hex>` (set of worker ids caching
-that block), `session:<id>` (worker id, with a TTL). Nothing here is needed to finish a running
-request.
+that block), `session:<id>` (worker id, with a TTL), `loras` (the LoRA adapters the deployment
+serves: name -> JSON `{"path", "parent"}`, see gateway/adapters.py). Nothing here is needed to
+finish a running request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
+from abc import ABC, abstractmethod
 
 from pagoda.engine import BlockHash
 from pagoda.services.scheduler.router import WorkerState
@@ -19,6 +23,7 @@ from pagoda.services.transport.store import Store
 logger = logging.getLogger(__name__)
 
 WORKERS = "workers"
+ADAPTERS = "loras"
 
 
 def _worker_key(worker_id: str) -> str:
@@ -79,6 +84,36 @@ class WorkerRegistry:
                 continue
             result.append(beat)
         return result
+
+
+class Refreshed(ABC):
+    """A service's copy of store state, refreshed when it starts and then every
+    `refresh_interval_s` by a task it owns (cancelled by `stop`)."""
+
+    _task: asyncio.Task[None] | None = None
+
+    @property
+    @abstractmethod
+    def refresh_interval_s(self) -> float: ...
+
+    @abstractmethod
+    async def refresh(self) -> None:
+        """Read the store again; must not raise for a store that is down (keep the last copy)."""
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._watch(), name=f"refresh-{type(self).__name__}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_interval_s)
+            await self.refresh()
 
 
 def _stamped(heartbeat: WorkerHeartbeat) -> WorkerHeartbeat:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
 
 from pagoda.engine import PoolingParams, RequestOutput, SamplingParams, StructuredOutputsParams, TokenLogprob
 
@@ -26,9 +26,9 @@ class Queues:
 
     namespace: str = "pagoda"
 
-    @property
-    def tokenize(self) -> str:
-        return f"{self.namespace}.tokenize"
+    def tokenize(self, model: str) -> str:
+        """The tokenizers of one served model share a queue (each knows one model's tokenizer)."""
+        return f"{self.namespace}.tokenize.{model}"
 
     @property
     def schedule(self) -> str:
@@ -46,7 +46,8 @@ class MessageError(ValueError):
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # inf/nan as JSON's Infinity/NaN (what json.dumps wrote before), not null
+    model_config = ConfigDict(extra="ignore", frozen=True, ser_json_inf_nan="constants")
 
 
 class SamplingSpec(_Msg):
@@ -110,6 +111,9 @@ class TokenizeRequest(_Msg):
     type: Literal["tokenize"] = "tokenize"
     request_id: str
     reply_to: str  # the gateway's reply queue
+    model: str = ""  # the served model name; the scheduler routes to its workers ("": any worker)
+    lora_name: str | None = None  # a LoRA adapter over the model (gateway/adapters.py)
+    lora_path: str | None = None  # where its worker loads it from, on first use
     prompt: PromptInput
     sampling: SamplingSpec
     priority: int = 0
@@ -124,6 +128,9 @@ class ScheduleRequest(_Msg):
     type: Literal["schedule"] = "schedule"
     request_id: str
     reply_to: str
+    model: str = ""  # the served model name: only its workers may run it ("": any worker)
+    lora_name: str | None = None  # a LoRA adapter over the model: workers holding it are preferred
+    lora_path: str | None = None  # where a worker loads it from, on first use
     prompt_token_ids: list[int]
     sampling: SamplingSpec
     priority: int = 0
@@ -264,9 +271,16 @@ class WorkerHeartbeat(_Msg):
     num_free_blocks: int = Field(ge=0)
     steps: int = Field(ge=0)  # engine steps that made progress
     last_seen: float = 0.0  # wall-clock time of the write, stamped by the registry
+    loras: tuple[str, ...] = ()  # the LoRA adapters it holds loaded (one field, a name per line)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _lines(cls, value: Any) -> Any:
+        return tuple(n for n in value.split("\n") if n) if isinstance(value, str) else value
 
     def to_fields(self) -> dict[str, str]:
-        return {k: str(v) for k, v in self.model_dump(mode="json", exclude={"worker_id"}).items()}
+        fields = self.model_dump(mode="json", exclude={"worker_id", "loras"})
+        return {**{k: str(v) for k, v in fields.items()}, "loras": "\n".join(self.loras)}
 
     @classmethod
     def from_fields(cls, worker_id: str, fields: dict[str, str]) -> WorkerHeartbeat:
@@ -305,14 +319,40 @@ _TYPES: dict[str, type[BaseModel]] = {
 }
 
 
+# What `encode` writes before a message's type: `decode` parses such an envelope straight into
+# its model (one pass in pydantic-core, no dicts in between), ~2.4x faster for a StepOutputs.
+_PREFIX = b'{"v":%d,"type":"' % WIRE_VERSION
+
+
+def _envelope(name: str, cls: type[BaseModel]) -> TypeAdapter[Any]:
+    fields: dict[str, Any] = {"v": (Literal[WIRE_VERSION], ...), "type": (Literal[name], ...)}
+    fields["body"] = (cls, ...)
+    return TypeAdapter(create_model(f"{cls.__name__}Envelope", **fields))
+
+
+_ENVELOPES = {name.encode(): _envelope(name, cls) for name, cls in _TYPES.items()}
+
+
 def encode(msg: ServiceMessage) -> bytes:
-    return json.dumps(
-        {"v": WIRE_VERSION, "type": msg.type, "body": msg.model_dump(mode="json", exclude={"type"})},
-        separators=(",", ":"),
-    ).encode()
+    """The envelope of `msg`. A StepOutputs leaves out its deltas' fields that hold their default
+    (no logprobs, not finished, ...): a third fewer bytes per token, the same message decoded."""
+    body = msg.model_dump_json(exclude={"type"}, exclude_defaults=isinstance(msg, StepOutputs))
+    return b"".join((_PREFIX, msg.type.encode(), b'","body":', body.encode(), b"}"))
 
 
 def decode(data: bytes) -> ServiceMessage:
+    if data.startswith(_PREFIX):  # the usual case: one of ours
+        end = data.find(b'"', len(_PREFIX))
+        envelope = _ENVELOPES.get(data[len(_PREFIX) : end])
+        if envelope is not None:
+            try:
+                return envelope.validate_json(data).body  # type: ignore[no-any-return]
+            except ValidationError:
+                pass  # let the checks below say what is wrong (or accept what they accept)
+    return _decode_checked(data)
+
+
+def _decode_checked(data: bytes) -> ServiceMessage:
     try:
         env = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:

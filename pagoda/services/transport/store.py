@@ -81,6 +81,10 @@ class Store(ABC):
     async def hgetall(self, key: str) -> dict[str, str]: ...
 
     @abstractmethod
+    async def hdel(self, key: str, *fields: str) -> int:
+        """Returns how many fields were removed."""
+
+    @abstractmethod
     async def sadd(self, key: str, *members: str) -> int:
         """Returns how many members were new."""
 
@@ -190,6 +194,15 @@ class InMemoryStore(Store):
     async def hgetall(self, key: str) -> dict[str, str]:
         return dict(self._typed(key, dict) or {})
 
+    async def hdel(self, key: str, *fields: str) -> int:
+        current = self._typed(key, dict)
+        if current is None:
+            return 0
+        removed = sum(current.pop(f, None) is not None for f in fields)
+        if not current:
+            del self._data[self.prefix + key]
+        return removed
+
     async def sadd(self, key: str, *members: str) -> int:
         if not members:
             return 0
@@ -293,6 +306,9 @@ class RedisStore(Store):
     async def hgetall(self, key: str) -> dict[str, str]:
         raw = await self._r().hgetall(self.prefix + key)
         return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def hdel(self, key: str, *fields: str) -> int:
+        return int(await self._r().hdel(self.prefix + key, *fields)) if fields else 0
 
     async def sadd(self, key: str, *members: str) -> int:
         return int(await self._r().sadd(self.prefix + key, *members)) if members else 0

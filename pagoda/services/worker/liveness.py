@@ -31,6 +31,7 @@ def heartbeat_of(engine: AsyncEngine, worker_id: str, state: WorkerStatus) -> Wo
         num_blocks=capacity.num_blocks,
         num_free_blocks=figures.num_free_blocks,
         steps=engine.steps,
+        loras=tuple(engine.list_loras()),
     )
 
 

@@ -54,6 +54,7 @@ from pagoda.services.transport.messages import (
     encode,
 )
 from pagoda.services.transport.store import Store
+from pagoda.services.worker.adapters import drop_unregistered, ensure_adapter
 from pagoda.services.worker.liveness import StallWatch, heartbeat_of
 
 logger = logging.getLogger("pagoda.worker")
@@ -208,6 +209,8 @@ class WorkerService:
             taking = not self._draining and self.engine.dead_reason is None
             if not taking and msg.request_id not in self._inflight:
                 await self._bounce(msg)
+            elif (refused := await ensure_adapter(self.engine, msg)) is not None:
+                self._send_rejected(msg.reply_to, msg.request_id, 400, refused)
             else:
                 self._add(msg, message.headers)
         elif isinstance(msg, AbortRequest):
@@ -239,7 +242,7 @@ class WorkerService:
             params = msg.sampling.to_params()
             self.engine.submit(
                 msg.request_id, msg.prompt_token_ids, params, priority=msg.priority,
-                cache_salt=msg.cache_salt, resume_from=msg.resume_from,
+                cache_salt=msg.cache_salt, resume_from=msg.resume_from, lora_name=msg.lora_name,
             )  # fmt: skip
         except ValueError as exc:
             self._send_rejected(msg.reply_to, msg.request_id, 400, str(exc))
@@ -365,6 +368,7 @@ class WorkerService:
 
     async def _beat(self) -> None:
         self.state = self._check_stall()
+        await drop_unregistered(self.engine, self.store)
         known = await self.registry.beat(heartbeat_of(self.engine, self.worker_id, self.state))
         if self.engine.dead_reason is not None:
             self._dead_beats += 1

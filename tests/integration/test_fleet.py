@@ -1,0 +1,150 @@
+"""Several models behind one gateway, over the real RabbitMQ and Redis: two tiny random models
+(a Llama and a Qwen2) on a worker each, one tokenizer process and one gateway serving both, one
+scheduler routing by model. Each request is answered by the model it names (greedy text equal to
+that model run alone, offline); with one model's only worker killed, that model answers 503 and the
+other keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from pagoda.engine import LLM, SamplingParams
+from pagoda.engine.tokenization.detokenizer import IncrementalDetokenizer
+from tests.polling import block_until
+from tests.processes import AMQP, REDIS, Proc, free_port, wait_ready
+from tests.tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.integration
+
+ENGINE = ["--dtype", "float32", "--kv-cache-memory", "64MiB", "--compile", "off"]
+MODELS = {"alpha": "llama", "beta": "qwen2"}  # served name -> tiny architecture
+PROMPTS = [f"Tell me about {t} in a few words." for t in ("tides", "owls", "glass", "maps")]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("fleet")
+    paths = {}
+    for name, kind in MODELS.items():
+        paths[name] = root / name
+        paths[name].mkdir()
+        make_tiny_model(kind, paths[name])
+    ns = f"pagoda-fleet-{uuid.uuid4().hex[:8]}"
+    common = ["--bus", AMQP, "--store", REDIS, "--namespace", ns, "--heartbeat-interval", "0.3"]
+    both = [a for name in MODELS for a in ("--model", str(paths[name]), "--served-model-name", name)]
+    port = free_port()
+    workers = {
+        name: Proc("worker", "--model", str(paths[name]), "--served-model-name", name, *ENGINE, *common,
+                   "--worker-id", f"w-{name}")
+        for name in MODELS
+    }  # fmt: skip
+    procs = [
+        *workers.values(),
+        Proc("scheduler", *common),
+        Proc("tokenizer", *both, *ENGINE, *common),
+        Proc("gateway", *both, *ENGINE, *common, "--port", str(port)),
+    ]
+    r = redis.Redis.from_url(REDIS)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, procs, timeout=300)
+        block_until(lambda: r.scard(f"{ns}:workers") >= 2, 60, "both workers to register")
+        yield {"base": base, "paths": paths, "workers": workers, "procs": procs}
+    finally:
+        codes = {" ".join(p.args[:3]): p.stop() for p in procs}
+        for key in r.scan_iter(f"{ns}:*"):
+            r.delete(key)
+        outputs = "\n".join(p.output()[-2000:] for p in procs)
+        killed = workers["beta"].args[:3]
+        assert all(c == 0 for a, c in codes.items() if a != " ".join(killed)), f"{codes}\n{outputs}"
+        assert "Traceback" not in outputs, outputs
+
+
+def _alone(path: Path) -> list[str]:
+    """The model's greedy answers to PROMPTS, run offline in this process, as the gateway writes
+    them (incrementally: an unfinished UTF-8 character at the end is held back)."""
+    llm = LLM(str(path), dtype="float32", compile="off")
+    results = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), use_tqdm=False)
+    return [
+        IncrementalDetokenizer(llm.tokenizer, r.prompt_token_ids).add(r.outputs[0].token_ids) for r in results
+    ]
+
+
+async def _ask(base: str, asks: list[tuple[str, str]]) -> list[tuple[int, dict[str, Any]]]:
+    """(model, prompt) completions at once; each (status, body)."""
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+
+        async def one(model: str, prompt: str) -> tuple[int, dict[str, Any]]:
+            body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+            resp = await client.post("/v1/completions", json=body)
+            return resp.status_code, resp.json()
+
+        return list(await asyncio.gather(*(one(m, p) for m, p in asks)))
+
+
+def test_models_are_listed_and_unknown_ones_are_404(fleet: dict[str, Any]) -> None:
+    listed = httpx.get(f"{fleet['base']}/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == list(MODELS)
+    resp = httpx.post(f"{fleet['base']}/v1/completions", json={"model": "gamma", "prompt": "hi"})
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "model"
+
+
+def test_each_request_is_answered_by_its_model_then_a_lost_model_is_503(fleet: dict[str, Any]) -> None:
+    expected = {name: _alone(fleet["paths"][name]) for name in MODELS}
+    assert expected["alpha"] != expected["beta"], "the two tiny models must answer differently"
+    asks = [(name, p) for _ in range(4) for name in MODELS for p in PROMPTS]  # 32, interleaved
+    answers = asyncio.run(_ask(fleet["base"], asks))
+    for (model, prompt), (status, body) in zip(asks, answers, strict=True):
+        assert status == 200, body
+        assert body["model"] == model
+        assert body["choices"][0]["text"] == expected[model][PROMPTS.index(prompt)], (model, prompt)
+    logs = {name: w.output() for name, w in fleet["workers"].items()}
+    assert all(log.count("finished (length)") == 16 for log in logs.values()), "16 requests per model"
+
+    fleet["workers"]["beta"].p.kill()  # its only worker: no drain, no goodbye
+    block_until(
+        lambda: asyncio.run(_ask(fleet["base"], [("beta", PROMPTS[0])]))[0][0] == 503, 30, "beta to be 503"
+    )
+    answers = asyncio.run(_ask(fleet["base"], [(name, p) for name in MODELS for p in PROMPTS]))
+    for status, body in answers[: len(PROMPTS)]:  # alpha serves on
+        assert status == 200, body
+    assert [b["choices"][0]["text"] for _, b in answers[: len(PROMPTS)]] == expected["alpha"]
+    for status, body in answers[len(PROMPTS) :]:
+        assert status == 503 and "beta" in body["error"]["message"], body
+    assert httpx.get(f"{fleet['base']}/health/ready").status_code == 200  # the gateway still serves
+
+
+def test_pagoda_serve_hosts_two_models_in_one_process(fleet: dict[str, Any]) -> None:
+    """`pagoda serve --model A --model B`: one engine per model on the in-memory bus."""
+    port = free_port()
+    models = [
+        a for name in MODELS for a in ("--model", str(fleet["paths"][name]), "--served-model-name", name)
+    ]
+    proc = Proc("serve", *models, *ENGINE, "--port", str(port))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, [proc])
+        asks = [(name, p) for name in MODELS for p in PROMPTS]
+        answers = asyncio.run(_ask(base, asks))
+        expected = {name: _alone(fleet["paths"][name]) for name in MODELS}
+        got = {
+            name: [b["choices"][0]["text"] for (m, _), (_, b) in zip(asks, answers, strict=True) if m == name]
+            for name in MODELS
+        }
+        assert got == expected
+        metrics = httpx.get(f"{base}/metrics").text
+        for name in MODELS:  # each engine's metrics under its own name
+            assert (
+                f'vllm:generation_tokens_total{{model_name="{name}"}} {len(PROMPTS) * MAX_TOKENS}' in metrics
+            )
+    finally:
+        assert proc.stop() == 0, proc.output()
