@@ -6,6 +6,7 @@ stream loses none of them, and later requests for it are 404s."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,22 +103,42 @@ def test_adapters_are_listed_and_answer_as_offline(served: dict[str, Any]) -> No
         assert body["choices"][0]["text"] == expected[key][i % len(PROMPTS)], (model, i)
 
 
+async def _stream(client: httpx.AsyncClient, model: str, got: list[int], max_tokens: int) -> dict[str, Any]:
+    """One streamed completion; `got[0]` counts its tokens as they arrive; returns its usage."""
+    body = {"model": model, "prompt": PROMPTS[0], "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    usage: dict[str, Any] = {}
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200, await resp.aread()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            got[0] += len(chunk["choices"])
+            usage = chunk.get("usage") or usage
+    return usage
+
+
 def test_unloading_under_load_loses_no_request(served: dict[str, Any]) -> None:
-    base, adapters = served["base"], served["adapters"]
+    base, adapters, n = served["base"], served["adapters"], 400
     httpx.post(f"{base}/v1/load_lora_adapter", json={"lora_name": "temp", "lora_path": str(adapters["all4"])})
 
-    async def run() -> list[tuple[int, Any]]:
-        running = asyncio.ensure_future(_complete(base, ["temp"] * 6 + ["qv8"] * 2, max_tokens=48))
-        await asyncio.sleep(0.3)  # the requests are in flight
-        async with httpx.AsyncClient(base_url=base) as client:
+    async def run() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            counts = [[0] for _ in range(8)]
+            models = ["temp"] * 6 + ["qv8"] * 2
+            streams = [
+                asyncio.ensure_future(_stream(client, m, c, n)) for m, c in zip(models, counts, strict=True)
+            ]
+            while not all(c[0] for c in counts):  # every stream has its first tokens
+                await asyncio.sleep(0.005)
             resp = await client.post("/v1/unload_lora_adapter", json={"lora_name": "temp"})
             assert resp.status_code == 200, resp.text
-        assert not running.done(), "the requests finished before the unload: the test proves nothing"
-        return await running
+            assert all(c[0] < n for c in counts[:6]), "a stream ended before the unload: nothing proven"
+            return list(await asyncio.gather(*streams))
 
-    for status, body in asyncio.run(run()):
-        assert status == 200, body
-        assert body["usage"]["completion_tokens"] == 48 and body["choices"][0]["finish_reason"] == "length"
+    for usage in asyncio.run(run()):
+        assert usage["completion_tokens"] == n, usage
     status, body = asyncio.run(_complete(base, ["temp"]))[0]
     assert status == 404 and body["error"]["param"] == "model"
     gone = httpx.post(f"{base}/v1/unload_lora_adapter", json={"lora_name": "temp"})
