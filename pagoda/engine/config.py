@@ -12,6 +12,8 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from pagoda.engine.spec_decode.config import SpeculativeConfig
+
 if TYPE_CHECKING:
     import torch
 
@@ -100,8 +102,12 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     batcher: BatcherConfig = BatcherConfig()
     lora: LoRAConfig = LoRAConfig()
+    # speculative decoding (pagoda/engine/spec_decode): vLLM's --speculative-config, as its JSON
+    # text, a dict or a SpeculativeConfig (kept as the latter); None: off
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        self._check_speculative()
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -133,6 +139,18 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
+
+    def _check_speculative(self) -> None:
+        spec = self.speculative_config
+        if spec is not None and not isinstance(spec, SpeculativeConfig):
+            # JSON text or its decoded object (LLM(speculative_config={...}), as vLLM takes it)
+            spec = SpeculativeConfig.parse(spec)
+            object.__setattr__(self, "speculative_config", spec)
+        if spec is not None and spec.method != "ngram":
+            raise ValueError(
+                f"speculative method {spec.method!r} is not implemented yet; use "
+                '--speculative-config \'{"method": "ngram", "num_speculative_tokens": 4}\''
+            )
 
     def resolved_device(self) -> torch.device:
         import torch

@@ -25,6 +25,7 @@ from pagoda.engine.config import (
     SchedulingPolicy,
 )
 from pagoda.engine.pooling.params import POOLING_TYPES, TASKS
+from pagoda.engine.spec_decode.config import SpeculativeConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -157,6 +158,13 @@ def _add_runtime_args(g: argparse._ArgumentGroup) -> None:
         "compiles them; on (bare --compile): load, or compile before serving; off: eager "
         "(default: $PAGODA_COMPILE or auto)",
     )
+    g.add_argument(
+        "--speculative-config",
+        default=None,
+        help='speculative decoding as vLLM spells it, a JSON object: {"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2} (prompt lookup; '
+        '"disable_by_batch_size": N turns it off in steps with more running sequences); default: off',
+    )
 
 
 def _add_cache_and_batcher_args(g: argparse._ArgumentGroup) -> None:
@@ -235,6 +243,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         compile="off" if args.enforce_eager else args.compile,
         task=args.task,
         pooling_type=args.pooling_type,
+        speculative_config=_speculative_config(args.speculative_config),
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,
@@ -253,3 +262,14 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_cpu_loras=args.max_cpu_loras,
         ),
     )
+
+
+def _speculative_config(text: str | None) -> SpeculativeConfig | None:
+    """--speculative-config's JSON; a ValueError names the flag and what to change."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return SpeculativeConfig.parse(text)
+    except ValueError as e:
+        msg = str(e) if str(e).startswith("--speculative-config") else f"--speculative-config: {e}"
+        raise ValueError(msg) from None

@@ -17,7 +17,7 @@ import torch
 from pagoda.engine.config import BatcherConfig, EngineConfig, engine_dtype, validate_max_model_len
 from pagoda.engine.core.stats import CoreCounters, EngineCapacity, StepStats
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
-from pagoda.engine.loader import Checkpoint, load_checkpoint
+from pagoda.engine.loader import Checkpoint, demo_model_path, load_checkpoint
 from pagoda.engine.loader.catalog import generation_defaults
 from pagoda.engine.lora.engine_api import LoRAEngineMixin
 from pagoda.engine.lora.manager import LoRAManager
@@ -25,7 +25,7 @@ from pagoda.engine.lora.request import LoRARequest
 from pagoda.engine.models import Model, build_model
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.models.quantization import quantize_linears, resolve_quantization
-from pagoda.engine.outputs import RequestOutput, TokenLogprob
+from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.pooling.params import resolve_pooler
 from pagoda.engine.runner.attention import get_backend
 from pagoda.engine.runner.cuda_graphs import capture_sizes
@@ -33,8 +33,9 @@ from pagoda.engine.runner.model_runner import ModelRunner, kv_bytes_per_block
 from pagoda.engine.runner.onednn_linear import onednn_bf16_available, pack_linears
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.sampling.sampler import make_generator
-from pagoda.engine.scheduling.batcher import Batcher
+from pagoda.engine.scheduling.batcher import Batcher, RunnerOutput
 from pagoda.engine.scheduling.request import Request, RequestStatus, check_prompt_ids
+from pagoda.engine.spec_decode.engine_parts import SpecParts
 from pagoda.engine.structured.compiler import GrammarCompiler, SequenceGrammar
 from pagoda.engine.structured.grammar import grammar_of
 from pagoda.engine.tokenization.tokenizer import Tokenizer
@@ -53,7 +54,7 @@ class EngineCore(LoRAEngineMixin):
         structured outputs need before the first such request."""
         self.config = config
         torch.manual_seed(config.seed)
-        ckpt = checkpoint if checkpoint is not None else load_checkpoint(config.model or _demo())
+        ckpt = checkpoint if checkpoint is not None else load_checkpoint(config.model or demo_model_path())
         self.model_name = config.served_model_name or ckpt.name
         self.tokenizer: Tokenizer = ckpt.tokenizer
         path = getattr(ckpt, "path", "")
@@ -76,7 +77,10 @@ class EngineCore(LoRAEngineMixin):
         eos = tuple(arch.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
         self.eos_token_ids = eos
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.batcher = Batcher(self._batcher_config(arch), self.kv, self.max_model_len, eos)
+        spec = config.speculative_config if self.pooler is None else None  # a pooler samples nothing
+        self.spec = SpecParts.build(spec, self.max_model_len, arch.vocab_size, eos, self.device)
+        speculation = self.spec.speculation if self.spec else None
+        self.batcher = Batcher(self._batcher_config(arch), self.kv, self.max_model_len, eos, speculation)
         rebuildable = background_compile and checkpoint is None  # another process can rebuild the model
         self.runner = self._build_runner(num_blocks, config if rebuildable else None)
         logger.info(
@@ -134,6 +138,7 @@ class EngineCore(LoRAEngineMixin):
             compile_config=compile_config,
             pooler=self.pooler,
             lora=self.lora,
+            rejection=self.spec.rejection if self.spec else None,
         )
 
     def _batcher_config(self, arch: ModelArchConfig) -> BatcherConfig:
@@ -305,6 +310,7 @@ class EngineCore(LoRAEngineMixin):
             kv_live_token_ratio=self.kv.live_token_ratio(),
             num_prefilling=self.batcher.num_prefilling,
             num_free_blocks=self.kv.pool.num_free_blocks,
+            **(self.spec.counters() if self.spec else {}),
         )
 
     def cached_block_hashes(self) -> list[bytes]:
@@ -328,7 +334,7 @@ class EngineCore(LoRAEngineMixin):
             self.kv.usage(),
             out.num_preempted,
         )
-        outputs = [self._output(r, r.output_token_ids[-1:], res.logprobs.get(r.request_id)) for r in changed]
+        outputs = [self._output(r, r.new_token_ids, res) for r in changed]
         self._forget_finished([r for r in changed if r.is_finished])
         return failed + outputs
 
@@ -355,8 +361,8 @@ class EngineCore(LoRAEngineMixin):
         self._forget_finished(failed)
         return outs
 
-    def _output(self, req: Request, new_ids: list[int], logprob: TokenLogprob | None = None) -> RequestOutput:
-        lps = [logprob] if logprob is not None else None
+    def _output(self, req: Request, new_ids: list[int], res: RunnerOutput | None = None) -> RequestOutput:
+        lps = res.logprobs_of(req.request_id, len(new_ids)) if res is not None else None
         return RequestOutput(
             request_id=req.parent_id,
             new_token_ids=new_ids,
@@ -391,9 +397,3 @@ def _finished(reqs: list[Request]) -> list[Request]:
         req.status = RequestStatus.FINISHED
         req.finish_reason = "abort"
     return reqs
-
-
-def _demo() -> str:
-    from pagoda.engine.loader import demo_model_path
-
-    return demo_model_path()

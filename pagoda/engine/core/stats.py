@@ -34,6 +34,11 @@ class CoreCounters:
     kv_live_token_ratio: float = 0.0  # kv_live_tokens / kv_used_slots (0.0 when idle)
     num_prefilling: int = 0  # running sequences without a first token yet
     num_free_blocks: int = 0  # KV blocks no sequence holds (cached ones among them, evicted on demand)
+    # speculative decoding's totals (SpecDecodeMetrics); empty per_pos: the engine does not speculate
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_accepted_tokens_per_pos: tuple[int, ...] = ()
 
 
 @dataclass

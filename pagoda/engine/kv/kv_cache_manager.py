@@ -93,6 +93,21 @@ class KVCacheManager:
         self._cache_full_blocks(request, num_computed + num_new_tokens)
         return new_blocks
 
+    def trim(self, request: Request) -> None:
+        """Shrink the request's table to its computed tokens after a speculative step: the blocks
+        only rejected drafts reached go back to the pool (the rejected KV in the blocks kept is
+        overwritten by the next step). They were never cached: hashes cover verified tokens only."""
+        rid = request.request_id
+        blocks = self.req_blocks[rid]
+        keep = cdiv(request.num_computed_tokens, self.block_size)
+        assert keep >= self._num_cached_blocks.get(rid, 0), (request, keep, self._num_cached_blocks.get(rid))
+        if len(blocks) > keep:
+            self.pool.free(reversed(blocks[keep:]))
+            del blocks[keep:]
+        held = request.num_computed_tokens
+        self.num_table_tokens += held - self._req_tokens.get(rid, 0)
+        self._req_tokens[rid] = held
+
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
         self._num_cached_blocks.pop(request.request_id, None)

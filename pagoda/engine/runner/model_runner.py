@@ -22,6 +22,7 @@ from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 from pagoda.engine.runner.compile_cache import DecodeCompiler
 from pagoda.engine.runner.compiled_decode import CompiledDecode
 from pagoda.engine.runner.cuda_graphs import DecodeGraphs
+from pagoda.engine.runner.spec_verify import verify_drafts
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.sampling.sampler import Sampler
 from pagoda.engine.sampling.sampling_metadata import SamplingMetadata
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from pagoda.engine.config import EngineConfig
     from pagoda.engine.lora.manager import LoRAManager
     from pagoda.engine.lora.request import LoRARequest
+    from pagoda.engine.spec_decode.rejection_sampler import RejectionSampler
 
 
 @dataclass
@@ -76,9 +78,11 @@ class ModelRunner:
         compile_config: EngineConfig | None = None,
         pooler: PoolerConfig | None = None,
         lora: LoRAManager | None = None,
+        rejection: RejectionSampler | None = None,
     ) -> None:
         """`pooler`: an embedding model's pooling (requests with `params.pooling` are pooled);
-        `lora`: the adapters' slots (the model's projections wrapped already), set each step."""
+        `lora`: the adapters' slots (the model's projections wrapped already), set each step;
+        `rejection`: speculative decoding's verifier of the plan's draft tokens."""
         cfg = model.cfg
         self.model = model
         self.backend = backend
@@ -100,6 +104,7 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.sampler = Sampler()
+        self.rejection = rejection
         self.requests: dict[str, _ReqState] = {}
         self.graphs: DecodeGraphs | None = None
         if graph_sizes:  # CUDA only (engine.cuda_graphs.capture_sizes)
@@ -152,7 +157,7 @@ class ModelRunner:
         masks = self._grammar_masks(batch)  # filled while the model runs
         hidden = self._forward(batch)  # [num_tokens, hidden]
         pooled = self._pool(hidden, batch)
-        if not batch.sample_rows:
+        if not batch.sample_rows and not batch.spec_rows:
             return RunnerOutput(pooled=pooled)
         res = self._sample(hidden, batch, masks)
         res.pooled = pooled
@@ -186,21 +191,18 @@ class ModelRunner:
 
         # decodes (one query token) first, then prefill chunks; among decodes, generated tokens
         # before one-token prompt chunks, so that prompt tokens are the rows from one index on
-        # (and sequences of one LoRA adapter side by side: one segment for its rows)
-        chunks = [
-            (
-                n != 1,
-                computed[rid] < self.requests[rid].num_prompt_tokens,
-                _lora_id(self.requests[rid]),
-                rid,
-                n,
-            )
-            for rid, n in out.num_scheduled_tokens.items()
-        ]
-        for _, prompt, _, rid, n in sorted(chunks, key=lambda c: c[:3]):
+        # (and sequences of one LoRA adapter side by side: one segment for its rows). Sequences
+        # verifying drafts are chunks of generated tokens: with them, one-token prompt chunks
+        # run as chunks after them.
+        spec = out.spec_token_ids
+        chunks = []
+        for rid, n in out.num_scheduled_tokens.items():
+            prompt = computed[rid] < self.requests[rid].num_prompt_tokens
+            chunks.append((n != 1 or (prompt and bool(spec)), prompt, _lora_id(self.requests[rid]), rid, n))
+        for chunk, prompt, _, rid, n in sorted(chunks, key=lambda c: c[:3]):
             if not prompt:
                 batch.generated_rows += n
-            batch.add(rid, self.requests[rid], computed[rid], n)
+            batch.add(rid, self.requests[rid], computed[rid], n, spec.get(rid, []), decode=not chunk)
         return batch
 
     def _forward(self, batch: _FlatBatch) -> torch.Tensor:
@@ -231,7 +233,19 @@ class ModelRunner:
         self, hidden: torch.Tensor, batch: _FlatBatch, masks: tuple[list[int], Future[torch.Tensor]] | None
     ) -> RunnerOutput:
         dev = self.device
-        logits = self.model.compute_logits(hidden[torch.tensor(batch.logits_idx, device=dev)])
+        # the plain rows' last positions, then every position of the drafted sequences
+        idx = batch.logits_idx + [i for first, k in batch.spec_spans for i in range(first, first + k + 1)]
+        all_logits = self.model.compute_logits(hidden[torch.tensor(idx, device=dev)])
+        res = RunnerOutput()
+        if batch.spec_rows:
+            assert self.rejection is not None, "draft tokens scheduled without a rejection sampler"
+            spec_states = [self.requests[r] for r in batch.spec_rows]
+            drafts = [batch.ids[first + 1 : first + k + 1] for first, k in batch.spec_spans]
+            logits = all_logits[len(batch.logits_idx) :]
+            verify_drafts(self.rejection, logits, batch.spec_rows, spec_states, drafts, res)
+        if not batch.sample_rows:
+            return res
+        logits = all_logits[: len(batch.logits_idx)]
         states = [self.requests[r] for r in batch.sample_rows]
         smeta = SamplingMetadata.build(
             params=[s.params for s in states],
@@ -246,7 +260,6 @@ class ModelRunner:
             smeta.grammar_rows = torch.tensor(masks[0], device=dev)
             smeta.grammar_bitmask = masks[1].result().to(dev)
         sampled = self.sampler(logits, smeta)
-        res = RunnerOutput()
         rows = zip(batch.sample_rows, states, sampled.token_ids, sampled.logprobs, strict=True)
         for rid, st, tok, lp in rows:
             st.token_ids.append(tok)
@@ -282,13 +295,18 @@ class _FlatBatch:
     pf_tables: list[torch.Tensor] = field(default_factory=list)
     sample_rows: list[str] = field(default_factory=list)  # requests sampled this step
     logits_idx: list[int] = field(default_factory=list)  # their last token's index in `ids`
+    spec_rows: list[str] = field(default_factory=list)  # requests verifying drafts this step
+    spec_spans: list[tuple[int, int]] = field(default_factory=list)  # (first index in `ids`, drafts)
     pool_spans: list[tuple[str, int, int, int]] = field(default_factory=list)  # (req, first row, n, position)
     loras: list[LoRARequest | None] = field(default_factory=list)  # per request, as query_lens
 
-    def add(self, rid: str, st: _ReqState, start: int, n: int) -> None:
-        """Request `rid`'s tokens [start, start + n); n == 1 is a decode, else a prefill chunk."""
+    def add(self, rid: str, st: _ReqState, start: int, n: int, draft: list[int], decode: bool = True) -> None:
+        """Request `rid`'s tokens [start, start + n), the last len(draft) of them `draft` (tokens
+        proposed after its known ones); one token is a decode unless `decode` is False, more a
+        chunk (causal attention over its cached context and itself)."""
         bs = self.block_size
-        self.ids.extend(st.token_ids[start : start + n])
+        self.ids.extend(st.token_ids[start : start + n - len(draft)])
+        self.ids.extend(draft)
         pos = np.arange(start, start + n, dtype=np.int64)
         blocks = np.asarray(st.block_ids, dtype=np.int64)
         self.pos_chunks.append(pos)
@@ -297,7 +315,7 @@ class _FlatBatch:
         self.loras.append(st.lora)
         self.all_lens.append(start + n)
         self.all_tables.append(st.block_ids)
-        if n == 1:
+        if n == 1 and decode:
             self.decode_lens.append(start + 1)
             self.decode_tables.append(st.block_ids)
         else:
@@ -307,6 +325,10 @@ class _FlatBatch:
             self.pf_tables.append(torch.from_numpy(blocks[: -(-(start + n) // bs)]).to(self.device))
         if st.pool is not None:  # pooled, never sampled
             self.pool_spans.append((rid, len(self.ids) - n, n, start))
+        elif draft:
+            assert start + n - len(draft) == len(st.token_ids), (rid, start, n, len(st.token_ids))
+            self.spec_rows.append(rid)
+            self.spec_spans.append((len(self.ids) - len(draft) - 1, len(draft)))
         elif start + n == len(st.token_ids):
             self.sample_rows.append(rid)
             self.logits_idx.append(len(self.ids) - 1)

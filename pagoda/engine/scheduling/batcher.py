@@ -22,6 +22,7 @@ from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.outputs import FinishReason, TokenLogprob
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.scheduling.request import Request, RequestStatus
+from pagoda.engine.scheduling.speculation import Speculation
 
 if TYPE_CHECKING:
     from pagoda.engine.lora.request import LoRARequest
@@ -60,6 +61,9 @@ class BatchPlan:
     total_num_scheduled_tokens: int
     finished_req_ids: set[str]  # the runner drops these (finished, aborted or preempted)
     num_preempted: int = 0
+    # speculative decoding: the draft tokens of the sequences that verify some this step (their
+    # last known token, then these, are their num_scheduled_tokens)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -71,6 +75,26 @@ class RunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
     pooled: dict[str, list[float]] = field(default_factory=dict)  # embeddings of completed prompts
+    # sequences that verified drafts: the tokens emitted (accepted drafts, then the sampled one),
+    # and their logprobs where asked
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    spec_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+
+    def emitted(self, req_id: str) -> list[int]:
+        """The tokens the step emitted for the request, in order (none: it sampled nothing)."""
+        spec = self.spec_token_ids.get(req_id)
+        if spec is not None:
+            return spec
+        token = self.sampled_token_ids.get(req_id)
+        return [] if token is None else [token]
+
+    def logprobs_of(self, req_id: str, n: int) -> list[TokenLogprob] | None:
+        """The logprobs of the request's first `n` emitted tokens; None: not asked."""
+        spec = self.spec_logprobs.get(req_id)
+        if spec is not None:
+            return spec[:n]
+        lp = self.logprobs.get(req_id)
+        return None if lp is None else [lp][:n]
 
 
 @dataclass
@@ -82,6 +106,8 @@ class _StepPlan:
     cached: list[CachedRequestData] = field(default_factory=list)
     new: list[NewRequestData] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    speculate: bool = False  # drafts for decoding sequences this step
+    spec: dict[str, list[int]] = field(default_factory=dict)
 
 
 class Batcher:
@@ -91,8 +117,11 @@ class Batcher:
         kv: KVCacheManager,
         max_model_len: int,
         eos_token_ids: Iterable[int],
+        speculation: Speculation | None = None,
     ) -> None:
+        """`speculation`: speculative decoding's proposer (None: off)."""
         self.config = config
+        self.spec = speculation
         self.kv = kv
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -143,6 +172,7 @@ class Batcher:
         """This step's plan: running requests first (preempting the lowest ranked when blocks run
         out), then waiting ones while budget, sequence slots and blocks last."""
         step = _StepPlan(self.config.max_num_batched_tokens)
+        step.speculate = self.spec is not None and self.spec.active(len(self.running))
         self._schedule_running(step)
         if not step.preempted:  # new work only when nothing had to be preempted this step
             self._schedule_waiting(step)
@@ -156,6 +186,7 @@ class Batcher:
             total_num_scheduled_tokens=self.config.max_num_batched_tokens - step.budget,
             finished_req_ids=finished,
             num_preempted=len(step.preempted),
+            spec_token_ids=step.spec,
         )
 
     def _schedule_running(self, step: _StepPlan) -> None:
@@ -165,12 +196,20 @@ class Batcher:
             n = min(req.num_tokens - req.num_computed_tokens, step.budget)
             n = min(n, self.max_model_len - req.num_computed_tokens)
             assert n > 0, req
-            new_blocks = self.kv.allocate_slots(req, n)
+            draft = self.spec.draft(req, step.budget) if self.spec is not None and step.speculate else []
+            # drafts only where their slots are free: speculation never preempts
+            new_blocks = self.kv.allocate_slots(req, n + len(draft)) if draft else None
+            if new_blocks is not None:
+                step.spec[req.request_id] = draft
+                n += len(draft)
+            else:
+                new_blocks = self.kv.allocate_slots(req, n)
             while new_blocks is None:
                 victim = self._pick_victim()
                 if self.running.index(victim) < i:  # already scheduled this step: undo that
                     step.budget += step.num_scheduled.pop(victim.request_id)
                     step.cached = [c for c in step.cached if c.req_id != victim.request_id]
+                    step.spec.pop(victim.request_id, None)
                     i -= 1
                 self._preempt(victim)
                 step.preempted.append(victim)
@@ -236,33 +275,38 @@ class Batcher:
         req.num_computed_tokens = num_cached
         req.status = RequestStatus.RUNNING
         self.running.append(req)
+        if self.spec is not None:
+            self.spec.start(req)
 
     def update(self, out: BatchPlan, res: RunnerOutput) -> list[Request]:
         """Advance counters, append sampled tokens, finish requests that stop. Returns the
-        requests that got a new token this step (finished ones included)."""
+        requests that got new tokens this step (finished ones included; `num_new_tokens` says
+        how many)."""
         changed: list[Request] = []
         stopped: list[Request] = []
         for rid, n in out.num_scheduled_tokens.items():
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue
-            req.num_computed_tokens += n
+            req.num_new_tokens = 0
             embedding = res.pooled.get(rid)
             if embedding is not None:  # a pooling request ends with its prompt
+                req.num_computed_tokens += n
                 req.embedding, req.finish_reason = embedding, "stop"
                 changed.append(req)
                 stopped.append(req)
                 continue
-            token = res.sampled_token_ids.get(rid)
-            if token is None:
-                continue
-            req.append_output(token)
-            if req.grammar is not None:
-                req.grammar.accept(token)
-            changed.append(req)
-            reason = self._check_stop(req, token)
-            if reason is not None:
-                req.finish_reason = reason
+            tokens = res.emitted(rid)
+            draft = out.spec_token_ids.get(rid)
+            if draft is None:
+                req.num_computed_tokens += n
+            else:  # the rejected drafts' KV is dropped by counter (1 + accepted tokens computed)
+                assert tokens, (req, draft)
+                req.num_computed_tokens += n - len(draft) + len(tokens) - 1
+                self.kv.trim(req)
+            if tokens:
+                changed.append(req)
+            if self._append_tokens(req, tokens):
                 stopped.append(req)
         for req in stopped:
             self.running.remove(req)
@@ -271,6 +315,22 @@ class Batcher:
         return changed
 
     # -- internals --------------------------------------------------------------------------
+    def _append_tokens(self, req: Request, tokens: list[int]) -> bool:
+        """Append a step's emitted tokens one by one, stopping at the first that finishes the
+        request (the rest are dropped). Returns whether it finished."""
+        for token in tokens:
+            req.append_output(token)
+            req.num_new_tokens += 1
+            if req.grammar is not None:
+                req.grammar.accept(token)
+            reason = self._check_stop(req, token)
+            if reason is not None:
+                req.finish_reason = reason
+                return True
+        if self.spec is not None and tokens:
+            self.spec.verified(req, tokens)
+        return False
+
     def _count_prefilling(self) -> int:
         return sum(1 for r in self.running if r.num_output_tokens == 0)
 
@@ -295,6 +355,8 @@ class Batcher:
         if req.finish_reason is None:
             req.finish_reason = reason
         self.kv.free(req)
+        if self.spec is not None:
+            self.spec.stop(req)
         self._finished_ids.add(req.request_id)
         del self.requests[req.request_id]
 
@@ -306,6 +368,8 @@ class Batcher:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req)
+        if self.spec is not None:
+            self.spec.stop(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1

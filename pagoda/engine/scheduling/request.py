@@ -62,6 +62,7 @@ class Request:
         self.generator = generator
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        self.num_new_tokens = 0  # output tokens the last step appended (speculation: several)
         self.num_cached_tokens = -1  # prompt tokens hit in the prefix cache at first schedule
         self.queue_time_s: float | None = None  # arrival to first schedule (metrics, tracing)
         self.num_preemptions = 0
@@ -82,6 +83,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def new_token_ids(self) -> list[int]:
+        """The output tokens the last step appended."""
+        return self.output_token_ids[self.num_output_tokens - self.num_new_tokens :]
 
     @property
     def is_finished(self) -> bool:

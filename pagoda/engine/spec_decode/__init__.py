@@ -37,20 +37,35 @@ How the step-loop integration is meant to plug in (not done here):
    `..._num_draft_tokens`, `..._num_accepted_tokens`, `..._num_accepted_tokens_per_pos{position}`.
 """
 
-from pagoda.engine.spec_decode.config import SpeculativeConfig
-from pagoda.engine.spec_decode.metrics import SpecDecodeMetrics
-from pagoda.engine.spec_decode.ngram import NgramProposer, ngram_draft
-from pagoda.engine.spec_decode.proposer import Proposal, Proposer, make_proposer
-from pagoda.engine.spec_decode.rejection_sampler import RejectionOutput, RejectionSampler
+from __future__ import annotations
 
-__all__ = [
-    "NgramProposer",
-    "Proposal",
-    "Proposer",
-    "RejectionOutput",
-    "RejectionSampler",
-    "SpecDecodeMetrics",
-    "SpeculativeConfig",
-    "make_proposer",
-    "ngram_draft",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# imported on first use, so that `config` (what the CLI parses) loads without torch
+_EXPORTS = {
+    "NgramProposer": "pagoda.engine.spec_decode.ngram",
+    "Proposal": "pagoda.engine.spec_decode.proposer",
+    "Proposer": "pagoda.engine.spec_decode.proposer",
+    "RejectionOutput": "pagoda.engine.spec_decode.rejection_sampler",
+    "RejectionSampler": "pagoda.engine.spec_decode.rejection_sampler",
+    "SpecDecodeMetrics": "pagoda.engine.spec_decode.metrics",
+    "SpeculativeConfig": "pagoda.engine.spec_decode.config",
+    "make_proposer": "pagoda.engine.spec_decode.proposer",
+    "ngram_draft": "pagoda.engine.spec_decode.ngram",
+}
+
+if TYPE_CHECKING:  # re-exports for the type checker, which cannot follow a lazy import
+    from pagoda.engine.spec_decode.config import SpeculativeConfig  # noqa: F401
+    from pagoda.engine.spec_decode.metrics import SpecDecodeMetrics  # noqa: F401
+    from pagoda.engine.spec_decode.ngram import NgramProposer, ngram_draft  # noqa: F401
+    from pagoda.engine.spec_decode.proposer import Proposal, Proposer, make_proposer  # noqa: F401
+    from pagoda.engine.spec_decode.rejection_sampler import RejectionOutput, RejectionSampler  # noqa: F401
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pagoda.engine.spec_decode' has no attribute {name!r}")

@@ -200,14 +200,44 @@ class EngineCollector:
         }
         with self.lock:
             engines = list(self.engines.items())
-        for engine_id, e in engines:
-            c = e.core.counters()
+        readings = [([e.model_name, engine_id], e.core.counters()) for engine_id, e in engines]
+        for labels_of, c in readings:
             for name, gauge in gauges.items():
-                gauge.add_metric([e.model_name, engine_id], float(getattr(c, name)))
+                gauge.add_metric(labels_of, float(getattr(c, name)))
             for name, counter in counters.items():
-                counter.add_metric([e.model_name, engine_id], float(getattr(c, name)))
+                counter.add_metric(labels_of, float(getattr(c, name)))
         yield from gauges.values()
         yield from counters.values()
+        yield from _spec_decode_families(readings)
+
+
+def _spec_decode_families(readings: list[tuple[list[str], CoreCounters]]) -> list[Metric]:
+    """vLLM's speculative decoding counters, with a sample for each engine that speculates."""
+    labels = ["model_name", "engine"]
+    families = {
+        "spec_num_drafts": CounterMetricFamily(
+            "vllm:spec_decode_num_drafts", "Sequence-steps that verified draft tokens.", labels=labels
+        ),
+        "spec_num_draft_tokens": CounterMetricFamily(
+            "vllm:spec_decode_num_draft_tokens", "Draft tokens verified.", labels=labels
+        ),
+        "spec_num_accepted_tokens": CounterMetricFamily(
+            "vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.", labels=labels
+        ),
+    }
+    per_pos = CounterMetricFamily(
+        "vllm:spec_decode_num_accepted_tokens_per_pos",
+        "Draft tokens accepted, by their position in the draft (0-based).",
+        labels=[*labels, "position"],
+    )
+    for labels_of, c in readings:
+        if not c.spec_num_accepted_tokens_per_pos:  # the engine does not speculate
+            continue
+        for name, family in families.items():
+            family.add_metric(labels_of, float(getattr(c, name)))
+        for pos, n in enumerate(c.spec_num_accepted_tokens_per_pos):
+            per_pos.add_metric([*labels_of, str(pos)], float(n))
+    return [*families.values(), per_pos]
 
 
 class SchedulerMetrics:
