@@ -191,18 +191,23 @@ class ModelRunner:
 
         # decodes (one query token) first, then prefill chunks; among decodes, generated tokens
         # before one-token prompt chunks, so that prompt tokens are the rows from one index on
-        # (and sequences of one LoRA adapter side by side: one segment for its rows). Sequences
-        # verifying drafts are chunks of generated tokens: with them, one-token prompt chunks
-        # run as chunks after them.
+        # (and sequences of one LoRA adapter side by side: one segment for its rows). A sequence
+        # verifying drafts is decodes too, one per token.
         spec = out.spec_token_ids
-        chunks = []
-        for rid, n in out.num_scheduled_tokens.items():
-            prompt = computed[rid] < self.requests[rid].num_prompt_tokens
-            chunks.append((n != 1 or (prompt and bool(spec)), prompt, _lora_id(self.requests[rid]), rid, n))
-        for chunk, prompt, _, rid, n in sorted(chunks, key=lambda c: c[:3]):
+        chunks = [
+            (
+                n != 1 and rid not in spec,
+                computed[rid] < self.requests[rid].num_prompt_tokens,
+                _lora_id(self.requests[rid]),
+                rid,
+                n,
+            )
+            for rid, n in out.num_scheduled_tokens.items()
+        ]
+        for _, prompt, _, rid, n in sorted(chunks, key=lambda c: c[:3]):
             if not prompt:
                 batch.generated_rows += n
-            batch.add(rid, self.requests[rid], computed[rid], n, spec.get(rid, []), decode=not chunk)
+            batch.add(rid, self.requests[rid], computed[rid], n, spec.get(rid, []))
         return batch
 
     def _forward(self, batch: _FlatBatch) -> torch.Tensor:
@@ -242,7 +247,7 @@ class ModelRunner:
             spec_states = [self.requests[r] for r in batch.spec_rows]
             drafts = [batch.ids[first + 1 : first + k + 1] for first, k in batch.spec_spans]
             logits = all_logits[len(batch.logits_idx) :]
-            verify_drafts(self.rejection, logits, batch.spec_rows, spec_states, drafts, res)
+            verify_drafts(self.rejection, logits, batch.spec_rows, spec_states, drafts, res, self.block_size)
         if not batch.sample_rows:
             return res
         logits = all_logits[: len(batch.logits_idx)]
@@ -300,10 +305,13 @@ class _FlatBatch:
     pool_spans: list[tuple[str, int, int, int]] = field(default_factory=list)  # (req, first row, n, position)
     loras: list[LoRARequest | None] = field(default_factory=list)  # per request, as query_lens
 
-    def add(self, rid: str, st: _ReqState, start: int, n: int, draft: list[int], decode: bool = True) -> None:
-        """Request `rid`'s tokens [start, start + n), the last len(draft) of them `draft` (tokens
-        proposed after its known ones); one token is a decode unless `decode` is False, more a
-        chunk (causal attention over its cached context and itself)."""
+    def add(self, rid: str, st: _ReqState, start: int, n: int, draft: list[int]) -> None:
+        """Request `rid`'s tokens [start, start + n): one is a decode, more a prefill chunk (causal
+        attention over its cached context and itself). With a `draft` (the last len(draft) of
+        them, proposed after its known tokens) each token is a decode row of its own that sees
+        the positions up to its own: a plain decode's arithmetic, so verification rounds as
+        decoding without speculation does, and runs where decode steps run (compiled graphs,
+        CUDA graphs, the paged decode kernels)."""
         bs = self.block_size
         self.ids.extend(st.token_ids[start : start + n - len(draft)])
         self.ids.extend(draft)
@@ -311,14 +319,19 @@ class _FlatBatch:
         blocks = np.asarray(st.block_ids, dtype=np.int64)
         self.pos_chunks.append(pos)
         self.slot_chunks.append(blocks[pos // bs] * bs + pos % bs)
-        self.query_lens.append(n)
-        self.loras.append(st.lora)
-        self.all_lens.append(start + n)
-        self.all_tables.append(st.block_ids)
-        if n == 1 and decode:
-            self.decode_lens.append(start + 1)
-            self.decode_tables.append(st.block_ids)
+        if n == 1 or draft:  # as many one-token "sequences" as tokens, each to its own position
+            lens = list(range(start + 1, start + n + 1))
+            self.decode_lens.extend(lens)
+            self.decode_tables.extend([st.block_ids] * n)
+            self.query_lens.extend([1] * n)
+            self.all_lens.extend(lens)
+            self.all_tables.extend([st.block_ids] * n)
+            self.loras.extend([st.lora] * n)
         else:
+            self.query_lens.append(n)
+            self.all_lens.append(start + n)
+            self.all_tables.append(st.block_ids)
+            self.loras.append(st.lora)
             self.pf_starts.append(len(self.ids) - n)
             self.pf_lens.append(n)
             self.pf_ctx.append(start)

@@ -20,6 +20,7 @@ class SeqState(Protocol):
 
     token_ids: list[int]  # prompt + verified output
     num_prompt_tokens: int
+    block_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None
 
@@ -31,9 +32,12 @@ def verify_drafts(
     states: Sequence[SeqState],
     drafts: Sequence[list[int]],
     res: RunnerOutput,
+    block_size: int,
 ) -> None:
     """Verify the drafts, append each sequence's emitted tokens (accepted drafts, then the sampled
-    one) to its state, and report them (and their logprobs where asked) in `res`."""
+    one) to its state, and report them (and their logprobs where asked) in `res`. Each block
+    table keeps the blocks of its computed tokens (all but the last emitted one), as the
+    batcher's does (KVCacheManager.trim): the blocks only rejected drafts reached went back."""
     out = sampler(
         logits,
         drafts,
@@ -45,6 +49,7 @@ def verify_drafts(
     )
     for rid, st, tokens, lps in zip(req_ids, states, out.token_ids, out.logprobs, strict=True):
         st.token_ids.extend(tokens)
+        del st.block_ids[-(-(len(st.token_ids) - 1) // block_size) :]
         res.spec_token_ids[rid] = tokens
         if lps is not None:
             res.spec_logprobs[rid] = lps
