@@ -1,40 +1,40 @@
-"""Speculative decoding (issue 19), the self-contained parts: the config, the proposers, the
-rejection sampler and its metrics. Nothing here is wired into the engine yet.
+"""Speculative decoding (issue 19): the config, the proposers, the rejection sampler and its
+metrics, wired into the engine's step loop for the n-gram method.
 
-- `config.SpeculativeConfig.parse(json)`: `--speculative-config` as vLLM spells it.
+- `config.SpeculativeConfig.parse(json)`: `--speculative-config` as vLLM spells it
+  (`EngineConfig.speculative_config`; methods other than "ngram" are refused there).
 - `proposer.Proposer` (ABC) and `make_proposer(config, max_model_len)`: "ngram" is built
   (`ngram.NgramProposer`); "draft_model" and "layer_skip" (pagoda's self-speculation: the target's
   own first layers as the draft) are parsed but raise NotImplementedError.
 - `rejection_sampler.RejectionSampler`: exact verification, every sampling parameter applied to
   the target's distribution by the plain sampler's own functions.
 - `metrics.SpecDecodeMetrics`: vLLM's `vllm:spec_decode_*` counters, filled by the sampler.
+- `engine_parts.SpecParts`: what EngineCore builds from the config: the batcher's `Speculation`,
+  the runner's rejection sampler and the metrics they share (CoreCounters.spec_*).
 
-How the step-loop integration is meant to plug in (not done here):
+How the step loop runs it:
 
-1. Engine setup: `config = SpeculativeConfig.parse(args.speculative_config)`; one proposer
-   (`make_proposer(config, max_model_len)`), one `RejectionSampler(vocab, eos_ids, device,
-   metrics)` next to the plain sampler in the runner.
-2. Proposer state follows the runner's request state: `add_request(rid, prompt + output)` when a
-   request is added or resumed after preemption, `append(rid, emitted)` after each step with the
-   tokens the step emitted, `remove_request(rid)` when it finishes or is preempted.
-3. Scheduling: before a step, for decode sequences only (not while prefill is chunked, not above
-   `config.enabled_for(num_running)`, not for structured-output requests, whose grammar would have
-   to advance through drafts), `proposer.propose(rids, max_tokens=remaining budget - 1)`. A
-   sequence with k_i drafts is scheduled with 1 + k_i query tokens (its last verified token, then
-   the drafts) counted against the token budget; the batcher allocates KV slots for all of them.
-4. Runner outputs needed: the logits of all 1 + k_i query positions of each such sequence (today
-   the runner computes logits for the last position only), flat, sequence after sequence, which is
-   `target_logits`; for a draft model also its per-position probabilities (`draft_probs`). The
-   rejection sampler gets the sequences' params, prompt and verified output (without the drafts)
-   and generators, and returns 1..k_i + 1 tokens per sequence (plus logprobs per token).
-5. Rollback, in the batcher's bookkeeping after the step: num_computed_tokens advances by
-   1 + num_accepted (the KV of the rejected drafts' positions stays in its slots and is simply
-   overwritten next step: a counter change; blocks allocated only for rejected positions go back
-   to the pool). Prefix-cache hashes are taken only over verified tokens, so no cached block ever
-   holds a rejected token. Stop tokens/strings and max_tokens are checked token by token over the
-   emitted list, truncating it.
-6. Metrics: export `metrics` (take() per interval) as `vllm:spec_decode_num_drafts`,
-   `..._num_draft_tokens`, `..._num_accepted_tokens`, `..._num_accepted_tokens_per_pos{position}`.
+1. Proposer state follows the batcher (`scheduling/speculation.py`): `add_request` when a request
+   starts running (first schedule, or resumed after preemption), `append` with the tokens each
+   step emitted, `remove_request` when it finishes or is preempted.
+2. Scheduling (`Batcher._schedule_running`): in a step with at most `disable_by_batch_size`
+   running sequences, each decoding sequence without a grammar is asked for up to k drafts, capped
+   by the budget left less its own token and by its max_tokens; it is scheduled with 1 + k_i query
+   tokens (budget and KV slots) when the slots are free (drafts never preempt), else plain.
+   `BatchPlan.spec_token_ids` carries the drafts.
+3. The runner (`_FlatBatch.add`) makes each of the 1 + k_i tokens a decode row of its own that
+   attends to the positions up to its own: the arithmetic of a plain decode (greedy output equals
+   the engine's without speculation), and a decode-only step, so the compiled graphs, CUDA graphs
+   and paged decode kernels run verification unchanged. Logits for all rows go to the rejection
+   sampler (`runner/spec_verify.py`), which returns 1..k_i + 1 tokens (and logprobs) per sequence.
+4. Rollback (`Batcher.update`): num_computed_tokens advances by 1 + accepted; `KVCacheManager.trim`
+   gives back the blocks only rejected drafts reached (the runner drops them from its table too);
+   the rejected KV left in kept blocks is overwritten next step. Block hashes cover verified tokens
+   only, so no cached block holds a rejected token. Stop tokens and max_tokens are checked token
+   by token over the emitted tokens, dropping the rest; stop strings are the gateway's, on text.
+5. Metrics: CoreCounters' spec_* fields, exported by the metrics collector as
+   `vllm:spec_decode_num_drafts`, `..._num_draft_tokens`, `..._num_accepted_tokens` and
+   `..._num_accepted_tokens_per_pos{position}`.
 """
 
 from __future__ import annotations
