@@ -35,7 +35,7 @@ from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.sampling.sampler import make_generator
 from pagoda.engine.scheduling.batcher import Batcher, RunnerOutput
 from pagoda.engine.scheduling.request import Request, RequestStatus, check_prompt_ids
-from pagoda.engine.spec_decode.engine_parts import SpecParts
+from pagoda.engine.spec_decode.engine_parts import SpecDecodeEngineMixin
 from pagoda.engine.structured.compiler import GrammarCompiler, SequenceGrammar
 from pagoda.engine.structured.grammar import grammar_of
 from pagoda.engine.tokenization.tokenizer import Tokenizer
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
-class EngineCore(LoRAEngineMixin):
+class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
     def __init__(
         self, config: EngineConfig, checkpoint: Checkpoint | None = None, *, background_compile: bool = False
     ) -> None:
@@ -77,9 +77,7 @@ class EngineCore(LoRAEngineMixin):
         eos = tuple(arch.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
         self.eos_token_ids = eos
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        spec = config.speculative_config if self.pooler is None else None  # a pooler samples nothing
-        self.spec = SpecParts.build(spec, self.max_model_len, arch.vocab_size, eos, self.device)
-        speculation = self.spec.speculation if self.spec else None
+        speculation = self._init_spec(config.speculative_config, self.max_model_len, arch.vocab_size, eos)
         self.batcher = Batcher(self._batcher_config(arch), self.kv, self.max_model_len, eos, speculation)
         rebuildable = background_compile and checkpoint is None  # another process can rebuild the model
         self.runner = self._build_runner(num_blocks, config if rebuildable else None)
@@ -310,7 +308,7 @@ class EngineCore(LoRAEngineMixin):
             kv_live_token_ratio=self.kv.live_token_ratio(),
             num_prefilling=self.batcher.num_prefilling,
             num_free_blocks=self.kv.pool.num_free_blocks,
-            **(self.spec.counters() if self.spec else {}),
+            **self._spec_counters(),
         )
 
     def cached_block_hashes(self) -> list[bytes]:

@@ -51,3 +51,21 @@ class SpecParts:
             "spec_num_accepted_tokens": m.num_accepted_tokens,
             "spec_num_accepted_tokens_per_pos": tuple(m.num_accepted_tokens_per_pos),
         }
+
+
+class SpecDecodeEngineMixin:
+    """EngineCore's speculative decoding: its parts, built from the config (None: off)."""
+
+    spec: SpecParts | None = None
+    device: torch.device
+
+    def _init_spec(
+        self, config: SpeculativeConfig | None, max_model_len: int, vocab_size: int, eos: Sequence[int]
+    ) -> Speculation | None:
+        """Build the parts; returns the batcher's (None: no speculation)."""
+        self.spec = SpecParts.build(config, max_model_len, vocab_size, eos, self.device)
+        return self.spec.speculation if self.spec else None
+
+    def _spec_counters(self) -> dict[str, Any]:
+        """CoreCounters' spec_* fields ({} without speculation: their defaults)."""
+        return self.spec.counters() if self.spec else {}
