@@ -83,6 +83,10 @@ def format_result(r: BenchResult) -> str:
         lines.append(f"{'Peak usage (blocks in use / total):':<40}{r.kv['peak_usage']:>16.3f}")
         lines.append(f"{'Live-token ratio at peak usage:':<40}{r.kv['live_ratio_at_peak']:>16.3f}")
         lines.append(f"{'Live-token ratio, mean over the run:':<40}{r.kv['live_ratio_mean']:>16.3f}")
+    if r.kv and "spec_acceptance_rate" in r.kv:
+        lines.append(" Speculative decoding (from /metrics) ".center(56, "-"))
+        lines.append(f"{'Draft acceptance rate:':<40}{r.kv['spec_acceptance_rate']:>16.3f}")
+        lines.append(f"{'Mean acceptance length (tokens):':<40}{r.kv['spec_mean_acceptance_length']:>16.2f}")
     if r.first_error:
         lines.append(f"First error: {r.first_error}")
     lines.append("=" * 56)

@@ -185,6 +185,7 @@ def _add_serve_peer_args(peer: argparse._ArgumentGroup) -> None:
         "llamacpp is llama.cpp's llama-server with -np = --concurrency (make llama-server builds it); "
         "llama-cpp-python is that package's server, one request at a time; "
         "pagoda-no-prefix-cache is pagoda (with the --launch args) without prefix caching; "
+        "pagoda-no-spec is pagoda (with the --launch args) without --speculative-config; "
         "hf runs the prompts in-process through transformers' generate_batch and generate",
     )
     peer.add_argument(

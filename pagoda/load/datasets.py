@@ -113,6 +113,49 @@ def multi_turn_dataset(spec: DatasetSpec) -> list[Conversation]:
     return convs
 
 
+_NAMES = (
+    "alpha",
+    "bravo",
+    "count",
+    "delta",
+    "echo",
+    "fetch",
+    "gamma",
+    "hotel",
+    "index",
+    "jolly",
+    "kilo",
+    "lima",
+)
+_CODE_CHARS_PER_TOKEN = 3.0  # identifiers, operators and indentation: shorter than words
+
+
+def _function(rng: random.Random) -> str:
+    name, part, arg = rng.sample(_NAMES, 3)
+    k, op = rng.randint(2, 9), rng.choice("+-*")
+    return (
+        f"def {name}_{part}({arg}):\n    total = 0\n    for item in {arg}:\n"
+        f"        total += item {op} {k}\n    return total\n"
+    )
+
+
+def code_edit_dataset(spec: DatasetSpec) -> list[Conversation]:
+    """num_prompts code-editing requests: about input_len tokens of Python functions and the
+    instruction to rewrite them with docstrings, so most of the answer copies the prompt (where
+    speculative decoding by prompt lookup pays)."""
+    rng = random.Random(spec.seed)
+    out_len = spec.output_len or 128
+    convs: list[Conversation] = []
+    for _ in range(spec.num_prompts):
+        code = _function(rng)
+        while len(code) / _CODE_CHARS_PER_TOKEN < spec.input_len:
+            code += "\n" + _function(rng)
+        text = f"Here is some Python code:\n\n{code}\nRewrite this code, adding a docstring to each function."
+        n = round(len(text) / _CODE_CHARS_PER_TOKEN)
+        convs.append((BenchTurn(({"role": "user", "content": text},), n, out_len),))
+    return convs
+
+
 _HUMAN = ("human", "user")
 _GPT = ("gpt", "assistant", "chatgpt", "bard", "model")
 
@@ -163,6 +206,7 @@ DATASETS: dict[str, Callable[[DatasetSpec], list[Conversation]]] = {
     "random": random_dataset,
     "multi-turn": multi_turn_dataset,
     "sharegpt": sharegpt_dataset,
+    "code-edit": code_edit_dataset,
 }
 
 

@@ -7,7 +7,8 @@ also a context manager. Peers:
   concurrency, the same thread count (`make llama-server` builds it; FACTS: ~20 min on 2 cores);
 - `llama-cpp-python`: the `llama-cpp-python` package's server, which runs one request at a time
   (a queue at any concurrency: never "llama.cpp" in a comparison);
-- `pagoda-no-prefix-cache`: pagoda itself with prefix caching off.
+- `pagoda-no-prefix-cache`: pagoda itself with prefix caching off;
+- `pagoda-no-spec`: pagoda itself without its --speculative-config.
 HF transformers runs in-process instead (pagoda/load/hf_peer.py).
 """
 
@@ -309,10 +310,37 @@ def pagoda_no_prefix_cache(
     return PagodaServer("pagoda-no-prefix-cache", serve_args, ["--no-enable-prefix-caching"], model_path)
 
 
+def pagoda_no_spec(
+    model_path: str | None = None,
+    n_ctx: int = 4096,
+    n_threads: int = 2,
+    slots: int = 1,
+    serve_args: Sequence[str] = (),
+) -> PagodaServer:
+    """pagoda itself without speculative decoding: with --launch, the same server as the target but
+    for its --speculative-config, so the TPOT ratio is what speculation buys."""
+    return PagodaServer("pagoda-no-spec", without_flag(serve_args, "--speculative-config"), (), model_path)
+
+
+def without_flag(args: Sequence[str], flag: str) -> list[str]:
+    """`args` less `flag` and its value (`--flag value` or `--flag=value`)."""
+    out: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
 PEERS: dict[str, Callable[..., Peer]] = {
     "llamacpp": LlamaServerPeer,
     "llama-cpp-python": LlamaCppPythonPeer,
     "pagoda-no-prefix-cache": pagoda_no_prefix_cache,
+    "pagoda-no-spec": pagoda_no_spec,
 }
 
 

@@ -98,6 +98,8 @@ def _run(
         s.update(out, runner.execute(out))
         for req in s.running:  # rollback kept exactly the blocks the verified tokens need
             assert len(s.kv.blocks_of(req.request_id)) == cdiv(req.num_computed_tokens, BLOCK), req
+            # and the prefix cache holds only blocks of verified, computed tokens
+            assert s.kv._num_cached_blocks.get(req.request_id, 0) <= req.num_computed_tokens // BLOCK, req
         assert all(c >= 0 for c in s.kv.pool.ref_cnt)
     assert not s.has_unfinished()
     assert s.kv.pool.num_free_blocks == len(s.kv.pool.ref_cnt)  # no leaked block
