@@ -289,6 +289,24 @@ class PagodaServer(ServerProcess):
         self.extra_args = list(extra_args)
         self.model_path = model_path
 
+    def _wait_ready(self) -> None:
+        """Ready, and then a one-token completion answered: the gateway is ready once a worker
+        heartbeats, and the scheduler may see that worker a beat later (a 503 until it does)."""
+        import httpx
+
+        super()._wait_ready()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                model = httpx.get(self.base_url + "/v1/models", timeout=10.0).json()["data"][0]["id"]
+                body = {"model": model, "prompt": "Hi", "max_tokens": 1}
+                if httpx.post(self.base_url + "/v1/completions", json=body, timeout=60.0).status_code == 200:
+                    return
+            except (httpx.HTTPError, ValueError, KeyError, IndexError):
+                pass
+            time.sleep(0.2)
+        raise PeerError(f"{self.name} server answered no completion within {self.startup_timeout_s:g} s")
+
     def command(self) -> list[str]:
         assert self.port is not None
         model = ["--model", self.model_path] if self.model_path else []
