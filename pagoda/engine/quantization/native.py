@@ -1,5 +1,5 @@
 """pagoda's own CPU kernels (csrc/: qgemm.cpp, wgemm.cpp, fp8.cpp,
-norm.cpp, and bitmask.cpp for structured outputs), built on first use with the
+norm.cpp, lora.cpp for multi-LoRA, and bitmask.cpp for structured outputs), built on first use with the
 machine's compiler for its own instruction set (`-march=native`) and cached under
 ~/.cache/pagoda/kernels (or $PAGODA_KERNEL_CACHE), one build per source and CPU: the ops torch
 ships for quantized weights dequantize per row (int4pack) or requantize activations in several
