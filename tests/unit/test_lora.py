@@ -13,6 +13,7 @@ import torch
 
 from pagoda.engine.llm import LLM
 from pagoda.engine.lora.request import LoRARequest
+from pagoda.engine.runner.compiled_decode import CompiledDecode
 from pagoda.engine.sampling.params import SamplingParams
 from tests.lora_adapters import ADAPTERS, make_adapter, peft_greedy
 from tests.tiny_models import make_tiny_model
@@ -119,6 +120,33 @@ def test_mixed_adapters_match_peft(
         assert manager.num_slot_loads > len(ADAPTERS)  # evicted and loaded again
     else:
         assert manager.num_slot_loads == len(ADAPTERS)
+
+
+@needs_kernels
+def test_compiled_decode_steps_run_the_adapters(
+    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--compile with adapters: the decode graphs, compiled before any adapter is loaded, run each
+    row's adapter (HF + PEFT's tokens and log-probs for the mixed batch), also when a second engine
+    loads them from disk; decode steps of the base model alone run the same graphs."""
+    monkeypatch.setenv("PAGODA_COMPILE_CACHE", str(tmp_path))
+    model, adapters, refs = tiny
+    for loaded in (False, True):
+        if loaded:  # the saved graphs, not a second compile
+            monkeypatch.setattr(CompiledDecode, "compile", lambda self: pytest.fail("compiled again"))
+        llm = _llm(model, max_loras=4, max_cpu_loras=4, compile="on")
+        compiled = llm.engine.runner.compiled
+        assert compiled is not None and compiled.ready and compiled.lora_ctx is not None
+        outs = _generate(llm, adapters)
+        assert compiled.num_calls >= NEW - 1  # the decode steps ran the graphs
+        for out, (tokens, lps), lora in zip(outs, refs, MIX, strict=True):
+            assert out.token_ids == tokens, (loaded, lora)
+            got = torch.tensor([lp.logprob for lp in out.logprobs])
+            torch.testing.assert_close(got, torch.tensor(lps), atol=1e-4, rtol=0)
+    calls = compiled.num_calls
+    base = _generate(llm, adapters, [None] * len(MIX))
+    assert compiled.num_calls > calls
+    assert base[1].token_ids == refs[1][0]
 
 
 def test_int8_base_with_adapters(tiny: Any) -> None:

@@ -93,6 +93,12 @@ class LoRAStep:
         return step
 
 
+def no_adapter_rows(num_tokens: int) -> LoRAStep:
+    """A step none of whose rows has an adapter, as the compiled decode graphs of a model with
+    adapters take it (they read each row's slot whatever the step; csrc/lora.cpp skips these)."""
+    return LoRAStep(num_tokens, [], row_slot=torch.full((num_tokens,), -1, dtype=torch.int32))
+
+
 def use_sgmv(device: torch.device) -> bool:
     """The Triton kernels run on CUDA only (tests run them under the interpreter too)."""
     return device.type == "cuda"
@@ -137,10 +143,17 @@ class LoRALinear(nn.Module):
         self.slices = list(zip(offsets, out_sizes, strict=True))  # (first column, width) per sub
         self.columns = (offsets, list(out_sizes))  # the same as two lists, for the CPU kernel
         subs, out = len(out_sizes), sum(out_sizes)
-        self.lora_a = torch.zeros(subs, max_loras, max_rank, fan_in, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(max_loras, max_rank, out, dtype=dtype, device=device)
+        # buffers, so that compiled decode graphs read them at each call (set_slot writes in place)
+        self.lora_a: torch.Tensor
+        self.lora_b: torch.Tensor
+        self.ranks: torch.Tensor  # (slot, sub)'s adapter rank, 0: none
+        a = torch.zeros(subs, max_loras, max_rank, fan_in, dtype=dtype, device=device)
+        self.register_buffer("lora_a", a, persistent=False)
+        self.register_buffer(
+            "lora_b", torch.zeros(max_loras, max_rank, out, dtype=dtype, device=device), persistent=False
+        )
+        self.register_buffer("ranks", torch.zeros(max_loras, subs, dtype=torch.int32), persistent=False)
         self._filled: set[tuple[int, int]] = set()  # (slot, sub) holding an adapter's weights
-        self.ranks = torch.zeros(max_loras, subs, dtype=torch.int32)  # (slot, sub)'s rank, 0: none
 
     def set_slot(self, slot: int, sub: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Put sub-projection `sub`'s A [r, in] and scaled B [out, r] in `slot` (None: zeros)."""
@@ -159,14 +172,15 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, in] -> [T, out]
         y: torch.Tensor = self.base(x)
         step = self.ctx.step
+        if step is not None and step.row_slot is not None:  # also in compiled graphs, slots empty or not
+            torch.ops.pagoda_cpu.lora_add_(
+                y, x.contiguous(), self.lora_a, self.lora_b, step.row_slot, self.ranks, *self.columns
+            )
+            return y
         if step is None or not self._filled:  # no adapter in any slot targets this projection
             return y
         if step.seg_tensors is not None:
             self._sgmv(x, y, step)
-        elif step.row_slot is not None:
-            torch.ops.pagoda_cpu.lora_add_(
-                y, x.contiguous(), self.lora_a, self.lora_b, step.row_slot, self.ranks, *self.columns
-            )
         elif step.mask is not None:
             self._masked(x, y, step.mask)
         else:

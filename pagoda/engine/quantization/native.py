@@ -115,6 +115,10 @@ def _register_fake() -> None:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.empty_like(x), torch.empty_like(x)
 
+    @torch.library.register_fake("pagoda_cpu::lora_add_")  # type: ignore[misc]
+    def _lora(y: torch.Tensor, x: torch.Tensor, *weights_rows_and_columns: object) -> None:
+        return None
+
     @torch.library.register_fake("pagoda_cpu::fp8_gemm")  # type: ignore[misc]
     def _fp8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], codes.shape[0] * 16)
