@@ -106,6 +106,7 @@ class EngineCore(LoRAEngineMixin):
         `compile_config`: the config a background compile rebuilds the model from."""
         config = self.config
         backend = get_backend(config.attention_backend, self.device, self.model.attention_needs)
+        moe = bool(self.model.cfg.num_experts)
         compile_mode = decode_compile_mode(
             config.compile,
             self.device,
@@ -113,14 +114,13 @@ class EngineCore(LoRAEngineMixin):
             self.quantization,
             pooled=self.pooler is not None,
             lora=None if self.lora is None else use_native(self.device, self.dtype),
+            moe=moe,
         )
         eager = config.enforce_eager or self.pooler is not None  # a pooler has no decode steps to capture
-        if self.model.cfg.num_experts and (
-            compile_mode != "off" or (not eager and self.device.type == "cuda")
-        ):
+        if moe and (config.compile != "off" or (not eager and self.device.type == "cuda")):
             # the experts' dispatch: data-dependent shapes on the CPU; on a GPU, not yet captured on one
             logger.info("decode steps of a mixture-of-experts model run eagerly (no compiled or CUDA graphs)")
-            compile_mode, eager = "off", True
+            eager = True
         return ModelRunner(
             self.model,
             backend,

@@ -94,16 +94,22 @@ def decode_compile_mode(
     *,
     pooled: bool,
     lora: bool | None,  # None: no adapters; else whether pagoda's CPU LoRA kernel runs
+    moe: bool,
 ) -> str:
     """The `--compile` mode an engine runs: auto compiles where the graphs run (CPU, torch
-    attention, traceable linears, decode steps to compile, adapters through pagoda's kernel);
-    on where they cannot run with adapters is the caller's error."""
+    attention, traceable linears, decode steps to compile, adapters through pagoda's kernel, no
+    experts); on where they cannot run with adapters or experts is the caller's error."""
+    if moe and requested == "on":
+        raise ValueError(
+            "--compile cannot trace a mixture-of-experts model (its experts' dispatch has "
+            "data-dependent shapes; docs/moe.md): drop --compile"
+        )
     if lora is False and requested == "on":
         raise ValueError(
             "--compile with --enable-lora runs the adapters through pagoda's CPU kernel, which does "
             "not run here (it needs AVX512-VNNI and float32 or bfloat16): drop --compile"
         )
-    runs = device.type == "cpu" and backend == "torch" and quantization != "int8" and not pooled
+    runs = device.type == "cpu" and backend == "torch" and quantization != "int8" and not (pooled or moe)
     if requested == "auto" and not (runs and lora is not False):
         return "off"
     return requested
