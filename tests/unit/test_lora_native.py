@@ -47,7 +47,9 @@ def test_kernel_adds_each_rows_own_adapter(dtype: torch.dtype, rows: int) -> Non
     for s in range(SLOTS):  # rank rows past an adapter's rank hold zeros, as LoRALinear keeps them
         for i in range(len(WIDTHS)):
             a[i, s, int(ranks[s, i]) :] = 0
-    row_slot = [(t % 4) - 1 for t in range(rows)]  # -1 (the base), 0, 1, 2, ...
+    # runs of 1 to 6 rows of one slot (the kernel takes up to 4 rows of a slot at once), in turn -1
+    # (the base model alone), 0, 1, 2
+    row_slot = [s for i in range(rows) for s in [i % 4 - 1] * (i % 6 + 1)][:rows]
     wide = torch.randn(rows, sum(WIDTHS) + 7, generator=g).to(dtype)
     y = wide[:, 3 : 3 + sum(WIDTHS)]  # a column slice: rows strided
     want = _reference(y, x, a, b, row_slot, ranks)

@@ -29,46 +29,71 @@ inline void store_row16(at::BFloat16* p, __m512 v, __mmask16 mask) { store_bf16(
 
 inline __mmask16 lanes(int64_t left) { return left <= 0 ? static_cast<__mmask16>(0) : tail_mask(left); }
 
-// h[r] = a[r] . x for r < rank, four rank rows at a time: four independent accumulator chains, so
-// the FMA latency is hidden, and each load of x serves four rows.
-template <typename T>
-void shrink_row(const T* x, const T* a, int64_t rank, int64_t in, float* h) {
-  int64_t r = 0;
-  for (; r + 4 <= rank; r += 4) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t k = 0; k < in; k += 16) {
-      const __mmask16 mask = tail_mask(in - k);
-      const __m512 xv = load_row16(x + k, mask);
-      for (int i = 0; i < 4; ++i) acc[i] = _mm512_fmadd_ps(xv, load_row16(a + (r + i) * in + k, mask), acc[i]);
+// h[g][r] = a[r] . x[g] for G rows of one slot and r < rank, R rank rows at a time: G x R
+// independent accumulator chains (the FMA latency hidden), each load of x serving R rank rows and
+// each load of a serving G rows.
+template <int G, int R, typename T>
+void shrink_block(const T* const* x, const T* a, int64_t r, int64_t in, float (*h)[kMaxRank]) {
+  __m512 acc[G][R];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < R; ++i) acc[g][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < in; k += 16) {
+    const __mmask16 mask = tail_mask(in - k);
+    __m512 av[R];
+    for (int i = 0; i < R; ++i) av[i] = load_row16(a + (r + i) * in + k, mask);
+    for (int g = 0; g < G; ++g) {
+      const __m512 xv = load_row16(x[g] + k, mask);
+      for (int i = 0; i < R; ++i) acc[g][i] = _mm512_fmadd_ps(xv, av[i], acc[g][i]);
     }
-    for (int i = 0; i < 4; ++i) h[r + i] = _mm512_reduce_add_ps(acc[i]);
   }
-  for (; r < rank; ++r) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t k = 0; k < in; k += 16) {
-      const __mmask16 mask = tail_mask(in - k);
-      acc = _mm512_fmadd_ps(load_row16(x + k, mask), load_row16(a + r * in + k, mask), acc);
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < R; ++i) h[g][r + i] = _mm512_reduce_add_ps(acc[g][i]);
+}
+
+template <int G, typename T>
+void shrink_rows(const T* const* x, const T* a, int64_t rank, int64_t in, float (*h)[kMaxRank]) {
+  int64_t r = 0;
+  for (; r + 4 <= rank; r += 4) shrink_block<G, 4>(x, a, r, in, h);
+  for (; r < rank; ++r) shrink_block<G, 1>(x, a, r, in, h);
+}
+
+// y[g][j] += sum_r h[g][r] b[r, j] for G rows and j < width, 64 columns at a time: each load of b
+// serves G rows.
+template <int G, typename T>
+void expand_rows(float (*h)[kMaxRank], const T* b, int64_t rank, int64_t out, int64_t width, T* const* y) {
+  for (int64_t j = 0; j < width; j += 64) {
+    __mmask16 mask[4];
+    __m512 acc[G][4];
+    for (int i = 0; i < 4; ++i) {
+      mask[i] = lanes(width - j - 16 * i);
+      for (int g = 0; g < G; ++g) acc[g][i] = load_row16(y[g] + j + 16 * i, mask[i]);
     }
-    h[r] = _mm512_reduce_add_ps(acc);
+    for (int64_t r = 0; r < rank; ++r) {
+      __m512 bv[4];
+      for (int i = 0; i < 4; ++i) bv[i] = load_row16(b + r * out + j + 16 * i, mask[i]);
+      for (int g = 0; g < G; ++g) {
+        const __m512 hv = _mm512_set1_ps(h[g][r]);
+        for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_fmadd_ps(hv, bv[i], acc[g][i]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < 4; ++i) store_row16(y[g] + j + 16 * i, acc[g][i], mask[i]);
   }
 }
 
-// y[j] += sum_r h[r] b[r, j] for j < width, 64 columns (four independent chains) at a time.
-template <typename T>
-void expand_row(const float* h, const T* b, int64_t rank, int64_t out, int64_t width, T* y) {
-  for (int64_t j = 0; j < width; j += 64) {
-    __mmask16 mask[4];
-    __m512 acc[4];
-    for (int i = 0; i < 4; ++i) {
-      mask[i] = lanes(width - j - 16 * i);
-      acc[i] = load_row16(y + j + 16 * i, mask[i]);
-    }
-    for (int64_t r = 0; r < rank; ++r) {
-      const __m512 hv = _mm512_set1_ps(h[r]);
-      const T* br = b + r * out + j;
-      for (int i = 0; i < 4; ++i) acc[i] = _mm512_fmadd_ps(hv, load_row16(br + 16 * i, mask[i]), acc[i]);
-    }
-    for (int i = 0; i < 4; ++i) store_row16(y + j + 16 * i, acc[i], mask[i]);
+// G rows (1-4) of slot s, every sub-projection its adapter targets.
+template <int G, typename T>
+void lora_group(const T* const* x, T* const* y, const T* ap, const T* bp, int64_t s, const int32_t* ranks,
+                int64_t subs, int64_t slots, int64_t max_rank, int64_t in, int64_t out,
+                const std::vector<int64_t>& firsts, const std::vector<int64_t>& widths) {
+  float h[G][kMaxRank];
+  for (int64_t i = 0; i < subs; ++i) {
+    const int64_t rank = ranks[s * subs + i];
+    if (rank == 0) continue;
+    shrink_rows<G>(x, ap + ((i * slots + s) * max_rank) * in, rank, in, h);
+    T* yi[G];
+    for (int g = 0; g < G; ++g) yi[g] = y[g] + firsts[i];
+    expand_rows<G>(h, bp + s * max_rank * out + firsts[i], rank, out, widths[i], yi);
   }
 }
 
@@ -84,18 +109,26 @@ void lora_rows(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at
   T* yp = y.data_ptr<T>();
   // decode steps (a few rows) inline: an OpenMP region costs more than their arithmetic
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t t = r0; t < r1; ++t) {
+    int64_t t = r0;
+    while (t < r1) {
       const int64_t s = row_slot[t];
-      if (s < 0) continue;
-      for (int64_t i = 0; i < subs; ++i) {
-        const int64_t rank = ranks[s * subs + i];
-        if (rank == 0) continue;
-        const T* ai = ap + ((i * slots + s) * max_rank) * in;
-        const T* bs = bp + s * max_rank * out;
-        float h[kMaxRank];
-        shrink_row(xp + t * in, ai, rank, in, h);
-        expand_row(h, bs + firsts[i], rank, out, widths[i], yp + t * y_stride + firsts[i]);
+      int64_t n = 1;  // rows of this slot from t, up to 4 (rows come sorted by adapter)
+      while (n < 4 && t + n < r1 && row_slot[t + n] == s) ++n;
+      if (s >= 0) {
+        const T* xs[4];
+        T* ys[4];
+        for (int64_t g = 0; g < n; ++g) {
+          xs[g] = xp + (t + g) * in;
+          ys[g] = yp + (t + g) * y_stride;
+        }
+        switch (n) {
+          case 1: lora_group<1>(xs, ys, ap, bp, s, ranks, subs, slots, max_rank, in, out, firsts, widths); break;
+          case 2: lora_group<2>(xs, ys, ap, bp, s, ranks, subs, slots, max_rank, in, out, firsts, widths); break;
+          case 3: lora_group<3>(xs, ys, ap, bp, s, ranks, subs, slots, max_rank, in, out, firsts, widths); break;
+          default: lora_group<4>(xs, ys, ap, bp, s, ranks, subs, slots, max_rank, in, out, firsts, widths);
+        }
       }
+      t += n;
     }
   });
 }
