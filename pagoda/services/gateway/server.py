@@ -26,6 +26,7 @@ from pagoda.services.gateway.auth import OPEN_PATHS, BearerAuth, key_id
 from pagoda.services.gateway.calls import APIRequest, Call, SubRequest, logger
 from pagoda.services.gateway.frontend import Frontend, Submitted
 from pagoda.services.gateway.limits import BodyGuard, RequestLimits
+from pagoda.services.gateway.plain_stream import GatewayApp
 from pagoda.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagoda.services.gateway.ratelimit import RateLimiter, estimate_tokens
 from pagoda.services.gateway.responses import register_responses
@@ -333,7 +334,7 @@ def build_app(
         for e in endpoints
     ], adapters)  # fmt: skip
     server = models.default
-    app = FastAPI(title="pagoda", version=_version())
+    app = GatewayApp(title="pagoda", version=_version())
     app.state.openai_server = server
     app.state.served_models = models
     install_error_handlers(app)
