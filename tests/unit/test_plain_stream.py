@@ -1,8 +1,9 @@
 """The lean path of a plain streamed call (plain_stream.py) writes exactly the body messages the
 general path (streams.py) writes: the same bytes, split into the same ASGI sends, for chat and
 completions, tokens read one by one or waiting together, a stop string, a length cut, an error
-mid-stream. It is taken only for plain calls, and its body skips the middlewares' send wrappers.
-The one-reader Mailbox that carries a request's outputs keeps them in order and loses none."""
+mid-stream, outputs that end early (an abort, a lost request). It is taken only for plain
+calls, and its body skips the middlewares' send wrappers. The one-reader Mailbox that carries a
+request's outputs keeps them in order and loses none."""
 
 from __future__ import annotations
 
@@ -10,16 +11,20 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from typing import Any, cast
 
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pagoda.engine.outputs import RequestOutput
+from pagoda.engine.sampling.params import SamplingParams
 from pagoda.services.gateway import plain_stream, routes
-from pagoda.services.gateway.frontend import Frontend
+from pagoda.services.gateway.frontend import Frontend, Submitted
 from pagoda.services.gateway.mailbox import Mailbox
 from pagoda.services.gateway.server import build_app
+from pagoda.services.transport.errors import APIError
+from pagoda.services.transport.messages import PromptInput
 from tests.unit.test_stream_coalescing import BacklogFrontend
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -78,9 +83,10 @@ def fixed_ids(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def _both(
-    monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, Any], backlog: bool, fail_after: int | None
-) -> tuple[list[Message], list[Message], int]:
-    """(lean messages, general messages, lean loops run); the lean run's body skipped the spy."""
+    monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, Any], make: Callable[[], BacklogFrontend]
+) -> tuple[list[Message], list[Message]]:
+    """(lean path's body messages, general path's), each run with a frontend from `make`; the lean
+    path ran once, for its own run only, and its body skipped the middleware's send."""
     loops = [0]
     events = plain_stream.PlainSSEResponse._events
 
@@ -89,14 +95,14 @@ async def _both(
         await events(self, *args)
 
     monkeypatch.setattr(plain_stream.PlainSSEResponse, "_events", counted)
-    lean, lean_seen = await _run(BacklogFrontend(backlog, fail_after), path, body)
+    lean, lean_seen = await _run(make(), path, body)
     with monkeypatch.context() as m:
         m.setattr(routes, "is_plain", lambda call, req: False)
-        general, general_seen = await _run(BacklogFrontend(backlog, fail_after), path, body)
-    assert loops[0] == 1  # the general run did not take the lean path
+        general, general_seen = await _run(make(), path, body)
+    assert loops[0] == 1
     assert general_seen.count("http.response.body") == len(general) >= 1
-    assert lean_seen == ["http.response.start"]  # its body went straight to the server
-    return lean, general, loops[0]
+    assert lean_seen == ["http.response.start"]
+    return lean, general
 
 
 @pytest.mark.usefixtures("fixed_ids")
@@ -113,7 +119,7 @@ async def _both(
 async def test_lean_path_writes_what_the_general_path_writes(
     monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, Any], backlog: bool
 ) -> None:
-    lean, general, _ = await _both(monkeypatch, path, {**body, "stream": True}, backlog, None)
+    lean, general = await _both(monkeypatch, path, {**body, "stream": True}, lambda: BacklogFrontend(backlog))
     assert lean == general
     data = b"".join(m["body"] for m in lean)
     assert data.endswith(b"data: [DONE]\n\n") and data.count(b"data: ") >= 6
@@ -128,13 +134,55 @@ async def test_lean_path_writes_what_the_general_path_writes(
 
 @pytest.mark.usefixtures("fixed_ids")
 @pytest.mark.parametrize("backlog", [False, True])
-async def test_an_error_mid_stream_is_the_same_error_event(monkeypatch: pytest.MonkeyPatch, backlog: bool) -> None:
+async def test_an_error_mid_stream_is_the_same_error_event(
+    monkeypatch: pytest.MonkeyPatch, backlog: bool
+) -> None:
     body = {"messages": HI, "stream": True}
-    lean, general, _ = await _both(monkeypatch, CHAT, body, backlog, fail_after=5)
+    lean, general = await _both(monkeypatch, CHAT, body, lambda: BacklogFrontend(backlog, fail_after=5))
     assert lean == general
     data = b"".join(m["body"] for m in lean)
     assert b'"content":"Hello"' in data or b'"content":"o"' in data
     assert b'"error"' in data and b"RuntimeError" in data and data.endswith(b"data: [DONE]\n\n")
+
+
+class _EndsEarly(BacklogFrontend):
+    """The outputs stop after five without finishing: silently (the engine let the request go),
+    or with an APIError (as a lost worker's request ends)."""
+
+    def __init__(self, backlog: bool, error: bool) -> None:
+        super().__init__(backlog)
+        self.error = error
+
+    async def submit(
+        self, request_id: str, prompt: PromptInput, params: SamplingParams, **kw: Any
+    ) -> Submitted:
+        submitted = await super().submit(request_id, prompt, params, **kw)
+        outputs, error = submitted.outputs, self.error
+
+        async def five() -> AsyncIterator[RequestOutput]:
+            for _ in range(5):
+                yield await anext(outputs)
+            if error:
+                raise APIError(503, "The request was lost: worker w1 stopped sending heartbeats.")
+
+        return Submitted(submitted.prompt_token_ids, five(), backlog=submitted.backlog)
+
+
+@pytest.mark.usefixtures("fixed_ids")
+@pytest.mark.parametrize("backlog", [False, True])
+@pytest.mark.parametrize("error", [False, True])
+async def test_outputs_that_end_early_end_the_same_way(
+    monkeypatch: pytest.MonkeyPatch, backlog: bool, error: bool
+) -> None:
+    body = {"prompt": "Hi", "stream": True}
+    lean, general = await _both(monkeypatch, COMPLETIONS, body, lambda: _EndsEarly(backlog, error))
+    assert lean == general
+    data = b"".join(m["body"] for m in lean)
+    assert data.endswith(b"data: [DONE]\n\n")
+    if error:
+        assert b'"code": 503' in data and b"heartbeats" in data
+    else:
+        assert b'"finish_reason":"abort"' in data
 
 
 @pytest.mark.usefixtures("fixed_ids")
@@ -147,10 +195,17 @@ async def test_an_error_mid_stream_is_the_same_error_event(monkeypatch: pytest.M
         {"prompt": ["Hi", "Ho"]},
     ],
 )
-async def test_other_calls_take_the_general_path(monkeypatch: pytest.MonkeyPatch, body: dict[str, Any]) -> None:
+async def test_other_calls_take_the_general_path(
+    monkeypatch: pytest.MonkeyPatch, body: dict[str, Any]
+) -> None:
     calls: list[bool] = []
     is_plain = plain_stream.is_plain
-    monkeypatch.setattr(routes, "is_plain", lambda call, req: calls.append(is_plain(call, req)) or False)
+
+    def spy(call: Any, req: Any) -> bool:
+        calls.append(is_plain(call, req))
+        return calls[-1]
+
+    monkeypatch.setattr(routes, "is_plain", spy)
     path = CHAT if "messages" in body else COMPLETIONS
     sent, seen = await _run(BacklogFrontend(False), path, {**body, "stream": True})
     assert calls == [False]
