@@ -46,10 +46,18 @@ class _SendSpy:
 
 
 async def _run(front: BacklogFrontend, path: str, body: dict[str, Any]) -> tuple[list[Message], list[str]]:
-    """The body messages the server got, and the message types the app's middlewares saw."""
+    """The body messages the server got, and the message types the app's middlewares saw (a spy
+    declared to watch only the response start)."""
     app = build_app(cast("Frontend", front))
     seen: list[str] = []
     app.add_middleware(_SendSpy, seen=seen)
+    assert isinstance(app, plain_stream.GatewayApp)
+    app.start_only |= {_SendSpy}
+    return await _run_app(app, path, body), seen
+
+
+async def _run_app(app: ASGIApp, path: str, body: dict[str, Any]) -> list[Message]:
+    """The body messages the server got for one request."""
     sent: list[Message] = []
     requested = False
 
@@ -72,7 +80,7 @@ async def _run(front: BacklogFrontend, path: str, body: dict[str, Any]) -> tuple
         "client": ("127.0.0.1", 1), "server": ("test", 80),
     }  # fmt: skip
     await asyncio.wait_for(app(scope, receive, send), 10)
-    return sent, seen
+    return sent
 
 
 @pytest.fixture
@@ -212,6 +220,14 @@ async def test_other_calls_take_the_general_path(
     assert seen.count("http.response.body") == len(sent) and b"".join(m["body"] for m in sent).endswith(
         b"data: [DONE]\n\n"
     )
+
+
+async def test_a_middleware_that_may_read_bodies_sees_every_body() -> None:
+    app = build_app(cast("Frontend", BacklogFrontend(False)))
+    seen: list[str] = []
+    app.add_middleware(_SendSpy, seen=seen)  # not declared start-only
+    sent = await _run_app(app, CHAT, {"messages": HI, "stream": True})
+    assert seen.count("http.response.body") == len(sent) >= 2
 
 
 async def test_mailbox_keeps_order_and_an_item_put_while_a_get_is_cancelled() -> None:

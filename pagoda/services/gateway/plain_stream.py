@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, Callable
+from typing import Any
 
 import anyio
 from fastapi import FastAPI
@@ -41,10 +42,17 @@ RAW_SEND = "pagoda.raw_send"  # the scope's key for the ASGI server's own `send`
 
 class GatewayApp(FastAPI):
     """FastAPI that notes the server's `send` in each HTTP scope (`RAW_SEND`), so a stream's body
-    can skip the middlewares' send wrappers once the response has started through them."""
+    can skip the middlewares' send wrappers once the response has started through them. Only
+    while every middleware added to the app is one of `start_only` (those whose send wrapper
+    looks at nothing but `http.response.start`; Starlette's own two are of that kind): one that
+    reads or changes bodies (compression, say) keeps every body going through it."""
+
+    def __init__(self, *, start_only: frozenset[type] = frozenset(), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.start_only = start_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and all(m.cls in self.start_only for m in self.user_middleware):
             scope[RAW_SEND] = send
         await super().__call__(scope, receive, send)
 

@@ -341,7 +341,8 @@ def build_app(
         for e in endpoints
     ], adapters)  # fmt: skip
     server = models.default
-    app = GatewayApp(title="pagoda", version=_version())
+    start_only = frozenset({BodyGuard, BearerAuth, _ResponseCounter, tracing.TraceMiddleware})
+    app = GatewayApp(start_only=start_only, title="pagoda", version=_version())
     app.state.openai_server = server
     app.state.served_models = models
     install_error_handlers(app)
