@@ -106,6 +106,15 @@ async def test_greedy_completions_stop_strings_and_metrics(
         resp = await client.post("/v1/completions", json={**body, "prompt": prompt})
         assert resp.status_code == 200, resp.text
         assert resp.json()["choices"][0]["text"] == text
+    # streamed (the lean SSE path): several tokens arrive per step, the text is the same
+    async with client.stream(
+        "POST", "/v1/completions", json={**body, "prompt": PROMPTS[0], "stream": True}
+    ) as r:
+        events = [
+            json.loads(line[6:]) for line in [x async for x in r.aiter_lines()] if line[6:].startswith("{")
+        ]
+    texts = [e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["text"]]
+    assert "".join(texts) == want[0] and len(texts) < MAX_TOKENS  # some events carry several tokens
     # a stop string a few words into a copied run (steps there emit several tokens at once)
     stop = want[1][len(want[1]) // 2 : len(want[1]) // 2 + 4]
     resp = await client.post("/v1/completions", json={**body, "prompt": PROMPTS[1], "stop": [stop]})
