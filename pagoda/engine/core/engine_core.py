@@ -165,9 +165,13 @@ class EngineCore(LoRAEngineMixin):
         arch = ckpt.arch
         t0 = time.perf_counter()
         tp = self.parallel.tp if self.parallel is not None else SINGLE
-        model, report, packed = load_model(
-            ckpt, self.max_model_len, self.device, self.dtype, self.quantization, tp
-        )
+        try:
+            model, report, packed = load_model(
+                ckpt, self.max_model_len, self.device, self.dtype, self.quantization, tp
+            )
+        except BaseException:
+            self.close()  # the followers too
+            raise
         logger.info(
             "loaded %s (%s, %d layers) as %s%s%s on %s in %.1fs%s",
             self.model_name,

@@ -91,8 +91,11 @@ def serve(spec: FollowerSpec) -> None:
     timeout = timedelta(seconds=config.parallel.collective_timeout_s)
     model_group, control = join_groups(store, spec.rank, spec.size, device, timeout)
     tp = TensorParallel(spec.rank, spec.size, model_group)
+    t0 = time.perf_counter()
     ckpt = load_checkpoint(spec.checkpoint)
+    logger.debug("checkpoint opened in %.1fs", time.perf_counter() - t0)
     model, _, _ = load_model(ckpt, spec.max_model_len, device, spec.dtype, spec.quantization, tp)
+    logger.info("rank %d of %d: shard loaded in %.1fs", spec.rank, spec.size, time.perf_counter() - t0)
     assert isinstance(model, DecoderModel), type(model)
     backend = get_backend(config.attention_backend, device, model.attention_needs)
     store.set(f"loaded/{spec.rank}", "1")
@@ -103,7 +106,9 @@ def main() -> int:
     spec: FollowerSpec = pickle.load(sys.stdin.buffer)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches rank 0, which ends the followers
     _watch_parent(spec.parent_pid)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {spec.rank} %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s rank {spec.rank} %(name)s: %(message)s"
+    )
     try:
         serve(spec)
     except Exception:
