@@ -11,7 +11,8 @@ head its query heads read (replicated: `size // num_kv_heads` ranks hold each).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -27,6 +28,19 @@ class StepLeader(Protocol):
     def logits(self, hidden: torch.Tensor) -> None: ...
 
 
+@dataclass
+class CollectiveClock:
+    """Seconds this rank spent in collectives and step messages (waiting for the other ranks
+    included): what `pagoda bench step` reports per step."""
+
+    seconds: float = 0.0
+    calls: int = 0
+
+    def add(self, start: float) -> None:
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+
+
 @dataclass(frozen=True)
 class TensorParallel:
     """This rank's place in its group. `group`: a torch.distributed ProcessGroup of its own (not
@@ -38,6 +52,7 @@ class TensorParallel:
     size: int = 1
     group: Any = None
     leader: StepLeader | None = None
+    clock: CollectiveClock = field(default_factory=CollectiveClock, compare=False)
 
     @property
     def enabled(self) -> bool:
@@ -70,17 +85,23 @@ class TensorParallel:
     def begin_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> None:
         """Rank 0: the followers run this forward too (a no-op elsewhere)."""
         if self.leader is not None:
+            start = time.perf_counter()
             self.leader.forward(input_ids, positions, meta)
+            self.clock.add(start)
 
     def begin_logits(self, hidden: torch.Tensor) -> None:
         """Rank 0: the followers compute their vocabulary shard of these rows' logits too."""
         if self.leader is not None:
+            start = time.perf_counter()
             self.leader.logits(hidden)
+            self.clock.add(start)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """x summed over the ranks, in place."""
         if self.size > 1:
+            start = time.perf_counter()
             self.group.allreduce([x]).wait()
+            self.clock.add(start)
         return x
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +135,9 @@ class TensorParallel:
         shards = [torch.empty_like(local) for _ in range(self.size)] if self.rank == 0 else []
         opts = dist.GatherOptions()
         opts.rootRank = 0
+        start = time.perf_counter()
         self.group.gather([shards] if shards else [], [local], opts).wait()
+        self.clock.add(start)
         if not shards:
             return local
         return torch.cat(shards, dim=-1)[..., :vocab_size]
