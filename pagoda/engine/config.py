@@ -167,6 +167,10 @@ class EngineConfig:
             raise ValueError(
                 f"--enable-lora does not run with --tensor-parallel-size {tp} yet; drop one of them"
             )
+        if getattr(self, "speculative_config", None) is not None:  # speculative decoding's field
+            raise ValueError(
+                f"--speculative-config does not run with --tensor-parallel-size {tp} yet; drop one of them"
+            )
         if self.compile == "on":
             raise ValueError(
                 f"--compile traces one rank's model: with --tensor-parallel-size {tp} steps run "
