@@ -57,19 +57,28 @@ def _run(
 
 
 @pytest.mark.parametrize(
-    ("name", "quantization", "kv_split"),
-    [("llama", "auto", 2), ("qwen2-mqa", "auto", 1), ("gguf-q8_0", "auto", 2)],
+    ("name", "quantization", "kv_split", "shm"),
+    [("llama", "auto", 2, True), ("qwen2-mqa", "auto", 1, False), ("gguf-q8_0", "auto", 2, True)],
 )
 def test_two_ranks_give_one_ranks_greedy_tokens(
-    models: dict[str, Path], name: str, quantization: str, kv_split: int
+    models: dict[str, Path],
+    name: str,
+    quantization: str,
+    kv_split: int,
+    shm: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`kv_split`: 2 where the 2 KV heads are split (one per rank), 1 where the one is replicated."""
+    """`kv_split`: 2 where the 2 KV heads are split (one per rank), 1 where the one is replicated;
+    `shm`: the all-reduces through shared memory (the CPU default), else gloo."""
+    monkeypatch.setenv("PAGODA_SHM_ALL_REDUCE", "1" if shm else "0")
     tokens, logprobs, one = _run(models[name], 1, quantization=quantization)
     one_blocks = one.engine.num_blocks
     tp_tokens, tp_logprobs, two = _run(models[name], 2, quantization=quantization, collective_timeout_s=20.0)
     try:
         follower = two.engine.parallel.procs[0]  # type: ignore[union-attr]
         assert follower.poll() is None  # it ran every step with rank 0 (half the heads: the tokens need it)
+        tp = two.engine.parallel.tp  # type: ignore[union-attr]
+        assert (tp.shm is not None and tp.shm.seq > 0) == shm  # which all-reduce ran
         cache = two.engine.runner.kv_caches[0][0]  # [blocks, block size, this rank's KV heads, head dim]
         assert cache.shape[2] == 1, cache.shape
         assert two.engine.num_blocks == kv_split * one_blocks  # a rank's block holds its heads only

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from pagoda.engine.core.model_loading import load_model
 from pagoda.engine.distributed.launcher import LOAD_TIMEOUT_S, FollowerSpec, join_groups
 from pagoda.engine.distributed.protocol import Channel, Command, StepInputs
+from pagoda.engine.distributed.shm_all_reduce import ShmAllReduce
 from pagoda.engine.distributed.tensor_parallel import TensorParallel
 from pagoda.engine.loader import load_checkpoint
 from pagoda.engine.models import DecoderModel
@@ -87,10 +88,11 @@ def serve(spec: FollowerSpec) -> None:
         device = torch.device("cuda", spec.rank)
         torch.cuda.set_device(device)
     store: Any = dist.TCPStore("127.0.0.1", spec.port, spec.size, False, timedelta(seconds=LOAD_TIMEOUT_S))
+    timeout_s = config.parallel.collective_timeout_s
+    shm = None if spec.shm_path is None else ShmAllReduce(spec.shm_path, spec.rank, spec.size, timeout_s)
     store.set(f"joined/{spec.rank}", "1")
-    timeout = timedelta(seconds=config.parallel.collective_timeout_s)
-    model_group, control = join_groups(store, spec.rank, spec.size, device, timeout)
-    tp = TensorParallel(spec.rank, spec.size, model_group)
+    model_group, control = join_groups(store, spec.rank, spec.size, device, timedelta(seconds=timeout_s))
+    tp = TensorParallel(spec.rank, spec.size, model_group, shm=shm)
     t0 = time.perf_counter()
     ckpt = load_checkpoint(spec.checkpoint)
     logger.debug("checkpoint opened in %.1fs", time.perf_counter() - t0)

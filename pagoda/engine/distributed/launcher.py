@@ -30,6 +30,7 @@ import torch.distributed as dist
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.distributed.protocol import Channel, Command, StepInputs, meta_to
 from pagoda.engine.distributed.sharding import check_tensor_parallel
+from pagoda.engine.distributed.shm_all_reduce import ShmAllReduce, shm_path
 from pagoda.engine.distributed.tensor_parallel import TensorParallel
 from pagoda.engine.loader import Checkpoint
 from pagoda.engine.quantization.vnni import current_prompt_start
@@ -54,6 +55,7 @@ class FollowerSpec:
     quantization: str
     max_model_len: int
     num_threads: int
+    shm_path: str | None  # the shared-memory all-reduce's file (CPU ranks), or None: gloo's
 
 
 def join_groups(
@@ -109,22 +111,40 @@ class TensorParallelRanks:
         threads = max(1, torch.get_num_threads() // size) if device.type == "cpu" else torch.get_num_threads()
         torch.set_num_threads(threads)  # the ranks share the cores (threads made from now on)
         port = _free_port()
+        self.shm: ShmAllReduce | None = None
+        if device.type == "cpu" and os.environ.get("PAGODA_SHM_ALL_REDUCE", "1") != "0":
+            self.shm = ShmAllReduce(shm_path(), 0, size, config.parallel.collective_timeout_s, create=True)
         self.store = dist.TCPStore("127.0.0.1", port, size, True, timedelta(seconds=LOAD_TIMEOUT_S), False)
         self.procs: list[subprocess.Popen[bytes]] = []
         self._closed = False
         atexit.register(self.close)
         for rank in range(1, size):
+            shm = self.shm.path if self.shm is not None else None
             spec = FollowerSpec(
-                rank, size, port, os.getpid(), checkpoint, config, dtype, quantization, max_model_len, threads
+                rank,
+                size,
+                port,
+                os.getpid(),
+                checkpoint,
+                config,
+                dtype,
+                quantization,
+                max_model_len,
+                threads,
+                shm,
             )
             self.procs.append(_spawn(spec))
-        self._wait_for("joined")
+        self._wait_for("joined")  # each mapped the shared memory first: it can go from the file system
+        if self.shm is not None:
+            self.shm.unlink()
+            self.shm.watch = self.check
         model_group, control = join_groups(self.store, 0, size, device, timeout)
         self.channel = Channel(control)
-        self.tp = TensorParallel(0, size, model_group, _Leader(self.channel, model_group))
+        self.tp = TensorParallel(0, size, model_group, _Leader(self.channel, model_group), self.shm)
+        backend = "NCCL" if device.type == "cuda" else "gloo" + (" + shared memory" if self.shm else "")
         logger.info(
             "tensor parallel: %d ranks (%d followers started, pids %s), %d threads each, %s",
-            size, size - 1, [p.pid for p in self.procs], threads, "NCCL" if device.type == "cuda" else "gloo",
+            size, size - 1, [p.pid for p in self.procs], threads, backend,
         )  # fmt: skip
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
@@ -148,6 +168,8 @@ class TensorParallelRanks:
         if self._closed:
             return
         self._closed = True
+        if self.shm is not None:
+            self.shm.unlink()
         atexit.unregister(self.close)
         if all(p.poll() is None for p in self.procs):
             try:

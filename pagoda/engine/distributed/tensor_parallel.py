@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pagoda.engine.distributed.shm_all_reduce import ShmAllReduce
+
 
 class StepLeader(Protocol):
     """Rank 0's end of the step protocol (launcher.py): tells the followers what to run."""
@@ -45,13 +47,14 @@ class CollectiveClock:
 class TensorParallel:
     """This rank's place in its group. `group`: a torch.distributed ProcessGroup of its own (not
     the default group: a process may hold several engines), its collectives called directly, with
-    the group's timeout. `leader`: on rank 0, what the model calls first to have the followers
-    run the same call."""
+    the group's timeout; `shm`, where set, takes the all-reduces that fit it. `leader`: on rank 0,
+    what the model calls first to have the followers run the same call."""
 
     rank: int = 0
     size: int = 1
     group: Any = None
     leader: StepLeader | None = None
+    shm: ShmAllReduce | None = None  # ranks on one CPU host: all-reduces through shared memory
     clock: CollectiveClock = field(default_factory=CollectiveClock, compare=False)
 
     @property
@@ -100,7 +103,10 @@ class TensorParallel:
         """x summed over the ranks, in place."""
         if self.size > 1:
             start = time.perf_counter()
-            self.group.allreduce([x]).wait()
+            if self.shm is not None and self.shm.fits(x):
+                self.shm.all_reduce(x)
+            else:
+                self.group.allreduce([x]).wait()
             self.clock.add(start)
         return x
 
