@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -110,47 +110,46 @@ class TensorParallelRanks:
         timeout = timedelta(seconds=config.parallel.collective_timeout_s)
         threads = max(1, torch.get_num_threads() // size) if device.type == "cpu" else torch.get_num_threads()
         torch.set_num_threads(threads)  # the ranks share the cores (threads made from now on)
-        port = _free_port()
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.channel: Channel | None = None
         self.shm: ShmAllReduce | None = None
+        self._closed = False
+        atexit.register(self.close)  # whatever fails from here on, nothing is left behind
         if device.type == "cpu" and os.environ.get("PAGODA_SHM_ALL_REDUCE", "1") != "0":
             self.shm = ShmAllReduce(shm_path(), 0, size, config.parallel.collective_timeout_s, create=True)
+        shm = self.shm.path if self.shm is not None else None
+        spec = FollowerSpec(  # rank and port filled in by _start
+            0, size, 0, os.getpid(), checkpoint, config, dtype, quantization, max_model_len, threads, shm
+        )
+        try:
+            self._start(spec, device, timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, spec: FollowerSpec, device: torch.device, timeout: timedelta) -> None:
+        """Spawn the followers, then meet them in the groups."""
+        size, port = spec.size, _free_port()
         self.store = dist.TCPStore("127.0.0.1", port, size, True, timedelta(seconds=LOAD_TIMEOUT_S), False)
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self._closed = False
-        atexit.register(self.close)
-        for rank in range(1, size):
-            shm = self.shm.path if self.shm is not None else None
-            spec = FollowerSpec(
-                rank,
-                size,
-                port,
-                os.getpid(),
-                checkpoint,
-                config,
-                dtype,
-                quantization,
-                max_model_len,
-                threads,
-                shm,
-            )
-            self.procs.append(_spawn(spec))
+        self.procs += [_spawn(replace(spec, rank=rank, port=port)) for rank in range(1, size)]
         self._wait_for("joined")  # each mapped the shared memory first: it can go from the file system
         if self.shm is not None:
             self.shm.unlink()
             self.shm.watch = self.check
         model_group, control = join_groups(self.store, 0, size, device, timeout)
-        self.channel = Channel(control)
-        self.tp = TensorParallel(0, size, model_group, _Leader(self.channel, model_group), self.shm)
+        self.channel = channel = Channel(control)
+        self.tp = TensorParallel(0, size, model_group, _Leader(channel, model_group), self.shm)
         backend = "NCCL" if device.type == "cuda" else "gloo" + (" + shared memory" if self.shm else "")
         logger.info(
             "tensor parallel: %d ranks (%d followers started, pids %s), %d threads each, %s",
-            size, size - 1, [p.pid for p in self.procs], threads, backend,
+            size, size - 1, [p.pid for p in self.procs], spec.num_threads, backend,
         )  # fmt: skip
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
         """Once every follower holds its shard (rank 0 loaded its own meanwhile): their KV caches,
         as many blocks as rank 0's."""
         self._wait_for("loaded")
+        assert self.channel is not None
         self.channel.send(Command.KV_CACHE, arg=num_blocks, payload=block_size)
 
     def check(self) -> None:
@@ -171,14 +170,14 @@ class TensorParallelRanks:
         if self.shm is not None:
             self.shm.unlink()
         atexit.unregister(self.close)
-        if all(p.poll() is None for p in self.procs):
+        if self.channel is not None and all(p.poll() is None for p in self.procs):
             try:
                 self.channel.send(Command.SHUTDOWN)
             except Exception as exc:  # a broken group: the signals below end them
                 logger.debug("SHUTDOWN not sent: %s", exc)
         for proc in self.procs:
             try:
-                proc.wait(5.0)
+                proc.wait(5.0 if self.channel is not None else 0.0)  # not joined yet: nothing to wait for
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
