@@ -150,11 +150,6 @@ class EngineConfig:
                 "--compile cannot trace --quantization int8 (its weights are packed for fbgemm, "
                 "opaque to torch.compile); drop one of them, or use --quantization int4 --compile"
             )
-        if self.compile == "on" and self.lora.enable_lora:
-            raise ValueError(
-                "--compile traces the base model only: with --enable-lora decode steps run eagerly; "
-                "drop --compile"
-            )
         self._check_parallel()
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")

@@ -3,8 +3,9 @@ against the base model alone, in one engine, in alternating rounds (base, adapte
 that both see the same machine state; the median and the spread of each.
 
 The adapters are random PEFT directories (rank `--lora-rank` on the `--lora-targets` projections)
-written for the model, or the given `--lora-paths`. Steps with adapter rows run eagerly, so the
-engine runs without compiled decode graphs (`--compile off`) for both systems."""
+written for the model, or the given `--lora-paths`. Both systems run in the one engine with the
+engine flags given (by default compiled decode steps, which run the adapters too where pagoda's
+CPU kernel runs)."""
 
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def write_random_adapters(
 
 
 def bench_lora(args: argparse.Namespace, prompts: list[list[int]]) -> list[dict[str, Any]]:
-    """Alternating rounds of the prompts on the base model and spread over the adapters; one
-    summary per system: output tok/s of each round, their median and spread."""
+    """Alternating rounds of the prompts on the base model in an engine without LoRA, on the base
+    model in the LoRA engine, and spread over the adapters; one summary per system: output tok/s
+    of each round, their median and spread."""
     import dataclasses
 
     from pagoda.engine.engine_args import engine_config_from_args
@@ -70,7 +72,7 @@ def bench_lora(args: argparse.Namespace, prompts: list[list[int]]) -> list[dict[
         max_cpu_loras=max(config.lora.max_cpu_loras or 0, count),
         max_lora_rank=max(config.lora.max_lora_rank, args.lora_rank),
     )
-    llm = LLM(config=dataclasses.replace(config, lora=lora, compile="off"))
+    llm = LLM(config=dataclasses.replace(config, lora=lora))
     with tempfile.TemporaryDirectory() as tmp:
         cfg, targets = llm.engine.model.cfg, tuple(args.lora_targets)
         paths = args.lora_paths or write_random_adapters(cfg, count, args.lora_rank, Path(tmp), targets)
@@ -79,12 +81,15 @@ def bench_lora(args: argparse.Namespace, prompts: list[list[int]]) -> list[dict[
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     warm = SamplingParams(max_tokens=4, temperature=0.0)
     llm.generate(prompts[: 2 * count], warm, use_tqdm=False, lora_request=spread[: 2 * count])
-    rates: dict[str, list[float]] = {"base": [], f"{count} adapters": []}
-    cpu: dict[str, list[float]] = {name: [] for name in rates}  # output tokens per CPU second
+    plain = LLM(config=config)  # the base model served as it would be without --enable-lora
+    plain.generate(prompts[:2], warm, use_tqdm=False)
+    systems = {"base": (plain, None), "base, LoRA engine": (llm, None), f"{count} adapters": (llm, spread)}
+    rates: dict[str, list[float]] = {name: [] for name in systems}
+    cpu: dict[str, list[float]] = {name: [] for name in systems}  # output tokens per CPU second
     for _ in range(args.rounds):
-        for name, adapters in zip(rates, (None, spread), strict=True):
+        for name, (engine, adapters) in systems.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            results = llm.generate(prompts, params, use_tqdm=False, lora_request=adapters)
+            results = engine.generate(prompts, params, use_tqdm=False, lora_request=adapters)
             tokens = sum(len(c.token_ids) for r in results for c in r.outputs)
             rates[name].append(tokens / (time.perf_counter() - t0))
             cpu[name].append(tokens / (time.process_time() - c0))
@@ -107,16 +112,19 @@ def print_lora(summaries: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(summaries, indent=2))
         return
-    print(f"{'system':<14} {'median out tok/s':>17} {'range':>16}   rounds")
+    print(f"{'system':<18} {'median out tok/s':>17} {'range':>16}   rounds")
     for s in summaries:
         rounds = ", ".join(f"{r:.1f}" for r in s["output_tok_s"])
         lo, hi = s["spread"]
-        print(f"{s['system']:<14} {s['median']:>17.1f} {f'[{lo:.1f}-{hi:.1f}]':>16}   {rounds}")
-    base, lora = summaries
-    print(f"\n{lora['system']} / base: {lora['median'] / base['median']:.2f}x output throughput (medians)")
-    for key, what in (("output_tok_s", "wall time"), ("output_tok_per_cpu_s", "CPU time")):
-        ratios = [b / a for a, b in zip(base[key], lora[key], strict=True)]
+        print(f"{s['system']:<18} {s['median']:>17.1f} {f'[{lo:.1f}-{hi:.1f}]':>16}   {rounds}")
+    base = summaries[0]
+    for other in summaries[1:]:
         print(
-            f"per round ({what}): {statistics.median(ratios):.2f}x "
-            f"[{min(ratios):.2f}-{max(ratios):.2f}]: " + ", ".join(f"{r:.2f}" for r in ratios)
+            f"\n{other['system']} / base: {other['median'] / base['median']:.2f}x output throughput (medians)"
         )
+        for key, what in (("output_tok_s", "wall time"), ("output_tok_per_cpu_s", "CPU time")):
+            ratios = [b / a for a, b in zip(base[key], other[key], strict=True)]
+            print(
+                f"  per round ({what}): {statistics.median(ratios):.2f}x "
+                f"[{min(ratios):.2f}-{max(ratios):.2f}]: " + ", ".join(f"{r:.2f}" for r in ratios)
+            )

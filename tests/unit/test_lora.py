@@ -13,9 +13,11 @@ import torch
 
 from pagoda.engine.llm import LLM
 from pagoda.engine.lora.request import LoRARequest
+from pagoda.engine.runner.compiled_decode import CompiledDecode
 from pagoda.engine.sampling.params import SamplingParams
 from tests.lora_adapters import ADAPTERS, make_adapter, peft_greedy
 from tests.tiny_models import make_tiny_model
+from tests.unit.test_native_kernels import needs_kernels
 
 NEW = 6
 PROMPTS = [
@@ -57,17 +59,33 @@ def _generate(llm: LLM, adapters: dict[str, Path], mix: list[str | None] = MIX) 
 
 @pytest.mark.parametrize(
     ("max_loras", "budget", "path"),
-    [(4, 2048, "masked"), (4, 2048, "segments"), (2, 8, "masked"), (4, 2048, "sgmv")],
-    ids=["4-slots", "4-slots-per-segment", "2-slots-chunked", "4-slots-triton"],
+    [
+        pytest.param(4, 2048, "native", marks=needs_kernels),
+        (4, 2048, "masked"),
+        (4, 2048, "segments"),
+        pytest.param(2, 8, "native", marks=needs_kernels),
+        (2, 8, "masked"),
+        (4, 2048, "sgmv"),
+    ],
+    ids=[
+        "4-slots",
+        "4-slots-torch",
+        "4-slots-per-segment",
+        "2-slots-chunked",
+        "2-slots-torch",
+        "4-slots-triton",
+    ],
 )
 def test_mixed_adapters_match_peft(
     tiny: Any, max_loras: int, budget: int, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Greedy tokens equal and log-probs within 1e-4 of HF + PEFT, per sequence, twice (the second
-    time from the prefix cache); on the CPU's masked path, its per-segment path and the GPU's
-    Triton kernels (under the interpreter on a CPU-only machine); with 2 slots for
+    time from the prefix cache); on pagoda's CPU kernel, torch's masked path, its per-segment
+    path and the GPU's Triton kernels (under the interpreter on a CPU-only machine); with 2 slots for
     4 adapters, sequences wait for a slot (never more than 2 adapters in a step) and adapters are
     evicted and loaded again."""
+    if path in ("masked", "segments"):
+        monkeypatch.setattr("pagoda.engine.lora.layers.use_native", lambda device, dtype: False)
     if path == "segments":
         monkeypatch.setattr("pagoda.engine.lora.layers.MASKED_MAX_ROW_SLOTS", 0)
     if path == "sgmv":
@@ -77,11 +95,16 @@ def test_mixed_adapters_match_peft(
     manager = llm.engine.lora
     assert manager is not None
     per_step: list[int] = []
+    paths: set[str] = set()
     prepare = manager.prepare_step
 
     def spy(loras: Any, lens: Any, running: set[int]) -> Any:
         per_step.append(len({lo.lora_int_id for lo in loras if lo is not None}))
-        return prepare(loras, lens, running)
+        step = prepare(loras, lens, running)
+        if step is not None:
+            kinds = {"native": step.row_slot, "masked": step.mask, "sgmv": step.seg_tensors}
+            paths.add(next((k for k, v in kinds.items() if v is not None), "segments"))
+        return step
 
     manager.prepare_step = spy  # type: ignore[method-assign]
     for _ in range(2):
@@ -91,11 +114,39 @@ def test_mixed_adapters_match_peft(
             got = torch.tensor([lp.logprob for lp in out.logprobs])
             torch.testing.assert_close(got, torch.tensor(lps), atol=1e-4, rtol=0)
     assert llm.engine.kv.hit_tokens > 0
+    assert path in paths and paths <= {path, "segments"}  # chunks of many rows take the segments
     assert max(per_step) == max_loras
     if max_loras == 2:
         assert manager.num_slot_loads > len(ADAPTERS)  # evicted and loaded again
     else:
         assert manager.num_slot_loads == len(ADAPTERS)
+
+
+@needs_kernels
+def test_compiled_decode_steps_run_the_adapters(
+    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--compile with adapters: the decode graphs, compiled before any adapter is loaded, run each
+    row's adapter (HF + PEFT's tokens and log-probs for the mixed batch), also when a second engine
+    loads them from disk; decode steps of the base model alone run the same graphs."""
+    monkeypatch.setenv("PAGODA_COMPILE_CACHE", str(tmp_path))
+    model, adapters, refs = tiny
+    for loaded in (False, True):
+        if loaded:  # the saved graphs, not a second compile
+            monkeypatch.setattr(CompiledDecode, "compile", lambda self: pytest.fail("compiled again"))
+        llm = _llm(model, max_loras=4, max_cpu_loras=4, compile="on")
+        compiled = llm.engine.runner.compiled
+        assert compiled is not None and compiled.ready and compiled.lora_ctx is not None
+        outs = _generate(llm, adapters)
+        assert compiled.num_calls >= NEW - 1  # the decode steps ran the graphs
+        for out, (tokens, lps), lora in zip(outs, refs, MIX, strict=True):
+            assert out.token_ids == tokens, (loaded, lora)
+            got = torch.tensor([lp.logprob for lp in out.logprobs])
+            torch.testing.assert_close(got, torch.tensor(lps), atol=1e-4, rtol=0)
+    calls = compiled.num_calls
+    base = _generate(llm, adapters, [None] * len(MIX))
+    assert compiled.num_calls > calls
+    assert base[1].token_ids == refs[1][0]
 
 
 def test_int8_base_with_adapters(tiny: Any) -> None:

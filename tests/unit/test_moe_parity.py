@@ -148,10 +148,14 @@ def test_moe_gguf_is_refused(tmp_path: Path, arch: str) -> None:
 
 
 def test_moe_decode_steps_run_eagerly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """`--compile on` is turned off for an MoE model, with the reason logged (docs/moe.md)."""
+    """The default `--compile auto` is turned off for an MoE model, with the reason logged
+    (docs/moe.md); `--compile on` is refused, naming the fix."""
     make_tiny_moe("granitemoe", tmp_path)
+    args: dict[str, Any] = dict(dtype="float32", kv_cache_memory=1 << 22, max_model_len=256)
+    with pytest.raises(ValueError, match=r"cannot trace a mixture-of-experts model.*drop --compile"):
+        LLM(str(tmp_path), compile="on", **args)
     with caplog.at_level(logging.INFO, logger="pagoda.engine.core.engine_core"):
-        llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory=1 << 22, max_model_len=256, compile="on")
+        llm = LLM(str(tmp_path), compile="auto", **args)
     assert llm.engine.runner.compiled is None
     assert "mixture-of-experts model run eagerly" in caplog.text
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)

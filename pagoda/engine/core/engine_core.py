@@ -24,6 +24,7 @@ from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.loader import Checkpoint, load_checkpoint
 from pagoda.engine.loader.catalog import generation_defaults
 from pagoda.engine.lora.engine_api import LoRAEngineMixin
+from pagoda.engine.lora.layers import use_native
 from pagoda.engine.lora.manager import LoRAManager
 from pagoda.engine.lora.request import LoRARequest
 from pagoda.engine.models import Model
@@ -32,6 +33,7 @@ from pagoda.engine.models.quantization import resolve_quantization
 from pagoda.engine.outputs import RequestOutput, TokenLogprob
 from pagoda.engine.pooling.params import resolve_pooler
 from pagoda.engine.runner.attention import get_backend
+from pagoda.engine.runner.compile_cache import decode_compile_mode
 from pagoda.engine.runner.cuda_graphs import capture_sizes
 from pagoda.engine.runner.model_runner import ModelRunner
 from pagoda.engine.sampling.params import SamplingParams
@@ -114,24 +116,24 @@ class EngineCore(LoRAEngineMixin):
         `compile_config`: the config a background compile rebuilds the model from."""
         config = self.config
         backend = get_backend(config.attention_backend, self.device, self.model.attention_needs)
-        compile_mode = config.compile  # auto: where it runs (CPU, torch attention, traceable linears)
-        if compile_mode == "auto" and (
-            self.device.type != "cpu"
-            or backend.name != "torch"
-            or self.quantization == "int8"
-            or self.pooler is not None  # no decode steps to compile
-            or self.lora is not None  # the graphs would hold the base model only
-            or self.parallel is not None  # one rank's graph, its collectives untraced
-        ):
+        moe = bool(self.model.cfg.num_experts)
+        compile_mode = decode_compile_mode(
+            config.compile,
+            self.device,
+            backend.name,
+            self.quantization,
+            pooled=self.pooler is not None,
+            lora=None if self.lora is None else use_native(self.device, self.dtype),
+            moe=moe,
+        )
+        if self.parallel is not None:  # one rank's graph, its collectives untraced: eager (for now)
             compile_mode = "off"
         # a pooler has no decode steps to capture; tensor-parallel ranks run eagerly (for now)
         eager = config.enforce_eager or self.pooler is not None or self.parallel is not None
-        if self.model.cfg.num_experts and (
-            compile_mode != "off" or (not eager and self.device.type == "cuda")
-        ):
+        if moe and (config.compile != "off" or (not eager and self.device.type == "cuda")):
             # the experts' dispatch: data-dependent shapes on the CPU; on a GPU, not yet captured on one
             logger.info("decode steps of a mixture-of-experts model run eagerly (no compiled or CUDA graphs)")
-            compile_mode, eager = "off", True
+            eager = True
         return ModelRunner(
             self.model,
             backend,

@@ -10,19 +10,22 @@ alpha / r already (zeros past an adapter's rank, and for sub-projections it does
 
 The runner sets one `LoRAStep` per step on the model's `LoRAContext` (None: no token has an
 adapter, and the projections are the base's alone). A step's tokens come as segments, runs of
-rows with one slot (sequences are contiguous in a step and sorted by adapter), so every loop
-below is over segments or sub-projections, never over tokens:
+rows with one slot (sequences are contiguous in a step and sorted by adapter), so every Python
+loop below is over segments or sub-projections, never over tokens:
 
 - GPU: the SGMV kernels (pagoda/kernels/lora.py), one shrink and one expand per sub-projection.
-- CPU, few rows (decode steps): the rank columns of every slot in use at once, one batched
-  matmul `x @ A^T` over the sub-projections [subs, T, used slots x rank], rows masked to their own
-  slot's columns, then one addmm per sub-projection into its columns: 2 + subs ops per projection
-  however many adapters. Measured on 2 cores (demo model, 16 decode rows over 8 rank-8 adapters on
-  all projections, 30 layers, one thread, weights cold): 18 ms a step, against 27 ms for the
-  rows gathered per slot into batched matmuls of 2 rows (the useful flops only, but 5 ops a
-  projection and GEMMs too thin to stream the weights well). These ops run on one thread: a
-  2-thread OpenMP region per tiny matmul took 0.5-8 ms whenever another process held a core.
-- CPU, many rows (prefill chunks): a shrink and an expand per segment and sub-projection.
+- CPU with pagoda's kernels (AVX512-VNNI; csrc/lora.cpp): one op per projection, each row against
+  its own slot's adapter only, in the sub-projections that adapter targets. On 2 cores (demo model,
+  16 decode rows over 8 rank-8 adapters on all seven projections, one thread) it adds 6 ms to a
+  30 ms step, against 13 ms for the masked path below; at these sizes the adapters' bytes
+  (39 MB a step for 8 such adapters, against the base's ~80 MB of 4-bit weights) set the floor.
+- CPU otherwise, few rows (decode steps): the rank columns of every slot in use at once, one
+  batched matmul `x @ A^T` over the sub-projections [subs, T, used slots x rank], rows masked to
+  their own slot's columns, then one addmm per sub-projection into its columns: 2 + subs ops per
+  projection however many adapters, 8x the useful flops at 8 adapters. These ops run on one
+  thread: a 2-thread OpenMP region per tiny matmul took 0.5-8 ms whenever another process held a
+  core.
+- CPU otherwise, many rows (prefill chunks): a shrink and an expand per segment and sub-projection.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class LoRAStep:
     num_tokens: int
     segments: list[tuple[int, int, int]]
     mask: torch.Tensor | None = None
+    row_slot: torch.Tensor | None = None  # CPU with pagoda's kernels: each row's slot, -1: none
     seg_tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # GPU: start, len, slot
     max_len: int = 0
 
@@ -76,6 +80,11 @@ class LoRAStep:
             cols = [torch.tensor(c, dtype=torch.int32) for c in zip(*segments, strict=True)]
             starts, lengths, slots = (c.to(device, non_blocking=True) for c in cols)
             step.seg_tensors = (starts, lengths, slots)
+        elif use_native(device, dtype):
+            row_slot = torch.full((num_tokens,), -1, dtype=torch.int32)
+            for first, n, slot in segments:
+                row_slot[first : first + n] = slot
+            step.row_slot = row_slot
         elif num_tokens * num_slots <= MASKED_MAX_ROW_SLOTS:
             mask = torch.zeros(num_tokens, num_slots, max_rank, dtype=dtype)
             for first, n, slot in segments:
@@ -84,9 +93,25 @@ class LoRAStep:
         return step
 
 
+def no_adapter_rows(num_tokens: int) -> LoRAStep:
+    """A step none of whose rows has an adapter, as the compiled decode graphs of a model with
+    adapters take it (they read each row's slot whatever the step; csrc/lora.cpp skips these)."""
+    return LoRAStep(num_tokens, [], row_slot=torch.full((num_tokens,), -1, dtype=torch.int32))
+
+
 def use_sgmv(device: torch.device) -> bool:
     """The Triton kernels run on CUDA only (tests run them under the interpreter too)."""
     return device.type == "cuda"
+
+
+def use_native(device: torch.device, dtype: torch.dtype) -> bool:
+    """pagoda's CPU kernel (csrc/lora.cpp: one op per projection, each row against its own
+    adapter only) where the CPU has it, for float32 and bfloat16."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    from pagoda.engine.quantization.linear import native_kernels
+
+    return native_kernels()
 
 
 class LoRAContext:
@@ -116,9 +141,18 @@ class LoRALinear(nn.Module):
         self.max_rank = max_rank
         offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
         self.slices = list(zip(offsets, out_sizes, strict=True))  # (first column, width) per sub
+        self.columns = (offsets, list(out_sizes))  # the same as two lists, for the CPU kernel
         subs, out = len(out_sizes), sum(out_sizes)
-        self.lora_a = torch.zeros(subs, max_loras, max_rank, fan_in, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(max_loras, max_rank, out, dtype=dtype, device=device)
+        # buffers, so that compiled decode graphs read them at each call (set_slot writes in place)
+        self.lora_a: torch.Tensor
+        self.lora_b: torch.Tensor
+        self.ranks: torch.Tensor  # (slot, sub)'s adapter rank, 0: none
+        a = torch.zeros(subs, max_loras, max_rank, fan_in, dtype=dtype, device=device)
+        self.register_buffer("lora_a", a, persistent=False)
+        self.register_buffer(
+            "lora_b", torch.zeros(max_loras, max_rank, out, dtype=dtype, device=device), persistent=False
+        )
+        self.register_buffer("ranks", torch.zeros(max_loras, subs, dtype=torch.int32), persistent=False)
         self._filled: set[tuple[int, int]] = set()  # (slot, sub) holding an adapter's weights
 
     def set_slot(self, slot: int, sub: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
@@ -127,15 +161,22 @@ class LoRALinear(nn.Module):
         self.lora_a[sub, slot].zero_()
         self.lora_b[slot, :, first : first + width].zero_()
         self._filled.discard((slot, sub))
+        self.ranks[slot, sub] = 0
         if a is not None and b is not None:
             self._filled.add((slot, sub))
             r = a.shape[0]
+            self.ranks[slot, sub] = r
             self.lora_a[sub, slot, :r] = a.to(self.lora_a.dtype)
             self.lora_b[slot, :r, first : first + width] = b.t().to(self.lora_b.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, in] -> [T, out]
         y: torch.Tensor = self.base(x)
         step = self.ctx.step
+        if step is not None and step.row_slot is not None:  # also in compiled graphs, slots empty or not
+            torch.ops.pagoda_cpu.lora_add_(
+                y, x.contiguous(), self.lora_a, self.lora_b, step.row_slot, self.ranks, *self.columns
+            )
+            return y
         if step is None or not self._filled:  # no adapter in any slot targets this projection
             return y
         if step.seg_tensors is not None:

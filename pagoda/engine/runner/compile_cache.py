@@ -86,6 +86,35 @@ def _model_signature(model: nn.Module) -> list[object]:
     return parts
 
 
+def decode_compile_mode(
+    requested: str,
+    device: torch.device,
+    backend: str,
+    quantization: str | None,
+    *,
+    pooled: bool,
+    lora: bool | None,  # None: no adapters; else whether pagoda's CPU LoRA kernel runs
+    moe: bool,
+) -> str:
+    """The `--compile` mode an engine runs: auto compiles where the graphs run (CPU, torch
+    attention, traceable linears, decode steps to compile, adapters through pagoda's kernel, no
+    experts); on where they cannot run with adapters or experts is the caller's error."""
+    if moe and requested == "on":
+        raise ValueError(
+            "--compile cannot trace a mixture-of-experts model (its experts' dispatch has "
+            "data-dependent shapes; docs/moe.md): drop --compile"
+        )
+    if lora is False and requested == "on":
+        raise ValueError(
+            "--compile with --enable-lora runs the adapters through pagoda's CPU kernel, which does "
+            "not run here (it needs AVX512-VNNI and float32 or bfloat16): drop --compile"
+        )
+    runs = device.type == "cpu" and backend == "torch" and quantization != "int8" and not (pooled or moe)
+    if requested == "auto" and not (runs and lora is not False):
+        return "off"
+    return requested
+
+
 def graph_key(model: nn.Module, block_size: int) -> str:
     settings = sorted(
         (k, v)

@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from pagoda.engine.lora.layers import LoRAContext, LoRALinear, no_adapter_rows
 from pagoda.engine.models import DecoderModel
 from pagoda.engine.models.layers import RotaryEmbedding
 from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
@@ -100,6 +101,11 @@ class CompiledDecode:
         self.backend = _GraphDecodeAttention(block_size)
         self.graphs: dict[int, Callable[..., torch.Tensor]] = {}
         self.num_calls = 0
+        # a model with LoRA slots: the graphs run each row's adapter (pagoda's CPU kernel), reading
+        # the step's rows and the slots' weights at each call, so adapters loaded later apply
+        self.lora_ctx: LoRAContext | None = next(
+            (m.ctx for m in model.modules() if isinstance(m, LoRALinear)), None
+        )
         for module in model.modules():
             if isinstance(module, RotaryEmbedding):
                 module.build_tables(torch.device("cpu"))
@@ -119,6 +125,10 @@ class CompiledDecode:
         n = input_ids.shape[0]
         for t in (positions, slot_mapping, block_tables, seq_lens):  # one batch-size symbol
             torch._check(t.shape[0] == n)
+        if self.lora_ctx is not None:
+            step = self.lora_ctx.step
+            assert step is not None and step.row_slot is not None
+            torch._check(step.row_slot.shape[0] == n)
         meta = AttentionMetadata(
             slot_mapping=slot_mapping,
             num_decode_tokens=n,
@@ -161,6 +171,10 @@ class CompiledDecode:
                 options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
             )
             for n in self.FILES:
+                if self.lora_ctx is not None:
+                    self.lora_ctx.step = no_adapter_rows(n)
+                    if n > 1:
+                        torch._dynamo.mark_dynamic(self.lora_ctx.step.row_slot, 0)
                 graph = fn.aot_compile((self._example(n), {}))  # type: ignore[attr-defined]
                 graph.disable_guard_check()
                 self.graphs[n] = graph
@@ -200,5 +214,7 @@ class CompiledDecode:
         if max_blocks < 2:  # a second, masked-out column: a size of 1 would get its own graph
             tables = F.pad(tables, (0, 2 - max_blocks))
         self.num_calls += 1
+        if self.lora_ctx is not None and self.lora_ctx.step is None:
+            self.lora_ctx.step = no_adapter_rows(n)
         graph = self.graphs[min(n, 2)]
         return graph(self, input_ids, positions, meta.slot_mapping, tables, meta.decode_seq_lens)

@@ -210,10 +210,16 @@ class ModelRunner:
         meta = batch.attention_metadata()
         input_ids = torch.tensor(batch.ids, dtype=torch.int64, device=self.device)
         positions = torch.from_numpy(np.concatenate(batch.pos_chunks)).to(self.device)
-        # steps with adapter rows run eagerly: graphs and compiled decode hold the base model only
+        # CUDA graphs hold the base model only: on a GPU, steps with adapter rows run eagerly; the
+        # CPU's compiled decode graphs run them (a LoRA engine compiles where pagoda's kernel runs)
         adapters = self._lora_step(batch) is not None
-        decode_only = not batch.pf_starts and not adapters
-        if self.graphs is not None and decode_only and len(batch.ids) <= self.graphs.max_batch:
+        decode_only = not batch.pf_starts
+        if (
+            self.graphs is not None
+            and decode_only
+            and not adapters
+            and len(batch.ids) <= self.graphs.max_batch
+        ):
             return self.graphs.replay(input_ids, positions, meta)
         if self.compiled is not None and decode_only and self.compiled.ready:
             return self.compiled(input_ids, positions, meta)

@@ -57,22 +57,27 @@ class IncrementalDetokenizer:
 
     def add(self, new_token_ids: Sequence[int]) -> str:
         """Feed newly generated ids; returns the text they complete (possibly "")."""
+        kept = self._keep(list(new_token_ids))
+        if not kept:
+            return ""
+        tokens = self._tokens
+        new_tokens = self._tokenizer.convert_ids_to_tokens(kept)
+        to_string = self._tokenizer.convert_tokens_to_string
         pieces: list[str] = []
-        for token_id in self._keep(list(new_token_ids)):
-            self._tokens.extend(self._tokenizer.convert_ids_to_tokens([token_id]))
-            to_string = self._tokenizer.convert_tokens_to_string
-            prefix_text = to_string(self._tokens[self._prefix_offset : self._read_offset])
-            new_text = to_string(self._tokens[self._prefix_offset :])
+        for token in new_tokens:
+            tokens.append(token)
+            prefix_text = to_string(tokens[self._prefix_offset : self._read_offset])
+            new_text = to_string(tokens[self._prefix_offset :])
             if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
                 continue  # nothing new yet, or a multi-byte character still incomplete
             pieces.append(new_text[len(prefix_text) :])
             self._prefix_offset = self._read_offset
-            self._read_offset = len(self._tokens)
+            self._read_offset = len(tokens)
             if self._prefix_offset >= _TRIM_AT:
-                del self._tokens[: self._prefix_offset]
+                del tokens[: self._prefix_offset]
                 self._read_offset -= self._prefix_offset
                 self._prefix_offset = 0
-        delta = "".join(pieces)
+        delta = pieces[0] if len(pieces) == 1 else "".join(pieces)
         self.text += delta
         return delta
 

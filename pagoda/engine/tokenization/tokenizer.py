@@ -51,6 +51,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self._special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+        self._decoder = backend.decoder  # read once (each read of the property builds a new wrapper)
         probe = backend.encode("a", add_special_tokens=True).ids
         self.add_bos_token: bool = self.bos_token_id is not None and probe[:1] == [self.bos_token_id]
 
@@ -67,10 +68,10 @@ class Tokenizer:
 
     def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
         """Join tokens into text (byte-level pieces become UTF-8); for incremental detokenization."""
-        decoder = self.backend.decoder
+        decoder = self._decoder
         if decoder is None:
             return "".join(tokens)
-        return str(decoder.decode(list(tokens)))
+        return str(decoder.decode(tokens if isinstance(tokens, list) else list(tokens)))
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids

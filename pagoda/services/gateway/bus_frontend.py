@@ -22,6 +22,7 @@ from pagoda.engine import PoolerConfig, RequestOutput, SamplingParams, Tokenizer
 from pagoda.services.gateway.adapters import Adapter
 from pagoda.services.gateway.failover import RequestTrack, WorkerWatch
 from pagoda.services.gateway.frontend import Submitted
+from pagoda.services.gateway.mailbox import Mailbox
 from pagoda.services.ops import tracing
 from pagoda.services.scheduler.admission import first_output, first_output_wait
 from pagoda.services.scheduler.registry import WorkerRegistry, routable
@@ -50,7 +51,7 @@ logger = logging.getLogger("pagoda.gateway")
 class _Pending:
     accepted: asyncio.Future[list[int]]
     track: RequestTrack
-    outputs: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+    outputs: Mailbox[RequestOutput | BaseException] = field(default_factory=Mailbox)
     aborted: bool = False
     streaming: bool = False  # someone iterates the outputs (and cleans up after them)
     trace: tracing.TraceHandle = tracing.NOOP

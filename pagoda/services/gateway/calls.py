@@ -199,7 +199,7 @@ class Call:
                 delta = sub.process(out)
                 if delta is not None:
                     if out.new_token_ids:
-                        self._token_seen(delta.choice)
+                        self.token_seen(delta.choice)
                     yield delta
                 # a delta that did not finish its choice cannot have finished them all
                 if (delta is None or delta.finish_reason is not None) and all(c.done for c in sub.choices):
@@ -222,7 +222,7 @@ class Call:
         except Exception as err:
             queue.put_nowait(err)
 
-    def _token_seen(self, choice: Choice) -> None:
+    def token_seen(self, choice: Choice) -> None:
         now = time.monotonic()
         if self.first_token_at is None:
             self.first_token_at = now

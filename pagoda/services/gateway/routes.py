@@ -23,6 +23,7 @@ from pagoda.services.gateway.embeddings import (
 )
 from pagoda.services.gateway.embeddings import new_id as new_embedding_id
 from pagoda.services.gateway.limits import check_request
+from pagoda.services.gateway.plain_stream import PlainSSEResponse, is_plain
 from pagoda.services.gateway.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -147,7 +148,7 @@ def _register_generation(app: FastAPI, models: ServedModels) -> None:
         prompt = PromptInput(messages=messages, tools=tools, add_generation_prompt=req.add_generation_prompt)
         await start_call(server, call, request, [prompt])
         if req.stream:
-            return chat_stream(call, req)
+            return PlainSSEResponse(call, req) if is_plain(call, req) else chat_stream(call, req)
         await collect(call, request)
         return _json(_chat_response(call, req))
 
@@ -161,7 +162,7 @@ def _register_generation(app: FastAPI, models: ServedModels) -> None:
         ]
         await start_call(server, call, request, prompts)
         if req.stream:
-            return completion_stream(call, req)
+            return PlainSSEResponse(call, req) if is_plain(call, req) else completion_stream(call, req)
         await collect(call, request)
         return _json(_completion_response(call, req))
 

@@ -26,6 +26,7 @@ from pagoda.services.gateway.auth import OPEN_PATHS, BearerAuth, key_id
 from pagoda.services.gateway.calls import APIRequest, Call, SubRequest, logger
 from pagoda.services.gateway.frontend import Frontend, Submitted
 from pagoda.services.gateway.limits import BodyGuard, RequestLimits
+from pagoda.services.gateway.plain_stream import GatewayApp
 from pagoda.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from pagoda.services.gateway.ratelimit import RateLimiter, estimate_tokens
 from pagoda.services.gateway.responses import register_responses
@@ -208,6 +209,10 @@ class OpenAIServer:
                 lora=self.lora_of(call.model),
             )
 
+        if len(prompts) == 1:  # no tasks to run it beside others (a refusal is raised as it is)
+            await one(0, prompts[0])
+            self._add_sub(call, 0, results[0], prompts)
+            return
         tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
         try:
             await asyncio.wait(tasks)
@@ -233,14 +238,17 @@ class OpenAIServer:
             task.cancel()
         with anyio.CancelScope(shield=True):
             await asyncio.gather(*tasks, return_exceptions=True)
-        req, tokenizer = call.req, self.frontend.tokenizer
         for i, submitted in sorted(results.items()):
-            text = ""
-            if isinstance(req, CompletionRequest) and req.echo:
-                given = prompts[i].text
-                text = given if given is not None else tokenizer.decode(submitted.prompt_token_ids)
-            sub_id = self._sub_id(call, i, len(prompts))
-            call.subs.append(SubRequest.of(sub_id, submitted, text, req, tokenizer, first_index=i * req.n))
+            self._add_sub(call, i, submitted, prompts)
+
+    def _add_sub(self, call: Call, i: int, submitted: Submitted, prompts: list[PromptInput]) -> None:
+        req, tokenizer = call.req, self.frontend.tokenizer
+        text = ""
+        if isinstance(req, CompletionRequest) and req.echo:
+            given = prompts[i].text
+            text = given if given is not None else tokenizer.decode(submitted.prompt_token_ids)
+        sub_id = self._sub_id(call, i, len(prompts))
+        call.subs.append(SubRequest.of(sub_id, submitted, text, req, tokenizer, first_index=i * req.n))
 
     @staticmethod
     def _sub_id(call: Call, i: int, count: int) -> str:
@@ -333,7 +341,8 @@ def build_app(
         for e in endpoints
     ], adapters)  # fmt: skip
     server = models.default
-    app = FastAPI(title="pagoda", version=_version())
+    start_only = frozenset({BodyGuard, BearerAuth, _ResponseCounter, tracing.TraceMiddleware})
+    app = GatewayApp(start_only=start_only, title="pagoda", version=_version())
     app.state.openai_server = server
     app.state.served_models = models
     install_error_handlers(app)

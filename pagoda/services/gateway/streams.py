@@ -72,12 +72,12 @@ class SSEResponse(StreamingResponse):
                     await aclose()
 
 
-def _error_chunk(err: APIError) -> bytes:
+def error_chunk(err: APIError) -> bytes:
     return event(json.dumps(err.body())) + DONE
 
 
 async def stream_errors(
-    events: AsyncGenerator[bytes, None], call: Call, error_event: Callable[[APIError], bytes] = _error_chunk
+    events: AsyncGenerator[bytes, None], call: Call, error_event: Callable[[APIError], bytes] = error_chunk
 ) -> AsyncIterator[bytes]:
     """Wraps a stream: an error mid-stream becomes `error_event(err)` (a chat or completion
     stream's error chunk and [DONE] by default; any other failure as a 500); logs one line at

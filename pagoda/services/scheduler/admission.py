@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from pagoda.services.scheduler.registry import Refreshed, WorkerRegistry, load_of
 from pagoda.services.scheduler.router import WorkerState
@@ -39,6 +39,13 @@ logger = logging.getLogger("pagoda.admission")
 
 RETRY_AFTER_S = 1
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Gettable(Protocol[T_co]):
+    """What `first_output` reads: an asyncio.Queue, or the gateway's Mailbox."""
+
+    async def get(self) -> T_co: ...
 
 
 @dataclass(frozen=True)
@@ -169,7 +176,7 @@ def first_output_wait(queue_timeout_s: float | None) -> float | None:
     return None if queue_timeout_s is None else queue_timeout_s + QUEUE_TIMEOUT_GRACE_S
 
 
-async def first_output(outputs: asyncio.Queue[T], timeout_s: float) -> T | APIError:
+async def first_output(outputs: Gettable[T], timeout_s: float) -> T | APIError:
     """The next item of `outputs`, or the queue-timeout error if none comes within `timeout_s`."""
     try:
         return await asyncio.wait_for(outputs.get(), timeout_s)

@@ -1,0 +1,179 @@
+"""The lean SSE path of a plain streamed call: one prompt, n = 1, no logprobs, tools, reasoning
+or echo (the case most clients send).
+
+The general path (streams.py) passes each token through five async generators (the reply
+generator, `Call.deltas`, `coalesced`, the call's events, `stream_errors`) and Starlette's send
+wrappers. Here one loop reads the request's outputs, detokenizes them (`SubRequest.process`),
+builds each chunk from the call's `ChunkTemplate` and writes it with the server's own `send`
+(`RAW_SEND`: the middlewares between only watch the response start, which still goes through
+them). Every event, and the HTTP chunk framing, is what the general path writes: tokens that
+arrived together go out in one send, the last token goes out with the usage chunk and [DONE],
+an error after the first byte becomes an error event, and a client that goes away cancels the
+loop, which aborts the request (`SSEResponse`). tests/unit/test_plain_stream.py holds the two
+paths to the same bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+import anyio
+from fastapi import FastAPI
+from starlette.types import Message, Receive, Scope, Send
+
+from pagoda.services.gateway.calls import Call, SubRequest, logger
+from pagoda.services.gateway.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionRequest,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    UsageInfo,
+)
+from pagoda.services.gateway.sse_chunks import DONE, ChunkTemplate, model_event
+from pagoda.services.gateway.streams import SSEResponse, error_chunk
+from pagoda.services.transport.errors import APIError
+
+RAW_SEND = "pagoda.raw_send"  # the scope's key for the ASGI server's own `send`
+
+
+class GatewayApp(FastAPI):
+    """FastAPI that notes the server's `send` in each HTTP scope (`RAW_SEND`), so a stream's body
+    can skip the middlewares' send wrappers once the response has started through them. Only
+    while every middleware added to the app is one of `start_only` (those whose send wrapper
+    looks at nothing but `http.response.start`; Starlette's own two are of that kind): one that
+    reads or changes bodies (compression, say) keeps every body going through it."""
+
+    def __init__(self, *, start_only: frozenset[type] = frozenset(), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.start_only = start_only
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and all(m.cls in self.start_only for m in self.user_middleware):
+            scope[RAW_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
+def is_plain(call: Call, req: ChatCompletionRequest | CompletionRequest) -> bool:
+    """The call streams one choice of one prompt as plain content chunks."""
+    if len(call.subs) != 1 or len(call.subs[0].choices) != 1:
+        return False
+    if isinstance(req, ChatCompletionRequest):
+        return not req.logprobs and call.tools is None and not call.reasoning
+    return req.logprobs is None and not req.echo
+
+
+class PlainSSEResponse(SSEResponse):
+    """The stream of a plain call (`is_plain`), written by one loop."""
+
+    def __init__(self, call: Call, req: ChatCompletionRequest | CompletionRequest) -> None:
+        super().__init__(_never(), call)
+        self.req = req
+        self.chat = isinstance(req, ChatCompletionRequest)
+        self.raw_send: Send | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.raw_send = scope.get(RAW_SEND)
+        await super().__call__(scope, receive, send)
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        raw = self.raw_send or send
+        call, sub = self.call, self.call.subs[0]
+        status: int | str = "disconnected"
+        try:
+            await self._events(raw, call, sub)
+            status = 200
+        except APIError as err:
+            status = err.status
+            await raw(_body(error_chunk(err), more=False))
+        except Exception as err:
+            logger.exception("request %s failed while streaming", call.request_id)
+            status = 500
+            await raw(
+                _body(error_chunk(APIError(500, f"Internal server error ({type(err).__name__}).")), False)
+            )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await call.release(sub)
+            call.log(status)
+
+    async def _events(self, send: Send, call: Call, sub: SubRequest) -> None:
+        """The role chunk (chat), each delta's chunk (those already waiting joined in one send),
+        then the last delta's chunk with the end. Held chunks go out before an error propagates."""
+        created = int(time.time())
+        template = ChunkTemplate(self.chat, call.request_id, created, call.model)
+        choice = sub.choices[0]
+        if self.chat:
+            role = ChatCompletionChunkChoice(
+                index=choice.index, delta=DeltaMessage(role="assistant", content="")
+            )
+            await send(_body(self._chunk(created, [role]), more=True))
+        backlog: Callable[[], bool] = sub.backlog or _no_backlog
+        held: list[bytes] = []
+        try:
+            try:
+                async for out in sub.outputs:
+                    d = sub.process(out)
+                    if d is None:
+                        if choice.done:
+                            break
+                        continue
+                    if out.new_token_ids:
+                        call.token_seen(choice)
+                    if d.text or d.logprobs or d.finish_reason is not None:
+                        stop_reason = choice.stop_reason if d.finish_reason else None
+                        held.append(template.content(choice.index, d.text, d.finish_reason, stop_reason))
+                    if d.finish_reason is not None:
+                        break  # the last delta: it goes out with the end
+                    if held and not backlog():
+                        await send(_body(held[0] if len(held) == 1 else b"".join(held), more=True))
+                        held.clear()
+                else:  # the engine stopped without finishing the choice
+                    if not choice.done:
+                        choice.finish_reason = "abort"
+                        text = choice.stop.flush()
+                        held.append(template.content(choice.index, text, "abort", choice.stop_reason))
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await call.release(sub)
+        except Exception:
+            if held:
+                await send(_body(b"".join(held), more=True))
+            raise
+        usage = self.req.include_usage_in_stream
+        held.append(self._chunk(created, [], usage=call.usage()) + DONE if usage else DONE)
+        await send(_body(b"".join(held), more=False))
+
+    def _chunk(
+        self, created: int, choices: list[ChatCompletionChunkChoice], usage: UsageInfo | None = None
+    ) -> bytes:
+        call = self.call
+        if self.chat:
+            return model_event(
+                ChatCompletionChunk(
+                    id=call.request_id, created=created, model=call.model, choices=choices, usage=usage
+                )
+            )
+        assert not choices
+        body = CompletionResponse(
+            id=call.request_id, created=created, model=call.model, choices=[], usage=usage
+        )
+        return model_event(body)
+
+
+def _body(data: bytes, more: bool) -> Message:
+    return {"type": "http.response.body", "body": data, "more_body": more}
+
+
+def _no_backlog() -> bool:
+    return False
+
+
+async def _never() -> AsyncGenerator[bytes, None]:
+    """The body iterator Starlette's constructor wants; the plain path never reads it."""
+    return
+    yield b""  # pragma: no cover
