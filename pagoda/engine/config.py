@@ -82,6 +82,29 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How many ranks one engine spans (pagoda/engine/distributed): `tensor_parallel_size` ranks
+    each hold a shard of every layer (vLLM's meaning); rank 0 runs the step loop and starts the
+    others itself. `collective_timeout_s`: how long a collective waits for a rank before the
+    engine fails (a dead rank ends the worker within it, no hang)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    collective_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size != 1:
+            raise ValueError(
+                f"--pipeline-parallel-size {self.pipeline_parallel_size} is not supported yet; "
+                "use --pipeline-parallel-size 1 (--tensor-parallel-size splits a model across ranks)"
+            )
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str = ""  # GGUF file, HF directory or Hub id; "" -> the demo model
     served_model_name: str | None = None
@@ -100,6 +123,7 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     batcher: BatcherConfig = BatcherConfig()
     lora: LoRAConfig = LoRAConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -126,8 +150,27 @@ class EngineConfig:
                 "--compile cannot trace --quantization int8 (its weights are packed for fbgemm, "
                 "opaque to torch.compile); drop one of them, or use --quantization int4 --compile"
             )
+        self._check_parallel()
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
+
+    def _check_parallel(self) -> None:
+        tp = self.parallel.tensor_parallel_size
+        if tp == 1:
+            return
+        if self.lora.enable_lora:
+            raise ValueError(
+                f"--enable-lora does not run with --tensor-parallel-size {tp} yet; drop one of them"
+            )
+        if getattr(self, "speculative_config", None) is not None:  # speculative decoding's field
+            raise ValueError(
+                f"--speculative-config does not run with --tensor-parallel-size {tp} yet; drop one of them"
+            )
+        if self.compile == "on":
+            raise ValueError(
+                f"--compile traces one rank's model: with --tensor-parallel-size {tp} steps run "
+                "eagerly; drop --compile"
+            )
 
     def resolved_device(self) -> torch.device:
         import torch
