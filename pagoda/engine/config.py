@@ -84,6 +84,29 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How many ranks one engine spans (pagoda/engine/distributed): `tensor_parallel_size` ranks
+    each hold a shard of every layer (vLLM's meaning); rank 0 runs the step loop and starts the
+    others itself. `collective_timeout_s`: how long a collective waits for a rank before the
+    engine fails (a dead rank ends the worker within it, no hang)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    collective_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size != 1:
+            raise ValueError(
+                f"--pipeline-parallel-size {self.pipeline_parallel_size} is not supported yet; "
+                "use --pipeline-parallel-size 1 (--tensor-parallel-size splits a model across ranks)"
+            )
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str = ""  # GGUF file, HF directory or Hub id; "" -> the demo model
     served_model_name: str | None = None
@@ -105,6 +128,7 @@ class EngineConfig:
     # speculative decoding (pagoda/engine/spec_decode): vLLM's --speculative-config, as its JSON
     # text, a dict or a SpeculativeConfig (kept as the latter); None: off
     speculative_config: SpeculativeConfig | None = None
+    parallel: ParallelConfig = ParallelConfig()
 
     def __post_init__(self) -> None:
         self._check_speculative()
@@ -132,6 +156,7 @@ class EngineConfig:
                 "--compile cannot trace --quantization int8 (its weights are packed for fbgemm, "
                 "opaque to torch.compile); drop one of them, or use --quantization int4 --compile"
             )
+        self._check_parallel()
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
 
@@ -145,6 +170,24 @@ class EngineConfig:
             raise ValueError(
                 f"speculative method {spec.method!r} is not implemented yet; use "
                 '--speculative-config \'{"method": "ngram", "num_speculative_tokens": 4}\''
+            )
+
+    def _check_parallel(self) -> None:
+        tp = self.parallel.tensor_parallel_size
+        if tp == 1:
+            return
+        if self.lora.enable_lora:
+            raise ValueError(
+                f"--enable-lora does not run with --tensor-parallel-size {tp} yet; drop one of them"
+            )
+        if self.speculative_config is not None:
+            raise ValueError(
+                f"--speculative-config does not run with --tensor-parallel-size {tp} yet; drop one of them"
+            )
+        if self.compile == "on":
+            raise ValueError(
+                f"--compile traces one rank's model: with --tensor-parallel-size {tp} steps run "
+                "eagerly; drop --compile"
             )
 
     def resolved_device(self) -> torch.device:

@@ -22,6 +22,7 @@ from pagoda.engine.config import (
     CacheConfig,
     EngineConfig,
     LoRAConfig,
+    ParallelConfig,
     SchedulingPolicy,
 )
 from pagoda.engine.pooling.params import POOLING_TYPES, TASKS
@@ -121,6 +122,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     _add_runtime_args(g)
     _add_cache_and_batcher_args(g)
     _add_lora_args(g)
+    _add_parallel_args(g)
 
 
 def _add_runtime_args(g: argparse._ArgumentGroup) -> None:
@@ -227,6 +229,34 @@ def _add_lora_args(g: argparse._ArgumentGroup) -> None:
     )
 
 
+def _add_parallel_args(g: argparse._ArgumentGroup) -> None:
+    def parallel(name: str) -> Any:
+        return field_default(ParallelConfig, name)
+
+    g.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=parallel("tensor_parallel_size"),
+        help="ranks that each hold a shard of every layer (started by this engine; gloo on the CPU, "
+        "NCCL on GPUs): Llama, Qwen2 and Qwen3 families",
+    )
+    g.add_argument(
+        "--pipeline-parallel-size",
+        "-pp",
+        type=int,
+        default=parallel("pipeline_parallel_size"),
+        help="stages of layers on different ranks (not supported yet: 1)",
+    )
+    g.add_argument(
+        "--distributed-timeout",
+        type=float,
+        default=parallel("collective_timeout_s"),
+        help="seconds a collective between ranks waits before the engine fails (a dead rank ends the "
+        "worker within it)",
+    )
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The `EngineConfig` of the engine flags (`add_engine_args`); raises ValueError naming the
     flag to change when a value is out of range."""
@@ -260,6 +290,11 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_loras=args.max_loras,
             max_lora_rank=args.max_lora_rank,
             max_cpu_loras=args.max_cpu_loras,
+        ),
+        parallel=ParallelConfig(
+            tensor_parallel_size=args.tensor_parallel_size,
+            pipeline_parallel_size=args.pipeline_parallel_size,
+            collective_timeout_s=args.distributed_timeout,
         ),
     )
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pagoda.engine.config import BatcherConfig, CacheConfig, EngineConfig, LoRAConfig
+from pagoda.engine.config import BatcherConfig, CacheConfig, EngineConfig, LoRAConfig, ParallelConfig
 from pagoda.engine.core.engine_core import EngineCore
 from pagoda.engine.loader import Checkpoint
 from pagoda.engine.lora.request import LoRARequest
@@ -20,6 +20,7 @@ from pagoda.engine.sampling.params import SamplingParams
 _CACHE_KEYS = {"block_size", "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching"}
 _SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs", "scheduling_policy", "enable_chunked_prefill"}
 _LORA_KEYS = {"enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"}
+_PARALLEL_KEYS = {"tensor_parallel_size", "pipeline_parallel_size", "collective_timeout_s"}
 
 
 def make_engine_config(model: str = "", **kwargs: Any) -> EngineConfig:
@@ -29,8 +30,14 @@ def make_engine_config(model: str = "", **kwargs: Any) -> EngineConfig:
         cache["num_blocks_override"] = kwargs.pop("num_blocks")
     sched = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCHED_KEYS}
     lora = LoRAConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in _LORA_KEYS})
+    parallel = ParallelConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in _PARALLEL_KEYS})
     return EngineConfig(
-        model=model, cache=CacheConfig(**cache), batcher=BatcherConfig(**sched), lora=lora, **kwargs
+        model=model,
+        cache=CacheConfig(**cache),
+        batcher=BatcherConfig(**sched),
+        lora=lora,
+        parallel=parallel,
+        **kwargs,
     )
 
 

@@ -106,11 +106,14 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
     core = EngineCore(_engine_config(args))
     load_s = time.perf_counter() - t0
     warm_s = _start_decoding(core, args)
+    clock = core.parallel.tp.clock if core.parallel is not None else None
+    before = (clock.seconds, clock.calls) if clock is not None else (0.0, 0)
     times, cpu = _time_steps(core, args.steps)
     result = {
         "dtype": str(core.dtype),
         "quantization": core.quantization,
         "threads": torch.get_num_threads(),
+        "tensor_parallel_size": core.config.parallel.tensor_parallel_size,
         "batch": args.batch,
         "weights_mib": round(weight_bytes(core.model) / 2**20, 1),
         "load_s": round(load_s, 2),
@@ -119,8 +122,12 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
         "step_ms_mean": round(statistics.fmean(times) * 1e3, 2),
         "step_ms_min": round(min(times) * 1e3, 2),
         "cpu_ms_per_step_p50": round(statistics.median(cpu) * 1e3, 2),
-        **_profiled_ops(core, args.profile_steps),
     }
+    if clock is not None:  # rank 0's time in collectives and step messages (waits for the others included)
+        result["collective_ms_per_step"] = round((clock.seconds - before[0]) / args.steps * 1e3, 2)
+        result["collectives_per_step"] = (clock.calls - before[1]) / args.steps
+    result.update(_profiled_ops(core, args.profile_steps))
+    core.close()
     if args.json:
         print(json.dumps(result))
     else:
@@ -130,16 +137,18 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
-    from pagoda.engine.config import CacheConfig, EngineConfig
+    from pagoda.engine.config import CacheConfig, EngineConfig, ParallelConfig
 
+    tp = getattr(args, "tensor_parallel_size", 1)
     return EngineConfig(
+        parallel=ParallelConfig(tensor_parallel_size=tp),
         model=getattr(args, "model", ""),
         dtype=args.dtype,
         quantization=args.quantization,
         cache=CacheConfig(enable_prefix_caching=False, kv_cache_memory=1 << 28),
         # as pagoda serve runs once its graphs are ready: compiled where they run (auto: an
         # in-process engine loads or compiles them before its first step)
-        compile="auto" if args.compile == "on" else "off",
+        compile="auto" if args.compile == "on" and tp == 1 else "off",
         # the model's own limit may not fit the KV budget (float32 under int8)
         max_model_len=args.input_len + args.steps + args.profile_steps + 64,
     )

@@ -284,6 +284,13 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="auto", help="as pagoda serve takes it")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="ranks the model is split over (each takes its share of --threads; steps run eagerly)",
+    )
+    p.add_argument(
         "--compile",
         default="on",
         choices=["on", "off"],

@@ -15,7 +15,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 import torch
 
 from pagoda.engine.config import BatcherConfig, EngineConfig, engine_dtype, validate_max_model_len
+from pagoda.engine.core.kv_sizing import size_kv_cache
+from pagoda.engine.core.model_loading import load_model
 from pagoda.engine.core.stats import CoreCounters, EngineCapacity, StepStats
+from pagoda.engine.distributed.launcher import start_ranks
+from pagoda.engine.distributed.tensor_parallel import SINGLE
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.loader import Checkpoint, demo_model_path, load_checkpoint
 from pagoda.engine.loader.catalog import generation_defaults
@@ -23,16 +27,15 @@ from pagoda.engine.lora.engine_api import LoRAEngineMixin
 from pagoda.engine.lora.layers import use_native
 from pagoda.engine.lora.manager import LoRAManager
 from pagoda.engine.lora.request import LoRARequest
-from pagoda.engine.models import Model, build_model
+from pagoda.engine.models import Model
 from pagoda.engine.models.arch_config import ModelArchConfig
-from pagoda.engine.models.quantization import quantize_linears, resolve_quantization
+from pagoda.engine.models.quantization import resolve_quantization
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.pooling.params import resolve_pooler
 from pagoda.engine.runner.attention import get_backend
 from pagoda.engine.runner.compile_cache import decode_compile_mode
 from pagoda.engine.runner.cuda_graphs import capture_sizes
-from pagoda.engine.runner.model_runner import ModelRunner, kv_bytes_per_block
-from pagoda.engine.runner.onednn_linear import onednn_bf16_available, pack_linears
+from pagoda.engine.runner.model_runner import ModelRunner
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.sampling.sampler import make_generator
 from pagoda.engine.scheduling.batcher import Batcher, RunnerOutput
@@ -43,8 +46,6 @@ from pagoda.engine.structured.grammar import grammar_of
 from pagoda.engine.tokenization.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
 class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
@@ -68,12 +69,21 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
         self.quantization = resolve_quantization(config.quantization, self.device, ckpt.quantization)
         self.dtype = engine_dtype(config.dtype, self.quantization, self.device)
         self.max_model_len = validate_max_model_len(config.max_model_len, arch.max_position_embeddings)
+        # --tensor-parallel-size: the other ranks, started now, load their shards as this one does
+        self.parallel = start_ranks(
+            config, ckpt, self.device, self.dtype, self.quantization, self.max_model_len
+        )
         self.model = self._load_model(ckpt)
         self.lora = (
             LoRAManager(self.model, config.lora, self.dtype, self.device) if config.lora.enable_lora else None
         )
-        num_blocks, per_block = self._size_kv_cache(arch)
+        kv_heads = getattr(self.model, "num_kv_heads", arch.num_kv_heads)  # a tensor-parallel rank's
+        num_blocks, per_block = size_kv_cache(
+            config, arch, kv_heads, self.dtype, self.device, self.max_model_len
+        )
         cache = config.cache
+        if self.parallel is not None:
+            self.parallel.init_kv_cache(num_blocks, cache.block_size)
         self.num_blocks = num_blocks
         self.capacity = EngineCapacity(config.batcher.max_num_seqs, cache.block_size, num_blocks)
         eos = tuple(arch.eos_token_ids) or tuple(self.tokenizer.eos_token_ids)
@@ -118,7 +128,10 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
             lora=None if self.lora is None else use_native(self.device, self.dtype),
             moe=moe,
         )
-        eager = config.enforce_eager or self.pooler is not None  # a pooler has no decode steps to capture
+        if self.parallel is not None:  # one rank's graph, its collectives untraced: eager (for now)
+            compile_mode = "off"
+        # a pooler has no decode steps to capture; tensor-parallel ranks run eagerly (for now)
+        eager = config.enforce_eager or self.pooler is not None or self.parallel is not None
         if moe and (config.compile != "off" or (not eager and self.device.type == "cuda")):
             # the experts' dispatch: data-dependent shapes on the CPU; on a GPU, not yet captured on one
             logger.info("decode steps of a mixture-of-experts model run eagerly (no compiled or CUDA graphs)")
@@ -153,21 +166,19 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
 
     def _load_model(self, ckpt: Checkpoint) -> Model:
         """The checkpoint's model on this core's device and dtype, quantized or packed for oneDNN
-        as configured."""
+        as configured (with tensor-parallel followers: this rank's shard, theirs loading meanwhile)."""
         arch = ckpt.arch
         t0 = time.perf_counter()
-        with torch.device("meta"):
-            model = build_model(arch, self.max_model_len)
-        keep = self.quantization == ckpt.quantization  # the checkpoint's own, served packed
-        report = model.load_weights(ckpt.weights(), self.device, self.dtype, keep_quantized=keep)
-        model.eval()
-        packed = 0
-        if self.quantization in ("int8", "int4"):
-            quantize_linears(model, self.quantization)
-        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and onednn_bf16_available():
-            packed = pack_linears(model)  # the linears still dense, if any
+        tp = self.parallel.tp if self.parallel is not None else SINGLE
+        try:
+            model, report, packed = load_model(
+                ckpt, self.max_model_len, self.device, self.dtype, self.quantization, tp
+            )
+        except BaseException:
+            self.close()  # the followers too
+            raise
         logger.info(
-            "loaded %s (%s, %d layers) as %s%s%s on %s in %.1fs",
+            "loaded %s (%s, %d layers) as %s%s%s on %s in %.1fs%s",
             self.model_name,
             arch.architecture,
             arch.num_layers,
@@ -176,42 +187,9 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
             f" ({packed} linears packed for oneDNN)" if packed else "",
             self.device,
             time.perf_counter() - t0,
+            f" (rank 0 of {tp.size}: tensor parallel)" if tp.enabled else "",
         )
         return model
-
-    def _size_kv_cache(self, arch: ModelArchConfig) -> tuple[int, int]:
-        """(KV blocks, bytes per block): what the memory budget holds, or the override. Raises
-        ValueError, saying what to change, when not one block fits or a whole context does not."""
-        cache = self.config.cache
-        if arch.is_encoder:  # no KV kept: blocks are bookkeeping, enough for every sequence
-            blocks = self.config.batcher.max_num_seqs * -(-self.max_model_len // cache.block_size)
-            return cache.num_blocks_override or blocks, 0
-        per_block = kv_bytes_per_block(
-            arch.num_layers, cache.block_size, arch.num_kv_heads, arch.head_dim, self.dtype
-        )
-        num_blocks = cache.num_blocks_override or self._kv_budget() // per_block
-        if num_blocks < 1:
-            raise ValueError(
-                f"the KV cache does not fit: one block takes {per_block} bytes and "
-                f"{self._kv_budget()} bytes are available; raise --kv-cache-memory or "
-                f"--gpu-memory-utilization, or use a smaller model"
-            )
-        capacity = num_blocks * cache.block_size
-        if cache.num_blocks_override is None and capacity < self.max_model_len:
-            raise ValueError(
-                f"max_model_len {self.max_model_len} exceeds the {capacity} tokens the KV cache holds "
-                f"({num_blocks} blocks); raise --kv-cache-memory or lower --max-model-len"
-            )
-        return num_blocks, per_block
-
-    def _kv_budget(self) -> int:
-        cache = self.config.cache
-        if cache.kv_cache_memory is not None:
-            return cache.kv_cache_memory
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            return int(free - (1.0 - cache.gpu_memory_utilization) * total)
-        return DEFAULT_CPU_KV_BYTES
 
     # -- requests ------------------------------------------------------------------------------
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -293,7 +271,14 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
         return outs
 
     def has_unfinished(self) -> bool:
+        if self.parallel is not None:  # a follower rank that died fails the engine, idle or not
+            self.parallel.check()
         return self.batcher.has_unfinished() or bool(self._awaiting)
+
+    def close(self) -> None:
+        """End the tensor-parallel followers, if any (also done at exit)."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     def counters(self) -> CoreCounters:
         """Live figures for metrics; safe to read from another thread (plain ints and floats)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from pagoda.engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.models.bert import BertModel
 from pagoda.engine.models.gemma import GemmaForCausalLM
@@ -29,8 +30,16 @@ _REGISTRY: dict[str, type[LlamaForCausalLM] | type[GemmaForCausalLM] | type[Bert
 }
 
 
-def build_model(cfg: ModelArchConfig, max_position: int) -> Model:
+def build_model(cfg: ModelArchConfig, max_position: int, tp: TensorParallel = SINGLE) -> Model:
+    """The model of `cfg`; with `tp`, that rank's shard (the Llama family: sharding.py checks)."""
     cls = _REGISTRY[cfg.architecture]
-    model = cls(cfg, max_position)
+    if tp.enabled:
+        from pagoda.engine.distributed.sharding import check_tensor_parallel
+
+        check_tensor_parallel(cfg, tp.size)
+        assert cls is LlamaForCausalLM, cls
+        model: Model = LlamaForCausalLM(cfg, max_position, tp)
+    else:
+        model = cls(cfg, max_position)
     assert isinstance(model, nn.Module)
     return model

@@ -184,12 +184,23 @@ def _swap_halves(x: torch.Tensor) -> torch.Tensor:
     return torch.roll(x, half, dims=-1)
 
 
-class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up in one matmul."""
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
-    def __init__(self, hidden: int, intermediate: int) -> None:
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up in one matmul. Tensor-parallel: `intermediate`
+    is this rank's slice and `reduce` sums down's partial outputs over the ranks."""
+
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    ) -> None:
         super().__init__()
         self.intermediate = intermediate
+        self.reduce = reduce
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.use_triton = False
@@ -199,9 +210,9 @@ class GatedMLP(nn.Module):
         if self.use_triton:
             from pagoda.kernels.activation import silu_and_mul
 
-            return self.down_proj(silu_and_mul(gate_up))  # type: ignore[no-any-return]
+            return self.reduce(self.down_proj(silu_and_mul(gate_up)))
         gate, up = gate_up.split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.reduce(self.down_proj(F.silu(gate) * up))
 
 
 def use_triton_layers(model: nn.Module, enabled: bool) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagoda.engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from pagoda.engine.models.weight_loading import FusedHFWeights
@@ -23,14 +24,16 @@ class Attention(nn.Module):
         rope: RotaryEmbedding,
         sliding_window: int | None = None,
         norm: type[nn.Module] = RMSNorm,  # of the per-head q/k norms (Gemma's scales by 1 + weight)
+        tp: TensorParallel = SINGLE,  # this rank's heads only; o_proj's partial sums all-reduced
     ) -> None:
         super().__init__()
         self.sliding_window = sliding_window  # Mistral's and Phi-3's window, where it binds
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
+        self.num_heads = tp.heads(cfg.num_heads)[1]
+        self.num_kv_heads = tp.kv_heads(cfg.num_kv_heads)[1]
         self.head_dim = cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
+        self.tp = tp
         self.scale = cfg.softmax_scale
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
@@ -61,16 +64,20 @@ class Attention(nn.Module):
                 k = self.k_norm(k)
             q, k = self.rope(positions, q, k)
         o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return self.tp.all_reduce(self.o_proj(o.reshape(-1, self.q_size)))
 
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelArchConfig, rope: RotaryEmbedding, sliding_window: int | None = None
+        self,
+        cfg: ModelArchConfig,
+        rope: RotaryEmbedding,
+        sliding_window: int | None = None,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, rope, sliding_window)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.self_attn = Attention(cfg, rope, sliding_window, tp=tp)
+        self.mlp = GatedMLP(cfg.hidden_size, tp.split(cfg.intermediate_size)[1], tp.all_reduce)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.residual_multiplier = cfg.residual_multiplier
@@ -100,17 +107,22 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(FusedHFWeights, nn.Module):
-    def __init__(self, cfg: ModelArchConfig, max_position: int) -> None:
+    def __init__(self, cfg: ModelArchConfig, max_position: int, tp: TensorParallel = SINGLE) -> None:
+        """`tp`: build this rank's shard (pagoda/engine/distributed): its heads, its slice of the
+        MLP, its range of the vocabulary."""
         super().__init__()
         self.cfg = cfg
+        self.tp = tp
+        self.num_kv_heads = tp.kv_heads(cfg.num_kv_heads)[1]  # what this rank's KV cache holds
         self.attention_needs = cfg.attention_needs(max_position)  # what the attention backend must do
         rope = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling, cfg.rotary_dim)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        vocab = tp.vocab(cfg.vocab_size)[1]
+        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, rope, cfg.layer_window(i, max_position)) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, rope, cfg.layer_window(i, max_position), tp) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -122,7 +134,8 @@ class LlamaForCausalLM(FusedHFWeights, nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:  # [num_tokens, hidden]
-        x = self.embed_tokens(input_ids)
+        self.tp.begin_forward(input_ids, positions, meta)  # rank 0 of several: the others run it too
+        x = self.tp.embed(self.embed_tokens, input_ids, self.cfg.vocab_size)
         if self.cfg.embedding_multiplier != 1.0:
             x = x * self.cfg.embedding_multiplier
         residual: torch.Tensor | None = None
@@ -133,9 +146,10 @@ class LlamaForCausalLM(FusedHFWeights, nn.Module):
         return self.norm.add_forward(x, residual)[0]  # type: ignore[no-any-return]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab] float32
+        self.tp.begin_logits(hidden)
         if getattr(self.lm_head, "float_logits", False):  # a head whose kernel sums in float32 anyway
             hidden = hidden.float()  # its logits stay float32, not rounded to bf16 (ties at 1/8)
-        logits = self.lm_head(hidden)
+        logits = self.tp.gather_logits(self.lm_head(hidden), self.cfg.vocab_size)  # rank 0: whole vocab
         if self.cfg.logits_scaling != 1.0:
             logits = logits / self.cfg.logits_scaling
         return logits.float()  # type: ignore[no-any-return]

@@ -11,12 +11,13 @@ quantized, stacked (`concat_rows`) into one quantized layer once all parts are i
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from pagoda.engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.quantization.embedding import QuantizedEmbedding, TiedEmbedding, tied_head
 from pagoda.engine.quantization.linear import make_linear
@@ -24,6 +25,7 @@ from pagoda.engine.quantization.vnni import VnniLinear
 from pagoda.engine.quantization.weights import QuantizedWeight, concat_rows
 
 Weight = torch.Tensor | QuantizedWeight
+Shard = Callable[[str, Weight], Weight]  # (HF name, tensor) -> this rank's slice of it
 
 
 @dataclass
@@ -64,7 +66,8 @@ def copy_checked(name: str, dest: torch.Tensor, value: torch.Tensor) -> None:
 class ModelLoader:
     """Loads HF-named weights into `model` (built on meta) on `device` in `dtype`. With
     `keep_quantized` False, QuantizedWeights are dequantized into dense parameters (the path of
-    `--quantization none` and of load-time quantization)."""
+    `--quantization none` and of load-time quantization). `shard`: a tensor-parallel rank's
+    slice of each tensor, taken as it arrives (the model built with that rank's sizes)."""
 
     def __init__(
         self,
@@ -74,8 +77,10 @@ class ModelLoader:
         dtype: torch.dtype,
         keep_quantized: bool,
         tied: bool,
+        shard: Shard | None = None,
     ) -> None:
         self.model, self.fused, self.device, self.dtype = model, fused, device, dtype
+        self.shard = shard
         self.keep_quantized, self.tied = keep_quantized, tied
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.stash: dict[str, list[tuple[int, QuantizedWeight]]] = {}  # module path -> parts
@@ -99,6 +104,8 @@ class ModelLoader:
         name = name.removeprefix("model.")
         if "rotary_emb" in name or (name == "lm_head.weight" and self.tied):
             return
+        if self.shard is not None:
+            value = self.shard(name, value)
         target, start, size = self._target(name)
         if target not in self.params:
             raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
@@ -199,10 +206,15 @@ class FusedHFWeights:
 
     def weight_loader(self, device: torch.device, dtype: torch.dtype, keep_quantized: bool) -> ModelLoader:
         cfg = self.cfg
+        tp: TensorParallel = getattr(self, "tp", SINGLE)  # a rank's shard: its heads and slices
+        heads, kv_heads = tp.heads(cfg.num_heads)[1], tp.kv_heads(cfg.num_kv_heads)[1]
         fused = (
             {}
             if cfg.architecture == "phi3"
-            else fused_parts(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size)
+            else fused_parts(heads, kv_heads, cfg.head_dim, tp.split(cfg.intermediate_size)[1])
         )
         assert isinstance(self, nn.Module)
-        return ModelLoader(self, fused, device, dtype, keep_quantized, cfg.tie_word_embeddings)
+        from pagoda.engine.distributed.sharding import LlamaShards  # (it imports the models package)
+
+        shard = LlamaShards(cfg, tp) if tp.enabled else None
+        return ModelLoader(self, fused, device, dtype, keep_quantized, cfg.tie_word_embeddings, shard)

@@ -56,6 +56,11 @@ def prompt_rows(start: int | None) -> Iterator[None]:
         _prompt.start = previous
 
 
+def current_prompt_start() -> int | None:
+    """The `start` of the innermost `prompt_rows` context (None outside one)."""
+    return _prompt.start
+
+
 def act_block(qw: QuantizedWeight) -> int | None:
     """The block the kernel runs `qw` in: the largest divisor of its group that is at most
     MAX_ACT_BLOCK and a multiple of the inputs one 64-byte chunk holds (8 at 4 bits, 4 at 8),

@@ -76,6 +76,31 @@ class QuantizedWeight:
         offset = None if self.offset is None else self.offset.repeat_interleave(k, 1)
         return replace(self, scale=self.scale.repeat_interleave(k, 1), offset=offset)
 
+    def rows(self, start: int, n: int) -> QuantizedWeight:
+        """Output rows [start, start + n) (a column-parallel shard)."""
+        part = slice(start, start + n)
+        offset = None if self.offset is None else self.offset[part].contiguous()
+        return replace(
+            self, codes=self.codes[part].contiguous(), scale=self.scale[part].contiguous(), offset=offset
+        )
+
+    def columns(self, start: int, n: int) -> QuantizedWeight:
+        """Input columns [start, start + n) (a row-parallel shard): whole groups only, or any
+        columns of a weight with one scale per row; ValueError otherwise."""
+        g = self.group_size
+        codes = self.codes[:, start : start + n].contiguous()
+        if g == self.in_features:  # per channel: every shard keeps the row's scale
+            return replace(self, codes=codes)
+        if start % g or n % g:
+            raise ValueError(
+                f"a weight quantized in groups of {g} inputs cannot be split at columns {start}..{start + n} "
+                "across tensor-parallel ranks; use fewer ranks, a checkpoint quantized in smaller "
+                "groups, or --quantization none"
+            )
+        groups = slice(start // g, (start + n) // g)
+        offset = None if self.offset is None else self.offset[:, groups].contiguous()
+        return replace(self, codes=codes, scale=self.scale[:, groups].contiguous(), offset=offset)
+
 
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     """Stack weights along the output dimension (q, k, v into qkv; gate, up into gate_up). Parts

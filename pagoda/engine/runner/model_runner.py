@@ -93,11 +93,12 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.pooler = pooler
         self.lora = lora
-        # an encoder attends within each step's sequences: it keeps no KV
+        # an encoder attends within each step's sequences: it keeps no KV; a tensor-parallel
+        # rank keeps its KV heads only (model.num_kv_heads)
         shape = (
             (0, block_size, 0, 0)
             if cfg.is_encoder
-            else (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+            else (num_blocks, block_size, getattr(model, "num_kv_heads", cfg.num_kv_heads), cfg.head_dim)
         )
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))

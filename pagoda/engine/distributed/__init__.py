@@ -1,0 +1,11 @@
+"""One engine over several ranks (torch.distributed: gloo on CPUs, NCCL on GPUs).
+
+Tensor parallelism (`--tensor-parallel-size N`, vLLM's meaning): every rank holds a shard of each
+layer and its own KV cache of its heads. Rank 0 is the engine: it schedules, samples and talks to
+the bus; it starts the other local ranks itself (`launcher.py`, each `follower.py` in a process of
+its own) and drives them with a small step protocol (`protocol.py`): for each model call it sends
+the call's inputs, and the followers run their shard in lockstep, meeting rank 0 in the
+collectives the layers make (`tensor_parallel.py`: one all-reduce after each row-parallel
+projection and after the embedding, a gather of the logits' vocabulary shards to rank 0).
+Weights are sharded as they load (`sharding.py`), dense or quantized.
+"""

@@ -1,0 +1,235 @@
+"""Rank 0's side of a tensor-parallel engine: it starts the follower ranks (one process each,
+`python -m pagoda.engine.distributed.follower`), meets them over a TCPStore, sends them each
+model call (protocol.py), watches that they live, and ends them.
+
+Failure: the model's collectives and rank 0's sends time out after `collective_timeout_s`, and a
+rank whose process ended breaks them at once (its sockets close); `check()` (called by the engine
+between steps, also when idle) raises when a follower exited. Either way the engine fails, and a
+worker exits as for any engine failure (its requests fail over). Followers leave on SHUTDOWN
+(`close()`, also at exit), or on their own when rank 0's process is gone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.distributed.protocol import Channel, Command, StepInputs, meta_to
+from pagoda.engine.distributed.sharding import check_tensor_parallel
+from pagoda.engine.distributed.shm_all_reduce import ShmAllReduce, shm_path
+from pagoda.engine.distributed.tensor_parallel import TensorParallel
+from pagoda.engine.loader import Checkpoint
+from pagoda.engine.quantization.vnni import current_prompt_start
+
+logger = logging.getLogger(__name__)
+
+LOAD_TIMEOUT_S = 900.0  # followers start, join and load their shards within this
+IDLE_TIMEOUT = timedelta(days=7)  # a follower's wait for rank 0's next command (an idle engine)
+
+
+@dataclass(frozen=True)
+class FollowerSpec:
+    """What a follower process needs to build its shard as rank 0 builds its own."""
+
+    rank: int
+    size: int
+    port: int
+    parent_pid: int
+    checkpoint: str  # the path rank 0 loaded
+    config: EngineConfig
+    dtype: torch.dtype
+    quantization: str
+    max_model_len: int
+    num_threads: int
+    shm_path: str | None  # the shared-memory all-reduce's file (CPU ranks), or None: gloo's
+
+
+def join_groups(
+    store: Any, rank: int, size: int, device: torch.device, timeout: timedelta
+) -> tuple[Any, Any]:
+    """(the model's group: NCCL on GPUs, gloo on CPUs; the control group: gloo), created in this
+    order on every rank. Each is a group of its own, not the default one."""
+    model_group: Any
+    if device.type == "cuda":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        model_group = dist.ProcessGroupNCCL(dist.PrefixStore("tp", store), rank, size, opts)
+    else:
+        model_group = dist.ProcessGroupGloo(dist.PrefixStore("tp", store), rank, size, timeout)
+    control_timeout = timeout if rank == 0 else IDLE_TIMEOUT
+    control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, control_timeout)
+    return model_group, control
+
+
+class _Leader:
+    """The StepLeader of rank 0's model (tensor_parallel.py): each call, sent first."""
+
+    def __init__(self, channel: Channel, model_group: Any) -> None:
+        self.channel, self.model_group = channel, model_group
+        self.opts = dist.BroadcastOptions()
+        self.opts.rootRank = 0
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> None:
+        cpu = torch.device("cpu")
+        step = StepInputs(input_ids.to(cpu), positions.to(cpu), meta_to(meta, cpu), current_prompt_start())
+        self.channel.send(Command.FORWARD, payload=step)
+
+    def logits(self, hidden: torch.Tensor) -> None:
+        self.channel.send(Command.LOGITS, arg=int(hidden.shape[0]))
+        self.model_group.broadcast([hidden.contiguous()], self.opts).wait()
+
+
+class TensorParallelRanks:
+    """Rank 0's followers: started, joined and loaded by the constructor (which returns once
+    they hold their shards), driven through `tp.leader` by rank 0's model."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        checkpoint: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        quantization: str,
+        max_model_len: int,
+    ) -> None:
+        size = config.parallel.tensor_parallel_size
+        timeout = timedelta(seconds=config.parallel.collective_timeout_s)
+        threads = max(1, torch.get_num_threads() // size) if device.type == "cpu" else torch.get_num_threads()
+        torch.set_num_threads(threads)  # the ranks share the cores (threads made from now on)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.channel: Channel | None = None
+        self.shm: ShmAllReduce | None = None
+        self._closed = False
+        atexit.register(self.close)  # whatever fails from here on, nothing is left behind
+        if device.type == "cpu" and os.environ.get("PAGODA_SHM_ALL_REDUCE", "1") != "0":
+            self.shm = ShmAllReduce(shm_path(), 0, size, config.parallel.collective_timeout_s, create=True)
+        shm = self.shm.path if self.shm is not None else None
+        spec = FollowerSpec(  # rank and port filled in by _start
+            0, size, 0, os.getpid(), checkpoint, config, dtype, quantization, max_model_len, threads, shm
+        )
+        try:
+            self._start(spec, device, timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, spec: FollowerSpec, device: torch.device, timeout: timedelta) -> None:
+        """Spawn the followers, then meet them in the groups."""
+        size, port = spec.size, _free_port()
+        self.store = dist.TCPStore("127.0.0.1", port, size, True, timedelta(seconds=LOAD_TIMEOUT_S), False)
+        self.procs += [_spawn(replace(spec, rank=rank, port=port)) for rank in range(1, size)]
+        self._wait_for("joined")  # each mapped the shared memory first: it can go from the file system
+        if self.shm is not None:
+            self.shm.unlink()
+            self.shm.watch = self.check
+        model_group, control = join_groups(self.store, 0, size, device, timeout)
+        self.channel = channel = Channel(control)
+        self.tp = TensorParallel(0, size, model_group, _Leader(channel, model_group), self.shm)
+        backend = "NCCL" if device.type == "cuda" else "gloo" + (" + shared memory" if self.shm else "")
+        logger.info(
+            "tensor parallel: %d ranks (%d followers started, pids %s), %d threads each, %s",
+            size, size - 1, [p.pid for p in self.procs], spec.num_threads, backend,
+        )  # fmt: skip
+
+    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """Once every follower holds its shard (rank 0 loaded its own meanwhile): their KV caches,
+        as many blocks as rank 0's."""
+        self._wait_for("loaded")
+        assert self.channel is not None
+        self.channel.send(Command.KV_CACHE, arg=num_blocks, payload=block_size)
+
+    def check(self) -> None:
+        """Raise RuntimeError when a follower's process has ended."""
+        for rank, proc in enumerate(self.procs, start=1):
+            code = proc.poll()
+            if code is not None and not self._closed:
+                raise RuntimeError(
+                    f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {code}; the engine "
+                    "stops (a worker exits and its requests move to other workers)"
+                )
+
+    def close(self) -> None:
+        """End the followers: SHUTDOWN, then a signal to any that did not leave."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.shm is not None:
+            self.shm.unlink()
+        atexit.unregister(self.close)
+        if self.channel is not None and all(p.poll() is None for p in self.procs):
+            try:
+                self.channel.send(Command.SHUTDOWN)
+            except Exception as exc:  # a broken group: the signals below end them
+                logger.debug("SHUTDOWN not sent: %s", exc)
+        for proc in self.procs:
+            try:
+                proc.wait(5.0 if self.channel is not None else 0.0)  # not joined yet: nothing to wait for
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _wait_for(self, stage: str) -> None:
+        keys = [f"{stage}/{rank}" for rank in range(1, len(self.procs) + 1)]
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while not self.store.check(keys):
+            self.check()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel followers not {stage} after {LOAD_TIMEOUT_S:.0f}s")
+            time.sleep(0.05)
+
+
+def start_ranks(
+    config: EngineConfig,
+    ckpt: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: str,
+    max_model_len: int,
+) -> TensorParallelRanks | None:
+    """The followers of a tensor-parallel engine (None for one rank); ValueError, naming the flag,
+    for a model or checkpoint that cannot be split."""
+    size = config.parallel.tensor_parallel_size
+    if size == 1:
+        return None
+    check_tensor_parallel(ckpt.arch, size)
+    if not ckpt.path:
+        raise ValueError(
+            f"--tensor-parallel-size {size} needs a checkpoint on disk (each rank loads its shard)"
+        )
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        raise ValueError(
+            f"--tensor-parallel-size {size} needs {size} GPUs, {torch.cuda.device_count()} are visible"
+        )
+    return TensorParallelRanks(config, ckpt.path, device, dtype, quantization, max_model_len)
+
+
+def _spawn(spec: FollowerSpec) -> subprocess.Popen[bytes]:
+    root = str(Path(__file__).resolve().parents[3])  # the directory holding the pagoda package
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pagoda.engine.distributed.follower"], stdin=subprocess.PIPE, env=env
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(pickle.dumps(spec))
+    proc.stdin.close()
+    return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
