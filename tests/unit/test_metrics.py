@@ -145,6 +145,7 @@ def _core_without_model(num_blocks: int = 4) -> EngineCore:
     core.kv = KVCacheManager(num_blocks, block_size=4)
     core.batcher = Batcher(BatcherConfig(max_num_batched_tokens=64), core.kv, 64, [0])
     core._awaiting = {}  # requests waiting for a grammar: none
+    core.parallel = None  # one rank
     return core
 
 
