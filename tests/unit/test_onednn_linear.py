@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda.engine.core import engine_core
+from pagoda.engine.core import model_loading
 from pagoda.engine.llm import LLM
 from pagoda.engine.runner.onednn_linear import (
     OneDnnLinear,
@@ -86,7 +86,7 @@ def test_engine_packs_where_onednn_has_bf16_with_the_same_tokens(
     llm, packed_tokens, packed_first = run()
     kinds = {type(m) for m in llm.engine.model.modules()}
     assert (OneDnnLinear in kinds) == PACKS and (nn.Linear in kinds) != PACKS, kinds
-    monkeypatch.setattr(engine_core, "onednn_bf16_available", lambda: False)
+    monkeypatch.setattr(model_loading, "onednn_bf16_available", lambda: False)
     plain_llm, plain_tokens, plain_first = run()
     assert not any(isinstance(m, OneDnnLinear) for m in plain_llm.engine.model.modules())
     # the same first distributions (bf16 rounding apart), the same first tokens; the rest of the
