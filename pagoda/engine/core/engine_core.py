@@ -309,7 +309,10 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
     def step(self) -> list[RequestOutput]:
         failed = self._adopt_grammars() if self._awaiting else []
         out = self.batcher.schedule()
+        t0 = time.perf_counter()
         res = self.runner.execute(out)
+        if self.spec is not None:  # a row's cost, for how many drafts pay
+            self.spec.speculation.observe_step(out, time.perf_counter() - t0)
         changed = self.batcher.update(out, res)
         self.last_stats = StepStats(
             out.total_num_scheduled_tokens,
