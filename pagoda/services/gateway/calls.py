@@ -139,7 +139,7 @@ class SubRequest:
         if out.stop_token_id is not None and ids[-1:] == [out.stop_token_id] and not self.include_stop:
             ids = ids[:-1]  # a stop token is not text (vLLM's rule), with skip_special_tokens off too
         if len(ids) > 1 and choice.stop.stop:
-            text, hit, used = _stop_token_by_token(choice, ids)
+            text, hit, used = choice.stop.add_token_by_token(choice.detokenizer, ids)
         else:
             text, hit = choice.stop.add(choice.detokenizer.add(ids))
             used = len(ids)
@@ -161,20 +161,6 @@ class SubRequest:
     @property
     def engine_finished(self) -> bool:
         return all(c.engine_finished for c in self.choices)
-
-
-def _stop_token_by_token(choice: Choice, ids: list[int]) -> tuple[str, str | None, int]:
-    """Several tokens in one output (a speculative step's accepted drafts, or outputs coalesced
-    on the way) with stop strings: fed one token at a time, so that a stop string ending in token
-    i leaves tokens i + 1... out of the count and the log-probs, as if they had come one by one.
-    Returns (text to emit, the stop string hit, tokens used)."""
-    pieces: list[str] = []
-    for i, token in enumerate(ids):
-        text, hit = choice.stop.add(choice.detokenizer.add([token]))
-        pieces.append(text)
-        if hit is not None:
-            return "".join(pieces), hit, i + 1
-    return "".join(pieces), None, len(ids)
 
 
 @dataclass
