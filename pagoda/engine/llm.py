@@ -20,7 +20,13 @@ from pagoda.engine.sampling.params import SamplingParams
 _CACHE_KEYS = {"block_size", "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching"}
 _SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs", "scheduling_policy", "enable_chunked_prefill"}
 _LORA_KEYS = {"enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"}
-_PARALLEL_KEYS = {"tensor_parallel_size", "pipeline_parallel_size", "collective_timeout_s"}
+_PARALLEL_KEYS = {
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "collective_timeout_s",
+    "enable_expert_parallel",
+    "data_parallel_size",
+}
 
 
 def make_engine_config(model: str = "", **kwargs: Any) -> EngineConfig:
