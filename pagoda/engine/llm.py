@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -90,7 +90,12 @@ class LLM:
         if config is not None and (model or kwargs):
             raise TypeError("pass either config= or the model and its keyword arguments, not both")
         config = config if config is not None else make_engine_config(model, **kwargs)
-        self.engine = EngineCore(config, checkpoint)
+        if config.parallel.data_parallel_size > 1:  # N engines meeting at the MoE layers
+            from pagoda.engine.distributed.data_parallel import DataParallelEngines
+
+            self.engine = cast(EngineCore, DataParallelEngines(config, checkpoint))
+        else:
+            self.engine = EngineCore(config, checkpoint)
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 

@@ -1,8 +1,8 @@
 """Mixture-of-experts models over 2 ranks on the CPU (gloo, the follower a real process): with
 --enable-expert-parallel each rank holds half the experts whole (Mixtral, Qwen3-MoE), under plain
 tensor parallelism each expert's half of the units (Qwen2-MoE: its shared expert and dense layer
-sharded too; Granite-MoE: stacked expert tensors in the checkpoint); either way the greedy tokens (and log-probs) of one rank. What cannot split is
-refused naming the flag."""
+sharded too; Granite-MoE: stacked expert tensors in the checkpoint); either way the greedy tokens
+(and log-probs) of one rank. What cannot split is refused naming the flag."""
 
 from __future__ import annotations
 
