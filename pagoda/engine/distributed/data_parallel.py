@@ -20,6 +20,7 @@ replica each) and meet through gloo groups, as ranks of several processes would.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,19 +69,25 @@ class DataParallelGroup:
 
     def any_busy(self, busy: bool) -> bool:
         """Whether any rank has work this round (every rank calls this once per round)."""
+        start = time.perf_counter()
         flag = torch.tensor([int(busy)], dtype=torch.int64)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX  # type: ignore[assignment]
         self.group.allreduce([flag], opts).wait()
+        self.clock.add(start)
         return bool(flag.item())
 
     def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        start = time.perf_counter()
         out = [torch.empty_like(x) for _ in range(self.size)]
         self.group.allgather([out], [x.contiguous()]).wait()
+        self.clock.add(start)
         return out
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         self.group.allreduce([x]).wait()
+        self.clock.add(start)
         return x
 
 
@@ -124,6 +131,7 @@ class DataParallelEngineCore(EngineCore):
         self._pending = False  # another rank started a wave: step, if only to serve it
         self._in_wave = False
         self.dummy_passes = 0
+        self.served_only = False  # the last round ran only the dummy pass
         self.waker: Callable[[], None] | None = None  # the step loop's wake-up (AsyncEngine's)
         super().__init__(config, checkpoint, **kw)
         self.moe_blocks = [m for m in self.model.modules() if isinstance(m, ParallelMoeBlock)]
@@ -147,7 +155,8 @@ class DataParallelEngineCore(EngineCore):
         self._pending = True  # the next round, whatever this rank has
         self.dp.moe_calls = 0
         outputs = super().step() if busy else []
-        if self.dp.moe_calls == 0:  # no model call here: the others' tokens through our experts
+        self.served_only = self.dp.moe_calls == 0
+        if self.served_only:  # no model call here: the others' tokens through our experts
             self._dummy_pass()
             if self.waker is not None:
                 self.waker()  # no pause before the next round
@@ -226,6 +235,23 @@ class DataParallelEngines:
 
     def has_unfinished(self) -> bool:
         return any(e.has_unfinished() for e in self.engines)
+
+    @property
+    def last_stats(self) -> StepStats:
+        """The engines' last step together (tokens, sequences: sums; KV usage: the mean)."""
+        stats = [e.last_stats for e in self.engines]
+        return StepStats(
+            sum(e.last_stats.num_scheduled_tokens for e in self.engines if not e.served_only),
+            sum(s.num_running for s in stats),
+            sum(s.num_waiting for s in stats),
+            sum(s.kv_usage for s in stats) / len(stats),
+            sum(s.num_preempted for s in stats),
+        )
+
+    @property
+    def clock(self) -> CollectiveClock:
+        """Rank 0's time in the data-parallel collectives (waits for the others included)."""
+        return self.engines[0].dp.clock
 
     def step(self) -> list[RequestOutput]:
         steps = [t.submit(e.step) for t, e in zip(self._threads, self.engines, strict=True)]
