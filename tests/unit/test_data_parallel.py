@@ -1,12 +1,14 @@
 """Data-parallel attention with expert parallelism on the CPU (gloo): two engines, each with its
 own scheduler and KV cache and half of every MoE layer's experts, meeting at the MoE layers, give
 the greedy tokens (and log-probs) of one engine holding everything; offline (`LLM`) and served
-(`pagoda serve`: each rank a worker of its own, the cluster scheduler spreading requests), with a
+(`pagoda serve`, and `pagoda worker` over RabbitMQ and Redis: each rank a worker of its own, the
+cluster scheduler spreading requests), with a
 rank that has nothing to run serving the other's tokens through its experts."""
 
 from __future__ import annotations
 
 import re
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import httpx
 import pytest
 
 from pagoda.engine import LLM, SamplingParams
-from tests.processes import Proc, free_port, wait_ready
+from tests.processes import AMQP, REDIS, Proc, free_port, wait_ready
 
 PROMPTS = [[1, 2, 3, 4, 5], list(range(40, 75)), [7, 8, 9]]
 PARAMS = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=1) for n in (8, 3, 12)]
@@ -65,17 +67,30 @@ def test_two_engines_give_one_engines_greedy_tokens(tmp_path: Path, kind: str, n
         dp.engine.close()
 
 
-def _serve(model: Path) -> tuple[Proc, str]:
+def _stack(model: Path, mode: str) -> tuple[list[Proc], str, str]:
+    """(processes, the gateway's URL, the worker's metrics URL): `pagoda serve`, or the four
+    services as processes of their own over the real RabbitMQ and Redis."""
+    engine = [
+        "--model", str(model), "--served-model-name", "tiny", "--dtype", "float32",
+        "--kv-cache-memory", "16MiB", "--heartbeat-interval", "0.3",
+    ]  # fmt: skip
+    dp = ["--data-parallel-size", "2", "--enable-expert-parallel", "--distributed-timeout", "10"]
     port = free_port()
-    proc = Proc(
-        "serve", "--model", str(model), "--served-model-name", "tiny", "--dtype", "float32",
-        "--kv-cache-memory", "16MiB", "--port", str(port), "--heartbeat-interval", "0.3",
-        "--data-parallel-size", "2", "--enable-expert-parallel", "--distributed-timeout", "10",
-    )  # fmt: skip
-    return proc, f"http://127.0.0.1:{port}"
+    if mode == "embedded":
+        return [Proc("serve", *engine, *dp, "--port", str(port))], f"http://127.0.0.1:{port}", ""
+    common = ["--bus", AMQP, "--store", REDIS, "--namespace", f"pagoda-dp-{uuid.uuid4().hex[:8]}"]
+    metrics = free_port()
+    procs = [
+        Proc("worker", *engine, *common, *dp, "--worker-id", "d", "--metrics-port", str(metrics)),
+        Proc("scheduler", *common, "--heartbeat-interval", "0.3"),
+        Proc("tokenizer", *engine, *common),
+        Proc("gateway", *engine, *common, "--port", str(port)),
+    ]
+    return procs, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics}"
 
 
-def test_served_ranks_are_workers_of_their_own_and_answer_as_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["embedded", pytest.param("cluster", marks=pytest.mark.integration)])
+def test_served_ranks_are_workers_of_their_own_and_answer_as_one(tmp_path: Path, mode: str) -> None:
     """Qwen2-MoE (a shared expert, whole on each rank; a dense layer): one request alone (the
     idle rank woken to serve it), then four at once, spread over both workers."""
     model = _tiny("qwen2_moe", tmp_path)
@@ -86,11 +101,14 @@ def test_served_ranks_are_workers_of_their_own_and_answer_as_one(tmp_path: Path)
         [lp.logprob for lp in o.outputs[0].logprobs or []]
         for o in one.generate(prompts, greedy, use_tqdm=False)
     ]
-    proc, base = _serve(model)
+    procs, base, metrics_url = _stack(model, mode)
     try:
-        wait_ready(base, [proc], timeout=120)
-        ready = re.findall(r"worker (\S+) ready on (\S+) \(tiny\)", proc.output())
-        assert len({worker for worker, _ in ready}) == 2, proc.output()[-3000:]  # two queues, two ids
+        wait_ready(base, procs, timeout=180)
+        ready = re.findall(r"worker (\S+) ready on (\S+) \(tiny\)", procs[0].output())
+        workers = {worker for worker, _ in ready}
+        assert len(workers) == 2, procs[0].output()[-3000:]  # two queues, two ids
+        if mode == "cluster":
+            assert workers == {"d-dp0", "d-dp1"}
 
         def ask(prompt: str) -> list[float]:
             body = {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 0}
@@ -103,11 +121,13 @@ def test_served_ranks_are_workers_of_their_own_and_answer_as_one(tmp_path: Path)
             answers = list(pool.map(ask, prompts))
         for got, want in zip(answers, expected, strict=True):
             assert got == pytest.approx(want, abs=1e-4)
-        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        metrics = httpx.get(f"{metrics_url or base}/metrics", timeout=10).text
         queried = re.findall(r'vllm:prefix_cache_queries_total\{[^}]*engine="([^"]+)"[^}]*\} (\S+)', metrics)
-        assert {engine for engine, tokens in queried if float(tokens) > 0} == {w for w, _ in ready}, queried
-        assert proc.stop() == 0, proc.output()[-3000:]
+        assert {engine for engine, tokens in queried if float(tokens) > 0} == workers, queried  # both served
+        codes = [p.stop() for p in procs]
+        assert codes == [0] * len(procs), "\n".join(p.output()[-2000:] for p in procs)
     finally:
-        if proc.alive():
-            proc.p.kill()
-            proc.p.wait()
+        for proc in procs:
+            if proc.alive():
+                proc.p.kill()
+                proc.p.wait()
