@@ -145,6 +145,8 @@ class DataParallelEngineCore(EngineCore):
         return super().has_unfinished() or self._pending
 
     def step(self) -> list[RequestOutput]:
+        if not self.moe_blocks:  # a dense model: replicas that never meet
+            return super().step()
         self._pending = False
         busy = super().has_unfinished()
         if busy and not self._in_wave:
