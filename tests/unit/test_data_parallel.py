@@ -8,6 +8,7 @@ rank that has nothing to run serving the other's tokens through its experts."""
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,6 +64,30 @@ def test_two_engines_give_one_engines_greedy_tokens(tmp_path: Path, kind: str, n
         assert dp_tokens == tokens
         for got, want in zip(dp_logprobs, logprobs, strict=True):
             assert got == pytest.approx(want, abs=1e-4)
+    finally:
+        dp.engine.close()
+
+
+def test_a_failed_rank_fails_the_others_within_the_collective_timeout(tmp_path: Path) -> None:
+    """Rank 1's step fails before its round's collective: rank 0, waiting there, fails after
+    --distributed-timeout rather than hanging (and its engine with it, as any failed step)."""
+    dp = LLM(
+        str(_tiny("mixtral", tmp_path)), dtype="float32", kv_cache_memory=1 << 22, data_parallel_size=2,
+        enable_expert_parallel=True, collective_timeout_s=2.0,
+    )  # fmt: skip
+    engines = dp.engine.engines  # type: ignore[attr-defined]
+
+    def broken() -> list[object]:
+        raise RuntimeError("rank 1 broke")
+
+    engines[1].step = broken
+    try:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError) as err:
+            dp.generate(PROMPTS, PARAMS, use_tqdm=False)
+        waited = time.monotonic() - start
+        assert "Timed out" in str(err.value)  # rank 0's own failure, in the round's collective
+        assert 1.5 < waited < 15, waited
     finally:
         dp.engine.close()
 
