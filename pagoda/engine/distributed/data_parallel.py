@@ -185,6 +185,11 @@ def build_data_parallel_cores(
     """`config.parallel.data_parallel_size` engines, built side by side (their groups meet as
     they start), each in a thread of its own."""
     size = config.parallel.data_parallel_size
+    if config.resolved_device().type != "cpu":
+        raise ValueError(
+            f"--data-parallel-size {size} runs on the CPU for now (its engines are threads of one "
+            "process meeting through gloo); on GPUs use --tensor-parallel-size with --enable-expert-parallel"
+        )
     timeout = timedelta(seconds=config.parallel.collective_timeout_s)
     port = _free_port()
     store = dist.TCPStore("127.0.0.1", port, size, True, timedelta(seconds=LOAD_TIMEOUT_S), False)
