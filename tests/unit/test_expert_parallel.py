@@ -2,7 +2,7 @@
 --enable-expert-parallel each rank holds half the experts whole (Mixtral, Qwen3-MoE), under plain
 tensor parallelism each expert's half of the units (Qwen2-MoE: its shared expert and dense layer
 sharded too; Granite-MoE: stacked expert tensors in the checkpoint); either way the greedy tokens
-(and log-probs) of one rank. What cannot split is refused naming the flag."""
+(and log-probs) of one rank, offline and served. What cannot split is refused naming the flag."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import argparse
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from pagoda.engine import LLM, SamplingParams
@@ -19,6 +20,7 @@ from pagoda.engine.distributed.sharding import check_tensor_parallel
 from pagoda.engine.engine_args import add_engine_args, engine_config_from_args
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.models.moe_experts import Int8Experts, StackedExperts
+from tests.processes import Proc, free_port, wait_ready
 
 PROMPTS = [[1, 2, 3, 4, 5], list(range(40, 75))]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
@@ -122,3 +124,32 @@ def test_the_flags_build_the_parallel_config() -> None:
     assert config.parallel == ParallelConfig(tensor_parallel_size=2, enable_expert_parallel=True)
     config = engine_config_from_args(parser.parse_args(["--data-parallel-size", "2", "-ep"]))
     assert config.parallel == ParallelConfig(data_parallel_size=2, enable_expert_parallel=True)
+
+
+def test_served_expert_parallel_answers_as_one_rank(moe_models: dict[str, Path]) -> None:
+    """`pagoda serve -tp 2 --enable-expert-parallel` (Qwen3-MoE: 4 of 8 experts a rank): the
+    log-probs of one rank's greedy completion."""
+    model = moe_models["qwen3_moe"]
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=0)
+    out = LLM(str(model), dtype="float32").generate("The quick brown fox", greedy, use_tqdm=False)[0]
+    expected = [lp.logprob for lp in out.outputs[0].logprobs or []]
+    port = free_port()
+    proc = Proc(
+        "serve", "--model", str(model), "--served-model-name", "tiny", "--dtype", "float32",
+        "--kv-cache-memory", "16MiB", "--port", str(port), "--tensor-parallel-size", "2",
+        "--enable-expert-parallel", "--distributed-timeout", "10",
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, [proc], timeout=120)
+        body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 10, "temperature": 0}
+        body |= {"ignore_eos": True, "logprobs": 0}
+        answer = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(expected, abs=1e-4)
+        assert "followers started" in proc.output()
+        assert proc.stop() == 0, proc.output()[-3000:]
+    finally:
+        if proc.alive():
+            proc.p.kill()
+            proc.p.wait()
