@@ -4,9 +4,10 @@
 Each data-parallel rank is an engine of its own: its own step scheduler and KV cache, attention
 weights whole, and 1/N of each MoE layer's experts; a server registers each as a worker of its own
 (own queue, heartbeat, load and prefix blocks). The ranks meet at the MoE layers only: each layer
-gathers every rank's tokens (`DataParallelRoute.dispatch`: the row counts, then the rows padded to
-the longest, one all-gather each), runs its experts over the tokens routed to them, and one
-all-reduce sums the contributions, of which each rank keeps its own rows (`combine`).
+gathers every rank's tokens (`DataParallelRoute.dispatch`: the rows padded to the longest, one
+all-gather; the row counts, one all-gather, at a round's first MoE layer), runs its experts over
+the tokens routed to them, and one all-reduce sums the contributions, of which each rank keeps its
+own rows (`combine`).
 
 Every rank must make the same collectives, so the engines step in rounds (`DataParallelEngineCore`,
 as vLLM's DP engine cores): a round opens with an all-reduce of "I have work"; when no rank has,
@@ -61,8 +62,20 @@ class DataParallelGroup:
     def __init__(self, rank: int, size: int, group: Any, coordinator: WaveCoordinator) -> None:
         self.rank, self.size, self.group, self.coordinator = rank, size, group, coordinator
         self.moe_calls = 0  # MoE layers run this round (0: the round needs a dummy pass)
+        self.round = 0  # rounds stepped: every MoE layer of one round has the same row counts
+        self._counts: tuple[int, ...] = ()
+        self._counts_round = -1
         self.served_rows = 0  # tokens the last MoE layer ran, all ranks' together
         self.clock = CollectiveClock()
+
+    def row_counts(self, rows: int) -> tuple[int, ...]:
+        """Every rank's rows this round: gathered at the round's first MoE layer, kept for the
+        others (one forward a round: the same tokens reach every MoE layer)."""
+        if self._counts_round != self.round:
+            counts = self.all_gather(torch.tensor([rows], dtype=torch.int64))
+            self._counts, self._counts_round = tuple(int(c.item()) for c in counts), self.round
+        assert self._counts[self.rank] == rows, (self._counts, self.rank, rows)
+        return self._counts
 
     def route(self) -> DataParallelRoute:
         return DataParallelRoute(self)
@@ -101,8 +114,7 @@ class DataParallelRoute:
     def dispatch(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [sum of T, hidden]
         dp = self.dp
         dp.moe_calls += 1
-        counts = dp.all_gather(torch.tensor([x.shape[0]], dtype=torch.int64))
-        self.counts = tuple(int(c.item()) for c in counts)
+        self.counts = dp.row_counts(x.shape[0])
         longest = max(self.counts)
         dp.served_rows = sum(self.counts)
         if longest == 0:  # every rank idle: the same on all, so all skip the gather
@@ -156,6 +168,7 @@ class DataParallelEngineCore(EngineCore):
             return []  # the wave is over on every rank
         self._pending = True  # the next round, whatever this rank has
         self.dp.moe_calls = 0
+        self.dp.round += 1
         outputs = super().step() if busy else []
         self.served_only = self.dp.moe_calls == 0
         if self.served_only:  # no model call here: the others' tokens through our experts
