@@ -93,6 +93,11 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     collective_timeout_s: float = 60.0
+    # mixture-of-experts models (distributed/expert_parallel.py): the experts split across the
+    # ranks rather than each expert sharded; data_parallel_size engines of their own meeting at
+    # the MoE layers (distributed/data_parallel.py)
+    enable_expert_parallel: bool = False
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -104,6 +109,9 @@ class ParallelConfig:
             )
         if self.collective_timeout_s <= 0:
             raise ValueError(f"collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
+        from pagoda.engine.distributed.moe_checks import check_parallel_sizes
+
+        check_parallel_sizes(self.tensor_parallel_size, self.data_parallel_size, self.enable_expert_parallel)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
+    local_rank = SINGLE  # a data-parallel rank's part of the model (distributed/data_parallel.py)
+
     def __init__(
         self, config: EngineConfig, checkpoint: Checkpoint | None = None, *, background_compile: bool = False
     ) -> None:
@@ -169,7 +171,7 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
         as configured (with tensor-parallel followers: this rank's shard, theirs loading meanwhile)."""
         arch = ckpt.arch
         t0 = time.perf_counter()
-        tp = self.parallel.tp if self.parallel is not None else SINGLE
+        tp = self.parallel.tp if self.parallel is not None else self.local_rank
         try:
             model, report, packed = load_model(
                 ckpt, self.max_model_len, self.device, self.dtype, self.quantization, tp
