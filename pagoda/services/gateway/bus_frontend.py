@@ -73,7 +73,8 @@ class _Pending:
                 self.outputs.put_nowait(exc)
                 return
             if taken:
-                self.trace.output(out)
+                if self.trace is not tracing.NOOP:
+                    self.trace.output(out)
                 return
         self.outputs.put_nowait(out)
 

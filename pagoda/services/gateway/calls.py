@@ -137,8 +137,9 @@ class SubRequest:
         choice.engine_finished = out.finished
         if out.embedding is not None:
             choice.embedding = out.embedding
-        new_logprobs = list(out.new_logprobs or [])
-        choice.logprobs.extend(new_logprobs)
+        new_logprobs = list(out.new_logprobs) if out.new_logprobs else []
+        if new_logprobs:
+            choice.logprobs.extend(new_logprobs)
         ids = out.new_token_ids
         if out.stop_token_id is not None and ids[-1:] == [out.stop_token_id] and not self.include_stop:
             ids = ids[:-1]  # a stop token is not text (vLLM's rule), with skip_special_tokens off too
