@@ -316,11 +316,15 @@ def test_observe_all_equals_observe_one_by_one() -> None:
     for many in (False, True):
         registry = CollectorRegistry()
         hist = Histogram("itl", "gaps", ["m"], registry=registry, buckets=ITL_BUCKETS).labels("x")
+        other = Histogram("tpot", "gaps", ["m"], registry=registry, buckets=ITL_BUCKETS).labels("x")
         if many:
-            observe_all(hist, gaps)
+            observe_all(hist, gaps, other)  # the second with the buckets found for the first
         else:
             for g in gaps:
                 hist.observe(g)
-        texts.append(generate_latest(registry).decode().replace("itl_created", "#"))
+                other.observe(g)
+        text = generate_latest(registry).decode()
+        texts.append(text.replace("itl_created", "#").replace("tpot_created", "#"))
     strip = ["\n".join(x for x in t.splitlines() if not x.startswith("#")) for t in texts]
     assert strip[0] == strip[1] and 'itl_bucket{le="0.01",m="x"} 4.0' in strip[1]
+    assert 'tpot_bucket{le="0.01",m="x"} 4.0' in strip[1]

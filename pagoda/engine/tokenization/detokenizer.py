@@ -57,9 +57,14 @@ class IncrementalDetokenizer:
 
     def add(self, new_token_ids: Sequence[int]) -> str:
         """Feed newly generated ids; returns the text they complete (possibly "")."""
-        kept = self._keep(list(new_token_ids))
-        if not kept:
-            return ""
+        if len(new_token_ids) == 1:  # the usual delta: one token, without the list copies
+            if self._skip_special and self._tokenizer.is_special(new_token_ids[0]):
+                return ""
+            kept = list(new_token_ids)
+        else:
+            kept = self._keep(list(new_token_ids))
+            if not kept:
+                return ""
         tokens = self._tokens
         new_tokens = self._tokenizer.convert_ids_to_tokens(kept)
         to_string = self._tokenizer.convert_tokens_to_string

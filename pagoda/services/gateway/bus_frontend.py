@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pagoda.engine import PoolerConfig, RequestOutput, SamplingParams, Tokenizer
 from pagoda.services.gateway.adapters import Adapter
 from pagoda.services.gateway.failover import RequestTrack, WorkerWatch
-from pagoda.services.gateway.frontend import Submitted
+from pagoda.services.gateway.frontend import Sink, Submitted
 from pagoda.services.gateway.mailbox import Mailbox
 from pagoda.services.ops import tracing
 from pagoda.services.scheduler.admission import first_output, first_output_wait
@@ -55,6 +55,28 @@ class _Pending:
     aborted: bool = False
     streaming: bool = False  # someone iterates the outputs (and cleans up after them)
     trace: tracing.TraceHandle = tracing.NOOP
+    sink: Sink | None = None  # the stream's (Submitted.set_sink)
+    parked: bool = False  # the stream waits on `outputs` past its first output: the sink may take one
+
+    def set_sink(self, sink: Sink | None) -> None:
+        self.sink = sink
+
+    def deliver(self, out: RequestOutput) -> None:
+        """Hand `out` to the stream's sink when it waits with nothing queued (no task wake-up per
+        token), else queue it. Finished outputs are always queued: the stream ends on them."""
+        sink = self.sink
+        if sink is not None and self.parked and not (out.finished or self.aborted) and self.outputs.empty():
+            try:
+                taken = sink(out)
+            except Exception as exc:  # the stream raises it (an error event), the others go on
+                self.sink = None
+                self.outputs.put_nowait(exc)
+                return
+            if taken:
+                if self.trace is not tracing.NOOP:
+                    self.trace.output(out)
+                return
+        self.outputs.put_nowait(out)
 
 
 class BusFrontend:
@@ -221,7 +243,10 @@ class BusFrontend:
             raise
         pending.trace.set("gen_ai.usage.input_tokens", len(ids))
         return Submitted(
-            ids, self._stream(request_id, pending, params.n), backlog=lambda: not pending.outputs.empty()
+            ids,
+            self._stream(request_id, pending, params.n),
+            backlog=lambda: not pending.outputs.empty(),
+            set_sink=pending.set_sink,
         )
 
     async def _stream(self, request_id: str, pending: _Pending, n: int) -> AsyncIterator[RequestOutput]:
@@ -234,7 +259,11 @@ class BusFrontend:
                 if pending.track.worker_id is None and first_wait is not None:  # nothing heard of it yet
                     item = await first_output(pending.outputs, first_wait)
                 else:
-                    item = await pending.outputs.get()
+                    pending.parked = True
+                    try:
+                        item = await pending.outputs.get()
+                    finally:
+                        pending.parked = False
                 if isinstance(item, BaseException):
                     error = item
                     raise item
@@ -285,7 +314,7 @@ class BusFrontend:
                     self._pending.pop(delta.request_id, None)
                     continue
                 if shown is not None:
-                    pending.outputs.put_nowait(shown.to_output())
+                    pending.deliver(shown.to_output())
         elif isinstance(msg, Assigned):
             pending = self._pending.get(msg.request_id)
             if pending is None:

@@ -25,7 +25,7 @@ from fastapi import Request
 
 from pagoda.engine import IncrementalDetokenizer, RequestOutput, StopChecker, Tokenizer, TokenLogprob
 from pagoda.services.gateway.embeddings import EmbeddingRequest
-from pagoda.services.gateway.frontend import Frontend, Submitted, close_quietly
+from pagoda.services.gateway.frontend import Frontend, Sink, Submitted, close_quietly
 from pagoda.services.gateway.protocol import (
     ChatCompletionRequest,
     ChatLogprobEntry,
@@ -95,6 +95,7 @@ class SubRequest:
     num_cached_tokens: int = 0
     released: bool = False
     backlog: Callable[[], bool] | None = None  # Submitted.backlog
+    set_sink: Callable[[Sink | None], None] | None = None  # Submitted.set_sink
     include_stop: bool = False  # include_stop_str_in_output: a stop token's text stays in the text
 
     @classmethod
@@ -123,6 +124,7 @@ class SubRequest:
             choices,
             submitted.outputs,
             backlog=submitted.backlog,
+            set_sink=submitted.set_sink,
             include_stop=req.include_stop_str_in_output,
         )
 
@@ -134,7 +136,7 @@ class SubRequest:
         choice.engine_finished = out.finished
         if out.embedding is not None:
             choice.embedding = out.embedding
-        new_logprobs = list(out.new_logprobs or [])
+        new_logprobs = list(out.new_logprobs) if out.new_logprobs else []
         ids = out.new_token_ids
         if out.stop_token_id is not None and ids[-1:] == [out.stop_token_id] and not self.include_stop:
             ids = ids[:-1]  # a stop token is not text (vLLM's rule), with skip_special_tokens off too

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from pagoda.engine import AsyncEngine
 
 
+Sink = Callable[[RequestOutput], bool]
+
+
 @dataclass
 class Submitted:
     """An accepted request: its prompt ids and its outputs (deltas for the n choices, tagged by
@@ -37,6 +40,11 @@ class Submitted:
     # True while `outputs` holds an output that has arrived and not been read (None: unknown);
     # a stream then writes what it has read so far together with it, in one send
     backlog: Callable[[], bool] | None = None
+    # Installs (None: removes) a sink that the frontend may hand an unfinished output to, instead
+    # of queueing it, while the reader waits on `outputs` with nothing queued; the sink returns
+    # False to have it queued after all, and an exception it raises reaches the reader instead.
+    # None: the frontend has no such path.
+    set_sink: Callable[[Sink | None], None] | None = None
 
 
 class Frontend(Protocol):

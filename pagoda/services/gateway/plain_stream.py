@@ -16,14 +16,16 @@ paths to the same bytes.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from typing import Any, cast
 
 import anyio
 from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
+from pagoda.engine import RequestOutput
 from pagoda.services.gateway.calls import Call, SubRequest, logger
+from pagoda.services.gateway.frontend import Sink
 from pagoda.services.gateway.protocol import (
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
@@ -114,8 +116,11 @@ class PlainSSEResponse(SSEResponse):
             await send(_body(self._chunk(created, [role]), more=True))
         backlog: Callable[[], bool] = sub.backlog or _no_backlog
         held: list[bytes] = []
+        direct = self._direct_sink(send, call, sub, template, held)
         try:
             try:
+                if direct is not None and sub.set_sink is not None:
+                    sub.set_sink(direct)
                 async for out in sub.outputs:
                     d = sub.process(out)
                     if d is None:
@@ -138,6 +143,8 @@ class PlainSSEResponse(SSEResponse):
                         text = choice.stop.flush()
                         held.append(template.content(choice.index, text, "abort", choice.stop_reason))
             finally:
+                if direct is not None and sub.set_sink is not None:
+                    sub.set_sink(None)
                 with anyio.CancelScope(shield=True):
                     await call.release(sub)
         except Exception:
@@ -147,6 +154,33 @@ class PlainSSEResponse(SSEResponse):
         usage = self.req.include_usage_in_stream
         held.append(self._chunk(created, [], usage=call.usage()) + DONE if usage else DONE)
         await send(_body(b"".join(held), more=False))
+
+    def _direct_sink(
+        self, send: Send, call: Call, sub: SubRequest, template: ChunkTemplate, held: list[bytes]
+    ) -> Sink | None:
+        """What the reply consumer calls with an unfinished output while this stream waits for
+        one: it does what the loop in `_events` does with it (detokenize, a chunk, one send)
+        without waking this task, one token per stream per step being the common case. Only
+        with uvicorn's own `send` (its flow control says when a send would wait: then the output
+        is queued for the loop, which waits) and a choice without stop strings (a stop string
+        ends the stream, which is the loop's to do)."""
+        flow = server_flow(send)
+        choice = sub.choices[0]
+        if flow is None or choice.stop.stop or sub.set_sink is None:
+            return None
+
+        def sink(out: RequestOutput) -> bool:
+            if flow.write_paused or held or choice.done:
+                return False
+            d = sub.process(out)
+            assert d is not None and d.finish_reason is None, f"an unfinished output finished {d}"
+            if out.new_token_ids:
+                call.token_seen(choice)
+            if d.text or d.logprobs:
+                send_now(send, _body(template.content(choice.index, d.text, None, None), more=True))
+            return True
+
+        return sink
 
     def _chunk(
         self, created: int, choices: list[ChatCompletionChunkChoice], usage: UsageInfo | None = None
@@ -163,6 +197,27 @@ class PlainSSEResponse(SSEResponse):
             id=call.request_id, created=created, model=call.model, choices=[], usage=usage
         )
         return model_event(body)
+
+
+def server_flow(send: Send) -> Any:
+    """The flow control of the connection behind `send` when `send` is uvicorn's own (an HTTP
+    cycle's, with a `flow` whose `write_paused` is True while the socket's buffer is full), else
+    None: with any other server, a send may wait at any time."""
+    flow = getattr(getattr(send, "__self__", None), "flow", None)
+    return flow if isinstance(getattr(flow, "write_paused", None), bool) else None
+
+
+def send_now(send: Send, message: Message) -> None:
+    """Run the server's `send` to its end without yielding to the event loop. uvicorn's waits
+    only while its flow control has paused writing, which the caller checked; were it to wait
+    anyway, the message is not sent and this raises (the stream ends with an error event)."""
+    coro = cast("Coroutine[Any, Any, None]", send(message))
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise RuntimeError("the server's send waited although writing was not paused")
 
 
 def _body(data: bytes, more: bool) -> Message:

@@ -58,23 +58,29 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 TOKEN_BUCKETS = tuple(float(m * 10**e) for e in range(6) for m in (1, 2, 5))  # 1, 2, 5, 10, ... 500000
 
 
-def observe_all(hist: Histogram, values: Sequence[float]) -> None:
+def observe_all(hist: Histogram, values: Sequence[float], *same: Histogram) -> None:
     """`hist.observe(v)` for each of `values` (a request's inter-token gaps, one per token), with
-    one increment per bucket touched instead of a lock and a bucket scan per value. It reaches into
-    prometheus_client's Histogram (`_upper_bounds`, `_buckets`, `_sum`); without them, it observes
-    one by one. tests/unit/test_metrics.py holds it to `observe`."""
+    one increment per bucket touched instead of a lock and a bucket scan per value; `same`: more
+    histograms with `hist`'s buckets that get the same values (the buckets found once for all).
+    It reaches into prometheus_client's Histogram (`_upper_bounds`, `_buckets`, `_sum`); without
+    them, it observes one by one. tests/unit/test_metrics.py holds it to `observe`."""
+    hists = (hist, *same)
     bounds = getattr(hist, "_upper_bounds", None)
-    buckets = getattr(hist, "_buckets", None)
-    total = getattr(hist, "_sum", None)
-    if bounds is None or buckets is None or total is None:
-        for v in values:
-            hist.observe(v)
+    parts = [(getattr(h, "_buckets", None), getattr(h, "_sum", None)) for h in hists]
+    alike = all(getattr(h, "_upper_bounds", None) == bounds for h in hists)
+    if bounds is None or not alike or any(b is None or t is None for b, t in parts):
+        for h in hists:
+            for v in values:
+                h.observe(v)
         return
     # observe's bucket for v: the first bound >= v (NaN: none, but it is added to the sum)
     counts = collections.Counter(bisect_left(bounds, v) for v in values if v == v)
-    total.inc(sum(values))
-    for i, n in counts.items():
-        buckets[i].inc(n)
+    total = sum(values)
+    for buckets, hist_sum in parts:
+        assert buckets is not None and hist_sum is not None
+        hist_sum.inc(total)
+        for i, n in counts.items():
+            buckets[i].inc(n)
 
 
 @dataclass
@@ -129,8 +135,7 @@ class GatewayMetrics:
         if rec.ttft_s is not None:
             self.ttft.labels(model_name).observe(rec.ttft_s)
         if rec.token_gaps_s:
-            observe_all(self.itl.labels(model_name), rec.token_gaps_s)
-            observe_all(self.tpot.labels(model_name), rec.token_gaps_s)
+            observe_all(self.itl.labels(model_name), rec.token_gaps_s, self.tpot.labels(model_name))
         if rec.submitted and rec.status == 200:
             self.e2e.labels(model_name).observe(rec.e2e_s)
             self.req_prompt.labels(model_name).observe(rec.prompt_tokens)
