@@ -246,8 +246,9 @@ def _add_parallel_args(g: argparse._ArgumentGroup) -> None:
         "-pp",
         type=int,
         default=parallel("pipeline_parallel_size"),
-        help="stages of layers on different ranks (not supported yet: 1)",
+        help="stages of consecutive layers, each on its own ranks (Llama, Qwen2 and Qwen3 families)",
     )
+    _add_node_args(g)
     g.add_argument(
         "--distributed-timeout",
         type=float,
@@ -255,6 +256,33 @@ def _add_parallel_args(g: argparse._ArgumentGroup) -> None:
         help="seconds a collective between ranks waits before the engine fails (a dead rank ends the "
         "worker within it)",
     )
+
+
+def _add_node_args(g: argparse._ArgumentGroup) -> None:
+    """Several nodes (vLLM's flags); torchrun's environment gives the defaults where it is set."""
+    from pagoda.engine.distributed.nodes import torchrun_defaults
+
+    env = torchrun_defaults()
+
+    def default(name: str) -> Any:
+        return env.get(name, field_default(ParallelConfig, name))
+
+    g.add_argument(
+        "--nnodes", type=int, default=default("nnodes"),
+        help="nodes the ranks are spread over, an equal share each (env NNODES)",
+    )  # fmt: skip
+    g.add_argument(
+        "--node-rank", type=int, default=default("node_rank"),
+        help="this node's rank: 0 runs the engine; others run only their ranks (env NODE_RANK)",
+    )  # fmt: skip
+    g.add_argument(
+        "--master-addr", default=default("master_addr"),
+        help="node 0's address, where the nodes meet (env MASTER_ADDR)",
+    )  # fmt: skip
+    g.add_argument(
+        "--master-port", type=int, default=default("master_port"),
+        help="the port node 0 listens on for the rendezvous (env MASTER_PORT)",
+    )  # fmt: skip
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -295,6 +323,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             tensor_parallel_size=args.tensor_parallel_size,
             pipeline_parallel_size=args.pipeline_parallel_size,
             collective_timeout_s=args.distributed_timeout,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            master_addr=args.master_addr,
+            master_port=args.master_port,
         ),
     )
 

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from pagoda.engine.config import BatcherConfig, CacheConfig, EngineConfig, LoRAConfig, ParallelConfig
 from pagoda.engine.core.engine_core import EngineCore
+from pagoda.engine.distributed.nodes import torchrun_defaults
 from pagoda.engine.loader import Checkpoint
 from pagoda.engine.lora.request import LoRARequest
 from pagoda.engine.outputs import FinishReason, TokenLogprob
@@ -21,6 +22,7 @@ _CACHE_KEYS = {"block_size", "kv_cache_memory", "gpu_memory_utilization", "enabl
 _SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs", "scheduling_policy", "enable_chunked_prefill"}
 _LORA_KEYS = {"enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"}
 _PARALLEL_KEYS = {"tensor_parallel_size", "pipeline_parallel_size", "collective_timeout_s"}
+_NODE_KEYS = {"nnodes", "node_rank", "master_addr", "master_port"}  # default: torchrun's environment
 
 
 def make_engine_config(model: str = "", **kwargs: Any) -> EngineConfig:
@@ -30,7 +32,13 @@ def make_engine_config(model: str = "", **kwargs: Any) -> EngineConfig:
         cache["num_blocks_override"] = kwargs.pop("num_blocks")
     sched = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCHED_KEYS}
     lora = LoRAConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in _LORA_KEYS})
-    parallel = ParallelConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in _PARALLEL_KEYS})
+    nodes = {**torchrun_defaults(), **{k: kwargs.pop(k) for k in list(kwargs) if k in _NODE_KEYS}}
+    parallel = ParallelConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in _PARALLEL_KEYS}, **nodes)
+    if parallel.node_rank > 0:
+        raise ValueError(
+            f"node rank {parallel.node_rank} runs only its ranks, not an engine: start it with "
+            f"`pagoda worker --node-rank {parallel.node_rank}` (node 0 runs the engine)"
+        )
     return EngineConfig(
         model=model,
         cache=CacheConfig(**cache),

@@ -172,8 +172,9 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
         tp = self.parallel.tp if self.parallel is not None else SINGLE
         try:
             model, report, packed = load_model(
-                ckpt, self.max_model_len, self.device, self.dtype, self.quantization, tp
-            )
+                ckpt, self.max_model_len, self.device, self.dtype, self.quantization, tp,
+                getattr(self.parallel, "stage", None),  # a pipeline's first stage
+            )  # fmt: skip
         except BaseException:
             self.close()  # the followers too
             raise

@@ -40,6 +40,7 @@ class Follower:
         norm = model.norm.weight  # never quantized: the run's device and dtype
         self.device, self.dtype = norm.device, norm.dtype
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.hidden: torch.Tensor | None = None  # the last forward's output (a pipeline's last stage)
 
     @torch.inference_mode()
     def run(self) -> None:
@@ -51,6 +52,9 @@ class Follower:
                 self._allocate(num_blocks=arg, block_size=payload)
             elif command is Command.FORWARD:
                 self._forward(payload)
+            elif command is Command.LOGITS and payload is not None:  # a pipeline: rows of its output
+                assert self.hidden is not None, "LOGITS before FORWARD"
+                self.model.compute_logits(self.hidden[payload.to(self.device)])
             elif command is Command.LOGITS:
                 rows = torch.empty(arg, self.model.cfg.hidden_size, dtype=self.dtype, device=self.device)
                 self.model.compute_logits(self.tp.broadcast(rows))  # this rank's shard, gathered on rank 0
@@ -66,7 +70,7 @@ class Follower:
     def _forward(self, step: StepInputs) -> None:
         step = step.to(self.device)
         with prompt_rows(step.prompt_start):
-            self.model(step.input_ids, step.positions, self.kv_caches, step.meta, self.backend)
+            self.hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta, self.backend)
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -82,6 +86,10 @@ def _watch_parent(parent_pid: int) -> None:
 
 def serve(spec: FollowerSpec) -> None:
     config = spec.config
+    if config.parallel.pipeline_parallel_size > 1 or config.parallel.nnodes > 1:
+        from pagoda.engine.distributed.pipeline_ranks import serve_stage
+
+        return serve_stage(spec)
     torch.set_num_threads(spec.num_threads)
     device = config.resolved_device()
     if device.type == "cuda":

@@ -55,6 +55,11 @@ def _run(args: argparse.Namespace) -> int:
         from pagoda.compress.cli import run_quantize
 
         return run_quantize(args)
+    if command in ("serve", "worker") and getattr(args, "node_rank", 0) > 0:
+        from pagoda.engine import engine_config_from_args
+        from pagoda.engine.distributed.nodes import run_node
+
+        return run_node(engine_config_from_args(args))  # this node's ranks only: no bus, no engine
     from pagoda.services.cli.launch import run_roles
 
     assert command == "serve" or command in ROLES, command

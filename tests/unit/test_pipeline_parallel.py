@@ -1,0 +1,121 @@
+"""Pipeline parallelism on the CPU (gloo): an engine of 2 stages (its second a real process), and
+of 2 stages x 2 tensor-parallel ranks (4 processes), gives the greedy tokens and log-probs of one
+rank; each stage holds its layers and their KV cache only, and the KV budget counts that."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagoda.engine import LLM, SamplingParams, add_engine_args, engine_config_from_args
+from pagoda.engine.config import EngineConfig, LoRAConfig, ParallelConfig
+from pagoda.engine.distributed.nodes import torchrun_defaults
+from pagoda.engine.distributed.pipeline import max_stage_layers, stage_layers
+from pagoda.engine.distributed.pipeline_model import LlamaStage, check_pipeline
+from pagoda.engine.runner.model_runner import kv_bytes_per_block
+from tests.unit.test_tensor_parallel_plan import _arch
+
+PROMPTS = [[1, 2, 3, 4, 5], list(range(40, 75))]  # a short prompt and one of three KV blocks
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    from tests.tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("pp")
+    for kind in ("llama", "qwen2"):  # untied LM head; tied (the last stage keeps the embedding)
+        (root / kind).mkdir()
+        make_tiny_model(kind, root / kind, num_layers=3)  # stages of 2 and 1 layers
+    yield {"llama": root / "llama", "qwen2": root / "qwen2"}
+
+
+def _run(model: Path, **kwargs: object) -> tuple[list[list[int]], list[list[float]], LLM]:
+    llm = LLM(str(model), dtype="float32", kv_cache_memory=1 << 22, **kwargs)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    logprobs = [[lp.logprob for lp in o.outputs[0].logprobs or []] for o in outs]
+    return [o.outputs[0].token_ids for o in outs], logprobs, llm
+
+
+@pytest.mark.parametrize(("name", "tp"), [("llama", 1), ("qwen2", 2)])
+def test_stages_give_one_ranks_greedy_tokens(models: dict[str, Path], name: str, tp: int) -> None:
+    tokens, logprobs, one = _run(models[name])
+    pp_tokens, pp_logprobs, pp = _run(
+        models[name], pipeline_parallel_size=2, tensor_parallel_size=tp, collective_timeout_s=20.0
+    )
+    try:
+        ranks = pp.engine.parallel
+        assert ranks is not None and len(ranks.procs) == 2 * tp - 1
+        assert all(p.poll() is None for p in ranks.procs)  # they ran every step with rank 0
+        model = pp.engine.model
+        assert isinstance(model, LlamaStage) and len(model.layers) == 2  # stage 0: layers 0, 1 of 3
+        assert not hasattr(model, "lm_head") or model.cfg.tie_word_embeddings  # its logits come from stage 1
+        assert len(pp.engine.runner.kv_caches) == 2  # its layers' KV only
+        # the KV budget per rank holds the largest stage's 2 layers (of its KV heads), not 3
+        cfg = one.engine.model.cfg
+        per_block = kv_bytes_per_block(2, 16, cfg.num_kv_heads // tp, cfg.head_dim, torch.float32)
+        assert (1 << 22) // per_block == pp.engine.num_blocks > one.engine.num_blocks
+        assert pp_tokens == tokens
+        tol = 0.0 if tp == 1 else 1e-5  # the same sums on one rank; split sums with TP
+        assert (
+            max(
+                abs(a - b)
+                for x, y in zip(logprobs, pp_logprobs, strict=True)
+                for a, b in zip(x, y, strict=True)
+            )
+            <= tol
+        )
+    finally:
+        pp.engine.close()
+    assert all(p.poll() == 0 for p in ranks.procs)  # SHUTDOWN ends them cleanly
+
+
+def test_layers_split_evenly_extra_layers_before_the_last_stage() -> None:
+    assert stage_layers(4, 2) == [(0, 2), (2, 4)]
+    assert stage_layers(3, 2) == [(0, 2), (2, 3)]  # vLLM's: the extra on the second-to-last
+    assert stage_layers(10, 4) == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    for layers in range(1, 12):
+        for size in range(1, layers + 1):
+            bounds = stage_layers(layers, size)
+            assert [b[0] for b in bounds[1:]] == [b[1] for b in bounds[:-1]]  # contiguous
+            assert bounds[0][0] == 0 and bounds[-1][1] == layers and all(e > s for s, e in bounds)
+            assert max_stage_layers(layers, size) - min(e - s for s, e in bounds) <= 1
+    with pytest.raises(ValueError, match="--pipeline-parallel-size 5 exceeds the model's 4 layers"):
+        stage_layers(4, 5)
+
+
+def test_what_cannot_run_in_stages_is_refused_naming_the_flag() -> None:
+    with pytest.raises(ValueError, match="--pipeline-parallel-size 2 splits the llama"):
+        check_pipeline(_arch(architecture="gemma2"), 2)
+    with pytest.raises(ValueError, match="exceeds the model's 2 layers"):
+        check_pipeline(_arch(num_layers=2), 3)
+    with pytest.raises(ValueError, match="pipeline_parallel_size must be at least 1"):
+        ParallelConfig(pipeline_parallel_size=0)
+    with pytest.raises(ValueError, match="--enable-lora does not run with --pipeline-parallel-size 2"):
+        EngineConfig(parallel=ParallelConfig(pipeline_parallel_size=2), lora=LoRAConfig(enable_lora=True))
+    with pytest.raises(ValueError, match="--nnodes 2 must divide the 3 ranks"):
+        ParallelConfig(pipeline_parallel_size=3, nnodes=2)
+    with pytest.raises(ValueError, match=r"--node-rank 2 must be in \[0, --nnodes 2\)"):
+        ParallelConfig(pipeline_parallel_size=2, nnodes=2, node_rank=2)
+
+
+def test_node_flags_default_to_torchrun_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29511", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}
+    assert torchrun_defaults({**env, "GROUP_RANK": "1"}) == {
+        "master_addr": "10.0.0.5", "master_port": 29511, "nnodes": 2, "node_rank": 1,
+    }  # fmt: skip
+    assert torchrun_defaults({"NNODES": "3", "NODE_RANK": "2"}) == {"nnodes": 3, "node_rank": 2}
+    for key, value in {**env, "NODE_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    config = engine_config_from_args(parser.parse_args(["-pp", "2", "--master-port", "29600"]))
+    assert config.parallel == ParallelConfig(
+        pipeline_parallel_size=2, nnodes=2, node_rank=1, master_addr="10.0.0.5", master_port=29600
+    )
+    with pytest.raises(ValueError, match="pagoda worker --node-rank 1"):
+        LLM("unused-model", pipeline_parallel_size=2)
