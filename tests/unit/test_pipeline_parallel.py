@@ -5,6 +5,7 @@ rank; each stage holds its layers and their KV cache only, and the KV budget cou
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,9 +70,24 @@ def test_stages_give_one_ranks_greedy_tokens(models: dict[str, Path], name: str,
             )
             <= tol
         )
+        if tp == 1:
+            _killed_stage_fails_the_engine(pp)
+            return
     finally:
         pp.engine.close()
     assert all(p.poll() == 0 for p in ranks.procs)  # SHUTDOWN ends them cleanly
+
+
+def _killed_stage_fails_the_engine(pp: LLM) -> None:
+    """The last stage's process killed: the next generate raises at once, it does not hang."""
+    ranks = pp.engine.parallel
+    assert ranks is not None
+    ranks.procs[0].kill()
+    ranks.procs[0].wait()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 1 \(pid \d+\) exited|Connection|closed|peer"):
+        pp.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert time.monotonic() - start < 5.0
 
 
 def test_layers_split_evenly_extra_layers_before_the_last_stage() -> None:
@@ -119,3 +135,12 @@ def test_node_flags_default_to_torchrun_environment(monkeypatch: pytest.MonkeyPa
     )
     with pytest.raises(ValueError, match="pagoda worker --node-rank 1"):
         LLM("unused-model", pipeline_parallel_size=2)
+
+
+def test_a_worker_of_node_zero_still_needs_the_bus_and_store(capsys: pytest.CaptureFixture[str]) -> None:
+    """`pagoda worker` leaves --bus/--store to its config (node rank > 0 needs neither)."""
+    from pagoda.services.cli.main import main
+
+    for argv in (["worker"], ["worker", "--bus", "amqp://guest:guest@127.0.0.1:5672/"]):
+        assert main(argv) == 2
+        assert "`pagoda worker` runs alone: give it --bus amqp://... and --store" in capsys.readouterr().err

@@ -84,7 +84,10 @@ class PipelineRanks(TensorParallelRanks):
         self._closed = False
         self._beats: dict[int, tuple[int, float]] = {}  # node -> (last beat count, when it changed)
         self._read_beats = 0.0
-        self.nnodes, self.timeout_s = par.nnodes, par.collective_timeout_s
+        self.nnodes = par.nnodes
+        # a node silent this long is gone: half the collective timeout (a few beats at least), so
+        # that the engine stops, and its worker exits, within the timeout
+        self.stale_s = min(par.collective_timeout_s, max(3 * BEAT_S, par.collective_timeout_s / 2))
         atexit.register(self.close)
         spec = FollowerSpec(
             0, self.layout.world, 0, os.getpid(), checkpoint, config, dtype, quantization, max_model_len,
@@ -133,7 +136,7 @@ class PipelineRanks(TensorParallelRanks):
 
     def check(self) -> None:
         """Raise RuntimeError when a local rank's process ended, or another node stopped beating
-        for longer than the collective timeout (read at most every BEAT_S)."""
+        for `stale_s` (read at most every BEAT_S)."""
         super().check()
         now = time.monotonic()
         if self.nnodes == 1 or self._closed or now - self._read_beats < BEAT_S:
@@ -144,7 +147,7 @@ class PipelineRanks(TensorParallelRanks):
             last, since = self._beats.get(node, (0, now))
             if beats != last:
                 self._beats[node] = (beats, now)
-            elif beats and now - since > self.timeout_s:
+            elif beats and now - since > self.stale_s:
                 raise RuntimeError(
                     f"node {node} sent no heartbeat for {now - since:.0f}s; the engine stops (a worker "
                     "exits and its requests move to other workers)"
