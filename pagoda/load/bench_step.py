@@ -114,6 +114,7 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
         "quantization": core.quantization,
         "threads": torch.get_num_threads(),
         "tensor_parallel_size": core.config.parallel.tensor_parallel_size,
+        "pipeline_parallel_size": core.config.parallel.pipeline_parallel_size,
         "batch": args.batch,
         "weights_mib": round(weight_bytes(core.model) / 2**20, 1),
         "load_s": round(load_s, 2),
@@ -140,15 +141,16 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     from pagoda.engine.config import CacheConfig, EngineConfig, ParallelConfig
 
     tp = getattr(args, "tensor_parallel_size", 1)
+    pp = getattr(args, "pipeline_parallel_size", 1)
     return EngineConfig(
-        parallel=ParallelConfig(tensor_parallel_size=tp),
+        parallel=ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp),
         model=getattr(args, "model", ""),
         dtype=args.dtype,
         quantization=args.quantization,
         cache=CacheConfig(enable_prefix_caching=False, kv_cache_memory=1 << 28),
         # as pagoda serve runs once its graphs are ready: compiled where they run (auto: an
         # in-process engine loads or compiles them before its first step)
-        compile="auto" if args.compile == "on" and tp == 1 else "off",
+        compile="auto" if args.compile == "on" and tp * pp == 1 else "off",
         # the model's own limit may not fit the KV budget (float32 under int8)
         max_model_len=args.input_len + args.steps + args.profile_steps + 64,
     )
