@@ -44,23 +44,30 @@ def _run(model: Path, **kwargs: object) -> tuple[list[list[int]], list[list[floa
     return [o.outputs[0].token_ids for o in outs], logprobs, llm
 
 
-@pytest.mark.parametrize(("name", "tp"), [("llama", 1), ("qwen2", 2), ("gguf-q8_0", 1)])
-def test_stages_give_one_ranks_greedy_tokens(models: dict[str, Path], name: str, tp: int) -> None:
+@pytest.mark.parametrize(
+    ("name", "tp", "pp_size"),
+    [("llama", 1, 3), ("qwen2", 2, 2), ("gguf-q8_0", 1, 2)],  # llama: a middle stage (no embedding, no head)
+)
+def test_stages_give_one_ranks_greedy_tokens(
+    models: dict[str, Path], name: str, tp: int, pp_size: int
+) -> None:
     tokens, logprobs, one = _run(models[name])
     pp_tokens, pp_logprobs, pp = _run(
-        models[name], pipeline_parallel_size=2, tensor_parallel_size=tp, collective_timeout_s=20.0
+        models[name], pipeline_parallel_size=pp_size, tensor_parallel_size=tp, collective_timeout_s=20.0
     )
     try:
         ranks = pp.engine.parallel
-        assert ranks is not None and len(ranks.procs) == 2 * tp - 1
+        assert ranks is not None and len(ranks.procs) == pp_size * tp - 1
         assert all(p.poll() is None for p in ranks.procs)  # they ran every step with rank 0
         model = pp.engine.model
-        assert isinstance(model, LlamaStage) and len(model.layers) == 2  # stage 0: layers 0, 1 of 3
-        assert not hasattr(model, "lm_head") or model.cfg.tie_word_embeddings  # its logits come from stage 1
-        assert len(pp.engine.runner.kv_caches) == 2  # its layers' KV only
-        # the KV budget per rank holds the largest stage's 2 layers (of its KV heads), not 3
+        start, end = stage_layers(3, pp_size)[0]
+        assert isinstance(model, LlamaStage) and len(model.layers) == end - start  # stage 0's layers only
+        assert not hasattr(model, "lm_head") or model.cfg.tie_word_embeddings  # the last stage's logits
+        assert len(pp.engine.runner.kv_caches) == end - start  # its layers' KV only
+        # the KV budget per rank holds the largest stage's layers (of its KV heads), not all 3
         cfg = one.engine.model.cfg
-        per_block = kv_bytes_per_block(2, 16, cfg.num_kv_heads // tp, cfg.head_dim, torch.float32)
+        layers = max_stage_layers(3, pp_size)
+        per_block = kv_bytes_per_block(layers, 16, cfg.num_kv_heads // tp, cfg.head_dim, torch.float32)
         assert (1 << 22) // per_block == pp.engine.num_blocks > one.engine.num_blocks
         assert pp_tokens == tokens
         tol = 0.0 if tp == 1 else 1e-5  # the same sums on one rank; split sums with TP
