@@ -111,6 +111,11 @@ class PipelineRanks(TensorParallelRanks):
             store: Any = self.store
             store.set("spec", pickle.dumps(spec))  # what the other nodes start their ranks from
         self.procs += [_spawn(replace(spec, rank=rank)) for rank in local_ranks(config, 0)[1:]]
+        if par.nnodes > 1:
+            logger.info(
+                "waiting for ranks %d-%d of nodes 1-%d at %s:%d (`pagoda worker --node-rank N`)",
+                len(local_ranks(config, 0)), layout.world - 1, par.nnodes - 1, par.master_addr, port,
+            )  # fmt: skip
         self._wait_for("joined")
         tp_group, pp_group, control = join_stage_groups(self.store, layout, device, timeout, timeout)
         self.channel = channel = Channel(control)
@@ -124,6 +129,15 @@ class PipelineRanks(TensorParallelRanks):
             layout.world, layout.tp_size, layout.pp_size, par.nnodes, [p.pid for p in self.procs],
             spec.num_threads, "NCCL" if device.type == "cuda" else "gloo",
         )  # fmt: skip
+
+    def close(self) -> None:
+        """As TensorParallelRanks', but once a local rank has died the others are ended at once:
+        a stage waiting for the dead one's hidden states would not read SHUTDOWN in time."""
+        if not self._closed and any(p.poll() is not None for p in self.procs):
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.terminate()
+        super().close()
 
     def _wait_for(self, stage: str) -> None:
         keys = [f"{stage}/{rank}" for rank in range(1, self.layout.world)]
