@@ -25,6 +25,7 @@ from pagoda.engine.config import (
     ParallelConfig,
     SchedulingPolicy,
 )
+from pagoda.engine.distributed.nodes import node_flags
 from pagoda.engine.pooling.params import POOLING_TYPES, TASKS
 from pagoda.engine.spec_decode.config import SpeculativeConfig
 
@@ -259,29 +260,23 @@ def _add_parallel_args(g: argparse._ArgumentGroup) -> None:
 
 
 def _add_node_args(g: argparse._ArgumentGroup) -> None:
-    """Several nodes (vLLM's flags); torchrun's environment gives the defaults where it is set."""
-    from pagoda.engine.distributed.nodes import torchrun_defaults
-
-    env = torchrun_defaults()
-
-    def default(name: str) -> Any:
-        return env.get(name, field_default(ParallelConfig, name))
-
+    """Several nodes (vLLM's flags). Unset (None), they come from torchrun's environment where the
+    engine spans ranks (nodes.py: node_flags), else ParallelConfig's defaults."""
     g.add_argument(
-        "--nnodes", type=int, default=default("nnodes"),
-        help="nodes the ranks are spread over, an equal share each (env NNODES)",
+        "--nnodes", type=int, default=None,
+        help="nodes the ranks are spread over, an equal share each (default: env NNODES, else 1)",
     )  # fmt: skip
     g.add_argument(
-        "--node-rank", type=int, default=default("node_rank"),
-        help="this node's rank: 0 runs the engine; others run only their ranks (env NODE_RANK)",
+        "--node-rank", type=int, default=None,
+        help="this node's rank: 0 runs the engine; others run only their ranks (env NODE_RANK, else 0)",
     )  # fmt: skip
     g.add_argument(
-        "--master-addr", default=default("master_addr"),
-        help="node 0's address, where the nodes meet (env MASTER_ADDR)",
+        "--master-addr", default=None,
+        help="node 0's address, where the nodes meet (env MASTER_ADDR, else 127.0.0.1)",
     )  # fmt: skip
     g.add_argument(
-        "--master-port", type=int, default=default("master_port"),
-        help="the port node 0 listens on for the rendezvous (env MASTER_PORT)",
+        "--master-port", type=int, default=None,
+        help="the port node 0 listens on for the rendezvous (env MASTER_PORT, else 29500)",
     )  # fmt: skip
 
 
@@ -323,10 +318,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             tensor_parallel_size=args.tensor_parallel_size,
             pipeline_parallel_size=args.pipeline_parallel_size,
             collective_timeout_s=args.distributed_timeout,
-            nnodes=args.nnodes,
-            node_rank=args.node_rank,
-            master_addr=args.master_addr,
-            master_port=args.master_port,
+            **node_flags(
+                args.tensor_parallel_size * args.pipeline_parallel_size,
+                {k: getattr(args, k) for k in ("nnodes", "node_rank", "master_addr", "master_port")},
+            ),
         ),
     )
 

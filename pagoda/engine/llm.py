@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from pagoda.engine.config import BatcherConfig, CacheConfig, EngineConfig, LoRAConfig, ParallelConfig
 from pagoda.engine.core.engine_core import EngineCore
-from pagoda.engine.distributed.nodes import torchrun_defaults
+from pagoda.engine.distributed.nodes import node_flags
 from pagoda.engine.loader import Checkpoint
 from pagoda.engine.lora.request import LoRARequest
 from pagoda.engine.outputs import FinishReason, TokenLogprob
@@ -32,8 +32,10 @@ def make_engine_config(model: str = "", **kwargs: Any) -> EngineConfig:
         cache["num_blocks_override"] = kwargs.pop("num_blocks")
     sched = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCHED_KEYS}
     lora = LoRAConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in _LORA_KEYS})
-    nodes = {**torchrun_defaults(), **{k: kwargs.pop(k) for k in list(kwargs) if k in _NODE_KEYS}}
-    parallel = ParallelConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in _PARALLEL_KEYS}, **nodes)
+    given = {k: kwargs.pop(k) for k in list(kwargs) if k in _PARALLEL_KEYS}
+    world = given.get("tensor_parallel_size", 1) * given.get("pipeline_parallel_size", 1)
+    nodes = node_flags(world, {k: kwargs.pop(k) for k in list(kwargs) if k in _NODE_KEYS})
+    parallel = ParallelConfig(**given, **nodes)
     if parallel.node_rank > 0:
         raise ValueError(
             f"node rank {parallel.node_rank} runs only its ranks, not an engine: start it with "

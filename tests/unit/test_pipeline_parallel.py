@@ -142,6 +142,8 @@ def test_node_flags_default_to_torchrun_environment(monkeypatch: pytest.MonkeyPa
     assert config.parallel == ParallelConfig(
         pipeline_parallel_size=2, nnodes=2, node_rank=1, master_addr="10.0.0.5", master_port=29600
     )
+    # one rank per torchrun process (data parallel by hand): the environment is not the engine's
+    assert engine_config_from_args(parser.parse_args([])).parallel == ParallelConfig()
     with pytest.raises(ValueError, match="pagoda worker --node-rank 1"):
         LLM("unused-model", pipeline_parallel_size=2)
 

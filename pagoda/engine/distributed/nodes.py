@@ -46,6 +46,14 @@ def torchrun_defaults(environ: dict[str, str] | None = None) -> dict[str, Any]:
     return found
 
 
+def node_flags(world: int, given: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """ParallelConfig's node fields: those `given` (None: unset), else torchrun's environment where
+    the engine spans ranks (`world` > 1). A one-rank engine in each process of a torchrun job (data
+    parallel by hand) is no multi-node engine: the environment is not its."""
+    env = torchrun_defaults(environ) if world > 1 else {}
+    return {**env, **{k: v for k, v in given.items() if v is not None}}
+
+
 def run_node(config: EngineConfig) -> int:
     """Run node `config.parallel.node_rank`'s ranks until they end; the exit status."""
     import torch
