@@ -81,6 +81,11 @@ def run_node(config: EngineConfig) -> int:
             f"given {par.world_size} over {par.nnodes}: start every node with the same parallel flags"
         )
     ranks = local_ranks(spec.config, par.node_rank)
+    if spec.config.resolved_device().type == "cuda" and torch.cuda.device_count() < len(ranks):
+        raise ValueError(
+            f"node {par.node_rank} runs {len(ranks)} ranks and needs {len(ranks)} GPUs, "
+            f"{torch.cuda.device_count()} are visible"
+        )
     threads = max(1, torch.get_num_threads() // len(ranks))
     config = replace(
         spec.config, parallel=replace(theirs, node_rank=par.node_rank, master_addr=par.master_addr)

@@ -188,6 +188,12 @@ def start_pipeline(
         check_pipeline(ckpt.arch, par.pipeline_parallel_size)
     if not ckpt.path:
         raise ValueError("parallel ranks need a checkpoint on disk (each rank loads its part)")
+    local = len(local_ranks(config, 0))
+    if device.type == "cuda" and torch.cuda.device_count() < local:
+        raise ValueError(
+            f"{local} ranks on this node (tensor x pipeline parallel size / --nnodes) need {local} GPUs, "
+            f"{torch.cuda.device_count()} are visible"
+        )
     ranks = PipelineRanks(config, ckpt.path, device, dtype, quantization, max_model_len, ckpt.arch.num_layers)
     return ranks
 
