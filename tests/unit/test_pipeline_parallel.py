@@ -8,16 +8,21 @@ import argparse
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from pagoda.engine import LLM, SamplingParams, add_engine_args, engine_config_from_args
-from pagoda.engine.config import EngineConfig, LoRAConfig, ParallelConfig
+from pagoda.engine.config import BatcherConfig, EngineConfig, LoRAConfig, ParallelConfig
+from pagoda.engine.distributed.micro_batches import MicroBatches
 from pagoda.engine.distributed.nodes import torchrun_defaults
 from pagoda.engine.distributed.pipeline import max_stage_layers, stage_layers
 from pagoda.engine.distributed.pipeline_model import LlamaStage, check_pipeline
+from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.runner.model_runner import kv_bytes_per_block
+from pagoda.engine.scheduling.batcher import Batcher, BatchPlan, RunnerOutput
+from pagoda.engine.scheduling.request import Request
 from tests.unit.test_tensor_parallel_plan import _arch
 
 PROMPTS = [[1, 2, 3, 4, 5], list(range(40, 75))]  # a short prompt and one of three KV blocks
@@ -70,7 +75,9 @@ def test_stages_give_one_ranks_greedy_tokens(
         per_block = kv_bytes_per_block(layers, 16, cfg.num_kv_heads // tp, cfg.head_dim, torch.float32)
         assert (1 << 22) // per_block == pp.engine.num_blocks > one.engine.num_blocks
         assert pp_tokens == tokens
-        tol = 0.0 if tp == 1 else 1e-5  # the same sums on one rank; split sums with TP
+        # two micro-batches in flight: the prompts ran apart (other matmul shapes), as with TP's split sums
+        assert pp.engine.micro_batches is not None and pp.engine.micro_batches.most_in_flight == 2
+        tol = 1e-5
         assert (
             max(
                 abs(a - b)
@@ -155,3 +162,48 @@ def test_a_worker_of_node_zero_still_needs_the_bus_and_store(capsys: pytest.Capt
     for argv in (["worker"], ["worker", "--bus", "amqp://guest:guest@127.0.0.1:5672/"]):
         assert main(argv) == 2
         assert "`pagoda worker` runs alone: give it --bus amqp://... and --store" in capsys.readouterr().err
+
+
+class _Runner:
+    """What MicroBatches needs of a ModelRunner: launch applies a plan's diff, finish samples."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.launched: list[BatchPlan] = []
+
+    def launch(self, plan: BatchPlan) -> Any:
+        self.held -= plan.finished_req_ids
+        self.held |= {n.req_id for n in plan.new_requests}
+        self.launched.append(plan)
+        return None if plan.is_empty else plan
+
+    def finish(self, plan: BatchPlan | None) -> RunnerOutput:
+        if plan is None:
+            return RunnerOutput()
+        assert set(plan.num_scheduled_tokens) <= self.held  # the runner still holds their state
+        return RunnerOutput(sampled_token_ids=dict.fromkeys(plan.num_scheduled_tokens, 7))
+
+
+def test_micro_batches_split_the_running_requests_and_never_share_one() -> None:
+    kv = KVCacheManager(64, block_size=4)
+    batcher = Batcher(BatcherConfig(max_num_batched_tokens=64), kv, 64, [0])
+    runner = _Runner()
+    steps = MicroBatches(batcher, runner, depth=2)  # type: ignore[arg-type]
+    for i in range(4):
+        batcher.add_request(Request(f"r{i}", [10 * i + 1, 10 * i + 2], SamplingParams(max_tokens=5)))
+    plan, res = steps.advance()  # the 4 prompts in one step (nothing was running), then nothing more
+    assert set(plan.num_scheduled_tokens) == {"r0", "r1", "r2", "r3"} and not steps.in_flight
+    batcher.update(plan, res)
+    plan, res = steps.advance()  # 4 decoding: 2 per micro-batch, the second still in flight
+    assert set(plan.num_scheduled_tokens) == {"r0", "r1"} and steps.most_in_flight == 2
+    ((second, _),) = steps.in_flight
+    assert set(second.num_scheduled_tokens) == {"r2", "r3"}
+    batcher.update(plan, res)
+    batcher.finish_requests(["r2"], "abort")  # in flight: the runner must keep its state until it ends
+    plan, res = steps.advance()
+    assert set(plan.num_scheduled_tokens) == {"r2", "r3"}  # the older step finishes first
+    assert "r2" not in runner.launched[-1].finished_req_ids and steps.deferred == {"r2"}
+    assert set(runner.launched[-1].num_scheduled_tokens) == {"r0", "r1"}  # never r2 or r3
+    batcher.update(plan, res)
+    steps.advance()
+    assert "r2" in runner.launched[-1].finished_req_ids and "r2" not in runner.held and not steps.deferred

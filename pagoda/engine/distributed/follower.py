@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from pagoda.engine.core.model_loading import load_model
 from pagoda.engine.distributed.launcher import LOAD_TIMEOUT_S, FollowerSpec, join_groups
+from pagoda.engine.distributed.pipeline import sample_rows
 from pagoda.engine.distributed.protocol import Channel, Command, StepInputs
 from pagoda.engine.distributed.shm_all_reduce import ShmAllReduce
 from pagoda.engine.distributed.tensor_parallel import TensorParallel
@@ -40,7 +41,6 @@ class Follower:
         norm = model.norm.weight  # never quantized: the run's device and dtype
         self.device, self.dtype = norm.device, norm.dtype
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.hidden: torch.Tensor | None = None  # the last forward's output (a pipeline's last stage)
 
     @torch.inference_mode()
     def run(self) -> None:
@@ -52,9 +52,6 @@ class Follower:
                 self._allocate(num_blocks=arg, block_size=payload)
             elif command is Command.FORWARD:
                 self._forward(payload)
-            elif command is Command.LOGITS and payload is not None:  # a pipeline: rows of its output
-                assert self.hidden is not None, "LOGITS before FORWARD"
-                self.model.compute_logits(self.hidden[payload.to(self.device)])
             elif command is Command.LOGITS:
                 rows = torch.empty(arg, self.model.cfg.hidden_size, dtype=self.dtype, device=self.device)
                 self.model.compute_logits(self.tp.broadcast(rows))  # this rank's shard, gathered on rank 0
@@ -69,8 +66,8 @@ class Follower:
 
     def _forward(self, step: StepInputs) -> None:
         step = step.to(self.device)
-        with prompt_rows(step.prompt_start):
-            self.hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta, self.backend)
+        with prompt_rows(step.prompt_start), sample_rows(step.sample_rows):  # (a pipeline's last stage)
+            self.model(step.input_ids, step.positions, self.kv_caches, step.meta, self.backend)
 
 
 def _watch_parent(parent_pid: int) -> None:

@@ -7,28 +7,48 @@ group of its own, made in this order on every rank: its stage's TP group (`tp<st
 pipeline column (`pp<tp_rank>`: the ranks of its TP rank in every stage), and the control group
 of all ranks (protocol.py). Rank 0 (stage 0, TP rank 0) is the engine: it schedules and samples.
 
-A step: rank 0 broadcasts FORWARD to every rank (protocol.py); stage 0 embeds and runs its layers
-and sends the hidden states and the residual stream ([2, tokens, hidden]) to the same TP rank of
-the next stage, which runs its layers, and so on; the last stage keeps its normed hidden states.
-For the logits rank 0 broadcasts LOGITS with the row numbers it samples: the last stage computes
-their logits (gathered over its TP ranks) and its TP rank 0 sends them to rank 0. Rank 0's model
-returns row numbers in place of hidden states (`LlamaStage`), so its runner picks rows as ever.
-One step is in flight at a time: a stage idles while the others run (micro-batches are not
-overlapped yet).
+A step: rank 0 broadcasts FORWARD to every rank (protocol.py) with the rows it will sample (its
+runner names them first: `sample_rows`); stage 0 embeds and runs its layers and sends the hidden
+states and the residual stream ([2, tokens, hidden]) to the same TP rank of the next stage, which
+runs its layers, and so on; the last stage computes the sampled rows' logits (gathered over its TP
+ranks) and its TP rank 0 sends them to rank 0, which posted that receive before its own stage
+ran. Rank 0's model returns row numbers in place of hidden states (`LlamaStage`), so its runner
+picks rows as ever. Several steps are in flight at once, each stage running them in order
+(micro_batches.py), so the stages work at the same time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from pagoda.engine.distributed.protocol import Channel, Command
+from pagoda.engine.distributed.protocol import Channel
 
 HIDDEN_TAG, LOGITS_TAG = 1, 2
+_SAMPLE_ROWS: ContextVar[list[int] | None] = ContextVar("pagoda_sample_rows", default=None)
+
+
+@contextmanager
+def sample_rows(rows: list[int] | None) -> Iterator[None]:
+    """The rows of this model call whose logits will be asked for (the runner knows them before
+    the forward): a pipeline's last stage computes and sends them right after its layers."""
+    token = _SAMPLE_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _SAMPLE_ROWS.reset(token)
+
+
+def current_sample_rows() -> list[int] | None:
+    return _SAMPLE_ROWS.get()
 
 
 def stage_layers(num_layers: int, size: int) -> list[tuple[int, int]]:
@@ -106,6 +126,9 @@ class PipelineStage:
     end: int
     group: Any = None
     channel: Channel | None = None
+    # rank 0: the logits receives posted for steps in flight, oldest first (posted before the
+    # step's hidden states leave, so the last stage's send always finds its receive)
+    pending: deque[tuple[torch.Tensor, Any]] = field(default_factory=deque, compare=False)
 
     @property
     def is_first(self) -> bool:
@@ -130,12 +153,15 @@ class PipelineStage:
         """The last stage's TP rank 0: the sampled rows' logits [rows, vocab] float32 to rank 0."""
         self.group.send([logits.contiguous()], 0, LOGITS_TAG).wait()
 
-    def fetch_logits(self, rows: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """Rank 0: the logits [rows, vocab] float32 of these rows of the last stage's hidden
-        states (row numbers, as rank 0's model returned them)."""
-        assert self.channel is not None, "only rank 0 drives the pipeline"
-        idx = rows.reshape(-1).to(device="cpu", dtype=torch.int64)
-        self.channel.send(Command.LOGITS, arg=len(idx), payload=idx)
-        logits = torch.empty(len(idx), vocab_size, dtype=torch.float32, device=rows.device)
-        self.group.recv([logits], self.size - 1, LOGITS_TAG).wait()
-        return logits
+    def expect_logits(self, rows: int, vocab_size: int, device: torch.device) -> None:
+        """Rank 0: post the receive of a step's logits [rows, vocab] float32 from the last stage."""
+        buf = torch.empty(rows, vocab_size, dtype=torch.float32, device=device)
+        self.pending.append((buf, self.group.recv([buf], self.size - 1, LOGITS_TAG)))
+
+    def take_logits(self, rows: int) -> torch.Tensor:
+        """Rank 0: the oldest step's logits, once they arrived."""
+        assert self.pending, "logits asked for a step that samples nothing"
+        buf, work = self.pending.popleft()
+        assert buf.shape[0] == rows, (buf.shape, rows)
+        work.wait()
+        return buf

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from pagoda.engine.distributed.pipeline import PipelineStage
+from pagoda.engine.distributed.pipeline import PipelineStage, current_sample_rows
 from pagoda.engine.distributed.sharding import TP_ARCHITECTURES, check_tensor_parallel
 from pagoda.engine.distributed.tensor_parallel import TensorParallel
 from pagoda.engine.models.arch_config import ModelArchConfig
@@ -96,7 +96,9 @@ class LlamaStage(LlamaForCausalLM):
         backend: AttentionBackend,
     ) -> torch.Tensor:  # the last stage: [num_tokens, hidden]; the others: row numbers [num_tokens, 1]
         self.tp.begin_forward(input_ids, positions, meta)  # rank 0: every other rank runs it too
-        stage, tokens = self.stage, input_ids.shape[0]
+        stage, tokens, rows = self.stage, input_ids.shape[0], current_sample_rows()
+        if stage.channel is not None and rows:  # rank 0: the logits' receive first
+            stage.expect_logits(len(rows), self.cfg.vocab_size, input_ids.device)
         residual: torch.Tensor | None = None
         if stage.is_first:
             x = self.tp.embed(self.embed_tokens, input_ids, self.cfg.vocab_size)
@@ -110,17 +112,15 @@ class LlamaStage(LlamaForCausalLM):
         if not stage.is_last:
             stage.send_hidden(x, residual)
             return torch.arange(tokens, device=input_ids.device)[:, None]
-        return self.norm.add_forward(x, residual)[0]  # type: ignore[no-any-return]
+        hidden: torch.Tensor = self.norm.add_forward(x, residual)[0]
+        if rows:  # the rows rank 0 samples: their logits at once (gathered over this stage's TP ranks)
+            logits = super().compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+            if self.tp.rank == 0:
+                stage.send_logits(logits)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab] float32
-        """Rank 0: `hidden` holds row numbers, whose logits the last stage sends. The last stage:
-        the logits of its rows (sent to rank 0 by its TP rank 0). Other stages: nothing to do."""
-        stage = self.stage
-        if stage.channel is not None:
-            return stage.fetch_logits(hidden, self.cfg.vocab_size)
-        if not stage.is_last:
-            return hidden
-        logits = super().compute_logits(hidden)
-        if self.tp.rank == 0:
-            stage.send_logits(logits)
-        return logits
+        """Rank 0: `hidden` holds the row numbers of the rows to sample, whose logits the last
+        stage sent after its forward (rank 0's runner named them first: `sample_rows`)."""
+        assert self.stage.channel is not None, "only rank 0 asks a pipeline for logits"
+        return self.stage.take_logits(hidden.shape[0])

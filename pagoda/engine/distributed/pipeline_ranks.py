@@ -32,11 +32,18 @@ from pagoda.engine.distributed.launcher import (
     _Leader,
     _spawn,
 )
-from pagoda.engine.distributed.pipeline import Layout, PipelineStage, join_stage_groups, stage_layers
+from pagoda.engine.distributed.pipeline import (
+    Layout,
+    PipelineStage,
+    current_sample_rows,
+    join_stage_groups,
+    stage_layers,
+)
 from pagoda.engine.distributed.pipeline_model import check_pipeline
-from pagoda.engine.distributed.protocol import Channel
+from pagoda.engine.distributed.protocol import Channel, Command, StepInputs, meta_to
 from pagoda.engine.distributed.tensor_parallel import TensorParallel
 from pagoda.engine.loader import Checkpoint
+from pagoda.engine.quantization.vnni import current_prompt_start
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,19 @@ def local_ranks(config: EngineConfig, node_rank: int) -> range:
 
 def store_host(config: EngineConfig) -> str:
     return config.parallel.master_addr if config.parallel.nnodes > 1 else "127.0.0.1"
+
+
+class _StageLeader(_Leader):
+    """Rank 0's step messages: as tensor parallelism's, with the rows to sample (the last stage
+    computes their logits after its layers: pipeline.py)."""
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> None:
+        cpu = torch.device("cpu")
+        step = StepInputs(
+            input_ids.to(cpu), positions.to(cpu), meta_to(meta, cpu), current_prompt_start(),
+            current_sample_rows(),
+        )  # fmt: skip
+        self.channel.send(Command.FORWARD, payload=step)
 
 
 class PipelineRanks(TensorParallelRanks):
@@ -119,7 +139,8 @@ class PipelineRanks(TensorParallelRanks):
         self._wait_for("joined")
         tp_group, pp_group, control = join_stage_groups(self.store, layout, device, timeout, timeout)
         self.channel = channel = Channel(control)
-        self.tp = TensorParallel(0, layout.tp_size, tp_group, _Leader(channel, tp_group))
+        leader = _StageLeader(channel, tp_group) if layout.pp_size > 1 else _Leader(channel, tp_group)
+        self.tp = TensorParallel(0, layout.tp_size, tp_group, leader)
         if layout.pp_size > 1:
             start, end = stage_layers(self.num_layers, layout.pp_size)[0]
             self.stage = PipelineStage(0, layout.pp_size, start, end, pp_group, channel)
