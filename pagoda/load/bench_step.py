@@ -116,6 +116,7 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
         "tensor_parallel_size": core.config.parallel.tensor_parallel_size,
         "pipeline_parallel_size": core.config.parallel.pipeline_parallel_size,
         "batch": args.batch,
+        "sequences_per_step": _per_step(core, args),  # a pipeline's steps: micro-batches of the batch
         "weights_mib": round(weight_bytes(core.model) / 2**20, 1),
         "load_s": round(load_s, 2),
         "prefill_and_warmup_s": round(warm_s, 2),
@@ -167,11 +168,16 @@ def _start_decoding(core: EngineCore, args: argparse.Namespace) -> float:
         prompt = torch.randint(10, 40000, (args.input_len,), generator=g).tolist()
         core.add_request(f"s{i}", prompt, params)
     t0 = time.perf_counter()
-    while core.last_stats.num_scheduled_tokens != args.batch:  # prefill, then the first decode
+    while core.last_stats.num_scheduled_tokens != _per_step(core, args):  # prefill, then the first decode
         core.step()
     for _ in range(3):
         core.step()
     return time.perf_counter() - t0
+
+
+def _per_step(core: EngineCore, args: argparse.Namespace) -> int:
+    """Sequences a decode step holds: the batch, or its share in a pipeline's micro-batches."""
+    return -(-args.batch // core.config.parallel.pipeline_parallel_size)
 
 
 def _time_steps(core: EngineCore, steps: int) -> tuple[list[float], list[float]]:
