@@ -96,6 +96,11 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     collective_timeout_s: float = 60.0
+    # mixture-of-experts models (distributed/expert_parallel.py): the experts split across the
+    # ranks rather than each expert sharded; data_parallel_size engines of their own meeting at
+    # the MoE layers (distributed/data_parallel.py)
+    enable_expert_parallel: bool = False
+    data_parallel_size: int = 1
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
@@ -113,6 +118,9 @@ class ParallelConfig:
         self._check_nodes()
         if self.collective_timeout_s <= 0:
             raise ValueError(f"collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
+        from pagoda.engine.distributed.moe_checks import check_parallel_sizes
+
+        check_parallel_sizes(self.tensor_parallel_size, self.data_parallel_size, self.enable_expert_parallel)
 
     def _check_nodes(self) -> None:
         world = self.world_size
@@ -124,6 +132,11 @@ class ParallelConfig:
             raise ValueError(
                 f"--nnodes {self.nnodes} must divide the {world} ranks (tensor x pipeline parallel "
                 "size): each node runs an equal share"
+            )
+        if self.data_parallel_size > 1 and (self.pipeline_parallel_size > 1 or self.nnodes > 1):
+            raise ValueError(
+                f"--data-parallel-size {self.data_parallel_size} with --pipeline-parallel-size or "
+                "--nnodes is not supported yet; use one of them"
             )
         if not 0 < self.master_port < 65536:
             raise ValueError(f"--master-port must be a TCP port (1-65535), got {self.master_port}")

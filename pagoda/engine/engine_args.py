@@ -257,6 +257,7 @@ def _add_parallel_args(g: argparse._ArgumentGroup) -> None:
         help="seconds a collective between ranks waits before the engine fails (a dead rank ends the "
         "worker within it)",
     )
+    add_expert_parallel_args(g)
 
 
 def _add_node_args(g: argparse._ArgumentGroup) -> None:
@@ -318,6 +319,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             tensor_parallel_size=args.tensor_parallel_size,
             pipeline_parallel_size=args.pipeline_parallel_size,
             collective_timeout_s=args.distributed_timeout,
+            enable_expert_parallel=args.enable_expert_parallel,
+            data_parallel_size=args.data_parallel_size,
             **node_flags(
                 args.tensor_parallel_size * args.pipeline_parallel_size,
                 {k: getattr(args, k) for k in ("nnodes", "node_rank", "master_addr", "master_port")},
@@ -335,3 +338,23 @@ def _speculative_config(text: str | None) -> SpeculativeConfig | None:
     except ValueError as e:
         msg = str(e) if str(e).startswith("--speculative-config") else f"--speculative-config: {e}"
         raise ValueError(msg) from None
+
+
+def add_expert_parallel_args(g: argparse._ArgumentGroup) -> None:
+    """Mixture-of-experts parallelism (vLLM's flags; pagoda/engine/distributed/expert_parallel.py)."""
+    g.add_argument(
+        "--enable-expert-parallel",
+        "-ep",
+        action="store_true",
+        default=field_default(ParallelConfig, "enable_expert_parallel"),
+        help="MoE models: split the experts across the tensor-parallel (and data-parallel) ranks "
+        "instead of sharding each expert; attention stays tensor-parallel",
+    )
+    g.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=field_default(ParallelConfig, "data_parallel_size"),
+        help="MoE models with --enable-expert-parallel: engines of their own (scheduler, KV cache, "
+        "worker queue), each running attention on its own batch, meeting at the MoE layers",
+    )

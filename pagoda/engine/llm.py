@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -21,7 +21,13 @@ from pagoda.engine.sampling.params import SamplingParams
 _CACHE_KEYS = {"block_size", "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching"}
 _SCHED_KEYS = {"max_num_batched_tokens", "max_num_seqs", "scheduling_policy", "enable_chunked_prefill"}
 _LORA_KEYS = {"enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"}
-_PARALLEL_KEYS = {"tensor_parallel_size", "pipeline_parallel_size", "collective_timeout_s"}
+_PARALLEL_KEYS = {
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "collective_timeout_s",
+    "enable_expert_parallel",
+    "data_parallel_size",
+}
 _NODE_KEYS = {"nnodes", "node_rank", "master_addr", "master_port"}  # default: torchrun's environment
 
 
@@ -94,7 +100,12 @@ class LLM:
         if config is not None and (model or kwargs):
             raise TypeError("pass either config= or the model and its keyword arguments, not both")
         config = config if config is not None else make_engine_config(model, **kwargs)
-        self.engine = EngineCore(config, checkpoint)
+        if config.parallel.data_parallel_size > 1:  # N engines meeting at the MoE layers
+            from pagoda.engine.distributed.data_parallel import DataParallelEngines
+
+            self.engine = cast(EngineCore, DataParallelEngines(config, checkpoint))
+        else:
+            self.engine = EngineCore(config, checkpoint)
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 

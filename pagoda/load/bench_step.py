@@ -17,7 +17,7 @@ import re
 import statistics
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -103,10 +103,16 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    core = EngineCore(_engine_config(args))
+    config = _engine_config(args)
+    if config.parallel.data_parallel_size > 1:  # the engines stepped together (data_parallel.py)
+        from pagoda.engine.distributed.data_parallel import DataParallelEngines
+
+        core = cast(EngineCore, DataParallelEngines(config))
+    else:
+        core = EngineCore(config)
     load_s = time.perf_counter() - t0
     warm_s = _start_decoding(core, args)
-    clock = core.parallel.tp.clock if core.parallel is not None else None
+    clock = core.parallel.tp.clock if core.parallel is not None else getattr(core, "clock", None)
     before = (clock.seconds, clock.calls) if clock is not None else (0.0, 0)
     times, cpu = _time_steps(core, args.steps)
     result = {
@@ -115,6 +121,8 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "tensor_parallel_size": core.config.parallel.tensor_parallel_size,
         "pipeline_parallel_size": core.config.parallel.pipeline_parallel_size,
+        "data_parallel_size": core.config.parallel.data_parallel_size,
+        "expert_parallel": core.config.parallel.enable_expert_parallel,
         "batch": args.batch,
         "sequences_per_step": _per_step(core, args),  # a pipeline's steps: micro-batches of the batch
         "weights_mib": round(weight_bytes(core.model) / 2**20, 1),
@@ -143,15 +151,21 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
 
     tp = getattr(args, "tensor_parallel_size", 1)
     pp = getattr(args, "pipeline_parallel_size", 1)
+    dp, ep = getattr(args, "data_parallel_size", 1), getattr(args, "enable_expert_parallel", False)
     return EngineConfig(
-        parallel=ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp),
+        parallel=ParallelConfig(
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+            data_parallel_size=dp,
+            enable_expert_parallel=ep,
+        ),
         model=getattr(args, "model", ""),
         dtype=args.dtype,
         quantization=args.quantization,
         cache=CacheConfig(enable_prefix_caching=False, kv_cache_memory=1 << 28),
         # as pagoda serve runs once its graphs are ready: compiled where they run (auto: an
         # in-process engine loads or compiles them before its first step)
-        compile="auto" if args.compile == "on" and tp * pp == 1 else "off",
+        compile="auto" if args.compile == "on" and tp == dp == pp == 1 else "off",
         # the model's own limit may not fit the KV budget (float32 under int8)
         max_model_len=args.input_len + args.steps + args.profile_steps + 64,
     )

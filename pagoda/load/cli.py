@@ -295,7 +295,21 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
         "-pp",
         type=int,
         default=1,
-        help="stages of layers, each on its own ranks (times -tp; one step in flight at a time)",
+        help="stages of layers, each on its own ranks (times -tp; a micro-batch per stage in flight)",
+    )
+    p.add_argument(
+        "--enable-expert-parallel",
+        "-ep",
+        action="store_true",
+        help="MoE models: experts split across the ranks whole (with -tp or -dp) rather than sharded",
+    )
+    p.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=1,
+        help="MoE models with -ep: engines of their own meeting at the MoE layers (the batch spread over "
+        "them; each takes its share of --threads)",
     )
     p.add_argument(
         "--compile",

@@ -17,6 +17,7 @@ from tests.polling import block_until
 from tests.processes import AMQP, REDIS, Proc, free_port, wait_ready
 
 ENGINE = ["--dtype", "float32", "--kv-cache-memory", "512MiB", "--max-model-len", "2048"]
+SPEC = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}'
 
 
 def _name(proc: Proc) -> str:
@@ -35,7 +36,19 @@ def cluster() -> Iterator[dict[str, Any]]:
     metrics = {name: free_port() for name in ("w1", "w2", "scheduler")}
     procs = [
         Proc("worker", *ENGINE, *common, "--worker-id", "w1", "--metrics-port", str(metrics["w1"]), env=env),
-        Proc("worker", *ENGINE, *common, "--worker-id", "w2", "--metrics-port", str(metrics["w2"]), env=env),
+        # w2 speculates (n-gram): greedy streams it serves must equal w1's and the embedded server's
+        Proc(
+            "worker",
+            *ENGINE,
+            *common,
+            "--worker-id",
+            "w2",
+            "--metrics-port",
+            str(metrics["w2"]),
+            "--speculative-config",
+            SPEC,
+            env=env,
+        ),
         Proc("scheduler", *common, "--metrics-port", str(metrics["scheduler"]), env=env),
         Proc("tokenizer", *ENGINE, *common, env=env),
         Proc("gateway", *ENGINE, *common, "--port", str(port), env=env),

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.polling import block_until
 
@@ -46,6 +47,46 @@ def test_32_concurrent_streams_match_embedded(cluster: dict[str, Any], embedded:
     logs = [p.output() for p in cluster["procs"] if p.args[0] == "worker"]
     assert all("finished" in log for log in logs), "a worker served nothing"
     assert r.exists(f"{cluster['ns']}:worker:w1") and r.exists(f"{cluster['ns']}:worker:w2")
+
+
+COPYING = [  # prompts whose answers copy from them, so that n-gram drafts get accepted
+    f"Repeat this list exactly, twice: {', '.join(items)}."
+    for items in (
+        ["apples", "bananas", "cherries", "dates", "figs"],
+        ["red", "orange", "yellow", "green", "blue", "indigo"],
+        ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"],
+        ["one", "two", "three", "four", "five", "six", "seven"],
+        ["Paris", "Rome", "Madrid", "Berlin", "Vienna"],
+        ["oak", "pine", "birch", "maple", "cedar", "willow"],
+        ["violin", "cello", "flute", "oboe", "harp"],
+        ["Mercury", "Venus", "Earth", "Mars", "Jupiter"],
+    )
+]
+
+
+def _spec_counts(cluster: dict[str, Any]) -> dict[str, float]:
+    """w2's vllm:spec_decode_num_* counters."""
+    text = httpx.get(f"http://127.0.0.1:{cluster['metrics_ports']['w2']}/metrics", timeout=10).text
+    return {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("vllm:spec_decode_num_")
+    }
+
+
+def test_a_speculating_worker_streams_what_the_others_do(cluster: dict[str, Any], embedded: str) -> None:
+    """w2 runs n-gram speculation (tests/integration/conftest.py): greedy streams over the bus equal
+    the embedded server's, with drafts both accepted and rejected on w2."""
+    before = _spec_counts(cluster)
+    distributed = asyncio.run(_stream_all(cluster["base"], COPYING))
+    assert distributed == asyncio.run(_stream_all(embedded, COPYING))
+    after = _spec_counts(cluster)
+    drafted, accepted = (
+        after[f"vllm:spec_decode_num_{k}_tokens_total"] - before[f"vllm:spec_decode_num_{k}_tokens_total"]
+        for k in ("draft", "accepted")
+    )
+    assert drafted > accepted > 0, (before, after)
 
 
 def _indexed(r: Any, ns: str) -> int:

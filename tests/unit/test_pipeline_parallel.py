@@ -131,6 +131,8 @@ def test_what_cannot_run_in_stages_is_refused_naming_the_flag() -> None:
         EngineConfig(parallel=ParallelConfig(pipeline_parallel_size=2), lora=LoRAConfig(enable_lora=True))
     with pytest.raises(ValueError, match="--nnodes 2 must divide the 3 ranks"):
         ParallelConfig(pipeline_parallel_size=3, nnodes=2)
+    with pytest.raises(ValueError, match="--data-parallel-size 2 with --pipeline-parallel-size or --nnodes"):
+        ParallelConfig(pipeline_parallel_size=2, data_parallel_size=2, enable_expert_parallel=True)
     with pytest.raises(ValueError, match=r"--node-rank 2 must be in \[0, --nnodes 2\)"):
         ParallelConfig(pipeline_parallel_size=2, nnodes=2, node_rank=2)
 

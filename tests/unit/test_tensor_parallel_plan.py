@@ -81,7 +81,11 @@ def test_quantized_weights_split_by_rows_and_whole_groups_of_columns() -> None:
 @pytest.mark.parametrize(
     ("arch", "size", "message"),
     [
-        (dict(architecture="mixtral", num_experts=4, num_experts_per_tok=2), 2, "mixture-of-experts"),
+        (
+            dict(architecture="mixtral", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=33),
+            2,
+            "mixture-of-experts model's expert intermediate size 33",
+        ),
         (dict(architecture="gemma2"), 2, "this model is gemma2"),
         (dict(num_heads=6, num_kv_heads=6), 4, "must divide the model's 6 attention heads"),
         (dict(intermediate_size=90), 4, "must divide the model's 90 intermediate size"),

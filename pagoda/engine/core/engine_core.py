@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
     micro_batches: MicroBatches | None = None  # pipeline stages: the steps in flight
+    local_rank = SINGLE  # a data-parallel rank's part of the model (distributed/data_parallel.py)
+
     def __init__(
         self, config: EngineConfig, checkpoint: Checkpoint | None = None, *, background_compile: bool = False
     ) -> None:
@@ -173,7 +175,7 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
         as configured (with tensor-parallel followers: this rank's shard, theirs loading meanwhile)."""
         arch = ckpt.arch
         t0 = time.perf_counter()
-        tp = self.parallel.tp if self.parallel is not None else SINGLE
+        tp = self.parallel.tp if self.parallel is not None else self.local_rank
         try:
             model, report, packed = load_model(
                 ckpt, self.max_model_len, self.device, self.dtype, self.quantization, tp,
@@ -317,7 +319,10 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
             out, res = self.micro_batches.advance()
         else:
             out = self.batcher.schedule()
+            t0 = time.perf_counter()
             res = self.runner.execute(out)
+            if self.spec is not None:  # a row's cost, for how many drafts pay
+                self.spec.speculation.observe_step(out, time.perf_counter() - t0)
         changed = self.batcher.update(out, res)
         self.last_stats = StepStats(
             out.total_num_scheduled_tokens,

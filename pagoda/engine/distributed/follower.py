@@ -97,7 +97,8 @@ def serve(spec: FollowerSpec) -> None:
     shm = None if spec.shm_path is None else ShmAllReduce(spec.shm_path, spec.rank, spec.size, timeout_s)
     store.set(f"joined/{spec.rank}", "1")
     model_group, control = join_groups(store, spec.rank, spec.size, device, timedelta(seconds=timeout_s))
-    tp = TensorParallel(spec.rank, spec.size, model_group, shm=shm)
+    ep = config.parallel.enable_expert_parallel
+    tp = TensorParallel(spec.rank, spec.size, model_group, shm=shm, expert_parallel=ep)
     t0 = time.perf_counter()
     ckpt = load_checkpoint(spec.checkpoint)
     logger.debug("checkpoint opened in %.1fs", time.perf_counter() - t0)

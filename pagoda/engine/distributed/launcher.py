@@ -138,7 +138,8 @@ class TensorParallelRanks:
             self.shm.watch = self.check
         model_group, control = join_groups(self.store, 0, size, device, timeout)
         self.channel = channel = Channel(control)
-        self.tp = TensorParallel(0, size, model_group, _Leader(channel, model_group), self.shm)
+        leader, ep = _Leader(channel, model_group), spec.config.parallel.enable_expert_parallel
+        self.tp = TensorParallel(0, size, model_group, leader, self.shm, expert_parallel=ep)
         backend = "NCCL" if device.type == "cuda" else "gloo" + (" + shared memory" if self.shm else "")
         logger.info(
             "tensor parallel: %d ranks (%d followers started, pids %s), %d threads each, %s",
@@ -209,7 +210,7 @@ def start_ranks(
         return start_pipeline(config, ckpt, device, dtype, quantization, max_model_len)
     if size == 1:
         return None
-    check_tensor_parallel(ckpt.arch, size)
+    check_tensor_parallel(ckpt.arch, size, config.parallel.enable_expert_parallel)
     if not ckpt.path:
         raise ValueError(
             f"--tensor-parallel-size {size} needs a checkpoint on disk (each rank loads its shard)"

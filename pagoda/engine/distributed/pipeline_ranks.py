@@ -41,6 +41,7 @@ from pagoda.engine.distributed.pipeline import (
 )
 from pagoda.engine.distributed.pipeline_model import check_pipeline
 from pagoda.engine.distributed.protocol import Channel, Command, StepInputs, meta_to
+from pagoda.engine.distributed.sharding import check_tensor_parallel
 from pagoda.engine.distributed.tensor_parallel import TensorParallel
 from pagoda.engine.loader import Checkpoint
 from pagoda.engine.quantization.vnni import current_prompt_start
@@ -140,7 +141,8 @@ class PipelineRanks(TensorParallelRanks):
         tp_group, pp_group, control = join_stage_groups(self.store, layout, device, timeout, timeout)
         self.channel = channel = Channel(control)
         leader = _StageLeader(channel, tp_group) if layout.pp_size > 1 else _Leader(channel, tp_group)
-        self.tp = TensorParallel(0, layout.tp_size, tp_group, leader)
+        ep = par.enable_expert_parallel  # (tensor parallelism across nodes: MoE models too)
+        self.tp = TensorParallel(0, layout.tp_size, tp_group, leader, expert_parallel=ep)
         if layout.pp_size > 1:
             start, end = stage_layers(self.num_layers, layout.pp_size)[0]
             self.stage = PipelineStage(0, layout.pp_size, start, end, pp_group, channel)
@@ -207,6 +209,8 @@ def start_pipeline(
         )
     if par.pipeline_parallel_size > 1:
         check_pipeline(ckpt.arch, par.pipeline_parallel_size)
+    elif par.tensor_parallel_size > 1:
+        check_tensor_parallel(ckpt.arch, par.tensor_parallel_size, par.enable_expert_parallel)
     if not ckpt.path:
         raise ValueError("parallel ranks need a checkpoint on disk (each rank loads its part)")
     local = len(local_ranks(config, 0))
@@ -241,7 +245,7 @@ def serve_stage(spec: FollowerSpec) -> None:
     layout = Layout(spec.rank, par.tensor_parallel_size, par.pipeline_parallel_size)
     timeout = timedelta(seconds=par.collective_timeout_s)
     tp_group, pp_group, control = join_stage_groups(store, layout, device, timeout, IDLE_TIMEOUT)
-    tp = TensorParallel(layout.tp_rank, layout.tp_size, tp_group)
+    tp = TensorParallel(layout.tp_rank, layout.tp_size, tp_group, expert_parallel=par.enable_expert_parallel)
     stage = None
     if layout.pp_size > 1:
         start, end = stage_layers(ckpt.arch.num_layers, layout.pp_size)[layout.stage]

@@ -21,15 +21,15 @@ TP_ARCHITECTURES = (
 )  # the Llama family's definition (mistral, granite load as llama)
 
 
-def check_tensor_parallel(cfg: ModelArchConfig, size: int) -> None:
-    """Raise ValueError, naming the flag, when `cfg` cannot be split over `size` ranks."""
+def check_tensor_parallel(cfg: ModelArchConfig, size: int, expert_parallel: bool = False) -> None:
+    """Raise ValueError, naming the flag, when `cfg` cannot be split over `size` ranks (its
+    experts split whole with `expert_parallel`, else each sharded)."""
     flag = f"--tensor-parallel-size {size}"
     if cfg.architecture in MOE_ARCHITECTURES:
-        raise ValueError(
-            f"{flag} does not split mixture-of-experts models ({cfg.architecture}) yet; "
-            "use --tensor-parallel-size 1"
-        )
-    if cfg.architecture not in TP_ARCHITECTURES:
+        from pagoda.engine.distributed.moe_checks import check_moe_split
+
+        check_moe_split(cfg, size, expert_parallel, flag)
+    elif cfg.architecture not in TP_ARCHITECTURES:
         raise ValueError(
             f"{flag} splits the {', '.join(TP_ARCHITECTURES)} architectures; this model is "
             f"{cfg.architecture}: use --tensor-parallel-size 1"

@@ -33,12 +33,14 @@ _REGISTRY: dict[str, type[LlamaForCausalLM] | type[GemmaForCausalLM] | type[Bert
 def build_model(cfg: ModelArchConfig, max_position: int, tp: TensorParallel = SINGLE) -> Model:
     """The model of `cfg`; with `tp`, that rank's shard (the Llama family: sharding.py checks)."""
     cls = _REGISTRY[cfg.architecture]
-    if tp.enabled:
+    if cls is MoeForCausalLM:  # a rank of any parallel layout (moe.py)
+        model: Model = MoeForCausalLM(cfg, max_position, tp)
+    elif tp.enabled:
         from pagoda.engine.distributed.sharding import check_tensor_parallel
 
         check_tensor_parallel(cfg, tp.size)
         assert cls is LlamaForCausalLM, cls
-        model: Model = LlamaForCausalLM(cfg, max_position, tp)
+        model = LlamaForCausalLM(cfg, max_position, tp)
     else:
         model = cls(cfg, max_position)
     assert isinstance(model, nn.Module)

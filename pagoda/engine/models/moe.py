@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda.engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.models.layers import GatedMLP
 from pagoda.engine.models.llama import LlamaForCausalLM
@@ -67,13 +68,22 @@ class SparseMoeBlock(nn.Module):
 
 
 class MoeForCausalLM(LlamaForCausalLM):
-    def __init__(self, cfg: ModelArchConfig, max_position: int) -> None:
-        super().__init__(cfg, max_position)
+    def __init__(self, cfg: ModelArchConfig, max_position: int, tp: TensorParallel = SINGLE) -> None:
+        """`tp`: one rank's part (pagoda/engine/distributed/expert_parallel.py)."""
+        super().__init__(cfg, max_position, tp)
+        parallel = tp.enabled or tp.data_parallel is not None
+        if parallel:
+            from pagoda.engine.distributed.expert_parallel import moe_block
+
         for i, layer in enumerate(self.layers):
             if cfg.is_moe_layer(i):
-                layer.mlp = SparseMoeBlock(cfg)
+                layer.mlp = moe_block(cfg, tp) if parallel else SparseMoeBlock(cfg)
 
     def weight_loader(self, device: torch.device, dtype: torch.dtype, keep_quantized: bool) -> ModelLoader:
         """The Llama family's names, plus the experts' (per-expert tensors stacked into place, or
         stacked already) under any family's names (moe_weights.py)."""
+        if self.tp.enabled or self.tp.data_parallel is not None:
+            from pagoda.engine.distributed.expert_sharding import ParallelMoeLoader
+
+            return ParallelMoeLoader(self, device, dtype, keep_quantized)
         return MoeLoader(self, device, dtype, keep_quantized)

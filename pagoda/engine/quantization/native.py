@@ -1,5 +1,6 @@
 """pagoda's own CPU kernels (csrc/: qgemm.cpp, wgemm.cpp, fp8.cpp,
-norm.cpp, lora.cpp for multi-LoRA, and bitmask.cpp for structured outputs), built on first use with the
+norm.cpp, lora.cpp for multi-LoRA, attention.cpp for decode attention over the paged KV cache, and
+bitmask.cpp for structured outputs), built on first use with the
 machine's compiler for its own instruction set (`-march=native`) and cached under
 ~/.cache/pagoda/kernels (or $PAGODA_KERNEL_CACHE), one build per source and CPU: the ops torch
 ships for quantized weights dequantize per row (int4pack) or requantize activations in several
@@ -118,6 +119,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("pagoda_cpu::lora_add_")  # type: ignore[misc]
     def _lora(y: torch.Tensor, x: torch.Tensor, *weights_rows_and_columns: object) -> None:
         return None
+
+    @torch.library.register_fake("pagoda_cpu::decode_attention")  # type: ignore[misc]
+    def _attention(q: torch.Tensor, *caches_tables_and_scalars: object) -> torch.Tensor:
+        return torch.empty_like(q)
 
     @torch.library.register_fake("pagoda_cpu::fp8_gemm")  # type: ignore[misc]
     def _fp8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from pagoda.engine.lora.layers import LoRAContext, LoRALinear, no_adapter_rows
 from pagoda.engine.models import DecoderModel
 from pagoda.engine.models.layers import RotaryEmbedding
-from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
+from pagoda.engine.quantization import native
+from pagoda.engine.runner.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    native_decode,
+    native_decode_usable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +52,7 @@ class _GraphDecodeAttention(AttentionBackend):
     def __init__(self, block_size: int) -> None:
         super().__init__(torch.device("cpu"))
         self.block_size = block_size
+        self.native = native.available()  # pagoda's decode attention (decided before any trace)
 
     def forward(
         self,
@@ -63,6 +70,8 @@ class _GraphDecodeAttention(AttentionBackend):
         _, bs, kvh, hd = k_cache.shape
         k_cache.view(-1, kvh, hd).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, kvh, hd).index_copy_(0, meta.slot_mapping, v)
+        if self.native and native_decode_usable(q, k_cache):  # one opaque op, the cache read in place
+            return native_decode(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
         tables = meta.decode_block_tables  # [n, max_blocks]
         length = tables.shape[1] * bs
         # [n, kv_heads, L, head_dim] views through the block tables: written as products and sums

@@ -313,6 +313,8 @@ class Batcher:
                 assert tokens, (req, draft)
                 req.num_computed_tokens += n - len(draft) + len(tokens) - 1
                 self.kv.trim(req)
+                if self.spec is not None:
+                    self.spec.observe_verification(req, len(draft), len(tokens) - 1)
             if tokens:
                 changed.append(req)
             if self._append_tokens(req, tokens):

@@ -9,9 +9,15 @@ rejected drafts reached (`KVCacheManager.trim`): rollback is a counter change, n
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pagoda.engine.scheduling.request import Request
+from pagoda.engine.spec_decode.adaptive import AdaptivePolicy
 from pagoda.engine.spec_decode.config import SpeculativeConfig
 from pagoda.engine.spec_decode.proposer import Proposer
+
+if TYPE_CHECKING:
+    from pagoda.engine.scheduling.batcher import BatchPlan
 
 
 class Speculation:
@@ -19,13 +25,22 @@ class Speculation:
     request starts running (first schedule, or resumed after preemption), `verified` with the
     tokens each step emitted, `stop` when it finishes or is preempted."""
 
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer) -> None:
+    def __init__(
+        self, config: SpeculativeConfig, proposer: Proposer, policy: AdaptivePolicy | None = None
+    ) -> None:
+        """`policy`: how many drafts pay for each sequence this step (None: always up to k)."""
         self.config = config
         self.proposer = proposer
+        self.policy = policy
 
     def active(self, num_running: int) -> bool:
-        """Whether a step with `num_running` sequences speculates (disable_by_batch_size)."""
-        return self.config.enabled_for(num_running)
+        """Whether a step with `num_running` sequences speculates (disable_by_batch_size); starts
+        the policy's step."""
+        if not self.config.enabled_for(num_running):
+            return False
+        if self.policy is not None:
+            self.policy.begin_step(num_running)
+        return True
 
     def start(self, req: Request) -> None:
         self.proposer.add_request(req.request_id, req.all_token_ids)
@@ -35,6 +50,23 @@ class Speculation:
 
     def stop(self, req: Request) -> None:
         self.proposer.remove_request(req.request_id)
+        if self.policy is not None:
+            self.policy.forget(req.request_id)
+
+    def observe_verification(self, req: Request, drafted: int, accepted: int) -> None:
+        if self.policy is not None:
+            self.policy.observe(req.request_id, drafted, accepted)
+
+    def observe_step(self, plan: BatchPlan, seconds: float) -> None:
+        """A step's duration, for the policy's cost of a row: decode steps only (every sequence one
+        token plus its drafts), since a prompt chunk's cost is not a row's."""
+        if self.policy is None or plan.new_requests:
+            return
+        drafts = plan.spec_token_ids
+        for rid, n in plan.num_scheduled_tokens.items():
+            if n != 1 + len(drafts.get(rid, ())):
+                return
+        self.policy.cost.observe(plan.total_num_scheduled_tokens, seconds)
 
     def draft(self, req: Request, budget: int) -> list[int]:
         """Up to k draft tokens for a running request, within `budget` - 1 (the step's tokens left,
@@ -48,6 +80,10 @@ class Speculation:
         cap = budget - 1
         if req.params.max_tokens is not None:  # the step emits up to k + 1 tokens
             cap = min(cap, req.params.max_tokens - req.num_output_tokens - 1)
+        # a seeded request always gets up to k drafts: how many it gets decides which random
+        # numbers its tokens use, and a seeded output must not depend on timing or other requests
+        if self.policy is not None and cap > 0 and req.params.seed is None:
+            cap = min(cap, self.policy.max_drafts(req.request_id))
         if cap <= 0:
             return []
         return self.proposer.propose([req.request_id], [cap]).draft_token_ids[0]

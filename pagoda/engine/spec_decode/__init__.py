@@ -19,7 +19,9 @@ How the step loop runs it:
    step emitted, `remove_request` when it finishes or is preempted.
 2. Scheduling (`Batcher._schedule_running`): in a step with at most `disable_by_batch_size`
    running sequences, each decoding sequence without a grammar is asked for up to k drafts, capped
-   by the budget left less its own token and by its max_tokens; it is scheduled with 1 + k_i query
+   by the budget left less its own token, by its max_tokens and by the adaptive policy
+   (`adaptive.AdaptivePolicy`: only the drafts whose expected acceptance pays for their rows at
+   this batch size; seeded requests always get k); it is scheduled with 1 + k_i query
    tokens (budget and KV slots) when the slots are free (drafts never preempt), else plain.
    `BatchPlan.spec_token_ids` carries the drafts.
 3. The runner (`_FlatBatch.add`) makes each of the 1 + k_i tokens a decode row of its own that

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from pagoda.engine.scheduling.speculation import Speculation
+from pagoda.engine.spec_decode.adaptive import AdaptivePolicy
 from pagoda.engine.spec_decode.config import SpeculativeConfig
 from pagoda.engine.spec_decode.metrics import SpecDecodeMetrics
 from pagoda.engine.spec_decode.proposer import make_proposer
@@ -36,7 +37,11 @@ class SpecParts:
             return None
         metrics = SpecDecodeMetrics(config.num_speculative_tokens)
         return cls(
-            Speculation(config, make_proposer(config, max_model_len)),
+            Speculation(
+                config,
+                make_proposer(config, max_model_len),
+                AdaptivePolicy.for_device(device.type, config.num_speculative_tokens),
+            ),
             RejectionSampler(vocab_size, eos_token_ids, device, metrics),
             metrics,
         )

@@ -124,6 +124,21 @@ class StopChecker:
             self._tail = (self._tail + emit)[-self._lookback :]
         return emit, None
 
+    def add_token_by_token(
+        self, detokenizer: IncrementalDetokenizer, ids: Sequence[int]
+    ) -> tuple[str, str | None, int]:
+        """Several tokens of one output (a speculative step's accepted drafts, or outputs
+        coalesced on the way) fed one at a time, so that a stop string ending in token i leaves
+        the tokens after it out of the count and the log-probs, as if they had come one by one.
+        Returns (text to emit, the stop string hit or None, tokens used)."""
+        pieces: list[str] = []
+        for i, token in enumerate(ids):
+            text, hit = self.add(detokenizer.add([token]))
+            pieces.append(text)
+            if hit is not None:
+                return "".join(pieces), hit, i + 1
+        return "".join(pieces), None, len(ids)
+
     def _find(self, window: str) -> tuple[int, str] | None:
         best: tuple[int, str] | None = None
         for stop_str in self.stop:

@@ -34,7 +34,7 @@ from pagoda.services.transport.store import InMemoryStore, Store, make_store
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from pagoda.engine import PoolerConfig, Tokenizer
+    from pagoda.engine import PoolerConfig, StepCore, Tokenizer
     from pagoda.services.gateway.adapters import AdapterDirectory
     from pagoda.services.gateway.server import ModelEndpoint
 
@@ -158,7 +158,7 @@ class Process:
             models = [await asyncio.to_thread(read_served_model, m) for m in self.config.models]
         if "worker" in roles:
             for i in range(len(self.config.models)):  # `pagoda serve`: one engine per model
-                self.services.append(await asyncio.to_thread(self.build_worker, i))
+                self.services += await asyncio.to_thread(self.build_workers, i)
         if "scheduler" in roles:
             self.services.append(self._build_scheduler())
         if "tokenizer" in roles:
@@ -167,17 +167,37 @@ class Process:
             adapters = await asyncio.to_thread(self._lora_modules, models)
             self._build_gateway(models, adapters)
 
-    def build_worker(self, index: int = 0) -> _Service:
+    def build_workers(self, index: int) -> list[_Service]:
+        """The workers of the `index`-th model: one, or one per data-parallel rank (engines of
+        their own meeting at the MoE layers: pagoda/engine/distributed/data_parallel.py)."""
+        worker, source = self.config.worker, self.config.models[index]
+        assert worker is not None
+        if worker.sim is not None or worker.engine.parallel.data_parallel_size == 1:
+            return [self.build_worker(index)]
+        from pagoda.engine.distributed.data_parallel import build_data_parallel_cores
+
+        engine = replace(worker.engine, model=source.model, served_model_name=source.served_model_name)
+        cores = build_data_parallel_cores(engine, background_compile=True)
+        worker_id = _nth_id(worker.worker_id, index)
+        return [
+            self.build_worker(index, core, None if worker_id is None else f"{worker_id}-dp{core.dp.rank}")
+            for core in cores
+        ]
+
+    def build_worker(
+        self, index: int = 0, core: StepCore | None = None, worker_id: str | None = None
+    ) -> _Service:
         """The worker service and its engine core for the `index`-th model (run in a thread:
-        loading takes seconds)."""
-        from pagoda.engine import AsyncEngine, EngineCore, StepCore, build_off_main_thread
+        loading takes seconds); `core`, `worker_id`: a data-parallel rank's, built already."""
+        from pagoda.engine import AsyncEngine, EngineCore, build_off_main_thread
         from pagoda.services.ops.failpoints import install_failpoints
         from pagoda.services.worker.service import WorkerService
 
         worker, source = self.config.worker, self.config.models[index]
         assert worker is not None
-        core: StepCore
-        if worker.sim is not None:
+        if core is not None:
+            pass  # a data-parallel rank's
+        elif worker.sim is not None:
             from pagoda.engine import SimCore
 
             model = read_served_model(source)
@@ -190,8 +210,11 @@ class Process:
             # graphs in the background while it serves (runner/compile_cache.py)
             core = build_off_main_thread(lambda: EngineCore(engine, background_compile=True))
         install_failpoints(core)
+        stepped = AsyncEngine(core)
+        if hasattr(core, "waker"):  # a data-parallel rank: the others wake its step loop
+            core.waker = stepped._wake.set
         return WorkerService(
-            AsyncEngine(core), self.bus, self.store, worker_id=_nth_id(worker.worker_id, index),
+            stepped, self.bus, self.store, worker_id=worker_id or _nth_id(worker.worker_id, index),
             heartbeat_s=self.config.cluster.heartbeat_s, stall_timeout_s=worker.stall_timeout_s,
             queues=self.queues, metrics=self.metrics, admission=self.config.admission,
         )  # fmt: skip

@@ -131,16 +131,24 @@ class SubRequest:
         choice = self.choices[out.index]
         if choice.done:
             return None  # already finished by a stop string; the engine has not noticed yet
-        choice.num_output_tokens = out.num_output_tokens
         choice.engine_finished = out.finished
         if out.embedding is not None:
             choice.embedding = out.embedding
         new_logprobs = list(out.new_logprobs or [])
-        choice.logprobs.extend(new_logprobs)
         ids = out.new_token_ids
         if out.stop_token_id is not None and ids[-1:] == [out.stop_token_id] and not self.include_stop:
             ids = ids[:-1]  # a stop token is not text (vLLM's rule), with skip_special_tokens off too
-        text, hit = choice.stop.add(choice.detokenizer.add(ids))
+        if len(ids) > 1 and choice.stop.stop:
+            text, hit, used = choice.stop.add_token_by_token(choice.detokenizer, ids)
+        else:
+            text, hit = choice.stop.add(choice.detokenizer.add(ids))
+            used = len(ids)
+        # the tokens after the one a stop string ended in (a stop token included) are not output
+        dropped = len(out.new_token_ids) - used if hit is not None else 0
+        choice.num_output_tokens = out.num_output_tokens - dropped
+        if dropped and new_logprobs:
+            new_logprobs = new_logprobs[:used]
+        choice.logprobs.extend(new_logprobs)
         if hit is not None:
             choice.finish_reason, choice.stop_reason = "stop", hit
         elif out.finished:

@@ -1,0 +1,288 @@
+"""Data-parallel attention with expert parallelism for mixture-of-experts models
+(`--data-parallel-size N --enable-expert-parallel`, vLLM's meanings).
+
+Each data-parallel rank is an engine of its own: its own step scheduler and KV cache, attention
+weights whole, and 1/N of each MoE layer's experts; a server registers each as a worker of its own
+(own queue, heartbeat, load and prefix blocks). The ranks meet at the MoE layers only: each layer
+gathers every rank's tokens (`DataParallelRoute.dispatch`: the rows padded to the longest, one
+all-gather; the row counts, one all-gather, at a round's first MoE layer), runs its experts over
+the tokens routed to them, and one all-reduce sums the contributions, of which each rank keeps its
+own rows (`combine`).
+
+Every rank must make the same collectives, so the engines step in rounds (`DataParallelEngineCore`,
+as vLLM's DP engine cores): a round opens with an all-reduce of "I have work"; when no rank has,
+the wave ends and the engines sleep; otherwise every rank steps, and a rank with nothing to run (or
+whose step ran no model call) runs its MoE layers over an empty batch (`_dummy_pass`), serving the
+others' tokens. A rank that gets a request while the wave is over wakes the others
+(`WaveCoordinator`: the engines of one process). The ranks are threads of one process (one model
+replica each) and meet through gloo groups, as ranks of several processes would.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.core.engine_core import EngineCore
+from pagoda.engine.core.stats import StepStats
+from pagoda.engine.distributed.expert_parallel import ParallelMoeBlock
+from pagoda.engine.distributed.launcher import LOAD_TIMEOUT_S, _free_port
+from pagoda.engine.distributed.tensor_parallel import CollectiveClock, TensorParallel
+from pagoda.engine.loader import Checkpoint
+from pagoda.engine.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class WaveCoordinator:
+    """The data-parallel engines of one process: a rank that starts stepping wakes the others,
+    so that every rank joins the round's collectives."""
+
+    def __init__(self) -> None:
+        self.cores: list[DataParallelEngineCore] = []
+
+    def wake_others(self, rank: int) -> None:
+        for core in self.cores:
+            if core.dp.rank != rank:
+                core.wake()
+
+
+class DataParallelGroup:
+    """This engine's place among the data-parallel ranks: a gloo group of its own."""
+
+    def __init__(self, rank: int, size: int, group: Any, coordinator: WaveCoordinator) -> None:
+        self.rank, self.size, self.group, self.coordinator = rank, size, group, coordinator
+        self.moe_calls = 0  # MoE layers run this round (0: the round needs a dummy pass)
+        self.round = 0  # rounds stepped: every MoE layer of one round has the same row counts
+        self._counts: tuple[int, ...] = ()
+        self._counts_round = -1
+        self.served_rows = 0  # tokens the last MoE layer ran, all ranks' together
+        self.clock = CollectiveClock()
+
+    def row_counts(self, rows: int) -> tuple[int, ...]:
+        """Every rank's rows this round: gathered at the round's first MoE layer, kept for the
+        others (one forward a round: the same tokens reach every MoE layer)."""
+        if self._counts_round != self.round:
+            counts = self.all_gather(torch.tensor([rows], dtype=torch.int64))
+            self._counts, self._counts_round = tuple(int(c.item()) for c in counts), self.round
+        assert self._counts[self.rank] == rows, (self._counts, self.rank, rows)
+        return self._counts
+
+    def route(self) -> DataParallelRoute:
+        return DataParallelRoute(self)
+
+    def any_busy(self, busy: bool) -> bool:
+        """Whether any rank has work this round (every rank calls this once per round)."""
+        start = time.perf_counter()
+        flag = torch.tensor([int(busy)], dtype=torch.int64)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX  # type: ignore[assignment]
+        self.group.allreduce([flag], opts).wait()
+        self.clock.add(start)
+        return bool(flag.item())
+
+    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        out = [torch.empty_like(x) for _ in range(self.size)]
+        self.group.allgather([out], [x.contiguous()]).wait()
+        self.clock.add(start)
+        return out
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        self.group.allreduce([x]).wait()
+        self.clock.add(start)
+        return x
+
+
+@dataclass
+class DataParallelRoute:
+    """ExpertRoute (expert_parallel.py) across the data-parallel ranks."""
+
+    dp: DataParallelGroup
+    counts: tuple[int, ...] = ()
+
+    def dispatch(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [sum of T, hidden]
+        dp = self.dp
+        dp.moe_calls += 1
+        self.counts = dp.row_counts(x.shape[0])
+        longest = max(self.counts)
+        dp.served_rows = sum(self.counts)
+        if longest == 0:  # every rank idle: the same on all, so all skip the gather
+            return x
+        padded = x.new_zeros(longest, x.shape[1])
+        padded[: x.shape[0]] = x
+        rows = dp.all_gather(padded)
+        return torch.cat([r[:n] for r, n in zip(rows, self.counts, strict=True)])
+
+    def combine(self, partial: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not sum(self.counts):
+            return partial
+        self.dp.all_reduce(partial)  # the same [sum of T, hidden] layout on every rank
+        start = sum(self.counts[: self.dp.rank])
+        return partial[start : start + x.shape[0]]
+
+
+class DataParallelEngineCore(EngineCore):
+    """One data-parallel rank's engine: an EngineCore whose steps are rounds with the others."""
+
+    def __init__(
+        self, config: EngineConfig, dp: DataParallelGroup, checkpoint: Checkpoint | None = None, **kw: Any
+    ) -> None:
+        self.dp = dp
+        self.local_rank = TensorParallel(data_parallel=dp)  # what _load_model builds: this rank's part
+        self._pending = False  # another rank started a wave: step, if only to serve it
+        self._in_wave = False
+        self.dummy_passes = 0
+        self.served_only = False  # the last round ran only the dummy pass
+        self.waker: Callable[[], None] | None = None  # the step loop's wake-up (AsyncEngine's)
+        super().__init__(config, checkpoint, **kw)
+        self.moe_blocks = [m for m in self.model.modules() if isinstance(m, ParallelMoeBlock)]
+
+    def wake(self) -> None:
+        self._pending = True
+        if self.waker is not None:
+            self.waker()
+
+    def has_unfinished(self) -> bool:
+        return super().has_unfinished() or self._pending
+
+    def step(self) -> list[RequestOutput]:
+        if not self.moe_blocks:  # a dense model: replicas that never meet
+            return super().step()
+        self._pending = False
+        busy = super().has_unfinished()
+        if busy and not self._in_wave:
+            self.dp.coordinator.wake_others(self.dp.rank)
+        self._in_wave = running = self.dp.any_busy(busy)
+        if not running:
+            return []  # the wave is over on every rank
+        self._pending = True  # the next round, whatever this rank has
+        self.dp.moe_calls = 0
+        self.dp.round += 1
+        outputs = super().step() if busy else []
+        self.served_only = self.dp.moe_calls == 0
+        if self.served_only:  # no model call here: the others' tokens through our experts
+            self._dummy_pass()
+            if self.waker is not None:
+                self.waker()  # no pause before the next round
+        assert self.dp.moe_calls == len(self.moe_blocks), (self.dp.moe_calls, len(self.moe_blocks))
+        return outputs
+
+    @torch.inference_mode()
+    def _dummy_pass(self) -> None:
+        norm = self.model.get_parameter("norm.weight")  # never quantized: the run's dtype and device
+        empty = torch.empty(0, self.model.cfg.hidden_size, dtype=norm.dtype, device=norm.device)
+        for block in self.moe_blocks:
+            block(empty)
+        self.dummy_passes += 1
+        # progress for the loop and the stall watch: this rank's layers served the others' tokens
+        batcher = self.batcher
+        self.last_stats = StepStats(
+            self.dp.served_rows, batcher.num_running, batcher.num_waiting, self.kv.usage()
+        )
+
+
+def build_data_parallel_cores(
+    config: EngineConfig, checkpoint: Checkpoint | None = None, **kw: Any
+) -> list[DataParallelEngineCore]:
+    """`config.parallel.data_parallel_size` engines, built side by side (their groups meet as
+    they start), each in a thread of its own."""
+    size = config.parallel.data_parallel_size
+    if config.resolved_device().type != "cpu":
+        raise ValueError(
+            f"--data-parallel-size {size} runs on the CPU for now (its engines are threads of one "
+            "process meeting through gloo); on GPUs use --tensor-parallel-size with --enable-expert-parallel"
+        )
+    timeout = timedelta(seconds=config.parallel.collective_timeout_s)
+    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", port, size, True, timedelta(seconds=LOAD_TIMEOUT_S), False)
+    coordinator = WaveCoordinator()
+    torch.set_num_threads(max(1, torch.get_num_threads() // size))  # the ranks share the cores
+
+    def build(rank: int) -> DataParallelEngineCore:
+        own = store if rank == 0 else dist.TCPStore("127.0.0.1", port, size, False, timedelta(seconds=60))
+        group = dist.ProcessGroupGloo(dist.PrefixStore("dp", own), rank, size, timeout)
+        return DataParallelEngineCore(
+            config, DataParallelGroup(rank, size, group, coordinator), checkpoint, **kw
+        )
+
+    with ThreadPoolExecutor(size, thread_name_prefix="pagoda-dp-build") as pool:
+        cores = list(pool.map(build, range(size)))
+    coordinator.cores = cores
+    cores[0].store = store  # type: ignore[attr-defined]  # kept alive with the engines
+    logger.info("data parallel: %d engines, experts split across them (gloo)", size)
+    return cores
+
+
+class DataParallelEngines:
+    """The offline API's engine (`LLM(..., data_parallel_size=N)`): the N engines stepped together,
+    each in a thread of its own; a request goes to the engine with the fewest. What else it is
+    asked (tokenizer, model name, limits) rank 0 answers."""
+
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
+        self.engines = build_data_parallel_cores(config, checkpoint)
+        self._threads = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"pagoda-dp{i}") for i in range(len(self.engines))
+        ]
+        self._placed: dict[str, int] = {}  # request id -> its engine
+        self.requests_per_engine = [0] * len(self.engines)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engines[0], name)
+
+    def add_request(self, request_id: str, *args: Any, **kwargs: Any) -> None:
+        load = [e.batcher.num_running + e.batcher.num_waiting for e in self.engines]
+        rank = load.index(min(load))
+        self.engines[rank].add_request(request_id, *args, **kwargs)
+        self._placed[request_id] = rank
+        self.requests_per_engine[rank] += 1
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        out: list[RequestOutput] = []
+        for rid in request_ids:
+            out += self.engines[self._placed.get(rid, 0)].abort([rid])
+        return out
+
+    def has_unfinished(self) -> bool:
+        return any(e.has_unfinished() for e in self.engines)
+
+    @property
+    def last_stats(self) -> StepStats:
+        """The engines' last step together (tokens, sequences: sums; KV usage: the mean)."""
+        stats = [e.last_stats for e in self.engines]
+        return StepStats(
+            sum(e.last_stats.num_scheduled_tokens for e in self.engines if not e.served_only),
+            sum(s.num_running for s in stats),
+            sum(s.num_waiting for s in stats),
+            sum(s.kv_usage for s in stats) / len(stats),
+            sum(s.num_preempted for s in stats),
+        )
+
+    @property
+    def clock(self) -> CollectiveClock:
+        """Rank 0's time in the data-parallel collectives (waits for the others included)."""
+        return self.engines[0].dp.clock
+
+    def step(self) -> list[RequestOutput]:
+        steps = [t.submit(e.step) for t, e in zip(self._threads, self.engines, strict=True)]
+        outputs = [out for s in steps for out in s.result()]
+        for out in outputs:
+            if out.finished:
+                self._placed.pop(out.request_id, None)
+        return outputs
+
+    def close(self) -> None:
+        for engine in self.engines:
+            engine.close()
+        for thread in self._threads:
+            thread.shutdown(wait=False)

@@ -1,0 +1,237 @@
+// Decode attention over the paged KV cache on the CPU: one query token per sequence against that
+// sequence's keys and values read in place through its block table. torch's paths first gather
+// every sequence's blocks into a padded copy, mask the padding and run SDPA (eager), or loop over
+// the padded copy inside inductor's reductions (compiled); at 16 sequences the gather, the mask
+// and the padding are most of a decode step's attention time. Here each (sequence, KV head) is one
+// task: the query heads sharing that KV head (GQA) are its rows, scores and softmax are float32,
+// and only the sequence's own keys are read (the last `window` of them with a sliding window).
+//
+//   q [n, heads, head_dim]                      contiguous; heads = kv_heads * rows
+//   k_cache, v_cache [blocks, block_size, kv_heads, head_dim]   q's dtype, contiguous
+//   block_tables [n, max_blocks] int64/int32 (rows may be strided)    seq_lens [n] int64/int32 (0: a padding row)
+//   window > 0: a query sees only the last `window` keys; softcap > 0: s = softcap * tanh(s / softcap)
+//
+// Returns [n, heads, head_dim] in q's dtype, rounded once.
+#include "common.h"
+
+namespace {
+
+using namespace pagoda_cpu;
+
+constexpr int64_t kMaxRows = 16;      // query heads per KV head
+constexpr int64_t kMaxChunks = 16;    // head_dim / 16
+constexpr int64_t kInline = 1 << 20;  // multiply-adds below which a call stays on this thread
+
+#ifdef PAGODA_VNNI
+
+struct Task {
+  int64_t rows, chunks, block_size, kv_heads, head_dim;
+  float scale, softcap;
+};
+
+// e^x for x <= 0 (scores less their maximum), 16 at a time: x = (n + f) ln 2 with |f| <= 1/2,
+// 2^f by its Taylor series to f^6 (relative error ~2e-7, under float32's own), times 2^n by scalef.
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f));
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The sums of four vectors' lanes: 512 -> 4 x 128 bits (lane j: a[j]'s partial sums), then each
+// 128-bit lane summed; a tenth of four separate horizontal reductions' shuffles.
+inline __m128 sum4(const __m512* a) {
+  const __m512 r01 = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44), _mm512_shuffle_f32x4(a[0], a[1], 0xEE));
+  const __m512 r23 = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44), _mm512_shuffle_f32x4(a[2], a[3], 0xEE));
+  // r01 lanes: [a0 lo+hi (L0+L2), a0 (L1+L3), a1 (L0+L2), a1 (L1+L3)]; r23 alike
+  __m512 r = _mm512_add_ps(_mm512_shuffle_f32x4(r01, r23, 0x88), _mm512_shuffle_f32x4(r01, r23, 0xDD));
+  // r lanes: a0, a1, a2, a3, each four partial sums
+  r = _mm512_add_ps(r, _mm512_permute_ps(r, 0x4E));
+  r = _mm512_add_ps(r, _mm512_permute_ps(r, 0xB1));
+  // every element of lane j is a[j]'s sum: pick element 0 of each lane
+  const __m512i pick = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(pick, r));
+}
+
+// Row s[0, n) becomes e^(s - max s); returns 1 / its sum.
+inline float softmax_row(float* s, int64_t n) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < n; i += 16) m = _mm512_mask_max_ps(m, tail_mask(n - i), m, _mm512_loadu_ps(s + i));
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = tail_mask(n - i);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + i), top));
+    _mm512_mask_storeu_ps(s + i, mask, e);
+    sum = _mm512_mask_add_ps(sum, mask, sum, e);
+  }
+  return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+// One sequence and KV head: o[g] = softmax(scale * q[g] . K) V over keys [first, len).
+template <typename T, typename I>
+void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first, int64_t len, int64_t head,
+            const Task& t, float* scores, int64_t* rows, T* out) {
+  const int64_t n = len - first;
+  // each key's row offset in the caches, walking the block table (no division per key)
+  int64_t block = first / t.block_size, offset = first % t.block_size;
+  for (int64_t i = 0; i < n; ++i) {
+    rows[i] = ((static_cast<int64_t>(table[block]) * t.block_size + offset) * t.kv_heads + head) * t.head_dim;
+    if (++offset == t.block_size) offset = 0, ++block;
+  }
+  __m512 qv[kMaxRows][kMaxChunks];
+  for (int64_t g = 0; g < t.rows; ++g)
+    for (int64_t c = 0; c < t.chunks; ++c) qv[g][c] = load_row16(q + g * t.head_dim + 16 * c, 0xFFFF);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {  // four keys at a time: their four sums reduced together
+    const T* k[4] = {kc + rows[i], kc + rows[i + 1], kc + rows[i + 2], kc + rows[i + 3]};
+    for (int64_t g = 0; g < t.rows; ++g) {
+      __m512 acc[4];
+      for (int j = 0; j < 4; ++j) {
+        acc[j] = _mm512_mul_ps(qv[g][0], load_row16(k[j], 0xFFFF));
+        for (int64_t c = 1; c < t.chunks; ++c) acc[j] = _mm512_fmadd_ps(qv[g][c], load_row16(k[j] + 16 * c, 0xFFFF), acc[j]);
+      }
+      _mm_storeu_ps(scores + g * n + i, sum4(acc));
+    }
+  }
+  for (; i < n; ++i) {
+    const T* k = kc + rows[i];
+    for (int64_t g = 0; g < t.rows; ++g) {
+      __m512 acc = _mm512_mul_ps(qv[g][0], load_row16(k, 0xFFFF));
+      for (int64_t c = 1; c < t.chunks; ++c) acc = _mm512_fmadd_ps(qv[g][c], load_row16(k + 16 * c, 0xFFFF), acc);
+      scores[g * n + i] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  for (int64_t g = 0; g < t.rows; ++g) {  // scale (and soft-cap) the scores
+    float* s = scores + g * n;
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] *= t.scale;
+      if (t.softcap > 0.0f) s[j] = t.softcap * std::tanh(s[j] / t.softcap);
+    }
+  }
+  float inv[kMaxRows];
+  for (int64_t g = 0; g < t.rows; ++g) inv[g] = softmax_row(scores + g * n, n);
+  __m512 acc[kMaxRows][kMaxChunks];
+  for (int64_t g = 0; g < t.rows; ++g)
+    for (int64_t c = 0; c < t.chunks; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const T* v = vc + rows[i];
+    __m512 vv[kMaxChunks];
+    for (int64_t c = 0; c < t.chunks; ++c) vv[c] = load_row16(v + 16 * c, 0xFFFF);
+    for (int64_t g = 0; g < t.rows; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * n + i]);
+      for (int64_t c = 0; c < t.chunks; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+    }
+  }
+  for (int64_t g = 0; g < t.rows; ++g) {
+    const __m512 r = _mm512_set1_ps(inv[g]);
+    for (int64_t c = 0; c < t.chunks; ++c) store16(out + g * t.head_dim + 16 * c, _mm512_mul_ps(acc[g][c], r));
+  }
+}
+
+template <typename T, typename I, typename L>
+void decode_rows(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const at::Tensor& tables, const at::Tensor& lens, int64_t window, const Task& t) {
+  const int64_t n = q.size(0), heads = q.size(1), max_blocks = tables.size(1), table_stride = tables.stride(0);
+  const T* qp = q.data_ptr<T>();
+  const T* kc = k_cache.data_ptr<T>();
+  const T* vc = v_cache.data_ptr<T>();
+  const I* tp = tables.data_ptr<I>();
+  const L* lp = lens.data_ptr<L>();
+  T* op = out.data_ptr<T>();
+  int64_t longest = 0, work = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    const int64_t len = static_cast<int64_t>(lp[s]);
+    TORCH_CHECK(len >= 0 && len <= max_blocks * t.block_size, "decode_attention: seq_len beyond its block table");
+    longest = std::max(longest, len);
+    work += len;
+  }
+  work *= heads * t.head_dim * 2;
+  const int64_t tasks = n * t.kv_heads;
+  const int64_t grain = work < kInline ? std::max<int64_t>(tasks, 1) : 1;
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(static_cast<size_t>(std::max<int64_t>(t.rows * longest, 1)));
+    std::vector<int64_t> rows(static_cast<size_t>(std::max<int64_t>(longest, 1)));
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t s = task / t.kv_heads, head = task % t.kv_heads;
+      const int64_t len = static_cast<int64_t>(lp[s]);
+      const int64_t offset = (s * heads + head * t.rows) * t.head_dim;
+      if (len == 0) {  // a padding row
+        std::memset(static_cast<void*>(op + offset), 0, sizeof(T) * t.rows * t.head_dim);
+        continue;
+      }
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      attend<T, I>(qp + offset, kc, vc, tp + s * table_stride, first, len, head, t, scores.data(), rows.data(),
+                    op + offset);
+    }
+  });
+}
+
+template <typename T>
+void dispatch_index(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& tables, const at::Tensor& lens, int64_t window, const Task& t) {
+  const bool tables64 = tables.scalar_type() == at::kLong, lens64 = lens.scalar_type() == at::kLong;
+  if (tables64 && lens64) {
+    decode_rows<T, int64_t, int64_t>(out, q, k_cache, v_cache, tables, lens, window, t);
+  } else if (tables64) {
+    decode_rows<T, int64_t, int32_t>(out, q, k_cache, v_cache, tables, lens, window, t);
+  } else if (lens64) {
+    decode_rows<T, int32_t, int64_t>(out, q, k_cache, v_cache, tables, lens, window, t);
+  } else {
+    decode_rows<T, int32_t, int32_t>(out, q, k_cache, v_cache, tables, lens, window, t);
+  }
+}
+
+#endif  // PAGODA_VNNI
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t window,
+                            double softcap) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode_attention: q float32 or bfloat16");
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "decode_attention: q [n, heads, head_dim] contiguous");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.is_contiguous(),
+              "decode_attention: caches [blocks, block_size, kv_heads, head_dim] contiguous, both alike");
+  TORCH_CHECK(k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype, "decode_attention: caches in q's dtype");
+  const int64_t kv_heads = k_cache.size(2), head_dim = k_cache.size(3);
+  TORCH_CHECK(q.size(2) == head_dim && head_dim % 16 == 0 && head_dim / 16 <= kMaxChunks,
+              "decode_attention: head_dim a multiple of 16, at most 256");
+  TORCH_CHECK(kv_heads > 0 && q.size(1) % kv_heads == 0 && q.size(1) / kv_heads <= kMaxRows,
+              "decode_attention: heads a multiple of kv_heads, at most 16 per KV head");
+  auto index_ok = [](const at::Tensor& x) { return x.scalar_type() == at::kLong || x.scalar_type() == at::kInt; };
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == q.size(0) && tables.stride(1) == 1 && index_ok(tables),
+              "decode_attention: block_tables [n, max_blocks] int64 or int32, rows contiguous");
+  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == q.size(0) && lens.is_contiguous() && index_ok(lens),
+              "decode_attention: seq_lens [n] int64 or int32");
+  at::Tensor out = at::empty_like(q);
+#ifdef PAGODA_VNNI
+  const Task t{q.size(1) / kv_heads, head_dim / 16, k_cache.size(1), kv_heads, head_dim,
+               static_cast<float>(scale), static_cast<float>(softcap)};
+  if (dtype == at::kFloat) {
+    dispatch_index<float>(out, q, k_cache, v_cache, tables, lens, window, t);
+  } else {
+    dispatch_index<at::BFloat16>(out, q, k_cache, v_cache, tables, lens, window, t);
+  }
+#else
+  TORCH_CHECK(false, "decode_attention: built without AVX512-VNNI");
+#endif
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pagoda_cpu, m) {
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+      "float scale, int window, float softcap) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pagoda_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }
