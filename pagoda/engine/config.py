@@ -88,7 +88,10 @@ class ParallelConfig:
     """How many ranks one engine spans (pagoda/engine/distributed): `tensor_parallel_size` ranks
     each hold a shard of every layer (vLLM's meaning); rank 0 runs the step loop and starts the
     others itself. `collective_timeout_s`: how long a collective waits for a rank before the
-    engine fails (a dead rank ends the worker within it, no hang)."""
+    engine fails (a dead rank ends the worker within it, no hang). `pipeline_parallel_size`
+    stages each hold a contiguous part of the layers. Several nodes (`nnodes`) meet at
+    `master_addr:master_port` (node 0's rank 0 hosts the rendezvous); each runs an equal share of
+    the ranks, node 0 the engine (distributed/pipeline_ranks.py, nodes.py)."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -98,20 +101,45 @@ class ParallelConfig:
     # the MoE layers (distributed/data_parallel.py)
     enable_expert_parallel: bool = False
     data_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
-        if self.pipeline_parallel_size != 1:
-            raise ValueError(
-                f"--pipeline-parallel-size {self.pipeline_parallel_size} is not supported yet; "
-                "use --pipeline-parallel-size 1 (--tensor-parallel-size splits a model across ranks)"
-            )
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline_parallel_size must be at least 1, got {self.pipeline_parallel_size}")
+        self._check_nodes()
         if self.collective_timeout_s <= 0:
             raise ValueError(f"collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
         from pagoda.engine.distributed.moe_checks import check_parallel_sizes
 
         check_parallel_sizes(self.tensor_parallel_size, self.data_parallel_size, self.enable_expert_parallel)
+
+    def _check_nodes(self) -> None:
+        world = self.world_size
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(
+                f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes}) (and --nnodes >= 1)"
+            )
+        if world % self.nnodes:
+            raise ValueError(
+                f"--nnodes {self.nnodes} must divide the {world} ranks (tensor x pipeline parallel "
+                "size): each node runs an equal share"
+            )
+        if self.data_parallel_size > 1 and (self.pipeline_parallel_size > 1 or self.nnodes > 1):
+            raise ValueError(
+                f"--data-parallel-size {self.data_parallel_size} with --pipeline-parallel-size or "
+                "--nnodes is not supported yet; use one of them"
+            )
+        if not 0 < self.master_port < 65536:
+            raise ValueError(f"--master-port must be a TCP port (1-65535), got {self.master_port}")
 
 
 @dataclass(frozen=True)
@@ -181,21 +209,21 @@ class EngineConfig:
             )
 
     def _check_parallel(self) -> None:
-        tp = self.parallel.tensor_parallel_size
-        if tp == 1:
+        par = self.parallel
+        if par.world_size == 1:
             return
+        flag = (  # the flag that splits the model, named by the refusals below
+            f"--tensor-parallel-size {par.tensor_parallel_size}"
+            if par.tensor_parallel_size > 1
+            else f"--pipeline-parallel-size {par.pipeline_parallel_size}"
+        )
         if self.lora.enable_lora:
-            raise ValueError(
-                f"--enable-lora does not run with --tensor-parallel-size {tp} yet; drop one of them"
-            )
+            raise ValueError(f"--enable-lora does not run with {flag} yet; drop one of them")
         if self.speculative_config is not None:
-            raise ValueError(
-                f"--speculative-config does not run with --tensor-parallel-size {tp} yet; drop one of them"
-            )
+            raise ValueError(f"--speculative-config does not run with {flag} yet; drop one of them")
         if self.compile == "on":
             raise ValueError(
-                f"--compile traces one rank's model: with --tensor-parallel-size {tp} steps run "
-                "eagerly; drop --compile"
+                f"--compile traces one rank's model: with {flag} steps run eagerly; drop --compile"
             )
 
     def resolved_device(self) -> torch.device:

@@ -25,6 +25,7 @@ from pagoda.engine.config import (
     ParallelConfig,
     SchedulingPolicy,
 )
+from pagoda.engine.distributed.nodes import node_flags
 from pagoda.engine.pooling.params import POOLING_TYPES, TASKS
 from pagoda.engine.spec_decode.config import SpeculativeConfig
 
@@ -246,8 +247,9 @@ def _add_parallel_args(g: argparse._ArgumentGroup) -> None:
         "-pp",
         type=int,
         default=parallel("pipeline_parallel_size"),
-        help="stages of layers on different ranks (not supported yet: 1)",
+        help="stages of consecutive layers, each on its own ranks (Llama, Qwen2 and Qwen3 families)",
     )
+    _add_node_args(g)
     g.add_argument(
         "--distributed-timeout",
         type=float,
@@ -256,6 +258,27 @@ def _add_parallel_args(g: argparse._ArgumentGroup) -> None:
         "worker within it)",
     )
     add_expert_parallel_args(g)
+
+
+def _add_node_args(g: argparse._ArgumentGroup) -> None:
+    """Several nodes (vLLM's flags). Unset (None), they come from torchrun's environment where the
+    engine spans ranks (nodes.py: node_flags), else ParallelConfig's defaults."""
+    g.add_argument(
+        "--nnodes", type=int, default=None,
+        help="nodes the ranks are spread over, an equal share each (default: env NNODES, else 1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--node-rank", type=int, default=None,
+        help="this node's rank: 0 runs the engine; others run only their ranks (env NODE_RANK, else 0)",
+    )  # fmt: skip
+    g.add_argument(
+        "--master-addr", default=None,
+        help="node 0's address, where the nodes meet (env MASTER_ADDR, else 127.0.0.1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--master-port", type=int, default=None,
+        help="the port node 0 listens on for the rendezvous (env MASTER_PORT, else 29500)",
+    )  # fmt: skip
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -298,6 +321,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             collective_timeout_s=args.distributed_timeout,
             enable_expert_parallel=args.enable_expert_parallel,
             data_parallel_size=args.data_parallel_size,
+            **node_flags(
+                args.tensor_parallel_size * args.pipeline_parallel_size,
+                {k: getattr(args, k) for k in ("nnodes", "node_rank", "master_addr", "master_port")},
+            ),
         ),
     )
 

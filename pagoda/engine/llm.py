@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from pagoda.engine.config import BatcherConfig, CacheConfig, EngineConfig, LoRAConfig, ParallelConfig
 from pagoda.engine.core.engine_core import EngineCore
+from pagoda.engine.distributed.nodes import node_flags
 from pagoda.engine.loader import Checkpoint
 from pagoda.engine.lora.request import LoRARequest
 from pagoda.engine.outputs import FinishReason, TokenLogprob
@@ -27,6 +28,7 @@ _PARALLEL_KEYS = {
     "enable_expert_parallel",
     "data_parallel_size",
 }
+_NODE_KEYS = {"nnodes", "node_rank", "master_addr", "master_port"}  # default: torchrun's environment
 
 
 def make_engine_config(model: str = "", **kwargs: Any) -> EngineConfig:
@@ -36,7 +38,15 @@ def make_engine_config(model: str = "", **kwargs: Any) -> EngineConfig:
         cache["num_blocks_override"] = kwargs.pop("num_blocks")
     sched = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCHED_KEYS}
     lora = LoRAConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in _LORA_KEYS})
-    parallel = ParallelConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in _PARALLEL_KEYS})
+    given = {k: kwargs.pop(k) for k in list(kwargs) if k in _PARALLEL_KEYS}
+    world = given.get("tensor_parallel_size", 1) * given.get("pipeline_parallel_size", 1)
+    nodes = node_flags(world, {k: kwargs.pop(k) for k in list(kwargs) if k in _NODE_KEYS})
+    parallel = ParallelConfig(**given, **nodes)
+    if parallel.node_rank > 0:
+        raise ValueError(
+            f"node rank {parallel.node_rank} runs only its ranks, not an engine: start it with "
+            f"`pagoda worker --node-rank {parallel.node_rank}` (node 0 runs the engine)"
+        )
     return EngineConfig(
         model=model,
         cache=CacheConfig(**cache),

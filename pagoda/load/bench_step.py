@@ -120,9 +120,11 @@ def run_step_bench(args: argparse.Namespace) -> dict[str, Any]:
         "quantization": core.quantization,
         "threads": torch.get_num_threads(),
         "tensor_parallel_size": core.config.parallel.tensor_parallel_size,
+        "pipeline_parallel_size": core.config.parallel.pipeline_parallel_size,
         "data_parallel_size": core.config.parallel.data_parallel_size,
         "expert_parallel": core.config.parallel.enable_expert_parallel,
         "batch": args.batch,
+        "sequences_per_step": _per_step(core, args),  # a pipeline's steps: micro-batches of the batch
         "weights_mib": round(weight_bytes(core.model) / 2**20, 1),
         "load_s": round(load_s, 2),
         "prefill_and_warmup_s": round(warm_s, 2),
@@ -148,16 +150,22 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     from pagoda.engine.config import CacheConfig, EngineConfig, ParallelConfig
 
     tp = getattr(args, "tensor_parallel_size", 1)
+    pp = getattr(args, "pipeline_parallel_size", 1)
     dp, ep = getattr(args, "data_parallel_size", 1), getattr(args, "enable_expert_parallel", False)
     return EngineConfig(
-        parallel=ParallelConfig(tensor_parallel_size=tp, data_parallel_size=dp, enable_expert_parallel=ep),
+        parallel=ParallelConfig(
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+            data_parallel_size=dp,
+            enable_expert_parallel=ep,
+        ),
         model=getattr(args, "model", ""),
         dtype=args.dtype,
         quantization=args.quantization,
         cache=CacheConfig(enable_prefix_caching=False, kv_cache_memory=1 << 28),
         # as pagoda serve runs once its graphs are ready: compiled where they run (auto: an
         # in-process engine loads or compiles them before its first step)
-        compile="auto" if args.compile == "on" and tp == dp == 1 else "off",
+        compile="auto" if args.compile == "on" and tp == dp == pp == 1 else "off",
         # the model's own limit may not fit the KV budget (float32 under int8)
         max_model_len=args.input_len + args.steps + args.profile_steps + 64,
     )
@@ -174,11 +182,16 @@ def _start_decoding(core: EngineCore, args: argparse.Namespace) -> float:
         prompt = torch.randint(10, 40000, (args.input_len,), generator=g).tolist()
         core.add_request(f"s{i}", prompt, params)
     t0 = time.perf_counter()
-    while core.last_stats.num_scheduled_tokens != args.batch:  # prefill, then the first decode
+    while core.last_stats.num_scheduled_tokens != _per_step(core, args):  # prefill, then the first decode
         core.step()
     for _ in range(3):
         core.step()
     return time.perf_counter() - t0
+
+
+def _per_step(core: EngineCore, args: argparse.Namespace) -> int:
+    """Sequences a decode step holds: the batch, or its share in a pipeline's micro-batches."""
+    return -(-args.batch // core.config.parallel.pipeline_parallel_size)
 
 
 def _time_steps(core: EngineCore, steps: int) -> tuple[list[float], list[float]]:

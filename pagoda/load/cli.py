@@ -291,6 +291,13 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
         help="ranks the model is split over (each takes its share of --threads; steps run eagerly)",
     )
     p.add_argument(
+        "--pipeline-parallel-size",
+        "-pp",
+        type=int,
+        default=1,
+        help="stages of layers, each on its own ranks (times -tp; a micro-batch per stage in flight)",
+    )
+    p.add_argument(
         "--enable-expert-parallel",
         "-ep",
         action="store_true",

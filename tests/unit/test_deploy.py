@@ -147,3 +147,17 @@ def test_dashboard_queries_parse_and_cover_the_issue(tmp_path: Path) -> None:
     uid = yaml.safe_load(datasources.read_text())["datasources"][0]["uid"]
     dash = json.loads(DASHBOARD.read_text())
     assert all(p["datasource"]["uid"] == uid for p in dash["panels"])
+
+
+def test_compose_tensor_parallel_worker_holds_two_gpus() -> None:
+    """worker-tp2 (profile tp2): one container of 2 GPUs running 2 tensor-parallel ranks."""
+    assert "worker-tp2" not in _config()["services"]  # only with the profile
+    services = _config(COMPOSE_PROFILES="tp2")["services"]
+    tp2 = services["worker-tp2"]
+    args = build_parser().parse_args(tp2["command"])
+    assert (args.command, args.device, args.tensor_parallel_size) == ("worker", "cuda", 2)
+    assert args.bus.startswith("amqp://") and args.metrics_port == 9100
+    (gpus,) = tp2["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus["count"] == 2 and gpus["capabilities"] == ["gpu"]
+    assert int(tp2["shm_size"]) >= 1 << 30
+    assert tp2["image"] == "pagoda:cuda" and tp2["build"]["dockerfile"] == "Dockerfile.cuda"

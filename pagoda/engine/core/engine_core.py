@@ -19,6 +19,7 @@ from pagoda.engine.core.kv_sizing import size_kv_cache
 from pagoda.engine.core.model_loading import load_model
 from pagoda.engine.core.stats import CoreCounters, EngineCapacity, StepStats
 from pagoda.engine.distributed.launcher import start_ranks
+from pagoda.engine.distributed.micro_batches import MicroBatches
 from pagoda.engine.distributed.tensor_parallel import SINGLE
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.loader import Checkpoint, demo_model_path, load_checkpoint
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
+    micro_batches: MicroBatches | None = None  # pipeline stages: the steps in flight
     local_rank = SINGLE  # a data-parallel rank's part of the model (distributed/data_parallel.py)
 
     def __init__(
@@ -95,6 +97,8 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
         self.batcher = Batcher(self._batcher_config(arch), self.kv, self.max_model_len, eos, speculation)
         rebuildable = background_compile and checkpoint is None  # another process can rebuild the model
         self.runner = self._build_runner(num_blocks, config if rebuildable else None)
+        stages = config.parallel.pipeline_parallel_size
+        self.micro_batches = MicroBatches(self.batcher, self.runner, stages) if stages > 1 else None
         logger.info(
             "KV cache: %d blocks x %d tokens (%.0f MiB)",
             num_blocks,
@@ -174,8 +178,9 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
         tp = self.parallel.tp if self.parallel is not None else self.local_rank
         try:
             model, report, packed = load_model(
-                ckpt, self.max_model_len, self.device, self.dtype, self.quantization, tp
-            )
+                ckpt, self.max_model_len, self.device, self.dtype, self.quantization, tp,
+                getattr(self.parallel, "stage", None),  # a pipeline's first stage
+            )  # fmt: skip
         except BaseException:
             self.close()  # the followers too
             raise
@@ -310,11 +315,14 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         failed = self._adopt_grammars() if self._awaiting else []
-        out = self.batcher.schedule()
-        t0 = time.perf_counter()
-        res = self.runner.execute(out)
-        if self.spec is not None:  # a row's cost, for how many drafts pay
-            self.spec.speculation.observe_step(out, time.perf_counter() - t0)
+        if self.micro_batches is not None:  # pipeline stages: several steps in flight
+            out, res = self.micro_batches.advance()
+        else:
+            out = self.batcher.schedule()
+            t0 = time.perf_counter()
+            res = self.runner.execute(out)
+            if self.spec is not None:  # a row's cost, for how many drafts pay
+                self.spec.speculation.observe_step(out, time.perf_counter() - t0)
         changed = self.batcher.update(out, res)
         self.last_stats = StepStats(
             out.total_num_scheduled_tokens,

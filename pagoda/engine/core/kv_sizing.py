@@ -2,7 +2,8 @@
 
 A tensor-parallel rank holds only its KV heads (pagoda/engine/distributed), so a block costs it
 that share of the bytes, and the same budget per rank holds more blocks: `--kv-cache-memory` (and
-`--gpu-memory-utilization`) is what each rank spends, as vLLM counts it per GPU.
+`--gpu-memory-utilization`) is what each rank spends, as vLLM counts it per GPU. A pipeline
+stage's rank holds its layers' KV only: the stage with the most layers decides how many blocks.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from pagoda.engine.config import EngineConfig
+from pagoda.engine.distributed.pipeline import max_stage_layers
 from pagoda.engine.models.arch_config import ModelArchConfig
 from pagoda.engine.runner.model_runner import kv_bytes_per_block
 
@@ -30,7 +32,9 @@ def size_kv_cache(
     if arch.is_encoder:  # no KV kept: blocks are bookkeeping, enough for every sequence
         blocks = config.batcher.max_num_seqs * -(-max_model_len // cache.block_size)
         return cache.num_blocks_override or blocks, 0
-    per_block = kv_bytes_per_block(arch.num_layers, cache.block_size, kv_heads, arch.head_dim, dtype)
+    # a pipeline stage's rank holds its layers only: the largest stage sets the number of blocks
+    layers = max_stage_layers(arch.num_layers, config.parallel.pipeline_parallel_size)
+    per_block = kv_bytes_per_block(layers, cache.block_size, kv_heads, arch.head_dim, dtype)
     budget = kv_budget(config, device)
     num_blocks = cache.num_blocks_override or budget // per_block
     if num_blocks < 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from pagoda.engine.distributed.pipeline import PipelineStage
 from pagoda.engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from pagoda.engine.loader import Checkpoint
 from pagoda.engine.models import Model, build_model
@@ -21,10 +22,17 @@ def load_model(
     dtype: torch.dtype,
     quantization: str,
     tp: TensorParallel = SINGLE,
+    stage: PipelineStage | None = None,
 ) -> tuple[Model, LoadReport, int]:
-    """(model, what loaded quantized, linears packed for oneDNN)."""
+    """(model, what loaded quantized, linears packed for oneDNN); with `stage`, that pipeline
+    stage's part only."""
     with torch.device("meta"):
-        model = build_model(ckpt.arch, max_model_len, tp)
+        if stage is None:
+            model = build_model(ckpt.arch, max_model_len, tp)
+        else:
+            from pagoda.engine.distributed.pipeline_model import LlamaStage  # (it imports the models)
+
+            model = LlamaStage(ckpt.arch, max_model_len, tp, stage)
     keep = quantization == ckpt.quantization  # the checkpoint's own, served packed
     report = model.load_weights(ckpt.weights(), device, dtype, keep_quantized=keep)
     model.eval()

@@ -8,4 +8,9 @@ the call's inputs, and the followers run their shard in lockstep, meeting rank 0
 collectives the layers make (`tensor_parallel.py`: one all-reduce after each row-parallel
 projection and after the embedding, a gather of the logits' vocabulary shards to rank 0).
 Weights are sharded as they load (`sharding.py`), dense or quantized.
+
+Pipeline parallelism (`--pipeline-parallel-size N`) puts consecutive layers on N stages, each with
+its TP ranks (`pipeline.py`: the layout and the hidden states' send/recv; `pipeline_model.py`: a
+stage's part of the model; `pipeline_ranks.py`: starting and joining the ranks). Several nodes
+(`--nnodes`) meet at node 0's rendezvous store; each other node runs only its ranks (`nodes.py`).
 """

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from pagoda.engine.core.model_loading import load_model
 from pagoda.engine.distributed.launcher import LOAD_TIMEOUT_S, FollowerSpec, join_groups
+from pagoda.engine.distributed.pipeline import sample_rows
 from pagoda.engine.distributed.protocol import Channel, Command, StepInputs
 from pagoda.engine.distributed.shm_all_reduce import ShmAllReduce
 from pagoda.engine.distributed.tensor_parallel import TensorParallel
@@ -65,7 +66,7 @@ class Follower:
 
     def _forward(self, step: StepInputs) -> None:
         step = step.to(self.device)
-        with prompt_rows(step.prompt_start):
+        with prompt_rows(step.prompt_start), sample_rows(step.sample_rows):  # (a pipeline's last stage)
             self.model(step.input_ids, step.positions, self.kv_caches, step.meta, self.backend)
 
 
@@ -82,6 +83,10 @@ def _watch_parent(parent_pid: int) -> None:
 
 def serve(spec: FollowerSpec) -> None:
     config = spec.config
+    if config.parallel.pipeline_parallel_size > 1 or config.parallel.nnodes > 1:
+        from pagoda.engine.distributed.pipeline_ranks import serve_stage
+
+        return serve_stage(spec)
     torch.set_num_threads(spec.num_threads)
     device = config.resolved_device()
     if device.type == "cuda":

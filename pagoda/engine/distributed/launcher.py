@@ -204,6 +204,10 @@ def start_ranks(
     """The followers of a tensor-parallel engine (None for one rank); ValueError, naming the flag,
     for a model or checkpoint that cannot be split."""
     size = config.parallel.tensor_parallel_size
+    if config.parallel.pipeline_parallel_size > 1 or config.parallel.nnodes > 1:
+        from pagoda.engine.distributed.pipeline_ranks import start_pipeline  # (it imports this module)
+
+        return start_pipeline(config, ckpt, device, dtype, quantization, max_model_len)
     if size == 1:
         return None
     check_tensor_parallel(ckpt.arch, size, config.parallel.enable_expert_parallel)

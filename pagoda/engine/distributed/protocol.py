@@ -45,6 +45,7 @@ class StepInputs:
     positions: torch.Tensor  # [num_tokens] int64
     meta: AttentionMetadata
     prompt_start: int | None  # the runner's prompt_rows(start): quantized kernels' numerics
+    sample_rows: list[int] | None = None  # a pipeline's last stage computes these rows' logits
 
     def to(self, device: torch.device) -> StepInputs:
         return StepInputs(
@@ -52,6 +53,7 @@ class StepInputs:
             self.positions.to(device),
             meta_to(self.meta, device),
             self.prompt_start,
+            self.sample_rows,
         )
 
 

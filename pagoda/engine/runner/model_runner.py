@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import torch
 
+from pagoda.engine.distributed.pipeline import sample_rows
 from pagoda.engine.models import DecoderModel, Model
 from pagoda.engine.models.layers import use_triton_layers
 from pagoda.engine.pooling.params import PoolerConfig
@@ -60,6 +61,10 @@ def _padded(rows: list[list[int]], dtype: type) -> np.ndarray:
     for i, r in enumerate(rows):
         table[i, : len(r)] = r
     return table
+
+
+# a launched step (ModelRunner.launch): (the flat batch, its grammar masks, hidden states), or None
+Launched: TypeAlias = "tuple[_FlatBatch, tuple[list[int], Future[torch.Tensor]] | None, torch.Tensor] | None"
 
 
 class ModelRunner:
@@ -144,19 +149,32 @@ class ModelRunner:
                 n.lora_request,
             )
 
-    @torch.inference_mode()
     def execute(self, out: BatchPlan) -> RunnerOutput:
         """One step: apply the plan's diff, run the model over every scheduled token (one flat
         batch, no padding), and sample a token for each request whose scheduled tokens reach the
         end of its known tokens. Returns those tokens (and logprobs where asked)."""
+        return self.finish(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: BatchPlan) -> Launched:
+        """A step's first half: the diff applied, the model run (on a pipeline's first stage: its
+        layers run and sent on, the rows to sample with them). `finish` samples."""
         self._apply_diff(out)
         if self.compiler is not None:
             self.compiler.poll()
         if out.is_empty:
-            return RunnerOutput()
+            return None
         batch = self._flatten(out)
         masks = self._grammar_masks(batch)  # filled while the model runs
-        hidden = self._forward(batch)  # [num_tokens, hidden]
+        with sample_rows(batch.logits_idx):
+            return batch, masks, self._forward(batch)  # hidden: [num_tokens, hidden]
+
+    @torch.inference_mode()
+    def finish(self, launched: Launched) -> RunnerOutput:
+        """A step's second half: pool and sample (a pipeline: the last stage's logits)."""
+        if launched is None:
+            return RunnerOutput()
+        batch, masks, hidden = launched
         pooled = self._pool(hidden, batch)
         if not batch.sample_rows and not batch.spec_rows:
             return RunnerOutput(pooled=pooled)

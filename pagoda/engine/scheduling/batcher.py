@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -108,6 +108,10 @@ class _StepPlan:
     preempted: list[Request] = field(default_factory=list)
     speculate: bool = False  # drafts for decoding sequences this step
     spec: dict[str, list[int]] = field(default_factory=dict)
+    # pipeline stages' micro-batches: requests of steps still in flight (neither scheduled nor
+    # preempted), and how many running requests this step takes at most
+    in_flight: Collection[str] = ()
+    max_running: int | None = None
 
 
 class Batcher:
@@ -168,10 +172,12 @@ class Batcher:
         return len(self.running)
 
     # -- the step ---------------------------------------------------------------------------
-    def schedule(self) -> BatchPlan:
+    def schedule(self, in_flight: Collection[str] = (), max_running: int | None = None) -> BatchPlan:
         """This step's plan: running requests first (preempting the lowest ranked when blocks run
-        out), then waiting ones while budget, sequence slots and blocks last."""
-        step = _StepPlan(self.config.max_num_batched_tokens)
+        out), then waiting ones while budget, sequence slots and blocks last. Pipeline stages
+        (distributed/pipeline_steps.py): `in_flight` requests are in a step not finished yet, and
+        at most `max_running` running requests go in this one (the rest in the next micro-batch)."""
+        step = _StepPlan(self.config.max_num_batched_tokens, in_flight=in_flight, max_running=max_running)
         step.speculate = self.spec is not None and self.spec.active(len(self.running))
         self._schedule_running(step)
         if not step.preempted:  # new work only when nothing had to be preempted this step
@@ -193,6 +199,9 @@ class Batcher:
         i = 0
         while i < len(self.running) and step.budget > 0:
             req = self.running[i]
+            if req.request_id in step.in_flight or len(step.cached) == step.max_running:
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, step.budget)
             n = min(n, self.max_model_len - req.num_computed_tokens)
             assert n > 0, req
@@ -205,7 +214,7 @@ class Batcher:
             else:
                 new_blocks = self.kv.allocate_slots(req, n)
             while new_blocks is None:
-                victim = self._pick_victim()
+                victim = self._pick_victim(step.in_flight)
                 if self.running.index(victim) < i:  # already scheduled this step: undo that
                     step.budget += step.num_scheduled.pop(victim.request_id)
                     step.cached = [c for c in step.cached if c.req_id != victim.request_id]
@@ -362,10 +371,11 @@ class Batcher:
         self._finished_ids.add(req.request_id)
         del self.requests[req.request_id]
 
-    def _pick_victim(self) -> Request:
+    def _pick_victim(self, in_flight: Collection[str] = ()) -> Request:
+        running = [r for r in self.running if r.request_id not in in_flight] if in_flight else self.running
         if self.config.scheduling_policy == "priority":
-            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
-        return self.running[-1]
+            return max(running, key=lambda r: (r.priority, r.arrival_time))
+        return running[-1]
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -138,7 +138,9 @@ class LaunchConfig:
 
     def __post_init__(self) -> None:
         assert self.roles and set(self.roles) <= set(ROLES), self.roles
-        if len(self.roles) == 1 and (not self.cluster.bus or self.cluster.bus.startswith("memory")):
+        no_bus = not self.cluster.bus or self.cluster.bus.startswith("memory")
+        # (a worker's parser leaves them optional: one of node rank > 0 needs neither)
+        if (len(self.roles) == 1 and no_bus) or (self.roles == ("worker",) and not self.cluster.store):
             raise ValueError(
                 f"`pagoda {self.roles[0]}` runs alone: give it --bus amqp://... and --store redis://..."
             )

@@ -55,6 +55,14 @@ def _run(args: argparse.Namespace) -> int:
         from pagoda.compress.cli import run_quantize
 
         return run_quantize(args)
+    if command in ("serve", "worker"):
+        from pagoda.engine import engine_config_from_args
+
+        config = engine_config_from_args(args)
+        if config.parallel.node_rank > 0:  # this node's ranks only: no bus, no engine
+            from pagoda.engine.distributed.nodes import run_node
+
+            return run_node(config)
     from pagoda.services.cli.launch import run_roles
 
     assert command == "serve" or command in ROLES, command

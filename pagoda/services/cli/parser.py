@@ -61,7 +61,9 @@ def _add_role_parser(p: argparse.ArgumentParser, role: str) -> None:
         add_server_args(p)
     if role != "tokenizer":
         add_admission_args(p)
-    add_cluster_args(p, bus_required=True, store_required=role != "tokenizer")
+    # a worker of node rank > 0 runs only its ranks (no bus, no store): LaunchConfig asks for them
+    required = role != "worker"
+    add_cluster_args(p, bus_required=required, store_required=required and role != "tokenizer")
     if role == "worker":
         add_backend_args(p)
         p.add_argument(
