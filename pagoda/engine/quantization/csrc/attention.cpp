@@ -63,7 +63,10 @@ inline __m128 sum4(const __m512* a) {
 // Row s[0, n) becomes e^(s - max s); returns 1 / its sum.
 inline float softmax_row(float* s, int64_t n) {
   __m512 m = _mm512_set1_ps(-INFINITY);
-  for (int64_t i = 0; i < n; i += 16) m = _mm512_mask_max_ps(m, tail_mask(n - i), m, _mm512_loadu_ps(s + i));
+  for (int64_t i = 0; i < n; i += 16) {  // masked loads: the row may end at the buffer's end
+    const __mmask16 mask = tail_mask(n - i);
+    m = _mm512_mask_max_ps(m, mask, m, _mm512_maskz_loadu_ps(mask, s + i));
+  }
   const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(m));
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
