@@ -202,10 +202,11 @@ class EngineConfig:
             # JSON text or its decoded object (LLM(speculative_config={...}), as vLLM takes it)
             spec = SpeculativeConfig.parse(spec)
             object.__setattr__(self, "speculative_config", spec)
-        if spec is not None and spec.method != "ngram":
+        if spec is not None and spec.method not in ("ngram", "draft_model"):
             raise ValueError(
                 f"speculative method {spec.method!r} is not implemented yet; use "
-                '--speculative-config \'{"method": "ngram", "num_speculative_tokens": 4}\''
+                '--speculative-config \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                'or \'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\''
             )
 
     def _check_parallel(self) -> None:

@@ -149,8 +149,8 @@ def test_flag_reaches_the_engine_config_and_bad_ones_are_cli_errors(
         ('{"method": "ngram"}', "needs num_speculative_tokens"),
         ('{"method": "ngram", "num_speculative_tokens": 4, "k": 2}', "unknown key(s) 'k'"),
         (
-            '{"method": "draft_model", "model": "m", "num_speculative_tokens": 3}',
-            "'draft_model' is not implemented",
+            '{"method": "draft_model", "num_speculative_tokens": 3}',
+            'needs "model"',
         ),
         ('{"method": "layer_skip", "num_speculative_tokens": 3}', "'layer_skip' is not implemented"),
     ]:

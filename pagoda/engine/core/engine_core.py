@@ -82,8 +82,9 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
             LoRAManager(self.model, config.lora, self.dtype, self.device) if config.lora.enable_lora else None
         )
         kv_heads = getattr(self.model, "num_kv_heads", arch.num_kv_heads)  # a tensor-parallel rank's
+        draft_per_block = self._load_draft(arch.vocab_size)  # speculative decoding's draft model, if any
         num_blocks, per_block = size_kv_cache(
-            config, arch, kv_heads, self.dtype, self.device, self.max_model_len
+            config, arch, kv_heads, self.dtype, self.device, self.max_model_len, draft_per_block
         )
         cache = config.cache
         if self.parallel is not None:

@@ -25,16 +25,19 @@ def size_kv_cache(
     dtype: torch.dtype,
     device: torch.device,
     max_model_len: int,
+    extra_per_block: int = 0,
 ) -> tuple[int, int]:
     """(KV blocks, bytes per block): what the memory budget holds, or the override. Raises
-    ValueError, saying what to change, when not one block fits or a whole context does not."""
+    ValueError, saying what to change, when not one block fits or a whole context does not.
+    `extra_per_block`: bytes another cache indexed by the same blocks takes per block (a
+    speculative draft model's KV)."""
     cache = config.cache
     if arch.is_encoder:  # no KV kept: blocks are bookkeeping, enough for every sequence
         blocks = config.batcher.max_num_seqs * -(-max_model_len // cache.block_size)
         return cache.num_blocks_override or blocks, 0
     # a pipeline stage's rank holds its layers only: the largest stage sets the number of blocks
     layers = max_stage_layers(arch.num_layers, config.parallel.pipeline_parallel_size)
-    per_block = kv_bytes_per_block(layers, cache.block_size, kv_heads, arch.head_dim, dtype)
+    per_block = kv_bytes_per_block(layers, cache.block_size, kv_heads, arch.head_dim, dtype) + extra_per_block
     budget = kv_budget(config, device)
     num_blocks = cache.num_blocks_override or budget // per_block
     if num_blocks < 1:

@@ -192,7 +192,7 @@ class Batcher:
             total_num_scheduled_tokens=self.config.max_num_batched_tokens - step.budget,
             finished_req_ids=finished,
             num_preempted=len(step.preempted),
-            spec_token_ids=step.spec,
+            spec_token_ids=self.spec.fill(step.spec) if self.spec is not None else step.spec,
         )
 
     def _schedule_running(self, step: _StepPlan) -> None:

@@ -19,6 +19,8 @@ from pagoda.engine.spec_decode.proposer import Proposer
 if TYPE_CHECKING:
     from pagoda.engine.scheduling.batcher import BatchPlan
 
+_PLACEHOLDER = -1  # a deferred proposer's draft before `Speculation.fill` proposes it
+
 
 class Speculation:
     """Owns the proposer and keeps its per-request state in step with the batcher: `start` when a
@@ -86,4 +88,19 @@ class Speculation:
             cap = min(cap, self.policy.max_drafts(req.request_id))
         if cap <= 0:
             return []
+        if self.proposer.deferred:  # placeholders: `fill` proposes once the slots are allocated
+            return [_PLACEHOLDER] * self.proposer.num_drafts(req.request_id, cap)
         return self.proposer.propose([req.request_id], [cap]).draft_token_ids[0]
+
+    def fill(self, drafts: dict[str, list[int]]) -> dict[str, list[int]]:
+        """A deferred proposer's drafts for the step (`drafts`: each scheduled sequence's
+        placeholders, replaced in place): one `propose` for all of them, after their KV slots were
+        allocated. Returns `drafts`."""
+        if not self.proposer.deferred or not drafts:
+            return drafts
+        ids = list(drafts)
+        proposal = self.proposer.propose(ids, [len(drafts[r]) for r in ids])
+        for rid, tokens in zip(ids, proposal.draft_token_ids, strict=True):
+            assert len(tokens) == len(drafts[rid]), (rid, tokens, drafts[rid])
+            drafts[rid][:] = tokens
+        return drafts

@@ -1,11 +1,15 @@
 """Speculative decoding (issue 19): the config, the proposers, the rejection sampler and its
-metrics, wired into the engine's step loop for the n-gram method.
+metrics, wired into the engine's step loop for the n-gram and draft-model methods.
 
 - `config.SpeculativeConfig.parse(json)`: `--speculative-config` as vLLM spells it
-  (`EngineConfig.speculative_config`; methods other than "ngram" are refused there).
+  (`EngineConfig.speculative_config`; "layer_skip" is refused there).
 - `proposer.Proposer` (ABC) and `make_proposer(config, max_model_len)`: "ngram" is built
-  (`ngram.NgramProposer`); "draft_model" and "layer_skip" (pagoda's self-speculation: the target's
-  own first layers as the draft) are parsed but raise NotImplementedError.
+  (`ngram.NgramProposer`); "layer_skip" (pagoda's self-speculation: the target's own first layers
+  as the draft) is parsed but raises NotImplementedError.
+- `draft_model.DraftModelProposer` and `draft_runner.DraftRunner`: "draft_model", a smaller model
+  of the target's vocabulary drafting greedily over a KV cache of its own indexed by the target's
+  block tables (loaded by EngineCore before the KV cache is sized: the budget counts its bytes per
+  block); a deferred proposer, asked after the step's slots are allocated (`Speculation.fill`).
 - `rejection_sampler.RejectionSampler`: exact verification, every sampling parameter applied to
   the target's distribution by the plain sampler's own functions.
 - `metrics.SpecDecodeMetrics`: vLLM's `vllm:spec_decode_*` counters, filled by the sampler.
@@ -23,7 +27,9 @@ How the step loop runs it:
    (`adaptive.AdaptivePolicy`: only the drafts whose expected acceptance pays for their rows at
    this batch size; seeded requests always get k); it is scheduled with 1 + k_i query
    tokens (budget and KV slots) when the slots are free (drafts never preempt), else plain.
-   `BatchPlan.spec_token_ids` carries the drafts.
+   `BatchPlan.spec_token_ids` carries the drafts. A deferred proposer (the draft model) tells how
+   many drafts it will give; once the step is scheduled, `Speculation.fill` has it propose for all
+   of the step's drafted sequences at once, writing its KV into the slots just allocated.
 3. The runner (`_FlatBatch.add`) makes each of the 1 + k_i tokens a decode row of its own that
    attends to the positions up to its own: the arithmetic of a plain decode (greedy output equals
    the engine's without speculation), and a decode-only step, so the compiled graphs, CUDA graphs
