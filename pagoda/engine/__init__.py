@@ -46,6 +46,8 @@ _EXPORTS = {
     # the model: cores, offline API, configuration, loading (torch)
     "EngineCore": "pagoda.engine.core.engine_core",
     "LLM": "pagoda.engine.llm",
+    "build_data_parallel_cores": "pagoda.engine.distributed.data_parallel",
+    "run_node": "pagoda.engine.distributed.nodes",
     "make_engine_config": "pagoda.engine.llm",
     "CacheConfig": "pagoda.engine.config",
     "EngineConfig": "pagoda.engine.config",
@@ -75,6 +77,8 @@ if TYPE_CHECKING:  # re-exports (F401: ruff does not read a computed __all__)
     from pagoda.engine.core.engine_core import EngineCore  # noqa: F401
     from pagoda.engine.core.sim_core import SimConfig, SimCore  # noqa: F401
     from pagoda.engine.core.stats import CoreCounters, EngineCapacity  # noqa: F401
+    from pagoda.engine.distributed.data_parallel import build_data_parallel_cores  # noqa: F401
+    from pagoda.engine.distributed.nodes import run_node  # noqa: F401
     from pagoda.engine.engine_args import (  # noqa: F401
         add_engine_args,
         engine_config_from_args,

@@ -174,7 +174,7 @@ class Process:
         assert worker is not None
         if worker.sim is not None or worker.engine.parallel.data_parallel_size == 1:
             return [self.build_worker(index)]
-        from pagoda.engine.distributed.data_parallel import build_data_parallel_cores
+        from pagoda.engine import build_data_parallel_cores
 
         engine = replace(worker.engine, model=source.model, served_model_name=source.served_model_name)
         cores = build_data_parallel_cores(engine, background_compile=True)

@@ -60,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
 
         config = engine_config_from_args(args)
         if config.parallel.node_rank > 0:  # this node's ranks only: no bus, no engine
-            from pagoda.engine.distributed.nodes import run_node
+            from pagoda.engine import run_node
 
             return run_node(config)
     from pagoda.services.cli.launch import run_roles
