@@ -183,13 +183,19 @@ class TensorParallelRanks:
                 proc.kill()
                 proc.wait()
 
+    ranks_name = "tensor-parallel followers"  # in the message of a load that timed out
+
+    def _world(self) -> int:
+        """Ranks in all, rank 0 included (here every other rank is a local process)."""
+        return len(self.procs) + 1
+
     def _wait_for(self, stage: str) -> None:
-        keys = [f"{stage}/{rank}" for rank in range(1, len(self.procs) + 1)]
+        keys = [f"{stage}/{rank}" for rank in range(1, self._world())]
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while not self.store.check(keys):
             self.check()
             if time.monotonic() > deadline:
-                raise RuntimeError(f"tensor-parallel followers not {stage} after {LOAD_TIMEOUT_S:.0f}s")
+                raise RuntimeError(f"{self.ranks_name} not {stage} after {LOAD_TIMEOUT_S:.0f}s")
             time.sleep(0.05)
 
 

@@ -162,14 +162,11 @@ class PipelineRanks(TensorParallelRanks):
                     proc.terminate()
         super().close()
 
-    def _wait_for(self, stage: str) -> None:
-        keys = [f"{stage}/{rank}" for rank in range(1, self.layout.world)]
-        deadline = time.monotonic() + LOAD_TIMEOUT_S
-        while not self.store.check(keys):
-            self.check()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"parallel ranks not {stage} after {LOAD_TIMEOUT_S:.0f}s")
-            time.sleep(0.05)
+    ranks_name = "parallel ranks"
+
+    def _world(self) -> int:
+        """Ranks in all, those of other nodes included."""
+        return self.layout.world
 
     def check(self) -> None:
         """Raise RuntimeError when a local rank's process ended, or another node stopped beating
