@@ -34,7 +34,7 @@ _FIELDS = [
     *("request_id", "reply_to", "prompt", "sampling", "prompt_token_ids", "request_ids", "worker_id"),
     *("deltas", "status", "message", "priority", "n", "max_tokens", "seed", "queue_timeout_s"),
 ]
-_TYPES = ["tokenize", "schedule", "run", "abort", "accepted", "rejected", "step", "other"]
+_TYPES = ["tokenize", "schedule", "run", "abort", "assigned", "rejected", "step", "other"]
 
 
 def _envelope(kind: str, body: Any, version: Any) -> bytes:

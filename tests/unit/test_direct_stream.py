@@ -23,7 +23,7 @@ from pagoda.services.gateway.bus_frontend import BusFrontend
 from pagoda.services.gateway.server import build_app
 from pagoda.services.transport.bus import Bus, Delivery
 from pagoda.services.transport.messages import (
-    Accepted,
+    Assigned,
     StepOutputs,
     TokenDelta,
     TokenizeRequest,
@@ -34,6 +34,7 @@ from tests.fakes import MODEL, SCRIPT, FakeTokenizer
 
 TOKENS = list(SCRIPT.encode())  # byte-level: multi-byte characters span several tokens
 PROMPT = list(b"Hi there")
+WORKER = "w0"
 
 
 class _Cycle:
@@ -54,7 +55,8 @@ class _Cycle:
 
 
 class _Bus:
-    """The broker, as far as a gateway needs one here: each request is accepted at once."""
+    """The broker, as far as a gateway needs one here: each request is taken at once (the
+    scheduler's first `Assigned`, with the prompt ids)."""
 
     def __init__(self) -> None:
         self.front: BusFrontend | None = None
@@ -63,7 +65,7 @@ class _Bus:
         msg = decode(body)
         if isinstance(msg, TokenizeRequest):
             assert self.front is not None
-            accepted = Accepted(request_id=msg.request_id, prompt_token_ids=PROMPT)
+            accepted = Assigned(request_id=msg.request_id, worker_id=WORKER, prompt_token_ids=PROMPT)
             asyncio.get_running_loop().call_soon(
                 lambda: asyncio.ensure_future(self.front._on_reply(Delivery(encode(accepted))))  # type: ignore[union-attr]
             )
@@ -151,7 +153,7 @@ async def _serve(
             cycles[0].writable.set()
         last = step == len(TOKENS) - 1
         deltas = [_delta(rid, token, step + 1, last) for rid in ids]
-        await front._on_reply(Delivery(encode(StepOutputs(worker_id="w0", deltas=deltas))))
+        await front._on_reply(Delivery(encode(StepOutputs(worker_id=WORKER, deltas=deltas))))
         await _settle()
     await asyncio.wait_for(asyncio.gather(*tasks), 10)
     return [c.bodies for c in cycles], taken

@@ -14,6 +14,7 @@ from pagoda.engine.outputs import RequestOutput, TokenLogprob
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.services.scheduler.registry import WorkerRegistry, load_of, routable
 from pagoda.services.transport.messages import (
+    WIRE_VERSION,
     AbortRequest,
     MessageError,
     PromptInput,
@@ -64,9 +65,13 @@ def test_queue_names_are_namespaced() -> None:
     [
         (b"\xff\xfe", "not JSON"),
         (b"[]", "envelope is not an object"),
-        (json.dumps({"v": 2, "type": "abort", "body": {}}).encode(), "wire version 2"),
-        (json.dumps({"v": 1, "type": "launch", "body": {}}).encode(), "unknown message type 'launch'"),
-        (json.dumps({"v": 1, "type": "abort", "body": {"request_ids": "x"}}).encode(), "bad abort message"),
+        (
+            json.dumps({"v": 1, "type": "abort", "body": {}}).encode(),
+            "wire version 1",
+        ),  # before "accepted" went
+        (json.dumps({"v": 2, "type": "launch", "body": {}}).encode(), "unknown message type 'launch'"),
+        (json.dumps({"v": 2, "type": "accepted", "body": {}}).encode(), "unknown message type 'accepted'"),
+        (json.dumps({"v": 2, "type": "abort", "body": {"request_ids": "x"}}).encode(), "bad abort message"),
     ],
 )
 def test_bad_messages_raise_message_error(data: bytes, reason: str) -> None:
@@ -79,7 +84,7 @@ def test_bad_messages_raise_message_error(data: bytes, reason: str) -> None:
     st.none() | st.booleans() | st.integers() | st.text(max_size=10),
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
     max_leaves=20,
-).map(lambda v: json.dumps({"v": 1, "type": "step", "body": v}).encode())))  # fmt: skip
+).map(lambda v: json.dumps({"v": WIRE_VERSION, "type": "step", "body": v}).encode())))  # fmt: skip
 def test_decode_only_ever_raises_message_error(data: bytes) -> None:
     try:
         decode(data)

@@ -2,10 +2,11 @@
 reads token deltas from its own reply queue.
 
 Each gateway has one exclusive reply queue. Workers send it one `StepOutputs` per step with the
-new tokens of all its requests; the tokenizer sends `Accepted` (prompt ids) or `Rejected`. The
-gateway learns which worker runs a request from the scheduler's `Assigned` (or its first delta),
-and sends aborts there. It watches those workers' heartbeats: a request whose worker is lost is
-continued on another one (`failover.py`), or ends with a clear error. Losing the broker
+new tokens of all its requests; the tokenizer or the scheduler may send `Rejected`. The scheduler's
+first `Assigned` says the request was taken, with its prompt ids and the worker that runs it (a
+later one, or a request's first delta, moves it to another worker); aborts go there. It watches
+those workers' heartbeats: a request whose worker is lost is continued on another one
+(`failover.py`), or ends with a clear error. Losing the broker
 connection ends every open request with a clear error (their tokens could not reach us).
 """
 
@@ -30,7 +31,6 @@ from pagoda.services.transport.bus import Bus, Delivery, Subscription
 from pagoda.services.transport.errors import APIError
 from pagoda.services.transport.messages import (
     AbortRequest,
-    Accepted,
     Assigned,
     MessageError,
     PromptInput,
@@ -236,7 +236,8 @@ class BusFrontend:
         except TimeoutError:
             self._pending.pop(request_id, None)
             pending.trace.end("no tokenizer answered")
-            raise APIError(503, "No tokenizer answered in time; the service is unavailable.") from None
+            text = "No tokenizer or scheduler answered in time; the service is unavailable."
+            raise APIError(503, text) from None
         except BaseException as exc:
             self._pending.pop(request_id, None)
             pending.trace.end(exc)
@@ -319,6 +320,9 @@ class BusFrontend:
             pending = self._pending.get(msg.request_id)
             if pending is None:
                 return
+            if msg.prompt_token_ids is not None and not pending.accepted.done():  # taken: the first one
+                pending.track.prompt_token_ids = list(msg.prompt_token_ids)
+                pending.accepted.set_result(msg.prompt_token_ids)
             superseded = pending.track.assign(msg)
             if superseded is not None:
                 await self._send_abort(superseded, msg.request_id)
@@ -329,11 +333,6 @@ class BusFrontend:
                 track = pending.track
                 if track.worker_id == msg.worker_id and not track.awaiting and not pending.aborted:
                     await self._fail_over(rid, pending, f"worker {msg.worker_id} shut down")
-        elif isinstance(msg, Accepted):
-            pending = self._pending.get(msg.request_id)
-            if pending is not None and not pending.accepted.done():
-                pending.track.prompt_token_ids = list(msg.prompt_token_ids)
-                pending.accepted.set_result(msg.prompt_token_ids)
         elif isinstance(msg, Rejected):
             pending = self._pending.get(msg.request_id)
             if pending is None:

@@ -212,8 +212,9 @@ class SchedulerService:
         self.decisions[wid] = self.decisions.get(wid, 0) + 1
         fwd = WorkerRequest(**msg.model_dump(exclude={"type"}))
         assigned = Assigned(
-            request_id=msg.request_id, worker_id=wid, attempt=msg.attempt, resume_from=msg.resume_from
-        )
+            request_id=msg.request_id, worker_id=wid, attempt=msg.attempt, resume_from=msg.resume_from,
+            prompt_token_ids=msg.prompt_token_ids if msg.attempt == 0 else None,
+        )  # fmt: skip
         try:  # before the worker has it: the gateway then watches that worker for this request
             await self.bus.publish(msg.reply_to, encode(assigned))
         except Exception as exc:

@@ -3,7 +3,8 @@
 Stateless: run as many as the load needs; those of one model share its `pagoda.tokenize.<model>`
 queue (a process serving several models runs one service per model). For each request
 it either answers the gateway with `Rejected` (a 400 the client sees, with the lengths) or sends
-`Accepted` (the prompt ids) to the gateway and the request on to the scheduler.
+the request, with its prompt ids, on to the scheduler, whose `Assigned` tells the gateway both
+where it runs and its prompt ids (one message a request fewer than a separate answer from here).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pagoda.services.tokenizer.prompts import PromptProcessor
 from pagoda.services.transport.bus import Bus, Delivery, Subscription
 from pagoda.services.transport.errors import APIError
 from pagoda.services.transport.messages import (
-    Accepted,
     MessageError,
     PromptInput,
     Queues,
@@ -59,7 +59,7 @@ class TokenizerService:
     async def start(self) -> None:
         await self.bus.declare_work_queue(self.queue)
         await self.bus.declare_work_queue(self.queues.schedule)
-        # Each request waits on two confirmed publishes (a durable one is fsynced): handle many at
+        # Each request waits on a confirmed publish to a durable queue (fsynced): handle many at
         # once, or the round trips cap the whole cluster at a few dozen requests a second.
         self._sub = await self.bus.consume(
             self.queue, self._on_message, prefetch=CONCURRENCY * 2, concurrency=CONCURRENCY
@@ -103,7 +103,6 @@ class TokenizerService:
                 msg.reply_to, Rejected(request_id=msg.request_id, status=400, message=str(err))
             )
             return
-        await self._answer(msg.reply_to, Accepted(request_id=msg.request_id, prompt_token_ids=ids))
         forward = ScheduleRequest(
             request_id=msg.request_id, reply_to=msg.reply_to, model=msg.model, lora_name=msg.lora_name,
             lora_path=msg.lora_path, prompt_token_ids=ids,
@@ -121,7 +120,7 @@ class TokenizerService:
             return
         logger.info("request %s tokenized: %d prompt tokens", msg.request_id, len(ids))
 
-    async def _answer(self, reply_to: str, msg: Accepted | Rejected) -> None:
+    async def _answer(self, reply_to: str, msg: Rejected) -> None:
         try:
             await self.bus.publish(reply_to, encode(msg))
         except Exception as exc:  # the gateway went away

@@ -207,16 +207,18 @@ class AmqpBus(Bus):
 
     async def publish(self, queue: str, body: bytes, headers: dict[str, str] | None = None) -> None:
         import aio_pika
+        from pamqp.commands import Basic
 
         assert self._publisher is not None, "AmqpBus used before connect()"
-        message = aio_pika.Message(bytes(body), headers=dict(headers or {}), delivery_mode=2)  # persistent
+        properties = Basic.Properties(delivery_mode=2, headers=dict(headers) if headers else {})  # persistent
+        body = bytes(body)
         # While the connection is down (the broker restarts), retry with backoff until it is back or
         # `publish_retry_s` has passed. A retried message may arrive twice; consumers dedup.
         deadline = asyncio.get_running_loop().time() + self.publish_retry_s
         delay = 0.05
         while True:
             try:
-                await self._publisher.default_exchange.publish(message, routing_key=queue, mandatory=True)
+                await self._publish_once(queue, body, properties)
                 return
             except (
                 aio_pika.exceptions.ChannelInvalidStateError,
@@ -233,6 +235,20 @@ class AmqpBus(Bus):
                 raise QueueNotFoundError(f"no queue named {queue!r}: declare it before publishing") from exc
             except aio_pika.exceptions.DeliveryError as exc:
                 raise BusError(f"RabbitMQ refused a message for {queue!r}: {exc!r}") from exc
+
+    async def _publish_once(self, queue: str, body: bytes, properties: Any) -> None:
+        """One confirmed, mandatory publish straight on the robust channel's current aiormq channel:
+        aio-pika's Message and Exchange.publish add ~50 us of client CPU a message and nothing we use.
+        Not waiting for the frame's write (wait=False) spares a task wake-up; the broker's confirm
+        (or the channel's close) still settles it."""
+        if self._publisher.is_closed:
+            from aiormq.exceptions import ChannelInvalidStateError
+
+            raise ChannelInvalidStateError("the publishing channel is closed")
+        channel = await self._publisher.get_underlay_channel()
+        await channel.basic_publish(
+            body, exchange="", routing_key=queue, properties=properties, mandatory=True, wait=False
+        )
 
     async def consume(
         self, queue: str, handler: Handler, prefetch: int = 64, concurrency: int = 1

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from pagoda.engine import PoolingParams, RequestOutput, SamplingParams, StructuredOutputsParams, TokenLogprob
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: the tokenizer no longer sends "accepted"; the first "assigned" carries the prompt ids
 
 
 @dataclass(frozen=True)
@@ -155,23 +155,19 @@ class AbortRequest(_Msg):
 
 
 # -- to a gateway -----------------------------------------------------------------------------
-class Accepted(_Msg):
-    """The tokenizer took the request: here are its prompt ids (for echo, usage, detokenization)."""
-
-    type: Literal["accepted"] = "accepted"
-    request_id: str
-    prompt_token_ids: list[int]
-
-
 class Assigned(_Msg):
     """The scheduler sent the request (attempt) to this worker; sent before the worker has it, so
-    the gateway knows whose heartbeats to watch and which worker's deltas to take."""
+    the gateway knows whose heartbeats to watch and which worker's deltas to take. The first
+    attempt's also carries the prompt ids the tokenizer made (for echo, usage, detokenization):
+    it is the gateway's word that the request was taken, one message fewer than a separate
+    "accepted" from the tokenizer."""
 
     type: Literal["assigned"] = "assigned"
     request_id: str
     worker_id: str
     attempt: int = 0
     resume_from: int = 0
+    prompt_token_ids: list[int] | None = None  # attempt 0 only
 
 
 class WorkerLeaving(_Msg):
@@ -300,7 +296,6 @@ ServiceMessage = (
     | ScheduleRequest
     | WorkerRequest
     | AbortRequest
-    | Accepted
     | Assigned
     | WorkerLeaving
     | Rejected
@@ -311,7 +306,6 @@ _TYPES: dict[str, type[BaseModel]] = {
     "schedule": ScheduleRequest,
     "run": WorkerRequest,
     "abort": AbortRequest,
-    "accepted": Accepted,
     "assigned": Assigned,
     "leaving": WorkerLeaving,
     "rejected": Rejected,
