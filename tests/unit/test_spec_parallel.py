@@ -1,7 +1,8 @@
 """Speculative decoding across ranks on the CPU (gloo), both methods: with 2 tensor-parallel ranks
 and with 2 pipeline stages (two micro-batches in flight), greedy output equals one rank's greedy
-output without speculation, drafts were proposed and some accepted and some rejected; rank 0
-alone proposes (a draft model runs whole on it) and samples; seeded sampling repeats.
+output without speculation (with prefix-cache hits too), drafts were proposed and some accepted
+and some rejected; rank 0 alone proposes (a draft model runs whole on it) and samples; seeded
+sampling repeats.
 
 The target is a tiny random Llama of 2 layers (a stage each), the draft that Llama with noise
 on its weights (as in test_spec_draft_model.py)."""
@@ -87,8 +88,10 @@ def test_greedy_equals_one_rank_without_speculation(spec: LLM, want: list[list[i
     engine = spec.engine
     before = engine.counters()
     got = _ids(spec.generate(PROMPTS, GREEDY, use_tqdm=False))
+    again = spec.generate(PROMPTS, GREEDY, use_tqdm=False)  # the prompts' blocks are cached now
     Drafts.since(before, engine.counters()).assert_some_accepted_and_rejected()
-    assert got == want
+    assert got == want and _ids(again) == want
+    assert all(r.num_cached_tokens > 0 for r in again)
     assert engine.parallel is not None and all(p.poll() is None for p in engine.parallel.procs)
     if engine.micro_batches is not None:  # stages: two steps in flight, neither proposing from the other
         assert engine.micro_batches.most_in_flight == 2
