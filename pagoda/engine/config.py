@@ -220,8 +220,6 @@ class EngineConfig:
         )
         if self.lora.enable_lora:
             raise ValueError(f"--enable-lora does not run with {flag} yet; drop one of them")
-        if self.speculative_config is not None:
-            raise ValueError(f"--speculative-config does not run with {flag} yet; drop one of them")
         if self.compile == "on":
             raise ValueError(
                 f"--compile traces one rank's model: with {flag} steps run eagerly; drop --compile"

@@ -101,11 +101,6 @@ def test_models_that_cannot_split_are_refused_naming_the_flag(
 
 
 def test_unsupported_combinations_name_the_flag() -> None:
-    with pytest.raises(ValueError, match="--speculative-config does not run with --pipeline-parallel-size 2"):
-        EngineConfig(
-            parallel=ParallelConfig(pipeline_parallel_size=2),
-            speculative_config={"method": "ngram", "num_speculative_tokens": 4},
-        )
     two = ParallelConfig(tensor_parallel_size=2)
     with pytest.raises(ValueError, match="--enable-lora does not run with --tensor-parallel-size 2"):
         EngineConfig(parallel=two, lora=LoRAConfig(enable_lora=True))

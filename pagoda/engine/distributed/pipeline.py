@@ -8,13 +8,13 @@ pipeline column (`pp<tp_rank>`: the ranks of its TP rank in every stage), and th
 of all ranks (protocol.py). Rank 0 (stage 0, TP rank 0) is the engine: it schedules and samples.
 
 A step: rank 0 broadcasts FORWARD to every rank (protocol.py) with the rows it will sample (its
-runner names them first: `sample_rows`); stage 0 embeds and runs its layers and sends the hidden
-states and the residual stream ([2, tokens, hidden]) to the same TP rank of the next stage, which
-runs its layers, and so on; the last stage computes the sampled rows' logits (gathered over its TP
-ranks) and its TP rank 0 sends them to rank 0, which posted that receive before its own stage
-ran. Rank 0's model returns row numbers in place of hidden states (`LlamaStage`), so its runner
-picks rows as ever. Several steps are in flight at once, each stage running them in order
-(micro_batches.py), so the stages work at the same time.
+runner names them first: `sample_rows`, a speculative step's verification rows included); stage 0
+embeds and runs its layers and sends the hidden states and the residual stream ([2, tokens,
+hidden]) to the same TP rank of the next stage, which runs its layers, and so on; the last stage
+computes the sampled rows' logits (gathered over its TP ranks) and its TP rank 0 sends them to rank
+0, which posted that receive before its own stage ran. Rank 0's model returns row numbers in place
+of hidden states (`LlamaStage`), so its runner picks rows as ever. Several steps are in flight at
+once, each stage running them in order (micro_batches.py), so the stages work at the same time.
 """
 
 from __future__ import annotations

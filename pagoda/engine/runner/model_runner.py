@@ -166,7 +166,7 @@ class ModelRunner:
             return None
         batch = self._flatten(out)
         masks = self._grammar_masks(batch)  # filled while the model runs
-        with sample_rows(batch.logits_idx):
+        with sample_rows(batch.logits_rows()):  # a pipeline's last stage sends these rows' logits
             return batch, masks, self._forward(batch)  # hidden: [num_tokens, hidden]
 
     @torch.inference_mode()
@@ -263,9 +263,7 @@ class ModelRunner:
         self, hidden: torch.Tensor, batch: _FlatBatch, masks: tuple[list[int], Future[torch.Tensor]] | None
     ) -> RunnerOutput:
         dev = self.device
-        # the plain rows' last positions, then every position of the drafted sequences
-        idx = batch.logits_idx + [i for first, k in batch.spec_spans for i in range(first, first + k + 1)]
-        all_logits = self.model.compute_logits(hidden[torch.tensor(idx, device=dev)])
+        all_logits = self.model.compute_logits(hidden[torch.tensor(batch.logits_rows(), device=dev)])
         res = RunnerOutput()
         if batch.spec_rows:
             assert self.rejection is not None, "draft tokens scheduled without a rejection sampler"
@@ -370,6 +368,11 @@ class _FlatBatch:
         elif start + n == len(st.token_ids):
             self.sample_rows.append(rid)
             self.logits_idx.append(len(self.ids) - 1)
+
+    def logits_rows(self) -> list[int]:
+        """The rows whose logits the step needs: the sampled rows' last positions, then every
+        position of the drafted sequences (their 1 + k verification rows)."""
+        return self.logits_idx + [i for first, k in self.spec_spans for i in range(first, first + k + 1)]
 
     def attention_metadata(self) -> AttentionMetadata:
         """The batch as decode + prefill lists, and as one varlen view for unified kernels."""

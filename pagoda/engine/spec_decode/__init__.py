@@ -43,6 +43,12 @@ How the step loop runs it:
 5. Metrics: CoreCounters' spec_* fields, exported by the metrics collector as
    `vllm:spec_decode_num_drafts`, `..._num_draft_tokens`, `..._num_accepted_tokens` and
    `..._num_accepted_tokens_per_pos{position}`.
+6. Several ranks (pagoda/engine/distributed): rank 0 alone proposes and verifies. Its proposer and
+   rejection sampler are the ones above; the verification rows are rows of the step the other
+   ranks run (FORWARD), their logits gathered to rank 0 (tensor parallel) or sent by the last
+   stage with the sampled rows' (`ModelRunner` names them all: `_FlatBatch.logits_rows`). A draft
+   model runs whole on rank 0. Under pipeline stages a request is in one step in flight at most, so
+   it is proposed for only once its previous step's tokens are verified.
 """
 
 from __future__ import annotations

@@ -20,6 +20,11 @@ verified tokens: draft KV computed from accepted drafts is kept, from rejected o
 the next catch-up (the target's rollback trims blocks past its own computed tokens, never
 below this). Drafts are greedy, so q is one-hot (`draft_probs` None): the rejection sampler's
 standard rule stays exact for sampled requests too.
+
+With tensor or pipeline parallelism the draft model runs unsharded on rank 0 only, with its whole
+KV cache there (`SpecDecodeEngineMixin._load_draft` loads it as one rank): the other ranks never
+see it, only the verification rows of the target's step. Sharding it too would put a round of
+collectives in each of its k forwards for a model chosen to be small.
 """
 
 from __future__ import annotations

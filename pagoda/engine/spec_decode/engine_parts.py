@@ -85,7 +85,8 @@ class SpecDecodeEngineMixin:
 
     def _load_draft(self, vocab_size: int) -> int:
         """Load the draft model of a "draft_model" config (before the KV cache is sized); the
-        bytes its KV adds to each block (0: no draft model)."""
+        bytes its KV adds to each block (0: no draft model). With several ranks it loads whole on
+        rank 0 (this process), the one that proposes: the followers never run it."""
         spec = self.config.speculative_config
         if spec is None or spec.method != "draft_model":
             return 0
