@@ -178,7 +178,9 @@ class TensorParallelRanks:
                 logger.debug("SHUTDOWN not sent: %s", exc)
         for proc in self.procs:
             try:
-                proc.wait(5.0 if self.channel is not None else 0.0)  # not joined yet: nothing to wait for
+                # 15 s: a follower leaving its process group can take seconds on a loaded host; not
+                # joined yet: nothing to wait for
+                proc.wait(15.0 if self.channel is not None else 0.0)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
