@@ -1,9 +1,11 @@
-"""Incremental detokenization and stop strings, with a byte-level fake tokenizer."""
+"""Incremental detokenization and stop strings, with a byte-level fake tokenizer (and the demo's
+byte-level BPE vocabulary, whose bytes path must stream what the window decodes do)."""
 
 from __future__ import annotations
 
 import pytest
 
+from pagoda.engine import Tokenizer
 from pagoda.engine.tokenization.detokenizer import IncrementalDetokenizer, StopChecker
 from tests.fakes import BOS, EOS
 from tests.fakes import FakeTokenizer as ByteTokenizer
@@ -92,3 +94,38 @@ def test_no_stop_strings_pass_through() -> None:
     checker = StopChecker(["", ""])
     assert checker.add("anything") == ("anything", None)
     assert checker.flush() == ""
+
+
+class _Windowed:
+    """A real tokenizer seen without its byte-level shortcut: the window decodes run instead."""
+
+    byte_level = False
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.convert_ids_to_tokens = tokenizer.convert_ids_to_tokens
+        self.convert_tokens_to_string = tokenizer.convert_tokens_to_string
+        self.is_special = tokenizer.is_special
+
+
+@pytest.mark.parametrize("per_add", [1, 3])
+def test_byte_level_vocabulary_streams_what_the_windows_do(demo_gguf: str, per_add: int) -> None:
+    """The demo's GPT-2-style vocabulary takes the bytes path (no window decodes): the same text
+    as the windowed path and a full decode, never later than the windowed path (a complete
+    space before a split character goes out at once rather than with it), and no replacement
+    character from characters split across tokens."""
+    tok = Tokenizer.from_gguf(demo_gguf)
+    assert tok.byte_level
+    text = "Crème brûlée costs 5€ 🙂🚀 — 日本語のテキスト, <|im_end|> ok"
+    ids = tok.encode(text, add_special_tokens=False)
+    split = [tok.token_bytes(i).decode("utf-8", "replace") for i in ids]
+    assert "\ufffd" in "".join(split)  # some characters do span tokens
+    prompt = tok.encode("Q: ", add_special_tokens=False)
+    fast, windowed = IncrementalDetokenizer(tok, prompt), IncrementalDetokenizer(_Windowed(tok), prompt)
+    assert fast._utf8 is not None and windowed._utf8 is None
+    chunks = [ids[i : i + per_add] for i in range(0, len(ids), per_add)]
+    deltas = []
+    for chunk in chunks:
+        deltas.append(fast.add(chunk))
+        windowed.add(chunk)
+        assert fast.text.startswith(windowed.text), (fast.text, windowed.text)
+    assert "".join(deltas) == fast.text == windowed.text == tok.decode(ids) and "\ufffd" not in fast.text

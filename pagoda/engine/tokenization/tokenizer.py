@@ -20,7 +20,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
-from tokenizers import processors
+from tokenizers import decoders, processors
 
 from pagoda.engine.tokenization.gguf_vocab import default_add_bos, gguf_backend
 
@@ -52,6 +52,9 @@ class Tokenizer:
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self._special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
         self._decoder = backend.decoder  # read once (each read of the property builds a new wrapper)
+        # byte-level BPE: each token stands for fixed bytes (GPT-2's byte-to-character table)
+        self._byte_chars = _byte_chars() if isinstance(self._decoder, decoders.ByteLevel) else None
+        self._bytes: dict[int, bytes] = {}
         probe = backend.encode("a", add_special_tokens=True).ids
         self.add_bos_token: bool = self.bos_token_id is not None and probe[:1] == [self.bos_token_id]
 
@@ -72,6 +75,24 @@ class Tokenizer:
         if decoder is None:
             return "".join(tokens)
         return str(decoder.decode(tokens if isinstance(tokens, list) else list(tokens)))
+
+    @property
+    def byte_level(self) -> bool:
+        """Whether `token_bytes` gives each token's bytes (a byte-level BPE vocabulary)."""
+        return self._byte_chars is not None
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token of a byte-level vocabulary stands for (an added token's characters
+        outside the byte table as UTF-8, as the ByteLevel decoder reads them): a sequence's text
+        is its tokens' bytes joined, read as UTF-8, so streamed text needs no window decodes."""
+        data = self._bytes.get(token_id)
+        if data is None:
+            table = self._byte_chars
+            assert table is not None, "token_bytes of a vocabulary that is not byte-level"
+            piece = self.backend.id_to_token(token_id) or ""
+            data = b"".join(bytes((table[c],)) if c in table else c.encode() for c in piece)
+            self._bytes[token_id] = data
+        return data
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
@@ -242,3 +263,14 @@ def _compile_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(source)
+
+
+@lru_cache(maxsize=1)
+def _byte_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the character standing for each byte. Printable
+    Latin-1 bytes stand for themselves; the other 68 take the code points from 256 up, in order."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    moved = [b for b in range(256) if b not in kept]
+    chars = {chr(b): b for b in kept}
+    chars.update({chr(256 + n): b for n, b in enumerate(moved)})
+    return chars
