@@ -21,7 +21,7 @@ from pagoda.engine.runner.attention import get_backend
 from pagoda.engine.runner.forward import forward_tokens
 from pagoda.engine.spec_decode.draft_model import DraftModelProposer
 from pagoda.engine.spec_decode.draft_runner import DraftRunner, kv_bytes_per_block, load_draft_model
-from tests.tiny_models import VOCAB, make_tiny_model, save_tiny_tokenizer, tiny_config
+from tests.tiny_models import VOCAB, make_tiny_model, save_noisy_draft, save_tiny_tokenizer, tiny_config
 from tests.unit.test_spec_engine import Drafts
 
 K = 3
@@ -45,14 +45,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("draft_model")
     target, draft = root / "target", root / "draft"
     target.mkdir()
-    draft.mkdir()
     model, _ = make_tiny_model("llama", target)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
-    model.save_pretrained(str(draft))
-    save_tiny_tokenizer(draft)
+    save_noisy_draft(model, draft)
     return str(target), str(draft)
 
 
