@@ -155,10 +155,11 @@ def _alpha_counters(fleet: dict[str, Any]) -> dict[str, float]:
 
 async def _stream(base: str, model: str, prompts: list[str], max_tokens: int) -> list[str]:
     """One streamed greedy completion of all `prompts` (they reach the worker together); the text
-    of each."""
+    of each. Seeded, which changes nothing greedy but gets every step its k drafts: the adaptive
+    policy would stop drafting with a draft as costly as its target."""
     async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0) as client:
         stream = await client.completions.create(
-            model=model, prompt=prompts, max_tokens=max_tokens, temperature=0, stream=True
+            model=model, prompt=prompts, max_tokens=max_tokens, temperature=0, seed=0, stream=True
         )
         texts = [""] * len(prompts)
         async for chunk in stream:

@@ -54,6 +54,14 @@ def spec_config(draft: str) -> dict[str, Any]:
     return {"method": "draft_model", "model": draft, "num_speculative_tokens": K}
 
 
+def drafting_always(llm: LLM) -> LLM:
+    """`llm` with its adaptive draft policy off: a draft as big as its target never pays (the
+    policy counts the draft's forwards and stops drafting), but these tests need drafts every step."""
+    assert llm.engine.spec is not None and llm.engine.spec.speculation.policy is not None
+    llm.engine.spec.speculation.policy = None
+    return llm
+
+
 @pytest.fixture(scope="module")
 def plain(models: tuple[str, str]) -> LLM:
     return LLM(models[0], **ENGINE)
@@ -61,7 +69,7 @@ def plain(models: tuple[str, str]) -> LLM:
 
 @pytest.fixture(scope="module")
 def spec(models: tuple[str, str]) -> LLM:
-    return LLM(models[0], speculative_config=spec_config(models[1]), **ENGINE)
+    return drafting_always(LLM(models[0], speculative_config=spec_config(models[1]), **ENGINE))
 
 
 def _ids(results: list[Any]) -> list[list[int]]:
@@ -126,8 +134,14 @@ def test_greedy_equal_with_prefix_hits_n_and_batched_drafts(plain: LLM, spec: LL
 
 
 def test_greedy_equal_under_preemption(models: tuple[str, str], plain: LLM) -> None:
-    small = LLM(
-        models[0], speculative_config=spec_config(models[1]), num_blocks=8, max_model_len=128, dtype="float32"
+    small = drafting_always(
+        LLM(
+            models[0],
+            speculative_config=spec_config(models[1]),
+            num_blocks=8,
+            max_model_len=128,
+            dtype="float32",
+        )
     )
     before = small.engine.counters()
     got = _ids(small.generate(PROMPTS, GREEDY, use_tqdm=False))
