@@ -4,8 +4,9 @@ is the target with noise added to its weights, so that some drafts are accepted 
 The proposer alone drafts what the draft model's own greedy decoding gives (catch-up chunked, its
 KV kept across verifications by counter); in the engine, greedy output equals greedy output
 without speculation (with prefix-cache hits and n > 1, and under preemption), the draft runs
-batched over the step's sequences, the KV budget counts the draft's bytes per block, seeded
-sampling repeats, and a draft of another vocabulary is refused naming both sizes."""
+batched over the step's sequences, the adaptive policy times its forwards, the KV budget counts
+the draft's bytes per block, seeded sampling repeats, and a draft of another vocabulary is refused
+naming both sizes."""
 
 from __future__ import annotations
 
@@ -149,6 +150,18 @@ def test_greedy_equal_under_preemption(models: tuple[str, str], plain: LLM) -> N
     Drafts.since(before, small.engine.counters()).assert_some_accepted_and_rejected()
     assert got == _ids(plain.generate(PROMPTS, GREEDY, use_tqdm=False))
     assert small.engine.kv.pool.num_free_blocks == 8  # no block leaked
+
+
+def test_the_adaptive_policy_counts_the_draft_s_forwards(models: tuple[str, str], plain: LLM) -> None:
+    """With the policy on, the draft model's proposals are timed: a draft token's cost in target
+    rows is measured (positive), and greedy output is still the target's."""
+    llm = LLM(models[0], speculative_config=spec_config(models[1]), **ENGINE)
+    assert llm.engine.spec is not None
+    policy = llm.engine.spec.speculation.policy
+    assert policy is not None and policy.draft_rows() == 0.0
+    got = _ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    assert got == _ids(plain.generate(PROMPTS, GREEDY, use_tqdm=False))
+    assert policy.drafting.tokens > 0 and policy.draft_rows() > 0.0, policy.drafting
 
 
 def test_seeded_sampling_repeats(spec: LLM) -> None:
