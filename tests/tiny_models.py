@@ -110,6 +110,19 @@ def make_tiny_model(
     return model.eval(), state
 
 
+def save_noisy_draft(model: Any, path: Path, scale: float = 0.01, seed: int = 1) -> None:
+    """Write `model` with Gaussian noise of `scale` on every weight to `path` (with the tiny
+    tokenizer): a speculative "draft_model" of the same vocabulary whose greedy drafts the target
+    mostly accepts and sometimes rejects. Changes `model` in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path))
+    save_tiny_tokenizer(path)
+
+
 def _newer_kind(kind: str, common: dict[str, Any]) -> Any:
     """phi3: Phi-4-mini's partial rotary (3/4 of each head) with LongRoPE (its short factors:
     the parity tests' max_model_len 256 is the original context); gemma2: local layers (even ones)

@@ -20,7 +20,7 @@ from pagoda.engine.distributed.nodes import torchrun_defaults
 from pagoda.engine.distributed.pipeline import max_stage_layers, stage_layers
 from pagoda.engine.distributed.pipeline_model import LlamaStage, check_pipeline
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
-from pagoda.engine.runner.model_runner import kv_bytes_per_block
+from pagoda.engine.runner.kv_caches import kv_bytes_per_block
 from pagoda.engine.scheduling.batcher import Batcher, BatchPlan, RunnerOutput
 from pagoda.engine.scheduling.request import Request
 from tests.unit.test_tensor_parallel_plan import _arch

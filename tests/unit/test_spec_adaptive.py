@@ -1,21 +1,23 @@
 """Adaptive speculation (pagoda/engine/spec_decode/adaptive.py): a draft at position j is proposed
-only while alpha^j clears R / (R + r0), so drafts stop where they would cost more rows than they
-save, and come back (by probes) when a sequence starts copying. Run through the batcher with the
-fake runner of test_spec_scheduling: outputs stay equal, and the drafts proposed follow the rule."""
+only while alpha^j clears R (1 + d) / (R + r0), so drafts stop where they would cost more rows than
+they save (d: a timed proposer's own cost per draft, in rows), and come back (by probes) when a
+sequence starts copying. Run through the batcher with the fake runner of test_spec_scheduling:
+outputs stay equal, and the drafts proposed follow the rule."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
 from pagoda.engine.config import BatcherConfig
 from pagoda.engine.kv.kv_cache_manager import KVCacheManager
 from pagoda.engine.sampling.params import SamplingParams
-from pagoda.engine.scheduling.batcher import Batcher
+from pagoda.engine.scheduling.batcher import Batcher, BatchPlan, RunnerOutput
 from pagoda.engine.scheduling.speculation import Speculation
 from pagoda.engine.spec_decode import NgramProposer, SpeculativeConfig
 from pagoda.engine.spec_decode.adaptive import PROBE_EVERY, AdaptivePolicy, StepCost, drafts_worth
+from pagoda.engine.spec_decode.proposer import Proposal
 from tests.unit import test_spec_scheduling as harness
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
@@ -105,3 +107,77 @@ def test_drafts_stop_where_they_are_mostly_rejected_and_stay_where_accepted() ->
     copy_same, copy_adaptive = _run(_copy_rule, adaptive=True)
     assert copy_same == copy_plain
     assert copy_adaptive.accepted >= 0.8 * copy_always.accepted > 0  # copying keeps its drafts
+
+
+def _measured(draft_seconds: float) -> AdaptivePolicy:
+    """A policy that has timed decode steps of 6 ms + 1.5 ms a row (r0 = 4, b = 1.5 ms) and a
+    proposer taking `draft_seconds` per draft token."""
+    policy = AdaptivePolicy(StepCost(prior_fixed_rows=4.0), k=4)
+    for i in range(40):
+        policy.cost.observe(1 + i % 5, 0.006 + 0.0015 * (1 + i % 5))
+    if draft_seconds:
+        policy.drafting.observe(3 * draft_seconds, 3)
+    return policy
+
+
+def test_a_proposer_s_own_cost_raises_the_bar() -> None:
+    assert _measured(0.0).cost.row_seconds() == pytest.approx(0.0015)
+    young = AdaptivePolicy(StepCost(prior_fixed_rows=4.0), k=4)
+    assert young.cost.row_seconds() is None and young.draft_rows() == 0.0
+    young.cost.observe(2, 0.012)  # before the fit: the prior's share, 12 ms / (2 + 4) rows
+    assert young.cost.row_seconds() == pytest.approx(0.002)
+    granted = []
+    for ms, d, bar in ((0.0, 0.0, 0.2), (1.5, 1.0, 0.4), (3.0, 2.0, 0.6), (6.0, 4.0, 1.0)):
+        policy = _measured(ms / 1000)
+        policy.begin_step(1)
+        assert policy.draft_rows() == pytest.approx(d)
+        assert policy.threshold == pytest.approx(bar)  # (1 + d) / (1 + r0)
+        granted.append(policy.max_drafts("new"))  # the prior alpha, 0.8
+    assert granted == [4, 4, 2, 0]  # 0.8^4 = 0.41 clears 0.4; 0.8^2 = 0.64 clears 0.6, 0.51 does not
+
+
+def _run_timed(draft_seconds: float) -> tuple[dict[str, list[int]], harness.FakeRunner]:
+    """The copying rule under the policy, with an n-gram proposer timed as a draft model is: each
+    draft token takes `draft_seconds` on a fake clock; each decode step of R rows 6 ms + 1.5 ms R."""
+    config = SpeculativeConfig.parse(NGRAM)
+    clock = [0.0]
+
+    class Timed(NgramProposer):
+        timed = True
+
+        def propose(self, req_ids: Sequence[str], max_tokens: Sequence[int] | None = None) -> Proposal:
+            proposal = super().propose(req_ids, max_tokens)
+            clock[0] += draft_seconds * proposal.num_draft_tokens
+            return proposal
+
+    policy = AdaptivePolicy(StepCost(prior_fixed_rows=4.0), k=3)
+    speculation = Speculation(config, Timed.from_config(config, 512), policy)
+    speculation.clock = lambda: clock[0]
+
+    class StepTimed(harness.FakeRunner):
+        def execute(self, out: BatchPlan) -> RunnerOutput:
+            speculation.observe_step(out, 0.006 + 0.0015 * out.total_num_scheduled_tokens)
+            return super().execute(out)
+
+    batcher = Batcher(
+        BatcherConfig(max_num_batched_tokens=64, max_num_seqs=8),
+        KVCacheManager(128, block_size=harness.BLOCK),
+        max_model_len=512,
+        eos_token_ids=[harness.EOS],
+        speculation=speculation,
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(harness, "rule", _copy_rule)
+        patch.setattr(harness, "FakeRunner", StepTimed)
+        return harness._run(batcher, harness.PROMPTS, SamplingParams(max_tokens=60, ignore_eos=True))
+
+
+def test_drafts_fall_when_the_proposer_is_expensive() -> None:
+    """Copying sequences (alpha ~0.97), R = 3: free drafts clear 3/7; drafts that take a target
+    row's time to propose (1.5 ms, d = 1) clear 6/7; at 3 ms (d = 2) the bar passes 1 and only the
+    drafts tried before the cost was measured, and probes, are left. The outputs never change."""
+    (free_out, free), (costly_out, costly), (dear_out, dear) = (_run_timed(ms / 1000) for ms in (0, 1.5, 3))
+    assert free_out == costly_out == dear_out
+    assert free.drafted > costly.drafted > dear.drafted > 0, (free.drafted, costly.drafted, dear.drafted)
+    assert dear.drafted < free.drafted / 5
+    assert free.accepted > 0.9 * free.drafted  # the rule copies: drafts fall for their cost alone

@@ -4,8 +4,9 @@ is the target with noise added to its weights, so that some drafts are accepted 
 The proposer alone drafts what the draft model's own greedy decoding gives (catch-up chunked, its
 KV kept across verifications by counter); in the engine, greedy output equals greedy output
 without speculation (with prefix-cache hits and n > 1, and under preemption), the draft runs
-batched over the step's sequences, the KV budget counts the draft's bytes per block, seeded
-sampling repeats, and a draft of another vocabulary is refused naming both sizes."""
+batched over the step's sequences, the adaptive policy times its forwards, the KV budget counts
+the draft's bytes per block, seeded sampling repeats, and a draft of another vocabulary is refused
+naming both sizes."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pagoda.engine.runner.attention import get_backend
 from pagoda.engine.runner.forward import forward_tokens
 from pagoda.engine.spec_decode.draft_model import DraftModelProposer
 from pagoda.engine.spec_decode.draft_runner import DraftRunner, kv_bytes_per_block, load_draft_model
-from tests.tiny_models import VOCAB, make_tiny_model, save_tiny_tokenizer, tiny_config
+from tests.tiny_models import VOCAB, make_tiny_model, save_noisy_draft, save_tiny_tokenizer, tiny_config
 from tests.unit.test_spec_engine import Drafts
 
 K = 3
@@ -45,19 +46,21 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("draft_model")
     target, draft = root / "target", root / "draft"
     target.mkdir()
-    draft.mkdir()
     model, _ = make_tiny_model("llama", target)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
-    model.save_pretrained(str(draft))
-    save_tiny_tokenizer(draft)
+    save_noisy_draft(model, draft)
     return str(target), str(draft)
 
 
 def spec_config(draft: str) -> dict[str, Any]:
     return {"method": "draft_model", "model": draft, "num_speculative_tokens": K}
+
+
+def drafting_always(llm: LLM) -> LLM:
+    """`llm` with its adaptive draft policy off: a draft as big as its target never pays (the
+    policy counts the draft's forwards and stops drafting), but these tests need drafts every step."""
+    assert llm.engine.spec is not None and llm.engine.spec.speculation.policy is not None
+    llm.engine.spec.speculation.policy = None
+    return llm
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,7 @@ def plain(models: tuple[str, str]) -> LLM:
 
 @pytest.fixture(scope="module")
 def spec(models: tuple[str, str]) -> LLM:
-    return LLM(models[0], speculative_config=spec_config(models[1]), **ENGINE)
+    return drafting_always(LLM(models[0], speculative_config=spec_config(models[1]), **ENGINE))
 
 
 def _ids(results: list[Any]) -> list[list[int]]:
@@ -132,8 +135,14 @@ def test_greedy_equal_with_prefix_hits_n_and_batched_drafts(plain: LLM, spec: LL
 
 
 def test_greedy_equal_under_preemption(models: tuple[str, str], plain: LLM) -> None:
-    small = LLM(
-        models[0], speculative_config=spec_config(models[1]), num_blocks=8, max_model_len=128, dtype="float32"
+    small = drafting_always(
+        LLM(
+            models[0],
+            speculative_config=spec_config(models[1]),
+            num_blocks=8,
+            max_model_len=128,
+            dtype="float32",
+        )
     )
     before = small.engine.counters()
     got = _ids(small.generate(PROMPTS, GREEDY, use_tqdm=False))
@@ -141,6 +150,18 @@ def test_greedy_equal_under_preemption(models: tuple[str, str], plain: LLM) -> N
     Drafts.since(before, small.engine.counters()).assert_some_accepted_and_rejected()
     assert got == _ids(plain.generate(PROMPTS, GREEDY, use_tqdm=False))
     assert small.engine.kv.pool.num_free_blocks == 8  # no block leaked
+
+
+def test_the_adaptive_policy_counts_the_draft_s_forwards(models: tuple[str, str], plain: LLM) -> None:
+    """With the policy on, the draft model's proposals are timed: a draft token's cost in target
+    rows is measured (positive), and greedy output is still the target's."""
+    llm = LLM(models[0], speculative_config=spec_config(models[1]), **ENGINE)
+    assert llm.engine.spec is not None
+    policy = llm.engine.spec.speculation.policy
+    assert policy is not None and policy.draft_rows() == 0.0
+    got = _ids(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    assert got == _ids(plain.generate(PROMPTS, GREEDY, use_tqdm=False))
+    assert policy.drafting.tokens > 0 and policy.draft_rows() > 0.0, policy.drafting
 
 
 def test_seeded_sampling_repeats(spec: LLM) -> None:

@@ -13,7 +13,7 @@ import torch
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.distributed.pipeline import max_stage_layers
 from pagoda.engine.models.arch_config import ModelArchConfig
-from pagoda.engine.runner.model_runner import kv_bytes_per_block
+from pagoda.engine.runner.kv_caches import kv_bytes_per_block
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 

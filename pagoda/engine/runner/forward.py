@@ -9,6 +9,7 @@ import torch
 from pagoda.engine.models import DecoderModel
 from pagoda.engine.quantization.vnni import prompt_rows
 from pagoda.engine.runner.attention import AttentionMetadata, get_backend
+from pagoda.engine.runner.kv_caches import zero_kv_caches
 
 _BLOCK = 16
 
@@ -29,10 +30,7 @@ def forward_tokens(model: DecoderModel, token_ids: list[int] | torch.Tensor) -> 
     cfg = model.cfg
     blocks = -(-n // _BLOCK)
     shape = (blocks, _BLOCK, cfg.num_kv_heads, cfg.head_dim)
-    caches = [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(cfg.num_layers)
-    ]
+    caches = zero_kv_caches(cfg.num_layers, shape, dtype, device)
     table = torch.arange(blocks, dtype=torch.int64, device=device)
     meta = AttentionMetadata(
         slot_mapping=torch.arange(n, dtype=torch.int64, device=device),

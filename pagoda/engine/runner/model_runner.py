@@ -23,6 +23,7 @@ from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 from pagoda.engine.runner.compile_cache import DecodeCompiler
 from pagoda.engine.runner.compiled_decode import CompiledDecode
 from pagoda.engine.runner.cuda_graphs import DecodeGraphs
+from pagoda.engine.runner.kv_caches import zero_kv_caches
 from pagoda.engine.runner.spec_verify import verify_drafts
 from pagoda.engine.sampling.params import SamplingParams
 from pagoda.engine.sampling.sampler import Sampler
@@ -47,12 +48,6 @@ class _ReqState:
     grammar: SequenceGrammar | None = None
     pool: PoolState | None = None  # a pooling request's embedding, folded in chunk by chunk
     lora: LoRARequest | None = None  # its LoRA adapter (None: the base model)
-
-
-def kv_bytes_per_block(
-    num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
-) -> int:
-    return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def _padded(rows: list[list[int]], dtype: type) -> np.ndarray:
@@ -105,10 +100,7 @@ class ModelRunner:
             if cfg.is_encoder
             else (num_blocks, block_size, getattr(model, "num_kv_heads", cfg.num_kv_heads), cfg.head_dim)
         )
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(cfg.num_layers)
-        ]
+        self.kv_caches = zero_kv_caches(cfg.num_layers, shape, dtype, device)
         self.sampler = Sampler()
         self.rejection = rejection
         self.requests: dict[str, _ReqState] = {}

@@ -9,12 +9,14 @@ rejected drafts reached (`KVCacheManager.trim`): rollback is a counter change, n
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from pagoda.engine.scheduling.request import Request
 from pagoda.engine.spec_decode.adaptive import AdaptivePolicy
 from pagoda.engine.spec_decode.config import SpeculativeConfig
-from pagoda.engine.spec_decode.proposer import Proposer
+from pagoda.engine.spec_decode.proposer import Proposal, Proposer
 
 if TYPE_CHECKING:
     from pagoda.engine.scheduling.batcher import BatchPlan
@@ -34,6 +36,7 @@ class Speculation:
         self.config = config
         self.proposer = proposer
         self.policy = policy
+        self.clock: Callable[[], float] = time.perf_counter  # times a `timed` proposer (tests: a fake)
 
     def active(self, num_running: int) -> bool:
         """Whether a step with `num_running` sequences speculates (disable_by_batch_size); starts
@@ -90,7 +93,7 @@ class Speculation:
             return []
         if self.proposer.deferred:  # placeholders: `fill` proposes once the slots are allocated
             return [_PLACEHOLDER] * self.proposer.num_drafts(req.request_id, cap)
-        return self.proposer.propose([req.request_id], [cap]).draft_token_ids[0]
+        return self._propose([req.request_id], [cap]).draft_token_ids[0]
 
     def fill(self, drafts: dict[str, list[int]]) -> dict[str, list[int]]:
         """A deferred proposer's drafts for the step (`drafts`: each scheduled sequence's
@@ -99,8 +102,17 @@ class Speculation:
         if not self.proposer.deferred or not drafts:
             return drafts
         ids = list(drafts)
-        proposal = self.proposer.propose(ids, [len(drafts[r]) for r in ids])
+        proposal = self._propose(ids, [len(drafts[r]) for r in ids])
         for rid, tokens in zip(ids, proposal.draft_token_ids, strict=True):
             assert len(tokens) == len(drafts[rid]), (rid, tokens, drafts[rid])
             drafts[rid][:] = tokens
         return drafts
+
+    def _propose(self, ids: Sequence[str], caps: Sequence[int]) -> Proposal:
+        """The proposer's drafts; a `timed` proposer's seconds go to the policy's draft cost."""
+        if self.policy is None or not self.proposer.timed:
+            return self.proposer.propose(ids, caps)
+        t0 = self.clock()
+        proposal = self.proposer.propose(ids, caps)
+        self.policy.drafting.observe(self.clock() - t0, proposal.num_draft_tokens)
+        return proposal

@@ -15,6 +15,17 @@ alpha ~0.2; at 16 streams the bar is ~0.8, so speculation turns itself off where
 pay at much larger batches. `StepCost` fits a and b online from the decode steps the engine runs;
 until it has seen enough different row counts it uses the device's prior.
 
+A proposer whose drafting takes time of its own (`Proposer.timed`: a draft model's forwards, which
+run before the step is timed) costs c more seconds per draft token, so a draft costs b + c and the
+bar becomes
+
+    alpha^j >= R (1 + d) / (R + r0),        d = c / b,
+
+d the draft token's cost counted in target rows. `DraftCost` keeps c as the proposer's seconds over
+the draft tokens it proposed (its catch-up of tokens it has not seen included), exponentially
+weighted; b is the fitted row cost (or the prior's share of the mean step). n-gram lookups cost
+next to nothing and are not timed: for them d is 0.
+
 alpha is estimated per sequence (a verification of d drafts that accepts m is m successes and, if
 m < d, one failure), shrunk toward the engine-wide estimate so that a new sequence starts from what
 the workload has shown. A sequence whose alpha gives it no drafts is probed with one draft every
@@ -57,6 +68,13 @@ class StepCost:
         self.sxy = self.sxy * d + rows * seconds
         self.steps += 1
 
+    def row_seconds(self) -> float | None:
+        """b, one row's seconds: the mean step over its mean rows plus r0 (exactly b for the fitted
+        line, the prior's split of the mean step before the fit); None before any decode step."""
+        if self.n == 0.0:
+            return None
+        return (self.sy / self.n) / (self.sx / self.n + self.fixed_rows())
+
     def fixed_rows(self) -> float:
         """r0 = a / b from the fit, or the prior while the fit cannot tell (too few steps, rows that
         hardly vary, or a line that slopes the wrong way under noise). Clamped to [0.25, 16] times
@@ -76,6 +94,22 @@ class StepCost:
 
 
 @dataclass
+class DraftCost:
+    """A timed proposer's seconds per draft token, exponentially weighted over its proposals."""
+
+    seconds: float = 0.0
+    tokens: float = 0.0
+
+    def observe(self, seconds: float, tokens: int) -> None:
+        self.seconds = self.seconds * _COST_DECAY + seconds
+        self.tokens = self.tokens * _COST_DECAY + tokens
+
+    def per_token(self) -> float:
+        """c (0 before any draft token was proposed)."""
+        return self.seconds / self.tokens if self.tokens > 0.0 else 0.0
+
+
+@dataclass
 class _Acceptance:
     accepted: float = 0.0
     trials: float = 0.0
@@ -85,11 +119,13 @@ class _Acceptance:
 @dataclass
 class AdaptivePolicy:
     """Per-step draft lengths: `begin_step` with the step's sequence count, then `max_drafts` for
-    each sequence; `observe` after each verification, `observe_step` after each decode step."""
+    each sequence; `observe` after each verification, `cost.observe` after each decode step and
+    `drafting.observe` after each proposal of a timed proposer."""
 
     cost: StepCost
     k: int
     threshold: float = 0.0
+    drafting: DraftCost = field(default_factory=DraftCost)
     total: _Acceptance = field(default_factory=lambda: _Acceptance(PRIOR_ALPHA * PRIOR_WEIGHT, PRIOR_WEIGHT))
     seqs: dict[str, _Acceptance] = field(default_factory=dict)
 
@@ -99,7 +135,12 @@ class AdaptivePolicy:
 
     def begin_step(self, num_seqs: int) -> None:
         r = max(num_seqs, 1)
-        self.threshold = r / (r + self.cost.fixed_rows())
+        self.threshold = r * (1.0 + self.draft_rows()) / (r + self.cost.fixed_rows())
+
+    def draft_rows(self) -> float:
+        """d, a draft token's proposing cost in target rows (0 until both costs were measured)."""
+        b, c = self.cost.row_seconds(), self.drafting.per_token()
+        return c / b if b and c else 0.0
 
     def alpha(self, rid: str) -> float:
         """The sequence's acceptance estimate, shrunk toward the engine-wide one."""

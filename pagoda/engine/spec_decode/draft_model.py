@@ -46,6 +46,7 @@ class _DraftState:
 
 class DraftModelProposer(Proposer):
     deferred = True
+    timed = True  # its forwards run before the step is timed: the policy counts them per draft
 
     def __init__(
         self,

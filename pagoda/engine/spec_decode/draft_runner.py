@@ -19,6 +19,8 @@ import torch
 from pagoda.engine.models import DecoderModel, Model
 from pagoda.engine.models.layers import use_triton_layers
 from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
+from pagoda.engine.runner.kv_caches import kv_bytes_per_block as kv_bytes
+from pagoda.engine.runner.kv_caches import zero_kv_caches
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +84,8 @@ def load_draft_model(
 
 def kv_bytes_per_block(model: Model, block_size: int, dtype: torch.dtype) -> int:
     """The bytes one block of the draft's KV cache takes (its K and V in every layer)."""
-    from pagoda.engine.runner.model_runner import kv_bytes_per_block as per_block
-
     cfg = model.cfg
-    return per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+    return kv_bytes(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
 
 
 class DraftRunner:
@@ -109,10 +109,7 @@ class DraftRunner:
         self.block_size = block_size
         self.device = device
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(cfg.num_layers)
-        ]
+        self.kv_caches = zero_kv_caches(cfg.num_layers, shape, dtype, device)
         self.num_forwards = 0  # forward passes run (tests: drafts are batched across sequences)
 
     @torch.inference_mode()

@@ -42,10 +42,14 @@ class Proposer(ABC):
     A `deferred` proposer (a draft model, which writes KV into the slots of the positions it
     drafts) is asked at schedule time only how many drafts it will give (`num_drafts`); the step's
     slots are allocated for that many, and then `propose` runs once for all of the step's drafted
-    sequences (`Speculation.fill`) and gives each exactly that many.
+    sequences (`Speculation.fill`) and gives each exactly that many. A `timed` proposer's `propose`
+    is timed for the adaptive policy.
     """
 
     deferred: ClassVar[bool] = False
+    # proposing takes time worth counting against the drafts (a draft model's forwards): the
+    # adaptive policy adds its seconds per draft token to a draft's cost (spec_decode/adaptive.py)
+    timed: ClassVar[bool] = False
 
     @abstractmethod
     def add_request(self, req_id: str, token_ids: Sequence[int]) -> None:
