@@ -20,6 +20,7 @@ from pagoda.engine import LLM, SamplingParams
 from pagoda.engine.config import EngineConfig, ParallelConfig
 from pagoda.engine.distributed.tensor_parallel import SINGLE
 from pagoda.engine.spec_decode.draft_model import DraftModelProposer
+from tests.unit.test_spec_draft_model import drafting_always
 from tests.unit.test_spec_engine import Drafts
 
 K = 3
@@ -78,6 +79,8 @@ def spec(request: pytest.FixtureRequest, models: tuple[str, str]) -> Iterator[LL
     )
     size: dict[str, Any] = {"tensor_parallel_size" if split == "tp" else "pipeline_parallel_size": 2}
     llm = LLM(models[0], speculative_config=config, collective_timeout_s=20.0, device="cpu", **size, **ENGINE)
+    if method == "draft_model":  # a draft as big as its target never pays: keep it drafting anyway
+        drafting_always(llm)
     try:
         yield llm
     finally:
