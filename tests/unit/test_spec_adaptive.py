@@ -80,17 +80,21 @@ def _copy_rule(tokens: list[int]) -> int:
     return tokens[-4]
 
 
-def _run(rule: Callable[[list[int]], int], adaptive: bool) -> tuple[dict[str, list[int]], harness.FakeRunner]:
-    config = SpeculativeConfig.parse(NGRAM)
-    policy = AdaptivePolicy(StepCost(prior_fixed_rows=4.0), k=3) if adaptive else None
-    speculation = Speculation(config, NgramProposer.from_config(config, 512), policy)
-    batcher = Batcher(
+def _batcher(speculation: Speculation) -> Batcher:
+    return Batcher(
         BatcherConfig(max_num_batched_tokens=64, max_num_seqs=8),
         KVCacheManager(128, block_size=harness.BLOCK),
         max_model_len=512,
         eos_token_ids=[harness.EOS],
         speculation=speculation,
     )
+
+
+def _run(rule: Callable[[list[int]], int], adaptive: bool) -> tuple[dict[str, list[int]], harness.FakeRunner]:
+    config = SpeculativeConfig.parse(NGRAM)
+    policy = AdaptivePolicy(StepCost(prior_fixed_rows=4.0), k=3) if adaptive else None
+    speculation = Speculation(config, NgramProposer.from_config(config, 512), policy)
+    batcher = _batcher(speculation)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(harness, "rule", rule)
         return harness._run(batcher, harness.PROMPTS, SamplingParams(max_tokens=60, ignore_eos=True))
@@ -159,13 +163,7 @@ def _run_timed(draft_seconds: float) -> tuple[dict[str, list[int]], harness.Fake
             speculation.observe_step(out, 0.006 + 0.0015 * out.total_num_scheduled_tokens)
             return super().execute(out)
 
-    batcher = Batcher(
-        BatcherConfig(max_num_batched_tokens=64, max_num_seqs=8),
-        KVCacheManager(128, block_size=harness.BLOCK),
-        max_model_len=512,
-        eos_token_ids=[harness.EOS],
-        speculation=speculation,
-    )
+    batcher = _batcher(speculation)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(harness, "rule", _copy_rule)
         patch.setattr(harness, "FakeRunner", StepTimed)

@@ -40,15 +40,18 @@ ENGINE: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """(target, draft) directories: the draft is the target with noise on every weight."""
-    root = tmp_path_factory.mktemp("draft_model")
+def target_and_draft(root: Path) -> tuple[str, str]:
+    """(target, draft) directories under `root`: the draft is the target with noise on every weight."""
     target, draft = root / "target", root / "draft"
     target.mkdir()
     model, _ = make_tiny_model("llama", target)
     save_noisy_draft(model, draft)
     return str(target), str(draft)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    return target_and_draft(tmp_path_factory.mktemp("draft_model"))
 
 
 def spec_config(draft: str) -> dict[str, Any]:
@@ -164,12 +167,17 @@ def test_the_adaptive_policy_counts_the_draft_s_forwards(models: tuple[str, str]
     assert policy.drafting.tokens > 0 and policy.draft_rows() > 0.0, policy.drafting
 
 
-def test_seeded_sampling_repeats(spec: LLM) -> None:
-    params = SamplingParams(max_tokens=20, temperature=0.1, top_p=0.95, seed=11, ignore_eos=True)
+def check_seeded_sampling_repeats(spec: LLM, max_tokens: int) -> None:
+    """Two runs of seeded sampling give the same tokens, with drafts accepted on the way."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.1, top_p=0.95, seed=11, ignore_eos=True)
     before = spec.engine.counters()
     first, second = (_ids(spec.generate(PROMPTS, params, use_tqdm=False)) for _ in range(2))
     assert first == second
     assert Drafts.since(before, spec.engine.counters()).accepted > 0
+
+
+def test_seeded_sampling_repeats(spec: LLM) -> None:
+    check_seeded_sampling_repeats(spec, 20)
 
 
 def test_kv_budget_counts_the_draft_s_blocks(plain: LLM, spec: LLM) -> None:

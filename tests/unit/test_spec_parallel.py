@@ -5,32 +5,31 @@ and some rejected; rank 0 alone proposes (a draft model runs whole on it) and sa
 sampling repeats.
 
 The target is a tiny random Llama of 2 layers (a stage each), the draft that Llama with noise
-on its weights (as in test_spec_draft_model.py)."""
+on its weights: test_spec_draft_model.py's models, prompts and engine settings."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from pagoda.engine import LLM, SamplingParams
+from pagoda.engine import LLM
 from pagoda.engine.config import EngineConfig, ParallelConfig
 from pagoda.engine.distributed.tensor_parallel import SINGLE
 from pagoda.engine.spec_decode.draft_model import DraftModelProposer
-from tests.unit.test_spec_draft_model import drafting_always
+from tests.unit.test_spec_draft_model import (
+    ENGINE,
+    GREEDY,
+    PROMPTS,
+    K,
+    _ids,
+    check_seeded_sampling_repeats,
+    drafting_always,
+    target_and_draft,
+)
 from tests.unit.test_spec_engine import Drafts
 
-K = 3
-PROMPTS = [
-    "The quick brown fox jumps over the lazy dog. The quick brown",
-    "abcabcabcabc abcabcabcabc abcabcabcabc abc",
-    "Once upon a time there was a tiny model that",
-]
-GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-ENGINE: dict[str, Any] = {"kv_cache_memory": 1 << 21, "max_model_len": 256, "dtype": "float32"}
 NGRAM: dict[str, Any] = {
     "method": "ngram",
     "num_speculative_tokens": K,
@@ -44,25 +43,7 @@ CASES = [("ngram", "tp"), ("draft_model", "tp"), ("draft_model", "pp")]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """(target, draft) directories: the draft is the target with noise on every weight."""
-    from tests.tiny_models import make_tiny_model, save_tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("spec_parallel")
-    target, draft = root / "target", root / "draft"
-    target.mkdir()
-    draft.mkdir()
-    model, _ = make_tiny_model("llama", target)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
-    model.save_pretrained(str(draft))
-    save_tiny_tokenizer(Path(draft))
-    return str(target), str(draft)
-
-
-def _ids(results: list[Any]) -> list[list[int]]:
-    return [c.token_ids for r in results for c in r.outputs]
+    return target_and_draft(tmp_path_factory.mktemp("spec_parallel"))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +59,7 @@ def spec(request: pytest.FixtureRequest, models: tuple[str, str]) -> Iterator[LL
         NGRAM if method == "ngram" else {"method": method, "model": models[1], "num_speculative_tokens": K}
     )
     size: dict[str, Any] = {"tensor_parallel_size" if split == "tp" else "pipeline_parallel_size": 2}
-    llm = LLM(models[0], speculative_config=config, collective_timeout_s=20.0, device="cpu", **size, **ENGINE)
+    llm = LLM(models[0], speculative_config=config, collective_timeout_s=20.0, **size, **ENGINE)
     if method == "draft_model":  # a draft as big as its target never pays: keep it drafting anyway
         drafting_always(llm)
     try:
@@ -108,11 +89,7 @@ def test_greedy_equals_one_rank_without_speculation(spec: LLM, want: list[list[i
 
 
 def test_seeded_sampling_repeats(spec: LLM) -> None:
-    params = SamplingParams(max_tokens=12, temperature=0.1, top_p=0.95, seed=11, ignore_eos=True)
-    before = spec.engine.counters()
-    first, second = (_ids(spec.generate(PROMPTS, params, use_tqdm=False)) for _ in range(2))
-    assert first == second
-    assert Drafts.since(before, spec.engine.counters()).accepted > 0
+    check_seeded_sampling_repeats(spec, 12)
 
 
 def test_the_config_takes_speculation_with_either_split() -> None:
