@@ -17,11 +17,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # then go to a directory of this run (a user's cache is neither read nor written)
 os.environ.setdefault("PAGODA_COMPILE", "off")
 os.environ.setdefault("PAGODA_COMPILE_CACHE", tempfile.mkdtemp(prefix="pagoda-compiled-"))
-# one inductor cache for the whole run, fresh like the run's graphs: every compile of a test (in
-# this process, a server's background compile, a second start) reuses the C++ kernels an earlier
-# one built (building them is most of a first compile; the tiny models share many), while pagoda's
-# own graph cache stays per test, so each test still compiles, saves and loads its graphs
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.environ["PAGODA_COMPILE_CACHE"], "inductor"))
 if not torch.cuda.is_available():  # Triton kernels run under its interpreter (must precede their import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

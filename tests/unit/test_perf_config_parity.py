@@ -15,10 +15,9 @@ HF's argmax up to that tolerance. The tolerances are measured, with the deviatio
 bug causes beside them, in each test's docstring.
 
 The model is the tiny random Llama of tests/tiny_models.py with one decoder layer: the compile
-(two graphs per engine) is most of each test's time, and the two engines share the run's inductor
-cache (tests/conftest.py: fresh each run) with the other compiles (the module alone took 1-2.5 min
-on 2 cores busy with other jobs). The CPU's bf16 support decides the path, not the verdict: with
-native bf16 (AVX512-BF16, AMX) the engine's linears are oneDNN-packed
+(two graphs per engine) is most of each test's time, and the two engines share one inductor cache
+(the module took 1-2.5 min on 2 cores busy with other jobs). The CPU's bf16 support decides the
+path, not the verdict: with native bf16 (AVX512-BF16, AMX) the engine's linears are oneDNN-packed
 (pagoda.engine.runner.onednn_linear), elsewhere they run as emulated bf16 F.linear, which the tiny
 model keeps to seconds."""
 
@@ -45,6 +44,13 @@ PROMPTS = [
 NEW = 32
 LAYERS = 1
 ATOL = 0.1  # in log-prob: measured and justified in the tests' docstrings
+
+
+@pytest.fixture(scope="module")
+def inductor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One fresh inductor cache for this module: its two engines share the kernels they have in
+    common, and no entry of another run is read."""
+    return tmp_path_factory.mktemp("inductor")
 
 
 def _compiled_llm(path: Path, **kw: Any) -> LLM:
@@ -85,13 +91,16 @@ def _assert_tracks_hf(hf: Any, outputs: list[CompletionOutput], atol: float) -> 
 
 
 @pytest.mark.slow
-def test_bf16_compiled_tracks_hf_bf16(tmp_path: Path) -> None:
+def test_bf16_compiled_tracks_hf_bf16(
+    tmp_path: Path, inductor_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`--dtype bfloat16 --compile` against HF in bf16 on the same bf16 weights. Tolerance 0.1 in
     log-prob (ATOL): bf16 keeps 8 mantissa bits, so each rounding moves a logit of magnitude ~3 by
     up to 0.006, and the two stacks round in different places (oneDNN or F.linear and inductor's
     fused loops against HF's eager ops). Measured over 3 prompts x 32 steps x 260 tokens: at most
     0.047 on an AVX512-BF16 EPYC (oneDNN-packed linears), 0.039 with ATen, inductor and oneDNN
     held to AVX2 (no packing). A 5% error in the compiled decode's attention scale gives 0.13-0.16."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_dir))
     hf, _ = make_tiny_model("llama", tmp_path, dtype=torch.bfloat16, num_layers=LAYERS)
     llm = _compiled_llm(tmp_path)
     packed = isinstance(llm.engine.model.layers[0].mlp.gate_up_proj, OneDnnLinear)
@@ -100,7 +109,9 @@ def test_bf16_compiled_tracks_hf_bf16(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_int4_compiled_tracks_hf_on_its_dequantized_weights(tmp_path: Path) -> None:
+def test_int4_compiled_tracks_hf_on_its_dequantized_weights(
+    tmp_path: Path, inductor_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`--dtype bfloat16 --quantization int4 --compile` (as docs/perf.md runs it: `auto` is bf16
     on its machine) against HF in fp32 holding the engine's weights: the int4 linears' and the
     int8 LM head's `dequantized_weight()`, the norms and embeddings as the engine rounded them to
@@ -108,6 +119,7 @@ def test_int4_compiled_tracks_hf_on_its_dequantized_weights(tmp_path: Path) -> N
     rows. Tolerance ATOL as above; measured at most 0.040 on the AVX512-BF16 EPYC, 0.059 held to
     AVX2 (no VNNI: the head quantizes activations to 7 bits). Int4 scales 2% off in the kernel give
     0.16-0.21, a 5% error in the compiled attention scale 0.14-0.20."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_dir))
     hf, _ = make_tiny_model("llama", tmp_path, num_layers=LAYERS)
     llm = _compiled_llm(tmp_path, quantization="int4")
     model = llm.engine.model
