@@ -138,7 +138,11 @@ def test_each_request_is_answered_by_its_model_then_a_lost_model_is_503(fleet: d
     assert httpx.get(f"{fleet['base']}/health/ready").status_code == 200  # the gateway still serves
 
 
-SPEC_TOKENS = 16  # long enough for two of PROMPTS at once to outgrow w-alpha's 22 blocks of 4 tokens
+# Two of PROMPTS (~35 tokens) with 40 more each need 38 of w-alpha's 22 blocks of 4 tokens (one alone
+# fits in 19), and 40 steps keep the four requests of one completion running together even when the
+# services, loaded by the rest of the suite, hand them to the worker up to a second or two apart (at
+# 16 tokens every run saw exactly one preemption, too close to none; at 40, four)
+SPEC_TOKENS = 40
 _COUNTERS = {
     "drafted": "vllm:spec_decode_num_draft_tokens_total",
     "accepted": "vllm:spec_decode_num_accepted_tokens_total",
