@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from pagoda.engine import LLM, SamplingParams
+from pagoda.engine.config import cpu_flags
 from pagoda.engine.outputs import TokenLogprob
+from pagoda.engine.quantization.linear import native_kernels
+
+# How far a row-parallel layer's quantized math may move log-probs (each rank rounds its partial
+# sum's activations on its own). pagoda's kernels take 16-bit activations; torch's Q8_0 path rounds
+# them to bf16 (0.037 seen on an AVX2-only EPYC); fbgemm's int8 activations are 7 bits without VNNI.
+SPLIT_Q8_0_TOL = 2e-3 if native_kernels() else 0.05
+INT8_TOL = 0.05 if cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} else 0.1
 
 PROMPTS = [[1, 2, 3, 4, 5], list(range(40, 75))]  # a short prompt and one of three KV blocks
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=1)
@@ -84,7 +92,8 @@ def test_two_ranks_give_one_ranks_greedy_tokens(
         assert two.engine.num_blocks == kv_split * one_blocks  # a rank's block holds its heads only
         assert tp_tokens == tokens
         for got, want in zip(tp_logprobs, logprobs, strict=True):
-            assert [g.logprob for g in got] == pytest.approx([w.logprob for w in want], abs=2e-3)
+            tol = SPLIT_Q8_0_TOL if name == "gguf-q8_0" else 2e-3
+            assert [g.logprob for g in got] == pytest.approx([w.logprob for w in want], abs=tol)
     finally:
         two.engine.close()
     assert follower.wait(10) == 0  # SHUTDOWN: it left on its own
@@ -105,4 +114,4 @@ def test_int8_quantized_at_load_shards_too(models: dict[str, Path]) -> None:
     for g, w in zip(got, want, strict=True):
         common = set(g[0].top) & set(w[0].top)
         assert len(common) >= 3, (g, w)
-        assert [g[0].top[t] for t in common] == pytest.approx([w[0].top[t] for t in common], abs=0.05)
+        assert [g[0].top[t] for t in common] == pytest.approx([w[0].top[t] for t in common], abs=INT8_TOL)
