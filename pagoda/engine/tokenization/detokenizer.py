@@ -48,13 +48,15 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
-        context = self._keep(list(prompt_token_ids[-(_PROMPT_CONTEXT + 2) :]))
+        self.text = ""  # all output text emitted so far
+        # byte-level vocabularies: the output's bytes through one incremental UTF-8 decoder, which
+        # needs no window of the prompt's tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if _byte_level(tokenizer) else None
+        tail = [] if self._utf8 is not None else list(prompt_token_ids[-(_PROMPT_CONTEXT + 2) :])
+        context = self._keep(tail)
         self._tokens: list[str] = tokenizer.convert_ids_to_tokens(context) if context else []
         self._read_offset = len(self._tokens)
         self._prefix_offset = max(self._read_offset - _PROMPT_CONTEXT, 0)
-        self.text = ""  # all output text emitted so far
-        # byte-level vocabularies: the output's bytes through one incremental UTF-8 decoder
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if _byte_level(tokenizer) else None
 
     def _keep(self, ids: list[int]) -> list[int]:
         if not self._skip_special:
