@@ -17,7 +17,11 @@ from tests.polling import block_until
 from tests.processes import AMQP, REDIS, Proc, free_port, wait_ready
 
 ENGINE = ["--dtype", "float32", "--kv-cache-memory", "512MiB", "--max-model-len", "2048"]
-SPEC = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}'
+# adaptive off: w2 drafts up to k every step, so the few copying streams it gets are sure to draft
+SPEC = (
+    '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3,'
+    ' "adaptive": false}'
+)
 
 
 def _name(proc: Proc) -> str:

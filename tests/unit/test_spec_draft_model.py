@@ -55,15 +55,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 def spec_config(draft: str) -> dict[str, Any]:
-    return {"method": "draft_model", "model": draft, "num_speculative_tokens": K}
-
-
-def drafting_always(llm: LLM) -> LLM:
-    """`llm` with its adaptive draft policy off: a draft as big as its target never pays (the
-    policy counts the draft's forwards and stops drafting), but these tests need drafts every step."""
-    assert llm.engine.spec is not None and llm.engine.spec.speculation.policy is not None
-    llm.engine.spec.speculation.policy = None
-    return llm
+    """The draft model's config with the adaptive policy off: a draft as big as its target never
+    pays (the policy counts the draft's forwards and stops drafting), but these tests need drafts
+    every step."""
+    return {"method": "draft_model", "model": draft, "num_speculative_tokens": K, "adaptive": False}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +68,7 @@ def plain(models: tuple[str, str]) -> LLM:
 
 @pytest.fixture(scope="module")
 def spec(models: tuple[str, str]) -> LLM:
-    return drafting_always(LLM(models[0], speculative_config=spec_config(models[1]), **ENGINE))
+    return LLM(models[0], speculative_config=spec_config(models[1]), **ENGINE)
 
 
 def _ids(results: list[Any]) -> list[list[int]]:
@@ -138,14 +133,8 @@ def test_greedy_equal_with_prefix_hits_n_and_batched_drafts(plain: LLM, spec: LL
 
 
 def test_greedy_equal_under_preemption(models: tuple[str, str], plain: LLM) -> None:
-    small = drafting_always(
-        LLM(
-            models[0],
-            speculative_config=spec_config(models[1]),
-            num_blocks=8,
-            max_model_len=128,
-            dtype="float32",
-        )
+    small = LLM(
+        models[0], speculative_config=spec_config(models[1]), num_blocks=8, max_model_len=128, dtype="float32"
     )
     before = small.engine.counters()
     got = _ids(small.generate(PROMPTS, GREEDY, use_tqdm=False))
@@ -158,7 +147,7 @@ def test_greedy_equal_under_preemption(models: tuple[str, str], plain: LLM) -> N
 def test_the_adaptive_policy_counts_the_draft_s_forwards(models: tuple[str, str], plain: LLM) -> None:
     """With the policy on, the draft model's proposals are timed: a draft token's cost in target
     rows is measured (positive), and greedy output is still the target's."""
-    llm = LLM(models[0], speculative_config=spec_config(models[1]), **ENGINE)
+    llm = LLM(models[0], speculative_config={**spec_config(models[1]), "adaptive": True}, **ENGINE)
     assert llm.engine.spec is not None
     policy = llm.engine.spec.speculation.policy
     assert policy is not None and policy.draft_rows() == 0.0
@@ -178,6 +167,10 @@ def check_seeded_sampling_repeats(spec: LLM, max_tokens: int) -> None:
 
 def test_seeded_sampling_repeats(spec: LLM) -> None:
     check_seeded_sampling_repeats(spec, 20)
+
+
+def test_the_adaptive_key_turns_the_policy_off(spec: LLM) -> None:
+    assert spec.engine.spec is not None and spec.engine.spec.speculation.policy is None
 
 
 def test_kv_budget_counts_the_draft_s_blocks(plain: LLM, spec: LLM) -> None:

@@ -68,6 +68,7 @@ def test_draft_model_and_self_speculation_parse() -> None:
             {"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 1},
             "disable_by_batch_size must be >= 2, got 1",
         ),
+        ({"method": "ngram", "num_speculative_tokens": 2, "adaptive": 0}, "adaptive must be true or false"),
         (
             {"method": "eagle", "num_speculative_tokens": 2},
             "'eagle' is not one of ngram, draft_model, layer_skip",

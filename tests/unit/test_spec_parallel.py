@@ -25,7 +25,7 @@ from tests.unit.test_spec_draft_model import (
     K,
     _ids,
     check_seeded_sampling_repeats,
-    drafting_always,
+    spec_config,
     target_and_draft,
 )
 from tests.unit.test_spec_engine import Drafts
@@ -55,13 +55,9 @@ def want(models: tuple[str, str]) -> list[list[int]]:
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
 def spec(request: pytest.FixtureRequest, models: tuple[str, str]) -> Iterator[LLM]:
     method, split = request.param
-    config = (
-        NGRAM if method == "ngram" else {"method": method, "model": models[1], "num_speculative_tokens": K}
-    )
+    config = NGRAM if method == "ngram" else spec_config(models[1])
     size: dict[str, Any] = {"tensor_parallel_size" if split == "tp" else "pipeline_parallel_size": 2}
     llm = LLM(models[0], speculative_config=config, collective_timeout_s=20.0, **size, **ENGINE)
-    if method == "draft_model":  # a draft as big as its target never pays: keep it drafting anyway
-        drafting_always(llm)
     try:
         yield llm
     finally:

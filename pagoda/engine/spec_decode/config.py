@@ -6,6 +6,8 @@
 Defaults follow vLLM's SpeculativeConfig: n-gram lookup sizes both 5 when neither is given, the
 missing one equal to the other when one is; `"model": "ngram"` (or `"[ngram]"`) with no method
 means n-gram; a model with no method means a draft model; `disable_by_batch_size` must be >= 2.
+`adaptive` (pagoda's own key, default true) lets the adaptive policy choose each sequence's drafts;
+false proposes up to k every step, as vLLM does.
 Unlike vLLM, `num_speculative_tokens` is always required (pagoda does not read it from a draft
 checkpoint), and keys vLLM accepts but pagoda does not read are refused by name rather than ignored.
 """
@@ -37,6 +39,8 @@ class SpeculativeConfig:
     model: the draft checkpoint (draft_model only).
     disable_by_batch_size: no speculation in a step with more running sequences than this
       (None: never turned off by batch size).
+    adaptive: whether each sequence gets only the drafts that pay (`adaptive.AdaptivePolicy`);
+      False: up to k drafts every step, as vLLM proposes.
     """
 
     method: SpecMethod
@@ -45,6 +49,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None
     model: str | None = None
     disable_by_batch_size: int | None = None
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -52,6 +57,8 @@ class SpeculativeConfig:
         _check_int("num_speculative_tokens", self.num_speculative_tokens, minimum=1)
         if self.disable_by_batch_size is not None:
             _check_int("disable_by_batch_size", self.disable_by_batch_size, minimum=2)
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"adaptive must be true or false, got {self.adaptive!r}")
         if self.method == "ngram":
             self._check_ngram()
         else:

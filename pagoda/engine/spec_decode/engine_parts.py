@@ -48,11 +48,12 @@ class SpecParts:
         if config is None:
             return None
         metrics = SpecDecodeMetrics(config.num_speculative_tokens)
+        k = config.num_speculative_tokens
         return cls(
             Speculation(
                 config,
                 draft if draft is not None else make_proposer(config, max_model_len),
-                AdaptivePolicy.for_device(device.type, config.num_speculative_tokens),
+                AdaptivePolicy.for_device(device.type, k) if config.adaptive else None,
             ),
             RejectionSampler(vocab_size, eos_token_ids, device, metrics),
             metrics,
