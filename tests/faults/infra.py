@@ -106,7 +106,7 @@ class PrivateRabbit:
     """A RabbitMQ node of its own (name, AMQP and distribution ports, data directory), started with
     the system's `rabbitmq-server` (which runs it as the rabbitmq user when started by root) and
     stopped with `rabbitmqctl stop`: a real broker restart. Its data directory persists across a
-    restart, as a deployed broker's does, so durable queues and persistent messages survive."""
+    restart, as a deployed broker's does, so durable queues survive (pagoda's messages are transient)."""
 
     def __init__(self, amqp_port: int, dist_port: int) -> None:
         for exe in ("rabbitmq-server", "rabbitmqctl"):

@@ -95,9 +95,9 @@ async def bus(new_bus: NewBus) -> Bus:
 async def test_amqp_work_queue_is_durable_and_keeps_messages_until_a_consumer_comes(
     new_bus: NewBus, qname: QName
 ) -> None:
-    """What a broker restart needs (tests/faults/test_restarts.py restarts one): the queue is
-    durable and its messages persistent; and a message published while no consumer runs, by a
-    connection that is gone since, is delivered to the next consumer."""
+    """The queue is durable (its declaration outlives a broker restart) and its messages transient
+    (a restart drops them: AmqpBus's docstring says why); a message published while no consumer
+    runs, by a connection that is gone since, is delivered to the next consumer."""
     queue = qname("durable")
     publisher = await new_bus()
     await publisher.declare_work_queue(queue)
@@ -112,7 +112,7 @@ async def test_amqp_work_queue_is_durable_and_keeps_messages_until_a_consumer_co
         declared = await channel.declare_queue(queue, passive=True)
         assert declared.declaration_result.message_count == 1
         incoming = await declared.get(timeout=5)
-        assert incoming is not None and incoming.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert incoming is not None and incoming.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
         await incoming.nack(requeue=True)
     consumer, got = await new_bus(), list[Delivery]()
 

@@ -59,8 +59,8 @@ class TokenizerService:
     async def start(self) -> None:
         await self.bus.declare_work_queue(self.queue)
         await self.bus.declare_work_queue(self.queues.schedule)
-        # Each request waits on a confirmed publish to a durable queue (fsynced): handle many at
-        # once, or the round trips cap the whole cluster at a few dozen requests a second.
+        # Each request waits on a confirmed publish (a round trip to the broker): handle many at
+        # once, or the round trips cap the whole cluster at a few hundred requests a second.
         self._sub = await self.bus.consume(
             self.queue, self._on_message, prefetch=CONCURRENCY * 2, concurrency=CONCURRENCY
         )

@@ -58,8 +58,9 @@ class Bus(ABC):
       connection, each get distinct messages, dealt round-robin among those with prefetch room.
     - A reply queue (`declare_reply_queue`) is exclusive to the bus that declared it (only it may
       consume; anyone may publish to it) and is deleted when that bus closes.
-    - `publish` returns once the broker has the message (publisher confirms; persistent delivery)
-      and raises `QueueNotFoundError` when no queue has that name.
+    - `publish` returns once the broker has the message (publisher confirms) and raises
+      `QueueNotFoundError` when no queue has that name. Messages live as long as the broker runs:
+      a broker restart drops those queued (every gateway's open requests end with a 503 then).
     - One subscription hands its messages to its handler one at a time, in delivery order, unless
       `consume(..., concurrency=n)` lets up to n handlers run at once (started in delivery order,
       finishing in any; for handlers that wait on round trips and need no order). Either way a

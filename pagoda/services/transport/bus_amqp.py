@@ -1,4 +1,5 @@
-"""The RabbitMQ bus (aio-pika): durable work queues, exclusive reply queues, publisher confirms."""
+"""The RabbitMQ bus (aio-pika): durable work queues, exclusive reply queues, transient messages,
+publisher confirms."""
 
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class _AmqpSubscription(Subscription):
         try:
             await incoming.ack(multiple=multiple)
         except Exception as exc:  # the channel dropped: the broker redelivers it
-            logger.warning("queue %s: ack failed (%r); the message will be redelivered", self.queue.name, exc)
+            logger.warning("queue %s: ack failed (%r); the broker redelivers it", self.queue.name, exc)
 
     async def cancel(self) -> None:
         if self not in self.bus._subscriptions:
@@ -119,6 +120,13 @@ class AmqpBus(Bus):
     comes back as `QueueNotFoundError` within the same round trip. Each subscription gets its own
     channel (its own prefetch). Declarations and `queue_depth` use short-lived channels, so a refused
     declaration never closes the publishing channel.
+
+    Messages are transient (delivery mode 1): the broker keeps them in memory only. A persistent
+    message would outlive a broker restart, but nobody could use it: the restart closes every
+    gateway's connection, and a gateway ends the requests it had open then with a 503 (its reply
+    queue went with the connection), so a request message kept over the restart would only run a
+    request nobody waits for. Persistence cost the broker about half its CPU per request (the
+    message store's writes) and slowed each confirm (docs/perf-history.md).
     """
 
     def __init__(self, url: str, publish_retry_s: float = 10.0) -> None:
@@ -210,7 +218,7 @@ class AmqpBus(Bus):
         from pamqp.commands import Basic
 
         assert self._publisher is not None, "AmqpBus used before connect()"
-        properties = Basic.Properties(delivery_mode=2, headers=dict(headers) if headers else {})  # persistent
+        properties = Basic.Properties(delivery_mode=1, headers=dict(headers) if headers else {})
         body = bytes(body)
         # While the connection is down (the broker restarts), retry with backoff until it is back or
         # `publish_retry_s` has passed. A retried message may arrive twice; consumers dedup.
