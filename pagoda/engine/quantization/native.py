@@ -84,7 +84,7 @@ def _load() -> None:
     start = time.monotonic()
     cpp_extension.load(
         name=name,
-        sources=[str(p) for p in SOURCES],
+        sources=[str(p) for p in _copied_sources(directory)],
         extra_cflags=CFLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
@@ -94,6 +94,21 @@ def _load() -> None:
     if fresh:
         logger.info("built pagoda's CPU kernels in %.0f s", time.monotonic() - start)
     _register_fake()
+
+
+def _copied_sources(directory: Path) -> list[Path]:
+    """The sources, copied into the build directory: its build file names them by path, so a build
+    from another checkout of the same sources (a second clone, a git worktree) would otherwise
+    rebuild the shared directory for its own paths."""
+    src = directory / "src"
+    src.mkdir(exist_ok=True)
+    for path in CSRC.iterdir():
+        data, copy = path.read_bytes(), src / path.name
+        if not copy.exists() or copy.read_bytes() != data:
+            partial = src / f".{path.name}.{os.getpid()}"
+            partial.write_bytes(data)
+            partial.replace(copy)  # atomic: a concurrent build never reads half a file
+    return [src / p.name for p in SOURCES]
 
 
 def _register_fake() -> None:
