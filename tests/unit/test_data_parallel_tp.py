@@ -79,7 +79,7 @@ def test_the_flags_combine_and_what_cannot_split_is_refused() -> None:
     )
     check_expert_split(_moe(8), 2, 2)  # 2 experts a rank
     check_expert_split(_moe(6), 2, 1)  # data parallel alone: 3 a rank
-    with pytest.raises(ValueError, match="--data-parallel-size 2 x --tensor-parallel-size 2 splits the experts"):
+    with pytest.raises(ValueError, match="-size 2 x --tensor-parallel-size 2 splits the experts over 4"):
         check_expert_split(_moe(6), 2, 2)
     with pytest.raises(ValueError, match="--data-parallel-size 4 splits the experts over 4 ranks"):
         check_expert_split(_moe(6), 4, 1)
