@@ -1,21 +1,24 @@
 """Data-parallel attention with expert parallelism for mixture-of-experts models
-(`--data-parallel-size N --enable-expert-parallel`, vLLM's meanings).
+(`--data-parallel-size N --enable-expert-parallel`, with `--tensor-parallel-size M` or not: vLLM's
+meanings).
 
 Each data-parallel rank is an engine of its own: its own step scheduler and KV cache, attention
-weights whole, and 1/N of each MoE layer's experts; a server registers each as a worker of its own
-(own queue, heartbeat, load and prefix blocks). The ranks meet at the MoE layers only: each layer
-gathers every rank's tokens (`DataParallelRoute.dispatch`: the rows padded to the longest, one
-all-gather; the row counts, one all-gather, at a round's first MoE layer), runs its experts over
-the tokens routed to them, and one all-reduce sums the contributions, of which each rank keeps its
-own rows (`combine`).
+weights whole (or sharded over its M tensor-parallel ranks, whose followers its rank 0 starts and
+drives as launcher.py does for any engine), and 1/(N*M) of each MoE layer's experts on each of its
+ranks; a server registers each as a worker of its own (own queue, heartbeat, load and prefix
+blocks). The engines meet at the MoE layers only (data_parallel_group.py: the groups' layout): each
+layer gathers every engine's tokens (`DataParallelRoute.dispatch`: the rows padded to the longest,
+one all-gather; the row counts, one all-gather, at a round's first MoE layer), runs its experts
+over the tokens routed to them, and one all-reduce sums the contributions, of which each rank
+keeps its engine's rows (`combine`).
 
 Every rank must make the same collectives, so the engines step in rounds (`DataParallelEngineCore`,
-as vLLM's DP engine cores): a round opens with an all-reduce of "I have work"; when no rank has,
-the wave ends and the engines sleep; otherwise every rank steps, and a rank with nothing to run (or
-whose step ran no model call) runs its MoE layers over an empty batch (`_dummy_pass`), serving the
-others' tokens. A rank that gets a request while the wave is over wakes the others
-(`WaveCoordinator`: the engines of one process). The ranks are threads of one process (one model
-replica each) and meet through gloo groups, as ranks of several processes would.
+as vLLM's DP engine cores): a round opens with an all-reduce of "I have work"; when no engine has,
+the wave ends and the engines sleep; otherwise every engine steps, and one with nothing to run (or
+whose step ran no model call) runs its MoE layers over an empty batch (`_dummy_pass`, its followers
+too), serving the others' tokens. An engine that gets a request while the wave is over wakes the
+others (`WaveCoordinator`: the engines of one process). The engines' rank 0s are threads of one
+process (one model replica each) and meet through gloo groups, as ranks of several processes would.
 """
 
 from __future__ import annotations
@@ -141,7 +144,11 @@ def build_data_parallel_cores(
         cores = list(pool.map(build, range(size)))
     coordinator.cores = cores
     cores[0].store = store  # type: ignore[attr-defined]  # kept alive with the engines
-    logger.info("data parallel: %d engines, experts split across them (gloo)", size)
+    tp = config.parallel.tensor_parallel_size
+    logger.info(
+        "data parallel: %d engines%s, experts split across their %d ranks (gloo)",
+        size, f" of {tp} tensor-parallel ranks" if tp > 1 else "", size * tp,
+    )  # fmt: skip
     return cores
 
 
