@@ -20,6 +20,7 @@ each adds its part to its engine's rows before that all-reduce, which sums the p
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -59,7 +60,7 @@ class DataParallelGroup:
 
     def join_experts(self, tp_rank: int, tp_size: int, timeout: timedelta) -> None:
         """Meet every engine's every tensor-parallel rank in the expert-parallel group (a
-        collective: all N*M ranks call it once their engine's tensor-parallel groups are made)."""
+        collective: all N*M ranks call it once they have met, `meet_all`)."""
         self.tp_rank, self.tp_size = tp_rank, tp_size
         if tp_size > 1:
             prefix = dist.PrefixStore("ep", self.store)
@@ -107,12 +108,30 @@ class DataParallelGroup:
         return x
 
 
+def meet_all(
+    store: Any, rank: int, size: int, wait_s: float, check: Callable[[], None] | None = None
+) -> None:
+    """Wait until all `size` ranks of the engines (rank: d*M + t) are here, up to `wait_s` (their
+    processes start at their own pace), calling `check` (raising for a rank that died) meanwhile:
+    the gloo groups made next then meet within their collective timeout."""
+    store.set(f"met/{rank}", "1")
+    keys = [f"met/{r}" for r in range(size)]
+    deadline = time.monotonic() + wait_s
+    while not store.check(keys):
+        if check is not None:
+            check()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the data-parallel engines' ranks did not all start within {wait_s:.0f}s")
+        time.sleep(0.05)
+
+
 def join_follower(
-    store: Any, rank: int, size: int, tp_rank: int, tp_size: int, timeout: timedelta
+    store: Any, rank: int, size: int, tp_rank: int, tp_size: int, timeout: timedelta, wait_s: float
 ) -> DataParallelGroup:
     """A tensor-parallel follower's place: the group of tensor-parallel rank `tp_rank` in every
     engine, then the expert-parallel group (the engines' rank 0s meet theirs in data_parallel.py
     and launcher.py)."""
+    meet_all(store, rank * tp_size + tp_rank, size * tp_size, wait_s)
     group = dist.ProcessGroupGloo(dist.PrefixStore(f"dp-tp{tp_rank}", store), rank, size, timeout)
     dp = DataParallelGroup(rank, size, group, store=store)
     dp.join_experts(tp_rank, tp_size, timeout)

@@ -130,7 +130,7 @@ def _join_data_parallel(spec: FollowerSpec, timeout: timedelta) -> DataParallelG
     if size == 1:
         return None
     store = dist.TCPStore("127.0.0.1", spec.dp_port, size, False, timedelta(seconds=LOAD_TIMEOUT_S))
-    return join_follower(store, spec.dp_rank, size, spec.rank, spec.size, timeout)
+    return join_follower(store, spec.dp_rank, size, spec.rank, spec.size, timeout, LOAD_TIMEOUT_S)
 
 
 def main() -> int:

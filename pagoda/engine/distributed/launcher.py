@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from pagoda.engine.config import EngineConfig
-from pagoda.engine.distributed.data_parallel_group import DataParallelGroup
+from pagoda.engine.distributed.data_parallel_group import DataParallelGroup, meet_all
 from pagoda.engine.distributed.moe_checks import check_expert_split
 from pagoda.engine.distributed.protocol import Channel, Command, StepInputs, meta_to
 from pagoda.engine.distributed.sharding import check_tensor_parallel
@@ -153,6 +153,7 @@ class TensorParallelRanks:
         self.channel = channel = Channel(control)
         dp = self.data_parallel
         if dp is not None:  # every engine's every rank: the experts' group
+            meet_all(dp.store, dp.rank * size, dp.size * size, LOAD_TIMEOUT_S, self.check)
             dp.join_experts(0, size, timeout)
         leader, ep = _Leader(channel, model_group), spec.config.parallel.enable_expert_parallel
         self.tp = TensorParallel(0, size, model_group, leader, self.shm, expert_parallel=ep, data_parallel=dp)
