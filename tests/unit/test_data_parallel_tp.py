@@ -1,12 +1,14 @@
 """Data-parallel engines of tensor-parallel ranks (`--data-parallel-size 2 --tensor-parallel-size 2
 --enable-expert-parallel`, vLLM's layout) on the CPU: two engines, each of two ranks (rank 0 a
 thread, its follower a process of its own), the experts split over all four; the greedy tokens (and
-log-probs) of one rank holding everything, with one engine idle for rounds while the other works.
-Sizes whose product does not divide the experts are refused naming the flags."""
+log-probs) of one rank holding everything, with one engine idle for rounds while the other works;
+a dead rank fails the engines within the collective timeout. Sizes whose product does not divide
+the experts are refused naming the flags."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import pytest
@@ -31,17 +33,27 @@ def _generate(llm: LLM) -> tuple[list[list[int]], list[list[float]]]:
     )
 
 
-def test_two_engines_of_two_ranks_give_one_ranks_greedy_tokens(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def qwen2_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Qwen2-MoE: 4 experts, one a rank; its shared expert split over each engine's two ranks, as
     its dense layer and attention."""
     from tests.tiny_moe_models import make_tiny_moe
 
-    make_tiny_moe("qwen2_moe", tmp_path)
-    tokens, logprobs = _generate(LLM(str(tmp_path), dtype="float32", kv_cache_memory=1 << 22))
-    llm = LLM(
-        str(tmp_path), dtype="float32", kv_cache_memory=1 << 22, data_parallel_size=2,
-        tensor_parallel_size=2, enable_expert_parallel=True, collective_timeout_s=30.0,
+    path = tmp_path_factory.mktemp("dptp")
+    make_tiny_moe("qwen2_moe", path)
+    return path
+
+
+def _dp_tp(model: Path, timeout_s: float) -> LLM:
+    return LLM(
+        str(model), dtype="float32", kv_cache_memory=1 << 22, data_parallel_size=2,
+        tensor_parallel_size=2, enable_expert_parallel=True, collective_timeout_s=timeout_s,
     )  # fmt: skip
+
+
+def test_two_engines_of_two_ranks_give_one_ranks_greedy_tokens(qwen2_moe: Path) -> None:
+    tokens, logprobs = _generate(LLM(str(qwen2_moe), dtype="float32", kv_cache_memory=1 << 22))
+    llm = _dp_tp(qwen2_moe, 30.0)
     engines = llm.engine.engines  # type: ignore[attr-defined]
     try:
         got_tokens, got_logprobs = _generate(llm)
@@ -60,6 +72,22 @@ def test_two_engines_of_two_ranks_give_one_ranks_greedy_tokens(tmp_path: Path) -
     finally:
         llm.engine.close()
     assert all(p.poll() is not None for e in engines for p in e.parallel.procs)  # the followers left
+
+
+def test_a_dead_follower_fails_the_engines_within_the_collective_timeout(qwen2_moe: Path) -> None:
+    """Engine 1's follower is killed: engine 0, whose MoE layers wait for its experts, fails after
+    --distributed-timeout rather than hanging; closing ends what is left."""
+    llm = _dp_tp(qwen2_moe, 2.0)
+    engines = llm.engine.engines  # type: ignore[attr-defined]
+    try:
+        engines[1].parallel.procs[0].kill()
+        start = time.monotonic()
+        with pytest.raises(RuntimeError):
+            _generate(llm)
+        assert time.monotonic() - start < 15
+    finally:
+        llm.engine.close()
+    assert all(p.poll() is not None for e in engines for p in e.parallel.procs)
 
 
 def _moe(num_experts: int) -> ModelArchConfig:
