@@ -8,6 +8,7 @@ the experts are refused naming the flags."""
 from __future__ import annotations
 
 import argparse
+import subprocess
 import time
 from pathlib import Path
 
@@ -88,6 +89,30 @@ def test_a_dead_follower_fails_the_engines_within_the_collective_timeout(qwen2_m
     finally:
         llm.engine.close()
     assert all(p.poll() is not None for e in engines for p in e.parallel.procs)
+
+
+def test_an_engine_that_fails_to_start_stops_the_others(
+    qwen2_moe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Engine 1 cannot start its follower: engine 0, waiting for every rank before the groups
+    among the engines are made, gives up at once (not after the load timeout) and ends its own."""
+    from pagoda.engine.distributed import launcher
+
+    spawned: list[subprocess.Popen[bytes]] = []
+
+    def spawn(spec: launcher.FollowerSpec) -> subprocess.Popen[bytes]:
+        if spec.dp_rank == 1:
+            raise OSError("no follower for engine 1")
+        spawned.append(real(spec))
+        return spawned[-1]
+
+    real = launcher._spawn
+    monkeypatch.setattr(launcher, "_spawn", spawn)
+    start = time.monotonic()
+    with pytest.raises(OSError, match="no follower for engine 1"):
+        _dp_tp(qwen2_moe, 30.0)
+    assert time.monotonic() - start < 30
+    assert len(spawned) == 1 and spawned[0].wait(15) is not None
 
 
 def _moe(num_experts: int) -> ModelArchConfig:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.core.engine_core import EngineCore
 from pagoda.engine.core.stats import StepStats
-from pagoda.engine.distributed.data_parallel_group import DataParallelGroup, dummy_moe_pass
+from pagoda.engine.distributed.data_parallel_group import DataParallelGroup, PeerFailed, dummy_moe_pass
 from pagoda.engine.distributed.expert_parallel import ParallelMoeBlock
 from pagoda.engine.distributed.launcher import LOAD_TIMEOUT_S, _free_port
 from pagoda.engine.distributed.tensor_parallel import CollectiveClock, TensorParallel
@@ -138,10 +138,20 @@ def build_data_parallel_cores(
         own = store if rank == 0 else dist.TCPStore("127.0.0.1", port, size, False, timedelta(seconds=60))
         group = dist.ProcessGroupGloo(dist.PrefixStore("dp", own), rank, size, timeout)
         dp = DataParallelGroup(rank, size, group, coordinator, own, port)
-        return DataParallelEngineCore(config, dp, checkpoint, **kw)
+        try:
+            return DataParallelEngineCore(config, dp, checkpoint, **kw)
+        except BaseException:
+            own.set("failed", "1")  # the others, waiting for this engine's ranks, stop too
+            raise
 
     with ThreadPoolExecutor(size, thread_name_prefix="pagoda-dp-build") as pool:
-        cores = list(pool.map(build, range(size)))
+        builds = [pool.submit(build, rank) for rank in range(size)]
+    errors = [e for e in (b.exception() for b in builds) if e is not None]
+    if errors:  # the engine that failed first, not the others that stopped for it
+        for built in (b.result() for b in builds if b.exception() is None):
+            built.close()
+        raise next((e for e in errors if not isinstance(e, PeerFailed)), errors[0])
+    cores = [b.result() for b in builds]
     coordinator.cores = cores
     cores[0].store = store  # type: ignore[attr-defined]  # kept alive with the engines
     tp = config.parallel.tensor_parallel_size

@@ -31,6 +31,10 @@ import torch.distributed as dist
 from pagoda.engine.distributed.tensor_parallel import CollectiveClock
 
 
+class PeerFailed(RuntimeError):
+    """Another engine failed as it started (its own error is the one to report)."""
+
+
 class DataParallelGroup:
     """Engine `rank` of `size`, seen from its tensor-parallel rank `tp_rank` of `tp_size`.
     `coordinator`: the engines of rank 0's process (data_parallel.py's WaveCoordinator; None on a
@@ -112,12 +116,15 @@ def meet_all(
     store: Any, rank: int, size: int, wait_s: float, check: Callable[[], None] | None = None
 ) -> None:
     """Wait until all `size` ranks of the engines (rank: d*M + t) are here, up to `wait_s` (their
-    processes start at their own pace), calling `check` (raising for a rank that died) meanwhile:
-    the gloo groups made next then meet within their collective timeout."""
+    processes start at their own pace), calling `check` (raising for a rank that died) meanwhile,
+    and raising when an engine failed to start (data_parallel.py sets "failed"): the gloo groups
+    made next then meet within their collective timeout."""
     store.set(f"met/{rank}", "1")
     keys = [f"met/{r}" for r in range(size)]
     deadline = time.monotonic() + wait_s
     while not store.check(keys):
+        if store.check(["failed"]):
+            raise PeerFailed("another data-parallel engine failed as it started")
         if check is not None:
             check()
         if time.monotonic() > deadline:
