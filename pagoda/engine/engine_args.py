@@ -356,5 +356,6 @@ def add_expert_parallel_args(g: argparse._ArgumentGroup) -> None:
         type=int,
         default=field_default(ParallelConfig, "data_parallel_size"),
         help="MoE models with --enable-expert-parallel: engines of their own (scheduler, KV cache, "
-        "worker queue), each running attention on its own batch, meeting at the MoE layers",
+        "worker queue), each running attention on its own batch (over --tensor-parallel-size ranks), "
+        "meeting at the MoE layers; the experts split over all the ranks",
     )

@@ -3,7 +3,8 @@ own scheduler and KV cache and half of every MoE layer's experts, meeting at the
 the greedy tokens (and log-probs) of one engine holding everything; offline (`LLM`) and served
 (`pagoda serve`, and `pagoda worker` over RabbitMQ and Redis: each rank a worker of its own, the
 cluster scheduler spreading requests), with a
-rank that has nothing to run serving the other's tokens through its experts."""
+rank that has nothing to run serving the other's tokens through its experts; served also as two
+engines of two tensor-parallel ranks each (test_data_parallel_tp.py has that layout offline)."""
 
 from __future__ import annotations
 
@@ -100,8 +101,10 @@ def _stack(model: Path, mode: str) -> tuple[list[Proc], str, str]:
         "--kv-cache-memory", "16MiB", "--heartbeat-interval", "0.3",
     ]  # fmt: skip
     dp = ["--data-parallel-size", "2", "--enable-expert-parallel", "--distributed-timeout", "10"]
+    if mode == "embedded-tp2":  # two engines of two ranks each, a follower process apiece
+        dp += ["--tensor-parallel-size", "2"]
     port = free_port()
-    if mode == "embedded":
+    if mode.startswith("embedded"):
         return [Proc("serve", *engine, *dp, "--port", str(port))], f"http://127.0.0.1:{port}", ""
     common = ["--bus", AMQP, "--store", REDIS, "--namespace", f"pagoda-dp-{uuid.uuid4().hex[:8]}"]
     metrics = free_port()
@@ -114,7 +117,9 @@ def _stack(model: Path, mode: str) -> tuple[list[Proc], str, str]:
     return procs, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics}"
 
 
-@pytest.mark.parametrize("mode", ["embedded", pytest.param("cluster", marks=pytest.mark.integration)])
+@pytest.mark.parametrize(
+    "mode", ["embedded", "embedded-tp2", pytest.param("cluster", marks=pytest.mark.integration)]
+)
 def test_served_ranks_are_workers_of_their_own_and_answer_as_one(tmp_path: Path, mode: str) -> None:
     """Qwen2-MoE (a shared expert, whole on each rank; a dense layer): one request alone (the
     idle rank woken to serve it), then four at once, spread over both workers."""
@@ -134,6 +139,8 @@ def test_served_ranks_are_workers_of_their_own_and_answer_as_one(tmp_path: Path,
         assert len(workers) == 2, procs[0].output()[-3000:]  # two queues, two ids
         if mode == "cluster":
             assert workers == {"d-dp0", "d-dp1"}
+        if mode == "embedded-tp2":
+            assert procs[0].output().count("tensor parallel: 2 ranks (1 followers started") == 2
 
         def ask(prompt: str) -> list[float]:
             body = {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 0}

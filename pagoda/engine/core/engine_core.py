@@ -75,8 +75,9 @@ class EngineCore(LoRAEngineMixin, SpecDecodeEngineMixin):
         self.max_model_len = validate_max_model_len(config.max_model_len, arch.max_position_embeddings)
         # --tensor-parallel-size: the other ranks, started now, load their shards as this one does
         self.parallel = start_ranks(
-            config, ckpt, self.device, self.dtype, self.quantization, self.max_model_len
-        )
+            config, ckpt, self.device, self.dtype, self.quantization, self.max_model_len,
+            self.local_rank.data_parallel,
+        )  # fmt: skip
         self.model = self._load_model(ckpt)
         self.lora = (
             LoRAManager(self.model, config.lora, self.dtype, self.device) if config.lora.enable_lora else None

@@ -13,4 +13,9 @@ Pipeline parallelism (`--pipeline-parallel-size N`) puts consecutive layers on N
 its TP ranks (`pipeline.py`: the layout and the hidden states' send/recv; `pipeline_model.py`: a
 stage's part of the model; `pipeline_ranks.py`: starting and joining the ranks). Several nodes
 (`--nnodes`) meet at node 0's rendezvous store; each other node runs only its ranks (`nodes.py`).
+
+Mixture-of-experts models split their experts whole with `--enable-expert-parallel`
+(`expert_parallel.py`); `--data-parallel-size N` runs N engines meeting at the MoE layers, each
+of `--tensor-parallel-size` ranks, the experts split over all of them (`data_parallel.py`,
+`data_parallel_group.py`).
 """

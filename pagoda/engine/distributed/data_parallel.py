@@ -1,30 +1,31 @@
 """Data-parallel attention with expert parallelism for mixture-of-experts models
-(`--data-parallel-size N --enable-expert-parallel`, vLLM's meanings).
+(`--data-parallel-size N --enable-expert-parallel`, with `--tensor-parallel-size M` or not: vLLM's
+meanings).
 
 Each data-parallel rank is an engine of its own: its own step scheduler and KV cache, attention
-weights whole, and 1/N of each MoE layer's experts; a server registers each as a worker of its own
-(own queue, heartbeat, load and prefix blocks). The ranks meet at the MoE layers only: each layer
-gathers every rank's tokens (`DataParallelRoute.dispatch`: the rows padded to the longest, one
-all-gather; the row counts, one all-gather, at a round's first MoE layer), runs its experts over
-the tokens routed to them, and one all-reduce sums the contributions, of which each rank keeps its
-own rows (`combine`).
+weights whole (or sharded over its M tensor-parallel ranks, whose followers its rank 0 starts and
+drives as launcher.py does for any engine), and 1/(N*M) of each MoE layer's experts on each of its
+ranks; a server registers each as a worker of its own (own queue, heartbeat, load and prefix
+blocks). The engines meet at the MoE layers only (data_parallel_group.py: the groups' layout): each
+layer gathers every engine's tokens (`DataParallelRoute.dispatch`: the rows padded to the longest,
+one all-gather; the row counts, one all-gather, at a round's first MoE layer), runs its experts
+over the tokens routed to them, and one all-reduce sums the contributions, of which each rank
+keeps its engine's rows (`combine`).
 
 Every rank must make the same collectives, so the engines step in rounds (`DataParallelEngineCore`,
-as vLLM's DP engine cores): a round opens with an all-reduce of "I have work"; when no rank has,
-the wave ends and the engines sleep; otherwise every rank steps, and a rank with nothing to run (or
-whose step ran no model call) runs its MoE layers over an empty batch (`_dummy_pass`), serving the
-others' tokens. A rank that gets a request while the wave is over wakes the others
-(`WaveCoordinator`: the engines of one process). The ranks are threads of one process (one model
-replica each) and meet through gloo groups, as ranks of several processes would.
+as vLLM's DP engine cores): a round opens with an all-reduce of "I have work"; when no engine has,
+the wave ends and the engines sleep; otherwise every engine steps, and one with nothing to run (or
+whose step ran no model call) runs its MoE layers over an empty batch (`_dummy_pass`, its followers
+too), serving the others' tokens. An engine that gets a request while the wave is over wakes the
+others (`WaveCoordinator`: the engines of one process). The engines' rank 0s are threads of one
+process (one model replica each) and meet through gloo groups, as ranks of several processes would.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.core.engine_core import EngineCore
 from pagoda.engine.core.stats import StepStats
+from pagoda.engine.distributed.data_parallel_group import DataParallelGroup, PeerFailed, dummy_moe_pass
 from pagoda.engine.distributed.expert_parallel import ParallelMoeBlock
 from pagoda.engine.distributed.launcher import LOAD_TIMEOUT_S, _free_port
 from pagoda.engine.distributed.tensor_parallel import CollectiveClock, TensorParallel
@@ -54,82 +56,6 @@ class WaveCoordinator:
         for core in self.cores:
             if core.dp.rank != rank:
                 core.wake()
-
-
-class DataParallelGroup:
-    """This engine's place among the data-parallel ranks: a gloo group of its own."""
-
-    def __init__(self, rank: int, size: int, group: Any, coordinator: WaveCoordinator) -> None:
-        self.rank, self.size, self.group, self.coordinator = rank, size, group, coordinator
-        self.moe_calls = 0  # MoE layers run this round (0: the round needs a dummy pass)
-        self.round = 0  # rounds stepped: every MoE layer of one round has the same row counts
-        self._counts: tuple[int, ...] = ()
-        self._counts_round = -1
-        self.served_rows = 0  # tokens the last MoE layer ran, all ranks' together
-        self.clock = CollectiveClock()
-
-    def row_counts(self, rows: int) -> tuple[int, ...]:
-        """Every rank's rows this round: gathered at the round's first MoE layer, kept for the
-        others (one forward a round: the same tokens reach every MoE layer)."""
-        if self._counts_round != self.round:
-            counts = self.all_gather(torch.tensor([rows], dtype=torch.int64))
-            self._counts, self._counts_round = tuple(int(c.item()) for c in counts), self.round
-        assert self._counts[self.rank] == rows, (self._counts, self.rank, rows)
-        return self._counts
-
-    def route(self) -> DataParallelRoute:
-        return DataParallelRoute(self)
-
-    def any_busy(self, busy: bool) -> bool:
-        """Whether any rank has work this round (every rank calls this once per round)."""
-        start = time.perf_counter()
-        flag = torch.tensor([int(busy)], dtype=torch.int64)
-        opts = dist.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.MAX  # type: ignore[assignment]
-        self.group.allreduce([flag], opts).wait()
-        self.clock.add(start)
-        return bool(flag.item())
-
-    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
-        start = time.perf_counter()
-        out = [torch.empty_like(x) for _ in range(self.size)]
-        self.group.allgather([out], [x.contiguous()]).wait()
-        self.clock.add(start)
-        return out
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        self.group.allreduce([x]).wait()
-        self.clock.add(start)
-        return x
-
-
-@dataclass
-class DataParallelRoute:
-    """ExpertRoute (expert_parallel.py) across the data-parallel ranks."""
-
-    dp: DataParallelGroup
-    counts: tuple[int, ...] = ()
-
-    def dispatch(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [sum of T, hidden]
-        dp = self.dp
-        dp.moe_calls += 1
-        self.counts = dp.row_counts(x.shape[0])
-        longest = max(self.counts)
-        dp.served_rows = sum(self.counts)
-        if longest == 0:  # every rank idle: the same on all, so all skip the gather
-            return x
-        padded = x.new_zeros(longest, x.shape[1])
-        padded[: x.shape[0]] = x
-        rows = dp.all_gather(padded)
-        return torch.cat([r[:n] for r, n in zip(rows, self.counts, strict=True)])
-
-    def combine(self, partial: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if not sum(self.counts):
-            return partial
-        self.dp.all_reduce(partial)  # the same [sum of T, hidden] layout on every rank
-        start = sum(self.counts[: self.dp.rank])
-        return partial[start : start + x.shape[0]]
 
 
 class DataParallelEngineCore(EngineCore):
@@ -167,8 +93,7 @@ class DataParallelEngineCore(EngineCore):
         if not running:
             return []  # the wave is over on every rank
         self._pending = True  # the next round, whatever this rank has
-        self.dp.moe_calls = 0
-        self.dp.round += 1
+        self.dp.begin_round()
         outputs = super().step() if busy else []
         self.served_only = self.dp.moe_calls == 0
         if self.served_only:  # no model call here: the others' tokens through our experts
@@ -178,12 +103,11 @@ class DataParallelEngineCore(EngineCore):
         assert self.dp.moe_calls == len(self.moe_blocks), (self.dp.moe_calls, len(self.moe_blocks))
         return outputs
 
-    @torch.inference_mode()
     def _dummy_pass(self) -> None:
+        if self.parallel is not None:  # this engine's tensor-parallel followers run theirs too
+            self.parallel.dummy_moe_pass()
         norm = self.model.get_parameter("norm.weight")  # never quantized: the run's dtype and device
-        empty = torch.empty(0, self.model.cfg.hidden_size, dtype=norm.dtype, device=norm.device)
-        for block in self.moe_blocks:
-            block(empty)
+        dummy_moe_pass(self.moe_blocks, norm.dtype, norm.device, self.model.cfg.hidden_size)
         self.dummy_passes += 1
         # progress for the loop and the stall watch: this rank's layers served the others' tokens
         batcher = self.batcher
@@ -207,20 +131,34 @@ def build_data_parallel_cores(
     port = _free_port()
     store = dist.TCPStore("127.0.0.1", port, size, True, timedelta(seconds=LOAD_TIMEOUT_S), False)
     coordinator = WaveCoordinator()
-    torch.set_num_threads(max(1, torch.get_num_threads() // size))  # the ranks share the cores
+    ranks = size * config.parallel.tensor_parallel_size  # they share the cores
+    torch.set_num_threads(max(1, torch.get_num_threads() // ranks))
 
     def build(rank: int) -> DataParallelEngineCore:
         own = store if rank == 0 else dist.TCPStore("127.0.0.1", port, size, False, timedelta(seconds=60))
         group = dist.ProcessGroupGloo(dist.PrefixStore("dp", own), rank, size, timeout)
-        return DataParallelEngineCore(
-            config, DataParallelGroup(rank, size, group, coordinator), checkpoint, **kw
-        )
+        dp = DataParallelGroup(rank, size, group, coordinator, own, port)
+        try:
+            return DataParallelEngineCore(config, dp, checkpoint, **kw)
+        except BaseException:
+            own.set("failed", "1")  # the others, waiting for this engine's ranks, stop too
+            raise
 
     with ThreadPoolExecutor(size, thread_name_prefix="pagoda-dp-build") as pool:
-        cores = list(pool.map(build, range(size)))
+        builds = [pool.submit(build, rank) for rank in range(size)]
+    errors = [e for e in (b.exception() for b in builds) if e is not None]
+    if errors:  # the engine that failed first, not the others that stopped for it
+        for built in (b.result() for b in builds if b.exception() is None):
+            built.close()
+        raise next((e for e in errors if not isinstance(e, PeerFailed)), errors[0])
+    cores = [b.result() for b in builds]
     coordinator.cores = cores
     cores[0].store = store  # type: ignore[attr-defined]  # kept alive with the engines
-    logger.info("data parallel: %d engines, experts split across them (gloo)", size)
+    tp = config.parallel.tensor_parallel_size
+    logger.info(
+        "data parallel: %d engines%s, experts split across their %d ranks (gloo)",
+        size, f" of {tp} tensor-parallel ranks" if tp > 1 else "", size * tp,
+    )  # fmt: skip
     return cores
 
 

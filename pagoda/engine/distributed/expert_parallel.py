@@ -11,9 +11,10 @@ Two layouts, vLLM's meanings:
   dispatch and combine: no all-to-all, since the tokens are everywhere already).
 
 A shared expert (Qwen2-MoE) is a dense gated MLP: sharded over the tensor-parallel ranks like any
-MLP in both layouts, its partial output added before the one all-reduce. With data parallelism
-(data_parallel.py) the tokens are not everywhere: `ExpertRoute.dispatch` gathers them from the
-data-parallel ranks first and `combine` hands each rank back its own rows.
+MLP in both layouts, its partial output added to this rank's tokens' rows before the one
+all-reduce. With data parallelism (data_parallel.py, data_parallel_group.py) the tokens are not
+everywhere: `ExpertRoute.dispatch` gathers them from the data-parallel engines first, the experts
+split over every engine's every rank, and `combine` hands each rank back its engine's rows.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class ExpertRoute(Protocol):
         [T, hidden] (x: this rank's tokens)."""
         ...
 
+    def own_rows(self, partial: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The rows of `partial` [T_all, hidden] that are this rank's tokens x (a view)."""
+        ...
+
 
 @dataclass(frozen=True)
 class AllReduceRoute:
@@ -54,6 +59,9 @@ class AllReduceRoute:
 
     def dispatch(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def own_rows(self, partial: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return partial
 
     def combine(self, partial: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(partial)
@@ -78,7 +86,8 @@ def moe_plan(cfg: ModelArchConfig, tp: TensorParallel) -> MoePlan | None:
     if not tp.enabled and dp is None:
         return None
     route: ExpertRoute = AllReduceRoute(tp) if dp is None else dp.route()
-    ep_rank, ep_size = (tp.rank, tp.size) if dp is None else (dp.rank, dp.size)
+    # with data parallelism the experts split over every engine's every rank (data_parallel_group.py)
+    ep_rank, ep_size = (tp.rank, tp.size) if dp is None else (dp.expert_rank, dp.expert_size)
     per = cfg.num_experts // ep_size
     i0, ni = tp.split(cfg.moe_intermediate_size)
     s0, ns = tp.split(cfg.shared_expert_intermediate_size)
@@ -110,10 +119,7 @@ class ParallelMoeBlock(nn.Module):
         partial = self._local_experts(xs, weights, ids)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # this rank's units
-            if xs is x:
-                partial = partial + shared
-            else:  # data parallel: the shared expert whole, on this rank's tokens only
-                return self.plan.route.combine(partial, x) + shared
+            self.plan.route.own_rows(partial, x).add_(shared)  # summed with the experts' parts
         return self.plan.route.combine(partial, x)
 
     def _local_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from pagoda.engine.core.model_loading import load_model
+from pagoda.engine.distributed.data_parallel_group import DataParallelGroup, dummy_moe_pass, join_follower
+from pagoda.engine.distributed.expert_parallel import ParallelMoeBlock
 from pagoda.engine.distributed.launcher import LOAD_TIMEOUT_S, FollowerSpec, join_groups
 from pagoda.engine.distributed.pipeline import sample_rows
 from pagoda.engine.distributed.protocol import Channel, Command, StepInputs
@@ -41,6 +43,8 @@ class Follower:
         norm = model.norm.weight  # never quantized: the run's device and dtype
         self.device, self.dtype = norm.device, norm.dtype
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.dp: DataParallelGroup | None = tp.data_parallel  # data-parallel engines: their MoE layers
+        self.moe_blocks = [m for m in model.modules() if isinstance(m, ParallelMoeBlock)]
 
     @torch.inference_mode()
     def run(self) -> None:
@@ -52,6 +56,9 @@ class Follower:
                 self._allocate(num_blocks=arg, block_size=payload)
             elif command is Command.FORWARD:
                 self._forward(payload)
+            elif command is Command.MOE_PASS:
+                self._begin_round()
+                dummy_moe_pass(self.moe_blocks, self.dtype, self.device, self.model.cfg.hidden_size)
             elif command is Command.LOGITS:
                 rows = torch.empty(arg, self.model.cfg.hidden_size, dtype=self.dtype, device=self.device)
                 self.model.compute_logits(self.tp.broadcast(rows))  # this rank's shard, gathered on rank 0
@@ -64,7 +71,13 @@ class Follower:
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
+    def _begin_round(self) -> None:
+        """Data-parallel engines: each model call or MoE pass is a round of rank 0's."""
+        if self.dp is not None:
+            self.dp.begin_round()
+
     def _forward(self, step: StepInputs) -> None:
+        self._begin_round()
         step = step.to(self.device)
         with prompt_rows(step.prompt_start), sample_rows(step.sample_rows):  # (a pipeline's last stage)
             self.model(step.input_ids, step.positions, self.kv_caches, step.meta, self.backend)
@@ -98,7 +111,8 @@ def serve(spec: FollowerSpec) -> None:
     store.set(f"joined/{spec.rank}", "1")
     model_group, control = join_groups(store, spec.rank, spec.size, device, timedelta(seconds=timeout_s))
     ep = config.parallel.enable_expert_parallel
-    tp = TensorParallel(spec.rank, spec.size, model_group, shm=shm, expert_parallel=ep)
+    dp = _join_data_parallel(spec, timedelta(seconds=timeout_s))
+    tp = TensorParallel(spec.rank, spec.size, model_group, shm=shm, expert_parallel=ep, data_parallel=dp)
     t0 = time.perf_counter()
     ckpt = load_checkpoint(spec.checkpoint)
     logger.debug("checkpoint opened in %.1fs", time.perf_counter() - t0)
@@ -108,6 +122,15 @@ def serve(spec: FollowerSpec) -> None:
     backend = get_backend(config.attention_backend, device, model.attention_needs)
     store.set(f"loaded/{spec.rank}", "1")
     Follower(model, backend, Channel(control), tp).run()
+
+
+def _join_data_parallel(spec: FollowerSpec, timeout: timedelta) -> DataParallelGroup | None:
+    """With --data-parallel-size: this rank's groups among the engines (data_parallel_group.py)."""
+    size = spec.config.parallel.data_parallel_size
+    if size == 1:
+        return None
+    store = dist.TCPStore("127.0.0.1", spec.dp_port, size, False, timedelta(seconds=LOAD_TIMEOUT_S))
+    return join_follower(store, spec.dp_rank, size, spec.rank, spec.size, timeout, LOAD_TIMEOUT_S)
 
 
 def main() -> int:

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 
 from pagoda.engine.config import EngineConfig
+from pagoda.engine.distributed.data_parallel_group import DataParallelGroup, meet_all
+from pagoda.engine.distributed.moe_checks import check_expert_split
 from pagoda.engine.distributed.protocol import Channel, Command, StepInputs, meta_to
 from pagoda.engine.distributed.sharding import check_tensor_parallel
 from pagoda.engine.distributed.shm_all_reduce import ShmAllReduce, shm_path
@@ -56,6 +58,9 @@ class FollowerSpec:
     max_model_len: int
     num_threads: int
     shm_path: str | None  # the shared-memory all-reduce's file (CPU ranks), or None: gloo's
+    # --data-parallel-size: this engine's rank among the engines, and their rendezvous's port (0: none)
+    dp_rank: int = 0
+    dp_port: int = 0
 
 
 def join_groups(
@@ -105,11 +110,17 @@ class TensorParallelRanks:
         dtype: torch.dtype,
         quantization: str,
         max_model_len: int,
+        data_parallel: DataParallelGroup | None = None,
     ) -> None:
+        """`data_parallel`: this engine's place among the data-parallel engines (their groups
+        have shared the cores out already), whose experts its ranks hold a share of."""
         size = config.parallel.tensor_parallel_size
         timeout = timedelta(seconds=config.parallel.collective_timeout_s)
-        threads = max(1, torch.get_num_threads() // size) if device.type == "cpu" else torch.get_num_threads()
+        threads = torch.get_num_threads()
+        if device.type == "cpu" and data_parallel is None:
+            threads = max(1, threads // size)
         torch.set_num_threads(threads)  # the ranks share the cores (threads made from now on)
+        self.data_parallel = data_parallel
         self.procs: list[subprocess.Popen[bytes]] = []
         self.channel: Channel | None = None
         self.shm: ShmAllReduce | None = None
@@ -118,9 +129,11 @@ class TensorParallelRanks:
         if device.type == "cpu" and os.environ.get("PAGODA_SHM_ALL_REDUCE", "1") != "0":
             self.shm = ShmAllReduce(shm_path(), 0, size, config.parallel.collective_timeout_s, create=True)
         shm = self.shm.path if self.shm is not None else None
+        dp_rank, dp_port = (0, 0) if data_parallel is None else (data_parallel.rank, data_parallel.port)
         spec = FollowerSpec(  # rank and port filled in by _start
-            0, size, 0, os.getpid(), checkpoint, config, dtype, quantization, max_model_len, threads, shm
-        )
+            0, size, 0, os.getpid(), checkpoint, config, dtype, quantization, max_model_len, threads, shm,
+            dp_rank, dp_port,
+        )  # fmt: skip
         try:
             self._start(spec, device, timeout)
         except BaseException:
@@ -138,8 +151,12 @@ class TensorParallelRanks:
             self.shm.watch = self.check
         model_group, control = join_groups(self.store, 0, size, device, timeout)
         self.channel = channel = Channel(control)
+        dp = self.data_parallel
+        if dp is not None:  # every engine's every rank: the experts' group
+            meet_all(dp.store, dp.rank * size, dp.size * size, LOAD_TIMEOUT_S, self.check)
+            dp.join_experts(0, size, timeout)
         leader, ep = _Leader(channel, model_group), spec.config.parallel.enable_expert_parallel
-        self.tp = TensorParallel(0, size, model_group, leader, self.shm, expert_parallel=ep)
+        self.tp = TensorParallel(0, size, model_group, leader, self.shm, expert_parallel=ep, data_parallel=dp)
         backend = "NCCL" if device.type == "cuda" else "gloo" + (" + shared memory" if self.shm else "")
         logger.info(
             "tensor parallel: %d ranks (%d followers started, pids %s), %d threads each, %s",
@@ -152,6 +169,12 @@ class TensorParallelRanks:
         self._wait_for("loaded")
         assert self.channel is not None
         self.channel.send(Command.KV_CACHE, arg=num_blocks, payload=block_size)
+
+    def dummy_moe_pass(self) -> None:
+        """The followers pass an empty batch through their MoE layers (data_parallel.py: an engine
+        with no model call this round serves the others' tokens)."""
+        assert self.channel is not None
+        self.channel.send(Command.MOE_PASS)
 
     def check(self) -> None:
         """Raise RuntimeError when a follower's process has ended."""
@@ -208,10 +231,14 @@ def start_ranks(
     dtype: torch.dtype,
     quantization: str,
     max_model_len: int,
+    data_parallel: DataParallelGroup | None = None,
 ) -> TensorParallelRanks | None:
     """The followers of a tensor-parallel engine (None for one rank); ValueError, naming the flag,
-    for a model or checkpoint that cannot be split."""
+    for a model or checkpoint that cannot be split. `data_parallel`: the engine's place among the
+    data-parallel engines (data_parallel.py)."""
     size = config.parallel.tensor_parallel_size
+    if data_parallel is not None:
+        check_expert_split(ckpt.arch, data_parallel.size, size)
     if config.parallel.pipeline_parallel_size > 1 or config.parallel.nnodes > 1:
         from pagoda.engine.distributed.pipeline_ranks import start_pipeline  # (it imports this module)
 
@@ -227,7 +254,7 @@ def start_ranks(
         raise ValueError(
             f"--tensor-parallel-size {size} needs {size} GPUs, {torch.cuda.device_count()} are visible"
         )
-    return TensorParallelRanks(config, ckpt.path, device, dtype, quantization, max_model_len)
+    return TensorParallelRanks(config, ckpt.path, device, dtype, quantization, max_model_len, data_parallel)
 
 
 def _spawn(spec: FollowerSpec) -> subprocess.Popen[bytes]:

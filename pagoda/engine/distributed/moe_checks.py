@@ -18,10 +18,19 @@ def check_parallel_sizes(tp: int, dp: int, expert_parallel: bool) -> None:
             f"--data-parallel-size {dp} runs mixture-of-experts models with their experts split "
             "across the ranks: add --enable-expert-parallel (for a dense model, run more workers)"
         )
-    if dp > 1 and tp > 1:
+
+
+def check_expert_split(cfg: ModelArchConfig, dp: int, tp: int) -> None:
+    """Raise ValueError, naming the flags, when `cfg`'s experts cannot split over the dp x tp ranks
+    of data-parallel engines (data_parallel_group.py); a dense model's engines never meet."""
+    from pagoda.engine.models.arch_config import MOE_ARCHITECTURES
+
+    ranks = dp * tp
+    if cfg.architecture in MOE_ARCHITECTURES and cfg.num_experts % ranks:
+        sizes = f"--data-parallel-size {dp}" + (f" x --tensor-parallel-size {tp}" if tp > 1 else "")
         raise ValueError(
-            f"--data-parallel-size {dp} with --tensor-parallel-size {tp} is not supported yet; "
-            "use one of them"
+            f"{sizes} splits the experts over {ranks} ranks; the model's {cfg.num_experts} experts "
+            f"must divide evenly: pick sizes whose product divides {cfg.num_experts}"
         )
 
 

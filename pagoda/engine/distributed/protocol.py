@@ -10,9 +10,11 @@ collective timeout. Commands, in the order a follower meets them:
 - FORWARD (payload: StepInputs): run the model over the step's tokens, keeping the hidden states.
 - LOGITS (arg: rows): take those rows of hidden states, broadcast by rank 0 on the model's group,
   and compute this rank's vocabulary shard of their logits for the gather to rank 0.
+- MOE_PASS: an empty batch through the MoE layers (data-parallel engines: this engine has no
+  model call this round, its experts serve the other engines' tokens).
 - SHUTDOWN: leave the loop and exit.
 
-A follower's every collective inside FORWARD and LOGITS pairs with rank 0's in the same order,
+A follower's every collective inside FORWARD, LOGITS and MOE_PASS pairs with rank 0's in the same order,
 because both run the same model code over the same inputs.
 """
 
@@ -35,6 +37,7 @@ class Command(enum.IntEnum):
     FORWARD = 2
     LOGITS = 3
     SHUTDOWN = 4
+    MOE_PASS = 5
 
 
 @dataclass

@@ -57,8 +57,8 @@ class TensorParallel:
     shm: ShmAllReduce | None = None  # ranks on one CPU host: all-reduces through shared memory
     clock: CollectiveClock = field(default_factory=CollectiveClock, compare=False)
     # mixture-of-experts layers (expert_parallel.py): the experts split across the ranks
-    # (--enable-expert-parallel) rather than each sharded; `data_parallel`: this engine's
-    # data-parallel group (data_parallel.py), whose ranks meet at those layers
+    # (--enable-expert-parallel) rather than each sharded; `data_parallel`: this rank's place
+    # among the data-parallel engines (data_parallel_group.py), whose ranks meet at those layers
     expert_parallel: bool = False
     data_parallel: Any = None
 
