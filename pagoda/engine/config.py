@@ -120,7 +120,7 @@ class ParallelConfig:
             raise ValueError(f"collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
         from pagoda.engine.distributed.moe_checks import check_parallel_sizes
 
-        check_parallel_sizes(self.tensor_parallel_size, self.data_parallel_size, self.enable_expert_parallel)
+        check_parallel_sizes(self.data_parallel_size, self.enable_expert_parallel)
 
     def _check_nodes(self) -> None:
         world = self.world_size

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from pagoda.engine.models.arch_config import ModelArchConfig
 
 
-def check_parallel_sizes(tp: int, dp: int, expert_parallel: bool) -> None:
+def check_parallel_sizes(dp: int, expert_parallel: bool) -> None:
     """Raise ValueError, naming the flag, for sizes no engine runs (ParallelConfig's check)."""
     if dp < 1:
         raise ValueError(f"--data-parallel-size must be at least 1, got {dp}")
