@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.engine.models.arch_config import ModelArchConfig
-from pagoda.engine.models.layers import RotaryEmbedding
+from pagoda.engine.models.layers import RotaryEmbedding, embedding
 from pagoda.engine.models.llama import Attention
 from pagoda.engine.models.weight_loading import FusedHFWeights
 from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
@@ -123,7 +123,7 @@ class GemmaForCausalLM(FusedHFWeights, nn.Module):
         local = full
         if cfg.local_rope_theta is not None:  # Gemma 3: local layers turn at their own base, unscaled
             local = RotaryEmbedding(cfg.head_dim, max_position, cfg.local_rope_theta, None)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             GemmaDecoderLayer(cfg, local if cfg.is_sliding(i) else full, cfg.layer_window(i, max_position))
             for i in range(cfg.num_layers)

@@ -15,13 +15,26 @@ from torch import nn
 from pagoda.engine.models.rope_scaling import rope_parameters
 
 
-@torch.compiler.assume_constant_result  # type: ignore[misc]
 def _native_kernels() -> bool:
     """Whether pagoda's CPU kernels run here (a constant to torch.compile, which would otherwise
     trace the check's read of /proc/cpuinfo)."""
     from pagoda.engine.quantization.linear import native_kernels
 
     return native_kernels()
+
+
+# what torch.compiler.assume_constant_result sets, without its import of torch._dynamo (seconds of
+# start-up for every process that only runs eagerly: a follower rank, a pipeline stage)
+_native_kernels._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, left uninitialized when built on "meta" (its loader fills it): the random init's
+    meta kernel imports torch._dynamo, seconds of start-up for a process that only runs eagerly."""
+    weight = torch.empty(num, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)  # as nn.Embedding does
+    return nn.Embedding(num, dim, _weight=weight)
 
 
 class RMSNorm(nn.Module):

@@ -12,7 +12,7 @@ from torch import nn
 
 from pagoda.engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from pagoda.engine.models.arch_config import ModelArchConfig
-from pagoda.engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from pagoda.engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, embedding
 from pagoda.engine.models.weight_loading import FusedHFWeights
 from pagoda.engine.runner.attention import AttentionBackend, AttentionMetadata
 
@@ -117,7 +117,7 @@ class LlamaForCausalLM(FusedHFWeights, nn.Module):
         self.attention_needs = cfg.attention_needs(max_position)  # what the attention backend must do
         rope = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling, cfg.rotary_dim)
         vocab = tp.vocab(cfg.vocab_size)[1]
-        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size)
+        self.embed_tokens = embedding(vocab, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, rope, cfg.layer_window(i, max_position), tp) for i in range(cfg.num_layers)
         )
