@@ -23,7 +23,7 @@ SPLIT_Q8_0_TOL = 2e-3 if native_kernels() else 0.05
 INT8_TOL = 0.05 if cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} else 0.1
 
 PROMPTS = [[1, 2, 3, 4, 5], list(range(40, 75))]  # a short prompt and one of three KV blocks
-GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=1)
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=1)
 
 
 def _tiny_qwen2_one_kv_head(path: Path) -> None:
