@@ -26,7 +26,7 @@ from pagoda.engine.scheduling.request import Request
 from tests.unit.test_tensor_parallel_plan import _arch
 
 PROMPTS = [[1, 2, 3, 4, 5], list(range(40, 75))]  # a short prompt and one of three KV blocks
-GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=1)
 
 
 @pytest.fixture(scope="module")
