@@ -5,7 +5,10 @@ run it."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +219,31 @@ def test_rms_norm_in_one_pass_keeps_hf_numerics() -> None:
         for got, want in ((norm(x), hf(x)), (out, hf(x + residual))):
             assert (got != want).float().mean() < 1e-3
             torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
+
+
+def test_a_killed_build_s_lock_is_cleared_and_a_live_one_kept(tmp_path: Path) -> None:
+    """torch waits forever on the lock a killed build left: an old one goes, a fresh one stays."""
+    lock = tmp_path / "lock"
+    lock.touch()
+    native._clear_stale_lock(lock)
+    assert lock.exists()  # a build may hold it now
+    old = time.time() - native.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    native._clear_stale_lock(lock)
+    assert not lock.exists()
+    native._clear_stale_lock(lock)  # none: nothing to do
+
+
+def test_sources_are_copied_once_into_the_build_directory(tmp_path: Path) -> None:
+    """Every checkout builds from the same paths (the build directory's copies), and an unchanged
+    copy is not rewritten (its time would make ninja rebuild)."""
+    directory = tmp_path
+    first = native._copied_sources(directory)
+    assert [p.name for p in first] == [p.name for p in native.SOURCES]
+    assert all(p.read_bytes() == (native.CSRC / p.name).read_bytes() for p in first)
+    assert (directory / "src" / "common.h").exists()  # the headers the sources include
+    times = [p.stat().st_mtime_ns for p in first]
+    first[0].write_bytes(b"// stale")
+    again = native._copied_sources(directory)
+    assert again == first and again[0].read_bytes() == native.SOURCES[0].read_bytes()
+    assert [p.stat().st_mtime_ns for p in again[1:]] == times[1:]

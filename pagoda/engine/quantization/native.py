@@ -29,6 +29,7 @@ from pagoda.engine.config import cpu_flags
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
+STALE_LOCK_S = 900.0  # a kernel build's lock older than this was left by a killed build
 SOURCES = sorted(CSRC.glob("*.cpp"))
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
@@ -79,6 +80,7 @@ def _load() -> None:
     directory = cache_dir() / name
     directory.mkdir(parents=True, exist_ok=True)
     fresh = not any(directory.glob("*.so"))
+    _clear_stale_lock(directory / "lock")
     if fresh:
         logger.info("building pagoda's CPU kernels for this CPU (once, 15-40 s) in %s", directory)
     start = time.monotonic()
@@ -94,6 +96,19 @@ def _load() -> None:
     if fresh:
         logger.info("built pagoda's CPU kernels in %.0f s", time.monotonic() - start)
     _register_fake()
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """Remove the lock of a build that was killed (torch leaves it behind and waits on it forever,
+    so every later start would hang): a build takes minutes, a lock older than `STALE_LOCK_S` is
+    nobody's."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        logger.warning("removing the lock of a kernel build that ended %.0f s ago without finishing", age)
+        lock.unlink(missing_ok=True)
 
 
 def _copied_sources(directory: Path) -> list[Path]:
