@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import pytest_asyncio
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +23,8 @@ from tests.fakes import FakeEngine, local_frontend
 from tests.tiny_models import make_tiny_embedder
 
 TEXTS = ["the cat sat on the mat", "dog runs", "a b c"]
+# one event loop for the module, so one engine answers every test that only reads from it
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ async def _client(path: Path) -> AsyncIterator[tuple[openai.AsyncOpenAI, httpx.A
         await engine.shutdown()
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def clients(
     model: tuple[Path, Path, Any],
 ) -> AsyncIterator[tuple[openai.AsyncOpenAI, httpx.AsyncClient]]:
