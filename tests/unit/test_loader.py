@@ -6,6 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,24 +30,20 @@ def demo() -> Checkpoint:
 
 
 @pytest.fixture(scope="module")
-def demo_weights(demo: Checkpoint) -> dict[str, torch.Tensor]:
-    return dict(demo.dense_weights())
+def demo_weights(demo_checkpoint: Any) -> dict[str, torch.Tensor]:
+    """pagoda's dense weights of the demo: the session's copy (conftest's CachedCheckpoint keeps
+    what `dense_weights()` gave), dequantized once for every test that runs the demo."""
+    return dict(demo_checkpoint.weights())
 
 
 @pytest.fixture(scope="module")
-def reference_weights() -> dict[str, torch.Tensor]:
-    """transformers' own GGUF dequantization + q/k reverse permutation, keyed by HF name."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    path = Path(demo_model_path())
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    tensors: dict[str, torch.Tensor] = load_gguf_checkpoint(
-        str(path), return_tensors=True, model_to_load=model
-    )["tensors"]
-    return tensors
+def reference_weights(hf_demo_model: Any) -> dict[str, torch.Tensor]:
+    """transformers' own GGUF dequantization + q/k reverse permutation, keyed by HF name: the
+    session's HF model of the demo, loaded from the GGUF by transformers (its tied lm_head is the
+    embedding, not a weight of the file)."""
+    state: dict[str, torch.Tensor] = hf_demo_model.state_dict()
+    assert hf_demo_model.config.tie_word_embeddings
+    return {name: w for name, w in state.items() if name != "lm_head.weight"}
 
 
 def test_demo_arch(demo: Checkpoint) -> None:
