@@ -22,7 +22,8 @@ from pagoda.services.transport.messages import PromptInput
 from pagoda.services.transport.store import InMemoryStore
 from pagoda.services.worker.service import WorkerService
 
-TOPICS = ["tides", "volcanoes", "owls", "glass", "clouds", "maps"]
+# four conversations of three turns per router: each router's hit rate is over 12 prompts
+TOPICS = ["tides", "volcanoes", "owls", "glass"]
 
 
 async def _hit_rate(ckpt: Any, router: str) -> tuple[float, dict[str, int]]:
@@ -49,7 +50,7 @@ async def _hit_rate(ckpt: Any, router: str) -> tuple[float, dict[str, int]]:
                 break
             await asyncio.sleep(0.05)
         assert gateway.is_ready()
-        params = SamplingParams(max_tokens=6, temperature=0.0)
+        params = SamplingParams(max_tokens=4, temperature=0.0)
         for c, topic in enumerate(TOPICS):
             messages: list[dict[str, str]] = [
                 {"role": "system", "content": "You are a patient teacher. Keep answers short. " * 4}
