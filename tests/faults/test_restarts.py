@@ -158,7 +158,7 @@ def test_broker_restart_running_requests_end_cleanly_and_new_ones_succeed(
             took["start"] = await asyncio.to_thread(rabbit.start)
             hold_file.unlink()
             during.extend(await asyncio.gather(*sent, *kept))
-            counts["kept_errors"] = sum(o.clean_error for o in during[len(sent):])
+            counts["kept_errors"] = sum(o.clean_error for o in during[len(sent) :])
         took["t0"] = t0
 
     tally = _tally("RabbitMQ node stopped and started again")
