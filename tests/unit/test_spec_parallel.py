@@ -36,9 +36,7 @@ NGRAM: dict[str, Any] = {
     "prompt_lookup_min": 1,
     "prompt_lookup_max": 3,
 }
-# n-gram under stages runs the same path as the draft model there (proposals at schedule time, the
-# verification rows' logits sent by the last stage): left out to keep the file quick
-CASES = [("ngram", "tp"), ("draft_model", "tp"), ("draft_model", "pp")]
+CASES = [("ngram", "tp"), ("ngram", "pp"), ("draft_model", "tp"), ("draft_model", "pp")]
 
 
 @pytest.fixture(scope="module")

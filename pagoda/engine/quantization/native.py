@@ -2,7 +2,8 @@
 norm.cpp, lora.cpp for multi-LoRA, attention.cpp for decode attention over the paged KV cache, and
 bitmask.cpp for structured outputs), built on first use with the
 machine's compiler for its own instruction set (`-march=native`) and cached under
-~/.cache/pagoda/kernels (or $PAGODA_KERNEL_CACHE), one build per source and CPU: the ops torch
+~/.cache/pagoda/kernels (or $PAGODA_KERNEL_CACHE), one build per source, torch install and CPU
+(checkouts of the same source share it: the sources are built from copies in it): the ops torch
 ships for quantized weights dequantize per row (int4pack) or requantize activations in several
 passes (fbgemm, oneDNN), which at 16 rows makes them slower than bf16 (docs/perf.md, issue 16).
 
@@ -46,11 +47,13 @@ def missing_flags() -> list[str]:
 
 
 def build_name() -> str:
-    """A name unique to the source, the flags it is built with, torch and the CPU's features."""
+    """A name unique to the source, the flags it is built with, torch (its version and where it is
+    installed: the build's include paths name it, and a changed command rebuilds) and the CPU's
+    features."""
     key = hashlib.sha256()
     for path in sorted(CSRC.iterdir()):
         key.update(path.read_bytes())
-    key.update(" ".join([*CFLAGS, torch.__version__, *sorted(cpu_flags())]).encode())
+    key.update(" ".join([*CFLAGS, torch.__version__, torch.__file__, *sorted(cpu_flags())]).encode())
     return f"pagoda_cpu_{key.hexdigest()[:16]}"
 
 
