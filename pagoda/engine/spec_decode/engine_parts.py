@@ -47,8 +47,8 @@ class SpecParts:
         draft model the engine loaded (method "draft_model")."""
         if config is None:
             return None
-        metrics = SpecDecodeMetrics(config.num_speculative_tokens)
         k = config.num_speculative_tokens
+        metrics = SpecDecodeMetrics(k)
         return cls(
             Speculation(
                 config,

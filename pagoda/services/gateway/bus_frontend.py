@@ -235,7 +235,7 @@ class BusFrontend:
             ids = await asyncio.wait_for(pending.accepted, self.accept_timeout_s)
         except TimeoutError:
             self._pending.pop(request_id, None)
-            pending.trace.end("no tokenizer answered")
+            pending.trace.end("no tokenizer or scheduler answered")
             text = "No tokenizer or scheduler answered in time; the service is unavailable."
             raise APIError(503, text) from None
         except BaseException as exc:
