@@ -1,7 +1,8 @@
 """pagoda's CPU decode attention (csrc/attention.cpp, `pagoda_cpu::decode_attention`) against the
 arithmetic written out: each sequence's keys read through its shuffled block table, GQA rows, a
 sliding window, soft-capping, float32 and bfloat16, a padding row (length 0) left zero, and bad
-arguments refused with a message."""
+arguments refused with a message. The shapes cover both kinds of `attend`: unrolled for its rows
+and head size (gqa3, mha, gqa4-128) and general (gqa7-window: 7 rows; mqa-softcap: head size 256)."""
 
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ def _reference(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim", "window", "softcap"),
-    [(9, 3, 64, 0, 0.0), (4, 4, 128, 0, 0.0), (14, 2, 64, 20, 0.0), (8, 1, 256, 0, 30.0)],
-    ids=["gqa3", "mha", "gqa7-window", "mqa-softcap"],
+    [(9, 3, 64, 0, 0.0), (4, 4, 128, 0, 0.0), (8, 2, 128, 0, 0.0), (14, 2, 64, 20, 0.0), (8, 1, 256, 0, 30.0)],
+    ids=["gqa3", "mha", "gqa4-128", "gqa7-window", "mqa-softcap"],
 )
 def test_matches_the_arithmetic(
     dtype: torch.dtype, heads: int, kv_heads: int, dim: int, window: int, softcap: float

@@ -79,9 +79,13 @@ inline float softmax_row(float* s, int64_t n) {
 }
 
 // One sequence and KV head: o[g] = softmax(scale * q[g] . K) V over keys [first, len).
-template <typename T, typename I>
+// R query rows and C chunks of 16 known at compile time (0: the task's, at run time): with both
+// known the loops unroll and the rows' queries and accumulators stay in registers; with either
+// unknown they live on the stack, a load and a store around every multiply-add.
+template <typename T, typename I, int64_t R, int64_t C>
 void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first, int64_t len, int64_t head,
             const Task& t, float* scores, int64_t* rows, T* out) {
+  const int64_t nr = R > 0 ? R : t.rows, nc = C > 0 ? C : t.chunks;
   const int64_t n = len - first;
   // each key's row offset in the caches, walking the block table (no division per key)
   int64_t block = first / t.block_size, offset = first % t.block_size;
@@ -89,54 +93,86 @@ void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first,
     rows[i] = ((static_cast<int64_t>(table[block]) * t.block_size + offset) * t.kv_heads + head) * t.head_dim;
     if (++offset == t.block_size) offset = 0, ++block;
   }
-  __m512 qv[kMaxRows][kMaxChunks];
-  for (int64_t g = 0; g < t.rows; ++g)
-    for (int64_t c = 0; c < t.chunks; ++c) qv[g][c] = load_row16(q + g * t.head_dim + 16 * c, 0xFFFF);
+  constexpr int64_t kR = R > 0 ? R : kMaxRows, kC = C > 0 ? C : kMaxChunks;
+  __m512 qv[kR][kC];  // the queries, scaled: scores come out scaled
+  const __m512 scale = _mm512_set1_ps(t.scale);
+  for (int64_t g = 0; g < nr; ++g)
+    for (int64_t c = 0; c < nc; ++c) qv[g][c] = _mm512_mul_ps(load_row16(q + g * t.head_dim + 16 * c, 0xFFFF), scale);
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {  // four keys at a time: their four sums reduced together
     const T* k[4] = {kc + rows[i], kc + rows[i + 1], kc + rows[i + 2], kc + rows[i + 3]};
-    for (int64_t g = 0; g < t.rows; ++g) {
+    __m512 kv[4][kC];
+    for (int j = 0; j < 4; ++j)
+      for (int64_t c = 0; c < nc; ++c) kv[j][c] = load_row16(k[j] + 16 * c, 0xFFFF);
+    for (int64_t g = 0; g < nr; ++g) {
       __m512 acc[4];
       for (int j = 0; j < 4; ++j) {
-        acc[j] = _mm512_mul_ps(qv[g][0], load_row16(k[j], 0xFFFF));
-        for (int64_t c = 1; c < t.chunks; ++c) acc[j] = _mm512_fmadd_ps(qv[g][c], load_row16(k[j] + 16 * c, 0xFFFF), acc[j]);
+        acc[j] = _mm512_mul_ps(qv[g][0], kv[j][0]);
+        for (int64_t c = 1; c < nc; ++c) acc[j] = _mm512_fmadd_ps(qv[g][c], kv[j][c], acc[j]);
       }
       _mm_storeu_ps(scores + g * n + i, sum4(acc));
     }
   }
   for (; i < n; ++i) {
     const T* k = kc + rows[i];
-    for (int64_t g = 0; g < t.rows; ++g) {
+    for (int64_t g = 0; g < nr; ++g) {
       __m512 acc = _mm512_mul_ps(qv[g][0], load_row16(k, 0xFFFF));
-      for (int64_t c = 1; c < t.chunks; ++c) acc = _mm512_fmadd_ps(qv[g][c], load_row16(k + 16 * c, 0xFFFF), acc);
+      for (int64_t c = 1; c < nc; ++c) acc = _mm512_fmadd_ps(qv[g][c], load_row16(k + 16 * c, 0xFFFF), acc);
       scores[g * n + i] = _mm512_reduce_add_ps(acc);
     }
   }
-  for (int64_t g = 0; g < t.rows; ++g) {  // scale (and soft-cap) the scores
-    float* s = scores + g * n;
-    for (int64_t j = 0; j < n; ++j) {
-      s[j] *= t.scale;
-      if (t.softcap > 0.0f) s[j] = t.softcap * std::tanh(s[j] / t.softcap);
+  if (t.softcap > 0.0f) {  // soft-cap the scores
+    for (int64_t g = 0; g < nr; ++g) {
+      float* s = scores + g * n;
+      for (int64_t j = 0; j < n; ++j) s[j] = t.softcap * std::tanh(s[j] / t.softcap);
     }
   }
-  float inv[kMaxRows];
-  for (int64_t g = 0; g < t.rows; ++g) inv[g] = softmax_row(scores + g * n, n);
-  __m512 acc[kMaxRows][kMaxChunks];
-  for (int64_t g = 0; g < t.rows; ++g)
-    for (int64_t c = 0; c < t.chunks; ++c) acc[g][c] = _mm512_setzero_ps();
+  float inv[kR];
+  for (int64_t g = 0; g < nr; ++g) inv[g] = softmax_row(scores + g * n, n);
+  __m512 acc[kR][kC];
+  for (int64_t g = 0; g < nr; ++g)
+    for (int64_t c = 0; c < nc; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
     const T* v = vc + rows[i];
-    __m512 vv[kMaxChunks];
-    for (int64_t c = 0; c < t.chunks; ++c) vv[c] = load_row16(v + 16 * c, 0xFFFF);
-    for (int64_t g = 0; g < t.rows; ++g) {
+    __m512 vv[kC];
+    for (int64_t c = 0; c < nc; ++c) vv[c] = load_row16(v + 16 * c, 0xFFFF);
+    for (int64_t g = 0; g < nr; ++g) {
       const __m512 p = _mm512_set1_ps(scores[g * n + i]);
-      for (int64_t c = 0; c < t.chunks; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+      for (int64_t c = 0; c < nc; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
     }
   }
-  for (int64_t g = 0; g < t.rows; ++g) {
+  for (int64_t g = 0; g < nr; ++g) {
     const __m512 r = _mm512_set1_ps(inv[g]);
-    for (int64_t c = 0; c < t.chunks; ++c) store16(out + g * t.head_dim + 16 * c, _mm512_mul_ps(acc[g][c], r));
+    for (int64_t c = 0; c < nc; ++c) store16(out + g * t.head_dim + 16 * c, _mm512_mul_ps(acc[g][c], r));
   }
+}
+
+template <typename T, typename I>
+using AttendFn = void (*)(const T*, const T*, const T*, const I*, int64_t, int64_t, int64_t, const Task&, float*,
+                          int64_t*, T*);
+
+// The unrolled `attend` for the common shapes (head_dim 64 or 128, up to 8 query rows per KV
+// head), else the general one.
+template <typename T, typename I>
+AttendFn<T, I> pick_attend(const Task& t) {
+#define PAGODA_ATTEND_ROWS(C)                 \
+  switch (t.rows) {                           \
+    case 1: return &attend<T, I, 1, C>;       \
+    case 2: return &attend<T, I, 2, C>;       \
+    case 3: return &attend<T, I, 3, C>;       \
+    case 4: return &attend<T, I, 4, C>;       \
+    case 6: return &attend<T, I, 6, C>;       \
+    case 8: return &attend<T, I, 8, C>;       \
+    default: return &attend<T, I, 0, C>;      \
+  }
+  if (t.chunks == 4) {
+    PAGODA_ATTEND_ROWS(4)
+  }
+  if (t.chunks == 8) {
+    PAGODA_ATTEND_ROWS(8)
+  }
+#undef PAGODA_ATTEND_ROWS
+  return &attend<T, I, 0, 0>;
 }
 
 template <typename T, typename I, typename L>
@@ -158,6 +194,7 @@ void decode_rows(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache
   }
   work *= heads * t.head_dim * 2;
   const int64_t tasks = n * t.kv_heads;
+  const AttendFn<T, I> attend_one = pick_attend<T, I>(t);
   const int64_t grain = work < kInline ? std::max<int64_t>(tasks, 1) : 1;
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores(static_cast<size_t>(std::max<int64_t>(t.rows * longest, 1)));
@@ -171,8 +208,8 @@ void decode_rows(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache
         continue;
       }
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      attend<T, I>(qp + offset, kc, vc, tp + s * table_stride, first, len, head, t, scores.data(), rows.data(),
-                    op + offset);
+      attend_one(qp + offset, kc, vc, tp + s * table_stride, first, len, head, t, scores.data(), rows.data(),
+                 op + offset);
     }
   });
 }
