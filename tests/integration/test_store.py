@@ -112,3 +112,11 @@ async def test_rate_limits_are_shared_by_gateways_through_redis(store: Store) ->
         assert any(k.startswith("rl:key1:") for k in await store.scan_prefix("rl:"))
     finally:
         await other.close()
+
+
+async def test_redis_get_and_smembers_reads_a_value_and_sets_together(store: Store) -> None:
+    await store.set("routed:r:0", "w1")
+    await store.sadd("block:01", "w1", "w2")
+    read = await store.get_and_smembers("routed:r:0", ["block:01", "block:02"])
+    assert read == (b"w1", [{"w1", "w2"}, set()])
+    assert await store.get_and_smembers("routed:r:1", []) == (None, [])

@@ -83,3 +83,61 @@ async def test_routing_keeps_to_the_model_and_prefers_workers_holding_the_adapte
     unheld = await scheduler._decide(req(model=MODEL, lora_name="it"))
     assert unheld is not None and unheld.worker_id == "idle"  # nobody holds it: load decides
     assert await scheduler._decide(req(model="missing")) is None
+
+
+class CountingStore(InMemoryStore):
+    """Records the scheduler's reads: a `get` of its own, or `get_and_smembers` (one round trip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+        self._inside = False
+
+    async def get(self, key: str) -> bytes | None:
+        if not self._inside:
+            self.reads.append("get")
+        return await super().get(key)
+
+    async def get_and_smembers(self, key: str, set_keys: list[str]) -> tuple[bytes | None, list[set[str]]]:
+        self.reads.append("get_and_smembers")
+        self._inside = True
+        try:
+            return await super().get_and_smembers(key, set_keys)
+        finally:
+            self._inside = False
+
+
+async def test_a_request_sent_twice_is_routed_once_and_each_routing_reads_the_store_once() -> None:
+    """The dedup read of a routed attempt travels with the prompt's cached-block lookup (one round
+    trip, no `get` of its own); a second copy of the same attempt (a redelivery, a resent message)
+    is dropped, and the next attempt of the request is routed."""
+    bus, store, queues = InMemoryBus(), CountingStore(), Queues("t")
+    registry = WorkerRegistry(store, heartbeat_s=10.0)
+    await registry.beat(heartbeat("a"))
+    await bus.declare_work_queue(queues.worker("a"))
+    got: list[tuple[str, int]] = []
+
+    async def take(message: object) -> None:
+        msg = decode(message.body)  # type: ignore[attr-defined]
+        assert isinstance(msg, WorkerRequest)
+        got.append((msg.request_id, msg.attempt))
+
+    await bus.consume(queues.worker("a"), take)
+    await bus.declare_reply_queue("replies")
+    scheduler = SchedulerService(bus, store, router="prefix", heartbeat_s=10.0, queues=queues)
+    await scheduler.start()
+    spec = SamplingSpec.of(SamplingParams())
+    for sent, attempt in enumerate((0, 0, 1), start=1):
+        req = ScheduleRequest(
+            request_id="r", reply_to="replies", prompt_token_ids=[7] * 40, sampling=spec, attempt=attempt
+        )
+        await bus.publish(queues.schedule, encode(req))
+        for _ in range(200):  # each one routed (or dropped) before the next is sent
+            if len(store.reads) == sent and await InMemoryStore.get(store, f"routed:r:{attempt}") is not None:
+                break
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    await scheduler.stop()
+    await bus.close()
+    assert got == [("r", 0), ("r", 1)]
+    assert store.reads == ["get_and_smembers"] * 3

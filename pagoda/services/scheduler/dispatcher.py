@@ -17,6 +17,7 @@ worker list (publishing raises `QueueNotFoundError`) is routed again among the o
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Coroutine
@@ -44,6 +45,15 @@ from pagoda.services.transport.messages import (
 from pagoda.services.transport.store import Store
 
 logger = logging.getLogger("pagoda.scheduler")
+
+
+class Routed(enum.Enum):
+    """What `_decide` returns for an attempt it finds routed already (a redelivery, a resent copy)."""
+
+    ROUTED = "routed"
+
+
+ROUTED = Routed.ROUTED  # `_decide`: this attempt of the request was routed before
 
 
 class SchedulerService:
@@ -144,16 +154,22 @@ class SchedulerService:
     async def _route_traced(self, msg: ScheduleRequest, span: tracing.TraceHandle) -> None:
         """Choose a worker and forward `msg` to it (the gateway told first); a request that
         expired on the bus or was already routed is not; one nobody can take is rejected."""
-        if await self._expired_or_duplicate(msg):
+        if await self._expired(msg):
             return
         gone: set[str] = set()  # workers whose queue turned out to be deleted
+        first = True  # the first lookup also reads whether this attempt was routed already
         while True:
             try:
-                decision = await self._decide(msg, gone)
+                decision = await self._decide(msg, gone, check_routed=first)
             except Exception as exc:
                 logger.exception("scheduler: routing %s failed", msg.request_id)
                 span.fail(exc)
                 await self._reject(msg, 503, f"the scheduler could not route the request: {exc}", "error")
+                return
+            first = False
+            if decision is ROUTED:
+                text = "request %s (attempt %d) was already routed: duplicate dropped"
+                logger.info(text, msg.request_id, msg.attempt)
                 return
             if decision is None:
                 span.fail("no worker")
@@ -180,24 +196,20 @@ class SchedulerService:
             len(msg.prompt_token_ids),
         )  # fmt: skip
 
-    async def _expired_or_duplicate(self, msg: ScheduleRequest) -> bool:
-        """True (and the gateway told, for an expired one) when `msg` must not be routed: it
-        waited on the bus past its queue timeout, or this attempt was routed already."""
+    async def _expired(self, msg: ScheduleRequest) -> bool:
+        """True (and the gateway told) when `msg` waited on the bus past its queue timeout."""
         timeout = msg.queue_timeout_s
         if timeout is not None and msg.arrival_time > 0 and time.time() - msg.arrival_time > timeout:
             err = queue_timed_out(timeout)  # it waited on the bus: do not start it now
             await self._reject(msg, err.status, err.message, "queue_timeout", RETRY_AFTER_S)
             return True
-        try:
-            earlier = await self.store.get(_routed_key(msg))
-        except Exception:  # the store is down: no dedup; the gateway drops duplicate tokens
-            earlier = None
-        if earlier is not None:
-            logger.info(
-                "request %s (attempt %d) was already routed: duplicate dropped", msg.request_id, msg.attempt
-            )
-            return True
         return False
+
+    async def _routed_already(self, msg: ScheduleRequest) -> bool:
+        try:
+            return await self.store.get(_routed_key(msg)) is not None
+        except Exception:  # the store is down: no dedup; the gateway drops duplicate tokens
+            return False
 
     async def _forward(self, msg: ScheduleRequest, decision: Decision, span: tracing.TraceHandle) -> bool:
         """Tell the gateway where `msg` runs, then send it to that worker. False (the gateway told
@@ -238,22 +250,32 @@ class SchedulerService:
         except Exception as exc:  # metadata only: the request runs
             logger.warning("scheduler: store unavailable after routing %s: %s", msg.request_id, exc)
 
-    async def _decide(self, msg: ScheduleRequest, gone: set[str] | None = None) -> Decision | None:
-        """The router's choice among the live workers of the request's model (None: there are none)."""
+    async def _decide(
+        self, msg: ScheduleRequest, gone: set[str] | None = None, check_routed: bool = False
+    ) -> Decision | Routed | None:
+        """The router's choice among the live workers of the request's model (None: there are none;
+        ROUTED: `check_routed` found this attempt routed already, a redelivery or a resent copy,
+        read in the same round trip as the prompt's cached blocks)."""
         alive = [
             w
             for w in await self._workers()
             if w.worker_id not in (gone or ()) and (not msg.model or w.model == msg.model)
         ]
         if not alive:
-            return None
+            return ROUTED if check_routed and await self._routed_already(msg) else None
         block_size = alive[0].block_size
         extra = (msg.cache_salt,) if msg.cache_salt else ()
         hashes = hash_full_blocks(msg.prompt_token_ids, block_size, extra, lora_name=msg.lora_name)
         try:
-            overlap = leading_overlap(await self.prefix_index.owners(hashes))
+            if check_routed:
+                earlier, owners = await self.prefix_index.owners_and_get(hashes, _routed_key(msg))
+                if earlier is not None:
+                    return ROUTED
+            else:
+                owners = await self.prefix_index.owners(hashes)
+            overlap = leading_overlap(owners)
             session_worker = await self.sessions.get(msg.session_id) if msg.session_id else None
-        except Exception:  # the store is down: route by load alone
+        except Exception:  # the store is down: route by load alone (and no dedup)
             overlap, session_worker = {}, None
         # No await from here to the caller's count of the decision: requests routed at the same
         # time see each other. Requests sent since a worker's last heartbeat count as waiting there.

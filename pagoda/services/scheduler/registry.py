@@ -151,6 +151,10 @@ class PrefixIndex:
             return []
         return await self.store.smembers_many([_block_key(h) for h in hashes])
 
+    async def owners_and_get(self, hashes: list[BlockHash], key: str) -> tuple[bytes | None, list[set[str]]]:
+        """`owners(hashes)` and the store's value at `key`, in one round trip."""
+        return await self.store.get_and_smembers(key, [_block_key(h) for h in hashes])
+
 
 class Sessions:
     def __init__(self, store: Store, ttl_s: float = 600.0) -> None:

@@ -99,6 +99,12 @@ class Store(ABC):
     async def smembers_many(self, keys: list[str]) -> list[builtins.set[str]]:
         """`smembers` of each key, in order, in one round trip."""
 
+    async def get_and_smembers(
+        self, key: str, set_keys: list[str]
+    ) -> tuple[bytes | None, list[builtins.set[str]]]:
+        """`get(key)` and `smembers_many(set_keys)` in one round trip."""
+        return await self.get(key), await self.smembers_many(set_keys)
+
     @abstractmethod
     async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
         """Adds `amount` and returns the new value; `ttl_s` applies only when the key is new."""
@@ -326,6 +332,16 @@ class RedisStore(Store):
             for k in keys:
                 pipe.smembers(self.prefix + k)
             return [_decode(members) for members in await pipe.execute()]
+
+    async def get_and_smembers(
+        self, key: str, set_keys: list[str]
+    ) -> tuple[bytes | None, list[builtins.set[str]]]:
+        async with self._r().pipeline(transaction=False) as pipe:
+            pipe.get(self.prefix + key)
+            for k in set_keys:
+                pipe.smembers(self.prefix + k)
+            value, *members = await pipe.execute()
+        return value, [_decode(m) for m in members]
 
     async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
         full = self.prefix + key
