@@ -54,7 +54,13 @@ def _reference(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim", "window", "softcap"),
-    [(9, 3, 64, 0, 0.0), (4, 4, 128, 0, 0.0), (8, 2, 128, 0, 0.0), (14, 2, 64, 20, 0.0), (8, 1, 256, 0, 30.0)],
+    [
+        (9, 3, 64, 0, 0.0),
+        (4, 4, 128, 0, 0.0),
+        (8, 2, 128, 0, 0.0),
+        (14, 2, 64, 20, 0.0),
+        (8, 1, 256, 0, 30.0),
+    ],
     ids=["gqa3", "mha", "gqa4-128", "gqa7-window", "mqa-softcap"],
 )
 def test_matches_the_arithmetic(
