@@ -27,6 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Protocol, Self
 
+from pagoda.engine.runner.compile_log import COMPILED_NOW, EAGER_UNTIL_COMPILED, STAYS_EAGER
+
 
 class PeerError(ValueError):
     """A peer that cannot start: one line naming the fix (the CLI prints it, no traceback)."""
@@ -147,11 +149,16 @@ class ServerProcess:
             f"{self.name} server not ready within {self.startup_timeout_s:g} s: {self._log_tail()}"
         )
 
-    def _log_tail(self, chars: int = 400) -> str:
+    def _log_text(self) -> str:
         if self._log is None:
             return ""
         self._log.flush()
-        text = Path(self._log.name).read_bytes()[-chars:].decode(errors="replace")
+        return Path(self._log.name).read_bytes().decode(errors="replace")
+
+    def _log_tail(self, chars: int = 400) -> str:
+        if self._log is None:
+            return ""
+        text = self._log_text()[-chars:]
         return " | ".join(line for line in text.splitlines() if line.strip()) + f" (log: {self._log.name})"
 
     def stop(self) -> None:
@@ -301,11 +308,34 @@ class PagodaServer(ServerProcess):
                 model = httpx.get(self.base_url + "/v1/models", timeout=10.0).json()["data"][0]["id"]
                 body = {"model": model, "prompt": "Hi", "max_tokens": 1}
                 if httpx.post(self.base_url + "/v1/completions", json=body, timeout=60.0).status_code == 200:
+                    self._wait_compiled(body, deadline)
                     return
             except (httpx.HTTPError, ValueError, KeyError, IndexError):
                 pass
             time.sleep(0.2)
         raise PeerError(f"{self.name} server answered no completion within {self.startup_timeout_s:g} s")
+
+    def _wait_compiled(self, body: dict[str, object], deadline: float) -> None:
+        """A first start of a model serves eagerly while a background process compiles its decode
+        graphs, which a step adopts when they land (a minute or more); every later start loads them.
+        Wait for that, sending a one-token completion a second so a step runs, so that the run
+        measures what the server serves from then on, not its first minutes."""
+        import httpx
+
+        if EAGER_UNTIL_COMPILED not in self._log_text():
+            return
+        waiting = f"{self.name}: waiting for the background compile of its decode graphs (a first start)"
+        print(waiting, file=sys.stderr)
+        while time.monotonic() < deadline:
+            text = self._log_text()
+            if COMPILED_NOW in text:
+                return
+            if STAYS_EAGER in text:
+                print(f"{self.name}: its decode steps stay eager: {self._log_tail()}", file=sys.stderr)
+                return
+            httpx.post(self.base_url + "/v1/completions", json=body, timeout=60.0)
+            time.sleep(1.0)
+        raise PeerError(f"{self.name} server compiled no decode graphs within {self.startup_timeout_s:g} s")
 
     def command(self) -> list[str]:
         assert self.port is not None

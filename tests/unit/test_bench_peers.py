@@ -93,3 +93,71 @@ def test_pagoda_dtype_follows_the_launch_args() -> None:
     assert pagoda_dtype(["--dtype", "float32"]) == pagoda_dtype(["--dtype=float32"]) == "float32"
     assert pagoda_dtype(["--port", "1"]) == ("bfloat16" if cpu_has_fast_bf16() else "float32")
     assert pagoda_dtype(["--quantization", "int8"]) == "float32"  # as the engine runs CPU int8
+
+
+STUB_SERVER = r"""
+import http.server, json, sys
+port, mode = int(sys.argv[1]), sys.argv[2]
+say = lambda line: print(line, flush=True)
+if mode != "compiled":
+    say("INFO decode steps: eager until a background compile (log: x.log) saves the graphs")
+done = 0
+
+class Stub(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def answer(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self.answer({"data": [{"id": "m"}]})
+
+    def do_POST(self):
+        global done
+        self.rfile.read(int(self.headers["content-length"]))
+        done += 1
+        say(f"completion {done}")
+        if mode == "eager" and done == 3:
+            say("INFO decode steps (batch 1; 2 and more): compiled graphs now (compiled in 9s)")
+        if mode == "fails" and done == 2:
+            say("WARNING the background compile failed (exit 1); decode steps stay eager: see x.log")
+        self.answer({})
+
+http.server.HTTPServer(("127.0.0.1", port), Stub).serve_forever()
+"""
+
+
+class StubPagoda(PagodaServer):
+    """A stand-in for `pagoda serve` that logs what a first start logs of its decode graphs."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__("stub", startup_timeout_s=30.0)
+        self.mode = mode
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", STUB_SERVER, str(self.port), self.mode]
+
+
+@pytest.mark.parametrize(
+    ("mode", "completions", "said"),
+    [("compiled", 1, ""), ("eager", 3, "waiting for the background compile"), ("fails", 2, "stay eager")],
+)
+def test_launch_waits_for_a_first_start_s_compiled_decode_steps(
+    mode: str, completions: int, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bench serve --launch` measures the steps a server serves from then on: a first start that
+    serves eagerly while its decode graphs compile is kept stepping (one-token completions) until
+    its log says it adopted them, or that they failed; a server with graphs loaded is not held."""
+    server = StubPagoda(mode)
+    server.start()
+    try:
+        log = server._log_text()
+    finally:
+        server.stop()
+    assert f"completion {completions}" in log and f"completion {completions + 1}" not in log, log
+    assert said in capsys.readouterr().err

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from pagoda.engine.config import cpu_flags
+from pagoda.engine.runner.compile_log import COMPILED_NOW, EAGER_UNTIL_COMPILED, STAYS_EAGER
 from pagoda.engine.runner.compiled_decode import CompiledDecode
 from pagoda.engine.runner.onednn_linear import OneDnnLinear, start_handles_at
 
@@ -182,12 +183,10 @@ class DecodeCompiler:
             try:
                 self._job = _Background(config, self.directory, key, min(handles, default=0))
             except OSError as e:
-                logger.warning("decode steps stay eager: cannot compile into %s: %s", self.directory, e)
+                logger.warning("%s: cannot compile into %s: %s", STAYS_EAGER, self.directory, e)
                 return
             logger.info(
-                "decode steps: eager until a background compile (log: %s) saves the graphs; "
-                "later starts load them",
-                self._job.log,
+                "%s (log: %s) saves the graphs; later starts load them", EAGER_UNTIL_COMPILED, self._job.log
             )
 
     def _load(self) -> bool:
@@ -210,14 +209,12 @@ class DecodeCompiler:
         self._job = None
         if rc == 0 and self._load():
             logger.info(
-                "decode steps (batch 1; 2 and more): compiled graphs now (compiled in the background "
-                "in %.0fs)",
+                "decode steps (batch 1; 2 and more): %s (compiled in the background in %.0fs)",
+                COMPILED_NOW,
                 time.monotonic() - job.started,
             )
         else:
-            logger.warning(
-                "the background compile failed (exit %s); decode steps stay eager: see %s", rc, job.log
-            )
+            logger.warning("the background compile failed (exit %s); %s: see %s", rc, STAYS_EAGER, job.log)
 
 
 def _exit_with(parent: int) -> None:
