@@ -137,7 +137,8 @@ def _add_serve_target_args(t: argparse._ArgumentGroup) -> None:
         default=None,
         metavar="SERVE_ARGS",
         help="start `pagoda serve SERVE_ARGS` on a free port as the target instead of --base-url (e.g. "
-        '--launch "--quantization int4"; "" for the defaults); it is stopped before a --peer runs',
+        '--launch "--quantization int4"; "" for the defaults); a first start of a model is measured once '
+        "its background compile of the decode graphs has landed; it is stopped before a --peer runs",
     )
 
 
