@@ -27,9 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pagoda.load.control_plane_config import ControlPlaneConfig
 from pagoda.load.datasets import BenchTurn, sample_text
 from pagoda.load.outcomes import HUNG_PREFIX
-from pagoda.load.peers import free_port
 from pagoda.load.proc_group import CpuWindow, ProcessGroup
 from pagoda.load.serve_runner import LatencyStats, RequestRecord, ServeConfig, request_body
+from pagoda.load.server_process import free_port
 from pagoda.load.sse_client import HTTPError, SSEClient, StreamTimer
 from pagoda.services.transport.messages import Queues
 
