@@ -157,16 +157,14 @@ class SchedulerService:
         if await self._expired(msg):
             return
         gone: set[str] = set()  # workers whose queue turned out to be deleted
-        first = True  # the first lookup also reads whether this attempt was routed already
         while True:
-            try:
-                decision = await self._decide(msg, gone, check_routed=first)
+            try:  # the first lookup (none gone yet) also reads whether this attempt was routed
+                decision = await self._decide(msg, gone, check_routed=not gone)
             except Exception as exc:
                 logger.exception("scheduler: routing %s failed", msg.request_id)
                 span.fail(exc)
                 await self._reject(msg, 503, f"the scheduler could not route the request: {exc}", "error")
                 return
-            first = False
             if decision is ROUTED:
                 text = "request %s (attempt %d) was already routed: duplicate dropped"
                 logger.info(text, msg.request_id, msg.attempt)
