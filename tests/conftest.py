@@ -65,21 +65,23 @@ def hf_demo_model(demo_gguf: str) -> Any:
 
 def _kernel_kinds() -> list[str]:
     """The CPU kernels this machine runs: pagoda's own where the CPU has what they need
-    (AVX512-VNNI; machines differ from session to session), and torch's everywhere."""
-    from pagoda.engine.quantization.native import missing_flags
+    (AVX512-VNNI for all of them, AVX2 for the integer GEMM and the decode attention; machines
+    differ from session to session), and torch's everywhere."""
+    from pagoda.engine.quantization.native import runs
 
-    return ["torch"] if missing_flags() else ["native", "torch"]
+    return ["native", "torch"] if runs("qgemm") else ["torch"]
 
 
 @pytest.fixture(params=_kernel_kinds())
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each case on pagoda's own CPU kernel, as the defaults run it on a CPU with AVX512-VNNI
-    (every integer layer), and on torch's kernels (what a CPU without VNNI runs, as defaults
-    there). On a CPU with VNNI the kernels must build."""
-    from pagoda.engine.quantization.linear import native_kernels
+    """Each case on pagoda's own CPU kernels, as the defaults run them on a CPU with AVX512-VNNI
+    (every integer layer) or AVX2 (the integer layers; fp8 and norms on torch's), and on torch's
+    kernels (what other CPUs run, as defaults there). Where the CPU runs them the kernels must
+    build."""
+    from pagoda.engine.quantization.linear import native_gemm
 
     if request.param == "native":
-        assert native_kernels(), "pagoda's CPU kernels must build on the test machine"
+        assert native_gemm(), "pagoda's CPU kernels must build on the test machine"
         monkeypatch.delenv("PAGODA_INT8_ACTIVATIONS", raising=False)
     else:
         monkeypatch.setenv("PAGODA_NATIVE_KERNELS", "0")

@@ -1,13 +1,14 @@
 """Which quantized layer kinds a test expects: torch's kernels name theirs by kernel ("int4 g32",
 "int8 per channel", "w8a8 int8 (fbgemm)"); pagoda's own CPU kernel runs every integer weight as a
 VnniLinear of the same width ("int4 g32 (pagoda VNNI, int16 activations)"; W8A8 as "int8 per
-channel (pagoda VNNI[, AMX], int8 activations per token)")."""
+channel (pagoda VNNI[, AMX], int8 activations per token)"; AVX2 for VNNI on a CPU without
+AVX-512)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pagoda.engine.quantization.linear import QuantizedLinear, native_kernels
+from pagoda.engine.quantization.linear import QuantizedLinear, native_gemm
 
 
 def weight_only_acts() -> str:
@@ -22,7 +23,7 @@ def assert_kinds(layers: Iterable[QuantizedLinear], torch_kinds: set[str]) -> No
     kinds = {m.kind for m in layers}
     if torch_kinds == {"fp8"}:  # fp8 is dequantized per tile on either kernel
         assert len(kinds) == 1 and kinds <= {"fp8", "fp8 (pagoda, dequantized per tile)"}, kinds
-    elif native_kernels():
+    elif native_gemm():
         width = {"int4" if k.startswith("int4") else "int8" for k in torch_kinds}
         acts = "int8 activations per token)" if torch_kinds == {"w8a8 int8 (fbgemm)"} else weight_only_acts()
         assert {k.split()[0] for k in kinds} == width, kinds

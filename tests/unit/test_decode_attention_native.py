@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from pagoda.engine.quantization import native
-from tests.unit.test_native_kernels import needs_kernels
+from tests.unit.test_native_kernels import needs_op
 
-pytestmark = needs_kernels
+pytestmark = needs_op("decode_attention")
 
 BLOCK = 16
 
 
 @pytest.fixture(autouse=True)
 def _built() -> None:
-    assert native.available()
+    assert native.runs("decode_attention")
 
 
 def _reference(

@@ -18,6 +18,7 @@ from pagoda.engine.loader.gguf_loader import dequantize_tensor, hf_name, unpermu
 from pagoda.engine.models.quantization import Int8DynamicLinear
 from pagoda.engine.quantization.embedding import QuantizedEmbedding, TiedEmbedding
 from pagoda.engine.quantization.linear import QuantizedLinear
+from pagoda.engine.quantization.native import isa
 from pagoda.engine.quantization.vnni import VnniLinear
 from tests.quant_kinds import weight_only_acts
 from tests.tiny_gguf import write_tiny_llama_gguf
@@ -47,7 +48,7 @@ def test_gguf_served_packed_matches_dequantized(
     model = packed.engine.model
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     if kernels == "native":  # the tied head too, and the embedding reads the head's codes
-        native = f"(pagoda VNNI, {weight_only_acts()}"
+        native = f"(pagoda {isa()}, {weight_only_acts()}"
         kind = f"{kind.split()[0]} g32 {native}"
         head = f"int8 g{16 if embedding == Q.Q6_K else 32} {native}"
         assert len(linears) == 2 * 4 + 1 and {m.kind for m in linears} == {kind, head}

@@ -20,12 +20,22 @@ from pagoda.engine.quantization.vnni import VnniLinear, prompt_rows, rounded_act
 from pagoda.engine.quantization.weights import QuantizedWeight
 from tests.unit.test_quantized_linears import _qw
 
-# The kernels' own tests need a CPU that runs them (AVX512-VNNI: native.NEEDED_FLAGS). Machines
-# differ from session to session; where one lacks the flags, the defaults run torch's kernels,
-# which the `kernels="torch"` cases of the layer and serving tests cover on every CPU.
+# The kernels' own tests need a CPU that runs them (AVX512-VNNI: native.NEEDED_FLAGS; the GEMM
+# and the decode attention also AVX2: native.AVX2_OPS). Machines differ from session to session;
+# where one lacks the flags, the defaults run torch's kernels, which the `kernels="torch"` cases
+# of the layer and serving tests cover on every CPU.
 needs_kernels = pytest.mark.skipif(
     bool(native.missing_flags()), reason=f"this CPU lacks {', '.join(native.missing_flags())}"
 )
+
+
+def needs_op(op: str) -> pytest.MarkDecorator:
+    """Skip where `op` cannot run on this CPU (neither NEEDED_FLAGS nor, for AVX2_OPS, AVX2)."""
+    here = not native.missing_flags() or (op in native.AVX2_OPS and native.avx2_only())
+    return pytest.mark.skipif(not here, reason=f"pagoda_cpu::{op} does not run on this CPU")
+
+
+needs_gemm = needs_op("qgemm")
 
 
 def _weight(
@@ -36,7 +46,7 @@ def _weight(
     )
 
 
-@needs_kernels
+@needs_gemm
 @pytest.mark.parametrize(
     ("bits", "scale_dtype", "offset", "act_bits"),
     [
@@ -49,7 +59,7 @@ def _weight(
 def test_kernel_computes_its_arithmetic_exactly(
     bits: int, scale_dtype: torch.dtype, offset: bool, act_bits: int
 ) -> None:
-    assert native.available()
+    assert native.runs("qgemm")
     qw = _weight(bits, 40, 192, 64, scale_dtype, offset)  # 40 outputs: a padded last tile
     layer = VnniLinear(qw, None, act_bits)
     # scales in the narrowest dtype that holds them exactly (float16 takes these bfloat16 ones too)
@@ -66,7 +76,7 @@ def test_kernel_computes_its_arithmetic_exactly(
     assert (VnniLinear(wrong, None, act_bits)(x) - layer(x)).abs().max() > 0.1 * layer(x).abs().max()
 
 
-@needs_kernels
+@needs_gemm
 def test_sixteen_bit_activations_use_both_digits() -> None:
     """Weight-only layers quantize activations to 16 bits as two int8 digits: ~100x closer to the
     exact product than 8 bits (measured 2e-5 against 5e-3 of the peak); dropping the low digit
@@ -91,7 +101,7 @@ def test_fp8_kernel_decodes_every_code(kernels: str) -> None:
     torch.testing.assert_close(layer(x), x @ w.t(), rtol=1e-5, atol=1e-5 * float((x @ w.t()).abs().max()))
 
 
-@needs_kernels
+@needs_gemm
 def test_w8a8_takes_one_scale_per_token() -> None:
     """A W8A8 layer (per-channel int8 weights) quantizes each row of activations with one scale, as
     its checkpoint declares. On AMX CPUs 4 rows or more run on AMX tiles and fewer on VNNI: both
@@ -164,6 +174,7 @@ def test_prompt_rows_belong_to_their_thread() -> None:
     assert seen == [3] and vnni._prompt.start is None
 
 
+@needs_gemm
 def test_rows_look_up_the_packed_codes() -> None:
     qw = _weight(8, 50, 64, 32, torch.float16, False)
     layer = VnniLinear(qw, None)
@@ -174,25 +185,35 @@ def test_rows_look_up_the_packed_codes() -> None:
 def test_kernels_are_off_without_vnni_or_a_compiler(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Without AVX-512 only the AVX2 ops run, and only where the CPU has AVX2, FMA and F16C; without
+    a compiler nothing does."""
     monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert native.missing_flags() == ["avx512f", "avx512bw", "avx512_vnni"]
-    native.available.cache_clear()
+    native.cache_clear()
     try:
-        assert not native.available()
+        assert not native.available() and not native.runs("qgemm")
+        monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+        monkeypatch.setattr(native, "_load", lambda: None)  # a build that succeeds
+        native.cache_clear()
+        assert not native.available() and native.isa() == "AVX2"
+        assert native.runs("qgemm") and native.runs("decode_attention") and not native.runs("rms_norm")
+        monkeypatch.undo()
+
         monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(native.NEEDED_FLAGS))
 
         def no_compiler() -> None:
             raise RuntimeError("g++ not found")
 
         monkeypatch.setattr(native, "_load", no_compiler)
-        native.available.cache_clear()
+        native.cache_clear()
         with caplog.at_level(logging.WARNING, logger=native.__name__):
-            assert not native.available()
+            assert not native.available() and not native.runs("qgemm")
         assert "g++ not found" in caplog.text
     finally:
-        native.available.cache_clear()
         monkeypatch.undo()
+        native.cache_clear()
     assert native.available() == (not native.missing_flags())  # this machine's own answer again
+    assert native.runs("qgemm") == (not native.missing_flags() or native.avx2_only())
 
 
 @needs_kernels

@@ -52,7 +52,8 @@ def _first_distributions(llm: LLM) -> list[torch.Tensor]:
 
 def _assert_served_like_reference(path: str, fmt: str, kinds: set[str], expected: State, tv: float) -> None:
     """`kinds`: the layer kinds on torch's kernels; on pagoda's own (the `kernels` fixture) every
-    integer layer is a VnniLinear of the same width, named "int4 gN (pagoda VNNI, ...)"."""
+    integer layer is a VnniLinear of the same width, named "int4 gN (pagoda VNNI, ...)" (AVX2 on a
+    CPU without AVX-512)."""
     served = LLM(path, **COMMON)
     assert served.engine.quantization == fmt
     layers = [m for m in served.engine.model.modules() if isinstance(m, QuantizedLinear)]

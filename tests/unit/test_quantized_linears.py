@@ -9,6 +9,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
+from pagoda.engine.quantization import native
 from pagoda.engine.quantization.gguf import gguf_quantized_weight
 from pagoda.engine.quantization.linear import make_linear
 from pagoda.engine.quantization.vnni import act_block, rounded_activations
@@ -87,7 +88,7 @@ def test_quantized_linear_multiplies_by_its_weight(case: str, dtype: torch.dtype
     block = act_block(qw)
     if kernels == "native":
         assert block is not None
-        kind = f"int{4 if qw.bits <= 4 else 8} g{block} (pagoda VNNI, {weight_only_acts()}"
+        kind = f"int{4 if qw.bits <= 4 else 8} g{block} (pagoda {native.isa()}, {weight_only_acts()}"
     bias = torch.randn(qw.out_features)
     layer = make_linear(qw, bias.to(dtype), torch.device("cpu"), dtype)
     assert layer.kind == kind
@@ -120,18 +121,20 @@ def test_w8a8_and_fp8_layers(kernels: str) -> None:
     qw = QuantizedWeight(int8.codes, int8.scale, None, 8, act="int8")
     picked = make_linear(qw, None, torch.device("cpu"), torch.float32).kind
     if kernels == "native":
-        isa = "VNNI, AMX" if torch.ops.pagoda_cpu.amx() else "VNNI"
+        isa = native.isa() + (", AMX" if torch.ops.pagoda_cpu.amx() else "")
         assert picked == f"int8 per channel (pagoda {isa}, int8 activations per token)"
     else:
         assert picked == "w8a8 int8 (fbgemm)"
-    x = torch.randn(4, 128)
+    # a fixed x: on CPUs without VNNI torch's kernels take 7-bit activations (reduce_range), whose
+    # error over random x reached 2.7% of the peak (30 seeds, an AVX2 EPYC)
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(0))
     ref = x @ int8.dequantize().t()
     for kernel in ("onednn", "fbgemm"):
         w8a8 = W8A8Linear(qw, None, kernel)
         assert torch.equal(w8a8.dequantized_weight(), int8.dequantize())
         y = w8a8(x)
         err = (y - ref).abs().max() / ref.abs().max()
-        assert 0 < err < 0.02  # int8 activations: close, not exact
+        assert 0 < err < 0.03  # int8 activations: close, not exact
         assert all(torch.equal(w8a8(x[i : i + 1])[0], y[i]) for i in range(4))  # per-row scales
 
     codes = (torch.randn(32, 128) * 100).to(torch.float8_e4m3fn)
@@ -139,7 +142,8 @@ def test_w8a8_and_fp8_layers(kernels: str) -> None:
     fp8 = make_linear(
         QuantizedWeight(codes, scale, None, 8, act="fp8"), None, torch.device("cpu"), torch.float32
     )
-    assert fp8.kind == ("fp8 (pagoda, dequantized per tile)" if kernels == "native" else "fp8")
+    pagoda_fp8 = kernels == "native" and native.available()  # AVX-512 only
+    assert fp8.kind == ("fp8 (pagoda, dequantized per tile)" if pagoda_fp8 else "fp8")
     w = codes.float() * scale
     assert torch.equal(fp8.dequantized_weight(), w)
     err = (fp8(x) - x @ w.t()).abs().max() / (x @ w.t()).abs().max()

@@ -356,6 +356,16 @@ def native_kernels() -> bool:
     return native.available()
 
 
+def native_gemm() -> bool:
+    """Whether pagoda's integer GEMM runs here: with the other kernels (native_kernels), or alone on
+    an AVX2 CPU (off with PAGODA_NATIVE_KERNELS=0 too)."""
+    if os.environ.get("PAGODA_NATIVE_KERNELS", "1") == "0":
+        return False
+    from pagoda.engine.quantization import native
+
+    return native.runs("qgemm")
+
+
 def int8_activations() -> bool:
     """Whether weight-only layers quantize activations to 8 bits, as llama.cpp runs Q4/Q8
     (PAGODA_INT8_ACTIVATIONS=1): faster, but ~1% error per layer, which changes the demo's greedy
@@ -369,7 +379,7 @@ def native_linear(
     """qw on pagoda's own kernel (a VnniLinear; 8-bit activations for W8A8, 16-bit for weight-only
     layers), or None where it cannot run: not on a CPU, the kernel unavailable, or groups it does
     not take."""
-    if device.type != "cpu" or qw.is_float or not native_kernels():
+    if device.type != "cpu" or qw.is_float or not native_gemm():
         return None
     from pagoda.engine.quantization.vnni import VnniLinear, act_block
 

@@ -8,9 +8,12 @@ ships for quantized weights dequantize per row (int4pack) or requantize activati
 passes (fbgemm, oneDNN), which at 16 rows makes them slower than bf16 (docs/perf.md, issue 16).
 
 The kernels need AVX512-VNNI (Cascade Lake and newer Xeons, Zen 4 and newer EPYCs); the AMX paths
-(per-token W8A8, prompt rows of weight-only layers) need AMX too. Where the CPU lacks VNNI, or the
-build fails (no g++), `available()` is False and the quantized layers keep torch's kernels; the
-reason is logged once.
+(per-token W8A8, prompt rows of weight-only layers) need AMX too. On a CPU with AVX2, FMA
+and F16C but no AVX-512 (Zen 1-3 EPYCs, Intel client cores), the integer GEMM and the decode
+attention run (qgemm_avx2.cpp: the same integers, so the same results; attention_avx2.cpp):
+`runs(op)` says which op runs here; `available()`, which covers every kernel, is False there.
+Where the build fails (no g++), both are False and the layers keep torch's kernels; the reason is
+logged once.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 STALE_LOCK_S = 900.0  # a kernel build's lock older than this was left by a killed build
 SOURCES = sorted(CSRC.glob("*.cpp"))
-NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # every kernel
+AVX2_FLAGS = ("avx2", "fma", "f16c")  # without NEEDED_FLAGS: AVX2_OPS alone
+AVX2_OPS = ("decode_attention", "qgemm")  # attention_avx2.cpp, qgemm_avx2.cpp
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
 
 
@@ -57,19 +62,53 @@ def build_name() -> str:
     return f"pagoda_cpu_{key.hexdigest()[:16]}"
 
 
+def avx2_only() -> bool:
+    """Whether this CPU runs AVX2_OPS and no other kernel: it lacks NEEDED_FLAGS but has
+    AVX2_FLAGS."""
+    flags = cpu_flags()
+    return bool(missing_flags()) and all(f in flags for f in AVX2_FLAGS)
+
+
 @functools.cache
 def available() -> bool:
-    """True once the kernels are built and loaded (`torch.ops.pagoda_cpu.qgemm` exists)."""
+    """True once every kernel is built and loaded here (a CPU with NEEDED_FLAGS)."""
     missing = missing_flags()
     if missing:
-        logger.info("pagoda's CPU kernels are off: this CPU lacks %s", ", ".join(missing))
+        some = f" but {', '.join(sorted(AVX2_OPS))} (AVX2)" if avx2_only() and _built() else ""
+        logger.info("pagoda's CPU kernels are off%s: this CPU lacks %s", some, ", ".join(missing))
         return False
+    return _built()
+
+
+def isa() -> str:
+    """The instruction set the kernels run on here, as layer kinds name it: "VNNI" (AVX512-VNNI)
+    or "AVX2"."""
+    return "AVX2" if missing_flags() else "VNNI"
+
+
+@functools.cache
+def runs(op: str) -> bool:
+    """Whether `torch.ops.pagoda_cpu.<op>` runs here: every op does where available(), AVX2_OPS on
+    a CPU with AVX2_FLAGS once the build succeeded."""
+    if not missing_flags():
+        return available()
+    return op in AVX2_OPS and avx2_only() and _built()
+
+
+@functools.cache
+def _built() -> bool:
     try:
         _load()
     except Exception as e:  # a failed build must not stop serving: torch's kernels still work
         logger.warning("pagoda's CPU kernels could not be built (%s); using torch's", e)
         return False
     return True
+
+
+def cache_clear() -> None:
+    """Forget what available() and runs() found (tests that change the CPU's flags)."""
+    for fn in (available, runs, _built):
+        fn.cache_clear()
 
 
 def _load() -> None:
@@ -166,8 +205,13 @@ def main() -> None:
     """`python -m pagoda.engine.quantization.native`: build now (make install and the images do,
     so the first request does not wait for the compiler)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ok = available()
-    print("pagoda CPU kernels:", "ready" if ok else "not available (torch's kernels are used)")
+    if available():
+        print("pagoda CPU kernels: ready")
+    elif all(runs(op) for op in AVX2_OPS):
+        ops = ", ".join(AVX2_OPS)
+        print(f"pagoda CPU kernels: {ops} ready (AVX2); the others need AVX-512 (torch's are used)")
+    else:
+        print("pagoda CPU kernels: not available (torch's kernels are used)")
 
 
 if __name__ == "__main__":

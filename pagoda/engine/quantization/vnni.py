@@ -1,4 +1,5 @@
-"""VnniLinear: 4- and 8-bit integer weights on pagoda's own CPU kernel (native.py, csrc/qgemm.cpp),
+"""VnniLinear: 4- and 8-bit integer weights on pagoda's own CPU kernel (native.py, csrc/qgemm.cpp;
+on CPUs with AVX2 and no AVX-512, csrc/qgemm_avx2.cpp: the same results),
 which multiplies them against activations quantized per row and group at call time: one layer for
 GGUF Q4_0/Q4_1/Q8_0 and K-quant codes, compressed-tensors W4A16/W8A16 and W8A8, GPTQ and AWQ.
 
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 
 import torch
 
+from pagoda.engine.quantization import native
 from pagoda.engine.quantization.linear import QuantizedLinear
 from pagoda.engine.quantization.weights import QuantizedWeight
 
@@ -172,12 +174,13 @@ class VnniLinear(QuantizedLinear):
         self.group = block
         # weight-only layers on AMX CPUs: prompt rows in bf16 on AMX tiles (prompt_rows)
         self.prompt_kernel = act_bits == 16 and bool(torch.ops.pagoda_cpu.amx())
+        isa = native.isa()
         if per_token:
-            isa = "VNNI, AMX" if self.bits == 8 and torch.ops.pagoda_cpu.amx() else "VNNI"
+            isa += ", AMX" if self.bits == 8 and torch.ops.pagoda_cpu.amx() else ""
             self.kind = f"int{self.bits} per channel (pagoda {isa}, int8 activations per token)"
         else:
             prompts = ", prompts bf16 on AMX" if self.prompt_kernel else ""
-            self.kind = f"int{self.bits} g{block} (pagoda VNNI, int{act_bits} activations{prompts})"
+            self.kind = f"int{self.bits} g{block} (pagoda {isa}, int{act_bits} activations{prompts})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

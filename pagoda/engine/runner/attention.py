@@ -126,7 +126,7 @@ class TorchAttention(AttentionBackend):
         super().__init__(device)
         # pagoda's CPU decode attention, where this CPU runs pagoda's kernels (decided here, once:
         # the check reads /proc/cpuinfo, which a compiled graph's trace cannot)
-        self.native = device.type == "cpu" and native.available()
+        self.native = device.type == "cpu" and native.runs("decode_attention")
 
     def forward(
         self,
@@ -245,7 +245,7 @@ class TorchAttention(AttentionBackend):
 
 def native_decode_usable(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether pagoda's CPU decode attention (quantization/csrc/attention.cpp) takes these (on a
-    CPU that runs pagoda's kernels: the caller checks `native.available()` once): float32 or
+    CPU that runs it: the caller checks `native.runs("decode_attention")` once): float32 or
     bfloat16 throughout, head_dim a multiple of 16 up to 256, at most 16 query heads per KV head,
     a contiguous cache."""
     heads, (_, _, kv_heads, dim) = q.shape[1], k_cache.shape

@@ -52,7 +52,7 @@ class _GraphDecodeAttention(AttentionBackend):
     def __init__(self, block_size: int) -> None:
         super().__init__(torch.device("cpu"))
         self.block_size = block_size
-        self.native = native.available()  # pagoda's decode attention (decided before any trace)
+        self.native = native.runs("decode_attention")  # decided before any trace
 
     def forward(
         self,

@@ -260,8 +260,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   } else {
     dispatch_index<at::BFloat16>(out, q, k_cache, v_cache, tables, lens, window, t);
   }
+#elif defined(PAGODA_AVX2)
+  decode_attention_avx2(out, q, k_cache, v_cache, tables, lens, scale, window, softcap);
 #else
-  TORCH_CHECK(false, "decode_attention: built without AVX512-VNNI");
+  TORCH_CHECK(false, "decode_attention: built without AVX512-VNNI or AVX2");
 #endif
   return out;
 }

@@ -14,6 +14,10 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define PAGODA_VNNI 1
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// qgemm only (qgemm_avx2.cpp): the other kernels need AVX-512
+#define PAGODA_AVX2 1
+#include <immintrin.h>
 #endif
 // AMX (Sapphire Rapids and newer) comes with all three tile extensions and AVX512-BF16.
 #if defined(PAGODA_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && \
@@ -79,6 +83,12 @@ void dispatch_weight(at::ScalarType scale_type, int64_t bits, Fn&& fn) {
     default: with_bits(at::BFloat16{}); break;
   }
 }
+
+#ifdef PAGODA_AVX2
+// qgemm's arguments checked (packed_weight) and its work done on AVX2 (qgemm_avx2.cpp)
+at::Tensor qgemm_avx2(const at::Tensor& x, const PackedWeight& w, at::ScalarType scale_type, int64_t bits,
+                      int64_t act_bits);
+#endif
 
 // Whether this process may use AMX: Linux grants the tile state on request, once per process.
 inline bool amx_ready() {
@@ -161,5 +171,53 @@ inline void store16(at::BFloat16* p, __m512 v) {
 }
 
 #endif  // PAGODA_VNNI
+
+#ifdef PAGODA_AVX2
+// Up to 8 values from p as float32 (zeros past `n`).
+inline __m256 load8(const float* p, int64_t n) {
+  if (n >= 8) return _mm256_loadu_ps(p);
+  alignas(32) float v[8] = {};
+  std::memcpy(v, p, n * sizeof(float));
+  return _mm256_load_ps(v);
+}
+inline __m256 load8(const at::BFloat16* p, int64_t n) {
+  if (n >= 8) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  alignas(16) uint16_t v[8] = {};
+  std::memcpy(v, p, std::min<int64_t>(n, 8) * sizeof(uint16_t));
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(v)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+// 8 float32 stored as they are, or rounded to nearest even as bfloat16.
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(at::BFloat16* p, __m256 v) {  // rounded to nearest even
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+// The largest of 8 lanes, and the sum.
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// decode_attention's work on AVX2 (attention_avx2.cpp), its arguments checked by attention.cpp.
+void decode_attention_avx2(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t window,
+                           double softcap);
+
+#endif  // PAGODA_AVX2
 
 }  // namespace pagoda_cpu

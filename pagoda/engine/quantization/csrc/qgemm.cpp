@@ -275,10 +275,12 @@ void gemm(const Problem& p, int64_t m, bool amx, O* y) {
 at::Tensor qgemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                  const c10::optional<at::Tensor>& offset, int64_t bits, int64_t group, double zero_code,
                  int64_t act_bits) {
-#ifdef PAGODA_VNNI
+#if defined(PAGODA_VNNI) || defined(PAGODA_AVX2)
   const PackedWeight w = packed_weight(x, packed, scale, offset, bits, group, zero_code, "qgemm");
   TORCH_CHECK(act_bits == 8 || act_bits == 16, "qgemm: act_bits must be 8 or 16");
   TORCH_CHECK(act_bits == 8 || group <= 128, "qgemm: 16-bit activations in groups of at most 128");
+#endif
+#ifdef PAGODA_VNNI
   const int64_t m = x.size(0), k = w.k;
   at::Tensor y = at::empty({m, w.n}, x.options());
   if (m == 0) return y;
@@ -305,8 +307,10 @@ at::Tensor qgemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor
     run(std::integral_constant<int, 1>{});
   }
   return y;
+#elif defined(PAGODA_AVX2)
+  return qgemm_avx2(x, w, scale.scalar_type(), bits, act_bits);
 #else
-  TORCH_CHECK(false, "qgemm needs AVX512-VNNI, which this build does not have");
+  TORCH_CHECK(false, "qgemm needs AVX512-VNNI or AVX2, which this build does not have");
 #endif
 }
 
