@@ -12,22 +12,18 @@
 //   window > 0: a query sees only the last `window` keys; softcap > 0: s = softcap * tanh(s / softcap)
 //
 // Returns [n, heads, head_dim] in q's dtype, rounded once.
-#include "common.h"
+#include "attention_rows.h"
 
 namespace {
 
 using namespace pagoda_cpu;
+using attention::AttendFn;
+using attention::Task;
 
 constexpr int64_t kMaxRows = 16;      // query heads per KV head
 constexpr int64_t kMaxChunks = 16;    // head_dim / 16
-constexpr int64_t kInline = 1 << 20;  // multiply-adds below which a call stays on this thread
 
 #ifdef PAGODA_VNNI
-
-struct Task {
-  int64_t rows, chunks, block_size, kv_heads, head_dim;
-  float scale, softcap;
-};
 
 // e^x for x <= 0 (scores less their maximum), 16 at a time: x = (n + f) ln 2 with |f| <= 1/2,
 // 2^f by its Taylor series to f^6 (relative error ~2e-7, under float32's own), times 2^n by scalef.
@@ -147,10 +143,6 @@ void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first,
   }
 }
 
-template <typename T, typename I>
-using AttendFn = void (*)(const T*, const T*, const T*, const I*, int64_t, int64_t, int64_t, const Task&, float*,
-                          int64_t*, T*);
-
 // The unrolled `attend` for the common shapes (head_dim 64 or 128, up to 8 query rows per KV
 // head), else the general one.
 template <typename T, typename I>
@@ -175,59 +167,12 @@ AttendFn<T, I> pick_attend(const Task& t) {
   return &attend<T, I, 0, 0>;
 }
 
-template <typename T, typename I, typename L>
-void decode_rows(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                 const at::Tensor& tables, const at::Tensor& lens, int64_t window, const Task& t) {
-  const int64_t n = q.size(0), heads = q.size(1), max_blocks = tables.size(1), table_stride = tables.stride(0);
-  const T* qp = q.data_ptr<T>();
-  const T* kc = k_cache.data_ptr<T>();
-  const T* vc = v_cache.data_ptr<T>();
-  const I* tp = tables.data_ptr<I>();
-  const L* lp = lens.data_ptr<L>();
-  T* op = out.data_ptr<T>();
-  int64_t longest = 0, work = 0;
-  for (int64_t s = 0; s < n; ++s) {
-    const int64_t len = static_cast<int64_t>(lp[s]);
-    TORCH_CHECK(len >= 0 && len <= max_blocks * t.block_size, "decode_attention: seq_len beyond its block table");
-    longest = std::max(longest, len);
-    work += len;
+struct PickAvx512 {
+  template <typename T, typename I>
+  static AttendFn<T, I> pick(const Task& t) {
+    return pick_attend<T, I>(t);
   }
-  work *= heads * t.head_dim * 2;
-  const int64_t tasks = n * t.kv_heads;
-  const AttendFn<T, I> attend_one = pick_attend<T, I>(t);
-  const int64_t grain = work < kInline ? std::max<int64_t>(tasks, 1) : 1;
-  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(static_cast<size_t>(std::max<int64_t>(t.rows * longest, 1)));
-    std::vector<int64_t> rows(static_cast<size_t>(std::max<int64_t>(longest, 1)));
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t s = task / t.kv_heads, head = task % t.kv_heads;
-      const int64_t len = static_cast<int64_t>(lp[s]);
-      const int64_t offset = (s * heads + head * t.rows) * t.head_dim;
-      if (len == 0) {  // a padding row
-        std::memset(static_cast<void*>(op + offset), 0, sizeof(T) * t.rows * t.head_dim);
-        continue;
-      }
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      attend_one(qp + offset, kc, vc, tp + s * table_stride, first, len, head, t, scores.data(), rows.data(),
-                 op + offset);
-    }
-  });
-}
-
-template <typename T>
-void dispatch_index(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                    const at::Tensor& tables, const at::Tensor& lens, int64_t window, const Task& t) {
-  const bool tables64 = tables.scalar_type() == at::kLong, lens64 = lens.scalar_type() == at::kLong;
-  if (tables64 && lens64) {
-    decode_rows<T, int64_t, int64_t>(out, q, k_cache, v_cache, tables, lens, window, t);
-  } else if (tables64) {
-    decode_rows<T, int64_t, int32_t>(out, q, k_cache, v_cache, tables, lens, window, t);
-  } else if (lens64) {
-    decode_rows<T, int32_t, int64_t>(out, q, k_cache, v_cache, tables, lens, window, t);
-  } else {
-    decode_rows<T, int32_t, int32_t>(out, q, k_cache, v_cache, tables, lens, window, t);
-  }
-}
+};
 
 #endif  // PAGODA_VNNI
 
@@ -256,9 +201,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const Task t{q.size(1) / kv_heads, head_dim / 16, k_cache.size(1), kv_heads, head_dim,
                static_cast<float>(scale), static_cast<float>(softcap)};
   if (dtype == at::kFloat) {
-    dispatch_index<float>(out, q, k_cache, v_cache, tables, lens, window, t);
+    attention::dispatch_index<PickAvx512, float>(out, q, k_cache, v_cache, tables, lens, window, t);
   } else {
-    dispatch_index<at::BFloat16>(out, q, k_cache, v_cache, tables, lens, window, t);
+    attention::dispatch_index<PickAvx512, at::BFloat16>(out, q, k_cache, v_cache, tables, lens, window, t);
   }
 #elif defined(PAGODA_AVX2)
   decode_attention_avx2(out, q, k_cache, v_cache, tables, lens, scale, window, softcap);

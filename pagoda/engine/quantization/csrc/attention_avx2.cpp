@@ -4,19 +4,15 @@
 // for four keys at a time reduced together, e^x built in the exponent bits, and P V in blocks of
 // up to 4 query rows x 16 or 32 dimensions, whose accumulators stay in registers while every key
 // of the sequence passes.
-#include "common.h"
+#include "attention_rows.h"
 
 #ifdef PAGODA_AVX2
 
 namespace pagoda_cpu {
 namespace {
 
-constexpr int64_t kInline = 1 << 20;  // multiply-adds below which a call stays on this thread
-
-struct Task {
-  int64_t rows, chunks, block_size, kv_heads, head_dim;  // chunks: head_dim / 8
-  float scale, softcap;
-};
+using attention::AttendFn;
+using attention::Task;
 
 // e^x for x <= 0, 8 at a time: attention.cpp's series for 2^f, and 2^n as exponent bits (n >= -126
 // after the clamp, a normal float).
@@ -98,12 +94,13 @@ void weigh_values(const T* vc, const int64_t* rows, const float* p, int64_t n, i
   }
 }
 
-// One sequence and KV head: o[g] = softmax(scale * q[g] . K) V over keys [first, len). `qs`
-// holds rows * head_dim floats, `scores` rows * (len - first), `rows` len - first.
+// One sequence and KV head: o[g] = softmax(scale * q[g] . K) V over keys [first, len); `scores`
+// holds rows * (len - first) floats, `rows` len - first.
 template <typename T, typename I>
 void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first, int64_t len, int64_t head,
-            const Task& t, float* qs, float* scores, int64_t* rows, T* out) {
+            const Task& t, float* scores, int64_t* rows, T* out) {
   const int64_t nr = t.rows, nc = t.chunks, d = t.head_dim, n = len - first;
+  float qs[16 * 256];  // the scaled queries: at most 16 rows of 256 (attention.cpp checks)
   int64_t block = first / t.block_size, offset = first % t.block_size;
   for (int64_t i = 0; i < n; ++i) {
     rows[i] = ((static_cast<int64_t>(table[block]) * t.block_size + offset) * t.kv_heads + head) * d;
@@ -160,59 +157,12 @@ void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first,
   }
 }
 
-template <typename T, typename I, typename L>
-void decode_rows(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                 const at::Tensor& tables, const at::Tensor& lens, int64_t window, const Task& t) {
-  const int64_t n = q.size(0), heads = q.size(1), max_blocks = tables.size(1), table_stride = tables.stride(0);
-  const T* qp = q.data_ptr<T>();
-  const T* kc = k_cache.data_ptr<T>();
-  const T* vc = v_cache.data_ptr<T>();
-  const I* tp = tables.data_ptr<I>();
-  const L* lp = lens.data_ptr<L>();
-  T* op = out.data_ptr<T>();
-  int64_t longest = 0, work = 0;
-  for (int64_t s = 0; s < n; ++s) {
-    const int64_t len = static_cast<int64_t>(lp[s]);
-    TORCH_CHECK(len >= 0 && len <= max_blocks * t.block_size, "decode_attention: seq_len beyond its block table");
-    longest = std::max(longest, len);
-    work += len;
+struct PickAvx2 {
+  template <typename T, typename I>
+  static AttendFn<T, I> pick(const Task&) {
+    return &attend<T, I>;
   }
-  work *= heads * t.head_dim * 2;
-  const int64_t tasks = n * t.kv_heads;
-  const int64_t grain = work < kInline ? std::max<int64_t>(tasks, 1) : 1;
-  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qs(static_cast<size_t>(t.rows * t.head_dim));
-    std::vector<float> scores(static_cast<size_t>(std::max<int64_t>(t.rows * longest, 1)));
-    std::vector<int64_t> rows(static_cast<size_t>(std::max<int64_t>(longest, 1)));
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t s = task / t.kv_heads, head = task % t.kv_heads;
-      const int64_t len = static_cast<int64_t>(lp[s]);
-      const int64_t offset = (s * heads + head * t.rows) * t.head_dim;
-      if (len == 0) {  // a padding row
-        std::memset(static_cast<void*>(op + offset), 0, sizeof(T) * t.rows * t.head_dim);
-        continue;
-      }
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      attend(qp + offset, kc, vc, tp + s * table_stride, first, len, head, t, qs.data(), scores.data(), rows.data(),
-             op + offset);
-    }
-  });
-}
-
-template <typename T>
-void dispatch_index(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                    const at::Tensor& tables, const at::Tensor& lens, int64_t window, const Task& t) {
-  const bool tables64 = tables.scalar_type() == at::kLong, lens64 = lens.scalar_type() == at::kLong;
-  if (tables64 && lens64) {
-    decode_rows<T, int64_t, int64_t>(out, q, k_cache, v_cache, tables, lens, window, t);
-  } else if (tables64) {
-    decode_rows<T, int64_t, int32_t>(out, q, k_cache, v_cache, tables, lens, window, t);
-  } else if (lens64) {
-    decode_rows<T, int32_t, int64_t>(out, q, k_cache, v_cache, tables, lens, window, t);
-  } else {
-    decode_rows<T, int32_t, int32_t>(out, q, k_cache, v_cache, tables, lens, window, t);
-  }
-}
+};
 
 }  // namespace
 
@@ -223,9 +173,9 @@ void decode_attention_avx2(at::Tensor& out, const at::Tensor& q, const at::Tenso
   const Task t{q.size(1) / kv_heads, head_dim / 8, k_cache.size(1), kv_heads, head_dim, static_cast<float>(scale),
                static_cast<float>(softcap)};
   if (q.scalar_type() == at::kFloat) {
-    dispatch_index<float>(out, q, k_cache, v_cache, tables, lens, window, t);
+    attention::dispatch_index<PickAvx2, float>(out, q, k_cache, v_cache, tables, lens, window, t);
   } else {
-    dispatch_index<at::BFloat16>(out, q, k_cache, v_cache, tables, lens, window, t);
+    attention::dispatch_index<PickAvx2, at::BFloat16>(out, q, k_cache, v_cache, tables, lens, window, t);
   }
 }
 
