@@ -78,10 +78,10 @@ def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     (every integer layer) or AVX2 (the integer layers; fp8 and norms on torch's), and on torch's
     kernels (what other CPUs run, as defaults there). Where the CPU runs them the kernels must
     build."""
-    from pagoda.engine.quantization.linear import native_gemm
+    from pagoda.engine.quantization.linear import native_kernels
 
     if request.param == "native":
-        assert native_gemm(), "pagoda's CPU kernels must build on the test machine"
+        assert native_kernels("qgemm"), "pagoda's CPU kernels must build on the test machine"
         monkeypatch.delenv("PAGODA_INT8_ACTIVATIONS", raising=False)
     else:
         monkeypatch.setenv("PAGODA_NATIVE_KERNELS", "0")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pagoda.engine.quantization.linear import QuantizedLinear, native_gemm
+from pagoda.engine.quantization.linear import QuantizedLinear, native_kernels
 
 
 def weight_only_acts() -> str:
@@ -23,7 +23,7 @@ def assert_kinds(layers: Iterable[QuantizedLinear], torch_kinds: set[str]) -> No
     kinds = {m.kind for m in layers}
     if torch_kinds == {"fp8"}:  # fp8 is dequantized per tile on either kernel
         assert len(kinds) == 1 and kinds <= {"fp8", "fp8 (pagoda, dequantized per tile)"}, kinds
-    elif native_gemm():
+    elif native_kernels("qgemm"):
         width = {"int4" if k.startswith("int4") else "int8" for k in torch_kinds}
         acts = "int8 activations per token)" if torch_kinds == {"w8a8 int8 (fbgemm)"} else weight_only_acts()
         assert {k.split()[0] for k in kinds} == width, kinds

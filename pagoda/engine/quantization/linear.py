@@ -1,10 +1,9 @@
 """The quantized linear layers: each takes a QuantizedWeight once, packs it into its kernel's
 layout, and keeps nothing else (so resident weight memory is the packed codes plus scales).
 
-On CPUs with AVX512-VNNI, `make_linear` gives every integer weight to VnniLinear (vnni.py, pagoda's
-own kernel: 8-bit activations for W8A8, 16-bit for weight-only layers), and fp8 weights to its
-per-tile kernel; the tied LM head of a quantized embedding is a VnniLinear too. The layers below
-are what other CPUs (and GPUs) run.
+On CPUs with AVX512-VNNI or AVX2, `make_linear` gives every integer weight (and the tied LM head of
+a quantized embedding) to VnniLinear (vnni.py: pagoda's kernel), fp8 ones on AVX512-VNNI to its
+per-tile kernel. The layers below are what other CPUs (and GPUs) run.
 
 - Int4Linear: 4-bit codes in groups of 32..256; CPU `_weight_int4pack_mm_for_cpu`, GPU Triton
   `quant_matmul`.
@@ -347,23 +346,14 @@ def _triton_weight(
     )
 
 
-def native_kernels() -> bool:
-    """Whether pagoda's own CPU kernels run here (native.py; off with PAGODA_NATIVE_KERNELS=0)."""
+def native_kernels(op: str | None = None) -> bool:
+    """Whether pagoda's own CPU kernels run here (native.py; off with PAGODA_NATIVE_KERNELS=0): all of
+    them, or `op` alone (on AVX2 CPUs the GEMM and the decode attention run, not the others)."""
     if os.environ.get("PAGODA_NATIVE_KERNELS", "1") == "0":
         return False
     from pagoda.engine.quantization import native
 
-    return native.available()
-
-
-def native_gemm() -> bool:
-    """Whether pagoda's integer GEMM runs here: with the other kernels (native_kernels), or alone on
-    an AVX2 CPU (off with PAGODA_NATIVE_KERNELS=0 too)."""
-    if os.environ.get("PAGODA_NATIVE_KERNELS", "1") == "0":
-        return False
-    from pagoda.engine.quantization import native
-
-    return native.runs("qgemm")
+    return native.available() if op is None else native.runs(op)
 
 
 def int8_activations() -> bool:
@@ -379,7 +369,7 @@ def native_linear(
     """qw on pagoda's own kernel (a VnniLinear; 8-bit activations for W8A8, 16-bit for weight-only
     layers), or None where it cannot run: not on a CPU, the kernel unavailable, or groups it does
     not take."""
-    if device.type != "cpu" or qw.is_float or not native_gemm():
+    if device.type != "cpu" or qw.is_float or not native_kernels("qgemm"):
         return None
     from pagoda.engine.quantization.vnni import VnniLinear, act_block
 
