@@ -134,7 +134,7 @@ def test_w8a8_and_fp8_layers(kernels: str) -> None:
         assert torch.equal(w8a8.dequantized_weight(), int8.dequantize())
         y = w8a8(x)
         err = (y - ref).abs().max() / ref.abs().max()
-        assert 0 < err < 0.03  # int8 activations: close, not exact
+        assert 0 < err < 0.02  # int8 activations: close, not exact (1.2-1.3% at this x on AVX2)
         assert all(torch.equal(w8a8(x[i : i + 1])[0], y[i]) for i in range(4))  # per-row scales
 
     codes = (torch.randn(32, 128) * 100).to(torch.float8_e4m3fn)
