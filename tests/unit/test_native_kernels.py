@@ -30,9 +30,8 @@ needs_kernels = pytest.mark.skipif(
 
 
 def needs_op(op: str) -> pytest.MarkDecorator:
-    """Skip where `op` cannot run on this CPU (neither NEEDED_FLAGS nor, for AVX2_OPS, AVX2)."""
-    here = not native.missing_flags() or (op in native.AVX2_OPS and native.avx2_only())
-    return pytest.mark.skipif(not here, reason=f"pagoda_cpu::{op} does not run on this CPU")
+    """Skip where this CPU lacks what `op` needs (neither NEEDED_FLAGS nor, for AVX2_OPS, AVX2)."""
+    return pytest.mark.skipif(not native.supports(op), reason=f"pagoda_cpu::{op} does not run on this CPU")
 
 
 needs_gemm = needs_op("qgemm")
@@ -213,7 +212,7 @@ def test_kernels_are_off_without_vnni_or_a_compiler(
         monkeypatch.undo()
         native.cache_clear()
     assert native.available() == (not native.missing_flags())  # this machine's own answer again
-    assert native.runs("qgemm") == (not native.missing_flags() or native.avx2_only())
+    assert native.runs("qgemm") == native.supports("qgemm")
 
 
 @needs_kernels

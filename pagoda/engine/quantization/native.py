@@ -86,13 +86,19 @@ def isa() -> str:
     return "AVX2" if missing_flags() else "VNNI"
 
 
+def supports(op: str) -> bool:
+    """Whether this CPU has what `op` needs (NEEDED_FLAGS, or AVX2_FLAGS for AVX2_OPS); nothing is
+    built to answer."""
+    return not missing_flags() or (op in AVX2_OPS and avx2_only())
+
+
 @functools.cache
 def runs(op: str) -> bool:
-    """Whether `torch.ops.pagoda_cpu.<op>` runs here: every op does where available(), AVX2_OPS on
-    a CPU with AVX2_FLAGS once the build succeeded."""
+    """Whether `torch.ops.pagoda_cpu.<op>` runs here: the CPU supports it and the build succeeded
+    (every op where available())."""
     if not missing_flags():
         return available()
-    return op in AVX2_OPS and avx2_only() and _built()
+    return supports(op) and _built()
 
 
 @functools.cache
