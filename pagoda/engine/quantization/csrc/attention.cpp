@@ -20,8 +20,8 @@ using namespace pagoda_cpu;
 using attention::AttendFn;
 using attention::Task;
 
-constexpr int64_t kMaxRows = 16;      // query heads per KV head
-constexpr int64_t kMaxChunks = 16;    // head_dim / 16
+using attention::kMaxRows;
+constexpr int64_t kMaxChunks = attention::kMaxHeadDim / 16;
 
 #ifdef PAGODA_VNNI
 
@@ -200,11 +200,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 #ifdef PAGODA_VNNI
   const Task t{q.size(1) / kv_heads, head_dim / 16, k_cache.size(1), kv_heads, head_dim,
                static_cast<float>(scale), static_cast<float>(softcap)};
-  if (dtype == at::kFloat) {
-    attention::dispatch_index<PickAvx512, float>(out, q, k_cache, v_cache, tables, lens, window, t);
-  } else {
-    attention::dispatch_index<PickAvx512, at::BFloat16>(out, q, k_cache, v_cache, tables, lens, window, t);
-  }
+  attention::run<PickAvx512>(out, q, k_cache, v_cache, tables, lens, window, t);
 #elif defined(PAGODA_AVX2)
   decode_attention_avx2(out, q, k_cache, v_cache, tables, lens, scale, window, softcap);
 #else

@@ -100,7 +100,7 @@ template <typename T, typename I>
 void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first, int64_t len, int64_t head,
             const Task& t, float* scores, int64_t* rows, T* out) {
   const int64_t nr = t.rows, nc = t.chunks, d = t.head_dim, n = len - first;
-  float qs[16 * 256];  // the scaled queries: at most 16 rows of 256 (attention.cpp checks)
+  float qs[attention::kMaxRows * attention::kMaxHeadDim];  // the scaled queries
   int64_t block = first / t.block_size, offset = first % t.block_size;
   for (int64_t i = 0; i < n; ++i) {
     rows[i] = ((static_cast<int64_t>(table[block]) * t.block_size + offset) * t.kv_heads + head) * d;
@@ -138,7 +138,7 @@ void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first,
   if (t.softcap > 0.0f) {
     for (int64_t j = 0; j < nr * n; ++j) scores[j] = t.softcap * std::tanh(scores[j] / t.softcap);
   }
-  float inv[16];
+  float inv[attention::kMaxRows];
   for (int64_t g = 0; g < nr; ++g) inv[g] = softmax_row(scores + g * n, n);
   const bool wide = nc % 4 == 0;  // 32 dimensions a pass where the head divides into them
   for (int64_t g0 = 0; g0 < nr;) {
@@ -172,11 +172,7 @@ void decode_attention_avx2(at::Tensor& out, const at::Tensor& q, const at::Tenso
   const int64_t kv_heads = k_cache.size(2), head_dim = k_cache.size(3);
   const Task t{q.size(1) / kv_heads, head_dim / 8, k_cache.size(1), kv_heads, head_dim, static_cast<float>(scale),
                static_cast<float>(softcap)};
-  if (q.scalar_type() == at::kFloat) {
-    attention::dispatch_index<PickAvx2, float>(out, q, k_cache, v_cache, tables, lens, window, t);
-  } else {
-    attention::dispatch_index<PickAvx2, at::BFloat16>(out, q, k_cache, v_cache, tables, lens, window, t);
-  }
+  attention::run<PickAvx2>(out, q, k_cache, v_cache, tables, lens, window, t);
 }
 
 }  // namespace pagoda_cpu

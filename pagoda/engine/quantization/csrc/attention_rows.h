@@ -10,6 +10,8 @@ namespace pagoda_cpu {
 namespace attention {
 
 constexpr int64_t kInline = 1 << 20;  // multiply-adds below which a call stays on this thread
+constexpr int64_t kMaxRows = 16;      // query heads per KV head (attention.cpp checks both)
+constexpr int64_t kMaxHeadDim = 256;
 
 struct Task {
   int64_t rows, chunks, block_size, kv_heads, head_dim;  // chunks: head_dim / the kernel's lanes
@@ -73,6 +75,17 @@ void dispatch_index(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
     decode_rows<Pick, T, int32_t, int64_t>(out, q, k_cache, v_cache, tables, lens, window, t);
   } else {
     decode_rows<Pick, T, int32_t, int32_t>(out, q, k_cache, v_cache, tables, lens, window, t);
+  }
+}
+
+// The task for q's dtype and the index types of the tables and lengths.
+template <typename Pick>
+void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+         const at::Tensor& tables, const at::Tensor& lens, int64_t window, const Task& t) {
+  if (q.scalar_type() == at::kFloat) {
+    dispatch_index<Pick, float>(out, q, k_cache, v_cache, tables, lens, window, t);
+  } else {
+    dispatch_index<Pick, at::BFloat16>(out, q, k_cache, v_cache, tables, lens, window, t);
   }
 }
 

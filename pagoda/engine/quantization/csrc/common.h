@@ -15,7 +15,7 @@
 #define PAGODA_VNNI 1
 #include <immintrin.h>
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-// qgemm only (qgemm_avx2.cpp): the other kernels need AVX-512
+// qgemm and decode_attention only (qgemm_avx2.cpp, attention_avx2.cpp): the others need AVX-512
 #define PAGODA_AVX2 1
 #include <immintrin.h>
 #endif
@@ -180,15 +180,12 @@ inline __m256 load8(const float* p, int64_t n) {
   std::memcpy(v, p, n * sizeof(float));
   return _mm256_load_ps(v);
 }
+inline __m256 widen_bf16(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
 inline __m256 load8(const at::BFloat16* p, int64_t n) {
-  if (n >= 8) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-  }
+  if (n >= 8) return widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));  // the hot case: no copy
   alignas(16) uint16_t v[8] = {};
-  std::memcpy(v, p, std::min<int64_t>(n, 8) * sizeof(uint16_t));
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(v)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  std::memcpy(v, p, n * sizeof(uint16_t));
+  return widen_bf16(_mm_load_si128(reinterpret_cast<const __m128i*>(v)));
 }
 
 // 8 float32 stored as they are, or rounded to nearest even as bfloat16.

@@ -103,7 +103,6 @@ inline __m256 load_s8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load_s8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline __m256 load_s8(const at::BFloat16* p) { return load8(p, 8); }
 
-
 inline __m256i broadcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof(v));
