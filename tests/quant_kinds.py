@@ -11,12 +11,16 @@ from collections.abc import Iterable
 from pagoda.engine.quantization.linear import QuantizedLinear, native_kernels
 
 
-def weight_only_acts() -> str:
-    """How pagoda's kernel names the activations of a weight-only layer here (the kind's end)."""
+def weight_only_acts(gguf: bool = False) -> str:
+    """How pagoda's kernel names the activations of a weight-only layer here (the kind's end): 16
+    bits, or in a GGUF's linears 8 in generated rows and 16 in prompt rows (bf16 on CPUs with
+    AVX512-BF16)."""
     import torch
 
-    amx = bool(torch.ops.pagoda_cpu.amx())
-    return "int16 activations" + (", prompts bf16 on AMX)" if amx else ")")
+    prompts = ", prompts int16" if gguf else ""
+    if torch.ops.pagoda_cpu.wgemm_runs():  # AVX512-BF16: a bf16 model's prompt rows in bf16
+        prompts = ", prompts bf16" + (" on AMX" if torch.ops.pagoda_cpu.amx() else "")
+    return f"int{8 if gguf else 16} activations{prompts})"
 
 
 def assert_kinds(layers: Iterable[QuantizedLinear], torch_kinds: set[str]) -> None:

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,43 @@ def test_sixteen_bit_activations_use_both_digits() -> None:
     assert err[16] < err[8] / 50 and err[16] < 1e-4 * float(exact.abs().max()), err
 
 
+def test_activation_bits_follow_the_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 bits where the checkpoint's runtime uses them (W8A8 per token; GGUF's linears per group in
+    generated rows, as llama.cpp and vLLM run them), 16 in other weight-only layers and in GGUF's
+    prompt rows; PAGODA_INT8_ACTIVATIONS sets every row of the weight-only layers either way and
+    never W8A8's."""
+    qw = _weight(4, 16, 64, 32, torch.float16, True)
+    gguf, w8a8 = replace(qw, act="int8_group"), replace(qw, act="int8")
+
+    def bits() -> list[tuple[int, int]]:
+        return [(vnni.activation_bits(w), vnni.activation_bits(w, prompt=True)) for w in (qw, gguf, w8a8)]
+
+    monkeypatch.delenv("PAGODA_INT8_ACTIVATIONS", raising=False)
+    assert bits() == [(16, 16), (8, 16), (8, 8)]
+    monkeypatch.setenv("PAGODA_INT8_ACTIVATIONS", "0")
+    assert bits() == [(16, 16), (16, 16), (8, 8)]
+    monkeypatch.setenv("PAGODA_INT8_ACTIVATIONS", "1")
+    assert bits() == [(8, 8), (8, 8), (8, 8)]
+
+
+@needs_gemm
+def test_gguf_layers_take_16_bits_in_prompt_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GGUF linear rounds a step's generated rows to 8 bits and its prompt rows (prompt_rows) to
+    16, each row as it would alone; compiled decode graphs have no prompt rows."""
+    monkeypatch.delenv("PAGODA_INT8_ACTIVATIONS", raising=False)
+    qw = replace(_weight(4, 40, 192, 32, torch.float16, True), act="int8_group")
+    layer, eight, sixteen = VnniLinear(qw, None), VnniLinear(qw, None, 8), VnniLinear(qw, None, 16)
+    x = torch.randn(21, 192)  # float32: integer activations for prompts on AMX CPUs too
+    assert (layer.act_bits, layer.prompt_bits) == (8, 16)
+    assert torch.equal(layer(x), eight(x))  # outside a step with prompt rows: all generated
+    with prompt_rows(5):
+        y = layer(x)
+    assert torch.equal(y[:5], eight(x[:5])) and torch.equal(y[5:], sixteen(x[5:]))
+    assert not torch.equal(y[5:], eight(x[5:]))
+    with prompt_rows(0):
+        assert torch.equal(layer(x), sixteen(x))
+
+
 def test_fp8_kernel_decodes_every_code(kernels: str) -> None:
     """Every float8_e4m3fn byte but NaN (normals, subnormals, both zeros, both signs) decodes as
     torch's cast does, a tile at a time on either path, into the product x @ W^T."""
@@ -121,20 +159,23 @@ def test_w8a8_takes_one_scale_per_token() -> None:
 
 
 @needs_kernels
-def test_prompt_rows_run_in_bf16_on_amx() -> None:
-    """In a bf16 model on an AMX CPU, a weight-only layer computes the step's prompt rows as a dense
-    bf16 model would (the tile dequantized to bf16: csrc/wgemm.cpp) and the generated rows with
-    16-bit activations; elsewhere every row takes 16-bit activations."""
+def test_prompt_rows_run_in_bf16_where_the_cpu_has_it() -> None:
+    """In a bf16 model on a CPU with AVX512-BF16, a weight-only layer computes the step's prompt
+    rows as a dense bf16 model would (the tile dequantized to bf16: csrc/wgemm.cpp, on AMX tiles
+    where the CPU has them) and the generated rows with integer activations; elsewhere every row
+    takes integer activations."""
     qw = _weight(4, 40, 192, 32, torch.float16, True)
     layer = VnniLinear(qw, None, 16)
-    amx = bool(torch.ops.pagoda_cpu.amx())
-    assert layer.prompt_kernel == amx
-    assert layer.kind.endswith(", prompts bf16 on AMX)" if amx else "activations)")
+    bf16 = bool(torch.ops.pagoda_cpu.wgemm_runs())
+    assert bf16 == ("avx512_bf16" in cpu_flags())
+    assert layer.prompt_kernel == bf16
+    amx = " on AMX" if torch.ops.pagoda_cpu.amx() else ""
+    assert layer.kind.endswith(f", prompts bf16{amx})" if bf16 else "activations)")
     x = torch.randn(21, 192).bfloat16()
     with prompt_rows(5):
         y = layer(x)
     assert torch.equal(y[:5], layer(x[:5]))  # generated rows: 16-bit activations, as outside
-    if not amx:
+    if not bf16:
         assert torch.equal(y, layer(x))
         return
     dense = (x.float() @ qw.dequantize().bfloat16().float().t()).bfloat16()

@@ -264,6 +264,10 @@ def _iter_weights(
         tensor: torch.Tensor | QuantizedWeight
         if t.tensor_type in QUANTIZED_TYPES and len(t.shape) == 2:
             tensor = gguf_quantized_weight(t.data, t.tensor_type, (t.shape[1], t.shape[0]))
+            if not name.startswith(("lm_head.", "model.embed_tokens.")):
+                # 8-bit activations per block, as llama.cpp and vLLM run GGUF linears; the head
+                # (tied or not) keeps 16-bit ones: logits near a tie decide greedy tokens
+                tensor = replace(tensor, act="int8_group")
         else:
             tensor = dequantize_tensor(t)
         heads = arch.num_heads if ".self_attn.q_proj." in name else arch.num_kv_heads

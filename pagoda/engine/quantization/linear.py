@@ -356,26 +356,18 @@ def native_kernels(op: str | None = None) -> bool:
     return native.available() if op is None else native.runs(op)
 
 
-def int8_activations() -> bool:
-    """Whether weight-only layers quantize activations to 8 bits, as llama.cpp runs Q4/Q8
-    (PAGODA_INT8_ACTIVATIONS=1): faster, but ~1% error per layer, which changes the demo's greedy
-    answers (docs/perf.md); by default they take 16 bits, finer than bfloat16."""
-    return os.environ.get("PAGODA_INT8_ACTIVATIONS", "0") == "1"
-
-
 def native_linear(
     qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device
 ) -> QuantizedLinear | None:
-    """qw on pagoda's own kernel (a VnniLinear; 8-bit activations for W8A8, 16-bit for weight-only
-    layers), or None where it cannot run: not on a CPU, the kernel unavailable, or groups it does
-    not take."""
+    """qw on pagoda's own kernel (a VnniLinear, its activations' bits by vnni.activation_bits), or
+    None where it cannot run: not on a CPU, the kernel unavailable, or groups it does not take."""
     if device.type != "cpu" or qw.is_float or not native_kernels("qgemm"):
         return None
     from pagoda.engine.quantization.vnni import VnniLinear, act_block
 
     if act_block(qw) is None:
         return None
-    return VnniLinear(qw, bias, 8 if qw.act == "int8" or int8_activations() else 16)
+    return VnniLinear(qw, bias)
 
 
 def make_linear(

@@ -3,14 +3,20 @@ on CPUs with AVX2 and no AVX-512, csrc/qgemm_avx2.cpp: the same results),
 which multiplies them against activations quantized per row and group at call time: one layer for
 GGUF Q4_0/Q4_1/Q8_0 and K-quant codes, compressed-tensors W4A16/W8A16 and W8A8, GPTQ and AWQ.
 
-- Weight-only layers quantize them to 16 bits (two int8 digits) in blocks of the weight's groups,
-  capped at MAX_ACT_BLOCK inputs: finer than bfloat16 (1/32639 of the block's peak against
-  bfloat16's 1/256 of each value), at twice the integer products.
+- GGUF layers quantize generated rows to 8 bits in blocks of the weight's groups (32 inputs), as
+  llama.cpp, vLLM and SGLang run GGUF blocks against their Q8 activations (QuantizedWeight.act
+  "int8_group"), and prompt rows (prompt_rows) to 16: a prompt's keys and values are read by
+  every later token, and its last row picks the first token, the answer's least certain one
+  (the demo's "What is the capital of France?" starts "L'Étoile" with 8-bit prompts, "The
+  capital of France is Paris." with 16).
+- Other weight-only layers (compressed-tensors W4A16/W8A16, GPTQ, AWQ), and a GGUF's LM head, take
+  16 bits (two int8 digits) in blocks of the weight's groups, capped at MAX_ACT_BLOCK inputs:
+  finer than bfloat16 (1/32639 of the block's peak against bfloat16's 1/256 of each value), at
+  twice the integer products.
 - W8A8 layers quantize them to 8 bits per token, the scheme the checkpoint declares (per-channel
   weights; grouped ones take blocks as above). One integer sum then covers a whole row, which AMX
   CPUs compute in tiles of 16 rows x 16 outputs x 64 inputs.
-- PAGODA_INT8_ACTIVATIONS=1 gives weight-only layers 8 bits in blocks, as llama.cpp runs its Q4/Q8
-  blocks against Q8 activations: ~1% error per layer.
+- PAGODA_INT8_ACTIVATIONS=1 gives every weight-only layer 8 bits, =0 every one 16 (activation_bits).
 
 The weight is packed once into tiles of 16 outputs (the kernel's layout, described in qgemm.cpp):
 unsigned codes u (signed ones shifted up by `zero_code`), w = scale * (u - zero_code) + offset.
@@ -21,8 +27,9 @@ compressed-tensors' bfloat16), so resident memory is the file's.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -47,10 +54,11 @@ _prompt = _PromptRows()
 @contextlib.contextmanager
 def prompt_rows(start: int | None) -> Iterator[None]:
     """Within this context the model's rows from `start` on are prompt tokens (the runner orders
-    generated tokens first). On AMX CPUs, in a bf16 model, weight-only layers compute those rows
-    as a dense bf16 model would, each weight tile dequantized to bf16 once (csrc/wgemm.cpp):
-    prompts of tens to thousands of rows run at AMX speed, and a row's arithmetic still depends
-    only on the row (whether it is a prompt token)."""
+    generated tokens first). On CPUs with AVX512-BF16, in a bf16 model, weight-only layers compute
+    those rows as a dense bf16 model would, each weight tile dequantized to bf16 once
+    (csrc/wgemm.cpp): prompts of tens to thousands of rows run at dense bf16's speed (AMX's where
+    the CPU has it), and a row's arithmetic still depends only on the row (whether it is a prompt
+    token). Elsewhere a GGUF's prompt rows take 16-bit integer activations (activation_bits)."""
     previous, _prompt.start = _prompt.start, start
     try:
         yield
@@ -70,6 +78,17 @@ def act_block(qw: QuantizedWeight) -> int | None:
     chunk = 8 if qw.bits <= 4 else 4
     g = qw.group_size
     return next((b for b in range(min(g, MAX_ACT_BLOCK), 0, -1) if g % b == 0 and b % chunk == 0), None)
+
+
+def activation_bits(qw: QuantizedWeight, prompt: bool = False) -> int:
+    """The bits the kernel rounds `qw`'s activations to, in generated rows or in `prompt` rows: 8
+    where the checkpoint's runtime uses them (W8A8 per token; GGUF per group in generated rows, as
+    llama.cpp runs them, its prompt rows 16), else 16. PAGODA_INT8_ACTIVATIONS=1 (=0) sets every
+    weight-only layer's to 8 (16) in every row."""
+    forced = os.environ.get("PAGODA_INT8_ACTIVATIONS", "")
+    if qw.act == "int8" or forced not in ("0", "1"):
+        return 8 if qw.act == "int8" or (qw.act == "int8_group" and not prompt) else 16
+    return 8 if forced == "1" else 16
 
 
 def act_levels(act_bits: int) -> int:
@@ -148,8 +167,11 @@ class VnniLinear(QuantizedLinear):
     # head's logits need not be rounded to bf16 (LlamaForCausalLM.compute_logits)
     float_logits = True
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, act_bits: int = 8) -> None:
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, act_bits: int | None = None) -> None:
         super().__init__(qw, bias)
+        # generated and prompt rows' activation bits (prompt_rows); one width if given
+        self.prompt_bits = activation_bits(qw, prompt=True) if act_bits is None else act_bits
+        act_bits = activation_bits(qw) if act_bits is None else act_bits
         if act_bits not in (8, 16):
             raise ValueError(f"activations of 8 or 16 bits, not {act_bits}")
         self.act_bits = act_bits
@@ -172,14 +194,17 @@ class VnniLinear(QuantizedLinear):
         self.scale = _per_tile(qw.scale, rows, dtype)
         self.offset = None if qw.offset is None else _per_tile(qw.offset, rows, dtype)
         self.group = block
-        # weight-only layers on AMX CPUs: prompt rows in bf16 on AMX tiles (prompt_rows)
-        self.prompt_kernel = act_bits == 16 and bool(torch.ops.pagoda_cpu.amx())
+        # weight-only layers on CPUs with AVX512-BF16: a bf16 model's prompt rows in bf16 (wgemm.cpp:
+        # on AMX tiles where the CPU has them), as a dense bf16 model would (prompt_rows)
+        self.prompt_kernel = qw.act != "int8" and bool(torch.ops.pagoda_cpu.wgemm_runs())
         isa = native.isa()
         if per_token:
             isa += ", AMX" if self.bits == 8 and torch.ops.pagoda_cpu.amx() else ""
             self.kind = f"int{self.bits} per channel (pagoda {isa}, int8 activations per token)"
         else:
-            prompts = ", prompts bf16 on AMX" if self.prompt_kernel else ""
+            prompts = f", prompts int{self.prompt_bits}" if self.prompt_bits != act_bits else ""
+            if self.prompt_kernel:
+                prompts = ", prompts bf16" + (" on AMX" if torch.ops.pagoda_cpu.amx() else "")
             self.kind = f"int{self.bits} g{block} (pagoda {isa}, int{act_bits} activations{prompts})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,23 +212,32 @@ class VnniLinear(QuantizedLinear):
         if rows.dtype not in (torch.float32, torch.bfloat16):
             rows = rows.float()
         rows = rows.contiguous()
-        # prompt rows in bf16 where the model runs in bf16 (float32 asks for 16-bit activations);
-        # compiled graphs are decode steps, which have none
-        in_bf16 = self.prompt_kernel and rows.dtype == torch.bfloat16
-        start = None if torch.compiler.is_compiling() or not in_bf16 else _prompt.start
-        if start is None or start >= rows.shape[0]:
+        # prompt rows in bf16 where the model runs in bf16 (float32 asks for integer
+        # activations), else at prompt_bits; compiled graphs are decode steps, which have none
+        if self.prompt_kernel and rows.dtype == torch.bfloat16:
+            prompts: Callable[[torch.Tensor], torch.Tensor] | None = self._wgemm
+        else:
+            prompts = None if self.prompt_bits == self.act_bits else self._qgemm_prompts
+        start = None if torch.compiler.is_compiling() or prompts is None else _prompt.start
+        if prompts is None or start is None or start >= rows.shape[0]:
             y = self._qgemm(rows)
         elif start == 0:
-            y = self._wgemm(rows)
+            y = prompts(rows)
         else:
-            y = torch.cat([self._qgemm(rows[:start]), self._wgemm(rows[start:])])
+            y = torch.cat([self._qgemm(rows[:start]), prompts(rows[start:])])
         if y.shape[1] != self.out_features:
             y = y[:, : self.out_features]
         return self._finish(y, x)
 
     def _qgemm(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._qgemm_bits(rows, self.act_bits)
+
+    def _qgemm_prompts(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._qgemm_bits(rows, self.prompt_bits)
+
+    def _qgemm_bits(self, rows: torch.Tensor, act_bits: int) -> torch.Tensor:
         args = (self.packed, self.scale, self.offset, self.bits, self.group, self.zero_code)
-        return torch.ops.pagoda_cpu.qgemm(rows, *args, self.act_bits)
+        return torch.ops.pagoda_cpu.qgemm(rows, *args, act_bits)
 
     def _wgemm(self, rows: torch.Tensor) -> torch.Tensor:
         args = (self.packed, self.scale, self.offset, self.bits, self.group, self.zero_code)

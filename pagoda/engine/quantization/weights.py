@@ -18,7 +18,10 @@ from typing import Literal
 
 import torch
 
-ActQuant = Literal["int8", "fp8"] | None  # activation quantization at run time (per token, dynamic)
+# activation quantization at run time, dynamic: "int8" and "fp8" per token (W8A8, FP8 checkpoints);
+# "int8_group" to 8 bits per block of the weight's groups, as llama.cpp, vLLM and SGLang run GGUF
+# blocks (their Q8 activations); None: the weight alone is quantized
+ActQuant = Literal["int8", "int8_group", "fp8"] | None
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class QuantizedWeight:
     scale: torch.Tensor  # [out, in // group_size] float32 (in // group_size == 1: per channel)
     offset: torch.Tensor | None  # like scale, or None (symmetric: w = codes * scale)
     bits: int  # 4 or 8 (the code range: [0, 15] or [-8, 7] at 4 bits, int8/uint8 at 8)
-    act: ActQuant = None  # W8A8 / FP8 dynamic: activations quantized per token at run time
+    act: ActQuant = None  # how activations are quantized at run time (ActQuant)
     sparse_24: bool = False  # 2:4 structured sparsity (stored dense; the layer may exploit it)
 
     def __post_init__(self) -> None:

@@ -19,9 +19,12 @@
 #define PAGODA_AVX2 1
 #include <immintrin.h>
 #endif
+// AVX512-BF16 (Cooper Lake, Sapphire Rapids and newer Xeons, Zen 4 and newer EPYCs): wgemm.cpp.
+#if defined(PAGODA_VNNI) && defined(__AVX512BF16__)
+#define PAGODA_BF16 1
+#endif
 // AMX (Sapphire Rapids and newer) comes with all three tile extensions and AVX512-BF16.
-#if defined(PAGODA_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && \
-    defined(__AVX512BF16__)
+#if defined(PAGODA_BF16) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
 #define PAGODA_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
