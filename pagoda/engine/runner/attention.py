@@ -168,8 +168,10 @@ class TorchAttention(AttentionBackend):
                 total = ctx + qlen
                 ks = k_cache.index_select(0, table).view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
                 vs = v_cache.index_select(0, table).view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
-            if ctx == 0 and plain:
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            if ctx == 0 and plain:  # 4-D, as in _masked_chunk
+                o = F.scaled_dot_product_attention(
+                    qs[None], ks[None], vs[None], is_causal=True, scale=scale, enable_gqa=gqa
+                )[0]
             else:
                 o = self._masked_chunk(qs, ks, vs, ctx, scale, sliding_window, softcap)
             out[start : start + qlen] = o.transpose(0, 1)
@@ -195,7 +197,11 @@ class TorchAttention(AttentionBackend):
             mask &= cols > rows - sliding_window
         if softcap is None:
             gqa = qs.shape[0] != ks.shape[0]
-            return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            # with a batch dimension: on CPUs torch's flash kernel (3-D inputs take its math path,
+            # 2-4x slower for prompts of 150-500 tokens)
+            return F.scaled_dot_product_attention(
+                qs[None], ks[None], vs[None], attn_mask=mask, scale=scale, enable_gqa=gqa
+            )[0]
         rep = qs.shape[0] // ks.shape[0]  # HF's repeat_kv: query head h reads KV head h // rep
         return eager_attention(
             qs, ks.repeat_interleave(rep, dim=0), vs.repeat_interleave(rep, dim=0), mask, scale, softcap
