@@ -20,7 +20,9 @@ using namespace pagoda_cpu;
 using attention::AttendFn;
 using attention::Task;
 
+using attention::kAhead;
 using attention::kMaxRows;
+using attention::prefetch_row;
 constexpr int64_t kMaxChunks = attention::kMaxHeadDim / 16;
 
 #ifdef PAGODA_VNNI
@@ -94,9 +96,15 @@ void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first,
   const __m512 scale = _mm512_set1_ps(t.scale);
   for (int64_t g = 0; g < nr; ++g)
     for (int64_t c = 0; c < nc; ++c) qv[g][c] = _mm512_mul_ps(load_row16(q + g * t.head_dim + 16 * c, 0xFFFF), scale);
+  const int64_t d = t.head_dim;
+  for (int64_t j = 0; j < std::min(n, kAhead); ++j) prefetch_row(kc + rows[j], d);
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {  // four keys at a time: their four sums reduced together
     const T* k[4] = {kc + rows[i], kc + rows[i + 1], kc + rows[i + 2], kc + rows[i + 3]};
+    for (int64_t j = i; j < i + 4; ++j) {  // the keys kAhead on, and these keys' values for P V
+      if (j + kAhead < n) prefetch_row(kc + rows[j + kAhead], d);
+      prefetch_row(vc + rows[j], d);
+    }
     __m512 kv[4][kC];
     for (int j = 0; j < 4; ++j)
       for (int64_t c = 0; c < nc; ++c) kv[j][c] = load_row16(k[j] + 16 * c, 0xFFFF);
@@ -111,6 +119,7 @@ void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first,
   }
   for (; i < n; ++i) {
     const T* k = kc + rows[i];
+    prefetch_row(vc + rows[i], d);
     for (int64_t g = 0; g < nr; ++g) {
       __m512 acc = _mm512_mul_ps(qv[g][0], load_row16(k, 0xFFFF));
       for (int64_t c = 1; c < nc; ++c) acc = _mm512_fmadd_ps(qv[g][c], load_row16(k + 16 * c, 0xFFFF), acc);

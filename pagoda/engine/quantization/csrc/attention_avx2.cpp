@@ -12,6 +12,8 @@ namespace pagoda_cpu {
 namespace {
 
 using attention::AttendFn;
+using attention::kAhead;
+using attention::prefetch_row;
 using attention::Task;
 
 // e^x for x <= 0, 8 at a time: attention.cpp's series for 2^f, and 2^n as exponent bits (n >= -126
@@ -60,16 +62,6 @@ inline float softmax_row(float* s, int64_t n) {
   return 1.0f / total;
 }
 
-// Asks for a key's or value's row ahead of its use: the rows of one KV head are `head_dim` values
-// in every kv_heads * head_dim, a stride the hardware prefetcher does not follow across blocks,
-// and from memory (a decode step's KV cache is far larger than the caches) the loads alone ran
-// at a third of the memory's bandwidth.
-template <typename T>
-inline void prefetch_row(const T* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
-}
-
 // o[g0 .. g0 + RB) = P V over the n keys at `rows`, CB chunks of 8 dimensions at a time.
 template <int RB, int CB, typename T>
 void weigh_values(const T* vc, const int64_t* rows, const float* p, int64_t n, int64_t g0, const float* inv,
@@ -108,7 +100,6 @@ void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first,
   }
   const __m256 scale = _mm256_set1_ps(t.scale);  // folded into the queries: scores come out scaled
   for (int64_t j = 0; j < nr * d; j += 8) _mm256_storeu_ps(qs + j, _mm256_mul_ps(load8(q + j, 8), scale));
-  constexpr int64_t kAhead = 8;  // keys
   for (int64_t j = 0; j < std::min(n, kAhead); ++j) prefetch_row(kc + rows[j], d);
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
