@@ -195,8 +195,9 @@ class VnniLinear(QuantizedLinear):
         self.offset = None if qw.offset is None else _per_tile(qw.offset, rows, dtype)
         self.group = block
         # weight-only layers on CPUs with AVX512-BF16: a bf16 model's prompt rows in bf16 (wgemm.cpp:
-        # on AMX tiles where the CPU has them), as a dense bf16 model would (prompt_rows)
-        self.prompt_kernel = qw.act != "int8" and bool(torch.ops.pagoda_cpu.wgemm_runs())
+        # on AMX tiles where the CPU has them), as a dense bf16 model would, where they would take
+        # 16 bits (prompt_rows)
+        self.prompt_kernel = self.prompt_bits == 16 and bool(torch.ops.pagoda_cpu.wgemm_runs())
         isa = native.isa()
         if per_token:
             isa += ", AMX" if self.bits == 8 and torch.ops.pagoda_cpu.amx() else ""
