@@ -149,10 +149,8 @@ class TorchAttention(AttentionBackend):
         if nd == q.shape[0]:  # decode only: no output buffer to fill
             return self._decode(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
         out = torch.empty_like(q)
-        gqa = q.shape[1] != num_kv_heads
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale, sliding_window, softcap)
-        plain = sliding_window is None and softcap is None
         for start, qlen, ctx, table in zip(
             meta.prefill_query_starts,
             meta.prefill_query_lens,
@@ -168,12 +166,7 @@ class TorchAttention(AttentionBackend):
                 total = ctx + qlen
                 ks = k_cache.index_select(0, table).view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
                 vs = v_cache.index_select(0, table).view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1)
-            if ctx == 0 and plain:  # 4-D, as in _masked_chunk
-                o = F.scaled_dot_product_attention(
-                    qs[None], ks[None], vs[None], is_causal=True, scale=scale, enable_gqa=gqa
-                )[0]
-            else:
-                o = self._masked_chunk(qs, ks, vs, ctx, scale, sliding_window, softcap)
+            o = self._masked_chunk(qs, ks, vs, ctx, scale, sliding_window, softcap)
             out[start : start + qlen] = o.transpose(0, 1)
         return out
 
@@ -187,8 +180,8 @@ class TorchAttention(AttentionBackend):
         sliding_window: int | None,
         softcap: float | None,
     ) -> torch.Tensor:  # [heads, qlen, head_dim]
-        """A prefill chunk after `ctx` cached tokens, or any chunk with a window or a soft-cap:
-        query i sits at position ctx + i and sees keys 0..ctx + i (the last `window` of them)."""
+        """A prefill chunk after `ctx` cached tokens: query i sits at position ctx + i and sees
+        keys 0..ctx + i (the last `window` of them); without either, SDPA's own causal mask."""
         qlen = qs.shape[1]
         rows = torch.arange(qlen, device=qs.device)[:, None] + ctx
         cols = torch.arange(ctx + qlen, device=qs.device)[None, :]
@@ -196,12 +189,14 @@ class TorchAttention(AttentionBackend):
         if sliding_window is not None:
             mask &= cols > rows - sliding_window
         if softcap is None:
-            gqa = qs.shape[0] != ks.shape[0]
+            gqa, causal = qs.shape[0] != ks.shape[0], ctx == 0 and sliding_window is None
             # with a batch dimension: on CPUs torch's flash kernel (3-D inputs take its math path,
             # 2-4x slower for prompts of 150-500 tokens)
-            return F.scaled_dot_product_attention(
-                qs[None], ks[None], vs[None], attn_mask=mask, scale=scale, enable_gqa=gqa
-            )[0]
+            given = None if causal else mask
+            o = F.scaled_dot_product_attention(
+                qs[None], ks[None], vs[None], given, is_causal=causal, scale=scale, enable_gqa=gqa
+            )
+            return o[0]
         rep = qs.shape[0] // ks.shape[0]  # HF's repeat_kv: query head h reads KV head h // rep
         return eager_attention(
             qs, ks.repeat_interleave(rep, dim=0), vs.repeat_interleave(rep, dim=0), mask, scale, softcap
