@@ -85,10 +85,12 @@ def activation_bits(qw: QuantizedWeight, prompt: bool = False) -> int:
     where the checkpoint's runtime uses them (W8A8 per token; GGUF per group in generated rows, as
     llama.cpp runs them, its prompt rows 16), else 16. PAGODA_INT8_ACTIVATIONS=1 (=0) sets every
     weight-only layer's to 8 (16) in every row."""
+    if qw.act == "int8":  # W8A8: as the checkpoint declares, whatever the setting
+        return 8
     forced = os.environ.get("PAGODA_INT8_ACTIVATIONS", "")
-    if qw.act == "int8" or forced not in ("0", "1"):
-        return 8 if qw.act == "int8" or (qw.act == "int8_group" and not prompt) else 16
-    return 8 if forced == "1" else 16
+    if forced in ("0", "1"):
+        return 8 if forced == "1" else 16
+    return 8 if qw.act == "int8_group" and not prompt else 16
 
 
 def act_levels(act_bits: int) -> int:
