@@ -94,6 +94,32 @@ def test_matches_the_arithmetic(
     assert torch.equal(op(q, k_cache, v_cache, wide, lengths, scale, window, softcap), got)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_task_of_every_kv_head_gives_the_same_bits(dtype: torch.dtype) -> None:
+    """With sequences at least four times the threads, a task takes every KV head of its sequence
+    (attention_rows.h); with fewer, one. Six sequences on one thread and on two take both ways, and
+    each head's arithmetic is the same: the outputs are equal bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    lens = [40, 3, 17, 64, 1, 29]
+    k_cache = torch.randn(30, BLOCK, 3, 64, generator=g).to(dtype)
+    v_cache = torch.randn(30, BLOCK, 3, 64, generator=g).to(dtype)
+    tables = torch.randperm(30, generator=g)[:24].view(6, 4)
+    q = torch.randn(6, 9, 64, generator=g).to(dtype)
+    op = torch.ops.pagoda_cpu.decode_attention
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # 6 >= 4 x 1: whole sequences
+        whole = op(q, k_cache, v_cache, tables, torch.tensor(lens), 0.125, 0, 0.0)
+        torch.set_num_threads(2)  # 6 < 4 x 2: one KV head a task
+        single = op(q, k_cache, v_cache, tables, torch.tensor(lens), 0.125, 0, 0.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(whole, single)
+    want = _reference(q, k_cache, v_cache, tables, lens, 0.125, 0, 0.0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(whole.double(), want, atol=tol, rtol=tol)
+
+
 def test_bad_arguments_are_refused() -> None:
     q = torch.randn(2, 4, 64)
     cache = torch.randn(4, BLOCK, 2, 64)

@@ -2,9 +2,14 @@
 // sequence's keys and values read in place through its block table. torch's paths first gather
 // every sequence's blocks into a padded copy, mask the padding and run SDPA (eager), or loop over
 // the padded copy inside inductor's reductions (compiled); at 16 sequences the gather, the mask
-// and the padding are most of a decode step's attention time. Here each (sequence, KV head) is one
-// task: the query heads sharing that KV head (GQA) are its rows, scores and softmax are float32,
-// and only the sequence's own keys are read (the last `window` of them with a sliding window).
+// and the padding are most of a decode step's attention time. Here a task is one sequence's KV
+// head, or all its KV heads where sequences are many (attention_rows.h): the query heads sharing a
+// KV head (GQA) are its rows, scores and softmax are float32, and only the sequence's own keys are
+// read (the last `window` of them with a sliding window), each key's row asked for kAhead keys
+// before its use. bfloat16 keys and values are read as pairs of values in 32-bit lanes: the scores
+// by vdpbf16ps (AVX512-BF16), the values' even and odd halves by a shift and a mask, so neither is
+// converted value by value; a step's KV cache comes from memory, and these cut the arithmetic that
+// kept the reads from overlapping it (docs/perf-history.md, "decode attention by pairs").
 //
 //   q [n, heads, head_dim]                      contiguous; heads = kv_heads * rows
 //   k_cache, v_cache [blocks, block_size, kv_heads, head_dim]   q's dtype, contiguous
@@ -20,9 +25,9 @@ using namespace pagoda_cpu;
 using attention::AttendFn;
 using attention::Task;
 
-using attention::kAhead;
 using attention::kMaxRows;
 using attention::prefetch_row;
+constexpr int64_t kAhead = 16;  // keys: each head's row of the key this far on is asked for as a key is read
 constexpr int64_t kMaxChunks = attention::kMaxHeadDim / 16;
 
 #ifdef PAGODA_VNNI
@@ -76,95 +81,189 @@ inline float softmax_row(float* s, int64_t n) {
   return 1.0f / _mm512_reduce_add_ps(sum);
 }
 
-// One sequence and KV head: o[g] = softmax(scale * q[g] . K) V over keys [first, len).
-// R query rows and C chunks of 16 known at compile time (0: the task's, at run time): with both
-// known the loops unroll and the rows' queries and accumulators stay in registers; with either
-// unknown they live on the stack, a load and a store around every multiply-add.
-template <typename T, typename I, int64_t R, int64_t C>
-void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first, int64_t len, int64_t head,
-            const Task& t, float* scores, int64_t* rows, T* out) {
-  const int64_t nr = R > 0 ? R : t.rows, nc = C > 0 ? C : t.chunks;
-  const int64_t n = len - first;
-  // each key's row offset in the caches, walking the block table (no division per key)
-  int64_t block = first / t.block_size, offset = first % t.block_size;
-  for (int64_t i = 0; i < n; ++i) {
-    rows[i] = ((static_cast<int64_t>(table[block]) * t.block_size + offset) * t.kv_heads + head) * t.head_dim;
-    if (++offset == t.block_size) offset = 0, ++block;
-  }
+// The query rows' scores against keys [i0, i1) of one KV head (`kh`: that head's rows, at
+// `rows`), scaled, into s[g * n + i]. Keys go four at a time: each key's sum is its own, so the
+// grouping never changes a score. Pairs: bfloat16 in chunks of 32 values; q holds the raw queries
+// and the products are exact in float32 (vdpbf16ps with AVX512-BF16, else even and odd halves).
+template <typename T, int64_t R, int64_t C, bool Pairs>
+inline void score_keys(const T* q, const T* kh, const int64_t* rows, int64_t i0, int64_t i1, int64_t n,
+                       const Task& t, float* s) {
+  auto pf = [&](int64_t i) {
+    if (i + kAhead < n) prefetch_row(kh + rows[i + kAhead], t.head_dim);
+  };
+  const int64_t nr = R > 0 ? R : t.rows, nc = C > 0 ? C : t.chunks, d = t.head_dim;
   constexpr int64_t kR = R > 0 ? R : kMaxRows, kC = C > 0 ? C : kMaxChunks;
-  __m512 qv[kR][kC];  // the queries, scaled: scores come out scaled
   const __m512 scale = _mm512_set1_ps(t.scale);
-  for (int64_t g = 0; g < nr; ++g)
-    for (int64_t c = 0; c < nc; ++c) qv[g][c] = _mm512_mul_ps(load_row16(q + g * t.head_dim + 16 * c, 0xFFFF), scale);
-  const int64_t d = t.head_dim;
-  for (int64_t j = 0; j < std::min(n, kAhead); ++j) prefetch_row(kc + rows[j], d);
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {  // four keys at a time: their four sums reduced together
-    const T* k[4] = {kc + rows[i], kc + rows[i + 1], kc + rows[i + 2], kc + rows[i + 3]};
-    for (int64_t j = i; j < i + 4; ++j) {  // the keys kAhead on, and these keys' values for P V
-      if (j + kAhead < n) prefetch_row(kc + rows[j + kAhead], d);
-      prefetch_row(vc + rows[j], d);
-    }
-    __m512 kv[4][kC];
-    for (int j = 0; j < 4; ++j)
-      for (int64_t c = 0; c < nc; ++c) kv[j][c] = load_row16(k[j] + 16 * c, 0xFFFF);
-    for (int64_t g = 0; g < nr; ++g) {
-      __m512 acc[4];
-      for (int j = 0; j < 4; ++j) {
-        acc[j] = _mm512_mul_ps(qv[g][0], kv[j][0]);
-        for (int64_t c = 1; c < nc; ++c) acc[j] = _mm512_fmadd_ps(qv[g][c], kv[j][c], acc[j]);
+  if constexpr (Pairs) {
+    const int64_t np = nc / 2;
+#ifdef PAGODA_BF16
+    __m512bh qv[kR][kC / 2];
+    for (int64_t g = 0; g < nr; ++g)
+      for (int64_t c = 0; c < np; ++c) qv[g][c] = (__m512bh)_mm512_loadu_si512(q + g * d + 32 * c);
+    auto dot = [&](__m512 acc, int64_t g, int64_t c, __m512i k) { return _mm512_dpbf16_ps(acc, qv[g][c], (__m512bh)k); };
+#else
+    __m512 qe[kR][kC / 2], qo[kR][kC / 2];  // the even and odd values of each chunk of 32
+    for (int64_t g = 0; g < nr; ++g)
+      for (int64_t c = 0; c < np; ++c) {
+        const __m512i x = _mm512_loadu_si512(q + g * d + 32 * c);
+        qe[g][c] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        qo[g][c] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
       }
-      _mm_storeu_ps(scores + g * n + i, sum4(acc));
+    auto dot = [&](__m512 acc, int64_t g, int64_t c, __m512i k) {
+      acc = _mm512_fmadd_ps(qe[g][c], _mm512_castsi512_ps(_mm512_slli_epi32(k, 16)), acc);
+      return _mm512_fmadd_ps(qo[g][c], _mm512_castsi512_ps(_mm512_and_si512(k, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))), acc);
+    };
+#endif
+    int64_t i = i0;
+    for (; i + 4 <= i1; i += 4) {
+      __m512i kv[4][kC / 2];
+      for (int j = 0; j < 4; ++j) pf(i + j);
+      for (int j = 0; j < 4; ++j)
+        for (int64_t c = 0; c < np; ++c) kv[j][c] = _mm512_loadu_si512(kh + rows[i + j] + 32 * c);
+      for (int64_t g = 0; g < nr; ++g) {
+        __m512 acc[4];
+        for (int j = 0; j < 4; ++j) {
+          acc[j] = _mm512_setzero_ps();
+          for (int64_t c = 0; c < np; ++c) acc[j] = dot(acc[j], g, c, kv[j][c]);
+        }
+        _mm_storeu_ps(s + g * n + i, _mm_mul_ps(sum4(acc), _mm512_castps512_ps128(scale)));
+      }
     }
-  }
-  for (; i < n; ++i) {
-    const T* k = kc + rows[i];
-    prefetch_row(vc + rows[i], d);
-    for (int64_t g = 0; g < nr; ++g) {
-      __m512 acc = _mm512_mul_ps(qv[g][0], load_row16(k, 0xFFFF));
-      for (int64_t c = 1; c < nc; ++c) acc = _mm512_fmadd_ps(qv[g][c], load_row16(k + 16 * c, 0xFFFF), acc);
-      scores[g * n + i] = _mm512_reduce_add_ps(acc);
+    for (; i < i1; ++i)
+      for (int64_t g = 0; g < nr; ++g) {
+        if (g == 0) pf(i);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t c = 0; c < np; ++c) acc = dot(acc, g, c, _mm512_loadu_si512(kh + rows[i] + 32 * c));
+        s[g * n + i] = _mm512_reduce_add_ps(acc) * t.scale;
+      }
+  } else {
+    __m512 qv[kR][kC];  // the queries, scaled: scores come out scaled
+    for (int64_t g = 0; g < nr; ++g)
+      for (int64_t c = 0; c < nc; ++c) qv[g][c] = _mm512_mul_ps(load_row16(q + g * d + 16 * c, 0xFFFF), scale);
+    int64_t i = i0;
+    for (; i + 4 <= i1; i += 4) {
+      __m512 kv[4][kC];
+      for (int j = 0; j < 4; ++j) pf(i + j);
+      for (int j = 0; j < 4; ++j)
+        for (int64_t c = 0; c < nc; ++c) kv[j][c] = load_row16(kh + rows[i + j] + 16 * c, 0xFFFF);
+      for (int64_t g = 0; g < nr; ++g) {
+        __m512 acc[4];
+        for (int j = 0; j < 4; ++j) {
+          acc[j] = _mm512_mul_ps(qv[g][0], kv[j][0]);
+          for (int64_t c = 1; c < nc; ++c) acc[j] = _mm512_fmadd_ps(qv[g][c], kv[j][c], acc[j]);
+        }
+        _mm_storeu_ps(s + g * n + i, sum4(acc));
+      }
     }
+    for (; i < i1; ++i)
+      for (int64_t g = 0; g < nr; ++g) {
+        if (g == 0) pf(i);
+        __m512 acc = _mm512_mul_ps(qv[g][0], load_row16(kh + rows[i], 0xFFFF));
+        for (int64_t c = 1; c < nc; ++c) acc = _mm512_fmadd_ps(qv[g][c], load_row16(kh + rows[i] + 16 * c, 0xFFFF), acc);
+        s[g * n + i] = _mm512_reduce_add_ps(acc);
+      }
   }
-  if (t.softcap > 0.0f) {  // soft-cap the scores
-    for (int64_t g = 0; g < nr; ++g) {
-      float* s = scores + g * n;
-      for (int64_t j = 0; j < n; ++j) s[j] = t.softcap * std::tanh(s[j] / t.softcap);
-    }
-  }
-  float inv[kR];
-  for (int64_t g = 0; g < nr; ++g) inv[g] = softmax_row(scores + g * n, n);
+}
+
+// acc[g] += P[g, i] V[i] over keys [i0, i1) of one KV head, `acc` in memory between calls. Pairs:
+// each chunk of 32 bfloat16 values as its even and odd halves (a shift and a mask, no
+// conversion), acc holding [even 16 | odd 16] per chunk of 32.
+template <typename T, int64_t R, int64_t C, bool Pairs>
+inline void weigh_values(const T* vh, const int64_t* rows, int64_t i0, int64_t i1, int64_t n, const float* p,
+                         const Task& t, float* acc_mem) {
+  const int64_t nr = R > 0 ? R : t.rows, nc = C > 0 ? C : t.chunks;
+  constexpr int64_t kR = R > 0 ? R : kMaxRows, kC = C > 0 ? C : kMaxChunks;
   __m512 acc[kR][kC];
   for (int64_t g = 0; g < nr; ++g)
-    for (int64_t c = 0; c < nc; ++c) acc[g][c] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; ++i) {
-    const T* v = vc + rows[i];
+    for (int64_t c = 0; c < nc; ++c) acc[g][c] = _mm512_loadu_ps(acc_mem + (g * nc + c) * 16);
+  for (int64_t i = i0; i < i1; ++i) {
+    if (i + kAhead < n) prefetch_row(vh + rows[i + kAhead], t.head_dim);
+    const T* v = vh + rows[i];
     __m512 vv[kC];
-    for (int64_t c = 0; c < nc; ++c) vv[c] = load_row16(v + 16 * c, 0xFFFF);
+    if constexpr (Pairs) {
+      for (int64_t c = 0; c < nc / 2; ++c) {
+        const __m512i x = _mm512_loadu_si512(v + 32 * c);
+        vv[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        vv[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+      }
+    } else {
+      for (int64_t c = 0; c < nc; ++c) vv[c] = load_row16(v + 16 * c, 0xFFFF);
+    }
     for (int64_t g = 0; g < nr; ++g) {
-      const __m512 p = _mm512_set1_ps(scores[g * n + i]);
-      for (int64_t c = 0; c < nc; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+      const __m512 pg = _mm512_set1_ps(p[g * n + i]);
+      for (int64_t c = 0; c < nc; ++c) acc[g][c] = _mm512_fmadd_ps(pg, vv[c], acc[g][c]);
     }
   }
-  for (int64_t g = 0; g < nr; ++g) {
+  for (int64_t g = 0; g < nr; ++g)
+    for (int64_t c = 0; c < nc; ++c) _mm512_storeu_ps(acc_mem + (g * nc + c) * 16, acc[g][c]);
+}
+
+// One sequence and KV heads [head, head + heads): o[g] = softmax(scale * q[g] . K) V over keys
+// [first, len). The keys go in chunks of kChunk, every head's rows of a chunk together (a slot's
+// heads are adjacent in the cache, so a whole-sequence task reads it in order), the chunk after
+// next asked for ahead. R query rows and C chunks of 16 known at compile time (0: the task's, at
+// run time): with both known the loops unroll and the queries and accumulators stay in registers.
+// A head's arithmetic does not depend on `heads`, nor a sequence's on the batch.
+template <typename T, typename I, int64_t R, int64_t C, bool Pairs>
+void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first, int64_t len, int64_t head,
+            int64_t heads, const Task& t, float* scores, int64_t* rows, float* acc, T* out) {
+  constexpr int64_t kChunk = 16;
+  const int64_t nr = R > 0 ? R : t.rows, nc = C > 0 ? C : t.chunks, d = t.head_dim;
+  const int64_t n = len - first, slot = t.kv_heads * d;
+  int64_t block = first / t.block_size, offset = first % t.block_size;
+  for (int64_t i = 0; i < n; ++i) {  // each key's slot in the caches (no division per key)
+    rows[i] = (static_cast<int64_t>(table[block]) * t.block_size + offset) * slot;
+    if (++offset == t.block_size) offset = 0, ++block;
+  }
+  for (int64_t j = 0; j < std::min(n, kAhead); ++j) prefetch_row(kc + rows[j] + head * d, heads * d);
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    for (int64_t h = 0; h < heads; ++h)
+      score_keys<T, R, C, Pairs>(q + h * nr * d, kc + (head + h) * d, rows, i0, std::min(n, i0 + kChunk), n, t,
+                                 scores + h * nr * n);
+  }
+  const int64_t lines = heads * nr;
+  if (t.softcap > 0.0f)
+    for (int64_t j = 0; j < lines * n; ++j) scores[j] = t.softcap * std::tanh(scores[j] / t.softcap);
+  float inv[kMaxRows * attention::kMaxGroup];
+  for (int64_t g = 0; g < lines; ++g) inv[g] = softmax_row(scores + g * n, n);
+  std::fill(acc, acc + lines * d, 0.0f);
+  for (int64_t j = 0; j < std::min(n, kAhead); ++j) prefetch_row(vc + rows[j] + head * d, heads * d);
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    for (int64_t h = 0; h < heads; ++h)
+      weigh_values<T, R, C, Pairs>(vc + (head + h) * d, rows, i0, std::min(n, i0 + kChunk), n, scores + h * nr * n,
+                                   t, acc + h * nr * d);
+  }
+  for (int64_t g = 0; g < lines; ++g) {
     const __m512 r = _mm512_set1_ps(inv[g]);
-    for (int64_t c = 0; c < nc; ++c) store16(out + g * t.head_dim + 16 * c, _mm512_mul_ps(acc[g][c], r));
+    const float* a = acc + g * d;
+    T* o = out + g * d;
+    if constexpr (Pairs) {  // [even | odd] back to the values' order
+      const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+      const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+      for (int64_t c = 0; c < nc / 2; ++c) {
+        const __m512 even = _mm512_loadu_ps(a + 32 * c), odd = _mm512_loadu_ps(a + 32 * c + 16);
+        store16(o + 32 * c, _mm512_mul_ps(_mm512_permutex2var_ps(even, lo, odd), r));
+        store16(o + 32 * c + 16, _mm512_mul_ps(_mm512_permutex2var_ps(even, hi, odd), r));
+      }
+    } else {
+      for (int64_t c = 0; c < nc; ++c) store16(o + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(a + 16 * c), r));
+    }
   }
 }
 
 // The unrolled `attend` for the common shapes (head_dim 64 or 128, up to 8 query rows per KV
-// head), else the general one.
-template <typename T, typename I>
+// head), else the general one; bfloat16 by pairs where the head divides into chunks of 32.
+template <typename T, typename I, bool Pairs>
 AttendFn<T, I> pick_attend(const Task& t) {
-#define PAGODA_ATTEND_ROWS(C)                 \
-  switch (t.rows) {                           \
-    case 1: return &attend<T, I, 1, C>;       \
-    case 2: return &attend<T, I, 2, C>;       \
-    case 3: return &attend<T, I, 3, C>;       \
-    case 4: return &attend<T, I, 4, C>;       \
-    case 6: return &attend<T, I, 6, C>;       \
-    case 8: return &attend<T, I, 8, C>;       \
-    default: return &attend<T, I, 0, C>;      \
+#define PAGODA_ATTEND_ROWS(C)                       \
+  switch (t.rows) {                                 \
+    case 1: return &attend<T, I, 1, C, Pairs>;      \
+    case 2: return &attend<T, I, 2, C, Pairs>;      \
+    case 3: return &attend<T, I, 3, C, Pairs>;      \
+    case 4: return &attend<T, I, 4, C, Pairs>;      \
+    case 6: return &attend<T, I, 6, C, Pairs>;      \
+    case 8: return &attend<T, I, 8, C, Pairs>;      \
+    default: return &attend<T, I, 0, C, Pairs>;     \
   }
   if (t.chunks == 4) {
     PAGODA_ATTEND_ROWS(4)
@@ -173,13 +272,17 @@ AttendFn<T, I> pick_attend(const Task& t) {
     PAGODA_ATTEND_ROWS(8)
   }
 #undef PAGODA_ATTEND_ROWS
-  return &attend<T, I, 0, 0>;
+  return &attend<T, I, 0, 0, Pairs>;
 }
 
 struct PickAvx512 {
+  static constexpr bool kGroups = true;  // a task may take every KV head of a sequence
   template <typename T, typename I>
   static AttendFn<T, I> pick(const Task& t) {
-    return pick_attend<T, I>(t);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (t.chunks % 2 == 0) return pick_attend<T, I, true>(t);
+    }
+    return pick_attend<T, I, false>(t);
   }
 };
 

@@ -86,11 +86,11 @@ void weigh_values(const T* vc, const int64_t* rows, const float* p, int64_t n, i
   }
 }
 
-// One sequence and KV head: o[g] = softmax(scale * q[g] . K) V over keys [first, len); `scores`
-// holds rows * (len - first) floats, `rows` len - first.
+// One sequence and KV head (PickAvx2 gives every task one): o[g] = softmax(scale * q[g] . K) V
+// over keys [first, len); `scores` holds rows * (len - first) floats, `rows` len - first.
 template <typename T, typename I>
 void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first, int64_t len, int64_t head,
-            const Task& t, float* scores, int64_t* rows, T* out) {
+            int64_t /*heads: 1*/, const Task& t, float* scores, int64_t* rows, float* /*acc*/, T* out) {
   const int64_t nr = t.rows, nc = t.chunks, d = t.head_dim, n = len - first;
   float qs[attention::kMaxRows * attention::kMaxHeadDim];  // the scaled queries
   int64_t block = first / t.block_size, offset = first % t.block_size;
@@ -149,6 +149,7 @@ void attend(const T* q, const T* kc, const T* vc, const I* table, int64_t first,
 }
 
 struct PickAvx2 {
+  static constexpr bool kGroups = false;
   template <typename T, typename I>
   static AttendFn<T, I> pick(const Task&) {
     return &attend<T, I>;

@@ -12,6 +12,7 @@ namespace attention {
 constexpr int64_t kInline = 1 << 20;  // multiply-adds below which a call stays on this thread
 constexpr int64_t kMaxRows = 16;      // query heads per KV head (attention.cpp checks both)
 constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kMaxGroup = 16;     // KV heads one task takes, at most
 
 // Asks for a key's or value's row ahead of its use: the rows of one KV head are `head_dim` values
 // in every kv_heads * head_dim, a stride the hardware prefetcher does not follow across blocks,
@@ -29,11 +30,12 @@ struct Task {
   float scale, softcap;
 };
 
-// One sequence and KV head: (q, k_cache, v_cache, its block table, first key, length, KV head, task,
-// scores scratch [rows * keys], key rows scratch [keys], out).
+// One sequence and KV heads [head, head + heads): (its queries, k_cache, v_cache, its block table,
+// first key, length, head, heads, task, scores scratch [heads * rows * keys], key rows scratch
+// [keys], accumulator scratch [heads * rows * head_dim], its out).
 template <typename T, typename I>
-using AttendFn = void (*)(const T*, const T*, const T*, const I*, int64_t, int64_t, int64_t, const Task&, float*,
-                          int64_t*, T*);
+using AttendFn = void (*)(const T*, const T*, const T*, const I*, int64_t, int64_t, int64_t, int64_t, const Task&,
+                          float*, int64_t*, float*, T*);
 
 template <typename Pick, typename T, typename I, typename L>
 void decode_rows(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -53,23 +55,28 @@ void decode_rows(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache
     work += len;
   }
   work *= heads * t.head_dim * 2;
-  const int64_t tasks = n * t.kv_heads;
+  // A task is a sequence's KV head, or all of them (Pick::kGroups) where there are sequences
+  // enough to share among the threads: a slot's heads lie side by side, so the task reads them in
+  // order. The arithmetic is the same either way.
+  const int64_t per = Pick::kGroups && t.kv_heads <= kMaxGroup && n >= 4 * at::get_num_threads() ? t.kv_heads : 1;
+  const int64_t groups = t.kv_heads / per, tasks = n * groups;
   const AttendFn<T, I> attend_one = Pick::template pick<T, I>(t);
   const int64_t grain = work < kInline ? std::max<int64_t>(tasks, 1) : 1;
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(static_cast<size_t>(std::max<int64_t>(t.rows * longest, 1)));
+    std::vector<float> scores(static_cast<size_t>(std::max<int64_t>(per * t.rows * longest, 1)));
     std::vector<int64_t> rows(static_cast<size_t>(std::max<int64_t>(longest, 1)));
+    std::vector<float> acc(static_cast<size_t>(per * t.rows * t.head_dim));
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t s = task / t.kv_heads, head = task % t.kv_heads;
+      const int64_t s = task / groups, head = task % groups * per;
       const int64_t len = static_cast<int64_t>(lp[s]);
       const int64_t offset = (s * heads + head * t.rows) * t.head_dim;
       if (len == 0) {  // a padding row
-        std::memset(static_cast<void*>(op + offset), 0, sizeof(T) * t.rows * t.head_dim);
+        std::memset(static_cast<void*>(op + offset), 0, sizeof(T) * per * t.rows * t.head_dim);
         continue;
       }
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      attend_one(qp + offset, kc, vc, tp + s * table_stride, first, len, head, t, scores.data(), rows.data(),
-                 op + offset);
+      attend_one(qp + offset, kc, vc, tp + s * table_stride, first, len, head, per, t, scores.data(), rows.data(),
+                 acc.data(), op + offset);
     }
   });
 }
