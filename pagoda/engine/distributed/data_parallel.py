@@ -37,7 +37,7 @@ from pagoda.engine.core.engine_core import EngineCore
 from pagoda.engine.core.stats import StepStats
 from pagoda.engine.distributed.data_parallel_group import DataParallelGroup, PeerFailed, dummy_moe_pass
 from pagoda.engine.distributed.expert_parallel import ParallelMoeBlock
-from pagoda.engine.distributed.launcher import LOAD_TIMEOUT_S, _free_port
+from pagoda.engine.distributed.launcher import serve_store
 from pagoda.engine.distributed.tensor_parallel import CollectiveClock, TensorParallel
 from pagoda.engine.loader import Checkpoint
 from pagoda.engine.outputs import RequestOutput
@@ -128,8 +128,8 @@ def build_data_parallel_cores(
             "process meeting through gloo); on GPUs use --tensor-parallel-size with --enable-expert-parallel"
         )
     timeout = timedelta(seconds=config.parallel.collective_timeout_s)
-    port = _free_port()
-    store = dist.TCPStore("127.0.0.1", port, size, True, timedelta(seconds=LOAD_TIMEOUT_S), False)
+    store = serve_store("127.0.0.1", 0, size)
+    port = store.port
     coordinator = WaveCoordinator()
     ranks = size * config.parallel.tensor_parallel_size  # they share the cores
     torch.set_num_threads(max(1, torch.get_num_threads() // ranks))

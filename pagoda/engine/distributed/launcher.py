@@ -15,7 +15,6 @@ import atexit
 import logging
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -142,8 +141,9 @@ class TensorParallelRanks:
 
     def _start(self, spec: FollowerSpec, device: torch.device, timeout: timedelta) -> None:
         """Spawn the followers, then meet them in the groups."""
-        size, port = spec.size, _free_port()
-        self.store = dist.TCPStore("127.0.0.1", port, size, True, timedelta(seconds=LOAD_TIMEOUT_S), False)
+        size = spec.size
+        self.store = serve_store("127.0.0.1", 0, size)
+        port = self.store.port
         self.procs += [_spawn(replace(spec, rank=rank, port=port)) for rank in range(1, size)]
         self._wait_for("joined")  # each mapped the shared memory first: it can go from the file system
         if self.shm is not None:
@@ -269,7 +269,8 @@ def _spawn(spec: FollowerSpec) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def serve_store(host: str, port: int, world_size: int | None) -> dist.TCPStore:
+    """The rendezvous store that rank 0 serves on `port`, or with 0 on a port the OS picks as it
+    binds (`store.port`): a port found free and bound later could be taken in between, by the
+    store of another engine starting beside this one (seen: EADDRINUSE)."""
+    return dist.TCPStore(host, port, world_size, True, timedelta(seconds=LOAD_TIMEOUT_S), False)

@@ -28,9 +28,9 @@ from pagoda.engine.distributed.launcher import (
     LOAD_TIMEOUT_S,
     FollowerSpec,
     TensorParallelRanks,
-    _free_port,
     _Leader,
     _spawn,
+    serve_store,
 )
 from pagoda.engine.distributed.pipeline import (
     Layout,
@@ -123,11 +123,8 @@ class PipelineRanks(TensorParallelRanks):
     def _start(self, spec: FollowerSpec, device: torch.device, timeout: timedelta) -> None:
         config, layout = spec.config, self.layout
         par = config.parallel
-        port = par.master_port if par.nnodes > 1 else _free_port()
-        self.store = dist.TCPStore(
-            store_host(config), port, None, True, timedelta(seconds=LOAD_TIMEOUT_S), False
-        )
-        spec = replace(spec, port=port)
+        self.store = serve_store(store_host(config), par.master_port if par.nnodes > 1 else 0, None)
+        spec = replace(spec, port=self.store.port)
         if par.nnodes > 1:
             store: Any = self.store
             store.set("spec", pickle.dumps(spec))  # what the other nodes start their ranks from
@@ -135,7 +132,7 @@ class PipelineRanks(TensorParallelRanks):
         if par.nnodes > 1:
             logger.info(
                 "waiting for ranks %d-%d of nodes 1-%d at %s:%d (`pagoda worker --node-rank N`)",
-                len(local_ranks(config, 0)), layout.world - 1, par.nnodes - 1, par.master_addr, port,
+                len(local_ranks(config, 0)), layout.world - 1, par.nnodes - 1, par.master_addr, spec.port,
             )  # fmt: skip
         self._wait_for("joined")
         tp_group, pp_group, control = join_stage_groups(self.store, layout, device, timeout, timeout)
