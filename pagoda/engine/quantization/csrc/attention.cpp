@@ -100,7 +100,9 @@ inline void score_keys(const T* q, const T* kh, const int64_t* rows, int64_t i0,
     __m512bh qv[kR][kC / 2];
     for (int64_t g = 0; g < nr; ++g)
       for (int64_t c = 0; c < np; ++c) qv[g][c] = (__m512bh)_mm512_loadu_si512(q + g * d + 32 * c);
-    auto dot = [&](__m512 acc, int64_t g, int64_t c, __m512i k) { return _mm512_dpbf16_ps(acc, qv[g][c], (__m512bh)k); };
+    auto dot = [&](__m512 acc, int64_t g, int64_t c, __m512i k) {
+      return _mm512_dpbf16_ps(acc, qv[g][c], (__m512bh)k);
+    };
 #else
     __m512 qe[kR][kC / 2], qo[kR][kC / 2];  // the even and odd values of each chunk of 32
     for (int64_t g = 0; g < nr; ++g)
@@ -111,7 +113,8 @@ inline void score_keys(const T* q, const T* kh, const int64_t* rows, int64_t i0,
       }
     auto dot = [&](__m512 acc, int64_t g, int64_t c, __m512i k) {
       acc = _mm512_fmadd_ps(qe[g][c], _mm512_castsi512_ps(_mm512_slli_epi32(k, 16)), acc);
-      return _mm512_fmadd_ps(qo[g][c], _mm512_castsi512_ps(_mm512_and_si512(k, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))), acc);
+      const __m512i high = _mm512_and_si512(k, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+      return _mm512_fmadd_ps(qo[g][c], _mm512_castsi512_ps(high), acc);
     };
 #endif
     int64_t i = i0;
@@ -200,8 +203,8 @@ inline void weigh_values(const T* vh, const int64_t* rows, int64_t i0, int64_t i
 
 // One sequence and KV heads [head, head + heads): o[g] = softmax(scale * q[g] . K) V over keys
 // [first, len). The keys go in chunks of kChunk, every head's rows of a chunk together (a slot's
-// heads are adjacent in the cache, so a whole-sequence task reads it in order), the chunk after
-// next asked for ahead. R query rows and C chunks of 16 known at compile time (0: the task's, at
+// heads are adjacent in the cache, so a whole-sequence task reads it in order), each head's row
+// asked for kAhead keys before it is read. R query rows and C chunks of 16 known at compile time (0: the task's, at
 // run time): with both known the loops unroll and the queries and accumulators stay in registers.
 // A head's arithmetic does not depend on `heads`, nor a sequence's on the batch.
 template <typename T, typename I, int64_t R, int64_t C, bool Pairs>
