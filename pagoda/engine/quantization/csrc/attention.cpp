@@ -63,6 +63,13 @@ inline __m128 sum4(const __m512* a) {
   return _mm512_castps512_ps128(_mm512_permutexvar_ps(pick, r));
 }
 
+// The even and the odd bfloat16 values of 32 in a vector (the low and the high half of each 32-bit
+// lane) as 16 float32 each: a shift and a mask, no conversion value by value.
+inline __m512 even_values(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
+inline __m512 odd_values(__m512i x) {
+  return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 // Row s[0, n) becomes e^(s - max s); returns 1 / its sum.
 inline float softmax_row(float* s, int64_t n) {
   __m512 m = _mm512_set1_ps(-INFINITY);
@@ -108,13 +115,10 @@ inline void score_keys(const T* q, const T* kh, const int64_t* rows, int64_t i0,
     for (int64_t g = 0; g < nr; ++g)
       for (int64_t c = 0; c < np; ++c) {
         const __m512i x = _mm512_loadu_si512(q + g * d + 32 * c);
-        qe[g][c] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-        qo[g][c] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+        qe[g][c] = even_values(x), qo[g][c] = odd_values(x);
       }
     auto dot = [&](__m512 acc, int64_t g, int64_t c, __m512i k) {
-      acc = _mm512_fmadd_ps(qe[g][c], _mm512_castsi512_ps(_mm512_slli_epi32(k, 16)), acc);
-      const __m512i high = _mm512_and_si512(k, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
-      return _mm512_fmadd_ps(qo[g][c], _mm512_castsi512_ps(high), acc);
+      return _mm512_fmadd_ps(qo[g][c], odd_values(k), _mm512_fmadd_ps(qe[g][c], even_values(k), acc));
     };
 #endif
     int64_t i = i0;
@@ -186,8 +190,7 @@ inline void weigh_values(const T* vh, const int64_t* rows, int64_t i0, int64_t i
     if constexpr (Pairs) {
       for (int64_t c = 0; c < nc / 2; ++c) {
         const __m512i x = _mm512_loadu_si512(v + 32 * c);
-        vv[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-        vv[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+        vv[2 * c] = even_values(x), vv[2 * c + 1] = odd_values(x);
       }
     } else {
       for (int64_t c = 0; c < nc; ++c) vv[c] = load_row16(v + 16 * c, 0xFFFF);
