@@ -10,6 +10,10 @@
 //   summed), as llama.cpp's AVX2 dot products do. The unsigned operand is always a 4-bit nibble,
 //   so the pair sums (at most 2 * 15 * 128) never saturate: an 8-bit code is split into its two
 //   nibbles, the high one weighted 16 in vpmaddwd.
+// - 16-bit activations of 8 rows or more (prompts, a batch's LM head) put the rows in the lanes
+//   instead (gemm_lanes): one vpmaddwd then multiplies an input pair of 8 rows by one output's
+//   codes, and no vector is unpacked or added across per row block. 0.82-0.88x the time of the
+//   row blocks at 128 rows, 0.87x for the demo's LM head at 16 (docs/perf-history.md).
 #include "common.h"
 
 #ifdef PAGODA_AVX2
@@ -207,6 +211,135 @@ void half_rows(const PackedWeight& p, const Acts& a, int64_t strip, int64_t r0, 
   }
 }
 
+// 16-bit activations over 8 rows or more, rows in the lanes. The activation codes are laid out
+// once a call as int16 pairs of 8 rows, [block of 8 rows][pair of inputs][8 rows] (RowPairs), and a
+// half tile's weight codes are widened to int16 once a panel (per chunk the vectors half_block
+// makes, in a buffer); each vpmaddwd then multiplies one input pair of 8 rows by one output's pair
+// of codes broadcast, into that output's accumulator. The same integer sums and the same float
+// arithmetic as half_block, element by element, so a row's result does not depend on the path.
+struct RowPairs {
+  int64_t blocks, pairs, groups;
+  std::vector<int32_t> x;       // [blocks][pairs][8]: rows past m are zero
+  std::vector<float> scale, sum;  // [blocks][groups][8]
+};
+
+RowPairs row_pairs(const Acts& a) {
+  const int64_t blocks = (a.m + 7) / 8, pairs = a.k / 2;
+  RowPairs t{blocks, pairs, a.groups, std::vector<int32_t>(blocks * pairs * 8, 0),
+             std::vector<float>(blocks * a.groups * 8, 0.f), std::vector<float>(blocks * a.groups * 8, 0.f)};
+  const int32_t* codes = reinterpret_cast<const int32_t*>(a.codes16());
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t r = 0; r < 8 && b * 8 + r < a.m; ++r) {
+        const int64_t row = b * 8 + r;
+        for (int64_t p = 0; p < pairs; ++p) t.x[(b * pairs + p) * 8 + r] = codes[row * pairs + p];
+        for (int64_t g = 0; g < a.groups; ++g) {
+          t.scale[(b * a.groups + g) * 8 + r] = a.scale[row * a.groups + g];
+          t.sum[(b * a.groups + g) * 8 + r] = a.sum[row * a.groups + g];
+        }
+      }
+    }
+  });
+  return t;
+}
+
+// The int32 lane of the widened chunk (w0, w1, w2, w3 as half_block makes them, 8 lanes each) that
+// holds output j's codes for input pair q of the chunk (q 0, 1: inputs 0-3; 2, 3: inputs 4-7).
+constexpr int lane_of(int j, int q) { return (q >> 1) * 16 + ((j >> 1) & 1) * 8 + (j >> 2) * 4 + (j & 1) * 2 + (q & 1); }
+
+// One half tile's codes widened to int16: per chunk the 4 (4-bit) or 2 (8-bit) vectors of
+// half_block's w0 .. w3.
+template <int BITS>
+void widen(const PackedWeight& p, int64_t tile, int64_t half, int32_t* buf) {
+  const int64_t chunks = p.k / (BITS == 4 ? 8 : 4);
+  const uint8_t* w = p.w + tile * p.chunks_per_tile * 64 + half * 32;
+  const __m256i nibble = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+  for (int64_t c = 0; c < chunks; ++c, w += 64) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    __m256i* out = reinterpret_cast<__m256i*>(buf + c * (BITS == 4 ? 32 : 16));
+    if constexpr (BITS == 4) {
+      const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      _mm256_storeu_si256(out, _mm256_unpacklo_epi8(lo, zero));
+      _mm256_storeu_si256(out + 1, _mm256_unpackhi_epi8(lo, zero));
+      _mm256_storeu_si256(out + 2, _mm256_unpacklo_epi8(hi, zero));
+      _mm256_storeu_si256(out + 3, _mm256_unpackhi_epi8(hi, zero));
+    } else {
+      _mm256_storeu_si256(out, _mm256_unpacklo_epi8(v, zero));
+      _mm256_storeu_si256(out + 1, _mm256_unpackhi_epi8(v, zero));
+    }
+  }
+}
+
+inline __m256i bcast32(const int32_t* p) { return _mm256_set1_epi32(*p); }
+
+// 8 rows (block b) x one half tile (8 outputs) over all the groups, into y.
+template <int BITS, typename S, typename O>
+void lane_block(const PackedWeight& p, const RowPairs& t, const int32_t* buf, int64_t tile, int64_t half,
+                int64_t b, int64_t m, O* y) {
+  constexpr int kPairs = BITS == 4 ? 4 : 2;  // input pairs per chunk
+  constexpr int kLanes = kPairs * 8;           // int32 lanes per widened chunk
+  const int64_t chunks = p.group / (2 * kPairs);
+  alignas(32) float total[8][8] = {};  // [output][row]
+  const int32_t* xb = t.x.data() + b * t.pairs * 8;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m256i acc[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t chunk = g * chunks + c;
+      const int32_t* wc = buf + chunk * kLanes;
+      const int32_t* xc = xb + chunk * kPairs * 8;
+#pragma GCC unroll 4
+      for (int q = 0; q < kPairs; ++q) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + q * 8));
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(xv, bcast32(wc + lane_of(j, q))));
+          // pinned: unpinned, GCC sums several pairs' products before adding them, and spills them
+          asm("" : "+x"(acc[j]));
+        }
+      }
+    }
+    const int64_t at = (tile * p.groups + g) * kTile + half * kHalf;
+    const __m256 as = _mm256_loadu_ps(t.scale.data() + (b * t.groups + g) * 8);
+    const __m256 asum = _mm256_loadu_ps(t.sum.data() + (b * t.groups + g) * 8);
+    // as half_block: the outputs' scales and offsets (less zero_code times the scale), each broadcast
+    alignas(32) float sc[8], off[8];
+    const __m256 s8 = load_s8(static_cast<const S*>(p.scale) + at);
+    const __m256 o8 = p.offset ? load_s8(static_cast<const S*>(p.offset) + at) : _mm256_setzero_ps();
+    _mm256_store_ps(sc, s8);
+    _mm256_store_ps(off, _mm256_fnmadd_ps(s8, _mm256_set1_ps(p.zero_code), o8));
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      __m256 tot = _mm256_load_ps(total[j]);
+      tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j]), _mm256_mul_ps(_mm256_broadcast_ss(sc + j), as), tot);
+      tot = _mm256_fmadd_ps(_mm256_broadcast_ss(off + j), asum, tot);
+      _mm256_store_ps(total[j], tot);
+    }
+  }
+  for (int64_t r = 0; r < 8 && b * 8 + r < m; ++r) {
+    alignas(32) float row[8];
+    for (int j = 0; j < 8; ++j) row[j] = total[j][r];
+    store8(y + (b * 8 + r) * p.n + tile * kTile + half * kHalf, _mm256_load_ps(row));
+  }
+}
+
+template <int BITS, typename S, typename O>
+void gemm_lanes(const PackedWeight& p, const Acts& a, O* y) {
+  const RowPairs t = row_pairs(a);
+  const int64_t strips = p.n / kHalf, panel = kPanelRows / 8, panels = (t.blocks + panel - 1) / panel;
+  const int64_t lanes = p.k / (BITS == 4 ? 8 : 4) * (BITS == 4 ? 32 : 16);
+  at::parallel_for(0, panels * strips, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<int32_t> buf(lanes);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t strip = i % strips, b0 = i / strips * panel;
+      widen<BITS>(p, strip / 2, strip % 2, buf.data());
+      for (int64_t b = b0; b < std::min(t.blocks, b0 + panel); ++b)
+        lane_block<BITS, S>(p, t, buf.data(), strip / 2, strip % 2, b, a.m, y);
+    }
+  });
+}
+
 // Panels of up to kPanelRows rows times half tiles, split over the threads panel by panel.
 template <int BITS, int DIGITS, typename S, typename O>
 void gemm(const PackedWeight& p, const Acts& a, O* y) {
@@ -232,10 +365,17 @@ at::Tensor qgemm_avx2(const at::Tensor& x, const PackedWeight& w, at::ScalarType
                                                     : quantize<kDigits>(x.data_ptr<at::BFloat16>(), m, k, w.group);
     dispatch_weight(scale_type, bits, [&](auto b, auto s) {
       constexpr int kBits = decltype(b)::value;
+      auto into = [&](auto* out) {
+        if (kDigits == 2 && m >= 8) {
+          gemm_lanes<kBits, decltype(s)>(w, acts, out);
+        } else {
+          gemm<kBits, kDigits, decltype(s)>(w, acts, out);
+        }
+      };
       if (y.scalar_type() == at::kBFloat16) {
-        gemm<kBits, kDigits, decltype(s)>(w, acts, y.data_ptr<at::BFloat16>());
+        into(y.data_ptr<at::BFloat16>());
       } else {
-        gemm<kBits, kDigits, decltype(s)>(w, acts, y.data_ptr<float>());
+        into(y.data_ptr<float>());
       }
     });
   };
