@@ -12,7 +12,7 @@
 //   nibbles, the high one weighted 16 in vpmaddwd.
 // - 16-bit activations of 8 rows or more (prompts, a batch's LM head) put the rows in the lanes
 //   instead (gemm_lanes): one vpmaddwd then multiplies an input pair of 8 rows by one output's
-//   codes, and no vector is unpacked or added across per row block. 0.82-0.88x the time of the
+//   codes, and no vector is unpacked or added across per row block. 0.82-0.97x the time of the
 //   row blocks at 128 rows, 0.87x for the demo's LM head at 16 (docs/perf-history.md).
 #include "common.h"
 
@@ -365,11 +365,12 @@ at::Tensor qgemm_avx2(const at::Tensor& x, const PackedWeight& w, at::ScalarType
                                                     : quantize<kDigits>(x.data_ptr<at::BFloat16>(), m, k, w.group);
     dispatch_weight(scale_type, bits, [&](auto b, auto s) {
       constexpr int kBits = decltype(b)::value;
+      using Scale = decltype(s);  // named here: inside the lambda below GCC may read s as a reference
       auto into = [&](auto* out) {
         if (kDigits == 2 && m >= 8) {
-          gemm_lanes<kBits, decltype(s)>(w, acts, out);
+          gemm_lanes<kBits, Scale>(w, acts, out);
         } else {
-          gemm<kBits, kDigits, decltype(s)>(w, acts, out);
+          gemm<kBits, kDigits, Scale>(w, acts, out);
         }
       };
       if (y.scalar_type() == at::kBFloat16) {
