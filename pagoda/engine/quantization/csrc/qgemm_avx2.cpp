@@ -121,6 +121,22 @@ inline __m256i broadcast4x16(const int16_t* p) {
   return _mm256_set1_epi64x(v);
 }
 
+// A chunk's weight codes (one half tile: 8 outputs x 8 inputs at 4 bits, x 4 at 8) widened to int16:
+// w[0] = outputs 0, 1 | 4, 5 and w[1] = outputs 2, 3 | 6, 7, of inputs 0-3; at 4 bits w[2], w[3]
+// the same of inputs 4-7 (the high nibbles).
+template <int BITS>
+inline void widen_chunk(__m256i v, __m256i* w) {
+  const __m256i zero = _mm256_setzero_si256();
+  if constexpr (BITS == 4) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    w[0] = _mm256_unpacklo_epi8(lo, zero), w[1] = _mm256_unpackhi_epi8(lo, zero);
+    w[2] = _mm256_unpacklo_epi8(hi, zero), w[3] = _mm256_unpackhi_epi8(hi, zero);
+  } else {
+    w[0] = _mm256_unpacklo_epi8(v, zero), w[1] = _mm256_unpackhi_epi8(v, zero);
+  }
+}
+
 // R rows (from r0) of one half tile (8 outputs) over all the groups, into y.
 // 8-bit activations: vpmaddubsw on the weight nibbles, vpmaddwd to sum the pairs.
 // 16-bit activations: the weight codes widened to int16 once a chunk (for all R rows), then
@@ -145,21 +161,19 @@ void half_block(const PackedWeight& p, const Acts& a, int64_t tile, int64_t half
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
       if constexpr (DIGITS == 2) {
         const int16_t* x = a.codes16() + r0 * a.k + k;
+        __m256i wv[4];
+        widen_chunk<BITS>(v, wv);
         if constexpr (BITS == 4) {  // low nibbles: inputs k..k+3; high: k+4..k+7
-          const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-          const __m256i w0 = _mm256_unpacklo_epi8(lo, zero), w1 = _mm256_unpackhi_epi8(lo, zero);
-          const __m256i w2 = _mm256_unpacklo_epi8(hi, zero), w3 = _mm256_unpackhi_epi8(hi, zero);
           for (int r = 0; r < R; ++r) {
             const __m256i x0 = broadcast4x16(x + r * a.k), x1 = broadcast4x16(x + r * a.k + 4);
-            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w2, x1)));
-            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_add_epi32(_mm256_madd_epi16(w1, x0), _mm256_madd_epi16(w3, x1)));
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_add_epi32(_mm256_madd_epi16(wv[0], x0), _mm256_madd_epi16(wv[2], x1)));
+            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_add_epi32(_mm256_madd_epi16(wv[1], x0), _mm256_madd_epi16(wv[3], x1)));
           }
         } else {  // inputs k..k+3 as bytes
-          const __m256i w0 = _mm256_unpacklo_epi8(v, zero), w1 = _mm256_unpackhi_epi8(v, zero);
           for (int r = 0; r < R; ++r) {
             const __m256i x0 = broadcast4x16(x + r * a.k);
-            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w0, x0));
-            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w1, x0));
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(wv[0], x0));
+            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(wv[1], x0));
           }
         }
       } else {
@@ -247,26 +261,17 @@ RowPairs row_pairs(const Acts& a) {
 // holds output j's codes for input pair q of the chunk (q 0, 1: inputs 0-3; 2, 3: inputs 4-7).
 constexpr int lane_of(int j, int q) { return (q >> 1) * 16 + ((j >> 1) & 1) * 8 + (j >> 2) * 4 + (j & 1) * 2 + (q & 1); }
 
-// One half tile's codes widened to int16: per chunk the 4 (4-bit) or 2 (8-bit) vectors of
-// half_block's w0 .. w3.
+// One half tile's codes widened to int16 (widen_chunk's vectors, chunk by chunk): 8 outputs x 2
+// bytes an input, so 4 int32 lanes an input.
 template <int BITS>
 void widen(const PackedWeight& p, int64_t tile, int64_t half, int32_t* buf) {
-  const int64_t chunks = p.k / (BITS == 4 ? 8 : 4);
+  constexpr int64_t kVectors = BITS == 4 ? 4 : 2;  // per chunk
   const uint8_t* w = p.w + tile * p.chunks_per_tile * 64 + half * 32;
-  const __m256i nibble = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
-  for (int64_t c = 0; c < chunks; ++c, w += 64) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    __m256i* out = reinterpret_cast<__m256i*>(buf + c * (BITS == 4 ? 32 : 16));
-    if constexpr (BITS == 4) {
-      const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-      _mm256_storeu_si256(out, _mm256_unpacklo_epi8(lo, zero));
-      _mm256_storeu_si256(out + 1, _mm256_unpackhi_epi8(lo, zero));
-      _mm256_storeu_si256(out + 2, _mm256_unpacklo_epi8(hi, zero));
-      _mm256_storeu_si256(out + 3, _mm256_unpackhi_epi8(hi, zero));
-    } else {
-      _mm256_storeu_si256(out, _mm256_unpacklo_epi8(v, zero));
-      _mm256_storeu_si256(out + 1, _mm256_unpackhi_epi8(v, zero));
-    }
+  for (int64_t c = 0; c < p.k / (2 * kVectors); ++c, w += 64) {
+    __m256i wv[kVectors];
+    widen_chunk<BITS>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), wv);
+    for (int64_t i = 0; i < kVectors; ++i)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf) + c * kVectors + i, wv[i]);
   }
 }
 
@@ -328,9 +333,8 @@ template <int BITS, typename S, typename O>
 void gemm_lanes(const PackedWeight& p, const Acts& a, O* y) {
   const RowPairs t = row_pairs(a);
   const int64_t strips = p.n / kHalf, panel = kPanelRows / 8, panels = (t.blocks + panel - 1) / panel;
-  const int64_t lanes = p.k / (BITS == 4 ? 8 : 4) * (BITS == 4 ? 32 : 16);
   at::parallel_for(0, panels * strips, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<int32_t> buf(lanes);
+    std::vector<int32_t> buf(p.k * 4);  // widen's lanes
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t strip = i % strips, b0 = i / strips * panel;
       widen<BITS>(p, strip / 2, strip % 2, buf.data());
