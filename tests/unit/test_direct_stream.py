@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import time
 import uuid
 from types import SimpleNamespace
@@ -16,10 +17,13 @@ from typing import Any, cast
 
 import pytest
 from starlette.types import Message
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from pagoda.engine import Tokenizer
 from pagoda.services.gateway import plain_stream
 from pagoda.services.gateway.bus_frontend import BusFrontend
+from pagoda.services.gateway.plain_stream import ChunkWriter
 from pagoda.services.gateway.server import build_app
 from pagoda.services.transport.bus import Bus, Delivery
 from pagoda.services.transport.messages import (
@@ -138,8 +142,8 @@ async def _serve(
         sink = pending.sink
         if sink is not None:
 
-            def spy(out: Any, sink: Any = sink) -> bool:
-                taken.append(sink(out))
+            def spy(*out: Any, sink: Any = sink) -> bool:
+                taken.append(sink(*out))
                 return taken[-1]
 
             pending.sink = spy
@@ -243,3 +247,59 @@ async def test_a_send_that_waits_anyway_ends_only_its_stream(monkeypatch: pytest
         if line.startswith("data: {") and json.loads(line[6:])["choices"]
     )
     assert text == SCRIPT and any(taken)
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def _uvicorn_cycle(method: str = "POST") -> tuple[RequestResponseCycle, _Transport]:
+    transport = _Transport()
+    scope: Any = {"type": "http", "method": method, "http_version": "1.1", "path": "/", "query_string": b""}
+    cycle = RequestResponseCycle(
+        scope, cast("Any", transport), FlowControl(cast("Any", transport)), logging.getLogger("t"),
+        logging.getLogger("t"), False, [], asyncio.Event(), False, True, lambda: None,
+    )  # fmt: skip
+    return cycle, transport
+
+
+async def test_the_chunk_writer_writes_what_uvicorns_own_send_writes() -> None:
+    """The consumer's direct write (ChunkWriter) puts on the wire exactly what uvicorn's httptools
+    `send` puts there for the same body messages; it is offered only for that `send` with a
+    chunked response started, and says `closed` once the client has gone or the response ended."""
+    start: Message = {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [(b"content-type", b"text/event-stream")],
+    }
+    chunks = [b"data: {}\n\n", "data: \u00e9\u4e2d\n\n".encode(), b"x" * 300]
+    by_send, wire = _uvicorn_cycle()
+    assert ChunkWriter.of(by_send.send) is None  # no response started yet
+    await by_send.send(start)
+    for chunk in chunks:
+        await by_send.send({"type": "http.response.body", "body": chunk, "more_body": True})
+    direct, direct_wire = _uvicorn_cycle()
+    await direct.send(start)
+    writer = ChunkWriter.of(direct.send)
+    assert writer is not None and not writer.closed()
+    for chunk in chunks:
+        writer.write(chunk)
+    assert direct_wire.writes == wire.writes and len(wire.writes) == 1 + len(chunks)
+    direct.disconnected = True
+    assert writer.closed()
+    await direct.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    sized, _ = _uvicorn_cycle()  # a response with a length is not chunked: its send frames nothing
+    await sized.send({**start, "headers": [(b"content-length", b"3")]})
+    assert ChunkWriter.of(sized.send) is None
+    head, _ = _uvicorn_cycle("HEAD")
+    await head.send(start)
+    assert ChunkWriter.of(head.send) is None
+    assert ChunkWriter.of(_Cycle().send) is None  # not uvicorn's

@@ -38,6 +38,7 @@ from pagoda.services.transport.messages import (
     Rejected,
     SamplingSpec,
     StepOutputs,
+    TokenDelta,
     TokenizeRequest,
     WorkerLeaving,
     decode,
@@ -61,22 +62,26 @@ class _Pending:
     def set_sink(self, sink: Sink | None) -> None:
         self.sink = sink
 
-    def deliver(self, out: RequestOutput) -> None:
-        """Hand `out` to the stream's sink when it waits with nothing queued (no task wake-up per
-        token), else queue it. Finished outputs are always queued: the stream ends on them."""
+    def deliver(self, delta: TokenDelta) -> None:
+        """Hand `delta` to the stream's sink when it waits with nothing queued (no task wake-up,
+        and no `RequestOutput`, per token), else queue it as an output. Finished outputs, and
+        those with log-probs, are always queued: the stream ends on them, or writes them."""
         sink = self.sink
-        if sink is not None and self.parked and not (out.finished or self.aborted) and self.outputs.empty():
+        if (
+            sink is not None and self.parked and not (delta.finished or self.aborted)
+            and delta.logprobs is None and self.outputs.empty()
+        ):  # fmt: skip
             try:
-                taken = sink(out)
+                taken = sink(delta.new_token_ids, delta.num_output_tokens, delta.num_cached_tokens)
             except Exception as exc:  # the stream raises it (an error event), the others go on
                 self.sink = None
                 self.outputs.put_nowait(exc)
                 return
             if taken:
                 if self.trace is not tracing.NOOP:
-                    self.trace.output(out)
+                    self.trace.output(delta.to_output())
                 return
-        self.outputs.put_nowait(out)
+        self.outputs.put_nowait(delta.to_output())
 
 
 class BusFrontend:
@@ -315,7 +320,7 @@ class BusFrontend:
                     self._pending.pop(delta.request_id, None)
                     continue
                 if shown is not None:
-                    pending.deliver(shown.to_output())
+                    pending.deliver(shown)
         elif isinstance(msg, Assigned):
             pending = self._pending.get(msg.request_id)
             if pending is None:

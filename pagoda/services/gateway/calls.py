@@ -160,6 +160,20 @@ class SubRequest:
         choice.text += text
         return ChoiceDelta(choice, text, new_logprobs, choice.finish_reason)
 
+    def add_plain(
+        self, choice: Choice, ids: list[int], num_output_tokens: int, num_cached_tokens: int
+    ) -> str:
+        """What `process` does with an unfinished output without log-probs for a choice without
+        stop strings (a plain stream's direct sink, `frontend.Sink`): the text the new tokens
+        complete. Such an output has no stop token or embedding, and nothing in it can end the
+        choice."""
+        if num_cached_tokens > self.num_cached_tokens:
+            self.num_cached_tokens = num_cached_tokens
+        text = choice.detokenizer.add(ids)
+        choice.num_output_tokens = num_output_tokens
+        choice.text += text
+        return text
+
     @property
     def engine_finished(self) -> bool:
         return all(c.engine_finished for c in self.choices)

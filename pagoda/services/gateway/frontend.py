@@ -27,7 +27,10 @@ if TYPE_CHECKING:
     from pagoda.engine import AsyncEngine
 
 
-Sink = Callable[[RequestOutput], bool]
+# What a frontend may hand a waiting stream instead of queueing an output (`Submitted.set_sink`):
+# an unfinished output without log-probs, as (new token ids, output tokens so far, cached prompt
+# tokens), the three fields a plain stream's chunk needs, with no `RequestOutput` built per token.
+Sink = Callable[[list[int], int, int], bool]
 
 
 @dataclass
@@ -40,9 +43,10 @@ class Submitted:
     # True while `outputs` holds an output that has arrived and not been read (None: unknown);
     # a stream then writes what it has read so far together with it, in one send
     backlog: Callable[[], bool] | None = None
-    # Installs (None: removes) a sink that the frontend may hand an unfinished output to, instead
-    # of queueing it, while the reader waits on `outputs` with nothing queued; the sink returns
-    # False to have it queued after all, and an exception it raises reaches the reader instead.
+    # Installs (None: removes) a sink that the frontend may hand an unfinished output without
+    # log-probs to (`Sink`), instead of queueing it, while the reader waits on `outputs` with
+    # nothing queued; the sink returns False to have it queued after all, and an exception it
+    # raises reaches the reader instead.
     # None: the frontend has no such path.
     set_sink: Callable[[Sink | None], None] | None = None
 

@@ -23,7 +23,6 @@ import anyio
 from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
-from pagoda.engine import RequestOutput
 from pagoda.services.gateway.calls import Call, SubRequest, logger
 from pagoda.services.gateway.frontend import Sink
 from pagoda.services.gateway.protocol import (
@@ -163,21 +162,27 @@ class PlainSSEResponse(SSEResponse):
         without waking this task, one token per stream per step being the common case. Only
         with uvicorn's own `send` (its flow control says when a send would wait: then the output
         is queued for the loop, which waits) and a choice without stop strings (a stop string
-        ends the stream, which is the loop's to do)."""
+        ends the stream, which is the loop's to do). With uvicorn's httptools cycle the chunk
+        goes straight to its transport (`ChunkWriter`)."""
         flow = server_flow(send)
         choice = sub.choices[0]
         if flow is None or choice.stop.stop or sub.set_sink is None:
             return None
+        writer = ChunkWriter.of(send)
+        index = choice.index
 
-        def sink(out: RequestOutput) -> bool:
-            if flow.write_paused or held or choice.done:
+        def sink(ids: list[int], num_output_tokens: int, num_cached_tokens: int) -> bool:
+            if flow.write_paused or held or choice.done or (writer is not None and writer.closed()):
                 return False
-            d = sub.process(out)
-            assert d is not None and d.finish_reason is None, f"an unfinished output finished {d}"
-            if out.new_token_ids:
+            text = sub.add_plain(choice, ids, num_output_tokens, num_cached_tokens)
+            if ids:
                 call.token_seen(choice)
-            if d.text or d.logprobs:
-                send_now(send, _body(template.content(choice.index, d.text, None, None), more=True))
+            if text:
+                chunk = template.content(index, text, None, None)
+                if writer is None:
+                    send_now(send, _body(chunk, more=True))
+                else:
+                    writer.write(chunk)
             return True
 
         return sink
@@ -205,6 +210,40 @@ def server_flow(send: Send) -> Any:
     None: with any other server, a send may wait at any time."""
     flow = getattr(getattr(send, "__self__", None), "flow", None)
     return flow if isinstance(getattr(flow, "write_paused", None), bool) else None
+
+
+class ChunkWriter:
+    """Body chunks of a started chunked response written straight to the transport of uvicorn's
+    httptools cycle, framed with their length as its `send` frames them (more to come). It spares
+    the coroutine, the message and the checks of a `send` per token (~1.5 of the reply consumer's
+    ~8 us per token, docs/perf-history.md). Like `send_now`, for a caller that checked the flow
+    control; and one that checks `closed` first: that `send` writes nothing once the client has
+    gone."""
+
+    __slots__ = ("_cycle", "_transport")
+
+    def __init__(self, cycle: Any) -> None:
+        self._cycle = cycle
+        self._transport = cycle.transport
+
+    @classmethod
+    def of(cls, send: Send) -> ChunkWriter | None:
+        """The writer behind `send` when it is that cycle's own and its response is started and
+        chunked; else None (write through `send`)."""
+        cycle: Any = getattr(send, "__self__", None)
+        if type(cycle).__module__ != "uvicorn.protocols.http.httptools_impl":
+            return None
+        if not (
+            cycle.response_started and cycle.chunked_encoding is True and cycle.scope["method"] != "HEAD"
+        ):
+            return None
+        return cls(cycle)
+
+    def closed(self) -> bool:
+        return bool(self._cycle.disconnected or self._cycle.response_complete)
+
+    def write(self, body: bytes) -> None:
+        self._transport.write(b"%x\r\n%b\r\n" % (len(body), body))
 
 
 def send_now(send: Send, message: Message) -> None:
