@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from pagoda.engine import RequestOutput, TokenLogprob
-from pagoda.services.gateway.calls import SubRequest
+from pagoda.services.gateway.choices import SubRequest
 from pagoda.services.gateway.frontend import Submitted
 from pagoda.services.gateway.protocol import CompletionRequest
 from tests.fakes import EOS, FakeTokenizer

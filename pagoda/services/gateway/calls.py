@@ -1,6 +1,6 @@
-"""Running the requests of one OpenAI API call: per-choice state, the "pumps" that read each
-request's outputs, logprob formatting, usage and the request log line, and waiting for a
-non-streaming result while watching for the client to go away (the SSE side: streams.py).
+"""Running the requests of one OpenAI API call: the "pumps" that read each request's outputs,
+logprob formatting, usage and the request log line, and waiting for a non-streaming result while
+watching for the client to go away (per-choice state: choices.py; the SSE side: streams.py).
 
 Each sub-request (one prompt and its n choices) is read by a pump task that turns
 `RequestOutput`s into per-choice deltas on a queue; the HTTP side reads the queue. Whatever way a
@@ -16,23 +16,21 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 from fastapi import Request
 
-from pagoda.engine import IncrementalDetokenizer, RequestOutput, StopChecker, Tokenizer, TokenLogprob
-from pagoda.services.gateway.embeddings import EmbeddingRequest
-from pagoda.services.gateway.frontend import Frontend, Sink, Submitted, close_quietly
+from pagoda.engine import TokenLogprob
+from pagoda.services.gateway.choices import APIRequest, Choice, ChoiceDelta, SubRequest
+from pagoda.services.gateway.frontend import Frontend, close_quietly
 from pagoda.services.gateway.protocol import (
-    ChatCompletionRequest,
     ChatLogprobEntry,
     ChatLogprobs,
     ChatLogprobTop,
     CompletionLogprobs,
-    CompletionRequest,
     PromptTokensDetails,
     UsageInfo,
 )
@@ -47,136 +45,9 @@ MIN_LOGPROB = -9999.0  # what vLLM writes for -inf (JSON has no infinity)
 
 _PUMPS: set[asyncio.Task[None]] = set()  # strong references to running pump tasks
 
-APIRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest  # what a Call serves
-
 
 def clamp_logprob(value: float) -> float:
     return MIN_LOGPROB if math.isnan(value) or value < MIN_LOGPROB else value
-
-
-@dataclass
-class Choice:
-    """Output state of one choice: text so far, tokens, logprobs, how it finished."""
-
-    index: int
-    detokenizer: IncrementalDetokenizer
-    stop: StopChecker
-    text: str = ""
-    num_output_tokens: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    engine_finished: bool = False
-    last_token_at: float | None = None  # monotonic time of its latest token, for metrics
-    embedding: list[float] | None = None  # a pooling request's result
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
-class ChoiceDelta:
-    choice: Choice
-    text: str
-    logprobs: list[TokenLogprob]
-    finish_reason: str | None
-
-
-@dataclass
-class SubRequest:
-    """One submitted request: one prompt and its n choices."""
-
-    request_id: str
-    prompt_ids: list[int]
-    prompt_text: str  # for echo
-    choices: list[Choice]
-    outputs: AsyncIterator[RequestOutput]
-    num_cached_tokens: int = 0
-    released: bool = False
-    backlog: Callable[[], bool] | None = None  # Submitted.backlog
-    set_sink: Callable[[Sink | None], None] | None = None  # Submitted.set_sink
-    include_stop: bool = False  # include_stop_str_in_output: a stop token's text stays in the text
-
-    @classmethod
-    def of(
-        cls,
-        request_id: str,
-        submitted: Submitted,
-        prompt_text: str,
-        req: APIRequest,
-        tokenizer: Tokenizer,
-        first_index: int,
-    ) -> SubRequest:
-        ids = submitted.prompt_token_ids
-        choices = [
-            Choice(
-                index=first_index + i,
-                detokenizer=IncrementalDetokenizer(tokenizer, ids, req.skip_special_tokens),
-                stop=StopChecker(req.stop_strings, req.include_stop_str_in_output),
-            )
-            for i in range(req.n)
-        ]
-        return cls(
-            request_id,
-            list(ids),
-            prompt_text,
-            choices,
-            submitted.outputs,
-            backlog=submitted.backlog,
-            set_sink=submitted.set_sink,
-            include_stop=req.include_stop_str_in_output,
-        )
-
-    def process(self, out: RequestOutput) -> ChoiceDelta | None:
-        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
-        choice = self.choices[out.index]
-        if choice.done:
-            return None  # already finished by a stop string; the engine has not noticed yet
-        choice.engine_finished = out.finished
-        if out.embedding is not None:
-            choice.embedding = out.embedding
-        new_logprobs = list(out.new_logprobs) if out.new_logprobs else []
-        ids = out.new_token_ids
-        if out.stop_token_id is not None and ids[-1:] == [out.stop_token_id] and not self.include_stop:
-            ids = ids[:-1]  # a stop token is not text (vLLM's rule), with skip_special_tokens off too
-        if len(ids) > 1 and choice.stop.stop:
-            text, hit, used = choice.stop.add_token_by_token(choice.detokenizer, ids)
-        else:
-            text, hit = choice.stop.add(choice.detokenizer.add(ids))
-            used = len(ids)
-        # the tokens after the one a stop string ended in (a stop token included) are not output
-        dropped = len(out.new_token_ids) - used if hit is not None else 0
-        choice.num_output_tokens = out.num_output_tokens - dropped
-        if dropped and new_logprobs:
-            new_logprobs = new_logprobs[:used]
-        choice.logprobs.extend(new_logprobs)
-        if hit is not None:
-            choice.finish_reason, choice.stop_reason = "stop", hit
-        elif out.finished:
-            text += choice.stop.flush()
-            choice.finish_reason = out.finish_reason or "stop"
-            choice.stop_reason = out.stop_token_id
-        choice.text += text
-        return ChoiceDelta(choice, text, new_logprobs, choice.finish_reason)
-
-    def add_plain(
-        self, choice: Choice, ids: list[int], num_output_tokens: int, num_cached_tokens: int
-    ) -> str:
-        """What `process` does with an unfinished output without log-probs for a choice without
-        stop strings (a plain stream's direct sink, `frontend.Sink`): the text the new tokens
-        complete. Such an output has no stop token or embedding, and nothing in it can end the
-        choice."""
-        if num_cached_tokens > self.num_cached_tokens:
-            self.num_cached_tokens = num_cached_tokens
-        text = choice.detokenizer.add(ids)
-        choice.num_output_tokens = num_output_tokens
-        choice.text += text
-        return text
-
-    @property
-    def engine_finished(self) -> bool:
-        return all(c.engine_finished for c in self.choices)
 
 
 @dataclass

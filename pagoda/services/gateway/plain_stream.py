@@ -23,7 +23,8 @@ import anyio
 from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
-from pagoda.services.gateway.calls import Call, SubRequest, logger
+from pagoda.services.gateway.calls import Call, logger
+from pagoda.services.gateway.choices import SubRequest
 from pagoda.services.gateway.frontend import Sink
 from pagoda.services.gateway.protocol import (
     ChatCompletionChunk,

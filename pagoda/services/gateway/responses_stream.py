@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pagoda.services.gateway.calls import ChoiceDelta
+from pagoda.services.gateway.choices import ChoiceDelta
 from pagoda.services.gateway.reasoning import split_reasoning
 from pagoda.services.gateway.responses_output import Answer, Pending, output_items
 from pagoda.services.gateway.responses_protocol import (

@@ -23,7 +23,8 @@ from pagoda.engine import SamplingParams
 from pagoda.services.gateway.adapter_routes import register_adapter_routes
 from pagoda.services.gateway.adapters import Adapter, AdapterDirectory
 from pagoda.services.gateway.auth import OPEN_PATHS, BearerAuth, key_id
-from pagoda.services.gateway.calls import APIRequest, Call, SubRequest, logger
+from pagoda.services.gateway.calls import Call, logger
+from pagoda.services.gateway.choices import APIRequest, SubRequest
 from pagoda.services.gateway.frontend import Frontend, Submitted
 from pagoda.services.gateway.limits import BodyGuard, RequestLimits
 from pagoda.services.gateway.plain_stream import GatewayApp

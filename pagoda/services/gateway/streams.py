@@ -15,7 +15,8 @@ from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from pagoda.services.gateway.calls import Call, ChoiceDelta, logger
+from pagoda.services.gateway.calls import Call, logger
+from pagoda.services.gateway.choices import ChoiceDelta
 from pagoda.services.gateway.protocol import (
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
