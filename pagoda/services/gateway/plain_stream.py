@@ -6,7 +6,9 @@ generator, `Call.deltas`, `coalesced`, the call's events, `stream_errors`) and S
 wrappers. Here one loop reads the request's outputs, detokenizes them (`SubRequest.process`),
 builds each chunk from the call's `ChunkTemplate` and writes it with the server's own `send`
 (`RAW_SEND`: the middlewares between only watch the response start, which still goes through
-them). Every event, and the HTTP chunk framing, is what the general path writes: tokens that
+them). While the loop waits with nothing queued, the reply consumer writes a token's chunk itself
+through the stream's sink (`_direct_sink`), straight to the transport of uvicorn's httptools cycle
+(`ChunkWriter`). Every event, and the HTTP chunk framing, is what the general path writes: tokens that
 arrived together go out in one send, the last token goes out with the usage chunk and [DONE],
 an error after the first byte becomes an error event, and a client that goes away cancels the
 loop, which aborts the request (`SSEResponse`). tests/unit/test_plain_stream.py holds the two
