@@ -28,6 +28,11 @@ from tests.polling import block_until
 from tests.processes import Proc, free_port, wait_ready
 
 TALLIES: list[Tally] = []
+# Each worker steps with one intra-op thread. The cluster's workers share the machine's cores with
+# one another and with its other processes; with torch's default (a thread per core, each spinning
+# at every barrier) a tiny model's 160-token stream took 6-9 s while another worker stepped, against
+# 0.3-0.9 s with one thread (2 cores), and a SIGTERM drain outlasted --shutdown-timeout in CI.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def _tiny_model(tmp: Path) -> Path:
@@ -88,7 +93,7 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
         "tokenizer2": Proc("tokenizer", *engine, *common),
         "scheduler1": Proc("scheduler", *common, env=hold),
         "scheduler2": Proc("scheduler", *common),
-        "w1": Proc("worker", *engine, *common, *worker, "--worker-id", "w1"),
+        "w1": Proc("worker", *engine, *common, *worker, "--worker-id", "w1", env=ONE_THREAD),
         "w2": Proc(
             "worker",
             *engine,
@@ -96,9 +101,19 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
             *worker,
             "--worker-id",
             "w2",
-            env={"PAGODA_FAILPOINTS": f"stall_file={stall_file}"},
+            env={**ONE_THREAD, "PAGODA_FAILPOINTS": f"stall_file={stall_file}"},
         ),
-        "w3": Proc("worker", *engine, *common, *worker, "--worker-id", "w3"),
+        # steps 10 ms slower: its streams still run when the drain test signals it (a
+        # 160-token stream took 0.5 s without; the test waits a heartbeat or two to see it step)
+        "w3": Proc(
+            "worker",
+            *engine,
+            *common,
+            *worker,
+            "--worker-id",
+            "w3",
+            env={**ONE_THREAD, "PAGODA_FAILPOINTS": "step_delay_s=0.01"},
+        ),
     }
     r = redis.Redis.from_url(store.url)
     base = f"http://127.0.0.1:{port}"
@@ -135,7 +150,7 @@ def restart_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
         engine = ["--model", str(model), "--served-model-name", "tiny", "--dtype", "float32"]
         engine += ["--kv-cache-memory", "16MiB", "--max-num-batched-tokens", "512"]
         # slower steps (a tiny model is too quick): streams still run when a test breaks something
-        slow = {"PAGODA_FAILPOINTS": "step_delay_s=0.02"}
+        slow = {**ONE_THREAD, "PAGODA_FAILPOINTS": "step_delay_s=0.02"}
 
         def add_worker(wid: str) -> Proc:
             procs[wid] = Proc(

@@ -253,7 +253,11 @@ def test_sigterm_drains_a_worker_underload(fault_cluster: dict[str, Any]) -> Non
     _check_greedy(outs + late)
     assert w3.p.wait(30) == 0, w3.output()[-3000:]
     log = w3.output()
-    assert "draining" in log and "still running after" not in log, log[-3000:]
+    draining = re.search(r"worker w3 draining: (\d+) requests running\n(.*)", log, re.S)
+    assert draining is not None and "still running after" not in log, log[-3000:]
+    running, after = int(draining[1]), draining[2]
+    assert running > 0, "w3 was signalled after its streams had ended: nothing was drained"
+    assert after.count("finished (length)") == running, after  # each finished on w3 itself
 
 
 def test_last_worker_killed_ends_streams_with_an_error(fault_cluster: dict[str, Any]) -> None:
