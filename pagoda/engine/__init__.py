@@ -39,6 +39,7 @@ _EXPORTS = {
     "EngineDeadError": "pagoda.engine.core.async_engine",
     "StepCore": "pagoda.engine.core.async_engine",
     "build_off_main_thread": "pagoda.engine.core.async_engine",
+    "set_engine_threads": "pagoda.engine.core.cpu_threads",
     "CoreCounters": "pagoda.engine.core.stats",
     "EngineCapacity": "pagoda.engine.core.stats",
     "SimCore": "pagoda.engine.core.sim_core",
@@ -74,6 +75,7 @@ if TYPE_CHECKING:  # re-exports (F401: ruff does not read a computed __all__)
         validate_max_model_len,
     )
     from pagoda.engine.core.async_engine import AsyncEngine, EngineDeadError, StepCore, build_off_main_thread  # noqa: F401
+    from pagoda.engine.core.cpu_threads import set_engine_threads  # noqa: F401
     from pagoda.engine.core.engine_core import EngineCore  # noqa: F401
     from pagoda.engine.core.sim_core import SimConfig, SimCore  # noqa: F401
     from pagoda.engine.core.stats import CoreCounters, EngineCapacity  # noqa: F401

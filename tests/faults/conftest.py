@@ -32,7 +32,7 @@ TALLIES: list[Tally] = []
 # one another and with its other processes; with torch's default (a thread per core, each spinning
 # at every barrier) a tiny model's 160-token stream took 6-9 s while another worker stepped, against
 # 0.3-0.9 s with one thread (2 cores), and a SIGTERM drain outlasted --shutdown-timeout in CI.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+ONE_THREAD = ["--threads", "1"]
 
 
 def _tiny_model(tmp: Path) -> Path:
@@ -86,34 +86,24 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     hold_file = tmp / "hold"  # while it exists, tokenizer1 and scheduler1 hold what they are given
     hold = {"PAGODA_FAILPOINTS": f"hold_file={hold_file}"}
     port = free_port()
-    worker = ["--stall-timeout", "1.0", "--shutdown-timeout", "20"]
+    worker = ["--stall-timeout", "1.0", "--shutdown-timeout", "20", *ONE_THREAD]
+
+    def slow(stall: Path | None = None) -> dict[str, str]:
+        """Steps 10 ms slower: a test's streams still run when it breaks a worker (a 160-token
+        stream took 0.5 s without, and a test waits a heartbeat or two to see a worker step);
+        with `stall`, the worker's steps block while that file exists."""
+        points = "step_delay_s=0.01" + (f",stall_file={stall}" if stall is not None else "")
+        return {"PAGODA_FAILPOINTS": points}
+
     procs = {
         "gateway": Proc("gateway", *engine, *common, "--port", str(port), "--shutdown-timeout", "5"),
         "tokenizer1": Proc("tokenizer", *engine, *common, env=hold),
         "tokenizer2": Proc("tokenizer", *engine, *common),
         "scheduler1": Proc("scheduler", *common, env=hold),
         "scheduler2": Proc("scheduler", *common),
-        "w1": Proc("worker", *engine, *common, *worker, "--worker-id", "w1", env=ONE_THREAD),
-        "w2": Proc(
-            "worker",
-            *engine,
-            *common,
-            *worker,
-            "--worker-id",
-            "w2",
-            env={**ONE_THREAD, "PAGODA_FAILPOINTS": f"stall_file={stall_file}"},
-        ),
-        # steps 10 ms slower: its streams still run when the drain test signals it (a
-        # 160-token stream took 0.5 s without; the test waits a heartbeat or two to see it step)
-        "w3": Proc(
-            "worker",
-            *engine,
-            *common,
-            *worker,
-            "--worker-id",
-            "w3",
-            env={**ONE_THREAD, "PAGODA_FAILPOINTS": "step_delay_s=0.01"},
-        ),
+        "w1": Proc("worker", *engine, *common, *worker, "--worker-id", "w1", env=slow()),
+        "w2": Proc("worker", *engine, *common, *worker, "--worker-id", "w2", env=slow(stall_file)),
+        "w3": Proc("worker", *engine, *common, *worker, "--worker-id", "w3", env=slow()),
     }
     r = redis.Redis.from_url(store.url)
     base = f"http://127.0.0.1:{port}"
@@ -150,11 +140,19 @@ def restart_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
         engine = ["--model", str(model), "--served-model-name", "tiny", "--dtype", "float32"]
         engine += ["--kv-cache-memory", "16MiB", "--max-num-batched-tokens", "512"]
         # slower steps (a tiny model is too quick): streams still run when a test breaks something
-        slow = {**ONE_THREAD, "PAGODA_FAILPOINTS": "step_delay_s=0.02"}
+        slow = {"PAGODA_FAILPOINTS": "step_delay_s=0.02"}
 
         def add_worker(wid: str) -> Proc:
             procs[wid] = Proc(
-                "worker", *engine, *common, "--shutdown-timeout", "30", "--worker-id", wid, env=slow
+                "worker",
+                *engine,
+                *common,
+                *ONE_THREAD,
+                "--shutdown-timeout",
+                "30",
+                "--worker-id",
+                wid,
+                env=slow,
             )
             return procs[wid]
 

@@ -20,9 +20,9 @@ from pagoda.services.cli.config import (
     WorkerConfig,
     launch_config,
 )
-from pagoda.services.cli.launch import read_served_model
 from pagoda.services.cli.main import main
 from pagoda.services.cli.parser import build_parser
+from pagoda.services.cli.served_model import read_served_model
 from pagoda.services.scheduler.admission import AdmissionLimits
 from tests.tiny_models import make_tiny_model
 
@@ -97,6 +97,7 @@ BAD_VALUES = {  # command line (a role alone gets CLUSTER too) -> what the error
     "scheduler --heartbeat-interval 0": "--heartbeat-interval must be > 0 seconds, got 0.0",
     "scheduler --metrics-port 70000": "--metrics-port must be a TCP port (1-65535), got 70000",
     "worker --stall-timeout 0": "--stall-timeout must be > 0 seconds, got 0.0",
+    "worker --threads -1": "--threads must be >= 0 (0: auto), got -1",
     "serve --port -2": "--port must be a TCP port (0-65535), got -2",
     "serve --queue-timeout -1": "--queue-timeout must be >= 0 seconds (0: no limit), got -1.0",
     "serve --priority-reserve -3": "--priority-reserve must be >= 0, got -3",

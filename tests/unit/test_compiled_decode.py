@@ -9,12 +9,14 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from pagoda.engine import llm as llm_module
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.core.engine_core import EngineCore
 from pagoda.engine.llm import LLM
 from pagoda.engine.outputs import RequestOutput
+from pagoda.engine.runner.compile_cache import graph_key
 from pagoda.engine.runner.compiled_decode import CompiledDecode
 from pagoda.engine.sampling.params import SamplingParams
 from tests.tiny_models import make_tiny_model
@@ -75,7 +77,10 @@ def test_compiled_decode_matches_eager(tmp_path: Path, kind: str, monkeypatch: p
 
 @pytest.mark.slow
 def test_auto_serves_eagerly_until_the_background_compile_lands(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
 ) -> None:
     """--compile auto with nothing saved: the first steps run eagerly at once while another
     process compiles; its graphs are then adopted between steps, and give the eager tokens.
@@ -83,9 +88,15 @@ def test_auto_serves_eagerly_until_the_background_compile_lands(
     next engine deletes it, compiles again and saves, and still gives the eager tokens (one test:
     the background compile's graphs are the ones to break: one compile fewer, ~30 s on 2 cores)."""
     monkeypatch.setenv("PAGODA_COMPILE_CACHE", str(tmp_path / "compiled"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     make_tiny_model("llama", tmp_path, num_layers=1)
     params = SamplingParams(max_tokens=NEW, temperature=0.0, logprobs=3, ignore_eos=True)
     eager = _llm(tmp_path).generate(PROMPTS, params, use_tqdm=False)
+    # a server with --threads 1: the background compile must build its graphs for (and key them
+    # by) one thread too, or it refuses them as another model's (exit 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     # as the server builds its engine (AsyncEngine.from_config); an LLM would compile first
     monkeypatch.setattr(llm_module, "EngineCore", functools.partial(EngineCore, background_compile=True))
     with caplog.at_level(logging.INFO, logger="pagoda.engine.runner.compile_cache"):
@@ -169,3 +180,19 @@ def test_an_unwritable_cache_leaves_a_server_eager(
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     (out,) = llm.generate(PROMPTS[:1], params, use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 4 and runner.compiled.num_calls == 0
+
+
+def test_the_graphs_are_keyed_by_the_thread_count() -> None:
+    """Inductor writes the intra-op thread count into its C++ (`num_threads(N)`): graphs saved by
+    a server with another --threads are not this server's."""
+    model = torch.nn.Linear(4, 4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = graph_key(model, 16)
+        torch.set_num_threads(2)
+        assert graph_key(model, 16) != one
+        torch.set_num_threads(1)
+        assert graph_key(model, 16) == one
+    finally:
+        torch.set_num_threads(threads)

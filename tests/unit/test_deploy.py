@@ -66,6 +66,10 @@ def test_compose_commands_parse_with_the_cli() -> None:
         args = build_parser().parse_args(services[role]["command"])
         assert args.command == role
         assert args.bus.startswith("amqp://") and "rabbitmq" in args.bus
+    worker = services["worker"]["command"]
+    assert build_parser().parse_args(worker).threads == 0  # auto: every core the container may use
+    scaled = _config(PAGODA_WORKER_THREADS="2")["services"]["worker"]["command"]
+    assert build_parser().parse_args(scaled).threads == 2  # several workers on one host: a share each
 
 
 @pytest.mark.parametrize(("worker_image", "dockerfile"), [("cpu", "Dockerfile"), ("rocm", "Dockerfile.rocm")])

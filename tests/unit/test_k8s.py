@@ -8,6 +8,7 @@ ask for a GPU per worker."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -99,6 +100,13 @@ def test_services_run_pagoda_with_valid_arguments_and_probes(overlay: str) -> No
     assert {*ROLES, "rabbitmq", "redis"} <= set(deployments)
     services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
     assert {"gateway", "rabbitmq", "redis"} <= services
+    worker = _container(deployments["worker"])
+    for var in worker["env"]:  # what the downward API gives: the request, rounded up
+        field = var.get("valueFrom", {}).get("resourceFieldRef")
+        if field is not None:
+            assert field["containerName"] == worker["name"] and field["divisor"] == "1", field
+            resource = field["resource"].removeprefix("requests.")
+            env[var["name"]] = str(math.ceil(float(worker["resources"]["requests"][resource])))
     for role in ROLES:
         pod = deployments[role]["spec"]["template"]["spec"]
         c = _container(deployments[role])
@@ -116,8 +124,10 @@ def test_services_run_pagoda_with_valid_arguments_and_probes(overlay: str) -> No
     gateway = _container(deployments["gateway"])
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/health"
-    worker = _container(deployments["worker"])
-    device = build_parser().parse_args(_expand(worker["args"], env)).device
+    worker_args = build_parser().parse_args(_expand(worker["args"], env))
+    device = worker_args.device
+    if device == "cpu":  # a CPU engine's threads: the CPUs it requested, not the node's cores
+        assert worker_args.threads == int(worker["resources"]["requests"]["cpu"]) > 0
     gpus = {k: v for k, v in worker["resources"]["requests"].items() if k not in ("cpu", "memory")}
     gpu = OVERLAYS[overlay]
     assert (device, gpus) == (("cuda", {gpu: 1}) if gpu else ("cpu", {}))

@@ -12,7 +12,9 @@
 The files sit under `$PAGODA_COMPILE_CACHE` (default `~/.cache/pagoda/compiled`), one directory
 per key: torch and Python, this CPU's flags, pagoda's engine sources, the model's structure
 (module types, their settings, every tensor's shape and dtype; not the weights, which the graphs
-take as inputs), the KV block size and the `PAGODA_*` settings. Inductor's own caches go beside
+take as inputs), the KV block size, the intra-op thread count (inductor writes it into its C++:
+`#pragma omp parallel num_threads(N)`; the background compile runs with the server's) and the
+`PAGODA_*` settings. Inductor's own caches go beside
 them (`inductor/`, unless TORCHINDUCTOR_CACHE_DIR is set): without them a load rebuilds the C++
 (~15 s).
 """
@@ -123,7 +125,16 @@ def graph_key(model: nn.Module, block_size: int) -> str:
         if k.startswith("PAGODA_") and not k.startswith("PAGODA_COMPILE")
     )
     h = hashlib.sha256()
-    for part in (torch.__version__, sys.version, sorted(cpu_flags()), _source_digest(), block_size, settings):
+    threads = torch.get_num_threads()
+    for part in (
+        torch.__version__,
+        sys.version,
+        sorted(cpu_flags()),
+        _source_digest(),
+        block_size,
+        threads,
+        settings,
+    ):
         h.update(repr(part).encode())
     h.update(repr(_model_signature(model)).encode())
     return h.hexdigest()[:20]
@@ -136,7 +147,9 @@ class _Background:
     def __init__(self, config: EngineConfig, directory: Path, key: str, first_handle: int) -> None:
         self.log = directory.with_suffix(".log")
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=use_inductor_cache())
+        # the server's thread count (--threads), which the graphs are generated for and keyed by
+        threads = str(torch.get_num_threads())
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=use_inductor_cache(), OMP_NUM_THREADS=threads)
         cmd = [sys.executable, "-m", __name__, str(directory), key, str(os.getpid()), str(first_handle)]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(

@@ -118,10 +118,13 @@ class WorkerConfig:
     sim: SimConfig | None = None  # set: the sim backend (control-plane benchmarks)
     worker_id: str | None = None  # None: a random id
     stall_timeout_s: float = 30.0  # requests wait but no step finished this long: reported stalled
+    threads: int = 0  # a CPU engine's intra-op threads (0: auto; pagoda/engine/cpu_threads.py)
 
     def __post_init__(self) -> None:
         if self.stall_timeout_s <= 0:
             raise ValueError(f"--stall-timeout must be > 0 seconds, got {self.stall_timeout_s}")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0: auto), got {self.threads}")
 
 
 @dataclass(frozen=True)
@@ -292,4 +295,5 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         sim=sim,
         worker_id=args.worker_id,
         stall_timeout_s=args.stall_timeout,
+        threads=args.threads,
     )

@@ -16,13 +16,14 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import uvicorn
 
-from pagoda.services.cli.config import GatewayConfig, LaunchConfig, ModelSource, launch_config
+from pagoda.services.cli.config import GatewayConfig, LaunchConfig, launch_config
 from pagoda.services.cli.interpreter import event_loop_factory, settle_heap
+from pagoda.services.cli.served_model import ServedModel, read_served_model
 from pagoda.services.ops import tracing
 from pagoda.services.ops.metrics import Metrics
 from pagoda.services.scheduler.registry import WorkerRegistry
@@ -34,7 +35,7 @@ from pagoda.services.transport.store import InMemoryStore, Store, make_store
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from pagoda.engine import PoolerConfig, StepCore, Tokenizer
+    from pagoda.engine import StepCore
     from pagoda.services.gateway.adapters import AdapterDirectory
     from pagoda.services.gateway.server import ModelEndpoint
 
@@ -55,32 +56,6 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What the front tiers need of the model: its tokenizer and limits, not its weights."""
-
-    name: str
-    tokenizer: Tokenizer
-    max_model_len: int
-    default_sampling: dict[str, float]
-    pooler: PoolerConfig | None = None  # an embedding model's pooling; None: it generates
-
-
-def read_served_model(source: ModelSource) -> ServedModel:
-    """The tokenizer, name, context length and sampling defaults of `source`; reads no weights and
-    imports no torch. Raises ValueError when --max-model-len exceeds the model's context."""
-    from pagoda.engine import read_model_info, resolve_pooler, validate_max_model_len
-
-    info = read_model_info(source.model)
-    return ServedModel(
-        name=source.served_model_name or info.name,
-        tokenizer=info.tokenizer,
-        max_model_len=validate_max_model_len(source.max_model_len, info.context_length),
-        default_sampling=info.default_sampling,
-        pooler=resolve_pooler(source.task, source.pooling_type, info.pooler, info.encoder),
-    )
 
 
 def run_roles(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
@@ -157,6 +132,10 @@ class Process:
             # off the event loop, so the broker connection keeps its heartbeats meanwhile
             models = [await asyncio.to_thread(read_served_model, m) for m in self.config.models]
         if "worker" in roles:
+            if self.config.worker is not None and self.config.worker.sim is None:
+                from pagoda.engine import set_engine_threads  # before any engine: its ranks split it
+
+                set_engine_threads(self.config.worker.threads)
             for i in range(len(self.config.models)):  # `pagoda serve`: one engine per model
                 self.services += await asyncio.to_thread(self.build_workers, i)
         if "scheduler" in roles:

@@ -103,6 +103,14 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
         choices=["torch", "sim"],
         help="torch: the model; sim: no model, tokens at a modeled speed (control-plane benchmarks)",
     )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=field_default(WorkerConfig, "threads"),
+        help="torch: the CPU engine's intra-op threads (0: torch's default, at most the CPUs this "
+        "process may use: its affinity mask and cgroup CPU quota). Several workers on one host: "
+        "give each its share of the cores",
+    )
     g.add_argument("--sim-step-ms", type=float, default=None, help="sim: wall time of one engine step")
     g.add_argument("--sim-max-batch", type=int, default=None, help="sim: most sequences in one step")
     g.add_argument("--sim-eos-prob", type=float, default=None, help="sim: chance per token of EOS")
