@@ -152,11 +152,13 @@ def run_serve(args: argparse.Namespace) -> int:
     launch = shlex.split(args.launch) if args.launch is not None else None
     peer = None
     if args.peer not in ("none", "hf"):
+        from pagoda.load.hf_peer import pagoda_threads
+
         peer = peers.make_peer(
             args.peer,
             model_path=args.peer_model,
             n_ctx=args.peer_n_ctx,
-            n_threads=args.peer_threads,
+            n_threads=args.peer_threads or pagoda_threads(launch or ()),
             slots=cfg.concurrency or cfg.dataset.num_prompts,
             serve_args=launch or (),
         )
@@ -234,6 +236,7 @@ def run_hf_comparison(args: argparse.Namespace, cfg: ServeConfig, result: BenchR
         hf_comparison,
         load_hf_model,
         pagoda_dtype,
+        pagoda_threads,
         run_hf_peer,
         turn_ids,
     )
@@ -243,6 +246,9 @@ def run_hf_comparison(args: argparse.Namespace, cfg: ServeConfig, result: BenchR
     path = args.peer_model or demo_model_path()
     ours = pagoda_dtype(shlex.split(args.launch or ""))  # a --base-url server: as launched here
     dtype = ours if args.hf_dtype == "auto" else args.hf_dtype
+    import torch  # HF steps with as many threads as pagoda
+
+    torch.set_num_threads(args.peer_threads or pagoda_threads(shlex.split(args.launch or "")))
     model = load_hf_model(path, dtype)
     tpw = float(result.meta.get("tokens_per_word") or cfg.dataset.tokens_per_word)
     turns = [t for conv in load_dataset(replace(cfg.dataset, tokens_per_word=tpw)) for t in conv]

@@ -205,7 +205,13 @@ def _add_serve_peer_args(peer: argparse._ArgumentGroup) -> None:
         default=4096,
         help="peer context per stream (llama-server: -c is this times -np, the concurrency)",
     )
-    peer.add_argument("--peer-threads", type=int, default=2, help="peer CPU threads")
+    peer.add_argument(
+        "--peer-threads",
+        type=int,
+        default=0,
+        help="peer CPU threads (0: as many as pagoda steps with: --launch's --threads, else what "
+        "pagoda's --threads 0 takes on this machine)",
+    )
 
 
 def _add_serve_output_args(out: argparse._ArgumentGroup) -> None:

@@ -27,6 +27,7 @@ from starlette.routing import Route
 from pagoda.load import peers
 from pagoda.load.bench_serve import compare, format_comparison
 from pagoda.load.datasets import DatasetSpec, load_dataset
+from pagoda.load.hf_peer import pagoda_threads
 from pagoda.load.peers import LlamaCppPythonPeer, LlamaServerPeer, PeerError
 from pagoda.load.serve_runner import RequestRecord, ServeConfig, parse_slo, run_benchmark, summarize
 from pagoda.services.cli.main import main
@@ -514,7 +515,8 @@ def test_cli_with_fake_peer(
     ]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    assert FakePeer.events == ["init n_ctx=1024 n_threads=2 slots=2", "check", "start", "stop"]
+    threads = pagoda_threads()  # as many as pagoda's --threads 0 takes here
+    assert FakePeer.events == [f"init n_ctx=1024 n_threads={threads} slots=2", "check", "start", "stop"]
     assert out["pagoda"]["completed"] == 3 and out["peer"]["completed"] == 3
     assert out["peer"]["name"] == "fakepeer"
     assert out["comparison"]["Output token throughput (tok/s)"]["ratio"] > 0
@@ -530,3 +532,10 @@ def test_cli_with_fake_peer(
     assert main(argv[:-1]) == 0  # tables: pagoda's, the peer's, the comparison
     text = capsys.readouterr().out
     assert text.count("Serving Benchmark Result") == 2 and "pagoda vs fakepeer" in text
+
+
+def test_the_peers_get_pagodas_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--peer-threads 0: the peer steps with as many threads as the launched pagoda."""
+    assert pagoda_threads(["--threads", "3"]) == 3
+    monkeypatch.setattr("pagoda.engine.core.cpu_threads.affinity_cpus", lambda: 1)
+    assert pagoda_threads([]) == 1  # torch's count, capped by the one usable CPU
