@@ -246,10 +246,8 @@ def run_hf_comparison(args: argparse.Namespace, cfg: ServeConfig, result: BenchR
     path = args.peer_model or demo_model_path()
     ours = pagoda_dtype(shlex.split(args.launch or ""))  # a --base-url server: as launched here
     dtype = ours if args.hf_dtype == "auto" else args.hf_dtype
-    import torch  # HF steps with as many threads as pagoda
-
-    torch.set_num_threads(args.peer_threads or pagoda_threads(shlex.split(args.launch or "")))
-    model = load_hf_model(path, dtype)
+    threads = args.peer_threads or pagoda_threads(shlex.split(args.launch or ""))
+    model = load_hf_model(path, dtype, threads)
     tpw = float(result.meta.get("tokens_per_word") or cfg.dataset.tokens_per_word)
     turns = [t for conv in load_dataset(replace(cfg.dataset, tokens_per_word=tpw)) for t in conv]
     tok = read_model_info(path).tokenizer

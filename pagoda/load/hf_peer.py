@@ -60,8 +60,11 @@ def pagoda_threads(serve_args: Sequence[str] = ()) -> int:
     return choose_threads(requested, default, affinity_cpus(), cgroup_cpu_quota()).threads
 
 
-def load_hf_model(gguf_path: str, dtype: str = "float32") -> Any:
-    """The GGUF's model as a transformers model (weights dequantized to `dtype`)."""
+def load_hf_model(gguf_path: str, dtype: str = "float32", threads: int = 0) -> Any:
+    """The GGUF's model as a transformers model (weights dequantized to `dtype`); with `threads`,
+    this process's torch steps it with that many intra-op threads (pagoda's count)."""
+    if threads:
+        torch.set_num_threads(threads)
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as exc:

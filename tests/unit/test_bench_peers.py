@@ -54,8 +54,13 @@ def test_hf_peer_tiny_run(
     from pagoda.engine import loader
     from pagoda.load import hf_peer
 
-    asked: list[str] = []
-    monkeypatch.setattr(hf_peer, "load_hf_model", lambda path, dtype: asked.append(dtype) or hf_demo_model)
+    asked: list[tuple[str, int]] = []
+
+    def load(path: str, dtype: str, threads: int) -> Any:
+        asked.append((dtype, threads))
+        return hf_demo_model
+
+    monkeypatch.setattr(hf_peer, "load_hf_model", load)
     monkeypatch.setattr(loader, "load_checkpoint", lambda path: demo_checkpoint)
     _, url = fake
     argv = ["bench", "serve", "--base-url", url, "--peer", "hf", "--num-prompts", "2", "--input-len", "8",
@@ -65,7 +70,7 @@ def test_hf_peer_tiny_run(
     assert out["pagoda"]["completed"] == 2
     hf = out["hf"]
     ours = hf_peer.pagoda_dtype()  # --hf-dtype auto: HF in the dtype pagoda serves in here
-    assert asked == [ours]
+    assert asked == [(ours, hf_peer.pagoda_threads())]  # and with as many threads as pagoda
     assert list(hf) == [f"pagoda (server, {ours})", f"hf-generate_batch ({ours})", f"hf-generate ({ours})"]
     for name in (f"hf-generate_batch ({ours})", f"hf-generate ({ours})"):
         assert hf[name]["output_tokens"] == 6 and hf[name]["seconds"] > 0

@@ -118,7 +118,7 @@ class WorkerConfig:
     sim: SimConfig | None = None  # set: the sim backend (control-plane benchmarks)
     worker_id: str | None = None  # None: a random id
     stall_timeout_s: float = 30.0  # requests wait but no step finished this long: reported stalled
-    threads: int = 0  # a CPU engine's intra-op threads (0: auto; pagoda/engine/cpu_threads.py)
+    threads: int = 0  # a CPU engine's intra-op threads (0: auto; engine/core/cpu_threads.py)
 
     def __post_init__(self) -> None:
         if self.stall_timeout_s <= 0:
