@@ -258,7 +258,7 @@ def test_sigterm_drains_a_worker_underload(fault_cluster: dict[str, Any]) -> Non
     running, after = int(draining[1]), draining[2]
     assert running > 0, "w3 was signalled after its streams had ended: nothing was drained"
     assert after.count("finished (length)") == running, after  # each finished on w3 itself
-    assert "engine: 1 intra-op threads (--threads)" in log  # as the cluster asked
+    assert "engine: 1 intra-op threads (--threads 1)" in log  # as the cluster asked
 
 
 def test_last_worker_killed_ends_streams_with_an_error(fault_cluster: dict[str, Any]) -> None:

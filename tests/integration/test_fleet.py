@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pagoda.engine import LLM, SamplingParams
 from pagoda.engine.tokenization.detokenizer import IncrementalDetokenizer
+from pagoda.load.hf_peer import pagoda_threads
 from tests.polling import block_until
 from tests.processes import AMQP, REDIS, Proc, free_port, wait_ready
 from tests.tiny_models import make_tiny_model, save_noisy_draft
@@ -205,6 +206,9 @@ def test_pagoda_serve_hosts_two_models_in_one_process(fleet: dict[str, Any]) -> 
             for name in MODELS
         }
         assert got == expected
+        # the two engines split the CPUs' threads (each step thread's OpenMP pool within its share)
+        threads = max(1, pagoda_threads() // len(MODELS))
+        assert f"engine: {threads} intra-op threads each for {len(MODELS)} engines" in proc.output()
         metrics = httpx.get(f"{base}/metrics").text
         for name in MODELS:  # each engine's metrics under its own name
             assert (

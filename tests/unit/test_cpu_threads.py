@@ -60,6 +60,24 @@ def test_auto_caps_torch_count_by_the_usable_cpus(
     assert ("wait on one another" in text) == (requested > choice.usable)
 
 
+@pytest.mark.parametrize(
+    ("requested", "engines", "threads", "warned"),
+    [
+        (0, 2, 1, False),  # `pagoda serve --model a --model b` on 2 CPUs: one thread each
+        (0, 3, 1, True),  # more engines than CPUs: one each, and the log says so
+        (4, 2, 2, True),  # --threads is the count for all the engines, shared
+    ],
+)
+def test_the_engines_of_a_process_share_the_count(
+    requested: int, engines: int, threads: int, warned: bool
+) -> None:
+    choice = choose_threads(requested, 2, 2, None, engines)
+    assert choice.threads == threads
+    text = choice.describe()
+    assert f"{threads} intra-op threads each for {engines} engines" in text
+    assert ("wait on one another" in text) == warned
+
+
 def test_a_negative_count_is_refused() -> None:
     with pytest.raises(ValueError, match="--threads must be >= 0"):
         choose_threads(-1, 2, 2, None)

@@ -7,7 +7,10 @@ limit), each step then waits on threads that another process or the quota has de
 the fault tests' cluster (three workers of a tiny model on 2 cores) a 160-token stream took 6-9 s
 with torch's default and 0.3-0.9 s with one thread a worker. `--threads 0` (the default) keeps
 torch's count but never more than the CPUs this process may run on: its affinity mask (taskset,
-cpusets) and its cgroup's CPU quota. Importing this module does not import torch.
+cpusets) and its cgroup's CPU quota. The engines of one process (`pagoda serve` with several
+`--model`) split the count evenly: each step thread keeps an OpenMP pool, and once the pools hold
+more threads than there are cores every parallel region waits on a futex wake-up, the other engine
+idle or not (build_off_main_thread's docstring). Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -25,22 +28,26 @@ CGROUP = Path("/sys/fs/cgroup")
 
 @dataclass(frozen=True)
 class ThreadChoice:
-    threads: int  # what the engine steps with
-    requested: int  # --threads (0: auto)
+    threads: int  # what each engine steps with
+    requested: int  # --threads, for all the engines (0: auto)
     default: int  # torch's own count
     affinity: int  # CPUs in the affinity mask
     quota: float | None  # the cgroup's CPU quota in CPUs (None: no quota)
+    engines: int = 1  # the engines of this process, which share the count
 
     def describe(self) -> str:
         """One log line: the count and where it came from."""
         limits = f"{self.affinity} CPUs in its affinity mask"
         limits += f", a cgroup CPU quota of {self.quota:g}" if self.quota is not None else ", no CPU quota"
+        each = f" each for {self.engines} engines" if self.engines > 1 else ""
         if self.requested:
-            text = f"{self.threads} intra-op threads (--threads); this process may use {limits}"
-            if self.threads > self.usable:
-                text += ": more threads than CPUs wait on one another (each step waits for the slowest)"
-            return text
-        return f"{self.threads} intra-op threads (auto: torch's {self.default}, capped by {limits})"
+            text = f"{self.threads} intra-op threads{each} (--threads {self.requested}); "
+            text += f"this process may use {limits}"
+        else:
+            text = f"{self.threads} intra-op threads{each} (auto: torch's {self.default}, capped by {limits})"
+        if self.threads * self.engines > self.usable:
+            text += ": more threads than CPUs wait on one another (each step waits for the slowest)"
+        return text
 
     @property
     def usable(self) -> int:
@@ -100,22 +107,25 @@ def affinity_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def choose_threads(requested: int, default: int, affinity: int, quota: float | None) -> ThreadChoice:
-    """`requested` threads (0: torch's `default`, at most the usable CPUs)."""
+def choose_threads(
+    requested: int, default: int, affinity: int, quota: float | None, engines: int = 1
+) -> ThreadChoice:
+    """`requested` threads in all (0: torch's `default`, at most the usable CPUs), an even share
+    for each of `engines` (at least one)."""
     if requested < 0:
         raise ValueError(f"--threads must be >= 0 (0: auto), got {requested}")
-    choice = ThreadChoice(requested or default, requested, default, affinity, quota)
-    if not requested:
-        choice = ThreadChoice(max(1, min(default, choice.usable)), 0, default, affinity, quota)
-    return choice
+    usable = ThreadChoice(1, 0, default, affinity, quota).usable
+    total = requested or max(1, min(default, usable))
+    return ThreadChoice(max(1, total // engines), requested, default, affinity, quota, engines)
 
 
-def set_engine_threads(requested: int) -> ThreadChoice:
-    """Sets torch's intra-op threads for the engines this process builds from now on (before any
-    is built: the ranks of a parallel engine split this count), logs and returns the choice."""
+def set_engine_threads(requested: int, engines: int = 1) -> ThreadChoice:
+    """Sets torch's intra-op threads for the `engines` this process builds from now on (before
+    any is built: the ranks of a parallel engine split this count again), logs and returns the
+    choice."""
     import torch
 
-    choice = choose_threads(requested, torch.get_num_threads(), affinity_cpus(), cgroup_cpu_quota())
+    choice = choose_threads(requested, torch.get_num_threads(), affinity_cpus(), cgroup_cpu_quota(), engines)
     if choice.threads != torch.get_num_threads():
         torch.set_num_threads(choice.threads)
     logger.info("engine: %s", choice.describe())

@@ -135,7 +135,7 @@ class Process:
             if self.config.worker is not None and self.config.worker.sim is None:
                 from pagoda.engine import set_engine_threads  # before any engine: its ranks split it
 
-                set_engine_threads(self.config.worker.threads)
+                set_engine_threads(self.config.worker.threads, engines=len(self.config.models))
             for i in range(len(self.config.models)):  # `pagoda serve`: one engine per model
                 self.services += await asyncio.to_thread(self.build_workers, i)
         if "scheduler" in roles:

@@ -108,8 +108,8 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=field_default(WorkerConfig, "threads"),
         help="torch: the CPU engine's intra-op threads (0: torch's default, at most the CPUs this "
-        "process may use: its affinity mask and cgroup CPU quota). Several workers on one host: "
-        "give each its share of the cores",
+        "process may use: its affinity mask and cgroup CPU quota); `pagoda serve` with several "
+        "--model splits them evenly. Several workers on one host: give each its share of the cores",
     )
     g.add_argument("--sim-step-ms", type=float, default=None, help="sim: wall time of one engine step")
     g.add_argument("--sim-max-batch", type=int, default=None, help="sim: most sequences in one step")
