@@ -63,7 +63,7 @@ def pagoda_threads(serve_args: Sequence[str] = ()) -> int:
 def load_hf_model(gguf_path: str, dtype: str = "float32", threads: int = 0) -> Any:
     """The GGUF's model as a transformers model (weights dequantized to `dtype`); with `threads`,
     this process's torch steps it with that many intra-op threads (pagoda's count)."""
-    if threads:
+    if threads and threads != torch.get_num_threads():  # set_num_threads also resets MKL's dynamic mode
         torch.set_num_threads(threads)
     try:
         from transformers import AutoModelForCausalLM
