@@ -244,9 +244,10 @@ def run_hf_comparison(args: argparse.Namespace, cfg: ServeConfig, result: BenchR
     if not args.json:
         print(format_result(result), flush=True)
     path = args.peer_model or demo_model_path()
-    ours = pagoda_dtype(shlex.split(args.launch or ""))  # a --base-url server: as launched here
+    serve_args = shlex.split(args.launch or "")  # a --base-url server: as launched here
+    ours = pagoda_dtype(serve_args)
     dtype = ours if args.hf_dtype == "auto" else args.hf_dtype
-    threads = args.peer_threads or pagoda_threads(shlex.split(args.launch or ""))
+    threads = args.peer_threads or pagoda_threads(serve_args)
     model = load_hf_model(path, dtype, threads)
     tpw = float(result.meta.get("tokens_per_word") or cfg.dataset.tokens_per_word)
     turns = [t for conv in load_dataset(replace(cfg.dataset, tokens_per_word=tpw)) for t in conv]

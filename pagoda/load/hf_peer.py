@@ -52,12 +52,10 @@ def pagoda_threads(serve_args: Sequence[str] = ()) -> int:
     """The intra-op threads pagoda steps with under these `pagoda serve` arguments on this machine:
     their --threads, else what its auto picks here (torch's count capped by the usable CPUs). The
     peers get as many (issue 17: the same thread count)."""
-    from pagoda.engine.core.cpu_threads import affinity_cpus, cgroup_cpu_quota, choose_threads
+    from pagoda.engine.core.cpu_threads import engine_threads
     from pagoda.services.cli.parser import build_parser
 
-    requested = build_parser().parse_args(["serve", *serve_args]).threads
-    default = torch.get_num_threads()
-    return choose_threads(requested, default, affinity_cpus(), cgroup_cpu_quota()).threads
+    return engine_threads(build_parser().parse_args(["serve", *serve_args]).threads).threads
 
 
 def load_hf_model(gguf_path: str, dtype: str = "float32", threads: int = 0) -> Any:

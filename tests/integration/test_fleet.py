@@ -21,8 +21,8 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagoda.engine import LLM, SamplingParams
+from pagoda.engine.core.cpu_threads import engine_threads
 from pagoda.engine.tokenization.detokenizer import IncrementalDetokenizer
-from pagoda.load.hf_peer import pagoda_threads
 from tests.polling import block_until
 from tests.processes import AMQP, REDIS, Proc, free_port, wait_ready
 from tests.tiny_models import make_tiny_model, save_noisy_draft
@@ -207,8 +207,7 @@ def test_pagoda_serve_hosts_two_models_in_one_process(fleet: dict[str, Any]) -> 
         }
         assert got == expected
         # the two engines split the CPUs' threads (each step thread's OpenMP pool within its share)
-        threads = max(1, pagoda_threads() // len(MODELS))
-        assert f"engine: {threads} intra-op threads each for {len(MODELS)} engines" in proc.output()
+        assert engine_threads(0, engines=len(MODELS)).describe() in proc.output()
         metrics = httpx.get(f"{base}/metrics").text
         for name in MODELS:  # each engine's metrics under its own name
             assert (

@@ -51,10 +51,12 @@ class ThreadChoice:
 
     @property
     def usable(self) -> int:
-        """The CPUs this process may keep busy at once."""
-        if self.quota is None:
-            return self.affinity
-        return max(1, min(self.affinity, math.ceil(self.quota)))
+        return usable_cpus(self.affinity, self.quota)
+
+
+def usable_cpus(affinity: int, quota: float | None) -> int:
+    """The CPUs a process may keep busy at once: its affinity mask's, at most its quota rounded up."""
+    return affinity if quota is None else max(1, min(affinity, math.ceil(quota)))
 
 
 def cgroup_cpu_quota(root: Path = CGROUP, self_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
@@ -114,9 +116,16 @@ def choose_threads(
     for each of `engines` (at least one)."""
     if requested < 0:
         raise ValueError(f"--threads must be >= 0 (0: auto), got {requested}")
-    usable = ThreadChoice(1, 0, default, affinity, quota).usable
-    total = requested or max(1, min(default, usable))
+    total = requested or max(1, min(default, usable_cpus(affinity, quota)))
     return ThreadChoice(max(1, total // engines), requested, default, affinity, quota, engines)
+
+
+def engine_threads(requested: int, engines: int = 1) -> ThreadChoice:
+    """What `set_engine_threads` would choose in this process now (torch's count, this process's
+    affinity mask and CPU quota), without setting it."""
+    import torch
+
+    return choose_threads(requested, torch.get_num_threads(), affinity_cpus(), cgroup_cpu_quota(), engines)
 
 
 def set_engine_threads(requested: int, engines: int = 1) -> ThreadChoice:
@@ -125,7 +134,7 @@ def set_engine_threads(requested: int, engines: int = 1) -> ThreadChoice:
     choice."""
     import torch
 
-    choice = choose_threads(requested, torch.get_num_threads(), affinity_cpus(), cgroup_cpu_quota(), engines)
+    choice = engine_threads(requested, engines)
     if choice.threads != torch.get_num_threads():
         torch.set_num_threads(choice.threads)
     logger.info("engine: %s", choice.describe())
